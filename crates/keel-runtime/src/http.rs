@@ -1,0 +1,286 @@
+//! The HTTP server every Keel component runs: one stack of cross-cutting layers, the
+//! standard endpoints, port 0 for tests, graceful drain on shutdown.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{MatchedPath, Request};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use http::{HeaderValue, header::HeaderName};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::health::{self, Health};
+use crate::metrics::{self, UNMATCHED_ROUTE};
+use crate::problem::Problem;
+use crate::shutdown::Shutdown;
+
+/// The request id header, generated when absent or unusable and echoed on the response.
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Longest request id kept from a client; longer ones are replaced by a generated id.
+const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Settings every HTTP server shares (`[<component>.http]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpServerConfig {
+    /// How long in-flight requests may take to finish once shutdown starts.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for HttpServerConfig {
+    fn default() -> Self {
+        Self {
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Why a server could not start listening.
+#[derive(Debug, thiserror::Error)]
+#[error("{component} cannot listen on {addr}: {source}{hint}")]
+pub struct BindError {
+    pub component: String,
+    pub addr: SocketAddr,
+    #[source]
+    pub source: io::Error,
+    hint: &'static str,
+}
+
+/// A bound, not yet running HTTP server.
+pub struct HttpServer {
+    component: String,
+    listener: TcpListener,
+    router: Router,
+    config: HttpServerConfig,
+}
+
+impl HttpServer {
+    /// Binds `addr` (port 0 picks a free port) and wraps `router` in the standard stack,
+    /// adding `/health/live`, `/health/ready` and `/metrics`.
+    pub async fn bind(
+        component: &str,
+        addr: SocketAddr,
+        router: Router,
+        health: Health,
+        config: HttpServerConfig,
+    ) -> Result<Self, BindError> {
+        let listener = TcpListener::bind(addr).await.map_err(|source| BindError {
+            component: component.to_owned(),
+            addr,
+            hint: if source.kind() == io::ErrorKind::AddrInUse {
+                " (another process holds the port: stop it or choose another port in the configuration)"
+            } else {
+                ""
+            },
+            source,
+        })?;
+        Ok(Self {
+            component: component.to_owned(),
+            listener,
+            router: stack(router, health),
+            config,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+    }
+
+    /// Serves until `shutdown` fires, then stops accepting and drains in-flight requests
+    /// for up to the drain timeout.
+    pub async fn run(self, shutdown: Shutdown) -> io::Result<()> {
+        let addr = self.local_addr();
+        tracing::info!(component = %self.component, %addr, "listening");
+        let serve = axum::serve(
+            self.listener,
+            self.router
+                .into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown.signalled());
+        let drain = self.config.drain_timeout;
+        let deadline = async {
+            shutdown.wait().await;
+            tokio::time::sleep(drain).await;
+        };
+        tokio::select! {
+            result = serve => result,
+            () = deadline => {
+                tracing::warn!(component = %self.component, ?drain, "drain deadline passed with requests still open");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Builds the server stack. Layers listed last run first (outermost):
+/// request id → trace span → metrics → handler. The request id is outermost so every
+/// response, whatever inner layer produced it, echoes it and the span can record it; the
+/// span wraps metrics so anything logged while recording carries the trace ids.
+fn stack(router: Router, health: Health) -> Router {
+    metrics::install();
+    let standard = Router::new()
+        .route("/health/live", get(health::live))
+        .route("/health/ready", get(health::ready).with_state(health))
+        .route("/metrics", get(|| async { metrics::render() }));
+    router
+        .merge(standard)
+        .fallback(not_found)
+        .layer(middleware::from_fn(metrics::http_metrics))
+        .layer(middleware::from_fn(trace_span))
+        .layer(middleware::from_fn(request_id))
+}
+
+async fn not_found(request: Request) -> Response {
+    Problem::not_found(format!("no route for {} {}", request.method(), request.uri().path()))
+        .into_response()
+}
+
+/// Keeps a usable client `x-request-id` or generates one, and echoes it on the response.
+async fn request_id(mut request: Request, next: Next) -> Response {
+    let id = request
+        .headers()
+        .get(&REQUEST_ID)
+        .filter(|value| {
+            let bytes = value.as_bytes();
+            !bytes.is_empty()
+                && bytes.len() <= MAX_REQUEST_ID_LEN
+                && bytes.iter().all(|b| b.is_ascii_graphic())
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&uuid::Uuid::now_v7().to_string())
+                .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+        });
+    request.headers_mut().insert(REQUEST_ID, id.clone());
+    let mut response = next.run(request).await;
+    response.headers_mut().insert(REQUEST_ID, id);
+    response
+}
+
+/// Opens the request's span, named from the route template, child of the caller's
+/// `traceparent` when there is one.
+async fn trace_span(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or(UNMATCHED_ROUTE, MatchedPath::as_str)
+        .to_owned();
+    let method = request.method().clone();
+    let request_id = request
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let span = tracing::info_span!(
+        "http request",
+        otel.name = %format!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        http.response.status_code = tracing::field::Empty,
+        request_id = %request_id,
+    );
+    let parent = crate::trace_context::extract(request.headers());
+    // A parent without a valid span context (no or garbage traceparent) starts a new trace.
+    let _ = span.set_parent(parent);
+    let started = Instant::now();
+    async move {
+        let response = next.run(request).await;
+        let status = response.status();
+        tracing::Span::current().record("http.response.status_code", status.as_u16());
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request failed");
+        } else {
+            tracing::debug!(status = status.as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request served");
+        }
+        response
+    }
+    .instrument(span)
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use http::StatusCode;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    fn app() -> Router {
+        stack(
+            Router::new().route("/items/{id}", get(|| async { "item" })),
+            Health::new(),
+        )
+    }
+
+    #[tokio::test]
+    async fn request_id_is_kept_when_usable_and_generated_otherwise() {
+        let response = app()
+            .oneshot(
+                Request::get("/items/1")
+                    .header("x-request-id", "abc-123")
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("response");
+        assert_eq!(response.headers()["x-request-id"], "abc-123");
+
+        let hostile = "x".repeat(MAX_REQUEST_ID_LEN + 1);
+        let response = app()
+            .oneshot(
+                Request::get("/items/1")
+                    .header("x-request-id", hostile.as_str())
+                    .body(Body::empty())
+                    .expect("request"),
+            )
+            .await
+            .expect("response");
+        let echoed = response.headers()["x-request-id"].to_str().expect("ascii");
+        assert_ne!(echoed, hostile);
+        assert!(uuid::Uuid::parse_str(echoed).is_ok());
+    }
+
+    #[tokio::test]
+    async fn unknown_route_is_problem_json_404() {
+        let response = app()
+            .oneshot(Request::get("/nope").body(Body::empty()).expect("request"))
+            .await
+            .expect("response");
+        assert_eq!(response.status(), StatusCode::NOT_FOUND);
+        assert_eq!(
+            response.headers()["content-type"],
+            crate::problem::CONTENT_TYPE
+        );
+        assert!(response.headers().contains_key("x-request-id"));
+    }
+
+    #[tokio::test]
+    async fn metrics_are_labelled_by_route_template() {
+        let _ = app()
+            .oneshot(Request::get("/items/77").body(Body::empty()).expect("request"))
+            .await
+            .expect("response");
+        let text = metrics::render();
+        assert!(
+            text.lines().any(|line| line.starts_with("http_server_request_duration_seconds_count")
+                && line.contains("http_route=\"/items/{id}\"")
+                && line.contains("http_response_status_code=\"200\"")),
+            "{text}"
+        );
+        assert!(!text.contains("/items/77"));
+    }
+}

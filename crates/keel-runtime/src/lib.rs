@@ -1,0 +1,21 @@
+//! Process plumbing shared by every Keel server.
+//!
+//! A Keel server is built from a typed configuration ([`config`]), reports through
+//! [`telemetry`] (logs and traces) and [`metrics`], serves HTTP through [`http::HttpServer`]
+//! (request ids, trace context, metrics, `/health/*`, `/metrics`), answers errors with
+//! [`problem::Problem`], and stops on a [`shutdown::Shutdown`].
+
+pub mod config;
+pub mod health;
+pub mod http;
+pub mod metrics;
+pub mod problem;
+pub mod shutdown;
+pub mod telemetry;
+pub mod trace_context;
+
+pub use config::{ConfigError, Secret};
+pub use health::Health;
+pub use http::{HttpServer, HttpServerConfig};
+pub use problem::Problem;
+pub use shutdown::Shutdown;
