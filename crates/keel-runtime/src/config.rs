@@ -197,7 +197,7 @@ mod tests {
 
     use super::*;
 
-    #[derive(Debug, Deserialize, Serialize, PartialEq)]
+    #[derive(Debug, Default, Deserialize, Serialize, PartialEq)]
     #[serde(default, deny_unknown_fields)]
     struct Root {
         server: Server,
@@ -209,14 +209,6 @@ mod tests {
         listen: SocketAddr,
         workers: u16,
         token: Option<Secret<String>>,
-    }
-
-    impl Default for Root {
-        fn default() -> Self {
-            Self {
-                server: Server::default(),
-            }
-        }
     }
 
     impl Default for Server {
@@ -257,9 +249,8 @@ mod tests {
 
     #[test]
     fn later_layer_overrides_file() {
-        let config =
-            load_layers("[server]\nworkers = 9\n", &[("KEEL_SERVER__WORKERS", "12")])
-                .expect("loads");
+        let config = load_layers("[server]\nworkers = 9\n", &[("KEEL_SERVER__WORKERS", "12")])
+            .expect("loads");
         assert_eq!(config.server.workers, 12);
     }
 

@@ -46,12 +46,11 @@ impl Default for HttpServerConfig {
 
 /// Why a server could not start listening.
 #[derive(Debug, thiserror::Error)]
-#[error("{component} cannot listen on {addr}: {source}{hint}")]
+#[error("{component} cannot listen on {addr}: {error}{hint}")]
 pub struct BindError {
     pub component: String,
     pub addr: SocketAddr,
-    #[source]
-    pub source: io::Error,
+    pub error: io::Error,
     hint: &'static str,
 }
 
@@ -73,15 +72,15 @@ impl HttpServer {
         health: Health,
         config: HttpServerConfig,
     ) -> Result<Self, BindError> {
-        let listener = TcpListener::bind(addr).await.map_err(|source| BindError {
+        let listener = TcpListener::bind(addr).await.map_err(|error| BindError {
             component: component.to_owned(),
             addr,
-            hint: if source.kind() == io::ErrorKind::AddrInUse {
+            hint: if error.kind() == io::ErrorKind::AddrInUse {
                 " (another process holds the port: stop it or choose another port in the configuration)"
             } else {
                 ""
             },
-            source,
+            error,
         })?;
         Ok(Self {
             component: component.to_owned(),
@@ -142,8 +141,12 @@ fn stack(router: Router, health: Health) -> Router {
 }
 
 async fn not_found(request: Request) -> Response {
-    Problem::not_found(format!("no route for {} {}", request.method(), request.uri().path()))
-        .into_response()
+    Problem::not_found(format!(
+        "no route for {} {}",
+        request.method(),
+        request.uri().path()
+    ))
+    .into_response()
 }
 
 /// Keeps a usable client `x-request-id` or generates one, and echoes it on the response.
@@ -201,9 +204,17 @@ async fn trace_span(request: Request, next: Next) -> Response {
         let status = response.status();
         tracing::Span::current().record("http.response.status_code", status.as_u16());
         if status.is_server_error() {
-            tracing::warn!(status = status.as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request failed");
+            tracing::warn!(
+                status = status.as_u16(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "request failed"
+            );
         } else {
-            tracing::debug!(status = status.as_u16(), elapsed_ms = started.elapsed().as_millis() as u64, "request served");
+            tracing::debug!(
+                status = status.as_u16(),
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "request served"
+            );
         }
         response
     }
@@ -271,14 +282,20 @@ mod tests {
     #[tokio::test]
     async fn metrics_are_labelled_by_route_template() {
         let _ = app()
-            .oneshot(Request::get("/items/77").body(Body::empty()).expect("request"))
+            .oneshot(
+                Request::get("/items/77")
+                    .body(Body::empty())
+                    .expect("request"),
+            )
             .await
             .expect("response");
         let text = metrics::render();
         assert!(
-            text.lines().any(|line| line.starts_with("http_server_request_duration_seconds_count")
-                && line.contains("http_route=\"/items/{id}\"")
-                && line.contains("http_response_status_code=\"200\"")),
+            text.lines().any(
+                |line| line.starts_with("http_server_request_duration_seconds_count")
+                    && line.contains("http_route=\"/items/{id}\"")
+                    && line.contains("http_response_status_code=\"200\"")
+            ),
             "{text}"
         );
         assert!(!text.contains("/items/77"));

@@ -6,10 +6,12 @@
 //! [`problem::Problem`], and stops on a [`shutdown::Shutdown`].
 
 pub mod config;
+pub mod extract;
 pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod problem;
+pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 pub mod trace_context;
@@ -18,4 +20,5 @@ pub use config::{ConfigError, Secret};
 pub use health::Health;
 pub use http::{HttpServer, HttpServerConfig};
 pub use problem::Problem;
+pub use server::Server;
 pub use shutdown::Shutdown;

@@ -71,10 +71,10 @@ pub const UNMATCHED_ROUTE: &str = "unmatched";
 /// Records request duration and in-flight requests by method, route template and status.
 pub async fn http_metrics(request: Request, next: Next) -> Response {
     let method = request.method().as_str().to_owned();
-    let route = request
-        .extensions()
-        .get::<MatchedPath>()
-        .map_or_else(|| UNMATCHED_ROUTE.to_owned(), |path| path.as_str().to_owned());
+    let route = request.extensions().get::<MatchedPath>().map_or_else(
+        || UNMATCHED_ROUTE.to_owned(),
+        |path| path.as_str().to_owned(),
+    );
     let in_flight = InFlight::start(metrics::gauge!(
         "http_server_active_requests",
         "http_request_method" => method.clone()

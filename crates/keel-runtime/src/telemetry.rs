@@ -16,8 +16,8 @@ use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tracing::field::{Field, Visit};
 use tracing::dispatcher::WeakDispatch;
+use tracing::field::{Field, Visit};
 use tracing::{Dispatch, Event, Subscriber};
 use tracing_subscriber::fmt::format::{JsonFields, Writer};
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
@@ -373,7 +373,9 @@ mod tests {
         assert_eq!(lines[0]["instance"], "i-1");
         assert!(lines[0].get("trace_id").is_none());
         assert_eq!(lines[1]["span"]["route"], "/v1/services");
-        let trace_id = lines[1]["trace_id"].as_str().expect("trace id inside a span");
+        let trace_id = lines[1]["trace_id"]
+            .as_str()
+            .expect("trace id inside a span");
         assert_eq!(trace_id.len(), 32);
         assert_eq!(lines[1]["span_id"].as_str().map(str::len), Some(16));
     }

@@ -1,1 +1,251 @@
+//! Test helpers shared by every crate's integration tests.
+//!
+//! - [`spawn`]: start any [`Server`] (bound to port 0) and get its URL;
+//! - [`require`]: the SKIP / require logic for backing services;
+//! - [`TestDatabase`]: a fresh PostgreSQL database per test, migrated, dropped afterwards;
+//! - [`unique_name`]: per-test Redis key prefixes, RabbitMQ names and etcd key prefixes.
 
+#![allow(clippy::expect_used)] // test support: a broken fixture should stop the test loudly
+
+use std::io;
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use keel_runtime::{Server, Shutdown};
+use sqlx::Connection;
+use tokio::task::JoinHandle;
+
+// === servers ===
+
+/// A server running in the test's runtime; stops when dropped.
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub url: String,
+    shutdown: Shutdown,
+    handle: Option<JoinHandle<io::Result<()>>>,
+}
+
+/// Runs `server` until the returned handle is stopped or dropped.
+pub fn spawn<S: Server>(server: S) -> TestServer {
+    let addr = server.local_addr();
+    let shutdown = Shutdown::new();
+    let handle = tokio::spawn(server.run(shutdown.clone()));
+    TestServer {
+        addr,
+        url: format!("http://{addr}"),
+        shutdown,
+        handle: Some(handle),
+    }
+}
+
+impl TestServer {
+    /// The shutdown signal the server runs under.
+    pub fn shutdown(&self) -> &Shutdown {
+        &self.shutdown
+    }
+
+    /// Graceful stop: signal, then wait for the drain to finish.
+    pub async fn stop(mut self) {
+        self.shutdown.trigger();
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.await;
+        }
+    }
+
+    /// Abrupt stop, as a crash: the task is aborted without draining.
+    pub async fn kill(mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+            let _ = handle.await;
+        }
+        self.shutdown.trigger();
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+        }
+    }
+}
+
+// === backing services ===
+
+/// A backing service a test may need, with where it listens on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Service {
+    Postgres,
+    Redis,
+    RabbitMq,
+    Etcd,
+}
+
+impl Service {
+    pub fn addr(self) -> SocketAddr {
+        let port = match self {
+            Service::Postgres => 5432,
+            Service::Redis => 6379,
+            Service::RabbitMq => 5672,
+            Service::Etcd => 2379,
+        };
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Postgres => "PostgreSQL",
+            Service::Redis => "Redis",
+            Service::RabbitMq => "RabbitMQ",
+            Service::Etcd => "etcd",
+        }
+    }
+}
+
+/// The environment variable that turns a missing service from a SKIP into a failure.
+pub const REQUIRE_SERVICES: &str = "KEEL_REQUIRE_SERVICES";
+
+/// Whether `service` answers. When it does not: with `KEEL_REQUIRE_SERVICES=1` this panics
+/// (the test fails); otherwise it prints a SKIP line and returns false, and the test returns.
+///
+/// ```ignore
+/// if !keel_testkit::require(Service::Postgres) { return; }
+/// ```
+pub fn require(service: Service) -> bool {
+    let addr = service.addr();
+    if TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_ok() {
+        return true;
+    }
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("<unnamed test>")
+        .to_owned();
+    let required = std::env::var(REQUIRE_SERVICES).is_ok_and(|v| v == "1");
+    assert!(
+        !required,
+        "{test}: {} is not reachable at {addr} and {REQUIRE_SERVICES}=1 (run scripts/test, which starts it)",
+        service.name()
+    );
+    eprintln!("SKIP {test}: {} is not reachable at {addr}", service.name());
+    false
+}
+
+/// A name unique to this test run: `<prefix>-<12 hex digits>`, usable as a Redis key prefix,
+/// a RabbitMQ exchange or queue name, an etcd key prefix or a database name.
+pub fn unique_name(prefix: &str) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    format!("{prefix}-{}", &id[..12])
+}
+
+// === PostgreSQL ===
+
+/// The server tests create their databases on (trust auth on loopback).
+pub const POSTGRES_ADMIN_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// A database created for one test and dropped when this value is dropped.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDatabase {
+    /// Creates a fresh, empty database; call [`require`] first.
+    pub async fn create() -> Self {
+        let name = unique_name("keel_test").replace('-', "_");
+        let mut admin = sqlx::PgConnection::connect(POSTGRES_ADMIN_URL)
+            .await
+            .expect("connect to PostgreSQL as postgres");
+        // The name is generated here from hex digits, never from input.
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
+            .execute(&mut admin)
+            .await
+            .expect("create the test database");
+        let _ = admin.close().await;
+        let url = format!("postgres://postgres@127.0.0.1:5432/{name}");
+        Self { name, url }
+    }
+
+    /// Creates a fresh database and runs `migrator` on it.
+    pub async fn migrated(migrator: &sqlx::migrate::Migrator) -> Self {
+        let database = Self::create().await;
+        let mut connection = sqlx::PgConnection::connect(&database.url)
+            .await
+            .expect("connect to the test database");
+        migrator
+            .run(&mut connection)
+            .await
+            .expect("migrate the test database");
+        let _ = connection.close().await;
+        database
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        // Drop runs outside async; a short-lived runtime on its own thread does the cleanup
+        // so it works from any runtime flavour.
+        let name = self.name.clone();
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                if let Ok(mut admin) = sqlx::PgConnection::connect(POSTGRES_ADMIN_URL).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
+                    )))
+                    .execute(&mut admin)
+                    .await;
+                    let _ = admin.close().await;
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unique_names_differ_and_keep_their_prefix() {
+        let a = unique_name("orders");
+        let b = unique_name("orders");
+        assert_ne!(a, b);
+        assert!(a.starts_with("orders-"));
+        assert_eq!(a.len(), "orders-".len() + 12);
+    }
+
+    #[tokio::test]
+    async fn a_test_database_is_created_usable_and_dropped() {
+        if !require(Service::Postgres) {
+            return;
+        }
+        let database = TestDatabase::create().await;
+        let name = database.name.clone();
+        let mut connection = sqlx::PgConnection::connect(&database.url)
+            .await
+            .expect("connect");
+        let one: i32 = sqlx::query_scalar("SELECT 1")
+            .fetch_one(&mut connection)
+            .await
+            .expect("query");
+        assert_eq!(one, 1);
+        connection.close().await.expect("close");
+        drop(database);
+        let mut admin = sqlx::PgConnection::connect(POSTGRES_ADMIN_URL)
+            .await
+            .expect("admin");
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname = $1")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await
+            .expect("count");
+        assert_eq!(left, 0, "the database is dropped");
+    }
+}

@@ -1,1 +1,72 @@
-fn main() {}
+//! `keel`: run the whole stack or one component, and small admin helpers.
+
+mod config;
+mod registry_cmd;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::KeelConfig;
+
+/// Keel, a microservices platform: registry, gateway, authorization server and services.
+///
+/// Configuration comes from defaults, then the TOML file given with --config, then
+/// KEEL_<SECTION>__<KEY> environment variables (for example KEEL_REGISTRY__LISTEN).
+#[derive(Debug, Parser)]
+#[command(name = "keel", version, propagate_version = true)]
+struct Cli {
+    /// TOML configuration file; every component reads its own section.
+    #[arg(long, short, global = true, env = "KEEL_CONFIG")]
+    config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run every component in one process (embedded profile: nothing to install).
+    Up,
+    /// Run the service registry, or inspect one.
+    Registry(registry_cmd::RegistryArgs),
+    /// Print the effective configuration (secrets redacted).
+    Config,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match KeelConfig::load(cli.config.as_deref()) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("error: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Up => up::run(config).await,
+            Command::Registry(args) => registry_cmd::run(args, config).await,
+            Command::Config => config.print(),
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,563 @@
+//! The subset of Consul's HTTP API that service registration and discovery clients use
+//! (Spring Cloud Consul, consul-api, hashicorp/consul/api, Fabio, Traefik's catalog):
+//! agent service (de)registration, TTL check updates, catalog and health reads with
+//! blocking queries. Shapes and field names follow Consul's responses.
+//!
+//! Keel is one agent, one node: every instance lives on node `keel` in datacenter `dc1`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{ConnectInfo, Path, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, put};
+use http::{HeaderMap, HeaderValue};
+use keel_runtime::Problem;
+use keel_runtime::extract::{Json, Query};
+use serde::{Deserialize, Serialize};
+
+use super::{ApiError, ApiState, flag, parse_wait};
+use crate::catalog::InstanceFilter;
+use crate::model::{
+    CheckSpec, Instance, InstanceSpec, Registration, Scheme, Status, validate_service_name,
+};
+
+const NODE: &str = "keel";
+const DATACENTER: &str = "dc1";
+
+pub fn router() -> Router<ApiState> {
+    Router::new()
+        .route("/v1/agent/service/register", put(register))
+        .route("/v1/agent/service/deregister/{id}", put(deregister))
+        .route("/v1/agent/check/pass/{check_id}", put(check_pass))
+        .route("/v1/agent/check/warn/{check_id}", put(check_warn))
+        .route("/v1/agent/check/fail/{check_id}", put(check_fail))
+        .route("/v1/agent/check/update/{check_id}", put(check_update))
+        .route("/v1/catalog/services", get(catalog_services))
+        .route("/v1/catalog/service/{name}", get(catalog_service))
+        .route("/v1/health/service/{name}", get(health_service))
+        .route("/v1/status/leader", get(status_leader))
+}
+
+// === registration ===
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ConsulRegistration {
+    #[serde(rename = "ID", alias = "id")]
+    id: Option<String>,
+    #[serde(alias = "name")]
+    name: String,
+    #[serde(default, alias = "tags")]
+    tags: Option<Vec<String>>,
+    #[serde(default, alias = "address")]
+    address: Option<String>,
+    #[serde(default, alias = "port")]
+    port: Option<u16>,
+    #[serde(default, alias = "meta")]
+    meta: Option<BTreeMap<String, String>>,
+    #[serde(default, alias = "weights")]
+    weights: Option<ConsulWeights>,
+    #[serde(default, alias = "check")]
+    check: Option<ConsulCheck>,
+    #[serde(default, alias = "checks")]
+    checks: Option<Vec<ConsulCheck>>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ConsulWeights {
+    passing: u32,
+    warning: u32,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ConsulCheck {
+    #[serde(rename = "CheckID", alias = "ID", alias = "check_id")]
+    check_id: Option<String>,
+    #[serde(rename = "TTL", alias = "ttl")]
+    ttl: Option<String>,
+    #[serde(rename = "HTTP", alias = "http")]
+    http: Option<String>,
+    #[serde(rename = "TCP", alias = "tcp")]
+    tcp: Option<String>,
+    #[serde(alias = "interval")]
+    interval: Option<String>,
+    #[serde(alias = "timeout")]
+    timeout: Option<String>,
+    #[serde(alias = "deregister_critical_service_after")]
+    deregister_critical_service_after: Option<String>,
+    #[serde(alias = "status")]
+    status: Option<String>,
+}
+
+fn duration(field: &str, text: Option<&str>) -> Result<Option<Duration>, ApiError> {
+    text.filter(|t| !t.is_empty())
+        .map(|t| {
+            humantime::parse_duration(t).map_err(|_| {
+                Problem::bad_request(format!("{field} {t:?} is not a duration")).into()
+            })
+        })
+        .transpose()
+}
+
+impl ConsulCheck {
+    fn into_spec(self) -> Result<CheckSpec, ApiError> {
+        let initial_status = match self.status.as_deref() {
+            None | Some("") => None,
+            Some(text) => Some(Status::parse(text).ok_or_else(|| {
+                ApiError::from(Problem::bad_request(format!(
+                    "check status {text:?} is not passing, warning or critical"
+                )))
+            })?),
+        };
+        let ttl = duration("TTL", self.ttl.as_deref())?;
+        // Consul's TTL checks start critical unless a status is given.
+        let initial_status = initial_status.or(ttl.map(|_| Status::Critical));
+        Ok(CheckSpec {
+            id: self.check_id.filter(|id| !id.is_empty()),
+            ttl,
+            http: self.http.filter(|v| !v.is_empty()),
+            tcp: self.tcp.filter(|v| !v.is_empty()),
+            interval: duration("Interval", self.interval.as_deref())?,
+            timeout: duration("Timeout", self.timeout.as_deref())?,
+            deregister_after: duration(
+                "DeregisterCriticalServiceAfter",
+                self.deregister_critical_service_after.as_deref(),
+            )?,
+            initial_status,
+        })
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct TokenQuery {
+    token: Option<String>,
+}
+
+async fn register(
+    State(state): State<ApiState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(query): Query<TokenQuery>,
+    Json(body): Json<ConsulRegistration>,
+) -> Result<Response, ApiError> {
+    state.authorize_write(&headers, query.token.as_deref())?;
+    let mut meta = body.meta.unwrap_or_default();
+    let version = meta.remove("version");
+    let zone = meta.remove("zone");
+    let mut checks = Vec::new();
+    checks.extend(body.check.map(ConsulCheck::into_spec).transpose()?);
+    for check in body.checks.unwrap_or_default() {
+        checks.push(check.into_spec()?);
+    }
+    let id = body
+        .id
+        .filter(|id| !id.is_empty())
+        .unwrap_or_else(|| body.name.clone());
+    let registration = Registration {
+        service: body.name,
+        id,
+        spec: InstanceSpec {
+            // Consul falls back to the agent's address; here the caller's is the best guess.
+            address: body
+                .address
+                .filter(|a| !a.is_empty())
+                .unwrap_or_else(|| peer.ip().to_string()),
+            port: body.port.unwrap_or(0),
+            scheme: Scheme::Http,
+            tags: body.tags.unwrap_or_default(),
+            version,
+            zone,
+            weight: body.weights.map_or(1, |w| w.passing.max(1)),
+            meta,
+            checks,
+        },
+    };
+    state.registry.register(registration, true)?;
+    Ok(().into_response())
+}
+
+async fn deregister(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(query): Query<TokenQuery>,
+) -> Result<Response, ApiError> {
+    state.authorize_write(&headers, query.token.as_deref())?;
+    state.registry.deregister(&id)?;
+    Ok(().into_response())
+}
+
+// === TTL check updates ===
+
+#[derive(Debug, Deserialize)]
+struct NoteQuery {
+    note: Option<String>,
+    token: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct CheckUpdate {
+    #[serde(alias = "status")]
+    status: Option<String>,
+    #[serde(alias = "output")]
+    output: Option<String>,
+}
+
+fn set_ttl_status(
+    state: &ApiState,
+    check_id: &str,
+    status: Status,
+    output: Option<String>,
+) -> Result<Response, ApiError> {
+    let owner = state.registry.check_owner(check_id).ok_or_else(|| {
+        ApiError::from(Problem::not_found(format!(
+            "CheckID {check_id:?} does not have associated TTL"
+        )))
+    })?;
+    let is_ttl = owner
+        .checks
+        .iter()
+        .any(|check| check.id == check_id && check.spec.ttl.is_some());
+    if !is_ttl {
+        return Err(Problem::bad_request(format!(
+            "check {check_id:?} is not a TTL check; its status comes from its probe"
+        ))
+        .into());
+    }
+    state.registry.update_check(check_id, status, output)?;
+    metrics::counter!("keel_registry_heartbeats_total").increment(1);
+    Ok(().into_response())
+}
+
+async fn check_pass(
+    state: State<ApiState>,
+    path: Path<String>,
+    headers: HeaderMap,
+    query: Query<NoteQuery>,
+) -> Result<Response, ApiError> {
+    check_note(state, path, headers, query, Status::Passing)
+}
+
+async fn check_warn(
+    state: State<ApiState>,
+    path: Path<String>,
+    headers: HeaderMap,
+    query: Query<NoteQuery>,
+) -> Result<Response, ApiError> {
+    check_note(state, path, headers, query, Status::Warning)
+}
+
+async fn check_fail(
+    state: State<ApiState>,
+    path: Path<String>,
+    headers: HeaderMap,
+    query: Query<NoteQuery>,
+) -> Result<Response, ApiError> {
+    check_note(state, path, headers, query, Status::Critical)
+}
+
+fn check_note(
+    State(state): State<ApiState>,
+    Path(check_id): Path<String>,
+    headers: HeaderMap,
+    Query(query): Query<NoteQuery>,
+    status: Status,
+) -> Result<Response, ApiError> {
+    state.authorize_write(&headers, query.token.as_deref())?;
+    set_ttl_status(
+        &state,
+        &check_id,
+        status,
+        Some(query.note.unwrap_or_default()),
+    )
+}
+
+async fn check_update(
+    State(state): State<ApiState>,
+    Path(check_id): Path<String>,
+    headers: HeaderMap,
+    Query(query): Query<TokenQuery>,
+    Json(update): Json<CheckUpdate>,
+) -> Result<Response, ApiError> {
+    state.authorize_write(&headers, query.token.as_deref())?;
+    let status = match update.status.as_deref() {
+        Some(text) => Status::parse(text).ok_or_else(|| {
+            ApiError::from(Problem::bad_request(format!(
+                "Status {text:?} is not passing, warning or critical"
+            )))
+        })?,
+        None => Status::Passing,
+    };
+    set_ttl_status(&state, &check_id, status, update.output)
+}
+
+// === reads ===
+
+#[derive(Debug, Deserialize)]
+struct ReadQuery {
+    index: Option<u64>,
+    wait: Option<String>,
+    passing: Option<String>,
+    tag: Option<String>,
+    // Other parameters (dc, token, stale, consistent, ...) are ignored, as Keel has one
+    // datacenter and one node and reads are open.
+}
+
+/// Consul's read headers: the index, and the leader hints its clients look for.
+fn consul_response(index: u64, body: impl Serialize) -> Response {
+    let mut response = axum::Json(body).into_response();
+    let headers = response.headers_mut();
+    headers.insert("x-consul-index", HeaderValue::from(index));
+    headers.insert("x-consul-knownleader", HeaderValue::from_static("true"));
+    headers.insert("x-consul-lastcontact", HeaderValue::from_static("0"));
+    response
+}
+
+async fn block_on_service(
+    state: &ApiState,
+    service: &str,
+    query: &ReadQuery,
+) -> Result<(), ApiError> {
+    if let Some(index) = query.index {
+        let wait = parse_wait(query.wait.as_deref())?;
+        let _permit = state.registry.watch_permit()?;
+        tokio::select! {
+            () = state.registry.wait_for_service(service, index, wait) => {}
+            () = state.shutdown.wait() => {}
+        }
+    }
+    Ok(())
+}
+
+async fn catalog_services(
+    State(state): State<ApiState>,
+    Query(query): Query<ReadQuery>,
+) -> Result<Response, ApiError> {
+    if let Some(index) = query.index {
+        let wait = parse_wait(query.wait.as_deref())?;
+        let _permit = state.registry.watch_permit()?;
+        tokio::select! {
+            () = state.registry.wait_for_any(index, wait) => {}
+            () = state.shutdown.wait() => {}
+        }
+    }
+    let list = state.registry.services();
+    let body: BTreeMap<String, Vec<String>> = list
+        .services
+        .into_iter()
+        .map(|service| (service.name, service.tags))
+        .collect();
+    Ok(consul_response(list.index, body))
+}
+
+fn instances_for(state: &ApiState, name: &str, query: &ReadQuery) -> (u64, Vec<Instance>) {
+    let filter = InstanceFilter {
+        passing_only: flag(query.passing.as_deref()),
+        tag: query.tag.clone(),
+        zone: None,
+    };
+    let found = state.registry.instances(name, &filter);
+    (found.index, found.instances)
+}
+
+fn consul_meta(instance: &Instance) -> BTreeMap<String, String> {
+    let mut meta = instance.meta.clone();
+    if let Some(version) = &instance.version {
+        meta.insert("version".into(), version.clone());
+    }
+    if let Some(zone) = &instance.zone {
+        meta.insert("zone".into(), zone.clone());
+    }
+    meta
+}
+
+fn weights(instance: &Instance) -> ConsulWeights {
+    ConsulWeights {
+        passing: instance.weight,
+        warning: 1,
+    }
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct CatalogEntry {
+    #[serde(rename = "ID")]
+    id: &'static str,
+    node: &'static str,
+    address: String,
+    datacenter: &'static str,
+    tagged_addresses: HashMap<String, String>,
+    node_meta: HashMap<String, String>,
+    service_kind: &'static str,
+    #[serde(rename = "ServiceID")]
+    service_id: String,
+    service_name: String,
+    service_tags: Vec<String>,
+    service_address: String,
+    service_port: u16,
+    service_meta: BTreeMap<String, String>,
+    service_weights: ConsulWeights,
+    service_enable_tag_override: bool,
+    create_index: u64,
+    modify_index: u64,
+}
+
+async fn catalog_service(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    Query(query): Query<ReadQuery>,
+) -> Result<Response, ApiError> {
+    validate_service_name(&name).map_err(Problem::bad_request)?;
+    block_on_service(&state, &name, &query).await?;
+    let (index, instances) = instances_for(&state, &name, &query);
+    let body: Vec<CatalogEntry> = instances
+        .into_iter()
+        .map(|instance| CatalogEntry {
+            id: "",
+            node: NODE,
+            address: instance.address.clone(),
+            datacenter: DATACENTER,
+            tagged_addresses: HashMap::new(),
+            node_meta: HashMap::new(),
+            service_kind: "",
+            service_id: instance.id.clone(),
+            service_name: instance.service.clone(),
+            service_tags: instance.tags.clone(),
+            service_address: instance.address.clone(),
+            service_port: instance.port,
+            service_meta: consul_meta(&instance),
+            service_weights: weights(&instance),
+            service_enable_tag_override: false,
+            create_index: instance.create_index,
+            modify_index: instance.modify_index,
+        })
+        .collect();
+    Ok(consul_response(index, body))
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct HealthEntry {
+    node: HealthNode,
+    service: HealthService,
+    checks: Vec<HealthCheck>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct HealthNode {
+    #[serde(rename = "ID")]
+    id: &'static str,
+    node: &'static str,
+    address: String,
+    datacenter: &'static str,
+    tagged_addresses: HashMap<String, String>,
+    meta: HashMap<String, String>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct HealthService {
+    #[serde(rename = "ID")]
+    id: String,
+    service: String,
+    tags: Vec<String>,
+    address: String,
+    meta: BTreeMap<String, String>,
+    port: u16,
+    weights: ConsulWeights,
+    enable_tag_override: bool,
+    create_index: u64,
+    modify_index: u64,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "PascalCase")]
+struct HealthCheck {
+    node: &'static str,
+    #[serde(rename = "CheckID")]
+    check_id: String,
+    name: String,
+    status: &'static str,
+    notes: &'static str,
+    output: String,
+    #[serde(rename = "ServiceID")]
+    service_id: String,
+    service_name: String,
+    service_tags: Vec<String>,
+    #[serde(rename = "Type")]
+    kind: &'static str,
+    create_index: u64,
+    modify_index: u64,
+}
+
+async fn health_service(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    Query(query): Query<ReadQuery>,
+) -> Result<Response, ApiError> {
+    validate_service_name(&name).map_err(Problem::bad_request)?;
+    block_on_service(&state, &name, &query).await?;
+    let (index, instances) = instances_for(&state, &name, &query);
+    let body: Vec<HealthEntry> = instances
+        .into_iter()
+        .map(|instance| HealthEntry {
+            node: HealthNode {
+                id: "",
+                node: NODE,
+                address: instance.address.clone(),
+                datacenter: DATACENTER,
+                tagged_addresses: HashMap::new(),
+                meta: HashMap::new(),
+            },
+            checks: instance
+                .checks
+                .iter()
+                .map(|check| HealthCheck {
+                    node: NODE,
+                    check_id: check.id.clone(),
+                    name: format!("Service '{}' check", instance.service),
+                    status: check.status.as_str(),
+                    notes: "",
+                    output: check.output.clone(),
+                    service_id: instance.id.clone(),
+                    service_name: instance.service.clone(),
+                    service_tags: instance.tags.clone(),
+                    kind: if check.spec.ttl.is_some() {
+                        "ttl"
+                    } else if check.spec.http.is_some() {
+                        "http"
+                    } else {
+                        "tcp"
+                    },
+                    create_index: instance.create_index,
+                    modify_index: instance.modify_index,
+                })
+                .collect(),
+            service: HealthService {
+                id: instance.id.clone(),
+                service: instance.service.clone(),
+                tags: instance.tags.clone(),
+                address: instance.address.clone(),
+                meta: consul_meta(&instance),
+                port: instance.port,
+                weights: weights(&instance),
+                enable_tag_override: false,
+                create_index: instance.create_index,
+                modify_index: instance.modify_index,
+            },
+        })
+        .collect();
+    Ok(consul_response(index, body))
+}
+
+/// Some clients probe the leader before anything else; Keel always has one.
+async fn status_leader(State(_state): State<ApiState>) -> Response {
+    axum::Json("127.0.0.1:8300").into_response()
+}

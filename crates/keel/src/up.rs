@@ -1,0 +1,78 @@
+//! `keel up`: every component in one process on the embedded profile.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use keel_registry::RegistryServer;
+use keel_runtime::{Server, Shutdown, telemetry};
+use tokio::task::JoinSet;
+
+use crate::config::KeelConfig;
+
+/// Time the shutdown hooks (deregistration, telemetry flush) get once servers have drained.
+const HOOKS_DEADLINE: Duration = Duration::from_secs(5);
+
+pub async fn run(config: KeelConfig) -> anyhow::Result<()> {
+    let guard = telemetry::init(&config.telemetry, "keel", &instance_id())?;
+    let shutdown = Shutdown::new();
+    shutdown.trigger_on_signals();
+
+    // Bind everything before serving anything, so a taken port stops the start cleanly.
+    let registry = RegistryServer::build(config.registry, &shutdown).await?;
+
+    print_table(&[(
+        registry.name(),
+        registry.local_addr(),
+        "service registry: /v1/services, Consul /v1/catalog and /v1/health",
+    )]);
+
+    let mut servers = JoinSet::new();
+    servers.spawn(run_server(registry, shutdown.clone()));
+    let result = supervise(servers, &shutdown).await;
+    shutdown.run_hooks(HOOKS_DEADLINE).await;
+    guard.shutdown();
+    result
+}
+
+/// Runs a server; its name tags any error.
+pub async fn run_server<S: Server>(server: S, shutdown: Shutdown) -> anyhow::Result<()> {
+    let name = server.name();
+    server
+        .run(shutdown)
+        .await
+        .with_context(|| format!("{name} stopped with an error"))
+}
+
+/// Waits for every server; the first to fail stops the others.
+pub async fn supervise(
+    mut servers: JoinSet<anyhow::Result<()>>,
+    shutdown: &Shutdown,
+) -> anyhow::Result<()> {
+    let mut first_error = None;
+    while let Some(joined) = servers.join_next().await {
+        let result = joined
+            .map_err(anyhow::Error::from)
+            .and_then(|result| result);
+        if let Err(error) = result {
+            tracing::error!(error = %format!("{error:#}"), "a component failed; stopping the others");
+            shutdown.trigger();
+            first_error.get_or_insert(error);
+        }
+    }
+    first_error.map_or(Ok(()), Err)
+}
+
+fn print_table(rows: &[(&str, SocketAddr, &str)]) {
+    println!("Keel is up (embedded profile). Ctrl-C stops it.\n");
+    println!("  {:<10} {:<24} WHAT", "COMPONENT", "URL");
+    for (name, addr, what) in rows {
+        println!("  {name:<10} {:<24} {what}", format!("http://{addr}"));
+    }
+    println!();
+}
+
+/// An id for this process's log lines and traces.
+pub fn instance_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..12].to_owned()
+}
