@@ -8,10 +8,13 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
+mod sync;
+
 use crate::model::{
     CheckKind, CheckState, Instance, Registration, ServiceInstances, ServiceList, ServiceSummary,
     Status, truncate_output,
 };
+use crate::model::{CheckSpec, is_maintenance_check, maintenance_check_id};
 
 /// Why a catalog operation was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -45,7 +48,7 @@ pub struct Changes {
 }
 
 impl Changes {
-    fn merge(&mut self, other: Changes) {
+    pub fn merge(&mut self, other: Changes) {
         self.services.extend(other.services);
         self.removed.extend(other.removed);
         self.registered.extend(other.registered);
@@ -157,6 +160,7 @@ impl Catalog {
         move_service: bool,
         now: Instant,
     ) -> Result<(Instance, Changes), CatalogError> {
+        self.admit(&registration, move_service)?;
         let Registration { service, id, spec } = registration;
         let kinds = spec
             .checks
@@ -164,30 +168,10 @@ impl Catalog {
             .map(|check| check.kind().map_err(CatalogError::Invalid))
             .collect::<Result<Vec<_>, _>>()?;
         let check_ids = check_ids(&id, &spec.checks);
-        let mut seen = BTreeSet::new();
-        for check_id in &check_ids {
-            if !seen.insert(check_id) {
-                return Err(CatalogError::Invalid(format!(
-                    "check id {check_id:?} is used twice"
-                )));
-            }
-            if let Some(owner) = self.check_owner.get(check_id)
-                && owner != &id
-            {
-                return Err(CatalogError::Conflict(format!(
-                    "check id {check_id:?} belongs to instance {owner:?}"
-                )));
-            }
-        }
 
         let mut changes = Changes::default();
         if let Some(current) = self.instance_service.get(&id).cloned() {
             if current != service {
-                if !move_service {
-                    return Err(CatalogError::Conflict(format!(
-                        "instance id {id:?} is registered under service {current:?}"
-                    )));
-                }
                 changes.merge(self.remove(&id, now)?);
             } else if let Some(entry) = self.entry_mut(&service, &id)
                 && same_registration(entry, &spec, &check_ids)
@@ -200,31 +184,11 @@ impl Catalog {
                 return Ok((instance, changes));
             }
         }
-
-        let existing = self
+        let create_index = self
             .services
             .get(&service)
-            .and_then(|entry| entry.instances.get(&id));
-        let is_new = existing.is_none();
-        let create_index = existing.map(|entry| entry.instance.create_index);
-        if is_new {
-            let in_service = self
-                .services
-                .get(&service)
-                .map_or(0, |entry| entry.instances.len());
-            if in_service >= self.max_instances_per_service {
-                return Err(CatalogError::Limit(format!(
-                    "service {service:?} has the maximum of {} instances",
-                    self.max_instances_per_service
-                )));
-            }
-            if self.instance_service.len() >= self.max_instances {
-                return Err(CatalogError::Limit(format!(
-                    "the registry holds its maximum of {} instances",
-                    self.max_instances
-                )));
-            }
-        }
+            .and_then(|entry| entry.instances.get(&id))
+            .map(|entry| entry.instance.create_index);
 
         let index = self.next_index();
         let checks: Vec<CheckState> = spec
@@ -268,6 +232,7 @@ impl Catalog {
             create_index: create_index.unwrap_or(index),
             modify_index: index,
         };
+        let (kinds, timings) = self.keep_maintenance(&id, &mut instance, kinds, timings, now);
         instance.status = aggregate(&instance.checks);
 
         // Forget check ids the previous registration of this instance had.
@@ -325,7 +290,10 @@ impl Catalog {
                     .checks
                     .iter()
                     .zip(&entry.kinds)
-                    .filter(|(_, kind)| matches!(kind, CheckKind::Ttl { .. }))
+                    .filter(|(check, kind)| {
+                        // Maintenance ends only through `set_maintenance`, never a heartbeat.
+                        matches!(kind, CheckKind::Ttl { .. }) && !is_maintenance_check(&check.id)
+                    })
                     .map(|(check, _)| check.id.clone())
                     .collect()
             })
@@ -450,11 +418,16 @@ impl Catalog {
                 sweep.evicted.push((service, id));
             }
         }
+        self.forget_empty_services(now);
+        sweep
+    }
+
+    /// Drops services emptied long enough ago that no watcher can still need their index.
+    pub fn forget_empty_services(&mut self, now: Instant) {
         self.services.retain(|_, entry| {
             !entry.instances.is_empty()
                 || now.saturating_duration_since(entry.changed_at) < EMPTY_SERVICE_RETENTION
         });
-        sweep
     }
 
     /// Every service with at least one instance, by name.
@@ -588,10 +561,8 @@ fn same_registration(
         && current.zone == spec.zone
         && current.weight == spec.weight
         && current.meta == spec.meta
-        && current.checks.len() == spec.checks.len()
-        && current
-            .checks
-            .iter()
+        && registered_checks(current).count() == spec.checks.len()
+        && registered_checks(current)
             .zip(&spec.checks)
             .zip(check_ids)
             .all(|((state, spec), id)| &state.spec == spec && &state.id == id)
@@ -604,6 +575,147 @@ fn aggregate(checks: &[CheckState]) -> Status {
         .map(|check| check.status)
         .max()
         .unwrap_or(Status::Passing)
+}
+
+// === maintenance ===
+
+/// The TTL a maintenance check's spec carries. The check is critical from the start and no
+/// heartbeat renews it, so the TTL never fires; it is there so that everything that derives
+/// a check's kind from its spec (validation, a shared backend's sync) accepts the check.
+const MAINTENANCE_TTL: Duration = Duration::from_secs(24 * 3600);
+
+impl Catalog {
+    /// Puts an instance in maintenance (`Some(reason)`) or takes it out of it (`None`), the
+    /// way Consul's maintenance mode does: a synthetic critical check
+    /// `_service_maintenance:<id>` whose output is the reason keeps the instance out of
+    /// passing queries without touching the checks it registered. It outlives
+    /// re-registrations (Eureka's status overrides do too) and ends with the instance.
+    ///
+    /// The index moves only when something changes, so watchers wake once per switch.
+    pub fn set_maintenance(
+        &mut self,
+        id: &str,
+        reason: Option<String>,
+        now: Instant,
+    ) -> Result<(Instance, Changes), CatalogError> {
+        let not_found = || CatalogError::NotFound(format!("no instance {id:?}"));
+        let service = self
+            .instance_service
+            .get(id)
+            .cloned()
+            .ok_or_else(not_found)?;
+        let next = self.index + 1;
+        let entry = self.entry_mut(&service, id).ok_or_else(not_found)?;
+        let check_id = maintenance_check_id(id);
+        let position = entry
+            .instance
+            .checks
+            .iter()
+            .position(|check| check.id == check_id);
+        match (reason.map(truncate_output), position) {
+            (None, None) => return Ok((entry.instance.clone(), Changes::default())),
+            (Some(reason), Some(n)) => {
+                if entry.instance.checks[n].output == reason {
+                    return Ok((entry.instance.clone(), Changes::default()));
+                }
+                entry.instance.checks[n].output = reason;
+            }
+            (Some(reason), None) => {
+                let (check, kind, timing) = maintenance_check(check_id, reason, now);
+                entry.instance.checks.push(check);
+                entry.kinds.push(kind);
+                entry.timings.push(timing);
+            }
+            (None, Some(n)) => {
+                entry.instance.checks.remove(n);
+                // Kinds and timings run alongside the checks; guard rather than trust it.
+                if n < entry.kinds.len() {
+                    entry.kinds.remove(n);
+                }
+                if n < entry.timings.len() {
+                    entry.timings.remove(n);
+                }
+            }
+        }
+        entry.instance.status = aggregate(&entry.instance.checks);
+        entry.instance.modify_index = next;
+        let instance = entry.instance.clone();
+        self.index = next;
+        if let Some(service_entry) = self.services.get_mut(&service) {
+            service_entry.index = next;
+            service_entry.changed_at = now;
+        }
+        let mut changes = Changes::default();
+        changes.services.insert(service, next);
+        Ok((instance, changes))
+    }
+
+    /// Appends the maintenance check that `id`'s current registration in the same service
+    /// has, if any, to its re-registration `instance`; `kinds` and `timings` grow alongside.
+    fn keep_maintenance(
+        &self,
+        id: &str,
+        instance: &mut Instance,
+        mut kinds: Vec<CheckKind>,
+        mut timings: Vec<CheckTiming>,
+        now: Instant,
+    ) -> (Vec<CheckKind>, Vec<CheckTiming>) {
+        let current = self
+            .services
+            .get(&instance.service)
+            .and_then(|entry| entry.instances.get(id));
+        if let Some(current) = current
+            && let Some(check) = current
+                .instance
+                .checks
+                .iter()
+                .find(|check| is_maintenance_check(&check.id))
+        {
+            let (check, kind, timing) =
+                maintenance_check(check.id.clone(), check.output.clone(), now);
+            instance.checks.push(check);
+            kinds.push(kind);
+            timings.push(timing);
+        }
+        (kinds, timings)
+    }
+}
+
+/// A maintenance check with its kind and timing, critical from `now`.
+fn maintenance_check(
+    id: String,
+    reason: String,
+    now: Instant,
+) -> (CheckState, CheckKind, CheckTiming) {
+    let check = CheckState {
+        id,
+        spec: CheckSpec {
+            ttl: Some(MAINTENANCE_TTL),
+            initial_status: Some(Status::Critical),
+            ..CheckSpec::default()
+        },
+        status: Status::Critical,
+        output: reason,
+    };
+    let timing = CheckTiming {
+        renewed: now,
+        critical_since: Some(now),
+    };
+    (
+        check,
+        CheckKind::Ttl {
+            ttl: MAINTENANCE_TTL,
+        },
+        timing,
+    )
+}
+
+/// The checks an instance registered, without its maintenance check.
+fn registered_checks(instance: &Instance) -> impl Iterator<Item = &CheckState> {
+    instance
+        .checks
+        .iter()
+        .filter(|check| !is_maintenance_check(&check.id))
 }
 
 #[cfg(test)]
@@ -877,5 +989,116 @@ mod tests {
         );
         catalog.sweep(t0 + EMPTY_SERVICE_RETENTION + Duration::from_secs(1));
         assert_eq!(catalog.service_index("web"), None);
+    }
+
+    #[test]
+    fn maintenance_adds_a_critical_check_and_moves_the_index_once() {
+        let mut catalog = catalog();
+        let t0 = Instant::now();
+        catalog
+            .register(reg("web", "web-1", vec![ttl(10, Some(30))]), false, t0)
+            .expect("register");
+        let before = catalog.service_index("web").expect("index");
+
+        let (instance, changes) = catalog
+            .set_maintenance("web-1", Some("deploying".into()), t0)
+            .expect("enable");
+        assert_eq!(instance.status, Status::Critical);
+        assert_eq!(instance.maintenance(), Some("deploying"));
+        let check = &instance.checks[1];
+        assert_eq!(check.id, "_service_maintenance:web-1");
+        assert_eq!(check.output, "deploying");
+        assert!(
+            check.spec.validate().is_ok(),
+            "a shared backend re-validates it"
+        );
+        let during = changes.services["web"];
+        assert!(during > before);
+        assert_eq!(catalog.service_index("web"), Some(during));
+        let passing = InstanceFilter {
+            passing_only: true,
+            ..InstanceFilter::default()
+        };
+        assert!(catalog.instances("web", &passing).instances.is_empty());
+
+        // The same reason again changes nothing; a new reason is a change.
+        let (_, changes) = catalog
+            .set_maintenance("web-1", Some("deploying".into()), t0)
+            .expect("again");
+        assert!(changes.services.is_empty());
+        let (instance, changes) = catalog
+            .set_maintenance("web-1", Some("rollback".into()), t0)
+            .expect("new reason");
+        assert_eq!(instance.maintenance(), Some("rollback"));
+        assert!(changes.services["web"] > during);
+
+        let (instance, changes) = catalog.set_maintenance("web-1", None, t0).expect("disable");
+        assert_eq!(instance.status, Status::Passing);
+        assert_eq!(instance.maintenance(), None);
+        assert_eq!(instance.checks.len(), 1);
+        assert!(!changes.services.is_empty());
+        assert_eq!(catalog.instances("web", &passing).instances.len(), 1);
+        let (_, changes) = catalog
+            .set_maintenance("web-1", None, t0)
+            .expect("disable again");
+        assert!(changes.services.is_empty());
+    }
+
+    #[test]
+    fn maintenance_survives_heartbeats_sweeps_and_reregistration() {
+        let mut catalog = catalog();
+        let t0 = Instant::now();
+        catalog
+            .register(reg("web", "web-1", vec![ttl(10, Some(30))]), false, t0)
+            .expect("register");
+        catalog
+            .set_maintenance("web-1", Some("drain".into()), t0)
+            .expect("enable");
+
+        let (instance, _) = catalog
+            .heartbeat("web-1", None, None, t0 + Duration::from_secs(5))
+            .expect("heartbeat");
+        assert_eq!(instance.checks[0].status, Status::Passing);
+        assert_eq!(instance.maintenance(), Some("drain"));
+        assert_eq!(instance.status, Status::Critical);
+        assert!(matches!(
+            catalog.update_check("_service_maintenance:web-1", Status::Passing, None, t0),
+            Err(CatalogError::NotFound(_))
+        ));
+
+        // Renewed in time: the sweeper neither expires nor evicts anything.
+        catalog
+            .heartbeat("web-1", None, None, t0 + Duration::from_secs(40))
+            .expect("heartbeat");
+        let sweep = catalog.sweep(t0 + Duration::from_secs(45));
+        assert_eq!((sweep.expired, sweep.evicted.len()), (0, 0));
+
+        // The same spec again is a renewal that keeps the maintenance check.
+        let index = catalog.index();
+        let (instance, changes) = catalog
+            .register(reg("web", "web-1", vec![ttl(10, Some(30))]), false, t0)
+            .expect("same spec");
+        assert!(changes.services.is_empty());
+        assert_eq!(catalog.index(), index);
+        assert_eq!(instance.maintenance(), Some("drain"));
+
+        // A changed spec is a new registration, still under maintenance.
+        let (instance, _) = catalog
+            .register(reg("web", "web-1", vec![ttl(20, Some(30))]), false, t0)
+            .expect("new spec");
+        assert_eq!(instance.checks.len(), 2);
+        assert_eq!(instance.maintenance(), Some("drain"));
+        assert_eq!(instance.status, Status::Critical);
+
+        // Deregistration ends it, and the next registration starts without it.
+        catalog.deregister("web-1", t0).expect("deregister");
+        let (instance, _) = catalog
+            .register(reg("web", "web-1", vec![]), false, t0)
+            .expect("register again");
+        assert_eq!(instance.maintenance(), None);
+        assert!(matches!(
+            catalog.set_maintenance("ghost", Some("x".into()), t0),
+            Err(CatalogError::NotFound(_))
+        ));
     }
 }

@@ -28,6 +28,7 @@ pub(crate) fn spawn_probe(
             };
             if registry
                 .update_check(&check_id, status, Some(output))
+                .await
                 .is_err()
             {
                 // The check is gone (instance deregistered between tick and report).

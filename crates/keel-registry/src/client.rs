@@ -83,7 +83,7 @@ impl RegistryClient {
     }
 
     fn write(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        let request = request.timeout(CALL_TIMEOUT);
+        let request = traced(request).timeout(CALL_TIMEOUT);
         match &self.token {
             Some(token) => request.header("x-keel-token", token.expose()),
             None => request,
@@ -116,7 +116,13 @@ impl RegistryClient {
 
     pub async fn services(&self) -> Result<ServiceList, ClientError> {
         let url = format!("{}/v1/services", self.base);
-        json(self.http.get(url).timeout(CALL_TIMEOUT).send().await).await
+        json(
+            traced(self.http.get(url))
+                .timeout(CALL_TIMEOUT)
+                .send()
+                .await,
+        )
+        .await
     }
 
     pub async fn instances(
@@ -143,8 +149,7 @@ impl RegistryClient {
         }
         let url = format!("{}/v1/services/{service}", self.base);
         json(
-            self.http
-                .get(url)
+            traced(self.http.get(url))
                 .query(&params)
                 .timeout(timeout)
                 .send()
@@ -152,6 +157,13 @@ impl RegistryClient {
         )
         .await
     }
+}
+
+/// Carries the caller's trace context (`traceparent`) to the registry.
+fn traced(request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+    let mut headers = http::HeaderMap::new();
+    keel_runtime::trace_context::inject_current(&mut headers);
+    request.headers(headers)
 }
 
 async fn json<T: serde::de::DeserializeOwned>(

@@ -11,6 +11,8 @@ pub mod api;
 pub mod catalog;
 mod checks;
 pub mod client;
+#[cfg(feature = "etcd")]
+mod etcd;
 pub mod model;
 pub mod registry;
 pub mod server;

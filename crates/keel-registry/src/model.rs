@@ -192,6 +192,28 @@ impl Instance {
             format!("{scheme}://{}:{}", self.address, self.port)
         }
     }
+
+    /// Why the instance is in maintenance (its maintenance check's output), if it is.
+    pub fn maintenance(&self) -> Option<&str> {
+        self.checks
+            .iter()
+            .find(|check| is_maintenance_check(&check.id))
+            .map(|check| check.output.as_str())
+    }
+}
+
+/// Prefix of the synthetic check that holds an instance in maintenance (Consul's own id).
+/// Registered check ids start with a letter or digit, so none can take this one's place.
+pub const MAINTENANCE_CHECK_PREFIX: &str = "_service_maintenance:";
+
+/// The id of `instance_id`'s maintenance check.
+pub fn maintenance_check_id(instance_id: &str) -> String {
+    format!("{MAINTENANCE_CHECK_PREFIX}{instance_id}")
+}
+
+/// Whether a check is a maintenance check rather than one the instance registered.
+pub fn is_maintenance_check(check_id: &str) -> bool {
+    check_id.starts_with(MAINTENANCE_CHECK_PREFIX)
 }
 
 /// One line of the service list.

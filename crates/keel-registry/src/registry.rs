@@ -9,6 +9,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::watch;
 use tokio::task::AbortHandle;
 
+#[cfg(feature = "etcd")]
+use crate::catalog::Sweep;
 use crate::catalog::{Catalog, CatalogError, Changes, InstanceFilter};
 use crate::checks;
 use crate::model::{
@@ -44,6 +46,9 @@ pub enum RegistryError {
     Catalog(#[from] CatalogError),
     #[error("at most {0} watches may be open at once")]
     TooManyWatches(usize),
+    /// The shared backend could not be reached; nothing was changed.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// A handle on the registry; cheap to clone.
@@ -52,7 +57,17 @@ pub struct Registry {
     inner: Arc<Inner>,
 }
 
+/// Where the state lives.
+enum Backend {
+    /// In the catalog itself.
+    Memory,
+    /// In etcd; the catalog is this replica's read model, fed by the watch.
+    #[cfg(feature = "etcd")]
+    Etcd(Arc<crate::etcd::EtcdStore>),
+}
+
 struct Inner {
+    backend: Backend,
     catalog: Mutex<Catalog>,
     /// One channel per watched service carrying its index; created by the first watcher.
     watchers: Mutex<HashMap<String, watch::Sender<u64>>>,
@@ -92,12 +107,24 @@ impl Drop for WatchPermit {
 }
 
 impl Registry {
+    /// A registry whose state lives in this process.
     pub fn new(limits: RegistryLimits) -> Self {
+        Self::with_backend(limits, Backend::Memory)
+    }
+
+    /// A replica whose state lives in etcd; `EtcdStore::run` keeps it in step.
+    #[cfg(feature = "etcd")]
+    pub(crate) fn with_etcd(limits: RegistryLimits, store: Arc<crate::etcd::EtcdStore>) -> Self {
+        Self::with_backend(limits, Backend::Etcd(store))
+    }
+
+    fn with_backend(limits: RegistryLimits, backend: Backend) -> Self {
         let catalog = Catalog::new(limits.max_instances_per_service, limits.max_instances);
         let (global, _) = watch::channel(catalog.index());
         describe_metrics();
         Self {
             inner: Arc::new(Inner {
+                backend,
                 catalog: Mutex::new(catalog),
                 watchers: Mutex::new(HashMap::new()),
                 global,
@@ -123,7 +150,7 @@ impl Registry {
     // === writes ===
 
     /// Registers (or re-registers) an instance; see [`Catalog::register`] for `move_service`.
-    pub fn register(
+    pub async fn register(
         &self,
         registration: Registration,
         move_service: bool,
@@ -131,63 +158,156 @@ impl Registry {
         registration
             .validate(&self.inner.limits.registration)
             .map_err(CatalogError::Invalid)?;
-        let result = self
-            .catalog()
-            .register(registration, move_service, Instant::now());
-        let (instance, changes) = result?;
+        if self.is_shared() {
+            // The scratch copy a shared backend computes on cannot see the rest of the
+            // catalog; conflicts and limits are checked against the full view first.
+            self.catalog().admit(&registration, move_service)?;
+        }
+        let id = registration.id.clone();
+        let instance = self
+            .write(&id, true, |catalog, now| {
+                catalog.register(registration.clone(), move_service, now)
+            })
+            .await?;
         metrics::counter!("keel_registry_registrations_total").increment(1);
-        self.apply(changes);
         Ok(instance)
     }
 
-    pub fn deregister(&self, id: &str) -> Result<(), RegistryError> {
-        let changes = self.catalog().deregister(id, Instant::now())?;
+    pub async fn deregister(&self, id: &str) -> Result<(), RegistryError> {
+        match &self.inner.backend {
+            Backend::Memory => {
+                let changes = self.catalog().deregister(id, Instant::now())?;
+                self.apply(changes);
+            }
+            #[cfg(feature = "etcd")]
+            Backend::Etcd(store) => store.delete(id).await?,
+        }
         metrics::counter!("keel_registry_deregistrations_total").increment(1);
-        self.apply(changes);
         Ok(())
     }
 
     /// Renews an instance's TTL checks, optionally with a status and output.
-    pub fn heartbeat(
+    pub async fn heartbeat(
         &self,
         id: &str,
         status: Option<Status>,
         output: Option<String>,
     ) -> Result<Instance, RegistryError> {
-        let result = self.catalog().heartbeat(id, status, output, Instant::now());
-        let (instance, changes) = result?;
+        let instance = self
+            .write(id, false, |catalog, now| {
+                catalog.heartbeat(id, status, output.clone(), now)
+            })
+            .await?;
+        self.renew_ttls(&instance, None).await?;
         metrics::counter!("keel_registry_heartbeats_total").increment(1);
-        self.apply(changes);
-        Ok(instance)
+        Ok(self.instance(id).unwrap_or(instance))
     }
 
     /// Sets one check's status (Consul's `/v1/agent/check/*`, and active probe results).
-    pub fn update_check(
+    pub async fn update_check(
         &self,
         check_id: &str,
         status: Status,
         output: Option<String>,
     ) -> Result<Instance, RegistryError> {
-        let result = self
-            .catalog()
-            .update_check(check_id, status, output, Instant::now());
-        let (instance, changes) = result?;
-        self.apply(changes);
-        Ok(instance)
+        let owner = self
+            .check_owner(check_id)
+            .ok_or_else(|| CatalogError::NotFound(format!("no check {check_id:?}")))?;
+        let instance = self
+            .write(&owner.id, false, |catalog, now| {
+                catalog.update_check(check_id, status, output.clone(), now)
+            })
+            .await?;
+        self.renew_ttls(&instance, Some(check_id)).await?;
+        Ok(self.instance(&owner.id).unwrap_or(instance))
+    }
+
+    /// Puts an instance in maintenance or takes it out (Consul's maintenance mode, Eureka's
+    /// status override); see [`Catalog::set_maintenance`].
+    pub async fn set_maintenance(
+        &self,
+        id: &str,
+        reason: Option<String>,
+    ) -> Result<Instance, RegistryError> {
+        self.write(id, false, |catalog, now| {
+            catalog.set_maintenance(id, reason.clone(), now)
+        })
+        .await
+    }
+
+    /// Whether the state lives in a backend shared by several replicas.
+    fn is_shared(&self) -> bool {
+        !matches!(self.inner.backend, Backend::Memory)
+    }
+
+    /// Runs a write: on the catalog itself in memory; with a shared backend on a scratch
+    /// copy of the stored instance, stored, and read back once the watch has applied it
+    /// (`attach_ttls`: give the instance's TTL checks fresh leases).
+    #[cfg_attr(not(feature = "etcd"), allow(unused_variables))]
+    async fn write<F>(&self, id: &str, attach_ttls: bool, op: F) -> Result<Instance, RegistryError>
+    where
+        F: Fn(&mut Catalog, Instant) -> Result<(Instance, Changes), CatalogError>,
+    {
+        match &self.inner.backend {
+            Backend::Memory => {
+                let result = op(&mut self.catalog(), Instant::now());
+                let (instance, changes) = result?;
+                self.apply(changes);
+                Ok(instance)
+            }
+            #[cfg(feature = "etcd")]
+            Backend::Etcd(store) => store.write(self, id, attach_ttls, op).await,
+        }
+    }
+
+    /// With a shared backend, a heartbeat or a TTL check update also renews the TTL
+    /// leases (all of the instance's, or only `only`'s); in memory the write did that.
+    #[cfg_attr(not(feature = "etcd"), allow(unused_variables))]
+    async fn renew_ttls(
+        &self,
+        instance: &Instance,
+        only: Option<&str>,
+    ) -> Result<(), RegistryError> {
+        #[cfg(feature = "etcd")]
+        if let Backend::Etcd(store) = &self.inner.backend {
+            for (check_id, ttl) in Catalog::ttl_checks(instance) {
+                if only.is_none_or(|only| only == check_id) {
+                    store.renew(&check_id, ttl).await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Expires TTLs and evicts long-critical instances; the server runs this periodically.
-    pub fn sweep(&self) {
-        let (sweep, counts) = {
+    /// With a shared backend, etcd's leases expire TTLs and this replica deletes overdue
+    /// instances from the store (any replica may; a delete is idempotent).
+    pub async fn sweep(&self) {
+        let now = Instant::now();
+        let (sweep, overdue, counts) = {
             let mut catalog = self.catalog();
-            let sweep = catalog.sweep(Instant::now());
-            (sweep, catalog.status_counts())
+            let (sweep, overdue) = match self.inner.backend {
+                Backend::Memory => (catalog.sweep(now), Vec::<String>::new()),
+                #[cfg(feature = "etcd")]
+                Backend::Etcd(_) => {
+                    catalog.forget_empty_services(now);
+                    (Sweep::default(), catalog.overdue(now))
+                }
+            };
+            (sweep, overdue, catalog.status_counts())
         };
+        let mut evicted = sweep.evicted.len();
         for (service, id) in &sweep.evicted {
             tracing::info!(%service, instance = %id, "instance evicted after its deregister-after deadline");
         }
+        for id in overdue {
+            if self.deregister(&id).await.is_ok() {
+                tracing::info!(instance = %id, "instance evicted after its deregister-after deadline");
+                evicted += 1;
+            }
+        }
         metrics::counter!("keel_registry_ttl_expirations_total").increment(sweep.expired as u64);
-        metrics::counter!("keel_registry_evictions_total").increment(sweep.evicted.len() as u64);
+        metrics::counter!("keel_registry_evictions_total").increment(evicted as u64);
         for (state, count) in [
             ("passing", counts.passing),
             ("warning", counts.warning),
@@ -200,8 +320,14 @@ impl Registry {
         lock(&self.inner.watchers).retain(|_, sender| sender.receiver_count() > 0);
     }
 
+    /// Runs `f` on the catalog (a shared backend's watch feeds it through this).
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub(crate) fn with_catalog<R>(&self, f: impl FnOnce(&mut Catalog) -> R) -> R {
+        f(&mut self.catalog())
+    }
+
     /// Wakes the watchers of changed services and starts or stops active probes.
-    fn apply(&self, changes: Changes) {
+    pub(crate) fn apply(&self, changes: Changes) {
         if changes.services.is_empty() && changes.removed.is_empty() {
             return;
         }
@@ -220,28 +346,70 @@ impl Registry {
                 handles.iter().for_each(AbortHandle::abort);
             }
         }
-        for instance in changes.registered {
-            if let Some(handles) = probes.remove(&instance.id) {
-                handles.iter().for_each(AbortHandle::abort);
-            }
-            let handles: Vec<AbortHandle> = instance
-                .checks
-                .iter()
-                .filter_map(|check| {
-                    let kind = check.spec.kind().ok()?;
-                    matches!(kind, CheckKind::Http { .. } | CheckKind::Tcp { .. }).then(|| {
-                        checks::spawn_probe(
-                            self.downgrade(),
-                            self.inner.http.clone(),
-                            check.id.clone(),
-                            kind,
-                        )
-                    })
+        for instance in &changes.registered {
+            self.start_probes(&mut probes, instance);
+        }
+    }
+
+    /// (Re)starts the active probes of `instance` that this replica owns.
+    fn start_probes(&self, probes: &mut HashMap<String, Vec<AbortHandle>>, instance: &Instance) {
+        if let Some(handles) = probes.remove(&instance.id) {
+            handles.iter().for_each(AbortHandle::abort);
+        }
+        let handles: Vec<AbortHandle> = instance
+            .checks
+            .iter()
+            .filter(|check| self.owns(&check.id))
+            .filter_map(|check| {
+                let kind = check.spec.kind().ok()?;
+                matches!(kind, CheckKind::Http { .. } | CheckKind::Tcp { .. }).then(|| {
+                    checks::spawn_probe(
+                        self.downgrade(),
+                        self.inner.http.clone(),
+                        check.id.clone(),
+                        kind,
+                    )
                 })
-                .collect();
-            if !handles.is_empty() {
-                probes.insert(instance.id.clone(), handles);
+            })
+            .collect();
+        if !handles.is_empty() {
+            probes.insert(instance.id.clone(), handles);
+        }
+    }
+
+    /// Whether this replica runs the active check `check_id`.
+    fn owns(&self, check_id: &str) -> bool {
+        match &self.inner.backend {
+            Backend::Memory => {
+                let _ = check_id;
+                true
             }
+            #[cfg(feature = "etcd")]
+            Backend::Etcd(store) => store.owns(check_id),
+        }
+    }
+
+    /// Restarts every probe after the set of live replicas changed, so each active check
+    /// runs on its owner.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub(crate) fn reconcile_probes(&self) {
+        let instances: Vec<Instance> = {
+            let catalog = self.catalog();
+            catalog
+                .services()
+                .services
+                .iter()
+                .flat_map(|service| {
+                    catalog
+                        .instances(&service.name, &InstanceFilter::default())
+                        .instances
+                })
+                .filter(|instance| instance.checks.iter().any(|c| c.spec.ttl.is_none()))
+                .collect()
+        };
+        let mut probes = lock(&self.inner.probes);
+        for instance in &instances {
+            self.start_probes(&mut probes, instance);
         }
     }
 

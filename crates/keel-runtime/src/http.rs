@@ -11,6 +11,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http::{HeaderValue, header::HeaderName};
+use opentelemetry::trace::TraceContextExt;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tracing::Instrument;
@@ -196,8 +197,10 @@ async fn trace_span(request: Request, next: Next) -> Response {
         request_id = %request_id,
     );
     let parent = crate::trace_context::extract(request.headers());
-    // A parent without a valid span context (no or garbage traceparent) starts a new trace.
-    let _ = span.set_parent(parent);
+    // Without a valid incoming context (none, or garbage) the span starts a new trace.
+    if parent.span().span_context().is_valid() {
+        let _ = span.set_parent(parent);
+    }
     let started = Instant::now();
     async move {
         let response = next.run(request).await;

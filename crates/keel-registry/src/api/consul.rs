@@ -177,7 +177,7 @@ async fn register(
             checks,
         },
     };
-    state.registry.register(registration, true)?;
+    state.registry.register(registration, true).await?;
     Ok(().into_response())
 }
 
@@ -188,7 +188,7 @@ async fn deregister(
     Query(query): Query<TokenQuery>,
 ) -> Result<Response, ApiError> {
     state.authorize_write(&headers, query.token.as_deref())?;
-    state.registry.deregister(&id)?;
+    state.registry.deregister(&id).await?;
     Ok(().into_response())
 }
 
@@ -209,7 +209,7 @@ struct CheckUpdate {
     output: Option<String>,
 }
 
-fn set_ttl_status(
+async fn set_ttl_status(
     state: &ApiState,
     check_id: &str,
     status: Status,
@@ -230,7 +230,10 @@ fn set_ttl_status(
         ))
         .into());
     }
-    state.registry.update_check(check_id, status, output)?;
+    state
+        .registry
+        .update_check(check_id, status, output)
+        .await?;
     metrics::counter!("keel_registry_heartbeats_total").increment(1);
     Ok(().into_response())
 }
@@ -241,7 +244,7 @@ async fn check_pass(
     headers: HeaderMap,
     query: Query<NoteQuery>,
 ) -> Result<Response, ApiError> {
-    check_note(state, path, headers, query, Status::Passing)
+    check_note(state, path, headers, query, Status::Passing).await
 }
 
 async fn check_warn(
@@ -250,7 +253,7 @@ async fn check_warn(
     headers: HeaderMap,
     query: Query<NoteQuery>,
 ) -> Result<Response, ApiError> {
-    check_note(state, path, headers, query, Status::Warning)
+    check_note(state, path, headers, query, Status::Warning).await
 }
 
 async fn check_fail(
@@ -259,10 +262,10 @@ async fn check_fail(
     headers: HeaderMap,
     query: Query<NoteQuery>,
 ) -> Result<Response, ApiError> {
-    check_note(state, path, headers, query, Status::Critical)
+    check_note(state, path, headers, query, Status::Critical).await
 }
 
-fn check_note(
+async fn check_note(
     State(state): State<ApiState>,
     Path(check_id): Path<String>,
     headers: HeaderMap,
@@ -276,6 +279,7 @@ fn check_note(
         status,
         Some(query.note.unwrap_or_default()),
     )
+    .await
 }
 
 async fn check_update(
@@ -294,7 +298,7 @@ async fn check_update(
         })?,
         None => Status::Passing,
     };
-    set_ttl_status(&state, &check_id, status, update.output)
+    set_ttl_status(&state, &check_id, status, update.output).await
 }
 
 // === reads ===

@@ -54,6 +54,9 @@ impl From<RegistryError> for ApiError {
             .with_detail(detail),
             RegistryError::TooManyWatches(_) => Problem::too_many_requests(error.to_string())
                 .with_retry_after(Duration::from_secs(1)),
+            RegistryError::Unavailable(detail) => {
+                Problem::unavailable(detail).with_retry_after(Duration::from_secs(1))
+            }
         };
         ApiError::from(problem)
     }

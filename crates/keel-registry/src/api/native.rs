@@ -134,7 +134,8 @@ async fn register(
     check_path(&service, Some(&id))?;
     let instance = state
         .registry
-        .register(Registration { service, id, spec }, false)?;
+        .register(Registration { service, id, spec }, false)
+        .await?;
     Ok(axum::Json(instance).into_response())
 }
 
@@ -146,7 +147,7 @@ async fn deregister(
     state.authorize_write(&headers, None)?;
     check_path(&service, Some(&id))?;
     owned_by(&state.registry, &service, &id)?;
-    state.registry.deregister(&id)?;
+    state.registry.deregister(&id).await?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
@@ -165,7 +166,10 @@ async fn heartbeat(
             .map_err(|error| Problem::bad_request(format!("invalid heartbeat body: {error}")))?
     };
     owned_by(&state.registry, &service, &id)?;
-    let instance = state.registry.heartbeat(&id, beat.status, beat.output)?;
+    let instance = state
+        .registry
+        .heartbeat(&id, beat.status, beat.output)
+        .await?;
     Ok(axum::Json(instance).into_response())
 }
 

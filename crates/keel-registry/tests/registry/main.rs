@@ -6,6 +6,8 @@ mod helpers;
 
 mod client;
 mod consul;
+#[cfg(feature = "etcd")]
+mod etcd;
 mod hostile;
 mod native;
 mod watch;
