@@ -236,7 +236,7 @@ impl Catalog {
         instance.status = aggregate(&instance.checks);
 
         // Forget check ids the previous registration of this instance had.
-        self.check_owner.retain(|_, owner| owner != &id);
+        self.forget_checks(&id);
         for check_id in &check_ids {
             self.check_owner.insert(check_id.clone(), id.clone());
         }
@@ -320,6 +320,10 @@ impl Catalog {
         now: Instant,
     ) -> Result<(Instance, Changes), CatalogError> {
         let not_found = || CatalogError::NotFound(format!("no check {check_id:?}"));
+        // Only `set_maintenance` switches a maintenance check (a synced catalog owns it too).
+        if is_maintenance_check(check_id) {
+            return Err(not_found());
+        }
         let owner = self
             .check_owner
             .get(check_id)
@@ -515,12 +519,35 @@ impl Catalog {
         self.services.get_mut(service)?.instances.get_mut(id)
     }
 
+    /// Forgets the check ids that `id`'s current registration owns: a lookup of its own
+    /// checks, not a scan of every instance's (registration time must not grow with the
+    /// catalog).
+    fn forget_checks(&mut self, id: &str) {
+        let Some(entry) = self
+            .instance_service
+            .get(id)
+            .and_then(|service| self.services.get(service))
+            .and_then(|service| service.instances.get(id))
+        else {
+            return;
+        };
+        for check in &entry.instance.checks {
+            if self
+                .check_owner
+                .get(&check.id)
+                .is_some_and(|owner| owner == id)
+            {
+                self.check_owner.remove(&check.id);
+            }
+        }
+    }
+
     fn remove(&mut self, id: &str, now: Instant) -> Result<Changes, CatalogError> {
+        self.forget_checks(id);
         let service = self
             .instance_service
             .remove(id)
             .ok_or_else(|| CatalogError::NotFound(format!("no instance {id:?}")))?;
-        self.check_owner.retain(|_, owner| owner != id);
         let index = self.next_index();
         if let Some(entry) = self.services.get_mut(&service) {
             entry.instances.remove(id);

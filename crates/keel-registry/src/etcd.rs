@@ -26,9 +26,10 @@ use etcd_client::{
 };
 use keel_runtime::Shutdown;
 use tokio::sync::watch;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::catalog::{Catalog, CatalogError, Changes};
-use crate::model::{Instance, Status};
+use crate::model::{Instance, Status, is_maintenance_check};
 use crate::registry::{Registry, RegistryError, WeakRegistry};
 use crate::server::EtcdConfig;
 
@@ -68,7 +69,11 @@ impl Mirror {
         let (record, _) = self.records.get(id)?;
         let mut instance = record.clone();
         for check in &mut instance.checks {
-            if check.spec.ttl.is_some() && !self.ttl.contains_key(&check.id) {
+            // The maintenance check's TTL spec is a formality; it has no lease.
+            if check.spec.ttl.is_some()
+                && !is_maintenance_check(&check.id)
+                && !self.ttl.contains_key(&check.id)
+            {
                 check.status = Status::Critical;
                 check.output = "TTL expired".to_owned();
             }
@@ -140,6 +145,10 @@ impl EtcdStore {
 
     /// Whether this replica runs the active check `check_id`: the live replica with the
     /// highest rendezvous score does. Alone (or before membership is known) it runs all.
+    pub(crate) fn replica_id(&self) -> &str {
+        &self.replica
+    }
+
     pub(crate) fn owns(&self, check_id: &str) -> bool {
         let mirror = self.mirror();
         let best = mirror
@@ -321,7 +330,10 @@ impl EtcdStore {
     /// Keeps this replica's membership alive and the catalog in step with etcd until
     /// `shutdown`; then withdraws the membership so other replicas take the checks at once.
     pub(crate) async fn run(self: Arc<Self>, registry: WeakRegistry, shutdown: Shutdown) {
-        let membership = tokio::spawn(Arc::clone(&self).keep_membership(shutdown.clone()));
+        // Aborted with this task, so a killed replica's membership lapses.
+        let membership = AbortOnDropHandle::new(tokio::spawn(
+            Arc::clone(&self).keep_membership(shutdown.clone()),
+        ));
         let mut backoff = Duration::from_millis(100);
         loop {
             let synced = tokio::select! {

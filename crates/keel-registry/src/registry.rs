@@ -67,6 +67,8 @@ enum Backend {
 }
 
 struct Inner {
+    /// This replica's id, sent on probes (`x-keel-replica`) and shown by `/v1/status`.
+    replica_id: String,
     backend: Backend,
     catalog: Mutex<Catalog>,
     /// One channel per watched service carrying its index; created by the first watcher.
@@ -122,8 +124,18 @@ impl Registry {
         let catalog = Catalog::new(limits.max_instances_per_service, limits.max_instances);
         let (global, _) = watch::channel(catalog.index());
         describe_metrics();
+        let replica_id = match &backend {
+            Backend::Memory => uuid::Uuid::new_v4().simple().to_string()[..12].to_owned(),
+            #[cfg(feature = "etcd")]
+            Backend::Etcd(store) => store.replica_id().to_owned(),
+        };
+        let mut probe_headers = http::HeaderMap::new();
+        if let Ok(value) = http::HeaderValue::from_str(&replica_id) {
+            probe_headers.insert("x-keel-replica", value);
+        }
         Self {
             inner: Arc::new(Inner {
+                replica_id,
                 backend,
                 catalog: Mutex::new(catalog),
                 watchers: Mutex::new(HashMap::new()),
@@ -133,9 +145,23 @@ impl Registry {
                 limits,
                 http: reqwest::Client::builder()
                     .redirect(reqwest::redirect::Policy::none())
+                    .default_headers(probe_headers)
                     .build()
                     .unwrap_or_default(),
             }),
+        }
+    }
+
+    pub fn replica_id(&self) -> &str {
+        &self.inner.replica_id
+    }
+
+    /// `memory` or `etcd`.
+    pub fn backend_name(&self) -> &'static str {
+        match self.inner.backend {
+            Backend::Memory => "memory",
+            #[cfg(feature = "etcd")]
+            Backend::Etcd(_) => "etcd",
         }
     }
 

@@ -8,6 +8,7 @@ use axum::extract::DefaultBodyLimit;
 use keel_runtime::http::BindError;
 use keel_runtime::{Health, HttpServer, HttpServerConfig, Secret, Server, Shutdown};
 use serde::{Deserialize, Serialize};
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::api::{self, ApiState};
 use crate::registry::{Registry, RegistryLimits};
@@ -174,7 +175,9 @@ impl Server for RegistryServer {
         let registry = self.registry.clone();
         let sweeper_stop = shutdown.clone();
         let interval = self.sweep_interval;
-        let _sweeper = AbortOnDrop(tokio::spawn(async move {
+        // Background tasks end with the run future, even when it is dropped (a crashed or
+        // killed server must not leave its sweeper or etcd membership behind).
+        let _sweeper = AbortOnDropHandle::new(tokio::spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -187,7 +190,7 @@ impl Server for RegistryServer {
         #[cfg(feature = "etcd")]
         let sync = match self.store {
             Some(store) => {
-                let task = AbortOnDrop(tokio::spawn(
+                let task = AbortOnDropHandle::new(tokio::spawn(
                     std::sync::Arc::clone(&store).run(self.registry.downgrade(), shutdown.clone()),
                 ));
                 // Connections wait in the listen backlog until the first load is in.
@@ -204,18 +207,8 @@ impl Server for RegistryServer {
         // Let the etcd task withdraw this replica's membership before returning.
         #[cfg(feature = "etcd")]
         if let Some(mut sync) = sync {
-            let _ = tokio::time::timeout(Duration::from_secs(2), &mut sync.0).await;
+            let _ = tokio::time::timeout(Duration::from_secs(2), &mut sync).await;
         }
         result
-    }
-}
-
-/// Aborts a background task when the server's run future ends or is dropped (a crashed or
-/// killed server must not leave its sweeper or etcd membership behind).
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }

@@ -72,7 +72,7 @@ async fn shutdown_drains_in_flight_requests_and_stops_accepting() {
 
 #[tokio::test]
 async fn the_drain_deadline_cuts_requests_that_never_finish() {
-    let router = Router::new().route("/stuck", get(|| std::future::pending::<&'static str>()));
+    let router = Router::new().route("/stuck", get(std::future::pending::<&'static str>));
     let (addr, shutdown, handle) = serve(router, Duration::from_millis(300)).await;
     tokio::spawn(async move { reqwest::get(format!("http://{addr}/stuck")).await });
     tokio::time::sleep(Duration::from_millis(100)).await;

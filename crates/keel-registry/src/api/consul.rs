@@ -18,10 +18,11 @@ use keel_runtime::Problem;
 use keel_runtime::extract::{Json, Query};
 use serde::{Deserialize, Serialize};
 
-use super::{ApiError, ApiState, flag, parse_wait};
+use super::{ApiError, ApiState, block, flag};
 use crate::catalog::InstanceFilter;
 use crate::model::{
-    CheckSpec, Instance, InstanceSpec, Registration, Scheme, Status, validate_service_name,
+    CheckSpec, Instance, InstanceSpec, Registration, Scheme, Status, is_maintenance_check,
+    validate_service_name,
 };
 
 const NODE: &str = "keel";
@@ -31,6 +32,7 @@ pub fn router() -> Router<ApiState> {
     Router::new()
         .route("/v1/agent/service/register", put(register))
         .route("/v1/agent/service/deregister/{id}", put(deregister))
+        .route("/v1/agent/service/maintenance/{id}", put(maintenance))
         .route("/v1/agent/check/pass/{check_id}", put(check_pass))
         .route("/v1/agent/check/warn/{check_id}", put(check_warn))
         .route("/v1/agent/check/fail/{check_id}", put(check_fail))
@@ -192,6 +194,55 @@ async fn deregister(
     Ok(().into_response())
 }
 
+// === maintenance ===
+
+/// What Consul says when maintenance is enabled without a reason.
+const DEFAULT_MAINTENANCE_REASON: &str = "Maintenance mode is enabled for this service, \
+     but no reason was provided. This is a default message.";
+
+#[derive(Debug, Deserialize)]
+struct MaintenanceQuery {
+    enable: Option<String>,
+    reason: Option<String>,
+    token: Option<String>,
+}
+
+/// `PUT /v1/agent/service/maintenance/{id}?enable=true&reason=…`: Consul's maintenance mode,
+/// a critical `_service_maintenance:<id>` check while enabled.
+async fn maintenance(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    Query(query): Query<MaintenanceQuery>,
+) -> Result<Response, ApiError> {
+    state.authorize_write(&headers, query.token.as_deref())?;
+    let enable = match query.enable.as_deref() {
+        None | Some("") => return Err(Problem::bad_request("Missing value for enable").into()),
+        Some(text) => parse_bool(text).ok_or_else(|| {
+            ApiError::from(Problem::bad_request(format!(
+                "Invalid value for enable: {text:?}"
+            )))
+        })?,
+    };
+    let reason = enable.then(|| {
+        query
+            .reason
+            .filter(|reason| !reason.is_empty())
+            .unwrap_or_else(|| DEFAULT_MAINTENANCE_REASON.to_owned())
+    });
+    state.registry.set_maintenance(&id, reason).await?;
+    Ok(().into_response())
+}
+
+/// Go's `strconv.ParseBool`, which Consul uses for its flags.
+fn parse_bool(text: &str) -> Option<bool> {
+    match text {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
+    }
+}
+
 // === TTL check updates ===
 
 #[derive(Debug, Deserialize)]
@@ -323,34 +374,11 @@ fn consul_response(index: u64, body: impl Serialize) -> Response {
     response
 }
 
-async fn block_on_service(
-    state: &ApiState,
-    service: &str,
-    query: &ReadQuery,
-) -> Result<(), ApiError> {
-    if let Some(index) = query.index {
-        let wait = parse_wait(query.wait.as_deref())?;
-        let _permit = state.registry.watch_permit()?;
-        tokio::select! {
-            () = state.registry.wait_for_service(service, index, wait) => {}
-            () = state.shutdown.wait() => {}
-        }
-    }
-    Ok(())
-}
-
 async fn catalog_services(
     State(state): State<ApiState>,
     Query(query): Query<ReadQuery>,
 ) -> Result<Response, ApiError> {
-    if let Some(index) = query.index {
-        let wait = parse_wait(query.wait.as_deref())?;
-        let _permit = state.registry.watch_permit()?;
-        tokio::select! {
-            () = state.registry.wait_for_any(index, wait) => {}
-            () = state.shutdown.wait() => {}
-        }
-    }
+    block(&state, None, query.index, query.wait.as_deref()).await?;
     let list = state.registry.services();
     let body: BTreeMap<String, Vec<String>> = list
         .services
@@ -418,7 +446,7 @@ async fn catalog_service(
     Query(query): Query<ReadQuery>,
 ) -> Result<Response, ApiError> {
     validate_service_name(&name).map_err(Problem::bad_request)?;
-    block_on_service(&state, &name, &query).await?;
+    block(&state, Some(&name), query.index, query.wait.as_deref()).await?;
     let (index, instances) = instances_for(&state, &name, &query);
     let body: Vec<CatalogEntry> = instances
         .into_iter()
@@ -489,7 +517,7 @@ struct HealthCheck {
     check_id: String,
     name: String,
     status: &'static str,
-    notes: &'static str,
+    notes: String,
     output: String,
     #[serde(rename = "ServiceID")]
     service_id: String,
@@ -507,7 +535,7 @@ async fn health_service(
     Query(query): Query<ReadQuery>,
 ) -> Result<Response, ApiError> {
     validate_service_name(&name).map_err(Problem::bad_request)?;
-    block_on_service(&state, &name, &query).await?;
+    block(&state, Some(&name), query.index, query.wait.as_deref()).await?;
     let (index, instances) = instances_for(&state, &name, &query);
     let body: Vec<HealthEntry> = instances
         .into_iter()
@@ -526,14 +554,25 @@ async fn health_service(
                 .map(|check| HealthCheck {
                     node: NODE,
                     check_id: check.id.clone(),
-                    name: format!("Service '{}' check", instance.service),
+                    name: if is_maintenance_check(&check.id) {
+                        "Service Maintenance Mode".to_owned()
+                    } else {
+                        format!("Service '{}' check", instance.service)
+                    },
                     status: check.status.as_str(),
-                    notes: "",
+                    // Consul keeps a maintenance reason in the notes.
+                    notes: if is_maintenance_check(&check.id) {
+                        check.output.clone()
+                    } else {
+                        String::new()
+                    },
                     output: check.output.clone(),
                     service_id: instance.id.clone(),
                     service_name: instance.service.clone(),
                     service_tags: instance.tags.clone(),
-                    kind: if check.spec.ttl.is_some() {
+                    kind: if is_maintenance_check(&check.id) {
+                        "maintenance"
+                    } else if check.spec.ttl.is_some() {
                         "ttl"
                     } else if check.spec.http.is_some() {
                         "http"

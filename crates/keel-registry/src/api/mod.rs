@@ -13,6 +13,7 @@ use crate::catalog::CatalogError;
 use crate::registry::{Registry, RegistryError};
 
 pub mod consul;
+pub mod eureka;
 pub mod native;
 
 /// What every handler shares.
@@ -25,7 +26,10 @@ pub struct ApiState {
 
 /// All registry routes.
 pub fn router(state: ApiState) -> Router {
-    native::router().merge(consul::router()).with_state(state)
+    native::router()
+        .merge(consul::router())
+        .merge(eureka::router())
+        .with_state(state)
 }
 
 /// The component name on problem documents.
@@ -107,8 +111,35 @@ impl ApiState {
     }
 }
 
+/// Holds a read until the index passes `index` — `service`'s, or the whole catalog's when
+/// `service` is `None` — or the wait ends, or the server shuts down. Without an index the
+/// read answers at once.
+pub async fn block(
+    state: &ApiState,
+    service: Option<&str>,
+    index: Option<u64>,
+    wait: Option<&str>,
+) -> Result<(), ApiError> {
+    let Some(index) = index else {
+        return Ok(());
+    };
+    let wait = parse_wait(wait)?;
+    let _permit = state.registry.watch_permit()?;
+    let waiting = async {
+        match service {
+            Some(service) => state.registry.wait_for_service(service, index, wait).await,
+            None => state.registry.wait_for_any(index, wait).await,
+        }
+    };
+    tokio::select! {
+        () = waiting => {}
+        () = state.shutdown.wait() => {}
+    }
+    Ok(())
+}
+
 /// Parses a wait such as `30s` or `5m` (Consul's format), capped at [`MAX_WAIT`].
-pub fn parse_wait(wait: Option<&str>) -> Result<Duration, ApiError> {
+fn parse_wait(wait: Option<&str>) -> Result<Duration, ApiError> {
     match wait {
         None | Some("") => Ok(DEFAULT_WAIT),
         Some(text) => humantime::parse_duration(text)

@@ -15,7 +15,7 @@ use keel_runtime::Problem;
 use keel_runtime::extract::{Json, Query};
 use serde::Deserialize;
 
-use super::{ApiError, ApiState, flag, parse_wait};
+use super::{ApiError, ApiState, block, flag};
 use crate::catalog::InstanceFilter;
 use crate::model::{Heartbeat, InstanceSpec, Registration, validate_id, validate_service_name};
 use crate::registry::Registry;
@@ -28,6 +28,7 @@ pub const INDEX_HEADER: &str = "x-keel-index";
 
 pub fn router() -> Router<ApiState> {
     Router::new()
+        .route("/v1/status", get(status))
         .route("/v1/services", get(list_services))
         .route("/v1/services/{service}", get(list_instances))
         .route("/v1/services/{service}/watch", get(watch))
@@ -74,18 +75,23 @@ fn check_path(service: &str, id: Option<&str>) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// Which replica answered, on which backend, at which index (operators and tests tell
+/// replicas apart with it).
+async fn status(State(state): State<ApiState>) -> Response {
+    let registry = &state.registry;
+    axum::Json(serde_json::json!({
+        "replica": registry.replica_id(),
+        "backend": registry.backend_name(),
+        "index": registry.index(),
+    }))
+    .into_response()
+}
+
 async fn list_services(
     State(state): State<ApiState>,
     Query(query): Query<BlockingQuery>,
 ) -> Result<Response, ApiError> {
-    if let Some(index) = query.index {
-        let wait = parse_wait(query.wait.as_deref())?;
-        let _permit = state.registry.watch_permit()?;
-        tokio::select! {
-            () = state.registry.wait_for_any(index, wait) => {}
-            () = state.shutdown.wait() => {}
-        }
-    }
+    block(&state, None, query.index, query.wait.as_deref()).await?;
     let list = state.registry.services();
     Ok(with_index(list.index, axum::Json(list)))
 }
@@ -96,14 +102,7 @@ async fn list_instances(
     Query(query): Query<InstanceQuery>,
 ) -> Result<Response, ApiError> {
     check_path(&service, None)?;
-    if let Some(index) = query.index {
-        let wait = parse_wait(query.wait.as_deref())?;
-        let _permit = state.registry.watch_permit()?;
-        tokio::select! {
-            () = state.registry.wait_for_service(&service, index, wait) => {}
-            () = state.shutdown.wait() => {}
-        }
-    }
+    block(&state, Some(&service), query.index, query.wait.as_deref()).await?;
     let filter = InstanceFilter {
         passing_only: flag(query.passing.as_deref()),
         tag: query.tag,

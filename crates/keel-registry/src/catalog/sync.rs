@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use super::{Catalog, CatalogError, Changes, CheckTiming, Entry, ServiceEntry, aggregate};
-use crate::model::{CheckKind, Instance, Registration, Status};
+use crate::model::{CheckKind, Instance, Registration, Status, is_maintenance_check};
 
 impl Catalog {
     /// A catalog holding only `instance`, without limits, to compute what an operation
@@ -144,7 +144,7 @@ impl Catalog {
             .collect();
         instance.create_index = existing.map_or(index, |existing| existing.instance.create_index);
         instance.modify_index = index;
-        self.check_owner.retain(|_, owner| owner != &instance.id);
+        self.forget_checks(&instance.id);
         for check in &instance.checks {
             self.check_owner
                 .insert(check.id.clone(), instance.id.clone());
@@ -179,10 +179,10 @@ impl Catalog {
     /// Removes an instance at `index`; nothing happens for an unknown id.
     pub fn sync_remove(&mut self, id: &str, index: u64, now: Instant) -> Changes {
         self.index = self.index.max(index);
+        self.forget_checks(id);
         let Some(service) = self.instance_service.remove(id) else {
             return Changes::default();
         };
-        self.check_owner.retain(|_, owner| owner != id);
         if let Some(entry) = self.services.get_mut(&service) {
             entry.instances.remove(id);
             entry.index = index;
@@ -227,6 +227,7 @@ impl Catalog {
         instance
             .checks
             .iter()
+            .filter(|check| !is_maintenance_check(&check.id))
             .filter_map(|check| check.spec.ttl.map(|ttl| (check.id.clone(), ttl)))
             .collect()
     }

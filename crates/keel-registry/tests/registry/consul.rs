@@ -156,3 +156,84 @@ async fn an_http_check_cannot_be_set_by_hand() {
         .unwrap();
     assert_eq!(response.status(), StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn maintenance_mode_adds_a_critical_check_until_disabled() {
+    let registry = spawn_registry().await;
+    let base = &registry.url;
+    put_json(
+        &format!("{base}/v1/agent/service/register"),
+        json!({"Name": "web", "ID": "web-1", "Port": 80, "Address": "127.0.0.1",
+               "Check": {"TTL": "30s", "Status": "passing"}}),
+    )
+    .await;
+    let maintenance =
+        |query: &str| http().put(format!("{base}/v1/agent/service/maintenance/web-1?{query}"));
+    let (_, headers, _) = get_json(&format!("{base}/v1/health/service/web")).await;
+    let index: u64 = headers["x-consul-index"].to_str().unwrap().parse().unwrap();
+
+    let response = maintenance("enable=true&reason=kernel+upgrade")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let (_, headers, body) = get_json(&format!("{base}/v1/health/service/web")).await;
+    let new_index: u64 = headers["x-consul-index"].to_str().unwrap().parse().unwrap();
+    assert!(new_index > index);
+    let check = &body[0]["Checks"][1];
+    assert_eq!(check["CheckID"], "_service_maintenance:web-1");
+    assert_eq!(check["Name"], "Service Maintenance Mode");
+    assert_eq!(check["Status"], "critical");
+    assert_eq!(check["Notes"], "kernel upgrade");
+    assert_eq!(check["Type"], "maintenance");
+    let (_, _, passing) = get_json(&format!("{base}/v1/health/service/web?passing")).await;
+    assert_eq!(passing, json!([]));
+    // Eureka clients see it out of service.
+    let response = http()
+        .get(format!("{base}/eureka/instances/web-1"))
+        .header("accept", "application/json")
+        .send()
+        .await
+        .unwrap();
+    let eureka: serde_json::Value = response.json().await.unwrap();
+    assert_eq!(eureka["instance"]["status"], "OUT_OF_SERVICE");
+    // A TTL update cannot clear it; it is no TTL check.
+    let response = http()
+        .put(format!(
+            "{base}/v1/agent/check/pass/_service_maintenance:web-1"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+
+    // Without a reason Consul's default text; disabling removes the check.
+    maintenance("enable=true").send().await.unwrap();
+    let (_, _, body) = get_json(&format!("{base}/v1/health/service/web")).await;
+    assert!(
+        body[0]["Checks"][1]["Notes"]
+            .as_str()
+            .unwrap()
+            .starts_with("Maintenance mode is enabled")
+    );
+    let response = maintenance("enable=false").send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let (_, _, passing) = get_json(&format!("{base}/v1/health/service/web?passing")).await;
+    assert_eq!(passing[0]["Checks"].as_array().unwrap().len(), 1);
+
+    for (query, status) in [
+        ("", StatusCode::BAD_REQUEST),
+        ("enable=maybe", StatusCode::BAD_REQUEST),
+    ] {
+        let response = maintenance(query).send().await.unwrap();
+        assert_eq!(response.status(), status, "{query:?}");
+    }
+    let response = http()
+        .put(format!(
+            "{base}/v1/agent/service/maintenance/ghost?enable=true"
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+}

@@ -2,7 +2,8 @@
 //! replica dying, active checks moving, restarts losing nothing.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -214,37 +215,75 @@ async fn replicas_share_state_and_a_survivor_serves_everything() {
     assert_eq!(ids, ["orders-1", "orders-2", "orders-9"]);
 }
 
+type ProbeState = (Arc<AtomicU16>, Arc<Mutex<Vec<String>>>);
+
+/// The probed service: answers with a switchable status and records which replica probed.
+struct Probed {
+    code: Arc<AtomicU16>,
+    probers: Arc<Mutex<Vec<String>>>,
+    port: u16,
+}
+
+async fn probed_service() -> Probed {
+    let code = Arc::new(AtomicU16::new(200));
+    let probers = Arc::new(Mutex::new(Vec::new()));
+    let app = Router::new()
+        .route(
+            "/health",
+            get(
+                |State((code, probers)): State<ProbeState>, headers: http::HeaderMap| async move {
+                    let replica = headers
+                        .get("x-keel-replica")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or("?")
+                        .to_owned();
+                    probers.lock().unwrap().push(replica);
+                    StatusCode::from_u16(code.load(Ordering::SeqCst)).unwrap()
+                },
+            ),
+        )
+        .with_state((Arc::clone(&code), Arc::clone(&probers)));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Probed {
+        code,
+        probers,
+        port,
+    }
+}
+
+impl Probed {
+    /// The distinct replicas that probed during `window`.
+    async fn probers_during(&self, window: Duration) -> Vec<String> {
+        self.probers.lock().unwrap().clear();
+        tokio::time::sleep(window).await;
+        let mut seen = self.probers.lock().unwrap().clone();
+        seen.sort();
+        seen.dedup();
+        seen
+    }
+}
+
+async fn replica_id(url: &str) -> String {
+    let (_, _, status) = get_json(&format!("{url}/v1/status")).await;
+    status["replica"].as_str().unwrap().to_owned()
+}
+
 #[tokio::test]
 async fn an_active_check_runs_on_one_replica_and_moves_when_it_dies() {
     if !keel_testkit::require(Service::Etcd) {
         return;
     }
-    let hits = Arc::new(AtomicUsize::new(0));
-    let code = Arc::new(AtomicU16::new(200));
-    let app = Router::new()
-        .route(
-            "/health",
-            get(
-                |State((hits, code)): State<(Arc<AtomicUsize>, Arc<AtomicU16>)>| async move {
-                    hits.fetch_add(1, Ordering::SeqCst);
-                    StatusCode::from_u16(code.load(Ordering::SeqCst)).unwrap()
-                },
-            ),
-        )
-        .with_state((Arc::clone(&hits), Arc::clone(&code)));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    tokio::spawn(async move { axum::serve(listener, app).await });
-
+    let probed = probed_service().await;
     let prefix = prefix();
     let a = replica(&prefix).await;
     let b = replica(&prefix).await;
     // Both replicas have seen each other's membership before the check arrives.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let client_a = RegistryClient::new(&a.url, None).unwrap();
-    let client_b = RegistryClient::new(&b.url, None).unwrap();
     let check = CheckSpec {
-        http: Some(format!("http://127.0.0.1:{port}/health")),
+        http: Some(format!("http://127.0.0.1:{}/health", probed.port)),
         interval: Some(Duration::from_millis(100)),
         timeout: Some(Duration::from_millis(100)),
         ..CheckSpec::default()
@@ -255,34 +294,44 @@ async fn an_active_check_runs_on_one_replica_and_moves_when_it_dies() {
         .unwrap();
     assert!(
         eventually(Duration::from_secs(3), || async {
-            status_of(&client_b, "search").await == Some(Status::Passing)
+            status_of(&client_a, "search").await == Some(Status::Passing)
         })
         .await
     );
 
-    // One replica probes: about 10 probes a second, not 20.
-    hits.store(0, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let per_second = hits.load(Ordering::SeqCst) as f64 / 2.0;
+    let owners = probed.probers_during(Duration::from_secs(1)).await;
+    assert_eq!(owners.len(), 1, "exactly one replica probes: {owners:?}");
+    let owner = owners[0].clone();
+    let (a_id, b_id) = (replica_id(&a.url).await, replica_id(&b.url).await);
     assert!(
-        (5.0..=14.0).contains(&per_second),
-        "{per_second} probes/s: the check must run on exactly one replica"
+        owner == a_id || owner == b_id,
+        "{owner} is one of {a_id}, {b_id}"
     );
 
-    // Whichever replica ran it dies; the survivor takes the check over.
-    a.kill().await;
-    tokio::time::sleep(Duration::from_secs(3)).await; // the dead replica's lease expires
-    code.store(500, Ordering::SeqCst);
+    // The owner dies; the survivor takes the check over once the owner's lease lapses.
+    let (survivor, survivor_id) = if owner == a_id {
+        a.kill().await;
+        (b, b_id)
+    } else {
+        b.kill().await;
+        (a, a_id)
+    };
+    let client = RegistryClient::new(&survivor.url, None).unwrap();
     assert!(
-        eventually(Duration::from_secs(5), || async {
-            status_of(&client_b, "search").await == Some(Status::Critical)
+        eventually(Duration::from_secs(6), || async {
+            probed.probers_during(Duration::from_millis(300)).await == [survivor_id.clone()]
         })
         .await,
         "the surviving replica probes the check"
     );
-    hits.store(0, Ordering::SeqCst);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(hits.load(Ordering::SeqCst) >= 5, "probes keep running");
+    probed.code.store(500, Ordering::SeqCst);
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            status_of(&client, "search").await == Some(Status::Critical)
+        })
+        .await,
+        "and its results are shown"
+    );
 }
 
 #[tokio::test]
@@ -301,4 +350,67 @@ async fn an_unreachable_etcd_stops_the_start_with_a_clear_error() {
     };
     assert!(error.contains("etcd"), "{error}");
     assert!(error.contains(&port.to_string()), "{error}");
+}
+
+#[tokio::test]
+async fn maintenance_is_shared_across_replicas_with_its_reason() {
+    if !keel_testkit::require(Service::Etcd) {
+        return;
+    }
+    let prefix = prefix();
+    let a = replica(&prefix).await;
+    let b = replica(&prefix).await;
+    let client_a = RegistryClient::new(&a.url, None).unwrap();
+    let client_b = RegistryClient::new(&b.url, None).unwrap();
+    client_a
+        .register(&registration(
+            "orders",
+            "orders-1",
+            vec![ttl_check(10_000, None)],
+        ))
+        .await
+        .unwrap();
+    let response = http()
+        .put(format!(
+            "{}/v1/agent/service/maintenance/orders-1?enable=true&reason=upgrading",
+            a.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            client_b
+                .instances("orders", &InstancesQuery::default())
+                .await
+                .is_ok_and(|found| {
+                    found.instances[0].status == Status::Critical
+                        && found.instances[0].maintenance() == Some("upgrading")
+                })
+        })
+        .await,
+        "replica B shows the maintenance with its reason"
+    );
+    // Heartbeats keep the TTL check passing without ending the maintenance.
+    let beat = client_b
+        .heartbeat("orders", "orders-1", &Default::default())
+        .await
+        .unwrap();
+    assert_eq!(beat.status, Status::Critical);
+    let response = http()
+        .put(format!(
+            "{}/v1/agent/service/maintenance/orders-1?enable=false",
+            b.url
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            status_of(&client_a, "orders").await == Some(Status::Passing)
+        })
+        .await
+    );
 }

@@ -8,6 +8,7 @@ mod client;
 mod consul;
 #[cfg(feature = "etcd")]
 mod etcd;
+mod eureka;
 mod hostile;
 mod native;
 mod watch;
