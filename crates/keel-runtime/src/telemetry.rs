@@ -19,6 +19,7 @@ use serde_json::{Map, Value};
 use tracing::dispatcher::WeakDispatch;
 use tracing::field::{Field, Visit};
 use tracing::{Dispatch, Event, Subscriber};
+use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::format::{JsonFields, Writer};
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
@@ -146,10 +147,15 @@ pub fn init(
             })
             .boxed()
     };
+    // The log level filters log lines only: traces keep every span at info and above, so a
+    // quiet `log_level = "warn"` does not empty the traces (nor the ids in log lines).
     tracing_subscriber::registry()
-        .with(filter)
-        .with(tracing_opentelemetry::layer().with_tracer(tracer))
-        .with(fmt_layer)
+        .with(
+            tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(LevelFilter::INFO),
+        )
+        .with(fmt_layer.with_filter(filter))
         .with(dispatch)
         .try_init()
         .map_err(|_| TelemetryError::AlreadyInstalled)?;
