@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use base64::prelude::BASE64_STANDARD;
 use http::{HeaderMap, StatusCode};
 use keel_runtime::{Problem, Secret, Shutdown};
 use subtle::ConstantTimeEq;
@@ -89,15 +91,24 @@ impl ApiState {
         let Some(expected) = &self.acl_token else {
             return Ok(());
         };
+        let authorization = headers
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok());
+        // Eureka clients can only send credentials as Basic auth (`http://user:token@…`):
+        // the password is the token, the user name is not checked.
+        let basic_password = authorization
+            .and_then(|v| v.strip_prefix("Basic "))
+            .and_then(|encoded| BASE64_STANDARD.decode(encoded.trim()).ok())
+            .and_then(|decoded| String::from_utf8(decoded).ok())
+            .and_then(|pair| {
+                pair.split_once(':')
+                    .map(|(_, password)| password.to_owned())
+            });
         let presented = ["x-keel-token", "x-consul-token"]
             .iter()
             .find_map(|name| headers.get(*name).and_then(|v| v.to_str().ok()))
-            .or_else(|| {
-                headers
-                    .get(http::header::AUTHORIZATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-            })
+            .or_else(|| authorization.and_then(|v| v.strip_prefix("Bearer ")))
+            .or(basic_password.as_deref())
             .or(query_token);
         match presented {
             None => {

@@ -706,6 +706,18 @@ async fn writes_need_the_acl_token() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    // As a Spring client configured with http://eureka:s3cret@host/eureka/ sends it.
+    let renew = |password: &'static str| {
+        http()
+            .put(format!("{base}/eureka/apps/ORDERS/host-1:orders:8080"))
+            .basic_auth("eureka", Some(password))
+            .send()
+    };
+    assert_eq!(renew("s3cret").await.unwrap().status(), StatusCode::OK);
+    assert_eq!(
+        renew("guess").await.unwrap().status(),
+        StatusCode::FORBIDDEN
+    );
     let (status, _) = eureka_json(&format!("{base}/eureka/apps")).await;
     assert_eq!(status, StatusCode::OK, "reads are open");
 }
