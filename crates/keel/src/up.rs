@@ -24,7 +24,7 @@ pub async fn run(config: KeelConfig) -> anyhow::Result<()> {
     print_table(&[(
         registry.name(),
         registry.local_addr(),
-        "service registry: /v1/services, Consul /v1/catalog and /v1/health",
+        "service registry: /v1/services, Consul /v1/health, Eureka /eureka/apps",
     )]);
 
     let mut servers = JoinSet::new();

@@ -1,0 +1,103 @@
+//! The `keel` binary as a user runs it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+fn keel() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
+    command.env("KEEL_TELEMETRY__LOG_FORMAT", "json");
+    command
+}
+
+#[test]
+fn up_exits_non_zero_naming_the_taken_port() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let output = keel()
+        .arg("up")
+        .env("KEEL_REGISTRY__LISTEN", addr.to_string())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&addr.to_string()), "{stderr}");
+    assert!(stderr.contains("in use"), "{stderr}");
+}
+
+#[test]
+fn a_bad_configuration_value_stops_the_start_with_key_and_value() {
+    let output = keel()
+        .arg("up")
+        .env("KEEL_REGISTRY__SWEEP_INTERVAL", "often")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("registry.sweep_interval"), "{stderr}");
+    assert!(stderr.contains("often"), "{stderr}");
+    assert!(stderr.contains("KEEL_REGISTRY__SWEEP_INTERVAL"), "{stderr}");
+}
+
+#[test]
+fn config_prints_the_effective_configuration_with_secrets_redacted() {
+    let output = keel()
+        .arg("config")
+        .env("KEEL_REGISTRY__ACL_TOKEN", "very-secret")
+        .env("KEEL_REGISTRY__LISTEN", "127.0.0.1:9500")
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("listen = \"127.0.0.1:9500\""), "{stdout}");
+    assert!(stdout.contains("acl_token = \"<redacted>\""), "{stdout}");
+    assert!(!stdout.contains("very-secret"));
+}
+
+#[test]
+fn up_serves_prints_its_table_and_stops_cleanly_on_sigterm() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap();
+    drop(free);
+    let mut child = keel()
+        .arg("up")
+        .env("KEEL_REGISTRY__LISTEN", addr.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let table: Vec<String> = lines.by_ref().take(4).map(Result::unwrap).collect();
+    assert!(
+        table
+            .iter()
+            .any(|line| line.contains("registry") && line.contains(&addr.to_string())),
+        "{table:?}"
+    );
+    let mut up = false;
+    for _ in 0..50 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            up = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(up, "the registry answers on {addr}");
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let mut status = None;
+    for _ in 0..100 {
+        if let Some(exit) = child.try_wait().unwrap() {
+            status = Some(exit);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = status.expect("keel up stops within 10s of SIGTERM");
+    assert!(status.success(), "clean exit: {status:?}");
+}
