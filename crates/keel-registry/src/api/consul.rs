@@ -33,9 +33,7 @@ pub fn router() -> Router<ApiState> {
         .route("/v1/agent/service/register", put(register))
         .route("/v1/agent/service/deregister/{id}", put(deregister))
         .route("/v1/agent/service/maintenance/{id}", put(maintenance))
-        .route("/v1/agent/check/pass/{check_id}", put(check_pass))
-        .route("/v1/agent/check/warn/{check_id}", put(check_warn))
-        .route("/v1/agent/check/fail/{check_id}", put(check_fail))
+        .route("/v1/agent/check/{verb}/{check_id}", put(check_note))
         .route("/v1/agent/check/update/{check_id}", put(check_update))
         .route("/v1/catalog/services", get(catalog_services))
         .route("/v1/catalog/service/{name}", get(catalog_service))
@@ -289,40 +287,24 @@ async fn set_ttl_status(
     Ok(().into_response())
 }
 
-async fn check_pass(
-    state: State<ApiState>,
-    path: Path<String>,
-    headers: HeaderMap,
-    query: Query<NoteQuery>,
-) -> Result<Response, ApiError> {
-    check_note(state, path, headers, query, Status::Passing).await
-}
-
-async fn check_warn(
-    state: State<ApiState>,
-    path: Path<String>,
-    headers: HeaderMap,
-    query: Query<NoteQuery>,
-) -> Result<Response, ApiError> {
-    check_note(state, path, headers, query, Status::Warning).await
-}
-
-async fn check_fail(
-    state: State<ApiState>,
-    path: Path<String>,
-    headers: HeaderMap,
-    query: Query<NoteQuery>,
-) -> Result<Response, ApiError> {
-    check_note(state, path, headers, query, Status::Critical).await
-}
-
+/// `PUT /v1/agent/check/{pass|warn|fail}/{check_id}?note=…`.
 async fn check_note(
     State(state): State<ApiState>,
-    Path(check_id): Path<String>,
+    Path((verb, check_id)): Path<(String, String)>,
     headers: HeaderMap,
     Query(query): Query<NoteQuery>,
-    status: Status,
 ) -> Result<Response, ApiError> {
+    let status = match verb.as_str() {
+        "pass" => Status::Passing,
+        "warn" => Status::Warning,
+        "fail" => Status::Critical,
+        _ => {
+            return Err(Problem::not_found(format!(
+                "no route for /v1/agent/check/{verb}: use pass, warn, fail or update"
+            ))
+            .into());
+        }
+    };
     state.authorize_write(&headers, query.token.as_deref())?;
     set_ttl_status(
         &state,

@@ -136,6 +136,17 @@ async fn warn_and_fail_set_the_status_and_unknown_checks_are_404() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let response = http()
+        .put(format!("{base}/v1/agent/check/dance/api-ttl"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let (_, _, body) = get_json(&format!("{base}/v1/health/service/api")).await;
+    assert_eq!(
+        body[0]["Checks"][0]["Status"], "passing",
+        "an unknown verb changes nothing"
+    );
 }
 
 #[tokio::test]
