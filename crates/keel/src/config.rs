@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use keel_gateway::GatewayConfig;
 use keel_registry::RegistryConfig;
 use keel_runtime::config::{self, ConfigError};
 use keel_runtime::telemetry::TelemetryConfig;
@@ -12,6 +13,7 @@ use serde::{Deserialize, Serialize};
 pub struct KeelConfig {
     pub telemetry: TelemetryConfig,
     pub registry: RegistryConfig,
+    pub gateway: GatewayConfig,
 }
 
 impl KeelConfig {

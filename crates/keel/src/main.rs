@@ -32,6 +32,8 @@ enum Command {
     Up,
     /// Run the service registry, or inspect one.
     Registry(registry_cmd::RegistryArgs),
+    /// Run the API gateway.
+    Gateway,
     /// Print the effective configuration (secrets redacted).
     Config,
 }
@@ -59,6 +61,10 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up => up::run(config).await,
             Command::Registry(args) => registry_cmd::run(args, config).await,
+            Command::Gateway => {
+                let server = keel_gateway::GatewayServer::build(config.gateway).await?;
+                up::serve_alone(&config.telemetry, keel_runtime::Shutdown::new(), server).await
+            }
             Command::Config => config.print(),
         }
     });

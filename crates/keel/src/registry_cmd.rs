@@ -3,11 +3,10 @@
 use clap::{Args, Subcommand};
 use keel_registry::RegistryServer;
 use keel_registry::client::{InstancesQuery, RegistryClient};
-use keel_runtime::{Shutdown, telemetry};
-use tokio::task::JoinSet;
+use keel_runtime::Shutdown;
 
 use crate::config::KeelConfig;
-use crate::up::{instance_id, run_server, supervise};
+use crate::up::serve_alone;
 
 #[derive(Debug, Args)]
 pub struct RegistryArgs {
@@ -38,15 +37,9 @@ pub async fn run(args: RegistryArgs, config: KeelConfig) -> anyhow::Result<()> {
 }
 
 async fn serve(config: KeelConfig) -> anyhow::Result<()> {
-    let guard = telemetry::init(&config.telemetry, "keel-registry", &instance_id())?;
     let shutdown = Shutdown::new();
-    shutdown.trigger_on_signals();
     let server = RegistryServer::build(config.registry, &shutdown).await?;
-    let mut servers = JoinSet::new();
-    servers.spawn(run_server(server, shutdown.clone()));
-    let result = supervise(servers, &shutdown).await;
-    guard.shutdown();
-    result
+    serve_alone(&config.telemetry, shutdown, server).await
 }
 
 async fn list(url: &str) -> anyhow::Result<()> {

@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
+use keel_gateway::GatewayServer;
 use keel_registry::RegistryServer;
 use keel_runtime::{Server, Shutdown, telemetry};
 use tokio::task::JoinSet;
@@ -20,15 +21,42 @@ pub async fn run(config: KeelConfig) -> anyhow::Result<()> {
 
     // Bind everything before serving anything, so a taken port stops the start cleanly.
     let registry = RegistryServer::build(config.registry, &shutdown).await?;
+    let routes = config.gateway.routes.len();
+    let gateway = GatewayServer::build(config.gateway).await?;
 
-    print_table(&[(
-        registry.name(),
-        registry.local_addr(),
-        "service registry: /v1/services, Consul /v1/health, Eureka /eureka/apps",
-    )]);
+    let gateway_what = format!("API gateway: {routes} route(s) from [[gateway.routes]]");
+    print_table(&[
+        (
+            registry.name(),
+            registry.local_addr(),
+            "service registry: /v1/services, Consul /v1/health, Eureka /eureka/apps",
+        ),
+        (gateway.name(), gateway.local_addr(), &gateway_what),
+    ]);
 
     let mut servers = JoinSet::new();
     servers.spawn(run_server(registry, shutdown.clone()));
+    servers.spawn(run_server(gateway, shutdown.clone()));
+    let result = supervise(servers, &shutdown).await;
+    shutdown.run_hooks(HOOKS_DEADLINE).await;
+    guard.shutdown();
+    result
+}
+
+/// Runs one component alone (`keel registry`, `keel gateway`) until a signal.
+pub async fn serve_alone<S: Server>(
+    telemetry_config: &telemetry::TelemetryConfig,
+    shutdown: Shutdown,
+    server: S,
+) -> anyhow::Result<()> {
+    let guard = telemetry::init(
+        telemetry_config,
+        &format!("keel-{}", server.name()),
+        &instance_id(),
+    )?;
+    shutdown.trigger_on_signals();
+    let mut servers = JoinSet::new();
+    servers.spawn(run_server(server, shutdown.clone()));
     let result = supervise(servers, &shutdown).await;
     shutdown.run_hooks(HOOKS_DEADLINE).await;
     guard.shutdown();

@@ -9,6 +9,8 @@ use std::time::Duration;
 fn keel() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
     command.env("KEEL_TELEMETRY__LOG_FORMAT", "json");
+    // Never the default ports: tests run beside each other and beside a running stack.
+    command.env("KEEL_GATEWAY__LISTEN", "127.0.0.1:0");
     command
 }
 

@@ -1,0 +1,61 @@
+//! `[gateway]` configuration.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use keel_runtime::HttpServerConfig;
+use serde::{Deserialize, Serialize};
+
+use crate::route::{MatchConfig, RouteConfig};
+
+/// `[gateway]`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GatewayConfig {
+    pub listen: SocketAddr,
+    pub routes: Vec<GatewayRouteConfig>,
+    pub http: HttpServerConfig,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            routes: Vec::new(),
+            http: HttpServerConfig::default(),
+        }
+    }
+}
+
+/// `[[gateway.routes]]`: what to match and where to send it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayRouteConfig {
+    pub name: String,
+    #[serde(default)]
+    pub priority: i32,
+    #[serde(rename = "match", default)]
+    pub matches: MatchConfig,
+    /// Static upstream base URLs (`http://127.0.0.1:9000`), used in turn.
+    pub upstreams: Vec<String>,
+    /// Removed from the start of the path before forwarding (`/api`: `/api/x` → `/x`).
+    #[serde(default)]
+    pub strip_prefix: Option<String>,
+    /// Longest wait for the upstream's response head; 504 after it.
+    #[serde(default = "default_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+impl GatewayRouteConfig {
+    pub fn route(&self) -> RouteConfig {
+        RouteConfig {
+            name: self.name.clone(),
+            priority: self.priority,
+            matches: self.matches.clone(),
+        }
+    }
+}

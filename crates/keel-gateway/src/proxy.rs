@@ -1,0 +1,216 @@
+//! Forwarding a matched request to one of the route's upstreams.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request};
+use axum::response::{IntoResponse, Response};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{StatusCode, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use keel_runtime::Problem;
+
+use crate::config::GatewayRouteConfig;
+use crate::route::{RequestView, RouteError, RouteTable};
+
+/// The component name on problem documents.
+const SOURCE: &str = "gateway";
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded in either direction.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+struct Upstreams {
+    bases: Vec<Uri>,
+    next: AtomicUsize,
+    strip_prefix: Option<String>,
+    timeout: Duration,
+}
+
+/// The routes and their upstreams, with one pooled client for all of them.
+pub struct Proxy {
+    table: RouteTable,
+    upstreams: HashMap<String, Upstreams>,
+    client: Client<HttpConnector, Body>,
+}
+
+impl Proxy {
+    /// Validates every route and upstream; any error rejects the whole configuration.
+    pub fn build(routes: &[GatewayRouteConfig]) -> Result<Self, RouteError> {
+        let table = RouteTable::build(
+            &routes
+                .iter()
+                .map(GatewayRouteConfig::route)
+                .collect::<Vec<_>>(),
+        )?;
+        let mut upstreams = HashMap::new();
+        for route in routes {
+            let error = |reason: String| RouteError {
+                route: route.name.clone(),
+                reason,
+            };
+            if route.upstreams.is_empty() {
+                return Err(error("needs at least one upstream".into()));
+            }
+            let bases = route
+                .upstreams
+                .iter()
+                .map(|base| {
+                    let uri: Uri = base
+                        .parse()
+                        .map_err(|_| error(format!("upstream {base:?} is not a URL")))?;
+                    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                        return Err(error(format!("upstream {base:?} must be http://host:port")));
+                    }
+                    Ok(uri)
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            upstreams.insert(
+                route.name.clone(),
+                Upstreams {
+                    bases,
+                    next: AtomicUsize::new(0),
+                    strip_prefix: route.strip_prefix.clone(),
+                    timeout: route.timeout,
+                },
+            );
+        }
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(90))
+            .build_http();
+        Ok(Self {
+            table,
+            upstreams,
+            client,
+        })
+    }
+
+    /// Routes and forwards one request.
+    pub async fn handle(self: Arc<Self>, request: Request) -> Response {
+        match self.forward(request).await {
+            Ok(response) => response,
+            Err(problem) => problem.with_source(SOURCE).into_response(),
+        }
+    }
+
+    async fn forward(&self, request: Request) -> Result<Response, Problem> {
+        let (mut parts, body) = request.into_parts();
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| parts.uri.authority().map(|a| a.as_str()));
+        let view = RequestView {
+            method: &parts.method,
+            host,
+            path: parts.uri.path(),
+            query: parts.uri.query(),
+            headers: &parts.headers,
+        };
+        let matched = self.table.find(&view).ok_or_else(|| {
+            Problem::not_found(format!(
+                "no route for {} {}",
+                parts.method,
+                parts.uri.path()
+            ))
+        })?;
+        let upstreams = self
+            .upstreams
+            .get(matched.route)
+            .ok_or_else(|| Problem::internal("route without upstreams"))?;
+        let turn = upstreams.next.fetch_add(1, Ordering::Relaxed);
+        let base = &upstreams.bases[turn % upstreams.bases.len()];
+
+        let path = parts.uri.path();
+        let path = match &upstreams.strip_prefix {
+            Some(prefix) => match path.strip_prefix(prefix.as_str()) {
+                Some("") => "/",
+                Some(rest) if rest.starts_with('/') => rest,
+                _ => path,
+            },
+            None => path,
+        };
+        let target = match parts.uri.query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path.to_owned(),
+        };
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = base.scheme().cloned();
+        uri.authority = base.authority().cloned();
+        uri.path_and_query = Some(
+            target
+                .parse()
+                .map_err(|_| Problem::bad_request("the request target cannot be forwarded"))?,
+        );
+        parts.uri = Uri::from_parts(uri).map_err(|_| Problem::internal("bad upstream URI"))?;
+        strip_hop_by_hop(&mut parts.headers);
+        if let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<std::net::SocketAddr>>()
+        {
+            let forwarded = match parts
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(before) => format!("{before}, {}", peer.ip()),
+                None => peer.ip().to_string(),
+            };
+            if let Ok(value) = HeaderValue::from_str(&forwarded) {
+                parts.headers.insert("x-forwarded-for", value);
+            }
+        }
+        parts.headers.remove(header::HOST);
+        keel_runtime::trace_context::inject_current(&mut parts.headers);
+
+        let upstream = Request::from_parts(parts, body);
+        let response = tokio::time::timeout(upstreams.timeout, self.client.request(upstream))
+            .await
+            .map_err(|_| {
+                Problem::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "upstream-timeout",
+                    "Upstream timeout",
+                )
+                .with_detail(format!(
+                    "route {:?}: {base} did not answer within {:?}",
+                    matched.route, upstreams.timeout
+                ))
+            })?
+            .map_err(|error| {
+                Problem::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream-unavailable",
+                    "Bad gateway",
+                )
+                .with_detail(format!("route {:?}: {base}: {error}", matched.route))
+            })?;
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Ok(Response::from_parts(parts, Body::new(body)))
+    }
+}
+
+fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    // Headers the Connection header names are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(&named) {
+        headers.remove(name);
+    }
+}

@@ -1,0 +1,154 @@
+//! The gateway over real sockets: routes to static upstreams, prefix stripping, errors.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::Request;
+use axum::routing::any;
+use http::StatusCode;
+use keel_gateway::config::GatewayRouteConfig;
+use keel_gateway::route::MatchConfig;
+use keel_gateway::{GatewayConfig, GatewayServer};
+use keel_testkit::TestServer;
+
+/// An upstream that answers with its name, the path and query it received, and headers.
+async fn upstream(name: &'static str) -> String {
+    let app = Router::new().fallback(any(move |request: Request| async move {
+        let headers = request.headers();
+        let forwarded = headers
+            .get("x-forwarded-for")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        let traceparent = headers
+            .get("traceparent")
+            .map(|v| v.to_str().unwrap().to_owned())
+            .unwrap_or_default();
+        if request.uri().path() == "/slow" {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        }
+        format!(
+            "{name} {} {} xff={forwarded} traced={traceparent}",
+            request.method(),
+            request.uri()
+        )
+    }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}")
+}
+
+fn route(name: &str, prefix: &str, upstreams: Vec<String>) -> GatewayRouteConfig {
+    GatewayRouteConfig {
+        name: name.into(),
+        priority: 0,
+        matches: MatchConfig {
+            path_prefix: Some(prefix.into()),
+            ..MatchConfig::default()
+        },
+        upstreams,
+        strip_prefix: None,
+        timeout: Duration::from_secs(30),
+    }
+}
+
+async fn gateway(routes: Vec<GatewayRouteConfig>) -> TestServer {
+    let config = GatewayConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        routes,
+        ..GatewayConfig::default()
+    };
+    keel_testkit::spawn(GatewayServer::build(config).await.unwrap())
+}
+
+async fn get(url: &str) -> (StatusCode, String, http::HeaderMap) {
+    let response = reqwest::get(url).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    (status, response.text().await.unwrap(), headers)
+}
+
+#[tokio::test]
+async fn routes_strip_prefixes_and_take_upstreams_in_turn() {
+    let a = upstream("a").await;
+    let b = upstream("b").await;
+    let legacy = upstream("legacy").await;
+    let mut orders = route("orders", "/api/orders", vec![a, b]);
+    orders.strip_prefix = Some("/api".into());
+    let gateway = gateway(vec![route("legacy", "/", vec![legacy]), orders]).await;
+
+    let response = reqwest::Client::new()
+        .get(format!("{}/api/orders/42?full=1", gateway.url))
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .send()
+        .await
+        .unwrap();
+    let (status, headers) = (response.status(), response.headers().clone());
+    let first = response.text().await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert!(headers.contains_key("x-request-id"));
+    let (_, second, _) = get(&format!("{}/api/orders/42?full=1", gateway.url)).await;
+    let mut served: Vec<&str> = [first.as_str(), second.as_str()]
+        .iter()
+        .map(|body| body.split(' ').next().unwrap())
+        .collect();
+    served.sort();
+    assert_eq!(served, ["a", "b"], "round robin over the route's upstreams");
+    assert!(first.contains("GET /orders/42?full=1"), "{first}");
+    assert!(first.contains("xff=127.0.0.1"), "{first}");
+    assert!(
+        first.contains("traced=00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "the trace continues upstream: {first}"
+    );
+
+    let (_, body, _) = get(&format!("{}/elsewhere", gateway.url)).await;
+    assert!(body.starts_with("legacy GET /elsewhere"), "{body}");
+}
+
+#[tokio::test]
+async fn errors_are_problems_that_say_where_they_came_from() {
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let slow = upstream("slow").await;
+    let mut timed = route("timed", "/slow", vec![slow]);
+    timed.timeout = Duration::from_millis(300);
+    let gateway = gateway(vec![route("dead", "/dead", vec![dead]), timed]).await;
+
+    let (status, body, headers) = get(&format!("{}/dead/x", gateway.url)).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert_eq!(headers["content-type"], "application/problem+json");
+    assert!(body.contains("\"source\":\"gateway\""), "{body}");
+    assert!(body.contains("dead"), "{body}");
+
+    let (status, body, _) = get(&format!("{}/slow", gateway.url)).await;
+    assert_eq!(status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(body.contains("300ms"), "{body}");
+
+    let (status, body, _) = get(&format!("{}/nowhere", gateway.url)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert!(body.contains("no route"), "{body}");
+}
+
+#[tokio::test]
+async fn an_invalid_configuration_is_refused_naming_the_route() {
+    let config = GatewayConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        routes: vec![route("broken", "/x", vec!["ftp://example".into()])],
+        ..GatewayConfig::default()
+    };
+    let error = match GatewayServer::build(config).await {
+        Ok(_) => panic!("accepted a bad upstream"),
+        Err(error) => error.to_string(),
+    };
+    assert!(
+        error.contains("broken") && error.contains("ftp://example"),
+        "{error}"
+    );
+}
