@@ -13,6 +13,8 @@ use crate::route::{MatchConfig, RouteConfig};
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
     pub listen: SocketAddr,
+    /// The registry that routes with a `service` find their instances in.
+    pub registry: String,
     pub routes: Vec<GatewayRouteConfig>,
     pub http: HttpServerConfig,
 }
@@ -21,6 +23,7 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            registry: "http://127.0.0.1:8500".to_owned(),
             routes: Vec::new(),
             http: HttpServerConfig::default(),
         }
@@ -36,7 +39,11 @@ pub struct GatewayRouteConfig {
     pub priority: i32,
     #[serde(rename = "match", default)]
     pub matches: MatchConfig,
-    /// Static upstream base URLs (`http://127.0.0.1:9000`), used in turn.
+    /// A service in the registry: its passing instances, live, used in turn.
+    #[serde(default)]
+    pub service: Option<String>,
+    /// Or static upstream base URLs (`http://127.0.0.1:9000`), used in turn.
+    #[serde(default)]
     pub upstreams: Vec<String>,
     /// Removed from the start of the path before forwarding (`/api`: `/api/x` → `/x`).
     #[serde(default)]

@@ -15,6 +15,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use keel_runtime::Problem;
 
+use keel_registry::client::DiscoveryView;
+use keel_registry::model::validate_service_name;
+
 use crate::config::GatewayRouteConfig;
 use crate::route::{RequestView, RouteError, RouteTable};
 
@@ -32,8 +35,15 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
+/// Where a route's requests go.
+enum Targets {
+    Static(Vec<Uri>),
+    /// The passing instances of a registry service, from the live discovery view.
+    Service(String),
+}
+
 struct Upstreams {
-    bases: Vec<Uri>,
+    targets: Targets,
     next: AtomicUsize,
     strip_prefix: Option<String>,
     timeout: Duration,
@@ -44,11 +54,15 @@ pub struct Proxy {
     table: RouteTable,
     upstreams: HashMap<String, Upstreams>,
     client: Client<HttpConnector, Body>,
+    discovery: DiscoveryView,
 }
 
 impl Proxy {
     /// Validates every route and upstream; any error rejects the whole configuration.
-    pub fn build(routes: &[GatewayRouteConfig]) -> Result<Self, RouteError> {
+    pub fn build(
+        routes: &[GatewayRouteConfig],
+        discovery: DiscoveryView,
+    ) -> Result<Self, RouteError> {
         let table = RouteTable::build(
             &routes
                 .iter()
@@ -61,26 +75,22 @@ impl Proxy {
                 route: route.name.clone(),
                 reason,
             };
-            if route.upstreams.is_empty() {
-                return Err(error("needs at least one upstream".into()));
-            }
-            let bases = route
-                .upstreams
-                .iter()
-                .map(|base| {
-                    let uri: Uri = base
-                        .parse()
-                        .map_err(|_| error(format!("upstream {base:?} is not a URL")))?;
-                    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-                        return Err(error(format!("upstream {base:?} must be http://host:port")));
-                    }
-                    Ok(uri)
-                })
-                .collect::<Result<Vec<_>, _>>()?;
+            let targets = match (&route.service, route.upstreams.is_empty()) {
+                (Some(_), false) => {
+                    return Err(error("has both a service and upstreams; choose one".into()));
+                }
+                (None, true) => return Err(error("needs a service or upstreams".into())),
+                (Some(service), true) => {
+                    validate_service_name(service).map_err(error)?;
+                    discovery.watch(service);
+                    Targets::Service(service.clone())
+                }
+                (None, false) => Targets::Static(Self::static_targets(route)?),
+            };
             upstreams.insert(
                 route.name.clone(),
                 Upstreams {
-                    bases,
+                    targets,
                     next: AtomicUsize::new(0),
                     strip_prefix: route.strip_prefix.clone(),
                     timeout: route.timeout,
@@ -94,7 +104,28 @@ impl Proxy {
             table,
             upstreams,
             client,
+            discovery,
         })
+    }
+
+    fn static_targets(route: &GatewayRouteConfig) -> Result<Vec<Uri>, RouteError> {
+        let error = |reason: String| RouteError {
+            route: route.name.clone(),
+            reason,
+        };
+        route
+            .upstreams
+            .iter()
+            .map(|base| {
+                let uri: Uri = base
+                    .parse()
+                    .map_err(|_| error(format!("upstream {base:?} is not a URL")))?;
+                if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+                    return Err(error(format!("upstream {base:?} must be http://host:port")));
+                }
+                Ok(uri)
+            })
+            .collect()
     }
 
     /// Routes and forwards one request.
@@ -131,7 +162,24 @@ impl Proxy {
             .get(matched.route)
             .ok_or_else(|| Problem::internal("route without upstreams"))?;
         let turn = upstreams.next.fetch_add(1, Ordering::Relaxed);
-        let base = &upstreams.bases[turn % upstreams.bases.len()];
+        let base = match &upstreams.targets {
+            Targets::Static(bases) => bases[turn % bases.len()].clone(),
+            Targets::Service(service) => {
+                let instances = self.discovery.instances(service);
+                let Some(instance) =
+                    (!instances.is_empty()).then(|| &instances[turn % instances.len()])
+                else {
+                    return Err(Problem::unavailable(format!(
+                        "route {:?}: service {service:?} has no passing instance",
+                        matched.route
+                    ))
+                    .with_retry_after(Duration::from_secs(1)));
+                };
+                instance.base_url().parse().map_err(|_| {
+                    Problem::internal(format!("instance {} has no usable address", instance.id))
+                })?
+            }
+        };
 
         let path = parts.uri.path();
         let path = match &upstreams.strip_prefix {

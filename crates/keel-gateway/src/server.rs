@@ -9,6 +9,8 @@ use axum::routing::any;
 use keel_runtime::http::BindError;
 use keel_runtime::{Health, HttpServer, Server, Shutdown};
 
+use keel_registry::client::{DiscoveryView, RegistryClient};
+
 use crate::config::GatewayConfig;
 use crate::proxy::Proxy;
 use crate::route::RouteError;
@@ -20,6 +22,8 @@ pub enum StartError {
     Bind(#[from] BindError),
     #[error("gateway configuration: {0}")]
     Config(#[from] RouteError),
+    #[error("gateway.registry: {0}")]
+    Registry(#[from] keel_registry::client::ClientError),
 }
 
 /// A bound gateway.
@@ -30,8 +34,12 @@ pub struct GatewayServer {
 impl GatewayServer {
     /// Validates the routes and binds the listener. The gateway's own `/health/*` and
     /// `/metrics` answer on the same port; every other path is routed.
-    pub async fn build(config: GatewayConfig) -> Result<Self, StartError> {
-        let proxy = Arc::new(Proxy::build(&config.routes)?);
+    ///
+    /// Routes with a `service` watch it in the registry until `shutdown`.
+    pub async fn build(config: GatewayConfig, shutdown: &Shutdown) -> Result<Self, StartError> {
+        let registry = RegistryClient::new(&config.registry, None)?;
+        let discovery = DiscoveryView::new(registry, shutdown);
+        let proxy = Arc::new(Proxy::build(&config.routes, discovery)?);
         // Every path but the server's own endpoints goes to the proxy; a catch-all route
         // (rather than a fallback) keeps the shared stack's 404 fallback in place.
         let handler = move |request| Arc::clone(&proxy).handle(request);

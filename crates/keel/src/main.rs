@@ -62,8 +62,9 @@ fn main() -> ExitCode {
             Command::Up => up::run(config).await,
             Command::Registry(args) => registry_cmd::run(args, config).await,
             Command::Gateway => {
-                let server = keel_gateway::GatewayServer::build(config.gateway).await?;
-                up::serve_alone(&config.telemetry, keel_runtime::Shutdown::new(), server).await
+                let shutdown = keel_runtime::Shutdown::new();
+                let server = keel_gateway::GatewayServer::build(config.gateway, &shutdown).await?;
+                up::serve_alone(&config.telemetry, shutdown, server).await
             }
             Command::Config => config.print(),
         }

@@ -22,7 +22,7 @@ pub async fn run(config: KeelConfig) -> anyhow::Result<()> {
     // Bind everything before serving anything, so a taken port stops the start cleanly.
     let registry = RegistryServer::build(config.registry, &shutdown).await?;
     let routes = config.gateway.routes.len();
-    let gateway = GatewayServer::build(config.gateway).await?;
+    let gateway = GatewayServer::build(config.gateway, &shutdown).await?;
 
     let gateway_what = format!("API gateway: {routes} route(s) from [[gateway.routes]]");
     print_table(&[

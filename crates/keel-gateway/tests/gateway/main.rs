@@ -11,6 +11,7 @@ use http::StatusCode;
 use keel_gateway::config::GatewayRouteConfig;
 use keel_gateway::route::MatchConfig;
 use keel_gateway::{GatewayConfig, GatewayServer};
+use keel_runtime::Shutdown;
 use keel_testkit::TestServer;
 
 /// An upstream that answers with its name, the path and query it received, and headers.
@@ -48,6 +49,7 @@ fn route(name: &str, prefix: &str, upstreams: Vec<String>) -> GatewayRouteConfig
             path_prefix: Some(prefix.into()),
             ..MatchConfig::default()
         },
+        service: None,
         upstreams,
         strip_prefix: None,
         timeout: Duration::from_secs(30),
@@ -60,7 +62,11 @@ async fn gateway(routes: Vec<GatewayRouteConfig>) -> TestServer {
         routes,
         ..GatewayConfig::default()
     };
-    keel_testkit::spawn(GatewayServer::build(config).await.unwrap())
+    keel_testkit::spawn(
+        GatewayServer::build(config, &Shutdown::new())
+            .await
+            .unwrap(),
+    )
 }
 
 async fn get(url: &str) -> (StatusCode, String, http::HeaderMap) {
@@ -143,7 +149,7 @@ async fn an_invalid_configuration_is_refused_naming_the_route() {
         routes: vec![route("broken", "/x", vec!["ftp://example".into()])],
         ..GatewayConfig::default()
     };
-    let error = match GatewayServer::build(config).await {
+    let error = match GatewayServer::build(config, &Shutdown::new()).await {
         Ok(_) => panic!("accepted a bad upstream"),
         Err(error) => error.to_string(),
     };
@@ -151,4 +157,80 @@ async fn an_invalid_configuration_is_refused_naming_the_route() {
         error.contains("broken") && error.contains("ftp://example"),
         "{error}"
     );
+}
+
+#[tokio::test]
+async fn a_service_route_follows_the_registry_live() {
+    use keel_registry::client::{RegistryClient, ttl_registration};
+    use keel_registry::{RegistryConfig, RegistryServer};
+
+    let shutdown = Shutdown::new();
+    let registry = RegistryServer::build(
+        RegistryConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..RegistryConfig::default()
+        },
+        &shutdown,
+    )
+    .await
+    .unwrap();
+    let registry = keel_testkit::spawn(registry);
+    let client = RegistryClient::new(&registry.url, None).unwrap();
+
+    let config = GatewayConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        registry: registry.url.clone(),
+        routes: vec![GatewayRouteConfig {
+            service: Some("orders".into()),
+            ..route("orders", "/orders", Vec::new())
+        }],
+        ..GatewayConfig::default()
+    };
+    let gateway = keel_testkit::spawn(GatewayServer::build(config, &shutdown).await.unwrap());
+
+    // No instance yet: 503 with Retry-After.
+    let (status, body, headers) = get(&format!("{}/orders/1", gateway.url)).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(headers.contains_key("retry-after"));
+    assert!(body.contains("no passing instance"), "{body}");
+
+    let base = upstream("orders-a").await;
+    let port: u16 = base.rsplit(':').next().unwrap().parse().unwrap();
+    client
+        .register(&ttl_registration(
+            "orders",
+            "orders-a",
+            "127.0.0.1",
+            port,
+            Duration::from_secs(30),
+        ))
+        .await
+        .unwrap();
+    let mut served = false;
+    for _ in 0..40 {
+        let (status, body, _) = get(&format!("{}/orders/1", gateway.url)).await;
+        if status == StatusCode::OK {
+            assert!(body.starts_with("orders-a GET /orders/1"), "{body}");
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        served,
+        "the gateway picks the instance up from its registry watch"
+    );
+
+    client.deregister("orders", "orders-a").await.unwrap();
+    let mut gone = false;
+    for _ in 0..40 {
+        let (status, _, _) = get(&format!("{}/orders/1", gateway.url)).await;
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "and drops it when it leaves");
+    shutdown.trigger();
 }
