@@ -1,5 +1,6 @@
 //! `[gateway]` configuration.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -48,9 +49,24 @@ pub struct GatewayRouteConfig {
     /// Removed from the start of the path before forwarding (`/api`: `/api/x` → `/x`).
     #[serde(default)]
     pub strip_prefix: Option<String>,
+    /// Header changes on the way to the upstream.
+    #[serde(default)]
+    pub request_headers: HeaderActionsConfig,
+    /// Header changes on the way back to the client.
+    #[serde(default)]
+    pub response_headers: HeaderActionsConfig,
     /// Longest wait for the upstream's response head; 504 after it.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+}
+
+/// Header changes, applied in this order: remove, set (replace), add (append).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HeaderActionsConfig {
+    pub remove: Vec<String>,
+    pub set: BTreeMap<String, String>,
+    pub add: BTreeMap<String, String>,
 }
 
 fn default_timeout() -> Duration {

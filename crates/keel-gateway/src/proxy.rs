@@ -18,7 +18,7 @@ use keel_runtime::Problem;
 use keel_registry::client::DiscoveryView;
 use keel_registry::model::validate_service_name;
 
-use crate::config::GatewayRouteConfig;
+use crate::config::{GatewayRouteConfig, HeaderActionsConfig};
 use crate::route::{RequestView, RouteError, RouteTable};
 
 /// The component name on problem documents.
@@ -42,8 +42,53 @@ enum Targets {
     Service(String),
 }
 
+/// Compiled [`HeaderActionsConfig`].
+#[derive(Default)]
+struct HeaderActions {
+    remove: Vec<HeaderName>,
+    set: Vec<(HeaderName, HeaderValue)>,
+    add: Vec<(HeaderName, HeaderValue)>,
+}
+
+impl HeaderActions {
+    fn compile(config: &HeaderActionsConfig) -> Result<Self, String> {
+        let name = |name: &str| {
+            HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| format!("{name:?} is not a header name"))
+        };
+        let pair = |(key, value): (&String, &String)| {
+            let value = HeaderValue::from_str(value)
+                .map_err(|_| format!("the value of header {key:?} is not a header value"))?;
+            Ok::<_, String>((name(key)?, value))
+        };
+        Ok(Self {
+            remove: config
+                .remove
+                .iter()
+                .map(|n| name(n))
+                .collect::<Result<_, _>>()?,
+            set: config.set.iter().map(pair).collect::<Result<_, _>>()?,
+            add: config.add.iter().map(pair).collect::<Result<_, _>>()?,
+        })
+    }
+
+    fn apply(&self, headers: &mut http::HeaderMap) {
+        for name in &self.remove {
+            headers.remove(name);
+        }
+        for (name, value) in &self.set {
+            headers.insert(name.clone(), value.clone());
+        }
+        for (name, value) in &self.add {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+}
+
 struct Upstreams {
     targets: Targets,
+    request_headers: HeaderActions,
+    response_headers: HeaderActions,
     next: AtomicUsize,
     strip_prefix: Option<String>,
     timeout: Duration,
@@ -91,6 +136,10 @@ impl Proxy {
                 route.name.clone(),
                 Upstreams {
                     targets,
+                    request_headers: HeaderActions::compile(&route.request_headers)
+                        .map_err(|reason| error(format!("request_headers: {reason}")))?,
+                    response_headers: HeaderActions::compile(&route.response_headers)
+                        .map_err(|reason| error(format!("response_headers: {reason}")))?,
                     next: AtomicUsize::new(0),
                     strip_prefix: route.strip_prefix.clone(),
                     timeout: route.timeout,
@@ -219,6 +268,7 @@ impl Proxy {
             }
         }
         parts.headers.remove(header::HOST);
+        upstreams.request_headers.apply(&mut parts.headers);
         keel_runtime::trace_context::inject_current(&mut parts.headers);
 
         let upstream = Request::from_parts(parts, body);
@@ -245,6 +295,7 @@ impl Proxy {
             })?;
         let (mut parts, body) = response.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        upstreams.response_headers.apply(&mut parts.headers);
         Ok(Response::from_parts(parts, Body::new(body)))
     }
 }

@@ -18,6 +18,13 @@ use keel_testkit::TestServer;
 async fn upstream(name: &'static str) -> String {
     let app = Router::new().fallback(any(move |request: Request| async move {
         let headers = request.headers();
+        let tenant = headers
+            .get_all("x-tenant")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_owned())
+            .collect::<Vec<_>>()
+            .join("+");
+        let secret = headers.contains_key("x-internal");
         let forwarded = headers
             .get("x-forwarded-for")
             .map(|v| v.to_str().unwrap().to_owned())
@@ -29,11 +36,12 @@ async fn upstream(name: &'static str) -> String {
         if request.uri().path() == "/slow" {
             tokio::time::sleep(Duration::from_secs(5)).await;
         }
-        format!(
-            "{name} {} {} xff={forwarded} traced={traceparent}",
+        let body = format!(
+            "{name} {} {} xff={forwarded} traced={traceparent} tenant={tenant} internal={secret}",
             request.method(),
             request.uri()
-        )
+        );
+        ([("server", "upstream/1.0"), ("x-upstream", name)], body)
     }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -51,6 +59,8 @@ fn route(name: &str, prefix: &str, upstreams: Vec<String>) -> GatewayRouteConfig
         },
         service: None,
         upstreams,
+        request_headers: Default::default(),
+        response_headers: Default::default(),
         strip_prefix: None,
         timeout: Duration::from_secs(30),
     }
@@ -233,4 +243,59 @@ async fn a_service_route_follows_the_registry_live() {
     }
     assert!(gone, "and drops it when it leaves");
     shutdown.trigger();
+}
+
+#[tokio::test]
+async fn header_actions_change_requests_and_responses() {
+    use keel_gateway::config::HeaderActionsConfig;
+
+    let base = upstream("hdr").await;
+    let mut routed = route("hdr", "/", vec![base]);
+    routed.request_headers = HeaderActionsConfig {
+        remove: vec!["x-internal".into()],
+        set: [("x-tenant".into(), "shop".into())].into(),
+        add: [("x-tenant".into(), "eu".into())].into(),
+    };
+    routed.response_headers = HeaderActionsConfig {
+        remove: vec!["server".into()],
+        set: [("x-frame-options".into(), "DENY".into())].into(),
+        add: Default::default(),
+    };
+    let gateway = gateway(vec![routed]).await;
+    let response = reqwest::Client::new()
+        .get(format!("{}/x", gateway.url))
+        .header("x-internal", "leak")
+        .header("x-tenant", "forged")
+        .send()
+        .await
+        .unwrap();
+    assert!(!response.headers().contains_key("server"));
+    assert_eq!(response.headers()["x-frame-options"], "DENY");
+    assert_eq!(response.headers()["x-upstream"], "hdr");
+    let body = response.text().await.unwrap();
+    assert!(
+        body.contains("tenant=shop+eu"),
+        "set replaces, add appends: {body}"
+    );
+    assert!(body.contains("internal=false"), "{body}");
+
+    let bad = GatewayConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        routes: vec![GatewayRouteConfig {
+            request_headers: HeaderActionsConfig {
+                set: [("bad header".into(), "x".into())].into(),
+                ..Default::default()
+            },
+            ..route("badhdr", "/", vec!["http://127.0.0.1:1".into()])
+        }],
+        ..GatewayConfig::default()
+    };
+    let error = match GatewayServer::build(bad, &Shutdown::new()).await {
+        Ok(_) => panic!("accepted a bad header name"),
+        Err(error) => error.to_string(),
+    };
+    assert!(
+        error.contains("badhdr") && error.contains("request_headers"),
+        "{error}"
+    );
 }
