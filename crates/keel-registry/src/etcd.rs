@@ -416,6 +416,9 @@ impl EtcdStore {
             return Ok(());
         };
         self.publish(&registry_now, affected, revision, true);
+        // After a full load the index is the listing's revision even when nothing changed;
+        // later revisions (membership, other prefixes) move it only with a change it shows.
+        registry_now.advance_to(u64::try_from(revision).unwrap_or(0));
         drop(registry_now);
 
         let mut stream = self
@@ -475,10 +478,10 @@ impl EtcdStore {
                 }
                 self.publish(&registry, affected, revision, membership);
             }
+            // Writes elsewhere in etcd move its revision too: they count as applied (a
+            // write waiting for its revision must not wait for ours), but the catalog's
+            // index moves only with changes it shows, so list watchers are not woken.
             if let Some(header) = response.header() {
-                registry.with_catalog(|catalog| {
-                    catalog.advance_to(u64::try_from(header.revision()).unwrap_or(0));
-                });
                 self.applied
                     .send_replace(u64::try_from(header.revision()).unwrap_or(0));
             }
@@ -514,7 +517,6 @@ impl EtcdStore {
                     None => catalog.sync_remove(&id, index, now),
                 });
             }
-            catalog.advance_to(index);
             changes
         });
         registry.apply(changes);

@@ -346,6 +346,22 @@ impl Registry {
         lock(&self.inner.watchers).retain(|_, sender| sender.receiver_count() > 0);
     }
 
+    /// Moves the index forward without a change (a shared backend's revision), keeping the
+    /// service-list watchers' channel equal to the index that reads report.
+    #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
+    pub(crate) fn advance_to(&self, index: u64) {
+        let current = {
+            let mut catalog = self.catalog();
+            catalog.advance_to(index);
+            catalog.index()
+        };
+        self.inner.global.send_if_modified(|seen| {
+            let moved = *seen != current;
+            *seen = current;
+            moved
+        });
+    }
+
     /// Runs `f` on the catalog (a shared backend's watch feeds it through this).
     #[cfg_attr(not(feature = "etcd"), allow(dead_code))]
     pub(crate) fn with_catalog<R>(&self, f: impl FnOnce(&mut Catalog) -> R) -> R {

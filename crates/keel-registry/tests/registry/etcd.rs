@@ -385,8 +385,10 @@ async fn maintenance_is_shared_across_replicas_with_its_reason() {
                 .instances("orders", &InstancesQuery::default())
                 .await
                 .is_ok_and(|found| {
-                    found.instances[0].status == Status::Critical
-                        && found.instances[0].maintenance() == Some("upgrading")
+                    found.instances.first().is_some_and(|instance| {
+                        instance.status == Status::Critical
+                            && instance.maintenance() == Some("upgrading")
+                    })
                 })
         })
         .await,
@@ -413,4 +415,44 @@ async fn maintenance_is_shared_across_replicas_with_its_reason() {
         })
         .await
     );
+}
+
+#[tokio::test]
+async fn a_list_watch_ignores_writes_outside_the_registry_prefix() {
+    if !keel_testkit::require(Service::Etcd) {
+        return;
+    }
+    let ours = replica(&prefix()).await;
+    // Another registry on the same etcd: its writes move etcd's revision, not our catalog.
+    let theirs = replica(&prefix()).await;
+    let other = RegistryClient::new(&theirs.url, None).unwrap();
+    let (_, headers, _) = get_json(&format!("{}/v1/services", ours.url)).await;
+    let index: u64 = headers["x-keel-index"].to_str().unwrap().parse().unwrap();
+    let url = format!("{}/v1/services?index={index}&wait=1s", ours.url);
+    let blocked = tokio::spawn(async move {
+        let started = Instant::now();
+        get_json(&url).await;
+        started.elapsed()
+    });
+    for n in 0..5 {
+        other
+            .register(&registration("elsewhere", &format!("e-{n}"), vec![]))
+            .await
+            .unwrap();
+    }
+    let waited = blocked.await.unwrap();
+    assert!(
+        waited >= Duration::from_millis(900),
+        "answered after {waited:?}: woken by another prefix's writes"
+    );
+    // And the next read still blocks: the index it answered with is current.
+    let (_, headers, _) = get_json(&format!("{}/v1/services", ours.url)).await;
+    let index: u64 = headers["x-keel-index"].to_str().unwrap().parse().unwrap();
+    let started = Instant::now();
+    get_json(&format!(
+        "{}/v1/services?index={index}&wait=500ms",
+        ours.url
+    ))
+    .await;
+    assert!(started.elapsed() >= Duration::from_millis(400));
 }
