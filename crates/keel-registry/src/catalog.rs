@@ -133,10 +133,6 @@ impl Catalog {
         self.services.get(service).map(|entry| entry.changed_at)
     }
 
-    pub fn instance_count(&self) -> usize {
-        self.instance_service.len()
-    }
-
     pub fn status_counts(&self) -> StatusCounts {
         let mut counts = StatusCounts::default();
         for entry in self.services.values().flat_map(|s| s.instances.values()) {

@@ -165,10 +165,6 @@ impl Registry {
         }
     }
 
-    pub fn limits(&self) -> &RegistryLimits {
-        &self.inner.limits
-    }
-
     fn catalog(&self) -> MutexGuard<'_, Catalog> {
         lock(&self.inner.catalog)
     }

@@ -222,6 +222,34 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_migrated_database_has_the_migrations_applied() {
+        if !require(Service::Postgres) {
+            return;
+        }
+        let dir = std::env::temp_dir().join(unique_name("keel-migrations"));
+        std::fs::create_dir_all(&dir).expect("migrations dir");
+        std::fs::write(
+            dir.join("0001_orders.sql"),
+            "CREATE TABLE orders (id BIGINT PRIMARY KEY, total BIGINT NOT NULL);",
+        )
+        .expect("write migration");
+        let migrator = sqlx::migrate::Migrator::new(dir.as_path())
+            .await
+            .expect("read migrations");
+        let database = TestDatabase::migrated(&migrator).await;
+        let mut connection = sqlx::PgConnection::connect(&database.url)
+            .await
+            .expect("connect");
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM orders")
+            .fetch_one(&mut connection)
+            .await
+            .expect("the migrated table exists");
+        assert_eq!(rows, 0);
+        connection.close().await.expect("close");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+
+    #[tokio::test]
     async fn a_test_database_is_created_usable_and_dropped() {
         if !require(Service::Postgres) {
             return;

@@ -370,14 +370,22 @@ async fn catalog_services(
     Ok(consul_response(list.index, body))
 }
 
-fn instances_for(state: &ApiState, name: &str, query: &ReadQuery) -> (u64, Vec<Instance>) {
+/// A service's instances for a catalog or health read: validates the name, holds a
+/// blocking query, then filters.
+async fn instances_for(
+    state: &ApiState,
+    name: &str,
+    query: &ReadQuery,
+) -> Result<(u64, Vec<Instance>), ApiError> {
+    validate_service_name(name).map_err(Problem::bad_request)?;
+    block(state, Some(name), query.index, query.wait.as_deref()).await?;
     let filter = InstanceFilter {
         passing_only: flag(query.passing.as_deref()),
         tag: query.tag.clone(),
         zone: None,
     };
     let found = state.registry.instances(name, &filter);
-    (found.index, found.instances)
+    Ok((found.index, found.instances))
 }
 
 fn consul_meta(instance: &Instance) -> BTreeMap<String, String> {
@@ -427,9 +435,7 @@ async fn catalog_service(
     Path(name): Path<String>,
     Query(query): Query<ReadQuery>,
 ) -> Result<Response, ApiError> {
-    validate_service_name(&name).map_err(Problem::bad_request)?;
-    block(&state, Some(&name), query.index, query.wait.as_deref()).await?;
-    let (index, instances) = instances_for(&state, &name, &query);
+    let (index, instances) = instances_for(&state, &name, &query).await?;
     let body: Vec<CatalogEntry> = instances
         .into_iter()
         .map(|instance| CatalogEntry {
@@ -516,9 +522,7 @@ async fn health_service(
     Path(name): Path<String>,
     Query(query): Query<ReadQuery>,
 ) -> Result<Response, ApiError> {
-    validate_service_name(&name).map_err(Problem::bad_request)?;
-    block(&state, Some(&name), query.index, query.wait.as_deref()).await?;
-    let (index, instances) = instances_for(&state, &name, &query);
+    let (index, instances) = instances_for(&state, &name, &query).await?;
     let body: Vec<HealthEntry> = instances
         .into_iter()
         .map(|instance| HealthEntry {
