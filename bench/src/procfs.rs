@@ -67,17 +67,77 @@ pub fn machine_busy_ticks() -> io::Result<u64> {
 /// iowait are not work; steal is time the hypervisor gave to other machines; guest time is
 /// already inside user time.
 pub fn busy_ticks(stat: &str) -> Option<u64> {
-    let line = stat.lines().find(|line| line.starts_with("cpu "))?;
+    let [user, nice, system, _idle, _iowait, irq, softirq] = cpu_fields(stat, "cpu ")?;
+    Some(user + nice + system + irq + softirq)
+}
+
+/// CPU time one core has spent working (every process and the kernel on it), in clock
+/// ticks; the same fields as [`machine_busy_ticks`], from the core's own line.
+pub fn core_busy_ticks(core: usize) -> io::Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    core_busy(&stat, core).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("/proc/stat has no line for cpu{core}"),
+        )
+    })
+}
+
+/// From the `cpu<core>` line of `/proc/stat`, as [`busy_ticks`].
+pub fn core_busy(stat: &str, core: usize) -> Option<u64> {
+    let [user, nice, system, _idle, _iowait, irq, softirq] =
+        cpu_fields(stat, &format!("cpu{core} "))?;
+    Some(user + nice + system + irq + softirq)
+}
+
+/// The first seven counters of the `/proc/stat` line starting with `prefix`.
+fn cpu_fields(stat: &str, prefix: &str) -> Option<[u64; 7]> {
+    let line = stat.lines().find(|line| line.starts_with(prefix))?;
     let fields: Vec<u64> = line
         .split_whitespace()
         .skip(1)
         .take(7)
         .map(|field| field.parse().ok())
         .collect::<Option<_>>()?;
-    let [user, nice, system, _idle, _iowait, irq, softirq] = fields[..] else {
-        return None;
+    fields.try_into().ok()
+}
+
+/// CPU time of the children a process has waited for, `cutime + cstime` (fields 16 and 17
+/// of `/proc/<pid>/stat`), in clock ticks.
+pub fn waited_children_ticks(pid: u32) -> io::Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    stat_field(&stat, 16)
+        .zip(stat_field(&stat, 17))
+        .map(|(user, system)| user + system)
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("/proc/{pid}/stat is not in the expected format"),
+            )
+        })
+}
+
+/// The processes whose parent is `pid` (from every `/proc/<pid>/stat`).
+pub fn children(pid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
     };
-    Some(user + nice + system + irq + softirq)
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat"))
+                .ok()
+                .and_then(|stat| stat_field(&stat, 4))
+                == Some(u64::from(pid))
+        })
+        .collect()
+}
+
+/// Field `n` (1-based, as in `proc(5)`) of a `/proc/<pid>/stat` line, from field 3 on.
+fn stat_field(stat: &str, n: usize) -> Option<u64> {
+    // Field 2 is the command name in parentheses and may itself hold spaces or ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(n.checked_sub(3)?)?.parse().ok()
 }
 
 /// Clock ticks per second of the CPU times in `/proc` (`getconf CLK_TCK`).
@@ -126,6 +186,29 @@ mod tests {
         let stat = "cpu  100 2 30 5000 40 5 6 7 0 0\ncpu0 50 1 15 2500 20 2 3 3 0 0\n";
         assert_eq!(busy_ticks(stat), Some(100 + 2 + 30 + 5 + 6));
         assert_eq!(busy_ticks("cpu  1 2 3\n"), None);
+    }
+
+    #[test]
+    fn a_core_is_read_from_its_own_line() {
+        let stat = "cpu  100 2 30 5000 40 5 6 7 0 0\ncpu1 50 1 15 2500 20 2 3 3 0 0\n\
+                    cpu10 9 9 9 9 9 9 9 9 0 0\n";
+        assert_eq!(core_busy(stat, 1), Some(50 + 1 + 15 + 2 + 3));
+        assert_eq!(core_busy(stat, 10), Some(9 * 5));
+        assert_eq!(core_busy(stat, 0), None);
+    }
+
+    #[test]
+    fn stat_fields_are_counted_past_the_command_name() {
+        let stat = "4242 (keel (x) y) S 1 4242 4242 0 -1 4194560 1200 0 0 0 731 269 55 45 20 0 3 0";
+        assert_eq!(stat_field(stat, 4), Some(1));
+        assert_eq!(stat_field(stat, 16), Some(55));
+        assert_eq!(stat_field(stat, 17), Some(45));
+        assert_eq!(stat_field(stat, 2), None);
+    }
+
+    #[test]
+    fn the_time_of_waited_for_children_is_readable() {
+        assert!(waited_children_ticks(std::process::id()).is_ok());
     }
 
     #[test]

@@ -82,12 +82,13 @@ ensure_services() {
     "rabbitmq-server (guest/guest on 127.0.0.1:5672)" start_rabbitmq
   ensure etcd 2379 "etcd-server" \
     "etcd --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379" start_etcd
-  # The etcd client's build script runs protoc.
-  if ! command -v protoc >/dev/null; then
+  # The etcd client's build script runs protoc, which needs Google's well-known types
+  # (descriptor.proto, struct.proto) beside it; Debian ships those in libprotobuf-dev.
+  if ! command -v protoc >/dev/null || ! [ -f /usr/include/google/protobuf/descriptor.proto ]; then
     if can_install; then
-      apt_install protobuf-compiler
-    else
-      echo "error: protoc is missing; install the protobuf compiler (Debian: protobuf-compiler)" >&2
+      apt_install protobuf-compiler libprotobuf-dev
+    elif ! command -v protoc >/dev/null; then
+      echo "error: protoc is missing; install the protobuf compiler (Debian: protobuf-compiler libprotobuf-dev)" >&2
       exit 1
     fi
   fi

@@ -4,9 +4,18 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use keel_runtime::HttpServerConfig;
+use keel_runtime::{HttpServerConfig, Secret};
 use serde::{Deserialize, Serialize};
 
+use keel_jwt::VerifierConfig;
+
+use crate::auth::RouteAuthConfig;
+use crate::balance::BalanceConfig;
+use crate::breaker::BreakerConfig;
+use crate::cors::CorsConfig;
+use crate::endpoint::OutlierConfig;
+use crate::ratelimit::{RateLimitBackendConfig, RateLimitConfig};
+use crate::retry::RetryConfig;
 use crate::route::{MatchConfig, RouteConfig};
 
 /// `[gateway]`.
@@ -14,8 +23,23 @@ use crate::route::{MatchConfig, RouteConfig};
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
     pub listen: SocketAddr,
+    /// The admin API: routes, upstreams, reload and the gateway's own metrics.
+    pub admin_listen: SocketAddr,
+    /// Bearer token the admin API requires; without one only its health and metrics
+    /// endpoints answer.
+    pub admin_token: Option<Secret<String>>,
     /// The registry that routes with a `service` find their instances in.
     pub registry: String,
+    /// How often the configuration file is checked for changes; 0 turns watching off.
+    #[serde(with = "humantime_serde")]
+    pub watch_interval: Duration,
+    pub upstream: UpstreamClientConfig,
+    /// How access tokens are verified (the authorization server's issuer and this
+    /// gateway's audiences); required by routes with `auth`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auth: Option<VerifierConfig>,
+    /// The Redis that shared rate limits count in.
+    pub rate_limit: RateLimitBackendConfig,
     pub routes: Vec<GatewayRouteConfig>,
     pub http: HttpServerConfig,
 }
@@ -24,14 +48,42 @@ impl Default for GatewayConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
+            admin_token: None,
             registry: "http://127.0.0.1:8500".to_owned(),
+            watch_interval: Duration::from_secs(2),
+            upstream: UpstreamClientConfig::default(),
+            auth: None,
+            rate_limit: RateLimitBackendConfig::default(),
             routes: Vec::new(),
             http: HttpServerConfig::default(),
         }
     }
 }
 
-/// `[[gateway.routes]]`: what to match and where to send it.
+/// `[gateway.upstream]`: the connection pool every route shares.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct UpstreamClientConfig {
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long an unused pooled connection is kept.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    pub max_idle_per_host: usize,
+}
+
+impl Default for UpstreamClientConfig {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(2),
+            idle_timeout: Duration::from_secs(90),
+            max_idle_per_host: 256,
+        }
+    }
+}
+
+/// `[[gateway.routes]]`: what to match and what to do with it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayRouteConfig {
@@ -40,24 +92,133 @@ pub struct GatewayRouteConfig {
     pub priority: i32,
     #[serde(rename = "match", default)]
     pub matches: MatchConfig,
-    /// A service in the registry: its passing instances, live, used in turn.
-    #[serde(default)]
+    /// A service in the registry: its passing instances, live.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
-    /// Or static upstream base URLs (`http://127.0.0.1:9000`), used in turn.
+    /// Or static upstreams: base URLs (`http://127.0.0.1:9000`) or `{ url, weight }`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstreams: Vec<UpstreamConfig>,
+    /// Or no upstream at all: answer with a redirect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<RedirectConfig>,
+    /// HTTP/1.1, or HTTP/2 without TLS (h2c; what gRPC services speak).
     #[serde(default)]
-    pub upstreams: Vec<String>,
+    pub upstream_protocol: UpstreamProtocol,
     /// Removed from the start of the path before forwarding (`/api`: `/api/x` → `/x`).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strip_prefix: Option<String>,
+    /// Or the whole path replaced, with `{param}`s of the `path_template` filled in:
+    /// `/v2/items/{id}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<String>,
     /// Header changes on the way to the upstream.
     #[serde(default)]
     pub request_headers: HeaderActionsConfig,
     /// Header changes on the way back to the client.
     #[serde(default)]
     pub response_headers: HeaderActionsConfig,
-    /// Longest wait for the upstream's response head; 504 after it.
+    /// Longest wait for the upstream's response head, retries included; 504 after it.
     #[serde(default = "default_timeout", with = "humantime_serde")]
     pub timeout: Duration,
+    /// Largest request body; 413 beyond it.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: u64,
+    #[serde(default)]
+    pub balance: BalanceConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Passive outlier detection of the instances; shared by routes to one service.
+    #[serde(default)]
+    pub outlier: OutlierConfig,
+    /// The upstream service's circuit breaker; shared by routes to one service.
+    #[serde(default)]
+    pub circuit_breaker: BreakerConfig,
+    /// Who may call the route.
+    #[serde(default)]
+    pub auth: RouteAuthConfig,
+    /// Browser cross-origin access; preflights are answered at the gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<CorsConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitConfig>,
+}
+
+impl Default for GatewayRouteConfig {
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            priority: 0,
+            matches: MatchConfig::default(),
+            service: None,
+            upstreams: Vec::new(),
+            redirect: None,
+            upstream_protocol: UpstreamProtocol::default(),
+            strip_prefix: None,
+            rewrite: None,
+            request_headers: HeaderActionsConfig::default(),
+            response_headers: HeaderActionsConfig::default(),
+            timeout: default_timeout(),
+            max_body_bytes: default_max_body_bytes(),
+            balance: BalanceConfig::default(),
+            retry: RetryConfig::default(),
+            outlier: OutlierConfig::default(),
+            circuit_breaker: BreakerConfig::default(),
+            auth: RouteAuthConfig::default(),
+            cors: None,
+            rate_limit: None,
+        }
+    }
+}
+
+/// A static upstream: a base URL, optionally weighted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum UpstreamConfig {
+    Url(String),
+    Weighted { url: String, weight: u32 },
+}
+
+impl UpstreamConfig {
+    pub fn url(&self) -> &str {
+        match self {
+            Self::Url(url) | Self::Weighted { url, .. } => url,
+        }
+    }
+
+    pub fn weight(&self) -> u32 {
+        match self {
+            Self::Url(_) => 1,
+            Self::Weighted { weight, .. } => *weight,
+        }
+    }
+}
+
+impl From<&str> for UpstreamConfig {
+    fn from(url: &str) -> Self {
+        Self::Url(url.to_owned())
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UpstreamProtocol {
+    #[default]
+    Http1,
+    H2c,
+}
+
+/// `redirect = { location = "https://example.com/{rest}", status = 308 }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectConfig {
+    /// Where to: a path or an absolute URL, with `{param}`s of the `path_template`.
+    pub location: String,
+    /// 301, 302, 303, 307 or 308.
+    #[serde(default = "default_redirect_status")]
+    pub status: u16,
+    /// Append the request's query string to the location.
+    #[serde(default = "default_true")]
+    pub keep_query: bool,
 }
 
 /// Header changes, applied in this order: remove, set (replace), add (append).
@@ -71,6 +232,18 @@ pub struct HeaderActionsConfig {
 
 fn default_timeout() -> Duration {
     Duration::from_secs(30)
+}
+
+fn default_max_body_bytes() -> u64 {
+    10 * 1024 * 1024
+}
+
+fn default_redirect_status() -> u16 {
+    302
+}
+
+fn default_true() -> bool {
+    true
 }
 
 impl GatewayRouteConfig {

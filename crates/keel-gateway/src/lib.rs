@@ -5,8 +5,17 @@
 //! Registry-driven load balancing, resilience and security arrive with the rest of the
 //! gateway issue.
 
+mod admin;
+pub mod auth;
+pub mod balance;
+pub mod breaker;
 pub mod config;
+pub mod cors;
+pub mod endpoint;
+mod forward;
 pub mod proxy;
+pub mod ratelimit;
+pub mod retry;
 pub mod route;
 pub mod server;
 

@@ -1,50 +1,130 @@
-//! Forwarding a matched request to one of the route's upstreams.
+//! One generation of the gateway's configuration, compiled: the route table and, per
+//! route, what to do with a match. A reload builds a new [`Proxy`] beside the running one
+//! and swaps it in; what must outlive a generation (connection pools, endpoint stats,
+//! circuit breakers, retry budgets, rate limit buckets) lives in [`Shared`].
+//!
+//! A request passes: claim-header stripping → route match (a CORS preflight is answered
+//! here) → authorization → rate limit → the action (redirect, or forward with balancing,
+//! breaker and retries) → CORS and rate limit headers on the way back.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{ConnectInfo, Request};
 use axum::response::{IntoResponse, Response};
-use http::header::{self, HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue};
 use http::{StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use keel_runtime::Problem;
-
+use keel_jwt::Verifier;
 use keel_registry::client::DiscoveryView;
-use keel_registry::model::validate_service_name;
+use keel_registry::model::{Instance, validate_service_name};
+use keel_runtime::Problem;
+use serde::Serialize;
 
-use crate::config::{GatewayRouteConfig, HeaderActionsConfig};
+use crate::auth::{Requirement, RouteAuthConfig};
+use crate::balance::{BalanceConfig, EndpointSet};
+use crate::breaker::{BreakerConfig, CircuitBreaker, CircuitState};
+use crate::config::{
+    GatewayConfig, GatewayRouteConfig, HeaderActionsConfig, RedirectConfig, UpstreamProtocol,
+};
+use crate::cors::{Cors, preflight_method};
+use crate::endpoint::{Endpoint, OutlierConfig, StatsDirectory, now_nanos};
+use crate::ratelimit::{
+    Decision, FailurePolicy, Limiters, LocalLimiter, RateLimitConfig, RedisLimiter,
+};
+use crate::retry::{RetryBudget, RetryConfig};
 use crate::route::{RequestView, RouteError, RouteTable};
 
 /// The component name on problem documents.
-const SOURCE: &str = "gateway";
+pub(crate) const SOURCE: &str = "gateway";
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded in either direction.
-const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::UPGRADE,
-];
+/// State that outlives configuration generations.
+pub struct Shared {
+    http1: Client<HttpConnector, Body>,
+    h2c: Client<HttpConnector, Body>,
+    pub(crate) discovery: DiscoveryView,
+    stats: StatsDirectory,
+    breakers: Mutex<HashMap<String, Arc<CircuitBreaker>>>,
+    budgets: Mutex<HashMap<String, (RetryConfig, Arc<RetryBudget>)>>,
+    pub(crate) verifier: Option<Verifier>,
+    pub(crate) limiters: Limiters,
+}
 
-/// Where a route's requests go.
-enum Targets {
-    Static(Vec<Uri>),
-    /// The passing instances of a registry service, from the live discovery view.
-    Service(String),
+impl Shared {
+    /// The pools, the token verifier and the rate limit store: settings a reload cannot
+    /// change.
+    pub fn new(config: &GatewayConfig, discovery: DiscoveryView) -> Result<Self, String> {
+        let verifier = config
+            .auth
+            .clone()
+            .map(Verifier::new)
+            .transpose()
+            .map_err(|error| format!("gateway.auth: {error}"))?;
+        let redis = RedisLimiter::new(&config.rate_limit)?;
+        let config = &config.upstream;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(config.connect_timeout));
+        connector.set_nodelay(true);
+        let client = |http2: bool| {
+            Client::builder(TokioExecutor::new())
+                .pool_idle_timeout(config.idle_timeout)
+                .pool_max_idle_per_host(config.max_idle_per_host)
+                .http2_only(http2)
+                .build(connector.clone())
+        };
+        Ok(Self {
+            http1: client(false),
+            h2c: client(true),
+            discovery,
+            stats: StatsDirectory::default(),
+            breakers: Mutex::default(),
+            budgets: Mutex::default(),
+            verifier,
+            limiters: Limiters::with_redis(redis),
+        })
+    }
+
+    pub(crate) fn client(&self, protocol: UpstreamProtocol) -> &Client<HttpConnector, Body> {
+        match protocol {
+            UpstreamProtocol::Http1 => &self.http1,
+            UpstreamProtocol::H2c => &self.h2c,
+        }
+    }
+
+    /// The breaker of `key`, kept across reloads unless its settings changed.
+    fn breaker(&self, key: &str, config: &BreakerConfig) -> Arc<CircuitBreaker> {
+        let mut breakers = self.breakers.lock().unwrap_or_else(PoisonError::into_inner);
+        match breakers.get(key) {
+            Some(breaker) if breaker.config() == config => Arc::clone(breaker),
+            _ => {
+                let breaker = Arc::new(CircuitBreaker::new(config.clone()));
+                breakers.insert(key.to_owned(), Arc::clone(&breaker));
+                breaker
+            }
+        }
+    }
+
+    fn budget(&self, route: &str, config: &RetryConfig) -> Arc<RetryBudget> {
+        let mut budgets = self.budgets.lock().unwrap_or_else(PoisonError::into_inner);
+        match budgets.get(route) {
+            Some((kept, budget)) if kept == config => Arc::clone(budget),
+            _ => {
+                let budget = Arc::new(RetryBudget::new(config));
+                budgets.insert(route.to_owned(), (config.clone(), Arc::clone(&budget)));
+                budget
+            }
+        }
+    }
 }
 
 /// Compiled [`HeaderActionsConfig`].
 #[derive(Default)]
-struct HeaderActions {
+pub(crate) struct HeaderActions {
     remove: Vec<HeaderName>,
     set: Vec<(HeaderName, HeaderValue)>,
     add: Vec<(HeaderName, HeaderValue)>,
@@ -72,7 +152,7 @@ impl HeaderActions {
         })
     }
 
-    fn apply(&self, headers: &mut http::HeaderMap) {
+    pub(crate) fn apply(&self, headers: &mut http::HeaderMap) {
         for name in &self.remove {
             headers.remove(name);
         }
@@ -85,231 +165,644 @@ impl HeaderActions {
     }
 }
 
-struct Upstreams {
-    targets: Targets,
-    request_headers: HeaderActions,
-    response_headers: HeaderActions,
-    next: AtomicUsize,
-    strip_prefix: Option<String>,
-    timeout: Duration,
+/// A path or location with `{param}` holes filled from the matched path template.
+#[derive(Debug)]
+pub(crate) struct Template(Vec<Piece>);
+
+#[derive(Debug)]
+enum Piece {
+    Literal(String),
+    Param(String),
 }
 
-/// The routes and their upstreams, with one pooled client for all of them.
+impl Template {
+    /// Parses `text`, accepting only parameters the route's path template captures.
+    fn parse(field: &str, text: &str, captured: &[String]) -> Result<Self, String> {
+        let mut pieces = Vec::new();
+        let mut rest = text;
+        while let Some(open) = rest.find('{') {
+            let close = rest[open..]
+                .find('}')
+                .ok_or_else(|| format!("{field} {text:?}: unclosed '{{'"))?;
+            if open > 0 {
+                pieces.push(Piece::Literal(rest[..open].to_owned()));
+            }
+            let name = rest[open + 1..open + close].trim_start_matches('*');
+            if !captured.iter().any(|c| c == name) {
+                return Err(format!(
+                    "{field} {text:?}: {{{name}}} is not a parameter of the path_template"
+                ));
+            }
+            pieces.push(Piece::Param(name.to_owned()));
+            rest = &rest[open + close + 1..];
+        }
+        if rest.contains('}') {
+            return Err(format!("{field} {text:?}: unmatched '}}'"));
+        }
+        if !rest.is_empty() {
+            pieces.push(Piece::Literal(rest.to_owned()));
+        }
+        Ok(Self(pieces))
+    }
+
+    pub(crate) fn expand(&self, params: &[(String, String)]) -> String {
+        let mut out = String::new();
+        for piece in &self.0 {
+            match piece {
+                Piece::Literal(text) => out.push_str(text),
+                Piece::Param(name) => {
+                    if let Some((_, value)) = params.iter().find(|(n, _)| n == name) {
+                        out.push_str(value);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// How the upstream path is made from the request's.
+pub(crate) enum PathAction {
+    Keep,
+    Strip(String),
+    Rewrite(Template),
+}
+
+impl PathAction {
+    pub(crate) fn apply<'a>(
+        &self,
+        path: &'a str,
+        params: &[(String, String)],
+    ) -> std::borrow::Cow<'a, str> {
+        match self {
+            Self::Keep => path.into(),
+            Self::Strip(prefix) => match path.strip_prefix(prefix.as_str()) {
+                Some("") => "/".into(),
+                Some(rest) if rest.starts_with('/') => rest.into(),
+                _ => path.into(),
+            },
+            Self::Rewrite(template) => template.expand(params).into(),
+        }
+    }
+}
+
+/// Where a route's endpoints come from.
+pub(crate) enum Pool {
+    Static(Arc<EndpointSet>),
+    /// A registry service; the set is rebuilt when the discovery view changes.
+    Service {
+        name: String,
+        cache: RwLock<(Arc<Vec<Instance>>, Arc<EndpointSet>)>,
+    },
+}
+
+/// What a matched route forwards with.
+pub(crate) struct Forward {
+    pub(crate) route: String,
+    pub(crate) pool: Pool,
+    /// The service name (or `route:<name>` for static upstreams) on metrics and errors.
+    pub(crate) target: String,
+    pub(crate) protocol: UpstreamProtocol,
+    pub(crate) path: PathAction,
+    pub(crate) request_headers: HeaderActions,
+    pub(crate) response_headers: HeaderActions,
+    pub(crate) timeout: Duration,
+    pub(crate) max_body_bytes: u64,
+    pub(crate) balance: BalanceConfig,
+    pub(crate) retry: RetryConfig,
+    pub(crate) budget: Arc<RetryBudget>,
+    pub(crate) outlier: OutlierConfig,
+    pub(crate) breaker: Arc<CircuitBreaker>,
+}
+
+enum Action {
+    Forward(Box<Forward>),
+    Redirect {
+        location: Template,
+        status: StatusCode,
+        keep_query: bool,
+    },
+}
+
+/// What applies to a route's requests before its action: who may call, from which
+/// origins, how often.
+struct Policy {
+    auth: RouteAuthConfig,
+    cors: Option<Cors>,
+    rate_limit: Option<(RateLimitConfig, Arc<LocalLimiter>)>,
+}
+
+struct RouteEntry {
+    policy: Policy,
+    action: Action,
+}
+
+/// One configuration generation.
 pub struct Proxy {
     table: RouteTable,
-    upstreams: HashMap<String, Upstreams>,
-    client: Client<HttpConnector, Body>,
-    discovery: DiscoveryView,
+    actions: HashMap<String, RouteEntry>,
+    routes: Vec<GatewayRouteConfig>,
+    pub(crate) shared: Arc<Shared>,
 }
 
 impl Proxy {
-    /// Validates every route and upstream; any error rejects the whole configuration.
-    pub fn build(
-        routes: &[GatewayRouteConfig],
-        discovery: DiscoveryView,
-    ) -> Result<Self, RouteError> {
+    /// Validates every route; any error rejects the whole configuration.
+    pub fn build(routes: &[GatewayRouteConfig], shared: Arc<Shared>) -> Result<Self, RouteError> {
         let table = RouteTable::build(
             &routes
                 .iter()
                 .map(GatewayRouteConfig::route)
                 .collect::<Vec<_>>(),
         )?;
-        let mut upstreams = HashMap::new();
+        // Outlier detection and the breaker belong to the service; routes reaching one
+        // service must agree on them.
+        let mut policies: HashMap<
+            String,
+            (&str, &OutlierConfig, &BreakerConfig, UpstreamProtocol),
+        > = HashMap::new();
+        let mut actions = HashMap::new();
         for route in routes {
             let error = |reason: String| RouteError {
                 route: route.name.clone(),
                 reason,
             };
-            let targets = match (&route.service, route.upstreams.is_empty()) {
-                (Some(_), false) => {
-                    return Err(error("has both a service and upstreams; choose one".into()));
+            let policy = Self::compile_policy(route, &shared).map_err(error)?;
+            let action = Self::compile(route, &shared).map_err(error)?;
+            if let Action::Forward(forward) = &action {
+                let policy = (
+                    route.name.as_str(),
+                    &route.outlier,
+                    &route.circuit_breaker,
+                    route.upstream_protocol,
+                );
+                if let Some(first) = policies.get(&forward.target)
+                    && (first.1, first.2, first.3) != (policy.1, policy.2, policy.3)
+                {
+                    return Err(error(format!(
+                        "reaches {} like route {:?} but with other outlier, circuit_breaker or \
+                         upstream_protocol settings; routes to one service must agree",
+                        forward.target, first.0
+                    )));
                 }
-                (None, true) => return Err(error("needs a service or upstreams".into())),
-                (Some(service), true) => {
-                    validate_service_name(service).map_err(error)?;
-                    discovery.watch(service);
-                    Targets::Service(service.clone())
-                }
-                (None, false) => Targets::Static(Self::static_targets(route)?),
-            };
-            upstreams.insert(
-                route.name.clone(),
-                Upstreams {
-                    targets,
-                    request_headers: HeaderActions::compile(&route.request_headers)
-                        .map_err(|reason| error(format!("request_headers: {reason}")))?,
-                    response_headers: HeaderActions::compile(&route.response_headers)
-                        .map_err(|reason| error(format!("response_headers: {reason}")))?,
-                    next: AtomicUsize::new(0),
-                    strip_prefix: route.strip_prefix.clone(),
-                    timeout: route.timeout,
-                },
-            );
+                policies.insert(forward.target.clone(), policy);
+            }
+            actions.insert(route.name.clone(), RouteEntry { policy, action });
         }
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build_http();
         Ok(Self {
             table,
-            upstreams,
-            client,
-            discovery,
+            actions,
+            routes: routes.to_vec(),
+            shared,
         })
     }
 
-    fn static_targets(route: &GatewayRouteConfig) -> Result<Vec<Uri>, RouteError> {
-        let error = |reason: String| RouteError {
-            route: route.name.clone(),
-            reason,
+    /// The routes this generation serves, as configured.
+    pub fn routes(&self) -> &[GatewayRouteConfig] {
+        &self.routes
+    }
+
+    fn compile_policy(route: &GatewayRouteConfig, shared: &Shared) -> Result<Policy, String> {
+        route.auth.validate(shared.verifier.is_some())?;
+        let cors = route.cors.as_ref().map(Cors::compile).transpose()?;
+        let rate_limit = match &route.rate_limit {
+            Some(limit) => {
+                let authenticated = route.auth.require == Requirement::Authenticated;
+                limit.validate(authenticated, shared.limiters.redis.is_some())?;
+                Some((limit.clone(), shared.limiters.local(&route.name)))
+            }
+            None => None,
         };
+        Ok(Policy {
+            auth: route.auth.clone(),
+            cors,
+            rate_limit,
+        })
+    }
+
+    fn compile(route: &GatewayRouteConfig, shared: &Shared) -> Result<Action, String> {
+        let captured: Vec<String> = route
+            .matches
+            .path_template
+            .as_deref()
+            .map(template_params)
+            .unwrap_or_default();
+        if let Some(redirect) = &route.redirect {
+            if route.service.is_some() || !route.upstreams.is_empty() {
+                return Err("has a redirect and upstreams; choose one".into());
+            }
+            return Self::compile_redirect(redirect, &captured);
+        }
+        route.retry.validate()?;
+        route.outlier.validate()?;
+        route.circuit_breaker.validate()?;
+        if let BalanceConfig::Hash(key) = &route.balance {
+            key.validate()?;
+        }
+        let path = match (&route.strip_prefix, &route.rewrite) {
+            (Some(_), Some(_)) => return Err("has strip_prefix and rewrite; choose one".into()),
+            (Some(prefix), None) => PathAction::Strip(prefix.clone()),
+            (None, Some(rewrite)) => {
+                if !rewrite.starts_with('/') {
+                    return Err(format!("rewrite {rewrite:?} must start with '/'"));
+                }
+                PathAction::Rewrite(Template::parse("rewrite", rewrite, &captured)?)
+            }
+            (None, None) => PathAction::Keep,
+        };
+        let (pool, target) = match (&route.service, route.upstreams.is_empty()) {
+            (Some(_), false) => return Err("has both a service and upstreams; choose one".into()),
+            (None, true) => return Err("needs a service, upstreams or a redirect".into()),
+            (Some(service), true) => {
+                validate_service_name(service)?;
+                shared.discovery.watch(service);
+                let empty = Arc::new(EndpointSet::new(Vec::new(), &route.balance));
+                let pool = Pool::Service {
+                    name: service.clone(),
+                    cache: RwLock::new((Arc::default(), empty)),
+                };
+                (pool, service.clone())
+            }
+            (None, false) => {
+                let endpoints = Self::static_endpoints(route, shared)?;
+                let set = EndpointSet::new(endpoints, &route.balance);
+                (Pool::Static(Arc::new(set)), format!("route:{}", route.name))
+            }
+        };
+        Ok(Action::Forward(Box::new(Forward {
+            route: route.name.clone(),
+            pool,
+            breaker: shared.breaker(&target, &route.circuit_breaker),
+            target,
+            protocol: route.upstream_protocol,
+            path,
+            request_headers: HeaderActions::compile(&route.request_headers)
+                .map_err(|reason| format!("request_headers: {reason}"))?,
+            response_headers: HeaderActions::compile(&route.response_headers)
+                .map_err(|reason| format!("response_headers: {reason}"))?,
+            timeout: route.timeout,
+            max_body_bytes: route.max_body_bytes,
+            balance: route.balance.clone(),
+            budget: shared.budget(&route.name, &route.retry),
+            retry: route.retry.clone(),
+            outlier: route.outlier.clone(),
+        })))
+    }
+
+    fn compile_redirect(redirect: &RedirectConfig, captured: &[String]) -> Result<Action, String> {
+        let status = StatusCode::from_u16(redirect.status)
+            .ok()
+            .filter(|s| [301, 302, 303, 307, 308].contains(&s.as_u16()))
+            .ok_or_else(|| {
+                format!(
+                    "redirect.status {} must be 301, 302, 303, 307 or 308",
+                    redirect.status
+                )
+            })?;
+        HeaderValue::from_str(&redirect.location).map_err(|_| {
+            format!(
+                "redirect.location {:?} is not a header value",
+                redirect.location
+            )
+        })?;
+        Ok(Action::Redirect {
+            location: Template::parse("redirect.location", &redirect.location, captured)?,
+            status,
+            keep_query: redirect.keep_query,
+        })
+    }
+
+    fn static_endpoints(
+        route: &GatewayRouteConfig,
+        shared: &Shared,
+    ) -> Result<Vec<Endpoint>, String> {
         route
             .upstreams
             .iter()
-            .map(|base| {
-                let uri: Uri = base
+            .map(|upstream| {
+                let url = upstream.url();
+                let base: Uri = url
                     .parse()
-                    .map_err(|_| error(format!("upstream {base:?} is not a URL")))?;
-                if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-                    return Err(error(format!("upstream {base:?} must be http://host:port")));
+                    .map_err(|_| format!("upstream {url:?} is not a URL"))?;
+                if base.scheme_str() != Some("http") || base.authority().is_none() {
+                    return Err(format!("upstream {url:?} must be http://host:port"));
                 }
-                Ok(uri)
+                if !(1..=10_000).contains(&upstream.weight()) {
+                    return Err(format!("upstream {url:?}: weight must be 1 to 10000"));
+                }
+                Ok(Endpoint {
+                    id: url.to_owned(),
+                    stats: shared.stats.stats(&base),
+                    base,
+                    weight: upstream.weight(),
+                })
             })
             .collect()
     }
 
-    /// Routes and forwards one request.
+    /// Routes and answers one request.
     pub async fn handle(self: Arc<Self>, request: Request) -> Response {
-        match self.forward(request).await {
+        match self.dispatch(request).await {
             Ok(response) => response,
             Err(problem) => problem.with_source(SOURCE).into_response(),
         }
     }
 
-    async fn forward(&self, request: Request) -> Result<Response, Problem> {
+    async fn dispatch(&self, request: Request) -> Result<Response, Problem> {
         let (mut parts, body) = request.into_parts();
+        // Claims headers are the gateway's to set; a client's copies never pass.
+        crate::auth::strip_claim_headers(&mut parts.headers);
+        let preflight = preflight_method(&parts.method, &parts.headers);
         let host = parts
             .headers
-            .get(header::HOST)
+            .get(http::header::HOST)
             .and_then(|v| v.to_str().ok())
             .or_else(|| parts.uri.authority().map(|a| a.as_str()));
-        let view = RequestView {
-            method: &parts.method,
+        let mut view = RequestView {
+            method: preflight.as_ref().unwrap_or(&parts.method),
             host,
             path: parts.uri.path(),
             query: parts.uri.query(),
             headers: &parts.headers,
         };
-        let matched = self.table.find(&view).ok_or_else(|| {
+        // A preflight is answered by the route of the method it asks about, when that
+        // route has CORS; otherwise it is an ordinary OPTIONS request.
+        let mut matched = self.table.find(&view);
+        if preflight.is_some()
+            && matched
+                .as_ref()
+                .and_then(|m| self.actions.get(m.route))
+                .is_none_or(|entry| entry.policy.cors.is_none())
+        {
+            view.method = &parts.method;
+            matched = self.table.find(&view);
+        }
+        let matched = matched.ok_or_else(|| {
             Problem::not_found(format!(
                 "no route for {} {}",
                 parts.method,
                 parts.uri.path()
             ))
         })?;
-        let upstreams = self
-            .upstreams
+        let params = matched.params;
+        let entry = self
+            .actions
             .get(matched.route)
-            .ok_or_else(|| Problem::internal("route without upstreams"))?;
-        let turn = upstreams.next.fetch_add(1, Ordering::Relaxed);
-        let base = match &upstreams.targets {
-            Targets::Static(bases) => bases[turn % bases.len()].clone(),
-            Targets::Service(service) => {
-                let instances = self.discovery.instances(service);
-                let Some(instance) =
-                    (!instances.is_empty()).then(|| &instances[turn % instances.len()])
-                else {
-                    return Err(Problem::unavailable(format!(
-                        "route {:?}: service {service:?} has no passing instance",
-                        matched.route
-                    ))
-                    .with_retry_after(Duration::from_secs(1)));
-                };
-                instance.base_url().parse().map_err(|_| {
-                    Problem::internal(format!("instance {} has no usable address", instance.id))
-                })?
+            .ok_or_else(|| Problem::internal("route without an action"))?;
+        let policy = &entry.policy;
+        if let (Some(cors), Some(_)) = (&policy.cors, &preflight) {
+            return Ok(cors.preflight(&parts.headers));
+        }
+        let request_headers = policy.cors.as_ref().map(|_| parts.headers.clone());
+        let mut response = self
+            .answer(matched.route, entry, parts, body, &params)
+            .await
+            .unwrap_or_else(|problem| problem.with_source(SOURCE).into_response());
+        if let (Some(cors), Some(headers)) = (&policy.cors, request_headers) {
+            cors.decorate(&headers, response.headers_mut());
+        }
+        Ok(response)
+    }
+
+    /// Authorization, rate limit, then the route's action.
+    async fn answer(
+        &self,
+        route: &str,
+        entry: &RouteEntry,
+        mut parts: http::request::Parts,
+        body: Body,
+        params: &[(String, String)],
+    ) -> Result<Response, Problem> {
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|ConnectInfo(peer)| *peer);
+        let principal = match crate::auth::authorize(
+            &entry.policy.auth,
+            self.shared.verifier.as_ref(),
+            &mut parts.headers,
+        )
+        .await
+        {
+            Ok(principal) => principal,
+            Err(refusal) => return Ok(refusal),
+        };
+        let decision = match &entry.policy.rate_limit {
+            Some((limit, local)) => {
+                let key = limit.key_of(&parts.headers, principal.as_ref(), peer.map(|p| p.ip()));
+                match self.rate_limit(route, limit, local, &key).await? {
+                    Some(decision) if !decision.allowed => {
+                        return Ok(rate_limited(route, &decision));
+                    }
+                    decision => decision,
+                }
+            }
+            None => None,
+        };
+        let mut response = match &entry.action {
+            Action::Redirect {
+                location,
+                status,
+                keep_query,
+            } => {
+                let mut target = location.expand(params);
+                if let (true, Some(query)) = (*keep_query, parts.uri.query()) {
+                    target.push(if target.contains('?') { '&' } else { '?' });
+                    target.push_str(query);
+                }
+                let location = HeaderValue::from_str(&target)
+                    .map_err(|_| Problem::bad_request("the redirect target is not a valid URL"))?;
+                (*status, [(http::header::LOCATION, location)]).into_response()
+            }
+            Action::Forward(forward) => {
+                forward
+                    .forward(&self.shared, parts, body, params, peer)
+                    .await?
             }
         };
+        if let Some(decision) = decision {
+            rate_limit_headers(&decision, response.headers_mut());
+        }
+        Ok(response)
+    }
 
-        let path = parts.uri.path();
-        let path = match &upstreams.strip_prefix {
-            Some(prefix) => match path.strip_prefix(prefix.as_str()) {
-                Some("") => "/",
-                Some(rest) if rest.starts_with('/') => rest,
-                _ => path,
-            },
-            None => path,
+    /// The limiter's decision; `None` when a shared limit could not be checked and the
+    /// configured policy lets the request through.
+    async fn rate_limit(
+        &self,
+        route: &str,
+        limit: &RateLimitConfig,
+        local: &LocalLimiter,
+        key: &str,
+    ) -> Result<Option<Decision>, Problem> {
+        let redis = match (&self.shared.limiters.redis, limit.shared) {
+            (Some(redis), true) => redis,
+            _ => return Ok(Some(local.check(limit, key))),
         };
-        let target = match parts.uri.query() {
-            Some(query) => format!("{path}?{query}"),
-            None => path.to_owned(),
-        };
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = base.scheme().cloned();
-        uri.authority = base.authority().cloned();
-        uri.path_and_query = Some(
-            target
-                .parse()
-                .map_err(|_| Problem::bad_request("the request target cannot be forwarded"))?,
-        );
-        parts.uri = Uri::from_parts(uri).map_err(|_| Problem::internal("bad upstream URI"))?;
-        strip_hop_by_hop(&mut parts.headers);
-        if let Some(ConnectInfo(peer)) = parts.extensions.get::<ConnectInfo<std::net::SocketAddr>>()
-        {
-            let forwarded = match parts
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
-                Some(before) => format!("{before}, {}", peer.ip()),
-                None => peer.ip().to_string(),
-            };
-            if let Ok(value) = HeaderValue::from_str(&forwarded) {
-                parts.headers.insert("x-forwarded-for", value);
+        match redis.check(limit, route, key).await {
+            Ok(decision) => Ok(Some(decision)),
+            Err(error) => {
+                metrics::counter!("keel_gateway_rate_limit_store_errors_total", "route" => route.to_owned())
+                    .increment(1);
+                tracing::warn!(route, %error, policy = ?redis.on_error, "rate limit store unavailable");
+                match redis.on_error {
+                    FailurePolicy::Allow => Ok(None),
+                    FailurePolicy::Deny => Err(Problem::unavailable(format!(
+                        "route {route:?}: its rate limit cannot be checked right now"
+                    ))
+                    .with_retry_after(Duration::from_secs(1))),
+                }
             }
         }
-        parts.headers.remove(header::HOST);
-        upstreams.request_headers.apply(&mut parts.headers);
-        keel_runtime::trace_context::inject_current(&mut parts.headers);
-
-        let upstream = Request::from_parts(parts, body);
-        let response = tokio::time::timeout(upstreams.timeout, self.client.request(upstream))
-            .await
-            .map_err(|_| {
-                Problem::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "upstream-timeout",
-                    "Upstream timeout",
-                )
-                .with_detail(format!(
-                    "route {:?}: {base} did not answer within {:?}",
-                    matched.route, upstreams.timeout
-                ))
-            })?
-            .map_err(|error| {
-                Problem::new(
-                    StatusCode::BAD_GATEWAY,
-                    "upstream-unavailable",
-                    "Bad gateway",
-                )
-                .with_detail(format!("route {:?}: {base}: {error}", matched.route))
-            })?;
-        let (mut parts, body) = response.into_parts();
-        strip_hop_by_hop(&mut parts.headers);
-        upstreams.response_headers.apply(&mut parts.headers);
-        Ok(Response::from_parts(parts, Body::new(body)))
     }
 }
 
-fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    // Headers the Connection header names are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in HOP_BY_HOP.iter().chain(&named) {
-        headers.remove(name);
+fn rate_limit_headers(decision: &Decision, headers: &mut http::HeaderMap) {
+    let seconds = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
+    headers.insert("ratelimit-limit", HeaderValue::from(decision.limit));
+    headers.insert("ratelimit-remaining", HeaderValue::from(decision.remaining));
+    headers.insert(
+        "ratelimit-reset",
+        HeaderValue::from(seconds(decision.reset)),
+    );
+}
+
+fn rate_limited(route: &str, decision: &Decision) -> Response {
+    metrics::counter!("keel_gateway_rate_limited_total", "route" => route.to_owned()).increment(1);
+    let after = decision.retry_after.max(Duration::from_secs(1));
+    let mut response = Problem::too_many_requests(format!(
+        "route {route:?}: rate limit of {} requests reached",
+        decision.limit
+    ))
+    .with_retry_after(after)
+    .with_source(SOURCE)
+    .into_response();
+    rate_limit_headers(decision, response.headers_mut());
+    response
+}
+
+impl Forward {
+    /// The route's current endpoints.
+    pub(crate) fn endpoints(&self, shared: &Shared) -> Arc<EndpointSet> {
+        match &self.pool {
+            Pool::Static(set) => Arc::clone(set),
+            Pool::Service { name, cache } => {
+                let instances = shared.discovery.instances(name);
+                {
+                    let cached = cache.read().unwrap_or_else(PoisonError::into_inner);
+                    if Arc::ptr_eq(&cached.0, &instances) {
+                        return Arc::clone(&cached.1);
+                    }
+                }
+                let endpoints = instances
+                    .iter()
+                    .filter_map(|instance| {
+                        let base: Uri = instance.base_url().parse().ok()?;
+                        Some(Endpoint {
+                            id: instance.id.clone(),
+                            stats: shared.stats.stats(&base),
+                            base,
+                            weight: instance.weight,
+                        })
+                    })
+                    .collect();
+                let set = Arc::new(EndpointSet::new(endpoints, &self.balance));
+                *cache.write().unwrap_or_else(PoisonError::into_inner) =
+                    (instances, Arc::clone(&set));
+                set
+            }
+        }
+    }
+}
+
+/// An upstream target as the admin API shows it.
+#[derive(Debug, Serialize)]
+pub struct UpstreamStatus {
+    pub route: String,
+    pub target: String,
+    pub balance: BalanceConfig,
+    pub circuit: CircuitState,
+    pub endpoints: Vec<EndpointStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct EndpointStatus {
+    pub id: String,
+    pub url: String,
+    pub weight: u32,
+    pub in_flight: u32,
+    pub latency_ms: f64,
+    pub ejected_for_ms: Option<u128>,
+    pub ejections: u64,
+}
+
+impl Proxy {
+    /// Every forwarding route's endpoints with their health as the gateway sees it.
+    pub fn upstreams(&self) -> Vec<UpstreamStatus> {
+        let now = now_nanos();
+        let mut statuses: Vec<UpstreamStatus> = self
+            .actions
+            .values()
+            .filter_map(|entry| match &entry.action {
+                Action::Forward(forward) => Some(forward),
+                Action::Redirect { .. } => None,
+            })
+            .map(|forward| UpstreamStatus {
+                route: forward.route.clone(),
+                target: forward.target.clone(),
+                balance: forward.balance.clone(),
+                circuit: forward.breaker.state(),
+                endpoints: forward
+                    .endpoints(&self.shared)
+                    .endpoints
+                    .iter()
+                    .map(|endpoint| EndpointStatus {
+                        id: endpoint.id.clone(),
+                        url: endpoint.base.to_string(),
+                        weight: endpoint.weight,
+                        in_flight: endpoint.stats.in_flight(),
+                        latency_ms: endpoint.stats.latency_nanos() as f64 / 1e6,
+                        ejected_for_ms: endpoint.stats.ejected_for(now).map(|d| d.as_millis()),
+                        ejections: endpoint.stats.ejections(),
+                    })
+                    .collect(),
+            })
+            .collect();
+        statuses.sort_by(|a, b| a.route.cmp(&b.route));
+        statuses
+    }
+}
+
+/// The parameter names a path template captures.
+fn template_params(template: &str) -> Vec<String> {
+    template
+        .split('/')
+        .filter_map(|segment| segment.strip_prefix('{')?.strip_suffix('}'))
+        .map(|name| name.trim_start_matches('*').to_owned())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_fill_captured_parameters_and_refuse_unknown_ones() {
+        let captured = template_params("/orders/{id}/items/{*rest}");
+        assert_eq!(captured, ["id", "rest"]);
+        let template = Template::parse("rewrite", "/v2/{id}/{*rest}", &captured).unwrap();
+        let params = vec![("id".into(), "42".into()), ("rest".into(), "a/b".into())];
+        assert_eq!(template.expand(&params), "/v2/42/a/b");
+        let error = Template::parse("rewrite", "/v2/{nope}", &captured).unwrap_err();
+        assert!(error.contains("{nope}"), "{error}");
+        assert!(Template::parse("rewrite", "/v2/{id", &captured).is_err());
+        assert!(Template::parse("rewrite", "/v2/id}", &captured).is_err());
+    }
+
+    #[test]
+    fn strip_prefix_only_strips_whole_segments() {
+        let strip = PathAction::Strip("/api".into());
+        assert_eq!(strip.apply("/api/orders", &[]), "/orders");
+        assert_eq!(strip.apply("/api", &[]), "/");
+        assert_eq!(strip.apply("/apix", &[]), "/apix");
     }
 }

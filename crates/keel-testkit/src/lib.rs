@@ -3,7 +3,8 @@
 //! - [`spawn`]: start any [`Server`] (bound to port 0) and get its URL;
 //! - [`require`]: the SKIP / require logic for backing services;
 //! - [`TestDatabase`]: a fresh PostgreSQL database per test, migrated, dropped afterwards;
-//! - [`unique_name`]: per-test Redis key prefixes, RabbitMQ names and etcd key prefixes.
+//! - [`unique_name`]: per-test Redis key prefixes, RabbitMQ names and etcd key prefixes;
+//! - [`FaultProxy`]: a TCP proxy to cut, between code under test and a shared service.
 
 #![allow(clippy::expect_used)] // test support: a broken fixture should stop the test loudly
 
@@ -12,6 +13,9 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use keel_runtime::{Server, Shutdown};
+
+mod fault;
+pub use fault::FaultProxy;
 use sqlx::Connection;
 use tokio::task::JoinHandle;
 

@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use keel_gateway::GatewayConfig;
+use keel_gateway::server::ConfigSource;
 use keel_registry::RegistryConfig;
 use keel_runtime::config::{self, ConfigError};
 use keel_runtime::telemetry::TelemetryConfig;
@@ -21,6 +22,21 @@ impl KeelConfig {
         config::load(file)
     }
 
+    /// How `keel gateway` and `keel up` reload the gateway's routes: the same file and
+    /// environment, read again. Without a file there is nothing to watch.
+    pub fn gateway_source(file: Option<&Path>) -> Option<ConfigSource> {
+        let path = file?.to_path_buf();
+        let load_path = path.clone();
+        Some(ConfigSource {
+            path,
+            load: Box::new(move || {
+                Self::load(Some(&load_path))
+                    .map(|config| config.gateway)
+                    .map_err(|error| error.to_string())
+            }),
+        })
+    }
+
     /// `keel config`: the effective configuration as TOML, secrets redacted.
     pub fn print(&self) -> anyhow::Result<()> {
         print!("{}", config::to_toml(self)?);
@@ -37,6 +53,31 @@ mod tests {
         let printed = config::to_toml(&KeelConfig::default()).expect("renders");
         let parsed: KeelConfig = config::from_toml(&printed).expect("parses back");
         assert_eq!(parsed, KeelConfig::default());
+    }
+
+    #[test]
+    fn a_route_using_every_action_round_trips() {
+        let toml = r#"
+            [[gateway.routes]]
+            name = "orders"
+            match = { path_template = "/api/orders/{id}", methods = ["GET"] }
+            upstreams = ["http://127.0.0.1:9000", { url = "http://127.0.0.1:9001", weight = 3 }]
+            rewrite = "/orders/{id}"
+            balance = { hash = { cookie = "session" } }
+            retry = { attempts = 1, per_try_timeout = "250ms" }
+            outlier = { consecutive_failures = 3 }
+            circuit_breaker = { max_concurrent = 10 }
+
+            [[gateway.routes]]
+            name = "old"
+            match = { path_prefix = "/old" }
+            redirect = { location = "/new", status = 301 }
+        "#;
+        let parsed: KeelConfig = config::from_toml(toml).expect("parses");
+        let printed = config::to_toml(&parsed).expect("renders");
+        let again: KeelConfig = config::from_toml(&printed).expect("parses back");
+        assert_eq!(again, parsed);
+        assert_eq!(parsed.gateway.routes[0].upstreams[1].weight(), 3);
     }
 
     #[test]

@@ -59,11 +59,17 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Up => up::run(config).await,
+            Command::Up => up::run(config, cli.config.as_deref()).await,
             Command::Registry(args) => registry_cmd::run(args, config).await,
             Command::Gateway => {
                 let shutdown = keel_runtime::Shutdown::new();
-                let server = keel_gateway::GatewayServer::build(config.gateway, &shutdown).await?;
+                let source = KeelConfig::gateway_source(cli.config.as_deref());
+                let server = keel_gateway::GatewayServer::build_with_source(
+                    config.gateway,
+                    source,
+                    &shutdown,
+                )
+                .await?;
                 up::serve_alone(&config.telemetry, shutdown, server).await
             }
             Command::Config => config.print(),

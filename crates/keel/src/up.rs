@@ -1,6 +1,7 @@
 //! `keel up`: every component in one process on the embedded profile.
 
 use std::net::SocketAddr;
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -14,7 +15,7 @@ use crate::config::KeelConfig;
 /// Time the shutdown hooks (deregistration, telemetry flush) get once servers have drained.
 const HOOKS_DEADLINE: Duration = Duration::from_secs(5);
 
-pub async fn run(config: KeelConfig) -> anyhow::Result<()> {
+pub async fn run(config: KeelConfig, file: Option<&Path>) -> anyhow::Result<()> {
     let guard = telemetry::init(&config.telemetry, "keel", &instance_id())?;
     let shutdown = Shutdown::new();
     shutdown.trigger_on_signals();
@@ -22,7 +23,8 @@ pub async fn run(config: KeelConfig) -> anyhow::Result<()> {
     // Bind everything before serving anything, so a taken port stops the start cleanly.
     let registry = RegistryServer::build(config.registry, &shutdown).await?;
     let routes = config.gateway.routes.len();
-    let gateway = GatewayServer::build(config.gateway, &shutdown).await?;
+    let source = KeelConfig::gateway_source(file);
+    let gateway = GatewayServer::build_with_source(config.gateway, source, &shutdown).await?;
 
     let gateway_what = format!("API gateway: {routes} route(s) from [[gateway.routes]]");
     print_table(&[
@@ -32,6 +34,11 @@ pub async fn run(config: KeelConfig) -> anyhow::Result<()> {
             "service registry: /v1/services, Consul /v1/health, Eureka /eureka/apps",
         ),
         (gateway.name(), gateway.local_addr(), &gateway_what),
+        (
+            "gateway admin",
+            gateway.admin_addr(),
+            "gateway admin API: /v1/routes, /v1/upstreams, /v1/reload (token)",
+        ),
     ]);
 
     let mut servers = JoinSet::new();
@@ -93,9 +100,9 @@ pub async fn supervise(
 
 fn print_table(rows: &[(&str, SocketAddr, &str)]) {
     println!("Keel is up (embedded profile). Ctrl-C stops it.\n");
-    println!("  {:<10} {:<24} WHAT", "COMPONENT", "URL");
+    println!("  {:<14} {:<24} WHAT", "COMPONENT", "URL");
     for (name, addr, what) in rows {
-        println!("  {name:<10} {:<24} {what}", format!("http://{addr}"));
+        println!("  {name:<14} {:<24} {what}", format!("http://{addr}"));
     }
     println!();
 }

@@ -11,6 +11,7 @@ fn keel() -> Command {
     command.env("KEEL_TELEMETRY__LOG_FORMAT", "json");
     // Never the default ports: tests run beside each other and beside a running stack.
     command.env("KEEL_GATEWAY__LISTEN", "127.0.0.1:0");
+    command.env("KEEL_GATEWAY__ADMIN_LISTEN", "127.0.0.1:0");
     command
 }
 

@@ -2,13 +2,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod actions;
+mod balancing;
+mod reload;
+mod resilience;
+mod support;
+
 use std::time::Duration;
 
 use axum::Router;
 use axum::extract::Request;
 use axum::routing::any;
 use http::StatusCode;
-use keel_gateway::config::GatewayRouteConfig;
+use keel_gateway::config::{GatewayRouteConfig, UpstreamConfig};
 use keel_gateway::route::MatchConfig;
 use keel_gateway::{GatewayConfig, GatewayServer};
 use keel_runtime::Shutdown;
@@ -52,31 +58,17 @@ async fn upstream(name: &'static str) -> String {
 fn route(name: &str, prefix: &str, upstreams: Vec<String>) -> GatewayRouteConfig {
     GatewayRouteConfig {
         name: name.into(),
-        priority: 0,
         matches: MatchConfig {
             path_prefix: Some(prefix.into()),
             ..MatchConfig::default()
         },
-        service: None,
-        upstreams,
-        request_headers: Default::default(),
-        response_headers: Default::default(),
-        strip_prefix: None,
-        timeout: Duration::from_secs(30),
+        upstreams: upstreams.into_iter().map(UpstreamConfig::Url).collect(),
+        ..GatewayRouteConfig::default()
     }
 }
 
 async fn gateway(routes: Vec<GatewayRouteConfig>) -> TestServer {
-    let config = GatewayConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        routes,
-        ..GatewayConfig::default()
-    };
-    keel_testkit::spawn(
-        GatewayServer::build(config, &Shutdown::new())
-            .await
-            .unwrap(),
-    )
+    support::start_gateway(routes).await
 }
 
 async fn get(url: &str) -> (StatusCode, String, http::HeaderMap) {
@@ -154,11 +146,8 @@ async fn errors_are_problems_that_say_where_they_came_from() {
 
 #[tokio::test]
 async fn an_invalid_configuration_is_refused_naming_the_route() {
-    let config = GatewayConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        routes: vec![route("broken", "/x", vec!["ftp://example".into()])],
-        ..GatewayConfig::default()
-    };
+    let config =
+        crate::support::test_config(vec![route("broken", "/x", vec!["ftp://example".into()])]);
     let error = match GatewayServer::build(config, &Shutdown::new()).await {
         Ok(_) => panic!("accepted a bad upstream"),
         Err(error) => error.to_string(),
@@ -188,13 +177,11 @@ async fn a_service_route_follows_the_registry_live() {
     let client = RegistryClient::new(&registry.url, None).unwrap();
 
     let config = GatewayConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
         registry: registry.url.clone(),
-        routes: vec![GatewayRouteConfig {
+        ..support::test_config(vec![GatewayRouteConfig {
             service: Some("orders".into()),
             ..route("orders", "/orders", Vec::new())
-        }],
-        ..GatewayConfig::default()
+        }])
     };
     let gateway = keel_testkit::spawn(GatewayServer::build(config, &shutdown).await.unwrap());
 
@@ -279,17 +266,13 @@ async fn header_actions_change_requests_and_responses() {
     );
     assert!(body.contains("internal=false"), "{body}");
 
-    let bad = GatewayConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        routes: vec![GatewayRouteConfig {
-            request_headers: HeaderActionsConfig {
-                set: [("bad header".into(), "x".into())].into(),
-                ..Default::default()
-            },
-            ..route("badhdr", "/", vec!["http://127.0.0.1:1".into()])
-        }],
-        ..GatewayConfig::default()
-    };
+    let bad = support::test_config(vec![GatewayRouteConfig {
+        request_headers: HeaderActionsConfig {
+            set: [("bad header".into(), "x".into())].into(),
+            ..Default::default()
+        },
+        ..route("badhdr", "/", vec!["http://127.0.0.1:1".into()])
+    }]);
     let error = match GatewayServer::build(bad, &Shutdown::new()).await {
         Ok(_) => panic!("accepted a bad header name"),
         Err(error) => error.to_string(),

@@ -1,0 +1,362 @@
+//! `gateway`: benchmark of Keel's gateway against NGINX and HAProxy.
+//!
+//! Starts a tiny upstream (`upstream`, beside this binary) and then, one at a time, each
+//! target: the upstream directly, NGINX, HAProxy, Keel's gateway plain and with everything
+//! on. Each proxy is pinned to one core with one worker; wrk and the upstream share the
+//! other. The same wrk load runs against each (a warm-up, then the measured run), and the
+//! report gives req/s and p50/p99 latency with the ratios to NGINX. Results are recorded in
+//! `bench/README.md`; `scripts/bench gateway` installs wrk, nginx and haproxy first.
+
+mod process;
+mod report;
+mod targets;
+mod wrk;
+
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use keel_bench::procfs;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::process::{Running, pinned};
+use crate::report::{CoreUse, LoadInfo, Machine, Measurement, Outcome, Report, Row};
+use crate::targets::{Prepared, Setup, Started, Target, Tools};
+use crate::wrk::Load;
+
+/// The settings a recorded run is reproduced with, named in the report's command line.
+const SETTINGS_ENV: [&str; 3] = ["BENCH_DURATION", "BENCH_WARMUP", "BENCH_CONNECTIONS"];
+
+/// Benchmark of Keel's gateway against NGINX and HAProxy: req/s and p50/p99 latency of the
+/// same wrk load through each, one proxy core each, with the ratios to NGINX.
+#[derive(Debug, Parser)]
+#[command(name = "gateway", version)]
+struct Cli {
+    /// The keel binary to start [default: `keel` beside this harness, i.e. target/release/keel]
+    #[arg(long, value_name = "PATH")]
+    keel: Option<PathBuf>,
+    /// Length of each measured run (whole seconds)
+    #[arg(long, env = "BENCH_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Length of the warm-up run before each measured run; 0s for none
+    #[arg(long, env = "BENCH_WARMUP", default_value = "3s", value_parser = humantime::parse_duration)]
+    warmup: Duration,
+    /// Connections wrk keeps open (one wrk thread)
+    #[arg(long, env = "BENCH_CONNECTIONS", default_value_t = 64)]
+    connections: usize,
+    /// The core every proxy is pinned to
+    #[arg(long, default_value_t = 0)]
+    proxy_cpu: usize,
+    /// The core of wrk and the upstream
+    #[arg(long, default_value_t = 1)]
+    load_cpu: usize,
+    /// Which targets to run, comma-separated [default: all, in this order]
+    #[arg(long, value_enum, value_delimiter = ',')]
+    targets: Vec<Target>,
+    /// Keep the run's directory (configurations and every process's log) and print it
+    #[arg(long)]
+    keep_dir: bool,
+    /// Print the report as JSON instead of text
+    #[arg(long)]
+    json: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // Dropping the run on a signal stops every process it started (their guards).
+    let result = tokio::select! {
+        result = measure(&cli) => result,
+        signal = interrupted() => Err(anyhow::anyhow!("interrupted by {signal}; every process started was stopped")),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::FAILURE,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs every target and prints the report; `Ok(false)` when a target failed (a missed
+/// target, or one not yet available, is a finding, not a failure).
+async fn measure(cli: &Cli) -> anyhow::Result<bool> {
+    if cli.duration < Duration::from_secs(1) {
+        bail!("--duration must be at least 1s (wrk counts whole seconds)");
+    }
+    if cli.connections == 0 {
+        bail!("--connections must be at least 1");
+    }
+    if cli.proxy_cpu == cli.load_cpu {
+        bail!("--proxy-cpu and --load-cpu must be different cores");
+    }
+    for cpu in [cli.proxy_cpu, cli.load_cpu] {
+        procfs::core_busy_ticks(cpu)
+            .with_context(|| format!("CPU {cpu} is not on this machine (it needs 2 cores)"))?;
+    }
+    let tools = Tools::find(cli.keel.clone())?;
+    let date = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let dir = RunDir::create(cli.keep_dir)?;
+    let report = run(cli, &tools, &dir.path, date).await?;
+    let all_ran = !report
+        .rows
+        .iter()
+        .any(|row| matches!(row.outcome, Outcome::Failed { .. }));
+    if cli.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{report}");
+    }
+    if cli.keep_dir {
+        eprintln!("configurations and logs kept in {}", dir.path.display());
+    }
+    Ok(all_ran)
+}
+
+async fn run(
+    cli: &Cli,
+    tools: &Tools,
+    dir: &std::path::Path,
+    date: String,
+) -> anyhow::Result<Report> {
+    let upstream_addr = targets::free_loopback_port()?;
+    let mut command = pinned(cli.load_cpu, &tools.upstream);
+    command.arg("--listen").arg(upstream_addr.to_string());
+    let upstream = Running::spawn("upstream", command, &dir.join("upstream.log"))?;
+    let setup = Setup {
+        tools,
+        dir,
+        upstream: upstream_addr,
+        proxy_cpu: cli.proxy_cpu,
+        connections: cli.connections,
+    };
+    let chosen = if cli.targets.is_empty() {
+        Target::ALL.to_vec()
+    } else {
+        Target::ALL
+            .into_iter()
+            .filter(|t| cli.targets.contains(t))
+            .collect()
+    };
+    let mut rows = Vec::new();
+    for target in chosen {
+        eprintln!("{}…", target.label());
+        let outcome = match measure_target(cli, &setup, &upstream, target).await {
+            Ok(outcome) => outcome,
+            Err(error) => Outcome::Failed {
+                error: format!("{error:#}"),
+            },
+        };
+        match &outcome {
+            Outcome::Measured(m) => eprintln!(
+                "  {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
+                m.wrk.requests_per_second, m.wrk.p50_ms, m.wrk.p99_ms
+            ),
+            Outcome::Unavailable { reason } => eprintln!("  {reason}"),
+            Outcome::Failed { error } => eprintln!("  failed: {error}"),
+        }
+        rows.push(Row {
+            target,
+            label: target.label(),
+            outcome,
+        });
+    }
+    drop(upstream);
+
+    let mut report = Report {
+        date,
+        command: command_line(),
+        machine: machine(),
+        versions: tools.versions(),
+        keel_commit: keel_commit(),
+        load: LoadInfo {
+            connections: cli.connections,
+            duration_s: cli.duration.as_secs(),
+            warmup_s: cli.warmup.as_secs(),
+            proxy_cpu: cli.proxy_cpu,
+            load_cpu: cli.load_cpu,
+        },
+        rows,
+        targets: Vec::new(),
+    };
+    report.check_targets();
+    Ok(report)
+}
+
+/// Starts `target`, warms it up, measures it and stops it.
+async fn measure_target(
+    cli: &Cli,
+    setup: &Setup<'_>,
+    upstream: &Running,
+    target: Target,
+) -> anyhow::Result<Outcome> {
+    let mut started = match setup.start(target).await? {
+        Prepared::Ready(started) => started,
+        Prepared::Unavailable(reason) => return Ok(Outcome::Unavailable { reason }),
+    };
+    let load = Load {
+        cpu: cli.load_cpu,
+        connections: cli.connections,
+        headers: started.headers.clone(),
+    };
+    let log = setup.dir.join("wrk.log");
+    if !cli.warmup.is_zero() {
+        load.run(&setup.tools.wrk, &started.url, cli.warmup, &log)
+            .await
+            .context("warm-up")?;
+    }
+    let before = CpuReading::take(cli, &started, upstream)?;
+    let from = Instant::now();
+    let wrk = load
+        .run(&setup.tools.wrk, &started.url, cli.duration, &log)
+        .await?;
+    let elapsed = from.elapsed();
+    let after = CpuReading::take(cli, &started, upstream)?;
+    started.check_alive()?;
+    let (proxy_core, load_core) = after.since(&before, elapsed);
+    Ok(Outcome::Measured(Measurement {
+        wrk,
+        proxy_core,
+        load_core,
+        placement: started.placement(),
+    }))
+}
+
+/// CPU counters around a measured run: both cores, and the processes pinned to each.
+struct CpuReading {
+    proxy_core: u64,
+    load_core: u64,
+    /// The proxy and its children.
+    proxy: u64,
+    /// The upstream, and wrk (a child this harness waits for).
+    load: u64,
+}
+
+impl CpuReading {
+    fn take(cli: &Cli, started: &Started, upstream: &Running) -> anyhow::Result<Self> {
+        Ok(Self {
+            proxy_core: procfs::core_busy_ticks(cli.proxy_cpu)?,
+            load_core: procfs::core_busy_ticks(cli.load_cpu)?,
+            proxy: started.process.as_ref().map_or(0, Running::cpu_ticks),
+            load: upstream.cpu_ticks() + procfs::waited_children_ticks(std::process::id())?,
+        })
+    }
+
+    /// Each core's use from `earlier` to this reading, in cores.
+    fn since(&self, earlier: &CpuReading, elapsed: Duration) -> (CoreUse, CoreUse) {
+        let hz = procfs::clock_ticks_per_second();
+        let cores = |ticks: u64| procfs::cores(ticks, hz, elapsed);
+        let core = |now: u64, then: u64, ours: u64| CoreUse {
+            busy: cores(now.saturating_sub(then)),
+            ours: cores(ours),
+        };
+        (
+            core(
+                self.proxy_core,
+                earlier.proxy_core,
+                self.proxy.saturating_sub(earlier.proxy),
+            ),
+            core(
+                self.load_core,
+                earlier.load_core,
+                self.load.saturating_sub(earlier.load),
+            ),
+        )
+    }
+}
+
+/// The first of SIGINT, SIGTERM and SIGHUP.
+async fn interrupted() -> &'static str {
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        // Without handlers the default actions stay in place; never resolve.
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = int.recv() => "SIGINT",
+        _ = term.recv() => "SIGTERM",
+        _ = hup.recv() => "SIGHUP",
+    }
+}
+
+/// The run's configurations and logs; removed at the end unless kept.
+struct RunDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl RunDir {
+    fn create(keep: bool) -> anyhow::Result<Self> {
+        let path = std::env::temp_dir().join(format!("keel-bench-gateway-{}", std::process::id()));
+        std::fs::create_dir_all(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(Self { path, keep })
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// How the run was started: `scripts/bench` passes its own command line in BENCH_COMMAND;
+/// the BENCH_* settings in force are put in front.
+fn command_line() -> String {
+    let command = std::env::var("BENCH_COMMAND")
+        .unwrap_or_else(|_| std::env::args().collect::<Vec<_>>().join(" "));
+    let settings: Vec<String> = SETTINGS_ENV
+        .iter()
+        .filter_map(|name| Some(format!("{name}={}", std::env::var(name).ok()?)))
+        .collect();
+    if settings.is_empty() {
+        command
+    } else {
+        format!("{} {command}", settings.join(" "))
+    }
+}
+
+fn machine() -> Machine {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    Machine {
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        cpu_model: cpuinfo
+            .lines()
+            .find_map(|line| {
+                let (key, value) = line.split_once(':')?;
+                (key.trim() == "model name").then(|| value.trim().to_owned())
+            })
+            .unwrap_or_else(|| "unknown CPU".to_owned()),
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|text| text.trim().to_owned())
+            .unwrap_or_else(|_| "?".to_owned()),
+    }
+}
+
+/// The working tree's commit, and whether it has uncommitted changes; `None` outside git.
+fn keel_commit() -> Option<String> {
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .args(args)
+            .output()
+            .ok()
+            .filter(|output| output.status.success())
+            .map(|output| String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    };
+    let commit = git(&["rev-parse", "--short", "HEAD"])?;
+    let dirty = git(&["status", "--porcelain", "--untracked-files=no"])
+        .is_some_and(|status| !status.is_empty());
+    Some(if dirty {
+        format!("{commit} + uncommitted changes")
+    } else {
+        commit
+    })
+}

@@ -1,0 +1,558 @@
+//! What a run measured: a Markdown table with ratios to NGINX, the targets checked, and the
+//! notes that say whether the figures can be trusted; or the same as JSON.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use crate::process::Placement;
+use crate::targets::{Target, Versions};
+use crate::wrk::WrkResult;
+
+/// Targets (issue: gateway benchmark), as ratios to NGINX in the same run.
+const TARGET_PLAIN_RPS: f64 = 1.0;
+const TARGET_PLAIN_P99: f64 = 1.0;
+const TARGET_FULL_RPS: f64 = 0.9;
+/// A core busier than this is saturated.
+const SATURATED: f64 = 0.95;
+/// CPU of a core going to other work above which a run's figures are flagged as disturbed.
+const DISTURBED: f64 = 0.10;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    /// When the run started, UTC.
+    pub date: String,
+    pub command: String,
+    pub machine: Machine,
+    pub versions: Versions,
+    /// `abc1234`, with `+ uncommitted changes` when the tree has them.
+    pub keel_commit: Option<String>,
+    pub load: LoadInfo,
+    pub rows: Vec<Row>,
+    pub targets: Vec<TargetCheck>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cores: usize,
+    pub cpu_model: String,
+    pub kernel: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LoadInfo {
+    pub connections: usize,
+    pub duration_s: u64,
+    pub warmup_s: u64,
+    pub proxy_cpu: usize,
+    pub load_cpu: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Row {
+    pub target: Target,
+    pub label: &'static str,
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum Outcome {
+    Measured(Measurement),
+    /// A feature the target needs is not built yet.
+    Unavailable {
+        reason: String,
+    },
+    Failed {
+        error: String,
+    },
+}
+
+#[derive(Debug, Serialize)]
+pub struct Measurement {
+    pub wrk: WrkResult,
+    /// The proxy's core during the measured run; "ours" is the proxy.
+    pub proxy_core: CoreUse,
+    /// The load's core; "ours" is wrk and the upstream.
+    pub load_core: CoreUse,
+    /// Where the proxy ran; `None` for the upstream measured directly.
+    pub placement: Option<Placement>,
+}
+
+/// How one core was used during a measured run, in cores (1.0 = busy all the time).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct CoreUse {
+    /// Everything but idle, iowait and steal: every process and the kernel.
+    pub busy: f64,
+    /// Of which the processes the run pinned to this core (their kernel time, loopback
+    /// networking among it, included).
+    pub ours: f64,
+}
+
+impl CoreUse {
+    /// What the rest took: other processes, or kernel work outside ours (`ksoftirqd`).
+    pub fn other(&self) -> f64 {
+        (self.busy - self.ours).max(0.0)
+    }
+}
+
+impl fmt::Display for CoreUse {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{:>3.0} % busy: ours {:>3.0} %, other {:>3.0} %",
+            self.busy * 100.0,
+            self.ours * 100.0,
+            self.other() * 100.0
+        )
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct TargetCheck {
+    pub name: &'static str,
+    /// `>= 1.00x NGINX` and the like.
+    pub wanted: String,
+    /// The ratio measured, when both sides were.
+    pub ratio: Option<f64>,
+    pub verdict: String,
+}
+
+impl Report {
+    fn measured(&self, target: Target) -> Option<&Measurement> {
+        self.rows.iter().find_map(|row| match &row.outcome {
+            Outcome::Measured(m) if row.target == target => Some(m),
+            _ => None,
+        })
+    }
+
+    fn why_not(&self, target: Target) -> String {
+        self.rows
+            .iter()
+            .find(|row| row.target == target)
+            .map_or_else(
+                || "not run (left out with --targets)".to_owned(),
+                |row| match &row.outcome {
+                    Outcome::Measured(_) => "measured".to_owned(),
+                    // The reason is in the notes.
+                    Outcome::Unavailable { .. } => "not yet available (see the notes)".to_owned(),
+                    Outcome::Failed { .. } => "failed (see the notes)".to_owned(),
+                },
+            )
+    }
+
+    /// `figure` of `target` over NGINX's, and whether either run had errors.
+    fn ratio_to_nginx(
+        &self,
+        target: Target,
+        figure: fn(&WrkResult) -> f64,
+    ) -> Result<(f64, bool), String> {
+        let nginx = self
+            .measured(Target::Nginx)
+            .ok_or_else(|| format!("NGINX: {}", self.why_not(Target::Nginx)))?;
+        let of = self.measured(target).ok_or_else(|| self.why_not(target))?;
+        let errors = nginx.wrk.errors().is_some() || of.wrk.errors().is_some();
+        Ok((figure(&of.wrk) / figure(&nginx.wrk), errors))
+    }
+
+    /// Checks the targets of the issue against the measured rows.
+    pub fn check_targets(&mut self) {
+        let rps = |w: &WrkResult| w.requests_per_second;
+        let p99 = |w: &WrkResult| w.p99_ms;
+        self.targets = vec![
+            check(
+                "Keel plain, req/s vs NGINX",
+                Wanted::AtLeast(TARGET_PLAIN_RPS),
+                self.ratio_to_nginx(Target::Keel, rps),
+            ),
+            check(
+                "Keel plain, p99 vs NGINX",
+                Wanted::AtMost(TARGET_PLAIN_P99),
+                self.ratio_to_nginx(Target::Keel, p99),
+            ),
+            check(
+                "Keel everything on, req/s vs NGINX",
+                Wanted::AtLeast(TARGET_FULL_RPS),
+                self.ratio_to_nginx(Target::KeelFull, rps),
+            ),
+        ];
+    }
+
+    /// What makes a figure suspect, and why a target was not measured.
+    fn notes(&self) -> Vec<String> {
+        let mut notes = Vec::new();
+        for row in &self.rows {
+            match &row.outcome {
+                Outcome::Measured(m) => {
+                    if let Some(errors) = m.wrk.errors() {
+                        notes.push(format!("{}: {errors}", row.label));
+                    }
+                    let cores = [
+                        (self.load.proxy_cpu, &m.proxy_core),
+                        (self.load.load_cpu, &m.load_core),
+                    ];
+                    for (cpu, core) in cores {
+                        // Nothing of the direct run is on the proxy's core.
+                        let counts = row.target != Target::Direct || cpu == self.load.load_cpu;
+                        if counts && core.other() > DISTURBED {
+                            notes.push(format!(
+                                "{}: other work took {:.0} % of CPU {cpu} during the run (other \
+                                 processes, or kernel work outside ours); its figures may be \
+                                 disturbed",
+                                row.label,
+                                core.other() * 100.0
+                            ));
+                        }
+                    }
+                    if row.target != Target::Direct
+                        && m.load_core.busy >= SATURATED
+                        && m.proxy_core.busy < SATURATED
+                    {
+                        notes.push(format!(
+                            "{}: CPU {} (wrk and the upstream) was saturated ({:.0} %) while the \
+                             proxy's CPU {} was not ({:.0} %): the figure is the load side's \
+                             limit, not the proxy's",
+                            row.label,
+                            self.load.load_cpu,
+                            m.load_core.busy * 100.0,
+                            self.load.proxy_cpu,
+                            m.proxy_core.busy * 100.0
+                        ));
+                    }
+                }
+                Outcome::Unavailable { reason } => notes.push(format!("{}: {reason}", row.label)),
+                Outcome::Failed { error } => {
+                    notes.push(format!("{}: failed: {error}", row.label));
+                }
+            }
+        }
+        notes
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let load = &self.load;
+        let v = &self.versions;
+        writeln!(f, "Keel gateway benchmark")?;
+        writeln!(f, "  date      {}", self.date)?;
+        writeln!(f, "  command   {}", self.command)?;
+        writeln!(
+            f,
+            "  machine   {} cores ({}), Linux {}",
+            self.machine.cores, self.machine.cpu_model, self.machine.kernel
+        )?;
+        writeln!(
+            f,
+            "  keel      {}{}",
+            v.keel,
+            self.keel_commit
+                .as_ref()
+                .map(|c| format!(", commit {c}"))
+                .unwrap_or_default()
+        )?;
+        writeln!(
+            f,
+            "  peers     {}, HAProxy {}, {}",
+            v.nginx, v.haproxy, v.wrk
+        )?;
+        writeln!(
+            f,
+            "  load      wrk -t1 -c{} -d{}s --latency, GET / answered with a 13-byte body, after a \
+             {}s warm-up; one target at a time",
+            load.connections, load.duration_s, load.warmup_s
+        )?;
+        writeln!(
+            f,
+            "  pinning   each proxy on CPU {} (NGINX 1 worker, HAProxy nbthread 1, keel \
+             TOKIO_WORKER_THREADS=1); wrk and the upstream on CPU {}",
+            load.proxy_cpu, load.load_cpu
+        )?;
+        writeln!(f)?;
+
+        let nginx = self.measured(Target::Nginx);
+        writeln!(
+            f,
+            "| target | req/s | p50 | p99 | req/s vs NGINX | p99 vs NGINX |"
+        )?;
+        writeln!(f, "|---|---:|---:|---:|---:|---:|")?;
+        for row in &self.rows {
+            match &row.outcome {
+                Outcome::Measured(m) => {
+                    let w = &m.wrk;
+                    let (rps_ratio, p99_ratio) = match nginx {
+                        Some(n) => (
+                            ratio(w.requests_per_second / n.wrk.requests_per_second),
+                            ratio(w.p99_ms / n.wrk.p99_ms),
+                        ),
+                        None => ("-".to_owned(), "-".to_owned()),
+                    };
+                    let flag = if w.errors().is_some() {
+                        " (errors)"
+                    } else {
+                        ""
+                    };
+                    writeln!(
+                        f,
+                        "| {}{flag} | {} | {} | {} | {rps_ratio} | {p99_ratio} |",
+                        row.label,
+                        thousands(w.requests_per_second),
+                        millis(w.p50_ms),
+                        millis(w.p99_ms),
+                    )?;
+                }
+                Outcome::Unavailable { .. } => {
+                    writeln!(f, "| {} | not yet available | - | - | - | - |", row.label)?;
+                }
+                Outcome::Failed { .. } => {
+                    writeln!(f, "| {} | failed | - | - | - | - |", row.label)?;
+                }
+            }
+        }
+        writeln!(f)?;
+
+        writeln!(
+            f,
+            "CPU during each measured run (ours: the proxy on CPU {}; wrk and the upstream on CPU {})",
+            load.proxy_cpu, load.load_cpu
+        )?;
+        for row in &self.rows {
+            if let Outcome::Measured(m) = &row.outcome {
+                writeln!(f, "  {}", row.label)?;
+                writeln!(f, "    CPU {}  {}", load.proxy_cpu, m.proxy_core)?;
+                writeln!(f, "    CPU {}  {}", load.load_cpu, m.load_core)?;
+                if let Some(p) = &m.placement {
+                    writeln!(
+                        f,
+                        "    proxy  pid {}, allowed CPUs {}, {} threads",
+                        p.pid,
+                        p.cpus,
+                        p.threads.map_or("?".to_owned(), |n| n.to_string())
+                    )?;
+                }
+            }
+        }
+        writeln!(f)?;
+
+        writeln!(f, "targets (ratios to NGINX in this run)")?;
+        for check in &self.targets {
+            writeln!(
+                f,
+                "  {:<38} {:<9} {:>7}   {}",
+                check.name,
+                check.wanted,
+                check.ratio.map_or("-".to_owned(), ratio),
+                check.verdict
+            )?;
+        }
+
+        let notes = self.notes();
+        writeln!(f)?;
+        if notes.is_empty() {
+            writeln!(
+                f,
+                "notes: none (no errors, no target skipped, no load-side limit)"
+            )?;
+        } else {
+            writeln!(f, "notes")?;
+            for note in notes {
+                writeln!(f, "  - {note}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A target as a bound on a ratio to NGINX.
+#[derive(Debug, Clone, Copy)]
+enum Wanted {
+    AtLeast(f64),
+    AtMost(f64),
+}
+
+fn check(name: &'static str, wanted: Wanted, ratio: Result<(f64, bool), String>) -> TargetCheck {
+    let (bound, met, text) = match wanted {
+        Wanted::AtLeast(bound) => (bound, ratio.as_ref().is_ok_and(|r| r.0 >= bound), ">="),
+        Wanted::AtMost(bound) => (bound, ratio.as_ref().is_ok_and(|r| r.0 <= bound), "<="),
+    };
+    let (ratio, verdict) = match ratio {
+        Err(reason) => (None, format!("not measured: {reason}")),
+        Ok((ratio, errors)) => {
+            let mut verdict = if met {
+                "met".to_owned()
+            } else {
+                format!("missed by {:.0} %", (ratio - bound).abs() / bound * 100.0)
+            };
+            if errors {
+                verdict.push_str(" (but a run had errors; see the notes)");
+            }
+            (Some(ratio), verdict)
+        }
+    };
+    TargetCheck {
+        name,
+        wanted: format!("{text} {bound:.2}x"),
+        ratio,
+        verdict,
+    }
+}
+
+fn ratio(value: f64) -> String {
+    format!("{value:.2}x")
+}
+
+fn millis(ms: f64) -> String {
+    format!("{ms:.2} ms")
+}
+
+/// `81093.37` as `81,093`.
+fn thousands(value: f64) -> String {
+    let digits = format!("{:.0}", value.max(0.0));
+    let mut out = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, digit) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(digit);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wrk::SocketErrors;
+
+    fn wrk(rps: f64, p99_ms: f64) -> WrkResult {
+        WrkResult {
+            requests_per_second: rps,
+            p50_ms: p99_ms / 2.0,
+            p99_ms,
+            requests: (rps * 10.0) as u64,
+            non_2xx: 0,
+            socket_errors: SocketErrors::default(),
+        }
+    }
+
+    fn measured(target: Target, rps: f64, p99_ms: f64) -> Row {
+        Row {
+            target,
+            label: target.label(),
+            outcome: Outcome::Measured(Measurement {
+                wrk: wrk(rps, p99_ms),
+                proxy_core: CoreUse {
+                    busy: 1.0,
+                    ours: 0.95,
+                },
+                load_core: CoreUse {
+                    busy: 0.6,
+                    ours: 0.55,
+                },
+                placement: None,
+            }),
+        }
+    }
+
+    fn report(rows: Vec<Row>) -> Report {
+        let mut report = Report {
+            date: "2026-11-27T10:00:00Z".to_owned(),
+            command: "scripts/bench gateway".to_owned(),
+            machine: Machine {
+                cores: 2,
+                cpu_model: "Test CPU".to_owned(),
+                kernel: "6.0".to_owned(),
+            },
+            versions: Versions {
+                nginx: "nginx/1.22.1".to_owned(),
+                haproxy: "2.6.12".to_owned(),
+                wrk: "wrk 4.1.0".to_owned(),
+                keel: "keel 0.1.0".to_owned(),
+            },
+            keel_commit: None,
+            load: LoadInfo {
+                connections: 64,
+                duration_s: 15,
+                warmup_s: 3,
+                proxy_cpu: 0,
+                load_cpu: 1,
+            },
+            rows,
+            targets: Vec::new(),
+        };
+        report.check_targets();
+        report
+    }
+
+    #[test]
+    fn ratios_are_to_nginx_and_targets_are_checked() {
+        let report = report(vec![
+            measured(Target::Nginx, 40_000.0, 2.0),
+            measured(Target::Keel, 44_000.0, 2.5),
+            Row {
+                target: Target::KeelFull,
+                label: Target::KeelFull.label(),
+                outcome: Outcome::Unavailable {
+                    reason: "not yet available: no token".to_owned(),
+                },
+            },
+        ]);
+        let [plain_rps, plain_p99, full_rps] = &report.targets[..] else {
+            panic!("three targets");
+        };
+        assert_eq!(plain_rps.ratio, Some(1.1));
+        assert_eq!(plain_rps.verdict, "met");
+        assert_eq!(plain_p99.ratio, Some(1.25));
+        assert_eq!(plain_p99.verdict, "missed by 25 %");
+        assert_eq!(full_rps.ratio, None);
+        assert_eq!(
+            full_rps.verdict,
+            "not measured: not yet available (see the notes)"
+        );
+
+        let text = report.to_string();
+        assert!(text.contains("| NGINX | 40,000 | 1.00 ms | 2.00 ms | 1.00x | 1.00x |"));
+        assert!(
+            text.contains("| Keel gateway, plain | 44,000 | 1.25 ms | 2.50 ms | 1.10x | 1.25x |")
+        );
+        assert!(text.contains("not yet available | - |"));
+        assert!(text.contains("not yet available: no token"));
+    }
+
+    #[test]
+    fn without_nginx_nothing_is_compared() {
+        let report = report(vec![measured(Target::Keel, 44_000.0, 2.5)]);
+        assert!(report.targets.iter().all(|t| t.ratio.is_none()));
+        assert!(
+            report
+                .to_string()
+                .contains("| 44,000 | 1.25 ms | 2.50 ms | - | - |")
+        );
+    }
+
+    #[test]
+    fn errors_and_a_saturated_load_side_are_noted() {
+        let mut rows = vec![measured(Target::Nginx, 40_000.0, 2.0)];
+        if let Outcome::Measured(m) = &mut rows[0].outcome {
+            m.wrk.non_2xx = 12;
+            m.proxy_core.busy = 0.7;
+            m.proxy_core.ours = 0.65;
+            m.load_core.busy = 1.0;
+            m.load_core.ours = 0.6;
+        }
+        let text = report(rows).to_string();
+        assert!(text.contains("| NGINX (errors) |"));
+        assert!(text.contains("NGINX: 12 non-2xx/3xx responses"));
+        assert!(text.contains("the figure is the load side's limit"));
+        assert!(text.contains("NGINX: other work took 40 % of CPU 1 during the run"));
+        assert!(!text.contains("of CPU 0 during the run"));
+    }
+
+    #[test]
+    fn thousands_are_separated() {
+        assert_eq!(thousands(0.4), "0");
+        assert_eq!(thousands(999.0), "999");
+        assert_eq!(thousands(1000.0), "1,000");
+        assert_eq!(thousands(81_093.37), "81,093");
+        assert_eq!(thousands(1_234_567.0), "1,234,567");
+    }
+}

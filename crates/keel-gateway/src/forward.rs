@@ -1,0 +1,408 @@
+//! Forwarding one request: body limits, the circuit breaker, balancing, attempts with
+//! retries on other instances, outlier detection, and the upstream response's way back.
+
+use std::error::Error as _;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::{HeaderMap, Method, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use keel_runtime::Problem;
+
+use crate::balance::{BalanceConfig, EndpointSet};
+use crate::breaker::Refusal;
+use crate::config::UpstreamProtocol;
+use crate::endpoint::now_nanos;
+use crate::proxy::{Forward, Shared};
+use crate::retry::is_idempotent;
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded in either direction.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    header::UPGRADE,
+];
+
+/// What one attempt came to.
+enum Outcome {
+    Answered(Response),
+    /// The connection could not be made: nothing reached the upstream.
+    ConnectFailed(Problem),
+    Failed(Problem),
+    TimedOut(Problem),
+}
+
+/// The request as it goes upstream, reusable across attempts.
+struct Outgoing {
+    method: Method,
+    path_and_query: http::uri::PathAndQuery,
+    headers: HeaderMap,
+    /// The whole body when it is small enough to send again.
+    replay: Option<Bytes>,
+    /// Otherwise the streaming body, for the first attempt only.
+    stream: Option<Body>,
+}
+
+impl Forward {
+    pub(crate) async fn forward(
+        &self,
+        shared: &Shared,
+        parts: Parts,
+        body: Body,
+        params: &[(String, String)],
+        peer: Option<SocketAddr>,
+    ) -> Result<Response, Problem> {
+        let started = Instant::now();
+        let deadline = started + self.timeout;
+        let mut outgoing = self.outgoing(parts, body, params, peer).await?;
+
+        let permit = match tokio::time::timeout_at(deadline.into(), self.breaker.acquire()).await {
+            Ok(Ok(permit)) => permit,
+            Ok(Err(refusal)) => return Err(self.refused(refusal)),
+            Err(_) => return Err(self.timed_out("waited for a free slot")),
+        };
+        self.budget.deposit();
+        let set = self.endpoints(shared);
+        if set.is_empty() {
+            return Err(Problem::unavailable(format!(
+                "route {:?}: {} has no passing instance",
+                self.route, self.target
+            ))
+            .with_retry_after(Duration::from_secs(1)));
+        }
+        let hash = match &self.balance {
+            BalanceConfig::Hash(key) => key.hash(&outgoing.headers, peer.map(|p| p.ip())),
+            _ => None,
+        };
+        let idempotent = is_idempotent(&outgoing.method);
+        let mut tried = Vec::new();
+        let mut retries = 0;
+        let mut last = None;
+        let outcome = loop {
+            let Some(index) = set.pick(&self.balance, hash, &tried) else {
+                break last;
+            };
+            tried.push(index);
+            let outcome = self
+                .attempt(shared, &set, index, &mut outgoing, deadline)
+                .await;
+            let retry = match &outcome {
+                Outcome::Answered(response) => {
+                    idempotent && self.retry.retries_status(response.status().as_u16())
+                }
+                Outcome::ConnectFailed(_) => true,
+                Outcome::Failed(_) | Outcome::TimedOut(_) => idempotent,
+            };
+            let replayable = outgoing.replay.is_some();
+            let another = tried.len() < set.endpoints.len();
+            if !(retry && replayable && another && retries < self.retry.attempts)
+                || Instant::now() >= deadline
+                || !self.budget.withdraw()
+            {
+                break Some(outcome);
+            }
+            retries += 1;
+            metrics::counter!("keel_gateway_retries_total", "route" => self.route.clone())
+                .increment(1);
+            let pause = self.retry.backoff(retries);
+            if Instant::now() + pause >= deadline {
+                break Some(outcome);
+            }
+            last = Some(outcome);
+            tokio::time::sleep(pause).await;
+        };
+        let result = match outcome {
+            Some(Outcome::Answered(response)) => Ok(response),
+            Some(
+                Outcome::ConnectFailed(problem)
+                | Outcome::Failed(problem)
+                | Outcome::TimedOut(problem),
+            ) => Err(problem),
+            None => Err(Problem::unavailable(format!(
+                "route {:?}: every instance of {} was tried",
+                self.route, self.target
+            ))),
+        };
+        let success = match &result {
+            Ok(response) => !response.status().is_server_error(),
+            Err(_) => false,
+        };
+        permit.record(success);
+        result.map(|response| {
+            let (mut parts, body) = response.into_parts();
+            strip_hop_by_hop(&mut parts.headers);
+            self.response_headers.apply(&mut parts.headers);
+            Response::from_parts(parts, body)
+        })
+    }
+
+    /// Builds the upstream request's reusable parts, enforcing the body limit.
+    async fn outgoing(
+        &self,
+        mut parts: Parts,
+        body: Body,
+        params: &[(String, String)],
+        peer: Option<SocketAddr>,
+    ) -> Result<Outgoing, Problem> {
+        let too_large = || self.too_large();
+        let length = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        if length.is_some_and(|length| length > self.max_body_bytes) {
+            return Err(too_large());
+        }
+        let path = self.path.apply(parts.uri.path(), params);
+        let target = match parts.uri.query() {
+            Some(query) => format!("{path}?{query}"),
+            None => path.into_owned(),
+        };
+        let path_and_query = target
+            .parse()
+            .map_err(|_| Problem::bad_request("the request target cannot be forwarded"))?;
+
+        let headers = &mut parts.headers;
+        let keep_te_trailers = headers
+            .get(header::TE)
+            .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        strip_hop_by_hop(headers);
+        if keep_te_trailers {
+            // gRPC needs `te: trailers` end to end; it is the one TE value worth passing.
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        }
+        if let Some(peer) = peer {
+            let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+                Some(before) => format!("{before}, {}", peer.ip()),
+                None => peer.ip().to_string(),
+            };
+            if let Ok(value) = HeaderValue::from_str(&forwarded) {
+                headers.insert("x-forwarded-for", value);
+            }
+        }
+        if let Some(host) = headers.remove(header::HOST) {
+            headers.insert("x-forwarded-host", host);
+        }
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        self.request_headers.apply(headers);
+        keel_runtime::trace_context::inject_current(headers);
+
+        let empty =
+            length == Some(0) || (length.is_none() && http_body::Body::is_end_stream(&body));
+        let small = length.is_some_and(|length| length <= self.retry.buffer_bytes as u64);
+        let limited = Limited::new(
+            body,
+            usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
+        );
+        let (replay, stream) = if empty {
+            (Some(Bytes::new()), None)
+        } else if small && self.retry.attempts > 0 {
+            let bytes = limited
+                .collect()
+                .await
+                .map_err(|error| {
+                    if error.is::<LengthLimitError>() {
+                        too_large()
+                    } else {
+                        Problem::bad_request("the request body could not be read")
+                    }
+                })?
+                .to_bytes();
+            (Some(bytes), None)
+        } else {
+            (None, Some(Body::new(limited)))
+        };
+        Ok(Outgoing {
+            method: parts.method,
+            path_and_query,
+            headers: parts.headers,
+            replay,
+            stream,
+        })
+    }
+
+    async fn attempt(
+        &self,
+        shared: &Shared,
+        set: &EndpointSet,
+        index: usize,
+        outgoing: &mut Outgoing,
+        deadline: Instant,
+    ) -> Outcome {
+        let endpoint = &set.endpoints[index];
+        let body = match (&outgoing.replay, outgoing.stream.take()) {
+            (Some(bytes), _) => Body::from(bytes.clone()),
+            (None, Some(stream)) => stream,
+            (None, None) => Body::empty(),
+        };
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = endpoint.base.scheme().cloned();
+        uri.authority = endpoint.base.authority().cloned();
+        uri.path_and_query = Some(outgoing.path_and_query.clone());
+        let Ok(uri) = Uri::from_parts(uri) else {
+            return Outcome::Failed(Problem::internal("bad upstream URI"));
+        };
+        let mut request = http::Request::new(body);
+        *request.method_mut() = outgoing.method.clone();
+        *request.uri_mut() = uri;
+        *request.version_mut() = match self.protocol {
+            UpstreamProtocol::Http1 => Version::HTTP_11,
+            UpstreamProtocol::H2c => Version::HTTP_2,
+        };
+        *request.headers_mut() = outgoing.headers.clone();
+
+        let now = Instant::now();
+        let left = deadline.saturating_duration_since(now);
+        let (budget, limit) = match self.retry.per_try_timeout {
+            Some(per_try) if per_try < left => {
+                (per_try, format!("the per-try timeout of {per_try:?}"))
+            }
+            _ => (left, format!("the route's timeout of {:?}", self.timeout)),
+        };
+        let in_flight = endpoint.stats.start();
+        let answer =
+            tokio::time::timeout(budget, shared.client(self.protocol).request(request)).await;
+        drop(in_flight);
+        let base = &endpoint.base;
+        let outcome = match answer {
+            Ok(Ok(response)) => {
+                endpoint.stats.observe_latency(now.elapsed(), now_nanos());
+                let (parts, body) = response.into_parts();
+                Outcome::Answered(Response::from_parts(parts, Body::new(body)))
+            }
+            Err(_) => {
+                Outcome::TimedOut(self.timed_out(&format!("{base} did not answer within {limit}")))
+            }
+            Ok(Err(error)) => {
+                let body_too_large = std::iter::successors(error.source(), |e| (*e).source())
+                    .any(|e| e.is::<LengthLimitError>());
+                if body_too_large {
+                    // The client's fault, not the instance's: no retry, no ejection.
+                    return Outcome::Answered(
+                        self.too_large()
+                            .with_source(crate::proxy::SOURCE)
+                            .into_response(),
+                    );
+                }
+                let problem = Problem::new(
+                    StatusCode::BAD_GATEWAY,
+                    "upstream-unavailable",
+                    "Bad gateway",
+                )
+                .with_detail(format!("route {:?}: {base}: {error}", self.route));
+                if error.is_connect() {
+                    Outcome::ConnectFailed(problem)
+                } else {
+                    Outcome::Failed(problem)
+                }
+            }
+        };
+        let failed = match &outcome {
+            Outcome::Answered(response) => response.status().is_server_error(),
+            _ => true,
+        };
+        if failed {
+            self.record_failure(set, index);
+        } else {
+            endpoint.stats.record_success();
+        }
+        outcome
+    }
+
+    /// Counts a failure and ejects the endpoint when it has failed too often in a row,
+    /// unless the service already has its share of instances ejected.
+    fn record_failure(&self, set: &EndpointSet, index: usize) {
+        let endpoint = &set.endpoints[index];
+        if !endpoint.stats.record_failure(&self.outlier) {
+            return;
+        }
+        let now = now_nanos();
+        let ejected = set
+            .endpoints
+            .iter()
+            .filter(|e| e.stats.is_ejected(now))
+            .count();
+        if ejected >= self.outlier.ejection_allowance(set.endpoints.len()) {
+            return;
+        }
+        let duration = endpoint.stats.eject(&self.outlier, now);
+        metrics::counter!("keel_gateway_ejections_total", "upstream" => self.target.clone())
+            .increment(1);
+        tracing::warn!(
+            upstream = %self.target,
+            instance = %endpoint.id,
+            ?duration,
+            "instance ejected after consecutive failures"
+        );
+    }
+
+    fn refused(&self, refusal: Refusal) -> Problem {
+        metrics::counter!("keel_gateway_circuit_refusals_total", "upstream" => self.target.clone())
+            .increment(1);
+        match refusal {
+            Refusal::Open(after) => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "circuit-open",
+                "Circuit open",
+            )
+            .with_detail(format!(
+                "route {:?}: the circuit to {} is open after repeated failures",
+                self.route, self.target
+            ))
+            .with_retry_after(after.max(Duration::from_secs(1))),
+            Refusal::Saturated => Problem::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "upstream-saturated",
+                "Upstream saturated",
+            )
+            .with_detail(format!(
+                "route {:?}: {} has its maximum of requests in flight and queued",
+                self.route, self.target
+            ))
+            .with_retry_after(Duration::from_secs(1)),
+        }
+    }
+
+    fn too_large(&self) -> Problem {
+        Problem::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body-too-large",
+            "Request body too large",
+        )
+        .with_detail(format!(
+            "route {:?} accepts bodies up to {} bytes",
+            self.route, self.max_body_bytes
+        ))
+    }
+
+    fn timed_out(&self, what: &str) -> Problem {
+        Problem::new(
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream-timeout",
+            "Upstream timeout",
+        )
+        .with_detail(format!("route {:?}: {what}", self.route))
+    }
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers the Connection header names are hop-by-hop too.
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in HOP_BY_HOP.iter().chain(&named) {
+        headers.remove(name);
+    }
+}

@@ -1,0 +1,85 @@
+//! Verifies the JWT access tokens (RFC 9068) that Keel's authorization server issues, for
+//! the gateway and for every service.
+//!
+//! ```no_run
+//! # async fn example(authorization: &str) -> Result<(), Box<dyn std::error::Error>> {
+//! use keel_jwt::{Verifier, VerifierConfig};
+//!
+//! let verifier = Verifier::new(VerifierConfig::new("http://127.0.0.1:8400", ["keel-api"]))?;
+//! let token = keel_jwt::bearer_token(authorization).ok_or("no bearer token")?;
+//! match verifier.verify(token).await {
+//!     Ok(principal) if principal.has_scope("orders:write") => { /* serve */ }
+//!     Ok(_) => { /* 403, error="insufficient_scope" */ }
+//!     Err(error) if error.is_unavailable() => { /* 503 */ }
+//!     Err(error) => { /* 401, WWW-Authenticate: error.www_authenticate() */ }
+//! }
+//! # Ok(()) }
+//! ```
+//!
+//! What is checked, in order: size; three base64url parts; header `alg` (asymmetric and
+//! allowed: `none` and `HS*` cannot even be named), no `crit`, `typ` = `at+jwt`; the key by
+//! `kid`, whose own algorithm must be the header's (the key, not the token, picks the
+//! algorithm, which defeats algorithm-confusion attacks); the signature; then the claims:
+//! `iss` exactly, `aud` (string or array) against the configured audiences, `exp`, `nbf`
+//! and `iat` with a bounded leeway. `iss`, `sub`, `aud`, `exp` and `iat` are required.
+//!
+//! Decisions worth knowing:
+//! - A token without `kid` is accepted only while the key set holds exactly one key; with
+//!   several it is [`VerifyError::UnknownKey`]. Keel's server always sends `kid`.
+//! - Keys come only from the configured issuer (`jwks_uri` or its metadata); `jku`, `jwk`,
+//!   `x5u` and `x5c` header parameters are ignored.
+//! - An RSA key published without `alg` verifies RS256 only.
+//! - The fetch rate limit counts from the last fetch of any kind, so an issuer should
+//!   publish a new key before signing with it (as rotation should be done anyway).
+//! - Keys are fetched with reqwest as the workspace configures it, which has no TLS support
+//!   yet: `https` issuers need a TLS feature enabled on reqwest first.
+//! - Tokens are never logged, and errors never contain token content.
+//!
+//! With the `testing` feature, [`testing::TestIssuer`] is a small issuer for tests: it
+//! serves metadata and keys on port 0 and mints tokens.
+
+pub mod config;
+mod error;
+mod fetch;
+mod keys;
+mod principal;
+#[cfg(feature = "testing")]
+pub mod testing;
+mod token;
+mod verifier;
+
+pub use config::{Algorithm, ConfigError, VerifierConfig};
+pub use error::VerifyError;
+pub use principal::Principal;
+pub use verifier::Verifier;
+
+/// The token in an `Authorization: Bearer <token>` header value (RFC 6750 §2.1; the scheme
+/// name is case-insensitive). `None` for other schemes or an empty token.
+pub fn bearer_token(authorization: &str) -> Option<&str> {
+    let (scheme, token) = authorization.split_once(' ')?;
+    let token = token.trim_start_matches(' ');
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && !token.contains(' '))
+        .then_some(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::bearer_token;
+
+    #[test]
+    fn bearer_token_from_authorization() {
+        assert_eq!(bearer_token("Bearer abc.def.ghi"), Some("abc.def.ghi"));
+        assert_eq!(bearer_token("bearer  abc"), Some("abc"));
+        assert_eq!(bearer_token("BEARER abc"), Some("abc"));
+        for bad in [
+            "Bearer",
+            "Bearer ",
+            "Basic abc",
+            "Bearerabc",
+            "Bearer a b",
+            "",
+        ] {
+            assert_eq!(bearer_token(bad), None, "{bad:?}");
+        }
+    }
+}
