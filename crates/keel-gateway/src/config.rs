@@ -9,19 +9,23 @@ use serde::{Deserialize, Serialize};
 
 use keel_jwt::VerifierConfig;
 
+use crate::access_log::AccessLogConfig;
 use crate::auth::RouteAuthConfig;
 use crate::balance::BalanceConfig;
 use crate::breaker::BreakerConfig;
 use crate::cors::CorsConfig;
 use crate::endpoint::OutlierConfig;
+use crate::listener::ClientLimitsConfig;
 use crate::ratelimit::{RateLimitBackendConfig, RateLimitConfig};
 use crate::retry::RetryConfig;
 use crate::route::{MatchConfig, RouteConfig};
+use crate::tls::TlsConfig;
 
 /// `[gateway]`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct GatewayConfig {
+    /// Plain HTTP (HTTP/1.1, and HTTP/2 with prior knowledge).
     pub listen: SocketAddr,
     /// The admin API: routes, upstreams, reload and the gateway's own metrics.
     pub admin_listen: SocketAddr,
@@ -40,6 +44,12 @@ pub struct GatewayConfig {
     pub auth: Option<VerifierConfig>,
     /// The Redis that shared rate limits count in.
     pub rate_limit: RateLimitBackendConfig,
+    /// HTTPS termination; the plain `listen` keeps serving (or redirects) beside it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    /// What one client may take: connections, header sizes, slow clients, request rate.
+    pub limits: ClientLimitsConfig,
+    pub access_log: AccessLogConfig,
     pub routes: Vec<GatewayRouteConfig>,
     pub http: HttpServerConfig,
 }
@@ -55,6 +65,9 @@ impl Default for GatewayConfig {
             upstream: UpstreamClientConfig::default(),
             auth: None,
             rate_limit: RateLimitBackendConfig::default(),
+            tls: None,
+            limits: ClientLimitsConfig::default(),
+            access_log: AccessLogConfig::default(),
             routes: Vec::new(),
             http: HttpServerConfig::default(),
         }

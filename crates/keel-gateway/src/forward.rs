@@ -2,7 +2,7 @@
 //! retries on other instances, outlier detection, and the upstream response's way back.
 
 use std::error::Error as _;
-use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -18,7 +18,7 @@ use crate::balance::{BalanceConfig, EndpointSet};
 use crate::breaker::Refusal;
 use crate::config::UpstreamProtocol;
 use crate::endpoint::now_nanos;
-use crate::proxy::{Forward, Shared};
+use crate::proxy::{Attempts, ClientInfo, Forward, Shared};
 use crate::retry::is_idempotent;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded in either direction.
@@ -59,11 +59,12 @@ impl Forward {
         parts: Parts,
         body: Body,
         params: &[(String, String)],
-        peer: Option<SocketAddr>,
+        client: Option<ClientInfo>,
     ) -> Result<Response, Problem> {
         let started = Instant::now();
+        let peer = client.map(|c| c.peer);
         let deadline = started + self.timeout;
-        let mut outgoing = self.outgoing(parts, body, params, peer).await?;
+        let mut outgoing = self.outgoing(parts, body, params, client).await?;
 
         let permit = match tokio::time::timeout_at(deadline.into(), self.breaker.acquire()).await {
             Ok(Ok(permit)) => permit,
@@ -121,7 +122,15 @@ impl Forward {
             tokio::time::sleep(pause).await;
         };
         let result = match outcome {
-            Some(Outcome::Answered(response)) => Ok(response),
+            Some(Outcome::Answered(mut response)) => {
+                if let Some(&index) = tried.last() {
+                    response.extensions_mut().insert(Attempts {
+                        endpoint: Arc::from(set.endpoints[index].id.as_str()),
+                        retries,
+                    });
+                }
+                Ok(response)
+            }
             Some(
                 Outcome::ConnectFailed(problem)
                 | Outcome::Failed(problem)
@@ -151,7 +160,7 @@ impl Forward {
         mut parts: Parts,
         body: Body,
         params: &[(String, String)],
-        peer: Option<SocketAddr>,
+        client: Option<ClientInfo>,
     ) -> Result<Outgoing, Problem> {
         let too_large = || self.too_large();
         let length = parts
@@ -179,7 +188,7 @@ impl Forward {
             // gRPC needs `te: trailers` end to end; it is the one TE value worth passing.
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
-        if let Some(peer) = peer {
+        if let Some(ClientInfo { peer, .. }) = client {
             let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
                 Some(before) => format!("{before}, {}", peer.ip()),
                 None => peer.ip().to_string(),
@@ -191,9 +200,16 @@ impl Forward {
         if let Some(host) = headers.remove(header::HOST) {
             headers.insert("x-forwarded-host", host);
         }
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        let proto = if client.is_some_and(|c| c.secure) {
+            "https"
+        } else {
+            "http"
+        };
+        headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
         self.request_headers.apply(headers);
-        keel_runtime::trace_context::inject_current(headers);
+        if keel_runtime::telemetry::exporting_traces() {
+            keel_runtime::trace_context::inject_current(headers);
+        }
 
         let empty =
             length == Some(0) || (length.is_none() && http_body::Body::is_end_stream(&body));
@@ -282,14 +298,22 @@ impl Forward {
                 Outcome::TimedOut(self.timed_out(&format!("{base} did not answer within {limit}")))
             }
             Ok(Err(error)) => {
-                let body_too_large = std::iter::successors(error.source(), |e| (*e).source())
-                    .any(|e| e.is::<LengthLimitError>());
-                if body_too_large {
-                    // The client's fault, not the instance's: no retry, no ejection.
+                let causes = || std::iter::successors(error.source(), |e| (*e).source());
+                // The client's body failing (too large, or malformed chunks) is the client's
+                // fault, not the instance's: answered as such, no retry, no ejection.
+                let client_fault = if causes().any(|e| e.is::<LengthLimitError>()) {
+                    Some(self.too_large())
+                } else if causes().any(|e| {
+                    e.downcast_ref::<hyper::Error>()
+                        .is_some_and(hyper::Error::is_user)
+                }) {
+                    Some(Problem::bad_request("the request body could not be read"))
+                } else {
+                    None
+                };
+                if let Some(problem) = client_fault {
                     return Outcome::Answered(
-                        self.too_large()
-                            .with_source(crate::proxy::SOURCE)
-                            .into_response(),
+                        problem.with_source(crate::proxy::SOURCE).into_response(),
                     );
                 }
                 let problem = Problem::new(

@@ -1,10 +1,12 @@
 //! Keel's API gateway (Envoy / NGINX / Spring Cloud Gateway class).
 //!
-//! Built so far: [`route`], the route table that picks the route of a request, and a first
-//! [`proxy`] to static upstreams (round robin, path prefix stripping, 502/504 problems).
-//! Registry-driven load balancing, resilience and security arrive with the rest of the
-//! gateway issue.
+//! A request goes through [`listener`] (TLS, client limits) → [`server::Gateway`] (request
+//! id, span, metrics, access log, the current configuration generation) → [`proxy`]
+//! (route match, [`auth`], [`cors`], [`ratelimit`], the action) → forwarding with
+//! [`balance`], [`breaker`], [`retry`] and outlier detection ([`endpoint`]).
+//! ARCHITECTURE.md describes the phases.
 
+pub mod access_log;
 mod admin;
 pub mod auth;
 pub mod balance;
@@ -13,11 +15,13 @@ pub mod config;
 pub mod cors;
 pub mod endpoint;
 mod forward;
+pub mod listener;
 pub mod proxy;
 pub mod ratelimit;
 pub mod retry;
 pub mod route;
 pub mod server;
+pub mod tls;
 
 pub use config::GatewayConfig;
 pub use server::GatewayServer;

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request};
+use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
 use http::header::{HeaderName, HeaderValue};
 use http::{StatusCode, Uri};
@@ -39,6 +39,14 @@ use crate::ratelimit::{
 };
 use crate::retry::{RetryBudget, RetryConfig};
 use crate::route::{RequestView, RouteError, RouteTable};
+
+/// The client connection a request came on, as the listener saw it.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientInfo {
+    pub peer: SocketAddr,
+    /// Arrived over TLS.
+    pub secure: bool,
+}
 
 /// The component name on problem documents.
 pub(crate) const SOURCE: &str = "gateway";
@@ -293,14 +301,64 @@ struct Policy {
 }
 
 struct RouteEntry {
+    served: Served,
     policy: Policy,
     action: Action,
+}
+
+/// Per-route metric handles, registered once per generation so a request records without
+/// a registry lookup.
+pub struct RouteMetrics {
+    /// By status class: 1xx … 5xx.
+    requests: [metrics::Counter; 5],
+    duration: metrics::Histogram,
+}
+
+impl RouteMetrics {
+    fn new(route: &str) -> Self {
+        let requests = ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|class| {
+            metrics::counter!(
+                "keel_gateway_requests_total",
+                "route" => route.to_owned(),
+                "status_class" => class
+            )
+        });
+        Self {
+            requests,
+            duration: metrics::histogram!(
+                "keel_gateway_request_duration_seconds",
+                "route" => route.to_owned()
+            ),
+        }
+    }
+
+    pub fn record(&self, status: StatusCode, elapsed: Duration) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.requests[class].increment(1);
+        self.duration.record(elapsed.as_secs_f64());
+    }
+}
+
+/// Which route answered, on the response's extensions for the access log and metrics.
+#[derive(Clone)]
+pub struct Served {
+    pub route: Arc<str>,
+    pub metrics: Arc<RouteMetrics>,
+}
+
+/// Which instance answered and after how many retries, on the response's extensions.
+#[derive(Clone)]
+pub struct Attempts {
+    pub endpoint: Arc<str>,
+    pub retries: u32,
 }
 
 /// One configuration generation.
 pub struct Proxy {
     table: RouteTable,
     actions: HashMap<String, RouteEntry>,
+    /// For requests no route matched.
+    unmatched: Served,
     routes: Vec<GatewayRouteConfig>,
     pub(crate) shared: Arc<Shared>,
 }
@@ -346,11 +404,26 @@ impl Proxy {
                 }
                 policies.insert(forward.target.clone(), policy);
             }
-            actions.insert(route.name.clone(), RouteEntry { policy, action });
+            let served = Served {
+                route: Arc::from(route.name.as_str()),
+                metrics: Arc::new(RouteMetrics::new(&route.name)),
+            };
+            actions.insert(
+                route.name.clone(),
+                RouteEntry {
+                    served,
+                    policy,
+                    action,
+                },
+            );
         }
         Ok(Self {
             table,
             actions,
+            unmatched: Served {
+                route: Arc::from(keel_runtime::metrics::UNMATCHED_ROUTE),
+                metrics: Arc::new(RouteMetrics::new(keel_runtime::metrics::UNMATCHED_ROUTE)),
+            },
             routes: routes.to_vec(),
             shared,
         })
@@ -500,10 +573,15 @@ impl Proxy {
     }
 
     /// Routes and answers one request.
+    /// Answers one request; the response carries [`Served`].
     pub async fn handle(self: Arc<Self>, request: Request) -> Response {
         match self.dispatch(request).await {
             Ok(response) => response,
-            Err(problem) => problem.with_source(SOURCE).into_response(),
+            Err(problem) => {
+                let mut response = problem.with_source(SOURCE).into_response();
+                response.extensions_mut().insert(self.unmatched.clone());
+                response
+            }
         }
     }
 
@@ -550,7 +628,9 @@ impl Proxy {
             .ok_or_else(|| Problem::internal("route without an action"))?;
         let policy = &entry.policy;
         if let (Some(cors), Some(_)) = (&policy.cors, &preflight) {
-            return Ok(cors.preflight(&parts.headers));
+            let mut response = cors.preflight(&parts.headers);
+            response.extensions_mut().insert(entry.served.clone());
+            return Ok(response);
         }
         let request_headers = policy.cors.as_ref().map(|_| parts.headers.clone());
         let mut response = self
@@ -560,6 +640,7 @@ impl Proxy {
         if let (Some(cors), Some(headers)) = (&policy.cors, request_headers) {
             cors.decorate(&headers, response.headers_mut());
         }
+        response.extensions_mut().insert(entry.served.clone());
         Ok(response)
     }
 
@@ -572,10 +653,8 @@ impl Proxy {
         body: Body,
         params: &[(String, String)],
     ) -> Result<Response, Problem> {
-        let peer = parts
-            .extensions
-            .get::<ConnectInfo<SocketAddr>>()
-            .map(|ConnectInfo(peer)| *peer);
+        let client = parts.extensions.get::<ClientInfo>().copied();
+        let peer = client.map(|c| c.peer);
         let principal = match crate::auth::authorize(
             &entry.policy.auth,
             self.shared.verifier.as_ref(),
@@ -615,7 +694,7 @@ impl Proxy {
             }
             Action::Forward(forward) => {
                 forward
-                    .forward(&self.shared, parts, body, params, peer)
+                    .forward(&self.shared, parts, body, params, client)
                     .await?
             }
         };

@@ -12,19 +12,29 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::time::Instant;
+
 use arc_swap::ArcSwap;
-use axum::Router;
-use axum::routing::any;
-use keel_runtime::http::BindError;
+use axum::body::Body;
+use axum::response::Response;
+use http::HeaderValue;
+use keel_runtime::http::{BindError, REQUEST_ID, bind_listener};
 use keel_runtime::{Health, HttpServer, Server, Shutdown};
+use opentelemetry::trace::TraceContextExt;
 use serde::Serialize;
+use tokio::net::TcpListener;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use keel_registry::client::{DiscoveryView, RegistryClient};
 
+use crate::access_log::{self, AccessLog, AccessRecord};
 use crate::admin;
 use crate::config::{GatewayConfig, GatewayRouteConfig};
-use crate::proxy::{Proxy, Shared};
+use crate::listener::{self, Mode};
+use crate::proxy::{Attempts, ClientInfo, Proxy, Served, Shared};
 use crate::route::RouteError;
+use crate::tls::Tls;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +71,7 @@ pub struct Gateway {
     routes: tokio::sync::Mutex<RouteSets>,
     running: GatewayConfig,
     source: Option<ConfigSource>,
+    access_log: Option<AccessLog>,
 }
 
 /// What a reload changed.
@@ -85,6 +96,97 @@ pub enum ChangeError {
 }
 
 impl Gateway {
+    /// Serves one client request: request id, span, the current generation, metrics,
+    /// access log.
+    pub(crate) async fn handle(
+        &self,
+        mut request: http::Request<Body>,
+        peer: SocketAddr,
+        secure: bool,
+    ) -> Response {
+        let started = Instant::now();
+        let request_id = match request.headers().get(&REQUEST_ID) {
+            Some(id) if usable_request_id(id) => id.clone(),
+            _ => {
+                let id = HeaderValue::from_str(&format!("{:032x}", fastrand::u128(..)))
+                    .unwrap_or_else(|_| HeaderValue::from_static("0"));
+                request.headers_mut().insert(REQUEST_ID, id.clone());
+                id
+            }
+        };
+        request.extensions_mut().insert(ClientInfo { peer, secure });
+        let method = request.method().clone();
+        let logged_path = self
+            .access_log
+            .as_ref()
+            .map(|_| request.uri().path().to_owned());
+        // A span per request only when spans leave the process; otherwise the client's
+        // `traceparent` passes through untouched and the access log takes its trace id.
+        let incoming_trace = request
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.get(3..35))
+            .map(str::to_owned);
+        let span = if keel_runtime::telemetry::exporting_traces() {
+            let span = tracing::info_span!(
+                "gateway request",
+                otel.name = tracing::field::Empty,
+                otel.kind = "server",
+                http.request.method = %method,
+                http.route = tracing::field::Empty,
+                http.response.status_code = tracing::field::Empty,
+            );
+            let parent = keel_runtime::trace_context::extract(request.headers());
+            // Without a valid incoming context the span starts a new trace.
+            if parent.span().span_context().is_valid() {
+                let _ = span.set_parent(parent);
+            }
+            span
+        } else {
+            tracing::Span::none()
+        };
+        let generation = self.current();
+        let mut response = if span.is_none() {
+            generation.handle(request).await
+        } else {
+            generation.handle(request).instrument(span.clone()).await
+        };
+        let elapsed = started.elapsed();
+        let status = response.status();
+        if let Some(served) = response.extensions().get::<Served>() {
+            served.metrics.record(status, elapsed);
+            if !span.is_none() {
+                span.record("otel.name", format!("{method} {}", served.route));
+                span.record("http.route", &*served.route);
+            }
+        }
+        span.record("http.response.status_code", status.as_u16());
+        if let (Some(log), Some(path)) = (&self.access_log, logged_path) {
+            let served = response.extensions().get::<Served>();
+            let attempts = response.extensions().get::<Attempts>();
+            log.log(&AccessRecord {
+                timestamp: access_log::timestamp(std::time::SystemTime::now()),
+                route: served.map_or("", |s| &s.route),
+                method: method.as_str(),
+                path: &path,
+                status: status.as_u16(),
+                bytes: response
+                    .headers()
+                    .get(http::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse().ok()),
+                duration_ms: elapsed.as_secs_f64() * 1000.0,
+                upstream: attempts.map(|a| &*a.endpoint),
+                retries: attempts.map_or(0, |a| a.retries),
+                client: peer.ip().to_string(),
+                request_id: request_id.to_str().unwrap_or_default(),
+                trace_id: trace_id(&span).or(incoming_trace),
+            });
+        }
+        response.headers_mut().insert(REQUEST_ID, request_id);
+        response
+    }
+
     /// The generation serving new requests.
     pub fn current(&self) -> Arc<Proxy> {
         self.current.load_full()
@@ -135,6 +237,9 @@ impl Gateway {
             ("upstream", running.upstream != config.upstream),
             ("auth", running.auth != config.auth),
             ("rate_limit", running.rate_limit != config.rate_limit),
+            ("tls", running.tls != config.tls),
+            ("limits", running.limits != config.limits),
+            ("access_log", running.access_log != config.access_log),
             ("http", running.http != config.http),
         ]
         .into_iter()
@@ -228,17 +333,20 @@ impl Gateway {
     }
 }
 
-/// A bound gateway: the proxy listener and the admin listener.
+/// A bound gateway: the proxy listener (plain, and TLS when configured) and the admin
+/// listener.
 pub struct GatewayServer {
-    http: HttpServer,
+    plain: TcpListener,
+    secure: Option<(TcpListener, Arc<Tls>)>,
     admin: HttpServer,
     gateway: Arc<Gateway>,
-    watch_interval: Duration,
+    config: GatewayConfig,
 }
 
 impl GatewayServer {
-    /// Validates the routes and binds both listeners. The gateway's own `/health/*` and
-    /// `/metrics` answer on both ports; every other path of the proxy port is routed.
+    /// Validates the configuration and binds every listener. The gateway's own
+    /// `/health/*` and `/metrics` answer on the admin port; every path of the proxy ports
+    /// is routed.
     ///
     /// Routes with a `service` watch it in the registry until `shutdown`.
     pub async fn build(config: GatewayConfig, shutdown: &Shutdown) -> Result<Self, StartError> {
@@ -251,10 +359,19 @@ impl GatewayServer {
         source: Option<ConfigSource>,
         shutdown: &Shutdown,
     ) -> Result<Self, StartError> {
+        keel_runtime::metrics::install();
+        config.limits.validate().map_err(StartError::Settings)?;
         let registry = RegistryClient::new(&config.registry, None)?;
         let discovery = DiscoveryView::new(registry, shutdown);
         let shared = Arc::new(Shared::new(&config, discovery).map_err(StartError::Settings)?);
         let proxy = Proxy::build(&config.routes, Arc::clone(&shared))?;
+        let tls = config
+            .tls
+            .as_ref()
+            .map(Tls::new)
+            .transpose()
+            .map_err(StartError::Settings)?;
+        let access_log = AccessLog::start(&config.access_log).map_err(StartError::Settings)?;
         let gateway = Arc::new(Gateway {
             current: ArcSwap::from_pointee(proxy),
             shared,
@@ -264,42 +381,40 @@ impl GatewayServer {
             }),
             running: config.clone(),
             source,
+            access_log,
         });
-        // Every path but the server's own endpoints goes to the proxy; a catch-all route
-        // (rather than a fallback) keeps the shared stack's 404 fallback in place.
-        let handler = {
-            let gateway = Arc::clone(&gateway);
-            move |request| gateway.current().handle(request)
+        let plain = bind_listener("gateway", config.listen).await?;
+        let secure = match (tls, &config.tls) {
+            (Some(tls), Some(tls_config)) => Some((
+                bind_listener("gateway-tls", tls_config.listen).await?,
+                Arc::new(tls),
+            )),
+            _ => None,
         };
-        let router = Router::new()
-            .route("/", any(handler.clone()))
-            .route("/{*path}", any(handler));
-        let http = HttpServer::bind(
-            "gateway",
-            config.listen,
-            router,
-            Health::new(),
-            config.http.clone(),
-        )
-        .await?;
         let admin = HttpServer::bind(
             "gateway-admin",
             config.admin_listen,
             admin::router(Arc::clone(&gateway), config.admin_token.clone()),
             Health::new(),
-            config.http,
+            config.http.clone(),
         )
         .await?;
         Ok(Self {
-            http,
+            plain,
+            secure,
             admin,
             gateway,
-            watch_interval: config.watch_interval,
+            config,
         })
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin.local_addr()
+    }
+
+    /// The HTTPS listener's address, when TLS is configured.
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.secure.as_ref().and_then(|(l, _)| l.local_addr().ok())
     }
 
     pub fn gateway(&self) -> &Arc<Gateway> {
@@ -313,15 +428,70 @@ impl Server for GatewayServer {
     }
 
     fn local_addr(&self) -> SocketAddr {
-        self.http.local_addr()
+        self.plain
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
     async fn run(self, shutdown: Shutdown) -> io::Result<()> {
-        if !self.watch_interval.is_zero() {
-            tokio::spawn(Arc::clone(&self.gateway).watch(self.watch_interval, shutdown.clone()));
+        let config = self.config;
+        if !config.watch_interval.is_zero() {
+            tokio::spawn(Arc::clone(&self.gateway).watch(config.watch_interval, shutdown.clone()));
         }
-        let (proxy, admin) =
-            tokio::join!(self.http.run(shutdown.clone()), self.admin.run(shutdown));
-        proxy.and(admin)
+        let drain = config.http.drain_timeout;
+        let limits = config.limits.clone();
+        let plain_mode = match (&self.secure, &config.tls) {
+            (Some((listener, _)), Some(tls)) if tls.redirect_http => Mode::RedirectToHttps {
+                port: listener
+                    .local_addr()
+                    .map_or(tls.listen.port(), |a| a.port()),
+            },
+            _ => Mode::Proxy { tls: None },
+        };
+        tracing::info!(addr = %self.plain.local_addr()?, "gateway listening");
+        let plain = listener::serve(
+            self.plain,
+            plain_mode,
+            Arc::clone(&self.gateway),
+            limits.clone(),
+            drain,
+            shutdown.clone(),
+        );
+        let secure = async {
+            let Some((listener, tls)) = self.secure else {
+                return Ok(());
+            };
+            if !config.watch_interval.is_zero() {
+                tokio::spawn(Arc::clone(&tls).watch(config.watch_interval, shutdown.clone()));
+            }
+            tracing::info!(addr = %listener.local_addr()?, "gateway listening (TLS)");
+            listener::serve(
+                listener,
+                Mode::Proxy { tls: Some(tls) },
+                Arc::clone(&self.gateway),
+                limits,
+                drain,
+                shutdown.clone(),
+            )
+            .await
+        };
+        let (plain, secure, admin) = tokio::join!(plain, secure, self.admin.run(shutdown.clone()));
+        plain.and(secure).and(admin)
     }
+}
+
+/// A client's `x-request-id` is kept when it is short printable ASCII; otherwise one is
+/// generated, so log lines never carry hostile bytes.
+fn usable_request_id(id: &HeaderValue) -> bool {
+    let bytes = id.as_bytes();
+    !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())
+}
+
+/// The span's trace id, when it is part of a trace.
+fn trace_id(span: &tracing::Span) -> Option<String> {
+    let context = span.context();
+    let span_context = context.span().span_context().clone();
+    span_context
+        .is_valid()
+        .then(|| span_context.trace_id().to_string())
 }

@@ -55,6 +55,20 @@ pub struct BindError {
     hint: &'static str,
 }
 
+/// Binds `addr` for `component`; a taken port gets a hint naming the way out.
+pub async fn bind_listener(component: &str, addr: SocketAddr) -> Result<TcpListener, BindError> {
+    TcpListener::bind(addr).await.map_err(|error| BindError {
+        component: component.to_owned(),
+        addr,
+        hint: if error.kind() == io::ErrorKind::AddrInUse {
+            " (another process holds the port: stop it or choose another port in the configuration)"
+        } else {
+            ""
+        },
+        error,
+    })
+}
+
 /// A bound, not yet running HTTP server.
 pub struct HttpServer {
     component: String,
@@ -73,16 +87,7 @@ impl HttpServer {
         health: Health,
         config: HttpServerConfig,
     ) -> Result<Self, BindError> {
-        let listener = TcpListener::bind(addr).await.map_err(|error| BindError {
-            component: component.to_owned(),
-            addr,
-            hint: if error.kind() == io::ErrorKind::AddrInUse {
-                " (another process holds the port: stop it or choose another port in the configuration)"
-            } else {
-                ""
-            },
-            error,
-        })?;
+        let listener = bind_listener(component, addr).await?;
         Ok(Self {
             component: component.to_owned(),
             listener,

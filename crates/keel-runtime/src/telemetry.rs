@@ -85,6 +85,15 @@ impl TelemetryGuard {
     }
 }
 
+static EXPORTING_TRACES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether spans leave the process (an OTLP endpoint is configured). Hot paths that only
+/// open a span for the trace (the gateway's per-request span) skip it when nothing would
+/// receive it, and let `traceparent` pass through untouched instead.
+pub fn exporting_traces() -> bool {
+    EXPORTING_TRACES.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Installs the global subscriber, tracer provider and W3C propagator.
 pub fn init(
     config: &TelemetryConfig,
@@ -108,6 +117,7 @@ pub fn init(
         .with_resource(resource)
         .with_sampler(sampler);
     if let Some(endpoint) = &config.otlp_endpoint {
+        EXPORTING_TRACES.store(true, std::sync::atomic::Ordering::Relaxed);
         let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()

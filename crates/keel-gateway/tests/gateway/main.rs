@@ -4,8 +4,10 @@
 
 mod actions;
 mod balancing;
+mod edge;
 mod reload;
 mod resilience;
+mod security;
 mod support;
 
 use std::time::Duration;

@@ -43,6 +43,13 @@ pub struct Upstream {
 impl Upstream {
     /// Answers `"{name} {method} {uri} body={body}"` with an `x-upstream: {name}` header.
     pub fn start(name: &'static str) -> Self {
+        Self::start_echoing(name, &[])
+    }
+
+    /// Like [`start`](Self::start), and echoes each of `headers` that the request carries
+    /// before the body: `"{name} {method} {uri} {header}={values} body={body}"`, several
+    /// values joined with `,`.
+    pub fn start_echoing(name: &'static str, headers: &'static [&'static str]) -> Self {
         let hits = Arc::new(AtomicUsize::new(0));
         let behaviour = Arc::new(Mutex::new(Behaviour::default()));
         let app = {
@@ -57,8 +64,20 @@ impl Upstream {
                     let body: Bytes = axum::body::to_bytes(body, usize::MAX)
                         .await
                         .unwrap_or_default();
+                    let mut echoed = String::new();
+                    for header in headers {
+                        let values: Vec<&str> = parts
+                            .headers
+                            .get_all(*header)
+                            .iter()
+                            .map(|v| v.to_str().unwrap())
+                            .collect();
+                        if !values.is_empty() {
+                            echoed.push_str(&format!(" {header}={}", values.join(",")));
+                        }
+                    }
                     let text = format!(
-                        "{name} {} {} body={}",
+                        "{name} {} {}{echoed} body={}",
                         parts.method,
                         parts.uri,
                         String::from_utf8_lossy(&body)

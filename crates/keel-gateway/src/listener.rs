@@ -1,0 +1,279 @@
+//! The client-facing listeners: accept, (TLS,) HTTP/1.1 or HTTP/2 per connection, and the
+//! limits that keep hostile clients from exhausting the gateway — connection count, header
+//! size and count, slow headers (slowloris), HTTP/2 streams, and a request rate per
+//! connection. Served with hyper directly (no router), since every request is the proxy's.
+
+use std::convert::Infallible;
+use std::io;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::response::{IntoResponse, Response};
+use http::header::{self, HeaderValue};
+use http::{Request, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use keel_runtime::{Problem, Shutdown};
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::endpoint::now_nanos;
+use crate::proxy::SOURCE;
+use crate::server::Gateway;
+use crate::tls::Tls;
+
+/// `[gateway.limits]`: what one client may take.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClientLimitsConfig {
+    /// Open client connections; beyond it new ones are closed at once.
+    pub max_connections: usize,
+    /// Request line and headers together (HTTP/1.1) or the header list (HTTP/2); 431
+    /// beyond it.
+    pub max_header_bytes: usize,
+    /// Header fields per request (HTTP/1.1); 431 beyond it.
+    pub max_headers: usize,
+    /// Time to receive a request's headers — also how long a kept-alive connection may sit
+    /// idle between requests. Slow clients (slowloris) are cut off after it.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    #[serde(with = "humantime_serde")]
+    pub tls_handshake_timeout: Duration,
+    /// Concurrent HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
+    /// Requests per second one connection may send (bursts of the same size); 429 and the
+    /// connection closed beyond it. 0 turns it off.
+    pub max_requests_per_second_per_connection: u32,
+}
+
+impl Default for ClientLimitsConfig {
+    fn default() -> Self {
+        Self {
+            max_connections: 10_000,
+            max_header_bytes: 32 * 1024,
+            max_headers: 100,
+            header_read_timeout: Duration::from_secs(30),
+            tls_handshake_timeout: Duration::from_secs(10),
+            max_concurrent_streams: 256,
+            max_requests_per_second_per_connection: 10_000,
+        }
+    }
+}
+
+impl ClientLimitsConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        // hyper's smallest HTTP/1.1 read buffer.
+        if self.max_header_bytes < 8192 {
+            return Err("gateway.limits.max_header_bytes must be at least 8192".into());
+        }
+        if self.max_connections == 0 || self.max_headers == 0 {
+            return Err("gateway.limits: max_connections and max_headers must be above 0".into());
+        }
+        if self.header_read_timeout.is_zero() || self.tls_handshake_timeout.is_zero() {
+            return Err("gateway.limits: timeouts must be above zero".into());
+        }
+        Ok(())
+    }
+
+    fn builder(&self) -> auto::Builder<TokioExecutor> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout)
+            .max_buf_size(self.max_header_bytes)
+            .max_headers(self.max_headers);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(self.max_concurrent_streams)
+            .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX))
+            .keep_alive_interval(Some(self.header_read_timeout))
+            .keep_alive_timeout(Duration::from_secs(20));
+        builder
+    }
+}
+
+/// What a listener does with requests.
+#[derive(Clone)]
+pub enum Mode {
+    Proxy {
+        tls: Option<Arc<Tls>>,
+    },
+    /// Answers with a redirect to HTTPS on this port.
+    RedirectToHttps {
+        port: u16,
+    },
+}
+
+/// Per-connection request rate (GCRA over one timestamp, in microseconds).
+struct ConnectionRate {
+    interval: u64,
+    tolerance: u64,
+    tat: Mutex<u64>,
+}
+
+impl ConnectionRate {
+    fn new(per_second: u32) -> Option<Self> {
+        (per_second > 0).then(|| {
+            let interval = 1_000_000 / u64::from(per_second).max(1);
+            Self {
+                interval,
+                tolerance: interval * u64::from(per_second),
+                tat: Mutex::new(0),
+            }
+        })
+    }
+
+    fn admit(&self) -> bool {
+        let now = now_nanos() / 1_000;
+        let mut tat = self.tat.lock().unwrap_or_else(PoisonError::into_inner);
+        let next = (*tat).max(now) + self.interval;
+        if now + self.tolerance < next {
+            return false;
+        }
+        *tat = next;
+        true
+    }
+}
+
+/// Serves `listener` until `shutdown`, then drains open connections for up to `drain`.
+pub async fn serve(
+    listener: TcpListener,
+    mode: Mode,
+    gateway: Arc<Gateway>,
+    limits: ClientLimitsConfig,
+    drain: Duration,
+    shutdown: Shutdown,
+) -> io::Result<()> {
+    let builder = Arc::new(limits.builder());
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                // Out of file descriptors and the like: pause rather than spin.
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.wait() => break,
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            metrics::counter!("keel_gateway_connections_refused_total").increment(1);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (builder, gateway, mode) = (Arc::clone(&builder), Arc::clone(&gateway), mode.clone());
+        let rate = ConnectionRate::new(limits.max_requests_per_second_per_connection).map(Arc::new);
+        let handshake = limits.tls_handshake_timeout;
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let tls = match &mode {
+                Mode::Proxy { tls: Some(tls) } => Some(Arc::clone(tls)),
+                _ => None,
+            };
+            let service = {
+                let mode = mode.clone();
+                let secure = tls.is_some();
+                service_fn(move |request: Request<Incoming>| {
+                    let (gateway, mode, rate) = (Arc::clone(&gateway), mode.clone(), rate.clone());
+                    async move {
+                        if let Some(rate) = &rate
+                            && !rate.admit()
+                        {
+                            return Ok::<_, Infallible>(too_fast());
+                        }
+                        let request = request.map(Body::new);
+                        Ok(match mode {
+                            Mode::RedirectToHttps { port } => redirect_to_https(&request, port),
+                            Mode::Proxy { .. } => gateway.handle(request, peer, secure).await,
+                        })
+                    }
+                })
+            };
+            let result = match tls {
+                Some(tls) => {
+                    let accepted =
+                        tokio::time::timeout(handshake, tls.acceptor.accept(stream)).await;
+                    let Ok(Ok(stream)) = accepted else {
+                        return;
+                    };
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+                None => {
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+            };
+            if let Err(error) = result {
+                tracing::debug!(%peer, %error, "client connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(drain) => {
+            tracing::warn!(?drain, "drain deadline passed with client connections still open");
+        }
+    }
+    Ok(())
+}
+
+fn too_fast() -> Response {
+    let mut response = Problem::too_many_requests("this connection sends requests too fast")
+        .with_retry_after(Duration::from_secs(1))
+        .with_source(SOURCE)
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+fn redirect_to_https(request: &Request<Body>, port: u16) -> Response {
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .or_else(|| request.uri().host());
+    let Some(host) = host else {
+        return Problem::bad_request("a Host header is needed to redirect to HTTPS")
+            .with_source(SOURCE)
+            .into_response();
+    };
+    // Host may carry the plain port (and be an IPv6 literal in brackets).
+    let name = match host.rfind(':') {
+        Some(colon) if !host[colon..].contains(']') => &host[..colon],
+        _ => host,
+    };
+    let authority = if port == 443 {
+        name.to_owned()
+    } else {
+        format!("{name}:{port}")
+    };
+    let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+    match HeaderValue::from_str(&format!("https://{authority}{target}")) {
+        Ok(location) => (
+            StatusCode::PERMANENT_REDIRECT,
+            [(header::LOCATION, location)],
+        )
+            .into_response(),
+        Err(_) => Problem::bad_request("the request cannot be redirected to HTTPS")
+            .with_source(SOURCE)
+            .into_response(),
+    }
+}

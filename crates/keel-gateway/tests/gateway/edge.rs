@@ -1,0 +1,479 @@
+//! The client-facing edge: TLS with SNI and reload, HTTPS redirects, HTTP/2, and the
+//! limits that stand between hostile clients and the gateway.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use keel_gateway::GatewayServer;
+use keel_gateway::listener::ClientLimitsConfig;
+use keel_gateway::tls::{CertificateConfig, TlsConfig};
+use keel_runtime::Shutdown;
+use keel_testkit::TestServer;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::support::{Upstream, route_to, test_config};
+
+/// A self-signed certificate for `hosts`, written to files.
+struct CertFiles {
+    cert: PathBuf,
+    key: PathBuf,
+    der: CertificateDer<'static>,
+}
+
+fn cert_files(hosts: &[&str]) -> CertFiles {
+    let generated =
+        rcgen::generate_simple_self_signed(hosts.iter().map(|h| h.to_string()).collect::<Vec<_>>())
+            .unwrap();
+    let base = std::env::temp_dir().join(keel_testkit::unique_name("cert"));
+    let (cert, key) = (base.with_extension("crt"), base.with_extension("key"));
+    std::fs::write(&cert, generated.cert.pem()).unwrap();
+    std::fs::write(&key, generated.signing_key.serialize_pem()).unwrap();
+    CertFiles {
+        cert,
+        key,
+        der: generated.cert.der().clone(),
+    }
+}
+
+impl CertFiles {
+    fn config(&self, hosts: &[&str]) -> CertificateConfig {
+        CertificateConfig {
+            cert: self.cert.clone(),
+            key: self.key.clone(),
+            hosts: hosts.iter().map(|h| h.to_string()).collect(),
+        }
+    }
+
+    /// Replaces the files' contents with a new certificate for the same hosts.
+    fn renew(&mut self, hosts: &[&str]) {
+        let next = cert_files(hosts);
+        std::fs::rename(&next.cert, &self.cert).unwrap();
+        std::fs::rename(&next.key, &self.key).unwrap();
+        self.der = next.der;
+    }
+}
+
+/// Trusts any certificate and remembers the one presented: the tests check which
+/// certificate the gateway chose, not the chain.
+#[derive(Debug, Default)]
+struct Recorder(Mutex<Option<CertificateDer<'static>>>);
+
+impl ServerCertVerifier for Recorder {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        *self.0.lock().unwrap() = Some(end_entity.clone().into_owned());
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Ok(HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Connects over TLS with `server_name`; returns the stream, the certificate presented
+/// and the negotiated ALPN protocol.
+async fn tls_connect(
+    addr: std::net::SocketAddr,
+    server_name: &str,
+    alpn: &[&[u8]],
+) -> (
+    tokio_rustls::client::TlsStream<TcpStream>,
+    CertificateDer<'static>,
+    Option<Vec<u8>>,
+) {
+    let recorder = Arc::new(Recorder::default());
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .dangerous()
+    .with_custom_certificate_verifier(recorder.clone())
+    .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let stream = connector
+        .connect(ServerName::try_from(server_name.to_owned()).unwrap(), tcp)
+        .await
+        .unwrap();
+    let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+    let presented = recorder.0.lock().unwrap().clone().unwrap();
+    (stream, presented, alpn)
+}
+
+async fn start(config: keel_gateway::GatewayConfig) -> (TestServer, Option<std::net::SocketAddr>) {
+    let server = GatewayServer::build(config, &Shutdown::new())
+        .await
+        .unwrap();
+    let tls = server.tls_addr();
+    (keel_testkit::spawn(server), tls)
+}
+
+#[tokio::test]
+async fn tls_picks_certificates_by_sni_and_reloads_them() {
+    let upstream = Upstream::start("u");
+    let mut a = cert_files(&["a.test"]);
+    let b = cert_files(&["b.test", "*.b.test"]);
+    let mut config = test_config(vec![route_to("r", &[&upstream])]);
+    config.watch_interval = Duration::from_millis(50);
+    config.tls = Some(TlsConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        certificates: vec![a.config(&["a.test"]), b.config(&["b.test", "*.b.test"])],
+        redirect_http: false,
+    });
+    let (_gateway, tls) = start(config).await;
+    let tls = tls.unwrap();
+
+    assert_eq!(tls_connect(tls, "a.test", &[]).await.1, a.der);
+    assert_eq!(tls_connect(tls, "b.test", &[]).await.1, b.der);
+    assert_eq!(
+        tls_connect(tls, "shop.b.test", &[]).await.1,
+        b.der,
+        "wildcard"
+    );
+    assert_eq!(
+        tls_connect(tls, "other.test", &[]).await.1,
+        a.der,
+        "unknown names get the first certificate"
+    );
+
+    // A request over HTTPS reaches the upstream and says it came over TLS.
+    let (stream, _, alpn) = tls_connect(tls, "a.test", &[b"http/1.1"]).await;
+    assert_eq!(alpn.as_deref(), Some(&b"http/1.1"[..]));
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let response = sender
+        .send_request(
+            Request::get("/x")
+                .header("host", "a.test")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+
+    // New files are picked up without a restart.
+    let before = a.der.clone();
+    a.renew(&["a.test"]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let presented = tls_connect(tls, "a.test", &[]).await.1;
+        if presented == a.der {
+            break;
+        }
+        assert_eq!(presented, before);
+        assert!(
+            Instant::now() < deadline,
+            "the renewed certificate never appeared"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn http2_is_negotiated_by_alpn_and_spoken_with_prior_knowledge() {
+    let upstream = Upstream::start("u");
+    let a = cert_files(&["a.test"]);
+    let mut config = test_config(vec![route_to("r", &[&upstream])]);
+    config.tls = Some(TlsConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        certificates: vec![a.config(&["a.test"])],
+        redirect_http: false,
+    });
+    let (gateway, tls) = start(config).await;
+
+    let (stream, _, alpn) = tls_connect(tls.unwrap(), "a.test", &[b"h2", b"http/1.1"]).await;
+    assert_eq!(alpn.as_deref(), Some(&b"h2"[..]));
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let response = sender
+        .send_request(
+            Request::get("https://a.test/over-h2")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert!(body.starts_with(b"u GET /over-h2"), "{body:?}");
+
+    // h2c with prior knowledge on the plain port.
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    let tcp = TcpStream::connect(&addr).await.unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let response = sender
+        .send_request(
+            Request::get(format!("http://{addr}/h2c"))
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+}
+
+#[tokio::test]
+async fn plain_http_can_redirect_to_https() {
+    let upstream = Upstream::start("u");
+    let a = cert_files(&["a.test"]);
+    let mut config = test_config(vec![route_to("r", &[&upstream])]);
+    config.tls = Some(TlsConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        certificates: vec![a.config(&["a.test"])],
+        redirect_http: true,
+    });
+    let (gateway, tls) = start(config).await;
+    let response = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(format!("{}/cart?item=3", gateway.url))
+        .header("host", "shop.test:8080")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PERMANENT_REDIRECT);
+    assert_eq!(
+        response.headers()["location"],
+        format!("https://shop.test:{}/cart?item=3", tls.unwrap().port()).as_str()
+    );
+    assert_eq!(upstream.hits(), 0);
+}
+
+#[tokio::test]
+async fn broken_certificates_stop_the_start_with_the_file_named() {
+    let missing = CertificateConfig {
+        cert: "/nonexistent/cert.pem".into(),
+        key: "/nonexistent/key.pem".into(),
+        hosts: vec!["a.test".into()],
+    };
+    let mut config = test_config(Vec::new());
+    config.tls = Some(TlsConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        certificates: vec![missing],
+        redirect_http: false,
+    });
+    let error = match GatewayServer::build(config, &Shutdown::new()).await {
+        Ok(_) => panic!("started without a certificate"),
+        Err(error) => error.to_string(),
+    };
+    assert!(error.contains("/nonexistent/cert.pem"), "{error}");
+}
+
+/// Sends raw bytes and reads until the gateway closes or answers.
+async fn raw(addr: &str, bytes: &[u8]) -> (String, Duration) {
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    (
+        String::from_utf8_lossy(&answer).into_owned(),
+        started.elapsed(),
+    )
+}
+
+async fn limited_gateway(limits: ClientLimitsConfig) -> (TestServer, Upstream) {
+    let upstream = Upstream::start("u");
+    let mut config = test_config(vec![route_to("r", &[&upstream])]);
+    config.limits = limits;
+    let (gateway, _) = start(config).await;
+    (gateway, upstream)
+}
+
+#[tokio::test]
+async fn slow_clients_are_cut_off() {
+    let (gateway, upstream) = limited_gateway(ClientLimitsConfig {
+        header_read_timeout: Duration::from_millis(300),
+        ..ClientLimitsConfig::default()
+    })
+    .await;
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
+
+    // Headers started and never finished.
+    let (_, waited) = raw(&addr, b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ").await;
+    assert!(waited < Duration::from_secs(3), "{waited:?}");
+
+    // Headers dripped one byte at a time.
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(&addr).await.unwrap();
+    let mut closed = false;
+    for byte in b"GET / HTTP/1.1\r\nHost: x\r\nX-Drip: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa" {
+        if stream.write_all(&[*byte]).await.is_err() {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !closed {
+        let mut rest = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(3), stream.read_to_end(&mut rest)).await;
+        closed = read.is_ok();
+    }
+    assert!(closed, "a dripping client is dropped");
+    assert!(started.elapsed() < Duration::from_secs(6));
+    assert_eq!(upstream.hits(), 0);
+
+    // Ordinary clients are still served.
+    assert_eq!(
+        reqwest::get(&gateway.url).await.unwrap().status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn oversized_and_numerous_headers_get_431() {
+    let (gateway, upstream) = limited_gateway(ClientLimitsConfig {
+        max_header_bytes: 16 * 1024,
+        max_headers: 20,
+        ..ClientLimitsConfig::default()
+    })
+    .await;
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    let big = format!(
+        "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(64 * 1024)
+    );
+    let (answer, _) = raw(&addr, big.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:.80}");
+
+    let many: String = (0..40).map(|n| format!("X-H{n}: v\r\n")).collect();
+    let (answer, _) = raw(
+        &addr,
+        format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:.80}");
+    assert_eq!(upstream.hits(), 0);
+}
+
+#[tokio::test]
+async fn garbage_never_hurts_the_gateway() {
+    let (gateway, _upstream) = limited_gateway(ClientLimitsConfig::default()).await;
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    for junk in [
+        &b"\x00\x01\x02\xff\xfe GARBAGE\r\n\r\n"[..],
+        b"GET /\x7f HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET / HTTP/9.9\r\n\r\n",
+        b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\nzzzzz",
+        b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+    ] {
+        let (answer, _) = raw(&addr, junk).await;
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 4"),
+            "{answer:.80}"
+        );
+    }
+    // A broken HTTP/2 connection gets HTTP/2's answer (a GOAWAY frame) and is closed.
+    let (answer, waited) = raw(
+        &addr,
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x09\x00\x00\x00\x00\x00garbage",
+    )
+    .await;
+    assert!(!answer.starts_with("HTTP/1.1 2") && waited < Duration::from_secs(5));
+    assert_eq!(
+        reqwest::get(&gateway.url).await.unwrap().status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_closed() {
+    let (gateway, _upstream) = limited_gateway(ClientLimitsConfig {
+        max_connections: 2,
+        ..ClientLimitsConfig::default()
+    })
+    .await;
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    let _held: Vec<TcpStream> = vec![
+        TcpStream::connect(&addr).await.unwrap(),
+        TcpStream::connect(&addr).await.unwrap(),
+    ];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (answer, waited) = raw(&addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    assert!(
+        answer.is_empty() && waited < Duration::from_secs(2),
+        "{answer:.80}"
+    );
+}
+
+#[tokio::test]
+async fn a_connection_sending_too_fast_is_refused_and_closed() {
+    let (gateway, _upstream) = limited_gateway(ClientLimitsConfig {
+        max_requests_per_second_per_connection: 5,
+        ..ClientLimitsConfig::default()
+    })
+    .await;
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    let tcp = TcpStream::connect(&addr).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        let request = Request::get("/")
+            .header("host", "x")
+            .body(Body::empty())
+            .unwrap();
+        match sender.send_request(request).await {
+            Ok(response) => statuses.push(response.status().as_u16()),
+            Err(_) => break,
+        }
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
+    // Other connections are not affected.
+    assert_eq!(
+        reqwest::get(&gateway.url).await.unwrap().status(),
+        StatusCode::OK
+    );
+}
