@@ -12,6 +12,7 @@ use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{HeaderMap, Method, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
+use hyper_util::rt::TokioIo;
 use keel_runtime::Problem;
 
 use crate::balance::{BalanceConfig, EndpointSet};
@@ -50,6 +51,8 @@ struct Outgoing {
     replay: Option<Bytes>,
     /// Otherwise the streaming body, for the first attempt only.
     stream: Option<Body>,
+    /// The client connection's upgrade (WebSocket and the like), when it asked for one.
+    upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
 impl Forward {
@@ -146,9 +149,32 @@ impl Forward {
             Err(_) => false,
         };
         permit.record(success);
-        result.map(|response| {
+        result.map(|mut response| {
+            let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+            let upstream_upgrade = switching
+                .then(|| {
+                    response
+                        .extensions_mut()
+                        .remove::<hyper::upgrade::OnUpgrade>()
+                })
+                .flatten();
             let (mut parts, body) = response.into_parts();
-            strip_hop_by_hop(&mut parts.headers);
+            match (outgoing.upgrade.take(), upstream_upgrade) {
+                (Some(client), Some(upstream)) => {
+                    // Keep `connection: upgrade` and `upgrade` on the 101 so the client
+                    // switches too, then splice the connections.
+                    let protocol = parts.headers.remove(header::UPGRADE);
+                    strip_hop_by_hop(&mut parts.headers);
+                    if let Some(protocol) = protocol {
+                        parts.headers.insert(header::UPGRADE, protocol);
+                        parts
+                            .headers
+                            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                    }
+                    tokio::spawn(splice(client, upstream, self.route.clone()));
+                }
+                _ => strip_hop_by_hop(&mut parts.headers),
+            }
             self.response_headers.apply(&mut parts.headers);
             Response::from_parts(parts, body)
         })
@@ -183,11 +209,22 @@ impl Forward {
         let keep_te_trailers = headers
             .get(header::TE)
             .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
+        let upgrade_to = requested_upgrade(headers);
         strip_hop_by_hop(headers);
         if keep_te_trailers {
             // gRPC needs `te: trailers` end to end; it is the one TE value worth passing.
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
+        // An upgrade is hop-by-hop too, but the gateway takes part in it: it asks the
+        // upstream for the same protocol and splices the two connections once both agree.
+        let upgrade = match upgrade_to {
+            Some(protocol) => {
+                headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+                headers.insert(header::UPGRADE, protocol);
+                parts.extensions.remove::<hyper::upgrade::OnUpgrade>()
+            }
+            None => None,
+        };
         if let Some(ClientInfo { peer, .. }) = client {
             let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
                 Some(before) => format!("{before}, {}", peer.ip()),
@@ -242,6 +279,7 @@ impl Forward {
             headers: parts.headers,
             replay,
             stream,
+            upgrade,
         })
     }
 
@@ -414,6 +452,38 @@ impl Forward {
             "Upstream timeout",
         )
         .with_detail(format!("route {:?}: {what}", self.route))
+    }
+}
+
+/// The protocol a request asks to switch to (`connection: upgrade` with `upgrade: …`).
+fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
+    let asks = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| headers.get(header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Copies bytes both ways between an upgraded client connection and the upstream's until
+/// either side closes.
+async fn splice(
+    client: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    route: String,
+) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(both) => both,
+        Err(error) => {
+            tracing::debug!(%route, %error, "upgrade did not complete");
+            return;
+        }
+    };
+    let (mut client, mut upstream) = (TokioIo::new(client), TokioIo::new(upstream));
+    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(%route, %error, "upgraded connection ended with an error");
     }
 }
 

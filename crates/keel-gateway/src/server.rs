@@ -116,6 +116,7 @@ impl Gateway {
         };
         request.extensions_mut().insert(ClientInfo { peer, secure });
         let method = request.method().clone();
+        let grpc = is_grpc(request.headers());
         let logged_path = self
             .access_log
             .as_ref()
@@ -182,6 +183,9 @@ impl Gateway {
                 request_id: request_id.to_str().unwrap_or_default(),
                 trace_id: trace_id(&span).or(incoming_trace),
             });
+        }
+        if grpc {
+            response = grpc_status(response);
         }
         response.headers_mut().insert(REQUEST_ID, request_id);
         response
@@ -478,6 +482,53 @@ impl Server for GatewayServer {
         let (plain, secure, admin) = tokio::join!(plain, secure, self.admin.run(shutdown.clone()));
         plain.and(secure).and(admin)
     }
+}
+
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// A gRPC client reads errors from `grpc-status`, not from HTTP statuses or JSON: the
+/// gateway's own errors become trailers-only gRPC responses with the matching code
+/// (the upstream's own answers pass unchanged).
+fn grpc_status(response: Response) -> Response {
+    let from_gateway = response
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == b"application/problem+json");
+    if !from_gateway {
+        return response;
+    }
+    let status = response.status();
+    // https://grpc.github.io/grpc/core/md_doc_statuscodes.html
+    let code: u16 = match status.as_u16() {
+        400 | 413 | 431 => 3, // INVALID_ARGUMENT
+        401 => 16,            // UNAUTHENTICATED
+        403 => 7,             // PERMISSION_DENIED
+        404 => 12,            // UNIMPLEMENTED: no route for the method
+        429 => 8,             // RESOURCE_EXHAUSTED
+        502 | 503 => 14,      // UNAVAILABLE
+        504 => 4,             // DEADLINE_EXCEEDED
+        _ => 13,              // INTERNAL
+    };
+    let message = format!("gateway: {}", status.canonical_reason().unwrap_or("error"));
+    let mut grpc = Response::new(Body::empty());
+    let headers = grpc.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert("grpc-status", HeaderValue::from(code));
+    if let Ok(message) = HeaderValue::from_str(&message) {
+        headers.insert("grpc-message", message);
+    }
+    if let Some(after) = response.headers().get(http::header::RETRY_AFTER) {
+        headers.insert(http::header::RETRY_AFTER, after.clone());
+    }
+    *grpc.extensions_mut() = response.into_parts().0.extensions;
+    grpc
 }
 
 /// A client's `x-request-id` is kept when it is short printable ASCII; otherwise one is

@@ -5,6 +5,7 @@
 mod actions;
 mod balancing;
 mod edge;
+mod protocols;
 mod reload;
 mod resilience;
 mod security;

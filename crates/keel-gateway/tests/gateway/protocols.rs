@@ -1,0 +1,323 @@
+//! Protocols through the gateway: gRPC over HTTP/2 with trailers, streaming both ways,
+//! gRPC status codes for the gateway's own errors, and connection upgrades (WebSocket).
+
+use std::convert::Infallible;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use keel_gateway::config::{UpstreamConfig, UpstreamProtocol};
+use keel_testkit::TestServer;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use crate::support::{Upstream, route_to, start_gateway};
+
+type Frames = BoxBody<Bytes, Infallible>;
+
+/// A body fed frame by frame from a channel.
+fn channel_body() -> (mpsc::Sender<Frame<Bytes>>, Frames) {
+    let (sender, receiver) = mpsc::channel(16);
+    let stream = futures_util::stream::unfold(receiver, |mut receiver| async move {
+        receiver
+            .recv()
+            .await
+            .map(|frame| (Ok::<_, Infallible>(frame), receiver))
+    });
+    (sender, StreamBody::new(stream).boxed())
+}
+
+/// One gRPC message: compression flag, length, payload.
+fn grpc_message(payload: &[u8]) -> Bytes {
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+    framed.extend_from_slice(payload);
+    Bytes::from(framed)
+}
+
+fn trailers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            (
+                http::HeaderName::from_static(k),
+                http::HeaderValue::from_static(v),
+            )
+        })
+        .collect()
+}
+
+/// An h2c gRPC-shaped server: `/echo.Echo/Unary` answers one message, `/Stream` three
+/// messages 200 ms apart, `/Bidi` echoes each request frame as it arrives; all end with
+/// trailers.
+async fn grpc_upstream() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = service_fn(|request: Request<Incoming>| async move {
+                let te = request
+                    .headers()
+                    .get("te")
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .unwrap_or_default();
+                let (sender, body) = channel_body();
+                let path = request.uri().path().to_owned();
+                tokio::spawn(async move {
+                    match path.as_str() {
+                        "/echo.Echo/Unary" => {
+                            let _ = sender.send(Frame::data(grpc_message(b"pong"))).await;
+                        }
+                        "/echo.Echo/Stream" => {
+                            for n in 0..3u8 {
+                                let _ = sender.send(Frame::data(grpc_message(&[b'0' + n]))).await;
+                                tokio::time::sleep(Duration::from_millis(200)).await;
+                            }
+                        }
+                        _ => {
+                            let mut incoming = request.into_body();
+                            while let Some(Ok(frame)) = incoming.frame().await {
+                                if let Ok(data) = frame.into_data() {
+                                    let _ = sender.send(Frame::data(data)).await;
+                                }
+                            }
+                        }
+                    }
+                    let mut end = trailers(&[("grpc-status", "0"), ("x-checksum", "abc")]);
+                    end.insert("x-te-seen", te.parse().unwrap());
+                    let _ = sender.send(Frame::trailers(end)).await;
+                });
+                let response = Response::builder()
+                    .header("content-type", "application/grpc")
+                    .body(body)
+                    .unwrap();
+                Ok::<_, Infallible>(response)
+            });
+            tokio::spawn(
+                hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// An HTTP/2 (prior knowledge) connection to the gateway.
+async fn h2_client(gateway: &str) -> hyper::client::conn::http2::SendRequest<Frames> {
+    let tcp = TcpStream::connect(gateway.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    sender
+}
+
+fn grpc_request(gateway: &str, method: &str, body: Frames) -> Request<Frames> {
+    Request::post(format!("{gateway}/echo.Echo/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(body)
+        .unwrap()
+}
+
+async fn grpc_gateway() -> TestServer {
+    let upstream = grpc_upstream().await;
+    let mut route = route_to("grpc", &[]);
+    route.upstreams = vec![UpstreamConfig::Url(upstream)];
+    route.upstream_protocol = UpstreamProtocol::H2c;
+    start_gateway(vec![route]).await
+}
+
+#[tokio::test]
+async fn grpc_unary_keeps_its_trailers() {
+    let gateway = grpc_gateway().await;
+    let mut client = h2_client(&gateway.url).await;
+    let body = http_body_util::Full::new(grpc_message(b"ping"))
+        .map_err(|never| match never {})
+        .boxed();
+    let response = client
+        .send_request(grpc_request(&gateway.url, "Unary", body))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let collected = response.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().expect("trailers arrive");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["x-checksum"], "abc");
+    assert_eq!(
+        trailers["x-te-seen"], "trailers",
+        "te: trailers reached the server"
+    );
+    assert_eq!(collected.to_bytes(), grpc_message(b"pong"));
+}
+
+#[tokio::test]
+async fn server_streams_arrive_message_by_message() {
+    let gateway = grpc_gateway().await;
+    let mut client = h2_client(&gateway.url).await;
+    let started = Instant::now();
+    let response = client
+        .send_request(grpc_request(&gateway.url, "Stream", Empty::new().boxed()))
+        .await
+        .unwrap();
+    let mut body = response.into_body();
+    let mut arrivals = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.unwrap();
+        if frame.is_data() {
+            arrivals.push(started.elapsed());
+        } else {
+            assert_eq!(frame.into_trailers().unwrap()["grpc-status"], "0");
+        }
+    }
+    assert_eq!(arrivals.len(), 3);
+    assert!(
+        arrivals[0] < Duration::from_millis(150) && arrivals[2] >= Duration::from_millis(380),
+        "not buffered: {arrivals:?}"
+    );
+}
+
+#[tokio::test]
+async fn bidirectional_streams_flow_both_ways_without_buffering() {
+    let gateway = grpc_gateway().await;
+    let mut client = h2_client(&gateway.url).await;
+    let (sender, body) = channel_body();
+    let response = client
+        .send_request(grpc_request(&gateway.url, "Bidi", body))
+        .await
+        .unwrap();
+    let mut incoming = response.into_body();
+    for word in [&b"one"[..], b"two", b"three"] {
+        sender.send(Frame::data(grpc_message(word))).await.unwrap();
+        // The echo comes back while the request stream is still open.
+        let echoed = tokio::time::timeout(Duration::from_secs(2), incoming.frame())
+            .await
+            .expect("echo before the request ends")
+            .unwrap()
+            .unwrap();
+        assert_eq!(echoed.into_data().unwrap(), grpc_message(word));
+    }
+    drop(sender);
+    let rest = incoming.collect().await.unwrap();
+    assert_eq!(rest.trailers().unwrap()["grpc-status"], "0");
+}
+
+#[tokio::test]
+async fn gateway_errors_reach_grpc_clients_as_grpc_statuses() {
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let mut route = route_to("grpc", &[]);
+    route.matches.path_prefix = Some("/echo.Echo".into());
+    route.upstreams = vec![UpstreamConfig::Url(dead)];
+    route.upstream_protocol = UpstreamProtocol::H2c;
+    let gateway = start_gateway(vec![route]).await;
+    let mut client = h2_client(&gateway.url).await;
+    for (path, code) in [("/echo.Echo/Unary", "14"), ("/other.Svc/Call", "12")] {
+        let request = Request::post(format!("{}{path}", gateway.url))
+            .header("content-type", "application/grpc")
+            .body(Empty::new().boxed())
+            .unwrap();
+        let response = client.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        assert_eq!(response.headers()["grpc-status"], code, "{path}");
+        assert!(response.headers().contains_key("grpc-message"));
+    }
+}
+
+/// An HTTP/1.1 server that accepts upgrades to `websocket` and then echoes bytes.
+async fn upgrade_echo_upstream() -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = service_fn(|mut request: Request<Incoming>| async move {
+                let upgrade = hyper::upgrade::on(&mut request);
+                tokio::spawn(async move {
+                    let Ok(upgraded) = upgrade.await else { return };
+                    let mut io = TokioIo::new(upgraded);
+                    let mut buffer = [0u8; 1024];
+                    while let Ok(n) = io.read(&mut buffer).await {
+                        if n == 0 || io.write_all(&buffer[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let response = Response::builder()
+                    .status(StatusCode::SWITCHING_PROTOCOLS)
+                    .header("connection", "upgrade")
+                    .header("upgrade", "websocket")
+                    .body(Empty::<Bytes>::new())
+                    .unwrap();
+                Ok::<_, Infallible>(response)
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades(),
+            );
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[tokio::test]
+async fn websocket_upgrades_pass_through_and_echo() {
+    let mut route = route_to("ws", &[]);
+    route.upstreams = vec![UpstreamConfig::Url(upgrade_echo_upstream().await)];
+    let gateway = start_gateway(vec![route]).await;
+    let mut tcp = TcpStream::connect(gateway.url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    tcp.write_all(
+        b"GET /chat HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8];
+        tcp.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    assert!(head.contains("upgrade: websocket"), "{head}");
+    for message in [&b"hello"[..], b"over the gateway"] {
+        tcp.write_all(message).await.unwrap();
+        let mut echoed = vec![0u8; message.len()];
+        tokio::time::timeout(Duration::from_secs(2), tcp.read_exact(&mut echoed))
+            .await
+            .expect("echo arrives")
+            .unwrap();
+        assert_eq!(echoed, message);
+    }
+}
+
+#[tokio::test]
+async fn a_plain_request_is_never_upgraded_by_accident() {
+    let upstream = Upstream::start("u");
+    let gateway = start_gateway(vec![route_to("r", &[&upstream])]).await;
+    let response = reqwest::Client::new()
+        .get(&gateway.url)
+        .header("upgrade", "websocket")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        response.status(),
+        StatusCode::OK,
+        "upgrade without connection: upgrade"
+    );
+}
