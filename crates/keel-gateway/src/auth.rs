@@ -97,9 +97,11 @@ pub async fn authorize(
             );
         }
         Err(error) => {
+            let header = error.www_authenticate();
+            let params = header.strip_prefix("Bearer ").unwrap_or(&header);
             return Err(challenge(
                 Problem::unauthorized(error.description()),
-                error.www_authenticate(),
+                format!("Bearer realm=\"keel\", {params}"),
             ));
         }
     };

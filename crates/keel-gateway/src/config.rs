@@ -38,6 +38,11 @@ pub struct GatewayConfig {
     #[serde(with = "humantime_serde")]
     pub watch_interval: Duration,
     pub upstream: UpstreamClientConfig,
+    /// Requests no route matches go to the registry service named by their first path
+    /// segment, with that segment stripped (`/orders/42` → service `orders`, `/42`), as
+    /// Spring Cloud Gateway's discovery locator. Unset: on under `keel up`, off otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub discovery_routes: Option<bool>,
     /// How access tokens are verified (the authorization server's issuer and this
     /// gateway's audiences); required by routes with `auth`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -63,6 +68,7 @@ impl Default for GatewayConfig {
             registry: "http://127.0.0.1:8500".to_owned(),
             watch_interval: Duration::from_secs(2),
             upstream: UpstreamClientConfig::default(),
+            discovery_routes: None,
             auth: None,
             rate_limit: RateLimitBackendConfig::default(),
             tls: None,

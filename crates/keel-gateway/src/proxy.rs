@@ -61,6 +61,8 @@ pub struct Shared {
     budgets: Mutex<HashMap<String, (RetryConfig, Arc<RetryBudget>)>>,
     pub(crate) verifier: Option<Verifier>,
     pub(crate) limiters: Limiters,
+    /// Requests no route matches go to the registry service their path starts with.
+    discovery_routes: bool,
 }
 
 impl Shared {
@@ -74,6 +76,10 @@ impl Shared {
             .transpose()
             .map_err(|error| format!("gateway.auth: {error}"))?;
         let redis = RedisLimiter::new(&config.rate_limit)?;
+        let discovery_routes = config.discovery_routes.unwrap_or(false);
+        if discovery_routes {
+            discovery.watch_catalog();
+        }
         let config = &config.upstream;
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
@@ -94,6 +100,7 @@ impl Shared {
             budgets: Mutex::default(),
             verifier,
             limiters: Limiters::with_redis(redis),
+            discovery_routes,
         })
     }
 
@@ -359,6 +366,8 @@ pub struct Proxy {
     actions: HashMap<String, RouteEntry>,
     /// For requests no route matched.
     unmatched: Served,
+    /// Routes made on demand for registry services (see [`Proxy::discovered`]).
+    discovered: RwLock<HashMap<String, Arc<RouteEntry>>>,
     routes: Vec<GatewayRouteConfig>,
     pub(crate) shared: Arc<Shared>,
 }
@@ -424,6 +433,7 @@ impl Proxy {
                 route: Arc::from(keel_runtime::metrics::UNMATCHED_ROUTE),
                 metrics: Arc::new(RouteMetrics::new(keel_runtime::metrics::UNMATCHED_ROUTE)),
             },
+            discovered: RwLock::default(),
             routes: routes.to_vec(),
             shared,
         })
@@ -614,18 +624,26 @@ impl Proxy {
             view.method = &parts.method;
             matched = self.table.find(&view);
         }
-        let matched = matched.ok_or_else(|| {
-            Problem::not_found(format!(
-                "no route for {} {}",
-                parts.method,
-                parts.uri.path()
-            ))
-        })?;
-        let params = matched.params;
-        let entry = self
-            .actions
-            .get(matched.route)
-            .ok_or_else(|| Problem::internal("route without an action"))?;
+        let discovered;
+        let (entry, params) = match matched {
+            Some(matched) => (
+                self.actions
+                    .get(matched.route)
+                    .ok_or_else(|| Problem::internal("route without an action"))?,
+                matched.params,
+            ),
+            None => {
+                discovered = self.discovered(parts.uri.path()).ok_or_else(|| {
+                    Problem::not_found(format!(
+                        "no route for {} {}",
+                        parts.method,
+                        parts.uri.path()
+                    ))
+                })?;
+                (&*discovered, Vec::new())
+            }
+        };
+        let route: &str = &entry.served.route;
         let policy = &entry.policy;
         if let (Some(cors), Some(_)) = (&policy.cors, &preflight) {
             let mut response = cors.preflight(&parts.headers);
@@ -634,7 +652,7 @@ impl Proxy {
         }
         let request_headers = policy.cors.as_ref().map(|_| parts.headers.clone());
         let mut response = self
-            .answer(matched.route, entry, parts, body, &params)
+            .answer(route, entry, parts, body, &params)
             .await
             .unwrap_or_else(|problem| problem.with_source(SOURCE).into_response());
         if let (Some(cors), Some(headers)) = (&policy.cors, request_headers) {
@@ -642,6 +660,46 @@ impl Proxy {
         }
         response.extensions_mut().insert(entry.served.clone());
         Ok(response)
+    }
+
+    /// The route to a registry service named by the path's first segment, when discovery
+    /// routes are on and the registry has that service: `/orders/42` → `orders`, `/42`.
+    /// Routes are made once per service and kept for this generation.
+    fn discovered(&self, path: &str) -> Option<Arc<RouteEntry>> {
+        if !self.shared.discovery_routes {
+            return None;
+        }
+        let service = path.strip_prefix('/')?.split('/').next()?;
+        if service.is_empty() || !self.shared.discovery.knows(service) {
+            return None;
+        }
+        if let Some(entry) = self
+            .discovered
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(service)
+        {
+            return Some(Arc::clone(entry));
+        }
+        let config = GatewayRouteConfig {
+            name: format!("discovery:{service}"),
+            service: Some(service.to_owned()),
+            strip_prefix: Some(format!("/{service}")),
+            ..GatewayRouteConfig::default()
+        };
+        let entry = Arc::new(RouteEntry {
+            served: Served {
+                route: Arc::from(config.name.as_str()),
+                metrics: Arc::new(RouteMetrics::new(&config.name)),
+            },
+            policy: Self::compile_policy(&config, &self.shared).ok()?,
+            action: Self::compile(&config, &self.shared).ok()?,
+        });
+        self.discovered
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(service.to_owned(), Arc::clone(&entry));
+        Some(entry)
     }
 
     /// Authorization, rate limit, then the route's action.

@@ -170,13 +170,23 @@ fn gcra(tat: u64, now: u64, interval: u64, tolerance: u64, limit: u32) -> (Decis
     (decision, Some(next))
 }
 
-/// Keys kept by a local limiter before expired ones are swept.
-const LOCAL_SWEEP_AT: usize = 100_000;
+/// Keys a local limiter keeps. Past it, expired keys are swept (at most once a second);
+/// if the map is still full, new keys share one overflow bucket, so a client inventing a
+/// key per request (an API-key header it chooses) can neither grow memory nor escape the
+/// limit.
+const LOCAL_MAX_KEYS: usize = 100_000;
+const OVERFLOW_KEY: &str = "\u{0}overflow";
 
 /// In-process GCRA.
 #[derive(Default)]
 pub struct LocalLimiter {
-    tats: Mutex<HashMap<String, u64>>,
+    state: Mutex<LocalState>,
+}
+
+#[derive(Default)]
+struct LocalState {
+    tats: HashMap<String, u64>,
+    last_sweep: u64,
 }
 
 impl LocalLimiter {
@@ -186,14 +196,22 @@ impl LocalLimiter {
 
     fn check_at(&self, config: &RateLimitConfig, key: &str, now: u64) -> Decision {
         let (interval, tolerance) = config.gcra();
-        let mut tats = self.tats.lock().unwrap_or_else(PoisonError::into_inner);
-        let tat = tats.get(key).copied().unwrap_or(now);
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let state = &mut *state;
+        let mut key = key;
+        if !state.tats.contains_key(key) && state.tats.len() >= LOCAL_MAX_KEYS {
+            if now.saturating_sub(state.last_sweep) >= 1_000_000 {
+                state.last_sweep = now;
+                state.tats.retain(|_, tat| *tat > now);
+            }
+            if state.tats.len() >= LOCAL_MAX_KEYS {
+                key = OVERFLOW_KEY;
+            }
+        }
+        let tat = state.tats.get(key).copied().unwrap_or(now);
         let (decision, next) = gcra(tat, now, interval, tolerance, config.burst);
         if let Some(next) = next {
-            if tats.len() >= LOCAL_SWEEP_AT {
-                tats.retain(|_, tat| *tat > now);
-            }
-            tats.insert(key.to_owned(), next);
+            state.tats.insert(key.to_owned(), next);
         }
         decision
     }
@@ -359,6 +377,23 @@ mod tests {
         // After a full idle period the whole burst is back.
         let later = now + 10_000_000;
         assert_eq!(limiter.check_at(&config, "k", later).remaining, 2);
+    }
+
+    #[test]
+    fn invented_keys_beyond_the_cap_share_one_bucket() {
+        let limiter = LocalLimiter::default();
+        let config = config(1.0, 1);
+        let now = 5_000_000;
+        for n in 0..LOCAL_MAX_KEYS {
+            assert!(limiter.check_at(&config, &n.to_string(), now).allowed);
+        }
+        // Every bucket is live, so newcomers share the overflow bucket: one passes.
+        assert!(limiter.check_at(&config, "new-1", now).allowed);
+        assert!(!limiter.check_at(&config, "new-2", now).allowed);
+        // Once the old buckets expire they are swept and newcomers get their own again.
+        let later = now + 10_000_000;
+        assert!(limiter.check_at(&config, "new-3", later).allowed);
+        assert!(limiter.check_at(&config, "new-4", later).allowed);
     }
 
     #[test]

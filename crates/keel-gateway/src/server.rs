@@ -239,6 +239,11 @@ impl Gateway {
             ("admin_token", running.admin_token != config.admin_token),
             ("registry", running.registry != config.registry),
             ("upstream", running.upstream != config.upstream),
+            (
+                "discovery_routes",
+                config.discovery_routes.is_some()
+                    && running.discovery_routes != config.discovery_routes,
+            ),
             ("auth", running.auth != config.auth),
             ("rate_limit", running.rate_limit != config.rate_limit),
             ("tls", running.tls != config.tls),

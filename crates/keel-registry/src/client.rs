@@ -115,14 +115,26 @@ impl RegistryClient {
     }
 
     pub async fn services(&self) -> Result<ServiceList, ClientError> {
+        self.services_after(None).await
+    }
+
+    /// The service list once the catalog's index passes `after.0`, or when `after.1` has
+    /// passed (a blocking query); at once without `after`.
+    pub async fn services_after(
+        &self,
+        after: Option<(u64, Duration)>,
+    ) -> Result<ServiceList, ClientError> {
         let url = format!("{}/v1/services", self.base);
-        json(
-            traced(self.http.get(url))
-                .timeout(CALL_TIMEOUT)
-                .send()
-                .await,
-        )
-        .await
+        let mut request = traced(self.http.get(url)).timeout(CALL_TIMEOUT);
+        if let Some((index, wait)) = after {
+            request = request
+                .query(&[
+                    ("index", index.to_string()),
+                    ("wait", format!("{}ms", wait.as_millis())),
+                ])
+                .timeout(CALL_TIMEOUT + wait);
+        }
+        json(request.send().await).await
     }
 
     pub async fn instances(
@@ -356,6 +368,49 @@ impl DiscoveryView {
             .get(service)
             .cloned()
             .unwrap_or_default()
+    }
+
+    /// Follows the catalog: every service registered now or later is watched, so
+    /// [`Self::instances`] knows them all. The number of watches is bounded by what the
+    /// registry holds, never by what callers ask for.
+    pub fn watch_catalog(&self) {
+        let view = self.clone();
+        tokio::spawn(async move {
+            let mut index = 0;
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                let answer = tokio::select! {
+                    answer = view.client.services_after(Some((index, VIEW_WAIT))) => answer,
+                    () = view.shutdown.wait() => return,
+                };
+                match answer {
+                    Ok(list) => {
+                        backoff = Duration::from_millis(100);
+                        index = list.index;
+                        for service in &list.services {
+                            view.watch(&service.name);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, ?backoff, "catalog watch failed; retrying");
+                        index = 0;
+                        tokio::select! {
+                            () = tokio::time::sleep(backoff) => {}
+                            () = view.shutdown.wait() => return,
+                        }
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                    }
+                }
+            }
+        });
+    }
+
+    /// Whether `service` is watched (configured, or found in the followed catalog).
+    pub fn knows(&self, service: &str) -> bool {
+        self.services
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(service)
     }
 
     /// A receiver that changes whenever any watched service's instances change.

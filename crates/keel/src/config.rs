@@ -12,9 +12,42 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KeelConfig {
+    pub runtime: RuntimeConfig,
     pub telemetry: TelemetryConfig,
     pub registry: RegistryConfig,
     pub gateway: GatewayConfig,
+}
+
+/// `[runtime]`: the async runtime the process runs on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Threads that run requests; unset = one per core (or `TOKIO_WORKER_THREADS`). With
+    /// one, the process runs on a single-threaded event loop (as an NGINX worker does),
+    /// which saves the work-stealing scheduler's cross-thread handoffs.
+    pub worker_threads: Option<usize>,
+}
+
+impl RuntimeConfig {
+    pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
+        let threads = self.worker_threads.or_else(|| {
+            std::env::var("TOKIO_WORKER_THREADS")
+                .ok()
+                .and_then(|v| v.parse().ok())
+        });
+        match threads {
+            Some(1) => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build(),
+            Some(n) => tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(n.max(1))
+                .enable_all()
+                .build(),
+            None => tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build(),
+        }
+    }
 }
 
 impl KeelConfig {

@@ -23,10 +23,17 @@ pub async fn run(config: KeelConfig, file: Option<&Path>) -> anyhow::Result<()> 
     // Bind everything before serving anything, so a taken port stops the start cleanly.
     let registry = RegistryServer::build(config.registry, &shutdown).await?;
     let routes = config.gateway.routes.len();
+    // In front of everything registered, unless the configuration says otherwise.
+    // The registry is in this process: the gateway follows it wherever it listens.
+    let mut gateway_config = config.gateway;
+    gateway_config.discovery_routes.get_or_insert(true);
+    gateway_config.registry = format!("http://{}", registry.local_addr());
     let source = KeelConfig::gateway_source(file);
-    let gateway = GatewayServer::build_with_source(config.gateway, source, &shutdown).await?;
+    let gateway = GatewayServer::build_with_source(gateway_config, source, &shutdown).await?;
 
-    let gateway_what = format!("API gateway: {routes} route(s) from [[gateway.routes]]");
+    let gateway_what = format!(
+        "API gateway: {routes} configured route(s), then /<service>/… for every registered service"
+    );
     print_table(&[
         (
             registry.name(),

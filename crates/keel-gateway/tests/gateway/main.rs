@@ -285,3 +285,62 @@ async fn header_actions_change_requests_and_responses() {
         "{error}"
     );
 }
+
+#[tokio::test]
+async fn discovery_routes_reach_every_registered_service_by_name() {
+    use keel_registry::client::{RegistryClient, ttl_registration};
+    use keel_registry::{RegistryConfig, RegistryServer};
+
+    let shutdown = Shutdown::new();
+    let registry = RegistryServer::build(
+        RegistryConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            ..RegistryConfig::default()
+        },
+        &shutdown,
+    )
+    .await
+    .unwrap();
+    let registry = keel_testkit::spawn(registry);
+    let client = RegistryClient::new(&registry.url, None).unwrap();
+    let catalog = upstream("catalog-1").await;
+    let pinned = upstream("pinned").await;
+    let config = GatewayConfig {
+        registry: registry.url.clone(),
+        discovery_routes: Some(true),
+        // A configured route wins over the discovered one.
+        ..support::test_config(vec![route("pinned", "/catalog/pinned", vec![pinned])])
+    };
+    let gateway = keel_testkit::spawn(GatewayServer::build(config, &shutdown).await.unwrap());
+
+    let (status, _, _) = get(&format!("{}/catalog/items/1", gateway.url)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "not registered yet");
+
+    let port: u16 = catalog.rsplit(':').next().unwrap().parse().unwrap();
+    client
+        .register(&ttl_registration(
+            "catalog",
+            "catalog-1",
+            "127.0.0.1",
+            port,
+            Duration::from_secs(30),
+        ))
+        .await
+        .unwrap();
+    let mut served = None;
+    for _ in 0..60 {
+        let (status, body, _) = get(&format!("{}/catalog/items/1?x=2", gateway.url)).await;
+        if status == StatusCode::OK {
+            served = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let body = served.expect("the registered service becomes reachable");
+    assert!(body.starts_with("catalog-1 GET /items/1?x=2"), "{body}");
+    let (_, body, _) = get(&format!("{}/catalog/pinned/x", gateway.url)).await;
+    assert!(body.starts_with("pinned "), "{body}");
+    let (status, _, _) = get(&format!("{}/unknown-service/x", gateway.url)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    shutdown.trigger();
+}
