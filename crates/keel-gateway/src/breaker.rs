@@ -84,6 +84,8 @@ pub enum CircuitState {
 
 pub struct CircuitBreaker {
     config: BreakerConfig,
+    /// 1 while the circuit is open or half open (`keel_gateway_circuit_open`).
+    open_gauge: metrics::Gauge,
     slots: Arc<Semaphore>,
     state: Mutex<State>,
 }
@@ -109,10 +111,20 @@ pub struct Permit {
 }
 
 impl CircuitBreaker {
+    /// A breaker reported under `upstream` in the metrics.
+    pub fn named(config: BreakerConfig, upstream: &str) -> Self {
+        let mut breaker = Self::new(config);
+        breaker.open_gauge =
+            metrics::gauge!("keel_gateway_circuit_open", "upstream" => upstream.to_owned());
+        breaker.open_gauge.set(0.0);
+        breaker
+    }
+
     pub fn new(config: BreakerConfig) -> Self {
         let buckets = vec![(0, 0, 0); config.window.as_secs().max(1) as usize];
         Self {
             slots: Arc::new(Semaphore::new(config.max_concurrent as usize)),
+            open_gauge: metrics::Gauge::noop(),
             config,
             state: Mutex::new(State {
                 mode: Mode::Closed,
@@ -215,11 +227,15 @@ impl CircuitBreaker {
                 .saturating_add(u64::try_from(self.config.open_for.as_nanos()).unwrap_or(u64::MAX)),
         };
         match &mut state.mode {
-            Mode::HalfOpen { .. } if probe && !success => state.mode = reopen,
+            Mode::HalfOpen { .. } if probe && !success => {
+                state.mode = reopen;
+                self.open_gauge.set(1.0);
+            }
             Mode::HalfOpen { succeeded, .. } if probe => {
                 *succeeded += 1;
                 if *succeeded >= self.config.half_open_probes {
                     state.mode = Mode::Closed;
+                    self.open_gauge.set(0.0);
                     state.buckets.fill((0, 0, 0));
                 }
             }
@@ -236,6 +252,8 @@ impl CircuitBreaker {
                     && failed as f64 >= self.config.failure_rate * total as f64
                 {
                     state.mode = reopen;
+                    self.open_gauge.set(1.0);
+                    tracing::warn!(failed, total, "circuit opened");
                 }
             }
             _ => {}

@@ -33,6 +33,32 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::UPGRADE,
 ];
 
+/// Per-upstream metric handles, registered when a generation is built.
+pub(crate) struct UpstreamMetrics {
+    /// Attempts by outcome: 1xx … 5xx, then transport errors (refused, reset, timeout).
+    attempts: [metrics::Counter; 6],
+    duration: metrics::Histogram,
+}
+
+impl UpstreamMetrics {
+    pub(crate) fn new(upstream: &str) -> Self {
+        let attempts = ["1xx", "2xx", "3xx", "4xx", "5xx", "error"].map(|outcome| {
+            metrics::counter!(
+                "keel_gateway_upstream_attempts_total",
+                "upstream" => upstream.to_owned(),
+                "outcome" => outcome
+            )
+        });
+        Self {
+            attempts,
+            duration: metrics::histogram!(
+                "keel_gateway_upstream_duration_seconds",
+                "upstream" => upstream.to_owned()
+            ),
+        }
+    }
+}
+
 /// What one attempt came to.
 enum Outcome {
     Answered(Response),
@@ -367,11 +393,17 @@ impl Forward {
                 }
             }
         };
-        let failed = match &outcome {
-            Outcome::Answered(response) => response.status().is_server_error(),
-            _ => true,
+        let class = match &outcome {
+            Outcome::Answered(response) => {
+                usize::from(response.status().as_u16() / 100).clamp(1, 5) - 1
+            }
+            _ => 5,
         };
-        if failed {
+        self.upstream_metrics.attempts[class].increment(1);
+        self.upstream_metrics
+            .duration
+            .record(now.elapsed().as_secs_f64());
+        if class >= 4 {
             self.record_failure(set, index);
         } else {
             endpoint.stats.record_success();

@@ -34,6 +34,7 @@ use crate::config::{
 };
 use crate::cors::{Cors, preflight_method};
 use crate::endpoint::{Endpoint, OutlierConfig, StatsDirectory, now_nanos};
+use crate::forward::UpstreamMetrics;
 use crate::ratelimit::{
     Decision, FailurePolicy, Limiters, LocalLimiter, RateLimitConfig, RedisLimiter,
 };
@@ -117,7 +118,7 @@ impl Shared {
         match breakers.get(key) {
             Some(breaker) if breaker.config() == config => Arc::clone(breaker),
             _ => {
-                let breaker = Arc::new(CircuitBreaker::new(config.clone()));
+                let breaker = Arc::new(CircuitBreaker::named(config.clone(), key));
                 breakers.insert(key.to_owned(), Arc::clone(&breaker));
                 breaker
             }
@@ -288,6 +289,7 @@ pub(crate) struct Forward {
     pub(crate) budget: Arc<RetryBudget>,
     pub(crate) outlier: OutlierConfig,
     pub(crate) breaker: Arc<CircuitBreaker>,
+    pub(crate) upstream_metrics: UpstreamMetrics,
 }
 
 enum Action {
@@ -515,6 +517,7 @@ impl Proxy {
             route: route.name.clone(),
             pool,
             breaker: shared.breaker(&target, &route.circuit_breaker),
+            upstream_metrics: UpstreamMetrics::new(&target),
             target,
             protocol: route.upstream_protocol,
             path,

@@ -344,3 +344,62 @@ async fn discovery_routes_reach_every_registered_service_by_name() {
     assert_eq!(status, StatusCode::NOT_FOUND);
     shutdown.trigger();
 }
+
+#[tokio::test]
+async fn metrics_count_per_route_and_upstream() {
+    let up = support::Upstream::start("m");
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let mut failing = route("failing", "/dead", vec![dead]);
+    failing.retry.attempts = 0;
+    let config = support::test_config(vec![support::route_to("metered", &[&up]), failing]);
+    let server = GatewayServer::build(config, &Shutdown::new())
+        .await
+        .unwrap();
+    let admin = format!("http://{}", server.admin_addr());
+    let gateway = keel_testkit::spawn(server);
+    for _ in 0..3 {
+        get(&format!("{}/x", gateway.url)).await;
+    }
+    get(&format!("{}/dead", gateway.url)).await;
+    let metrics = reqwest::get(format!("{admin}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let value = |prefix: &str| {
+        metrics
+            .lines()
+            .find(|line| line.starts_with(prefix))
+            .and_then(|line| line.rsplit(' ').next())
+            .map(|v| v.parse::<f64>().unwrap())
+    };
+    assert_eq!(
+        value("keel_gateway_requests_total{route=\"metered\",status_class=\"2xx\"}"),
+        Some(3.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        value("keel_gateway_requests_total{route=\"failing\",status_class=\"5xx\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        value("keel_gateway_upstream_attempts_total{upstream=\"route:metered\",outcome=\"2xx\"}"),
+        Some(3.0)
+    );
+    assert_eq!(
+        value("keel_gateway_upstream_attempts_total{upstream=\"route:failing\",outcome=\"error\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        value("keel_gateway_request_duration_seconds_count{route=\"metered\"}"),
+        Some(3.0)
+    );
+    assert_eq!(
+        value("keel_gateway_circuit_open{upstream=\"route:metered\"}"),
+        Some(0.0)
+    );
+}
