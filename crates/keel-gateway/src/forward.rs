@@ -122,8 +122,12 @@ impl Forward {
                 break last;
             };
             tried.push(index);
+            // The last possible attempt takes the headers instead of copying them.
+            let final_attempt = outgoing.replay.is_none()
+                || retries >= self.retry.attempts
+                || tried.len() == set.endpoints.len();
             let outcome = self
-                .attempt(shared, &set, index, &mut outgoing, deadline)
+                .attempt(shared, &set, index, &mut outgoing, deadline, final_attempt)
                 .await;
             let retry = match &outcome {
                 Outcome::Answered(response) => {
@@ -316,6 +320,7 @@ impl Forward {
         index: usize,
         outgoing: &mut Outgoing,
         deadline: Instant,
+        final_attempt: bool,
     ) -> Outcome {
         let endpoint = &set.endpoints[index];
         let body = match (&outgoing.replay, outgoing.stream.take()) {
@@ -337,7 +342,11 @@ impl Forward {
             UpstreamProtocol::Http1 => Version::HTTP_11,
             UpstreamProtocol::H2c => Version::HTTP_2,
         };
-        *request.headers_mut() = outgoing.headers.clone();
+        *request.headers_mut() = if final_attempt {
+            std::mem::take(&mut outgoing.headers)
+        } else {
+            outgoing.headers.clone()
+        };
 
         let now = Instant::now();
         let left = deadline.saturating_duration_since(now);

@@ -403,3 +403,69 @@ async fn metrics_count_per_route_and_upstream() {
         Some(0.0)
     );
 }
+
+#[tokio::test]
+async fn the_access_log_has_one_json_line_per_request() {
+    let up = support::Upstream::start("logged");
+    let path = std::env::temp_dir().join(format!("{}.log", keel_testkit::unique_name("access")));
+    let mut config = support::test_config(vec![support::route_to("logged", &[&up])]);
+    config.access_log = keel_gateway::access_log::AccessLogConfig {
+        enabled: true,
+        path: Some(path.clone()),
+    };
+    let gateway = keel_testkit::spawn(
+        GatewayServer::build(config, &Shutdown::new())
+            .await
+            .unwrap(),
+    );
+    let client = reqwest::Client::new();
+    client
+        .get(format!("{}/a/b?secret=1", gateway.url))
+        .header("x-request-id", "req-42")
+        .header(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )
+        .send()
+        .await
+        .unwrap();
+    client
+        .get(format!("{}/c", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    let mut lines = Vec::new();
+    for _ in 0..100 {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        lines = text.lines().map(str::to_owned).collect();
+        if lines.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(lines.len(), 2, "{lines:?}");
+    let first: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(first["route"], "logged");
+    assert_eq!(first["method"], "GET");
+    assert_eq!(
+        first["path"], "/a/b",
+        "the query (which may hold secrets) is not logged"
+    );
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["upstream"], up.url.as_str());
+    assert_eq!(first["retries"], 0);
+    assert_eq!(first["request_id"], "req-42");
+    assert_eq!(first["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_eq!(first["client"], "127.0.0.1");
+    assert!(first["bytes"].as_u64().unwrap() > 0);
+    assert!(first["duration_ms"].as_f64().unwrap() >= 0.0);
+    assert!(first["timestamp"].as_str().unwrap().ends_with('Z'));
+    let second: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
+    assert_eq!(second["path"], "/c");
+    assert_eq!(
+        second["request_id"].as_str().unwrap().len(),
+        32,
+        "generated"
+    );
+    std::fs::remove_file(&path).unwrap();
+}
