@@ -132,6 +132,12 @@ pub struct VerifierConfig {
     /// Tokens longer than this are rejected before any parsing.
     #[serde(default = "default_max_token_bytes")]
     pub max_token_bytes: usize,
+    /// Verified tokens remembered, so a client sending the same token again skips the
+    /// signature check (Envoy's `jwt_cache_config`); each is still refused once expired.
+    /// 0 turns the cache off. A key withdrawn from the JWKS stops new tokens at once but
+    /// not cached ones before their expiry, as with Envoy.
+    #[serde(default = "default_cache_size")]
+    pub cache_size: usize,
 }
 
 fn default_leeway() -> Duration {
@@ -157,6 +163,9 @@ fn default_allowed_algorithms() -> Vec<Algorithm> {
 }
 fn default_true() -> bool {
     true
+}
+fn default_cache_size() -> usize {
+    4096
 }
 fn default_max_token_bytes() -> usize {
     8 * 1024
@@ -192,6 +201,7 @@ impl VerifierConfig {
             allowed_algorithms: default_allowed_algorithms(),
             require_typ: true,
             max_token_bytes: default_max_token_bytes(),
+            cache_size: default_cache_size(),
         }
     }
 

@@ -1,5 +1,6 @@
 //! [`Verifier`]: checks access tokens against the issuer's cached keys.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
@@ -39,6 +40,8 @@ struct Inner {
     /// Whoever holds this is the one fetch in flight (single flight); the others wait on
     /// it and then use its result.
     refresh: Arc<Mutex<RefreshState>>,
+    /// Tokens already verified (see `VerifierConfig::cache_size`).
+    verified: std::sync::Mutex<HashMap<Box<str>, Principal>>,
 }
 
 #[derive(Default)]
@@ -72,6 +75,7 @@ impl Verifier {
                 http,
                 keys: RwLock::new(None),
                 refresh: Arc::new(Mutex::new(RefreshState::default())),
+                verified: std::sync::Mutex::default(),
             }),
         })
     }
@@ -88,6 +92,57 @@ impl Verifier {
     /// Verifies `token` as of `now`: the clock is a parameter so expiry can be tested
     /// without waiting.
     pub async fn verify_at(&self, token: &str, now: SystemTime) -> Result<Principal, VerifyError> {
+        if let Some(principal) = self.remembered(token, now) {
+            return Ok(principal);
+        }
+        let principal = self.verify_uncached(token, now).await?;
+        self.remember(token, &principal);
+        Ok(principal)
+    }
+
+    /// A cached verification of `token` that has not expired by `now`.
+    fn remembered(&self, token: &str, now: SystemTime) -> Option<Principal> {
+        if self.inner.config.cache_size == 0 {
+            return None;
+        }
+        let mut verified = self
+            .inner
+            .verified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let principal = verified.get(token)?;
+        // The same expiry rule as a full check: valid until exp + leeway.
+        if now < principal.expires_at + self.inner.config.leeway {
+            return Some(principal.clone());
+        }
+        verified.remove(token);
+        None
+    }
+
+    fn remember(&self, token: &str, principal: &Principal) {
+        let capacity = self.inner.config.cache_size;
+        if capacity == 0 {
+            return;
+        }
+        let mut verified = self
+            .inner
+            .verified
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if verified.len() >= capacity {
+            // Any entry will do: under churn the cache only saves work, never decides.
+            if let Some(evicted) = verified.keys().next().cloned() {
+                verified.remove(&evicted);
+            }
+        }
+        verified.insert(token.into(), principal.clone());
+    }
+
+    async fn verify_uncached(
+        &self,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<Principal, VerifyError> {
         let config = &self.inner.config;
         // Everything that can be judged without keys first, so that garbage never causes
         // a fetch.

@@ -380,3 +380,40 @@ async fn www_authenticate_for_a_rejected_token() {
     let header = format!("Bearer {token}");
     assert_eq!(keel_jwt::bearer_token(&header), Some(token.as_str()));
 }
+
+#[tokio::test]
+async fn a_remembered_token_still_expires() {
+    let issuer = TestIssuer::start().await;
+    let verifier = verifier(&issuer);
+    let t = now();
+    let token = issuer.mint(json!({"iat": t, "exp": t + 60}));
+    let at = |secs: u64| UNIX_EPOCH + Duration::from_secs(secs);
+    verifier.verify_at(&token, at(t)).await.unwrap();
+    // Remembered: verified again without the signature check…
+    verifier.verify_at(&token, at(t + 10)).await.unwrap();
+    // …but never past exp + leeway (30 s).
+    let expired = verifier.verify_at(&token, at(t + 91)).await;
+    assert!(matches!(expired, Err(VerifyError::Expired)), "{expired:?}");
+}
+
+#[tokio::test]
+async fn a_remembered_token_outlives_its_withdrawn_key_only_with_the_cache_on() {
+    let issuer = TestIssuer::start().await;
+    let token = issuer.mint(json!({}));
+    for (cache_size, still_accepted) in [(4096, true), (0, false)] {
+        let verifier = verifier_with(&issuer, |c| {
+            c.cache_size = cache_size;
+            c.min_refresh_interval = Duration::ZERO;
+        });
+        issuer.publish(&[keel_jwt::testing::TestKey::Rsa1]);
+        verifier.verify(&token).await.unwrap();
+        // The issuer withdraws the key; the next fetch no longer has it.
+        issuer.publish(&[keel_jwt::testing::TestKey::Rsa2]);
+        verifier.refresh().await.unwrap();
+        assert_eq!(
+            verifier.verify(&token).await.is_ok(),
+            still_accepted,
+            "cache_size {cache_size}"
+        );
+    }
+}
