@@ -1,12 +1,14 @@
-//! The access log: one JSON line per request, written by a thread of its own through a
-//! buffer, so the request path never waits on stdout or a disk. When the writer falls
-//! behind, lines are dropped and counted (`keel_gateway_access_log_dropped_total`) rather
+//! The access log: one JSON line per request, written by a thread of its own, so the
+//! request path never waits on stdout or a disk. Requests append their line to a shared
+//! buffer (no channel, no wake-up, no system call); the writer swaps the buffer out every
+//! few milliseconds and writes it in one go. When the writer falls behind and the buffer
+//! is full, lines are dropped and counted (`keel_gateway_access_log_dropped_total`) rather
 //! than slowing requests down.
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::PathBuf;
-use std::sync::mpsc::{Receiver, SyncSender, TrySendError, sync_channel};
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 
@@ -19,8 +21,10 @@ pub struct AccessLogConfig {
     pub path: Option<PathBuf>,
 }
 
-/// Lines waiting for the writer before new ones are dropped.
-const QUEUE: usize = 65_536;
+/// Bytes waiting for the writer before new lines are dropped.
+const BUFFER_LIMIT: usize = 16 * 1024 * 1024;
+/// How often the writer takes what has accumulated.
+const WRITE_INTERVAL: Duration = Duration::from_millis(20);
 
 /// One request, as logged.
 #[derive(Serialize)]
@@ -42,7 +46,7 @@ pub struct AccessRecord<'a> {
 
 #[derive(Clone)]
 pub struct AccessLog {
-    lines: SyncSender<Vec<u8>>,
+    pending: Arc<Mutex<Vec<u8>>>,
 }
 
 impl AccessLog {
@@ -62,39 +66,49 @@ impl AccessLog {
             ),
             None => Box::new(std::io::stdout()),
         };
-        let (lines, queue) = sync_channel(QUEUE);
+        let pending = Arc::new(Mutex::new(Vec::with_capacity(64 * 1024)));
+        let shared = Arc::clone(&pending);
         std::thread::Builder::new()
             .name("keel-access-log".into())
-            .spawn(move || write_lines(queue, out))
+            .spawn(move || write_lines(&shared, out))
             .map_err(|error| format!("access log writer: {error}"))?;
-        Ok(Some(Self { lines }))
+        Ok(Some(Self { pending }))
     }
 
     pub fn log(&self, record: &AccessRecord<'_>) {
-        let Ok(mut line) = serde_json::to_vec(record) else {
+        let mut pending = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        if pending.len() >= BUFFER_LIMIT {
+            drop(pending);
+            metrics::counter!("keel_gateway_access_log_dropped_total").increment(1);
             return;
-        };
-        line.push(b'\n');
-        match self.lines.try_send(line) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) => {
-                metrics::counter!("keel_gateway_access_log_dropped_total").increment(1);
-            }
-            Err(TrySendError::Disconnected(_)) => {}
+        }
+        let start = pending.len();
+        if serde_json::to_writer(&mut *pending, record).is_ok() {
+            pending.push(b'\n');
+        } else {
+            pending.truncate(start);
         }
     }
 }
 
-/// Writes lines as they come; flushes once the queue runs empty (a full buffer flushes
-/// itself meanwhile), so a burst costs a few large writes.
-fn write_lines(queue: Receiver<Vec<u8>>, out: Box<dyn Write + Send>) {
-    let mut out = BufWriter::with_capacity(256 * 1024, out);
-    while let Ok(line) = queue.recv() {
-        let _ = out.write_all(&line);
-        for line in queue.try_iter() {
-            let _ = out.write_all(&line);
+/// Takes the accumulated lines every [`WRITE_INTERVAL`] and writes them; ends, after a
+/// last write, once every [`AccessLog`] handle is gone.
+fn write_lines(pending: &Arc<Mutex<Vec<u8>>>, mut out: Box<dyn Write + Send>) {
+    let mut spare = Vec::with_capacity(64 * 1024);
+    loop {
+        std::thread::sleep(WRITE_INTERVAL);
+        let last = Arc::strong_count(pending) == 1;
+        std::mem::swap(
+            &mut *pending.lock().unwrap_or_else(PoisonError::into_inner),
+            &mut spare,
+        );
+        if !spare.is_empty() {
+            let _ = out.write_all(&spare).and_then(|()| out.flush());
+            spare.clear();
         }
-        let _ = out.flush();
+        if last {
+            return;
+        }
     }
 }
 
@@ -131,8 +145,6 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use super::*;
 
     #[test]

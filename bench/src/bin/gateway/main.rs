@@ -12,7 +12,8 @@ mod report;
 mod targets;
 mod wrk;
 
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -22,8 +23,10 @@ use keel_bench::procfs;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::process::{Running, pinned};
-use crate::report::{CoreUse, LoadInfo, Machine, Measurement, Outcome, Report, Row};
-use crate::targets::{Prepared, Setup, Started, Target, Tools};
+use crate::report::{
+    AccessLogSize, CoreUse, IssuerRequests, LoadInfo, Machine, Measurement, Outcome, Report, Row,
+};
+use crate::targets::{Setup, Started, Target, Tools};
 use crate::wrk::Load;
 
 /// The settings a recorded run is reproduced with, named in the report's command line.
@@ -82,7 +85,7 @@ async fn main() -> ExitCode {
 }
 
 /// Runs every target and prints the report; `Ok(false)` when a target failed (a missed
-/// target, or one not yet available, is a finding, not a failure).
+/// target is a finding, not a failure).
 async fn measure(cli: &Cli) -> anyhow::Result<bool> {
     if cli.duration < Duration::from_secs(1) {
         bail!("--duration must be at least 1s (wrk counts whole seconds)");
@@ -116,12 +119,7 @@ async fn measure(cli: &Cli) -> anyhow::Result<bool> {
     Ok(all_ran)
 }
 
-async fn run(
-    cli: &Cli,
-    tools: &Tools,
-    dir: &std::path::Path,
-    date: String,
-) -> anyhow::Result<Report> {
+async fn run(cli: &Cli, tools: &Tools, dir: &Path, date: String) -> anyhow::Result<Report> {
     let upstream_addr = targets::free_loopback_port()?;
     let mut command = pinned(cli.load_cpu, &tools.upstream);
     command.arg("--listen").arg(upstream_addr.to_string());
@@ -155,7 +153,6 @@ async fn run(
                 "  {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
                 m.wrk.requests_per_second, m.wrk.p50_ms, m.wrk.p99_ms
             ),
-            Outcome::Unavailable { reason } => eprintln!("  {reason}"),
             Outcome::Failed { error } => eprintln!("  failed: {error}"),
         }
         rows.push(Row {
@@ -193,21 +190,22 @@ async fn measure_target(
     upstream: &Running,
     target: Target,
 ) -> anyhow::Result<Outcome> {
-    let mut started = match setup.start(target).await? {
-        Prepared::Ready(started) => started,
-        Prepared::Unavailable(reason) => return Ok(Outcome::Unavailable { reason }),
-    };
+    let mut started = setup.start(target).await?;
     let load = Load {
         cpu: cli.load_cpu,
         connections: cli.connections,
         headers: started.headers.clone(),
     };
     let log = setup.dir.join("wrk.log");
+    let mut requests = 0;
     if !cli.warmup.is_zero() {
-        load.run(&setup.tools.wrk, &started.url, cli.warmup, &log)
+        let warmup = load
+            .run(&setup.tools.wrk, &started.url, cli.warmup, &log)
             .await
             .context("warm-up")?;
+        requests += warmup.requests;
     }
+    let issuer_before = issuer_requests(&started);
     let before = CpuReading::take(cli, &started, upstream)?;
     let from = Instant::now();
     let wrk = load
@@ -215,14 +213,64 @@ async fn measure_target(
         .await?;
     let elapsed = from.elapsed();
     let after = CpuReading::take(cli, &started, upstream)?;
+    let issuer = started.issuer.as_ref().map(|issuer| IssuerRequests {
+        metadata: issuer.metadata_fetch_count(),
+        key_sets: issuer.fetch_count(),
+        during_measured_run: issuer_requests(&started).saturating_sub(issuer_before),
+    });
     started.check_alive()?;
+    requests += wrk.requests;
+    let access_log = match &started.access_log {
+        Some(path) => Some(access_log_size(path, requests).await?),
+        None => None,
+    };
     let (proxy_core, load_core) = after.since(&before, elapsed);
     Ok(Outcome::Measured(Measurement {
         wrk,
         proxy_core,
         load_core,
         placement: started.placement(),
+        issuer,
+        access_log,
     }))
+}
+
+/// Everything the target's token issuer has answered so far (0 without one).
+fn issuer_requests(started: &Started) -> usize {
+    started.issuer.as_ref().map_or(0, |issuer| {
+        issuer.metadata_fetch_count() + issuer.fetch_count()
+    })
+}
+
+/// The access log's size and lines, once its writer has caught up (it flushes whenever its
+/// queue runs empty, which it does as soon as the load stops).
+async fn access_log_size(path: &Path, requests: u64) -> anyhow::Result<AccessLogSize> {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let file = path.to_owned();
+    let (bytes, lines) = tokio::task::spawn_blocking(move || count_lines(&file))
+        .await?
+        .with_context(|| format!("cannot read the access log {}", path.display()))?;
+    Ok(AccessLogSize {
+        path: path.display().to_string(),
+        bytes,
+        lines,
+        requests,
+    })
+}
+
+/// A file's bytes and lines, read a chunk at a time (the log can be hundreds of MB).
+fn count_lines(path: &Path) -> std::io::Result<(u64, u64)> {
+    let mut file = std::fs::File::open(path)?;
+    let mut chunk = vec![0; 1 << 20];
+    let (mut bytes, mut lines) = (0, 0);
+    loop {
+        let read = file.read(&mut chunk)?;
+        if read == 0 {
+            return Ok((bytes, lines));
+        }
+        bytes += read as u64;
+        lines += chunk[..read].iter().filter(|&&byte| byte == b'\n').count() as u64;
+    }
 }
 
 /// CPU counters around a measured run: both cores, and the processes pinned to each.

@@ -59,13 +59,7 @@ pub struct Row {
 #[serde(tag = "status", rename_all = "snake_case")]
 pub enum Outcome {
     Measured(Measurement),
-    /// A feature the target needs is not built yet.
-    Unavailable {
-        reason: String,
-    },
-    Failed {
-        error: String,
-    },
+    Failed { error: String },
 }
 
 #[derive(Debug, Serialize)]
@@ -77,6 +71,37 @@ pub struct Measurement {
     pub load_core: CoreUse,
     /// Where the proxy ran; `None` for the upstream measured directly.
     pub placement: Option<Placement>,
+    /// What the target's token issuer answered (everything on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<IssuerRequests>,
+    /// What the target wrote to its access log (everything on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<AccessLogSize>,
+}
+
+/// Requests the token issuer (a `keel_jwt` TestIssuer in the harness process, not pinned)
+/// answered while its target ran: the gateway fetches keys once and caches them, so these
+/// are a handful, none of them per request.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct IssuerRequests {
+    /// Metadata documents (`/.well-known/…`), from the target's start to the end of its
+    /// measured run.
+    pub metadata: usize,
+    /// Key sets (`/jwks.json`), likewise.
+    pub key_sets: usize,
+    /// Of both, those during the measured run.
+    pub during_measured_run: usize,
+}
+
+/// The access log after the measured run.
+#[derive(Debug, Clone, Serialize)]
+pub struct AccessLogSize {
+    pub path: String,
+    pub bytes: u64,
+    pub lines: u64,
+    /// Requests wrk completed in the warm-up and the measured run; the log also has the
+    /// readiness probes, so it should have at least this many lines.
+    pub requests: u64,
 }
 
 /// How one core was used during a measured run, in cores (1.0 = busy all the time).
@@ -134,8 +159,6 @@ impl Report {
                 || "not run (left out with --targets)".to_owned(),
                 |row| match &row.outcome {
                     Outcome::Measured(_) => "measured".to_owned(),
-                    // The reason is in the notes.
-                    Outcome::Unavailable { .. } => "not yet available (see the notes)".to_owned(),
                     Outcome::Failed { .. } => "failed (see the notes)".to_owned(),
                 },
             )
@@ -204,6 +227,34 @@ impl Report {
                             ));
                         }
                     }
+                    if let Some(issuer) = &m.issuer {
+                        notes.push(format!(
+                            "{}: its token issuer (in the harness process, not pinned) answered \
+                             {} metadata and {} key-set requests from the gateway's start to \
+                             the end of the measured run, {} of them during the measured run \
+                             (keys are fetched once and cached, not per request)",
+                            row.label, issuer.metadata, issuer.key_sets, issuer.during_measured_run
+                        ));
+                    }
+                    if let Some(log) = &m.access_log {
+                        let mut note = format!(
+                            "{}: access log {}: {} lines, {:.1} MB, for {} requests in the \
+                             warm-up and the measured run (the peers write no access log)",
+                            row.label,
+                            log.path,
+                            thousands(log.lines as f64),
+                            log.bytes as f64 / 1e6,
+                            thousands(log.requests as f64),
+                        );
+                        if log.lines < log.requests {
+                            note.push_str(&format!(
+                                "; {} lines are missing: dropped by a writer that fell behind \
+                                 (keel_gateway_access_log_dropped_total) or not yet written",
+                                thousands((log.requests - log.lines) as f64)
+                            ));
+                        }
+                        notes.push(note);
+                    }
                     if row.target != Target::Direct
                         && m.load_core.busy >= SATURATED
                         && m.proxy_core.busy < SATURATED
@@ -220,7 +271,6 @@ impl Report {
                         ));
                     }
                 }
-                Outcome::Unavailable { reason } => notes.push(format!("{}: {reason}", row.label)),
                 Outcome::Failed { error } => {
                     notes.push(format!("{}: failed: {error}", row.label));
                 }
@@ -301,9 +351,6 @@ impl fmt::Display for Report {
                         millis(w.p99_ms),
                     )?;
                 }
-                Outcome::Unavailable { .. } => {
-                    writeln!(f, "| {} | not yet available | - | - | - | - |", row.label)?;
-                }
                 Outcome::Failed { .. } => {
                     writeln!(f, "| {} | failed | - | - | - | - |", row.label)?;
                 }
@@ -351,7 +398,7 @@ impl fmt::Display for Report {
         if notes.is_empty() {
             writeln!(
                 f,
-                "notes: none (no errors, no target skipped, no load-side limit)"
+                "notes: none (no errors, no target failed, no load-side limit)"
             )?;
         } else {
             writeln!(f, "notes")?;
@@ -449,6 +496,8 @@ mod tests {
                     ours: 0.55,
                 },
                 placement: None,
+                issuer: None,
+                access_log: None,
             }),
         }
     }
@@ -491,8 +540,8 @@ mod tests {
             Row {
                 target: Target::KeelFull,
                 label: Target::KeelFull.label(),
-                outcome: Outcome::Unavailable {
-                    reason: "not yet available: no token".to_owned(),
+                outcome: Outcome::Failed {
+                    error: "exited during the run".to_owned(),
                 },
             },
         ]);
@@ -504,18 +553,15 @@ mod tests {
         assert_eq!(plain_p99.ratio, Some(1.25));
         assert_eq!(plain_p99.verdict, "missed by 25 %");
         assert_eq!(full_rps.ratio, None);
-        assert_eq!(
-            full_rps.verdict,
-            "not measured: not yet available (see the notes)"
-        );
+        assert_eq!(full_rps.verdict, "not measured: failed (see the notes)");
 
         let text = report.to_string();
         assert!(text.contains("| NGINX | 40,000 | 1.00 ms | 2.00 ms | 1.00x | 1.00x |"));
         assert!(
             text.contains("| Keel gateway, plain | 44,000 | 1.25 ms | 2.50 ms | 1.10x | 1.25x |")
         );
-        assert!(text.contains("not yet available | - |"));
-        assert!(text.contains("not yet available: no token"));
+        assert!(text.contains("| failed | - |"));
+        assert!(text.contains("failed: exited during the run"));
     }
 
     #[test]
@@ -545,6 +591,37 @@ mod tests {
         assert!(text.contains("the figure is the load side's limit"));
         assert!(text.contains("NGINX: other work took 40 % of CPU 1 during the run"));
         assert!(!text.contains("of CPU 0 during the run"));
+    }
+
+    #[test]
+    fn the_issuer_and_the_access_log_are_noted() {
+        let mut rows = vec![measured(Target::KeelFull, 30_000.0, 3.0)];
+        if let Outcome::Measured(m) = &mut rows[0].outcome {
+            m.issuer = Some(IssuerRequests {
+                metadata: 1,
+                key_sets: 1,
+                during_measured_run: 0,
+            });
+            m.access_log = Some(AccessLogSize {
+                path: "/tmp/run/keel-full-access.log".to_owned(),
+                bytes: 2_500_000,
+                lines: 9_990,
+                requests: 10_000,
+            });
+        }
+        let text = report(rows).to_string();
+        assert!(
+            text.contains("answered 1 metadata and 1 key-set requests"),
+            "{text}"
+        );
+        assert!(text.contains("0 of them during the measured run"), "{text}");
+        assert!(
+            text.contains(
+                "access log /tmp/run/keel-full-access.log: 9,990 lines, 2.5 MB, for 10,000 requests"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("10 lines are missing"), "{text}");
     }
 
     #[test]

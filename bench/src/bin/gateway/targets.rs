@@ -5,11 +5,13 @@
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::ValueEnum;
+use keel_jwt::testing::TestIssuer;
 use serde::Serialize;
+use serde_json::json;
 
 use crate::process::{Placement, Running, pinned};
 
@@ -17,6 +19,10 @@ use crate::process::{Placement, Running, pinned};
 pub const BODY: &str = "hello, world\n";
 /// How long a target may take to answer its first request.
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long the everything-on variant's token stays valid: far past the end of any run.
+const TOKEN_LIFETIME: Duration = Duration::from_secs(60 * 60);
+/// The `client_id` of the token, which the rate limit counts by.
+const CLIENT_ID: &str = "keel-bench";
 
 const NGINX_CONF: &str = include_str!("../../../gateway/nginx.conf");
 const HAPROXY_CFG: &str = include_str!("../../../gateway/haproxy.cfg");
@@ -181,9 +187,31 @@ pub struct Started {
     pub url: String,
     /// Request headers the load must send (a bearer token).
     pub headers: Vec<String>,
+    /// The token issuer the target verifies against (everything on); it answers from this
+    /// harness's runtime and stops when dropped, with the target.
+    pub issuer: Option<TestIssuer>,
+    /// Where the target writes its access log (everything on).
+    pub access_log: Option<PathBuf>,
 }
 
 impl Started {
+    fn without_process(url: String) -> Self {
+        Self {
+            process: None,
+            url,
+            headers: Vec::new(),
+            issuer: None,
+            access_log: None,
+        }
+    }
+
+    fn with_process(process: Running, listen: SocketAddr) -> Self {
+        Self {
+            process: Some(process),
+            ..Self::without_process(format!("http://{listen}/"))
+        }
+    }
+
     pub fn placement(&self) -> Option<Placement> {
         self.process.as_ref().map(Running::placement)
     }
@@ -199,33 +227,18 @@ impl Started {
     }
 }
 
-/// Whether a target could be started.
-pub enum Prepared {
-    Ready(Started),
-    /// Not measurable yet (a feature it needs is not built); the reason goes in the report.
-    Unavailable(String),
-}
-
 impl Setup<'_> {
     /// Starts `target` and waits until it proxies a request to the upstream.
-    pub async fn start(&self, target: Target) -> anyhow::Result<Prepared> {
-        let started = match target {
-            Target::Direct => Started {
-                process: None,
-                url: format!("http://{}/", self.upstream),
-                headers: Vec::new(),
-            },
+    pub async fn start(&self, target: Target) -> anyhow::Result<Started> {
+        let mut started = match target {
+            Target::Direct => Started::without_process(format!("http://{}/", self.upstream)),
             Target::Nginx => self.nginx()?,
             Target::Haproxy => self.haproxy()?,
-            Target::Keel => self.keel("keel-plain", KEEL_PLAIN, &[], Vec::new())?,
-            Target::KeelFull => match self.keel_full()? {
-                Prepared::Ready(started) => started,
-                unavailable => return Ok(unavailable),
-            },
+            Target::Keel => self.keel("keel-plain", KEEL_PLAIN, &[])?,
+            Target::KeelFull => self.keel_full().await?,
         };
-        let mut started = started;
         wait_until_proxying(&mut started).await?;
-        Ok(Prepared::Ready(started))
+        Ok(started)
     }
 
     fn nginx(&self) -> anyhow::Result<Started> {
@@ -241,11 +254,7 @@ impl Setup<'_> {
             .arg("-c")
             .arg(&conf);
         let process = Running::spawn("nginx", command, &self.dir.join("nginx.log"))?;
-        Ok(Started {
-            process: Some(process),
-            url: format!("http://{listen}/"),
-            headers: Vec::new(),
-        })
+        Ok(Started::with_process(process, listen))
     }
 
     fn haproxy(&self) -> anyhow::Result<Started> {
@@ -254,11 +263,7 @@ impl Setup<'_> {
         let mut command = pinned(self.proxy_cpu, &self.tools.haproxy);
         command.arg("-db").arg("-f").arg(&conf);
         let process = Running::spawn("haproxy", command, &self.dir.join("haproxy.log"))?;
-        Ok(Started {
-            process: Some(process),
-            url: format!("http://{listen}/"),
-            headers: Vec::new(),
-        })
+        Ok(Started::with_process(process, listen))
     }
 
     /// `keel --config FILE gateway` on one tokio worker thread (as NGINX's one worker).
@@ -267,60 +272,48 @@ impl Setup<'_> {
         name: &str,
         template: &str,
         values: &[(&str, String)],
-        headers: Vec<String>,
     ) -> anyhow::Result<Started> {
         let listen = free_loopback_port()?;
         let config = self.keel_config(name, template, listen, values)?;
         if let Err(rejected) = self.keel_accepts(&config) {
             bail!("keel rejects {}: {rejected}", config.display());
         }
-        Ok(Started {
-            process: Some(self.spawn_keel(name, &config)?),
-            url: format!("http://{listen}/"),
-            headers,
-        })
+        Ok(Started::with_process(
+            self.spawn_keel(name, &config)?,
+            listen,
+        ))
     }
 
-    fn keel_full(&self) -> anyhow::Result<Prepared> {
-        let listen = free_loopback_port()?;
-        let token = mint_token(self.dir);
-        // Until there is a token, the configuration is checked with stand-ins for its keys.
-        let (issuer, jwks) = match &token {
-            Ok(token) => (token.issuer.clone(), token.jwks_file.clone()),
-            Err(_) => (
-                "https://issuer.keel-bench.invalid".to_owned(),
-                self.dir.join("jwks.json"),
-            ),
-        };
+    /// Keel with everything on: a [`TestIssuer`] started in this process for it to fetch
+    /// keys from, and a token of that issuer for the load to send.
+    async fn keel_full(&self) -> anyhow::Result<Started> {
+        let issuer = TestIssuer::start().await;
+        let audience = issuer
+            .config()
+            .audiences
+            .first()
+            .cloned()
+            .context("the test issuer's configuration has no audience")?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .context("the clock is before 1970")?;
+        // Overlaid on the issuer's claims (iss, sub, aud, iat, jti), replacing its 5-minute
+        // expiry and its client_id.
+        let token = issuer.mint(json!({
+            "exp": (now + TOKEN_LIFETIME).as_secs(),
+            "client_id": CLIENT_ID,
+        }));
+        let access_log = self.dir.join("keel-full-access.log");
         let values = [
-            ("JWT_ISSUER", issuer),
-            ("JWKS_FILE", jwks.display().to_string()),
+            ("JWT_ISSUER", issuer.issuer().to_owned()),
+            ("JWT_AUDIENCE", audience),
+            ("ACCESS_LOG", access_log.display().to_string()),
         ];
-        let config = self.keel_config("keel-full", KEEL_FULL, listen, &values)?;
-        let mut missing = Vec::new();
-        if let Err(rejected) = self.keel_accepts(&config) {
-            missing.push(format!(
-                "keel rejects bench/gateway/keel-full.toml: {rejected}"
-            ));
-        }
-        let token = match token {
-            Ok(token) => Some(token),
-            Err(reason) => {
-                missing.push(reason);
-                None
-            }
-        };
-        let Some(token) = token.filter(|_| missing.is_empty()) else {
-            return Ok(Prepared::Unavailable(format!(
-                "not yet available: {}",
-                missing.join("; ")
-            )));
-        };
-        Ok(Prepared::Ready(Started {
-            process: Some(self.spawn_keel("keel-full", &config)?),
-            url: format!("http://{listen}/"),
-            headers: vec![format!("Authorization: Bearer {}", token.bearer)],
-        }))
+        let mut started = self.keel("keel-full", KEEL_FULL, &values)?;
+        started.headers = vec![format!("Authorization: Bearer {token}")];
+        started.issuer = Some(issuer);
+        started.access_log = Some(access_log);
+        Ok(started)
     }
 
     /// Writes a keel configuration; the admin listener, where this keel has one, gets a free
@@ -386,9 +379,10 @@ impl Setup<'_> {
             .arg("--config")
             .arg(config)
             .arg("gateway")
-            // Read by tokio's runtime builder when keel does not set a count itself.
+            // Read by keel when its configuration has no [runtime] worker_threads: one is a
+            // single-threaded event loop (tokio's current-thread runtime).
             .env("TOKIO_WORKER_THREADS", "1");
-        // Logs (the access log, with everything on) go to a file, as the peers' would.
+        // Keel's own log (warnings and errors) goes to a file, as the peers' error logs do.
         Running::spawn(name, command, &self.dir.join(format!("{name}.log")))
     }
 
@@ -449,28 +443,6 @@ fn has_key(toml: &str, table: &str, key: &str) -> bool {
         }
     }
     false
-}
-
-/// A bearer token for the everything-on variant and what the gateway needs to verify it.
-pub struct Token {
-    pub issuer: String,
-    pub jwks_file: PathBuf,
-    pub bearer: String,
-}
-
-/// TODO(keel-jwt test issuer): mint a token the gateway of `keel-full.toml` accepts.
-///
-/// When `keel-jwt` has its test issuer, generate a signing key with it, write the public key
-/// set to `dir/jwks.json`, and sign a token for issuer `Token::issuer`, audience
-/// `keel-bench`, with an expiry past the end of the run. Until then the variant is reported
-/// as not yet available, with this reason.
-fn mint_token(dir: &Path) -> Result<Token, String> {
-    let _ = dir;
-    Err(
-        "no token to send: keel-jwt has no test issuer yet (see mint_token in \
-         bench/src/bin/gateway/targets.rs)"
-            .to_owned(),
-    )
 }
 
 /// Polls `GET /` until the target answers `200` with the upstream's body, so a target that
@@ -568,7 +540,8 @@ mod tests {
             "CONNECTIONS",
             "ADMIN_LISTEN",
             "JWT_ISSUER",
-            "JWKS_FILE",
+            "JWT_AUDIENCE",
+            "ACCESS_LOG",
         ] {
             all.push((name, "x".to_owned()));
         }
@@ -588,7 +561,8 @@ mod tests {
             "CONNECTIONS",
             "ADMIN_LISTEN",
             "JWT_ISSUER",
-            "JWKS_FILE",
+            "JWT_AUDIENCE",
+            "ACCESS_LOG",
         ]
         .into_iter()
         .map(|name| (name, "127.0.0.1:1".to_owned()))
