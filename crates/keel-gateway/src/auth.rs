@@ -3,6 +3,8 @@
 //! roles (any of them). Verified claims travel upstream in `x-keel-*` headers; copies a
 //! client sends are always removed first, on every route, so an upstream can trust them.
 
+use std::sync::Arc;
+
 use axum::response::{IntoResponse, Response};
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue, WWW_AUTHENTICATE};
@@ -67,7 +69,7 @@ pub async fn authorize(
     config: &RouteAuthConfig,
     verifier: Option<&Verifier>,
     headers: &mut HeaderMap,
-) -> Result<Option<Principal>, Response> {
+) -> Result<Option<Arc<Principal>>, Response> {
     if config.require == Requirement::Anonymous {
         return Ok(None);
     }

@@ -728,7 +728,7 @@ impl Proxy {
         };
         let decision = match &entry.policy.rate_limit {
             Some((limit, local)) => {
-                let key = limit.key_of(&parts.headers, principal.as_ref(), peer.map(|p| p.ip()));
+                let key = limit.key_of(&parts.headers, principal.as_deref(), peer.map(|p| p.ip()));
                 match self.rate_limit(route, limit, local, &key).await? {
                     Some(decision) if !decision.allowed => {
                         return Ok(rate_limited(route, &decision));

@@ -41,7 +41,7 @@ struct Inner {
     /// it and then use its result.
     refresh: Arc<Mutex<RefreshState>>,
     /// Tokens already verified (see `VerifierConfig::cache_size`).
-    verified: std::sync::Mutex<HashMap<Box<str>, Principal>>,
+    verified: std::sync::Mutex<HashMap<Box<str>, Arc<Principal>>>,
 }
 
 #[derive(Default)]
@@ -85,23 +85,29 @@ impl Verifier {
     }
 
     /// Verifies `token` (the bare JWT, without `Bearer `) now.
-    pub async fn verify(&self, token: &str) -> Result<Principal, VerifyError> {
+    pub async fn verify(&self, token: &str) -> Result<Arc<Principal>, VerifyError> {
         self.verify_at(token, SystemTime::now()).await
     }
 
     /// Verifies `token` as of `now`: the clock is a parameter so expiry can be tested
     /// without waiting.
-    pub async fn verify_at(&self, token: &str, now: SystemTime) -> Result<Principal, VerifyError> {
+    ///
+    /// The principal is shared (`Arc`): a remembered token hands out the same one again.
+    pub async fn verify_at(
+        &self,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<Arc<Principal>, VerifyError> {
         if let Some(principal) = self.remembered(token, now) {
             return Ok(principal);
         }
-        let principal = self.verify_uncached(token, now).await?;
+        let principal = Arc::new(self.verify_uncached(token, now).await?);
         self.remember(token, &principal);
         Ok(principal)
     }
 
     /// A cached verification of `token` that has not expired by `now`.
-    fn remembered(&self, token: &str, now: SystemTime) -> Option<Principal> {
+    fn remembered(&self, token: &str, now: SystemTime) -> Option<Arc<Principal>> {
         if self.inner.config.cache_size == 0 {
             return None;
         }
@@ -113,13 +119,13 @@ impl Verifier {
         let principal = verified.get(token)?;
         // The same expiry rule as a full check: valid until exp + leeway.
         if now < principal.expires_at + self.inner.config.leeway {
-            return Some(principal.clone());
+            return Some(Arc::clone(principal));
         }
         verified.remove(token);
         None
     }
 
-    fn remember(&self, token: &str, principal: &Principal) {
+    fn remember(&self, token: &str, principal: &Arc<Principal>) {
         let capacity = self.inner.config.cache_size;
         if capacity == 0 {
             return;
@@ -135,7 +141,7 @@ impl Verifier {
                 verified.remove(&evicted);
             }
         }
-        verified.insert(token.into(), principal.clone());
+        verified.insert(token.into(), Arc::clone(principal));
     }
 
     async fn verify_uncached(
