@@ -5,6 +5,7 @@
 mod actions;
 mod balancing;
 mod edge;
+mod pooling;
 mod protocols;
 mod reload;
 mod resilience;
