@@ -3,17 +3,23 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-/// Forwards every connection to `upstream` until [`FaultProxy::cut`].
+const PASS: u8 = 0;
+const CUT: u8 = 1;
+const BLACKHOLE: u8 = 2;
+
+/// Forwards every connection to `upstream`, until told to fail: [`FaultProxy::cut`]
+/// (connections closed, new ones refused) or [`FaultProxy::blackhole`] (connections stay
+/// open and nothing comes back: the peer that never answers, which only timeouts catch).
 pub struct FaultProxy {
     addr: SocketAddr,
-    cut: Arc<AtomicBool>,
-    /// Bumped on every cut; live connections watch it and close.
+    mode: Arc<AtomicU8>,
+    /// Bumped on every change of mode; live connections watch it.
     generation: watch::Sender<u64>,
     task: JoinHandle<()>,
 }
@@ -25,34 +31,21 @@ impl FaultProxy {
             .await
             .expect("bind the fault proxy");
         let addr = listener.local_addr().expect("fault proxy address");
-        let cut = Arc::new(AtomicBool::new(false));
+        let mode = Arc::new(AtomicU8::new(PASS));
         let (generation, _) = watch::channel(0);
         let task = tokio::spawn({
-            let cut = Arc::clone(&cut);
+            let mode = Arc::clone(&mode);
             let generation = generation.clone();
             async move {
-                while let Ok((mut client, _)) = listener.accept().await {
-                    if cut.load(Ordering::SeqCst) {
-                        // Refused: accepted and closed at once, like a dead peer.
-                        drop(client);
-                        continue;
-                    }
-                    let mut closed = generation.subscribe();
-                    tokio::spawn(async move {
-                        let Ok(mut server) = TcpStream::connect(upstream).await else {
-                            return;
-                        };
-                        tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                            _ = closed.changed() => {}
-                        }
-                    });
+                while let Ok((client, _)) = listener.accept().await {
+                    let changed = generation.subscribe();
+                    tokio::spawn(relay(client, upstream, Arc::clone(&mode), changed));
                 }
             }
         });
         Self {
             addr,
-            cut,
+            mode,
             generation,
             task,
         }
@@ -64,19 +57,51 @@ impl FaultProxy {
 
     /// Drops every open connection and closes new ones at once.
     pub fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        self.generation.send_modify(|g| *g += 1);
+        self.set(CUT);
     }
 
-    /// Lets connections through again.
+    /// Stops every byte both ways, on open connections and new ones, while keeping them
+    /// open.
+    pub fn blackhole(&self) {
+        self.set(BLACKHOLE);
+    }
+
+    /// Lets connections through again (connections cut or blackholed stay closed).
     pub fn restore(&self) {
-        self.cut.store(false, Ordering::SeqCst);
+        self.set(PASS);
+    }
+
+    fn set(&self, mode: u8) {
+        self.mode.store(mode, Ordering::SeqCst);
+        self.generation.send_modify(|g| *g += 1);
+    }
+}
+
+/// Carries one connection until the mode changes away from passing; a blackholed
+/// connection is then held, silent, until the next change.
+async fn relay(
+    mut client: TcpStream,
+    upstream: SocketAddr,
+    mode: Arc<AtomicU8>,
+    mut changed: watch::Receiver<u64>,
+) {
+    if mode.load(Ordering::SeqCst) == PASS {
+        let Ok(mut server) = TcpStream::connect(upstream).await else {
+            return;
+        };
+        tokio::select! {
+            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => return,
+            _ = changed.changed() => {}
+        }
+    }
+    if mode.load(Ordering::SeqCst) == BLACKHOLE {
+        let _ = changed.changed().await;
     }
 }
 
 impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.task.abort();
-        self.generation.send_modify(|g| *g += 1);
+        self.set(CUT);
     }
 }

@@ -1089,3 +1089,57 @@ async fn policies_that_cannot_work_are_refused_naming_the_route() {
     assert!(error.contains("gateway.rate_limit.redis"), "{error}");
     assert!(!error.contains("hunter2"), "{error}");
 }
+
+#[tokio::test]
+async fn a_silent_redis_is_caught_by_the_timeout() {
+    if !keel_testkit::require(Service::Redis) {
+        return;
+    }
+    let proxy = FaultProxy::start(Service::Redis.addr()).await;
+    let url = format!("redis://{}", proxy.addr());
+    let upstream = Upstream::start("u");
+    let gateway = |name: &str, on_error| {
+        let route = shared(limited(
+            route_to(name, &[&upstream]),
+            RateKey::ClientIp,
+            1_000,
+            1_000.0,
+        ));
+        start(GatewayConfig {
+            rate_limit: redis_backend(url.clone(), on_error),
+            ..test_config(vec![route])
+        })
+    };
+    let open = gateway("silent-fail-open", FailurePolicy::Allow).await;
+    let closed = gateway("silent-fail-closed", FailurePolicy::Deny).await;
+    let client = reqwest::Client::new();
+    for gateway in [&open, &closed] {
+        let response = client.get(&gateway.proxy.url).send().await.unwrap();
+        assert_eq!(number(response.headers(), "ratelimit-limit"), Some(1_000));
+    }
+
+    // Redis stops answering without closing anything: only the store timeout (1 s here)
+    // can tell, and it must, rather than hang the request.
+    proxy.blackhole();
+    for (gateway, expected) in [
+        (&closed, StatusCode::SERVICE_UNAVAILABLE),
+        (&open, StatusCode::OK),
+    ] {
+        let started = std::time::Instant::now();
+        let response = client.get(&gateway.proxy.url).send().await.unwrap();
+        assert_eq!(response.status(), expected);
+        assert!(!response.headers().contains_key("ratelimit-limit"));
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
+    }
+
+    proxy.restore();
+    let counted = |status: StatusCode, headers: &HeaderMap| {
+        status == StatusCode::OK && number(headers, "ratelimit-limit") == Some(1_000)
+    };
+    until(&client, &closed.proxy.url, "closed recovers", counted).await;
+    until(&client, &open.proxy.url, "open recovers", counted).await;
+}
