@@ -227,13 +227,21 @@ impl Forward {
             return Err(too_large());
         }
         let path = self.path.apply(parts.uri.path(), params);
-        let target = match parts.uri.query() {
-            Some(query) => format!("{path}?{query}"),
-            None => path.into_owned(),
+        let path_and_query = match (path, parts.uri.path_and_query()) {
+            // Unchanged: the request's own (shared, already validated) target.
+            (std::borrow::Cow::Borrowed(same), Some(original)) if same == original.path() => {
+                original.clone()
+            }
+            (path, _) => {
+                let target = match parts.uri.query() {
+                    Some(query) => format!("{path}?{query}"),
+                    None => path.into_owned(),
+                };
+                target
+                    .parse()
+                    .map_err(|_| Problem::bad_request("the request target cannot be forwarded"))?
+            }
         };
-        let path_and_query = target
-            .parse()
-            .map_err(|_| Problem::bad_request("the request target cannot be forwarded"))?;
 
         let headers = &mut parts.headers;
         let keep_te_trailers = headers
