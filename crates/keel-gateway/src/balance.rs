@@ -254,7 +254,7 @@ mod tests {
             .iter()
             .enumerate()
             .map(|(i, &weight)| Endpoint {
-                id: format!("instance-{i}"),
+                id: format!("instance-{i}").into(),
                 base: format!("http://127.0.0.1:{}", 9000 + i).parse().unwrap(),
                 weight,
                 stats: Arc::new(EndpointStats::default()),
@@ -353,7 +353,7 @@ mod tests {
         let owner = |set: &EndpointSet, key: u64| {
             set.endpoints[set.pick(&balance, Some(key), &[]).unwrap()]
                 .id
-                .clone()
+                .to_string()
         };
 
         let keys: Vec<u64> = (0..10_000u32).map(|k| hash_key(&k.to_be_bytes())).collect();

@@ -206,7 +206,7 @@ impl OutlierConfig {
 pub struct Endpoint {
     /// A stable identity: the instance id for registry services, the URL for static ones.
     /// Consistent hashing places endpoints by it.
-    pub id: String,
+    pub id: Arc<str>,
     pub base: Uri,
     pub weight: u32,
     pub stats: Arc<EndpointStats>,

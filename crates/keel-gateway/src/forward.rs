@@ -88,12 +88,12 @@ impl Forward {
         parts: Parts,
         body: Body,
         params: &[(String, String)],
-        client: Option<ClientInfo>,
-    ) -> Result<Response, Problem> {
+        client: ClientInfo,
+    ) -> Result<(Response, Attempts), Problem> {
         let started = Instant::now();
-        let peer = client.map(|c| c.peer);
+        let peer = Some(client.peer);
         let deadline = started + self.timeout;
-        let mut outgoing = self.outgoing(parts, body, params, client).await?;
+        let mut outgoing = self.outgoing(parts, body, params, Some(client)).await?;
 
         let permit = match tokio::time::timeout_at(deadline.into(), self.breaker.acquire()).await {
             Ok(Ok(permit)) => permit,
@@ -155,15 +155,7 @@ impl Forward {
             tokio::time::sleep(pause).await;
         };
         let result = match outcome {
-            Some(Outcome::Answered(mut response)) => {
-                if let Some(&index) = tried.last() {
-                    response.extensions_mut().insert(Attempts {
-                        endpoint: Arc::from(set.endpoints[index].id.as_str()),
-                        retries,
-                    });
-                }
-                Ok(response)
-            }
+            Some(Outcome::Answered(response)) => Ok(response),
             Some(
                 Outcome::ConnectFailed(problem)
                 | Outcome::Failed(problem)
@@ -206,7 +198,14 @@ impl Forward {
                 _ => strip_hop_by_hop(&mut parts.headers),
             }
             self.response_headers.apply(&mut parts.headers);
-            Response::from_parts(parts, body)
+            // The endpoint of the last attempt is the one that answered.
+            let attempts = Attempts {
+                endpoint: tried
+                    .last()
+                    .map_or_else(|| Arc::from(""), |&i| Arc::clone(&set.endpoints[i].id)),
+                retries,
+            };
+            (Response::from_parts(parts, body), attempts)
         })
     }
 

@@ -348,14 +348,22 @@ impl RouteMetrics {
     }
 }
 
-/// Which route answered, on the response's extensions for the access log and metrics.
+/// Which route answered, for the access log and metrics.
 #[derive(Clone)]
 pub struct Served {
     pub route: Arc<str>,
     pub metrics: Arc<RouteMetrics>,
 }
 
-/// Which instance answered and after how many retries, on the response's extensions.
+/// A request's answer, with what the access log and metrics need to know about it.
+pub struct Handled {
+    pub response: Response,
+    pub served: Served,
+    /// Set when an upstream answered.
+    pub attempts: Option<Attempts>,
+}
+
+/// Which instance answered and after how many retries.
 #[derive(Clone)]
 pub struct Attempts {
     pub endpoint: Arc<str>,
@@ -576,7 +584,7 @@ impl Proxy {
                     return Err(format!("upstream {url:?}: weight must be 1 to 10000"));
                 }
                 Ok(Endpoint {
-                    id: url.to_owned(),
+                    id: Arc::from(url),
                     stats: shared.stats.stats(&base),
                     base,
                     weight: upstream.weight(),
@@ -586,19 +594,19 @@ impl Proxy {
     }
 
     /// Routes and answers one request.
-    /// Answers one request; the response carries [`Served`].
-    pub async fn handle(self: Arc<Self>, request: Request) -> Response {
-        match self.dispatch(request).await {
-            Ok(response) => response,
-            Err(problem) => {
-                let mut response = problem.with_source(SOURCE).into_response();
-                response.extensions_mut().insert(self.unmatched.clone());
-                response
-            }
+    /// Answers one request from `client`.
+    pub async fn handle(self: Arc<Self>, request: Request, client: ClientInfo) -> Handled {
+        match self.dispatch(request, client).await {
+            Ok(handled) => handled,
+            Err(problem) => Handled {
+                response: problem.with_source(SOURCE).into_response(),
+                served: self.unmatched.clone(),
+                attempts: None,
+            },
         }
     }
 
-    async fn dispatch(&self, request: Request) -> Result<Response, Problem> {
+    async fn dispatch(&self, request: Request, client: ClientInfo) -> Result<Handled, Problem> {
         let (mut parts, body) = request.into_parts();
         // Claims headers are the gateway's to set; a client's copies never pass.
         crate::auth::strip_claim_headers(&mut parts.headers);
@@ -649,20 +657,25 @@ impl Proxy {
         let route: &str = &entry.served.route;
         let policy = &entry.policy;
         if let (Some(cors), Some(_)) = (&policy.cors, &preflight) {
-            let mut response = cors.preflight(&parts.headers);
-            response.extensions_mut().insert(entry.served.clone());
-            return Ok(response);
+            return Ok(Handled {
+                response: cors.preflight(&parts.headers),
+                served: entry.served.clone(),
+                attempts: None,
+            });
         }
         let request_headers = policy.cors.as_ref().map(|_| parts.headers.clone());
-        let mut response = self
-            .answer(route, entry, parts, body, &params)
+        let (mut response, attempts) = self
+            .answer(route, entry, parts, body, &params, client)
             .await
-            .unwrap_or_else(|problem| problem.with_source(SOURCE).into_response());
+            .unwrap_or_else(|problem| (problem.with_source(SOURCE).into_response(), None));
         if let (Some(cors), Some(headers)) = (&policy.cors, request_headers) {
             cors.decorate(&headers, response.headers_mut());
         }
-        response.extensions_mut().insert(entry.served.clone());
-        Ok(response)
+        Ok(Handled {
+            response,
+            served: entry.served.clone(),
+            attempts,
+        })
     }
 
     /// The route to a registry service named by the path's first segment, when discovery
@@ -713,9 +726,9 @@ impl Proxy {
         mut parts: http::request::Parts,
         body: Body,
         params: &[(String, String)],
-    ) -> Result<Response, Problem> {
-        let client = parts.extensions.get::<ClientInfo>().copied();
-        let peer = client.map(|c| c.peer);
+        client: ClientInfo,
+    ) -> Result<(Response, Option<Attempts>), Problem> {
+        let peer = Some(client.peer);
         let principal = match crate::auth::authorize(
             &entry.policy.auth,
             self.shared.verifier.as_ref(),
@@ -724,21 +737,21 @@ impl Proxy {
         .await
         {
             Ok(principal) => principal,
-            Err(refusal) => return Ok(refusal),
+            Err(refusal) => return Ok((refusal, None)),
         };
         let decision = match &entry.policy.rate_limit {
             Some((limit, local)) => {
                 let key = limit.key_of(&parts.headers, principal.as_deref(), peer.map(|p| p.ip()));
                 match self.rate_limit(route, limit, local, &key).await? {
                     Some(decision) if !decision.allowed => {
-                        return Ok(rate_limited(route, &decision));
+                        return Ok((rate_limited(route, &decision), None));
                     }
                     decision => decision,
                 }
             }
             None => None,
         };
-        let mut response = match &entry.action {
+        let (mut response, attempts) = match &entry.action {
             Action::Redirect {
                 location,
                 status,
@@ -751,18 +764,20 @@ impl Proxy {
                 }
                 let location = HeaderValue::from_str(&target)
                     .map_err(|_| Problem::bad_request("the redirect target is not a valid URL"))?;
-                (*status, [(http::header::LOCATION, location)]).into_response()
+                let response = (*status, [(http::header::LOCATION, location)]).into_response();
+                (response, None)
             }
             Action::Forward(forward) => {
-                forward
+                let (response, attempts) = forward
                     .forward(&self.shared, parts, body, params, client)
-                    .await?
+                    .await?;
+                (response, Some(attempts))
             }
         };
         if let Some(decision) = decision {
             rate_limit_headers(&decision, response.headers_mut());
         }
-        Ok(response)
+        Ok((response, attempts))
     }
 
     /// The limiter's decision; `None` when a shared limit could not be checked and the
@@ -838,7 +853,7 @@ impl Forward {
                     .filter_map(|instance| {
                         let base: Uri = instance.base_url().parse().ok()?;
                         Some(Endpoint {
-                            id: instance.id.clone(),
+                            id: Arc::from(instance.id.as_str()),
                             stats: shared.stats.stats(&base),
                             base,
                             weight: instance.weight,
@@ -896,7 +911,7 @@ impl Proxy {
                     .endpoints
                     .iter()
                     .map(|endpoint| EndpointStatus {
-                        id: endpoint.id.clone(),
+                        id: endpoint.id.to_string(),
                         url: endpoint.base.to_string(),
                         weight: endpoint.weight,
                         in_flight: endpoint.stats.in_flight(),

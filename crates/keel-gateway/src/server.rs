@@ -32,7 +32,7 @@ use crate::access_log::{self, AccessLog, AccessRecord};
 use crate::admin;
 use crate::config::{GatewayConfig, GatewayRouteConfig};
 use crate::listener::{self, Mode};
-use crate::proxy::{Attempts, ClientInfo, Proxy, Served, Shared};
+use crate::proxy::{ClientInfo, Handled, Proxy, Shared};
 use crate::route::RouteError;
 use crate::tls::Tls;
 
@@ -114,7 +114,6 @@ impl Gateway {
                 id
             }
         };
-        request.extensions_mut().insert(ClientInfo { peer, secure });
         let method = request.method().clone();
         let grpc = is_grpc(request.headers());
         let logged_path = self
@@ -123,12 +122,14 @@ impl Gateway {
             .map(|_| request.uri().path().to_owned());
         // A span per request only when spans leave the process; otherwise the client's
         // `traceparent` passes through untouched and the access log takes its trace id.
-        let incoming_trace = request
-            .headers()
-            .get("traceparent")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.get(3..35))
-            .map(str::to_owned);
+        let incoming_trace = self.access_log.as_ref().and_then(|_| {
+            request
+                .headers()
+                .get("traceparent")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.get(3..35))
+                .map(str::to_owned)
+        });
         let span = if keel_runtime::telemetry::exporting_traces() {
             let span = tracing::info_span!(
                 "gateway request",
@@ -148,27 +149,32 @@ impl Gateway {
             tracing::Span::none()
         };
         let generation = self.current();
-        let mut response = if span.is_none() {
-            generation.handle(request).await
+        let client = ClientInfo { peer, secure };
+        let handled = if span.is_none() {
+            generation.handle(request, client).await
         } else {
-            generation.handle(request).instrument(span.clone()).await
+            generation
+                .handle(request, client)
+                .instrument(span.clone())
+                .await
         };
+        let Handled {
+            mut response,
+            served,
+            attempts,
+        } = handled;
         let elapsed = started.elapsed();
         let status = response.status();
-        if let Some(served) = response.extensions().get::<Served>() {
-            served.metrics.record(status, elapsed);
-            if !span.is_none() {
-                span.record("otel.name", format!("{method} {}", served.route));
-                span.record("http.route", &*served.route);
-            }
+        served.metrics.record(status, elapsed);
+        if !span.is_none() {
+            span.record("otel.name", format!("{method} {}", served.route));
+            span.record("http.route", &*served.route);
         }
         span.record("http.response.status_code", status.as_u16());
         if let (Some(log), Some(path)) = (&self.access_log, logged_path) {
-            let served = response.extensions().get::<Served>();
-            let attempts = response.extensions().get::<Attempts>();
             log.log(&AccessRecord {
                 timestamp: access_log::timestamp(std::time::SystemTime::now()),
-                route: served.map_or("", |s| &s.route),
+                route: &served.route,
                 method: method.as_str(),
                 path: &path,
                 status: status.as_u16(),
@@ -177,8 +183,8 @@ impl Gateway {
                     .get(http::header::CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok()?.parse().ok()),
                 duration_ms: elapsed.as_secs_f64() * 1000.0,
-                upstream: attempts.map(|a| &*a.endpoint),
-                retries: attempts.map_or(0, |a| a.retries),
+                upstream: attempts.as_ref().map(|a| &*a.endpoint),
+                retries: attempts.as_ref().map_or(0, |a| a.retries),
                 client: peer.ip().to_string(),
                 request_id: request_id.to_str().unwrap_or_default(),
                 trace_id: trace_id(&span).or(incoming_trace),
