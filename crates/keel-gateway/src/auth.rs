@@ -58,8 +58,12 @@ impl RouteAuthConfig {
 
 /// Removes client-supplied claim headers.
 pub fn strip_claim_headers(headers: &mut HeaderMap) {
-    for name in [SUBJECT, CLIENT_ID, SCOPES, ROLES] {
-        headers.remove(name);
+    const CLAIMS: [HeaderName; 4] = [SUBJECT, CLIENT_ID, SCOPES, ROLES];
+    // A scan of the names present is cheaper than four removals that find nothing.
+    if headers.keys().any(|name| CLAIMS.contains(name)) {
+        for name in CLAIMS {
+            headers.remove(name);
+        }
     }
 }
 

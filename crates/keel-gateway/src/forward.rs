@@ -59,6 +59,8 @@ impl UpstreamMetrics {
     }
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
 /// What one attempt came to.
 enum Outcome {
     Answered(Response),
@@ -262,19 +264,22 @@ impl Forward {
             }
             None => None,
         };
-        if let Some(ClientInfo { peer, .. }) = client {
-            let forwarded = match headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
-                Some(before) => format!("{before}, {}", peer.ip()),
-                None => peer.ip().to_string(),
+        if let Some(client) = &client {
+            let forwarded = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+                Some(before) => {
+                    HeaderValue::from_str(&format!("{before}, {}", client.peer.ip())).ok()
+                }
+                // The connection's own formatted address, shared by its requests.
+                None => Some(client.ip_header.clone()),
             };
-            if let Ok(value) = HeaderValue::from_str(&forwarded) {
-                headers.insert("x-forwarded-for", value);
+            if let Some(value) = forwarded {
+                headers.insert(X_FORWARDED_FOR, value);
             }
         }
         if let Some(host) = headers.remove(header::HOST) {
             headers.insert("x-forwarded-host", host);
         }
-        let proto = if client.is_some_and(|c| c.secure) {
+        let proto = if client.as_ref().is_some_and(|c| c.secure) {
             "https"
         } else {
             "http"
@@ -536,6 +541,10 @@ async fn splice(
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one scan of the names present beats seven removals.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     // Headers the Connection header names are hop-by-hop too.
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)

@@ -23,7 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::endpoint::now_nanos;
-use crate::proxy::SOURCE;
+use crate::proxy::{ClientInfo, SOURCE};
 use crate::server::Gateway;
 use crate::tls::Tls;
 
@@ -184,9 +184,15 @@ pub async fn serve(
             };
             let service = {
                 let mode = mode.clone();
-                let secure = tls.is_some();
+                // Formatted once for every request of the connection.
+                let client = ClientInfo::new(peer, tls.is_some());
                 service_fn(move |request: Request<Incoming>| {
-                    let (gateway, mode, rate) = (Arc::clone(&gateway), mode.clone(), rate.clone());
+                    let (gateway, mode, rate, client) = (
+                        Arc::clone(&gateway),
+                        mode.clone(),
+                        rate.clone(),
+                        client.clone(),
+                    );
                     async move {
                         if let Some(rate) = &rate
                             && !rate.admit()
@@ -196,7 +202,7 @@ pub async fn serve(
                         let request = request.map(Body::new);
                         Ok(match mode {
                             Mode::RedirectToHttps { port } => redirect_to_https(&request, port),
-                            Mode::Proxy { .. } => gateway.handle(request, peer, secure).await,
+                            Mode::Proxy { .. } => gateway.handle(request, client).await,
                         })
                     }
                 })

@@ -42,11 +42,26 @@ use crate::retry::{RetryBudget, RetryConfig};
 use crate::route::{RequestView, RouteError, RouteTable};
 
 /// The client connection a request came on, as the listener saw it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ClientInfo {
     pub peer: SocketAddr,
     /// Arrived over TLS.
     pub secure: bool,
+    /// The peer's IP address as a header value (`x-forwarded-for`), formatted once per
+    /// connection.
+    pub ip_header: HeaderValue,
+}
+
+impl ClientInfo {
+    pub fn new(peer: SocketAddr, secure: bool) -> Self {
+        let ip_header = HeaderValue::from_str(&peer.ip().to_string())
+            .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
+        Self {
+            peer,
+            secure,
+            ip_header,
+        }
+    }
 }
 
 /// The component name on problem documents.

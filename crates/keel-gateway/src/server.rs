@@ -101,15 +101,13 @@ impl Gateway {
     pub(crate) async fn handle(
         &self,
         mut request: http::Request<Body>,
-        peer: SocketAddr,
-        secure: bool,
+        client: ClientInfo,
     ) -> Response {
         let started = Instant::now();
         let request_id = match request.headers().get(&REQUEST_ID) {
             Some(id) if usable_request_id(id) => id.clone(),
             _ => {
-                let id = HeaderValue::from_str(&format!("{:032x}", fastrand::u128(..)))
-                    .unwrap_or_else(|_| HeaderValue::from_static("0"));
+                let id = generated_request_id();
                 request.headers_mut().insert(REQUEST_ID, id.clone());
                 id
             }
@@ -148,8 +146,12 @@ impl Gateway {
         } else {
             tracing::Span::none()
         };
+        let client_ip = self
+            .access_log
+            .as_ref()
+            .map(|_| client.ip_header.to_str().unwrap_or_default().to_owned())
+            .unwrap_or_default();
         let generation = self.current();
-        let client = ClientInfo { peer, secure };
         let handled = if span.is_none() {
             generation.handle(request, client).await
         } else {
@@ -185,7 +187,7 @@ impl Gateway {
                 duration_ms: elapsed.as_secs_f64() * 1000.0,
                 upstream: attempts.as_ref().map(|a| &*a.endpoint),
                 retries: attempts.as_ref().map_or(0, |a| a.retries),
-                client: peer.ip().to_string(),
+                client: client_ip,
                 request_id: request_id.to_str().unwrap_or_default(),
                 trace_id: trace_id(&span).or(incoming_trace),
             });
@@ -540,6 +542,18 @@ fn grpc_status(response: Response) -> Response {
     }
     *grpc.extensions_mut() = response.into_parts().0.extensions;
     grpc
+}
+
+/// 128 random bits in hex, formatted by hand: this runs for every request.
+fn generated_request_id() -> HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut bits = fastrand::u128(..);
+    let mut text = [0u8; 32];
+    for digit in text.iter_mut().rev() {
+        *digit = HEX[(bits & 0xf) as usize];
+        bits >>= 4;
+    }
+    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 /// A client's `x-request-id` is kept when it is short printable ASCII; otherwise one is
