@@ -362,11 +362,9 @@ impl Forward {
 
         let now = Instant::now();
         let left = deadline.saturating_duration_since(now);
-        let (budget, limit) = match self.retry.per_try_timeout {
-            Some(per_try) if per_try < left => {
-                (per_try, format!("the per-try timeout of {per_try:?}"))
-            }
-            _ => (left, format!("the route's timeout of {:?}", self.timeout)),
+        let (budget, per_try) = match self.retry.per_try_timeout {
+            Some(per_try) if per_try < left => (per_try, true),
+            _ => (left, false),
         };
         let in_flight = endpoint.stats.start();
         let answer =
@@ -380,6 +378,11 @@ impl Forward {
                 Outcome::Answered(Response::from_parts(parts, Body::new(body)))
             }
             Err(_) => {
+                let limit = if per_try {
+                    format!("the per-try timeout of {budget:?}")
+                } else {
+                    format!("the route's timeout of {:?}", self.timeout)
+                };
                 Outcome::TimedOut(self.timed_out(&format!("{base} did not answer within {limit}")))
             }
             Ok(Err(error)) => {
