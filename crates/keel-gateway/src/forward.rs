@@ -20,6 +20,7 @@ use crate::breaker::Refusal;
 use crate::config::UpstreamProtocol;
 use crate::endpoint::now_nanos;
 use crate::proxy::{Attempts, ClientInfo, Forward, Shared};
+use crate::upstream::UpstreamError;
 use crate::retry::is_idempotent;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded in either direction.
@@ -367,15 +368,28 @@ impl Forward {
             _ => (left, false),
         };
         let in_flight = endpoint.stats.start();
-        let answer =
-            tokio::time::timeout(budget, shared.client(self.protocol).request(request)).await;
+        let send = async {
+            match (self.protocol, endpoint.base.authority()) {
+                // Plain HTTP/1.1 on the pool this task drives; upgrades and HTTP/2 on
+                // hyper's client.
+                (UpstreamProtocol::Http1, Some(authority)) if outgoing.upgrade.is_none() => {
+                    shared.http1.send(authority, request).await
+                }
+                _ => shared
+                    .client(self.protocol)
+                    .request(request)
+                    .await
+                    .map(|response| response.map(Body::new))
+                    .map_err(UpstreamError::Pooled),
+            }
+        };
+        let answer = tokio::time::timeout(budget, send).await;
         drop(in_flight);
         let base = &endpoint.base;
         let outcome = match answer {
             Ok(Ok(response)) => {
                 endpoint.stats.observe_latency(now.elapsed(), now_nanos());
-                let (parts, body) = response.into_parts();
-                Outcome::Answered(Response::from_parts(parts, Body::new(body)))
+                Outcome::Answered(response)
             }
             Err(_) => {
                 let limit = if per_try {

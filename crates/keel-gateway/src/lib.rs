@@ -22,6 +22,7 @@ pub mod retry;
 pub mod route;
 pub mod server;
 pub mod tls;
+mod upstream;
 
 pub use config::GatewayConfig;
 pub use server::GatewayServer;

@@ -39,6 +39,7 @@ use crate::ratelimit::{
     Decision, FailurePolicy, Limiters, LocalLimiter, RateLimitConfig, RedisLimiter,
 };
 use crate::retry::{RetryBudget, RetryConfig};
+use crate::upstream::Http1Pool;
 use crate::route::{RequestView, RouteError, RouteTable};
 
 /// The client connection a request came on, as the listener saw it.
@@ -69,7 +70,10 @@ pub(crate) const SOURCE: &str = "gateway";
 
 /// State that outlives configuration generations.
 pub struct Shared {
-    http1: Client<HttpConnector, Body>,
+    /// Plain HTTP/1.1 upstreams (see [`crate::upstream`]).
+    pub(crate) http1: Arc<Http1Pool>,
+    /// Upgrades to HTTP/1.1 upstreams.
+    pooled_http1: Client<HttpConnector, Body>,
     h2c: Client<HttpConnector, Body>,
     pub(crate) discovery: DiscoveryView,
     stats: StatsDirectory,
@@ -108,7 +112,8 @@ impl Shared {
                 .build(connector.clone())
         };
         Ok(Self {
-            http1: client(false),
+            http1: Arc::new(Http1Pool::new(config)),
+            pooled_http1: client(false),
             h2c: client(true),
             discovery,
             stats: StatsDirectory::default(),
@@ -122,7 +127,7 @@ impl Shared {
 
     pub(crate) fn client(&self, protocol: UpstreamProtocol) -> &Client<HttpConnector, Body> {
         match protocol {
-            UpstreamProtocol::Http1 => &self.http1,
+            UpstreamProtocol::Http1 => &self.pooled_http1,
             UpstreamProtocol::H2c => &self.h2c,
         }
     }
