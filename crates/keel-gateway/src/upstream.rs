@@ -106,12 +106,33 @@ impl Conn {
 }
 
 struct Idle {
-    conn: Conn,
+    conn: Box<Conn>,
     since: Instant,
 }
 
+/// FNV-1a: the pool's keys are upstream addresses from the configuration and the
+/// registry, never from clients, so a fast unkeyed hash is safe here (SipHash was a
+/// measurable share of each request).
+#[derive(Default)]
+struct Fnv(u64);
+
+impl std::hash::Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        let mut hash = if self.0 == 0 { 0xcbf2_9ce4_8422_2325 } else { self.0 };
+        for &byte in bytes {
+            hash ^= u64::from(byte);
+            hash = hash.wrapping_mul(0x0100_0000_01b3);
+        }
+        self.0 = hash;
+    }
+}
+
 pub struct Http1Pool {
-    idle: Mutex<HashMap<Authority, Vec<Idle>>>,
+    idle: Mutex<HashMap<Authority, Vec<Idle>, std::hash::BuildHasherDefault<Fnv>>>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle_per_host: usize,
@@ -148,7 +169,7 @@ impl Http1Pool {
         loop {
             let (mut conn, reused) = match self.checkout(authority) {
                 Some(conn) => (conn, true),
-                None => (self.connect(authority).await?, false),
+                None => (Box::new(self.connect(authority).await?), false),
             };
             let mut sending = std::pin::pin!(conn.sender.try_send_request(request));
             let sent = poll_fn(|cx| {
@@ -181,7 +202,7 @@ impl Http1Pool {
         }
     }
 
-    fn checkout(&self, authority: &Authority) -> Option<Conn> {
+    fn checkout(&self, authority: &Authority) -> Option<Box<Conn>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.get_mut(authority)?;
         while let Some(Idle { mut conn, since }) = list.pop() {
@@ -192,7 +213,7 @@ impl Http1Pool {
         None
     }
 
-    fn put(&self, authority: Authority, conn: Conn) {
+    fn put(&self, authority: Authority, conn: Box<Conn>) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.entry(authority).or_default();
         if list.len() >= self.max_idle_per_host {
@@ -235,7 +256,8 @@ impl Http1Pool {
 /// back to the pool once read to the end (or closes it when dropped before).
 struct DrivenBody {
     body: Incoming,
-    conn: Option<Conn>,
+    /// Boxed, so handing it to and from the pool moves a pointer, not the connection.
+    conn: Option<Box<Conn>>,
     pool: Weak<Http1Pool>,
     authority: Authority,
 }
