@@ -20,8 +20,8 @@ use crate::breaker::Refusal;
 use crate::config::UpstreamProtocol;
 use crate::endpoint::now_nanos;
 use crate::proxy::{Attempts, ClientInfo, Forward, Shared};
-use crate::upstream::UpstreamError;
 use crate::retry::is_idempotent;
+use crate::upstream::UpstreamError;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded in either direction.
 const HOP_BY_HOP: [HeaderName; 7] = [

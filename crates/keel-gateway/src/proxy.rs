@@ -39,8 +39,8 @@ use crate::ratelimit::{
     Decision, FailurePolicy, Limiters, LocalLimiter, RateLimitConfig, RedisLimiter,
 };
 use crate::retry::{RetryBudget, RetryConfig};
-use crate::upstream::Http1Pool;
 use crate::route::{RequestView, RouteError, RouteTable};
+use crate::upstream::Http1Pool;
 
 /// The client connection a request came on, as the listener saw it.
 #[derive(Debug, Clone)]
