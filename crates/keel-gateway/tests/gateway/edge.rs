@@ -477,3 +477,24 @@ async fn a_connection_sending_too_fast_is_refused_and_closed() {
         StatusCode::OK
     );
 }
+
+#[tokio::test]
+async fn the_default_header_count_limit_holds() {
+    let (gateway, upstream) = limited_gateway(ClientLimitsConfig::default()).await;
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    let many: String = (0..120).map(|n| format!("X-H{n}: v\r\n")).collect();
+    let (answer, _) = raw(
+        &addr,
+        format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 431"), "{answer:.80}");
+    let fine: String = (0..90).map(|n| format!("X-H{n}: v\r\n")).collect();
+    let (answer, _) = raw(
+        &addr,
+        format!("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{fine}\r\n").as_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:.80}");
+    assert_eq!(upstream.hits(), 1);
+}
