@@ -23,6 +23,7 @@ pub mod route;
 pub mod server;
 pub mod tls;
 mod upstream;
+mod watch;
 
 pub use config::GatewayConfig;
 pub use server::GatewayServer;

@@ -35,6 +35,7 @@ use crate::listener::{self, Mode};
 use crate::proxy::{ClientInfo, Handled, Proxy, Shared};
 use crate::route::RouteError;
 use crate::tls::Tls;
+use crate::watch::FileWatch;
 
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
@@ -312,23 +313,11 @@ impl Gateway {
         Ok(routes)
     }
 
-    /// Polls the configuration file and reloads when its contents change. Polling (not
-    /// inotify) also sees a file replaced by rename, as config managers and Kubernetes
-    /// ConfigMaps do.
+    /// Reloads whenever the configuration file's contents change.
     async fn watch(self: Arc<Self>, interval: Duration, shutdown: Shutdown) {
         let Some(source) = &self.source else { return };
-        let read = || std::fs::read(&source.path).ok();
-        let mut last = read();
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(interval) => {}
-                () = shutdown.wait() => return,
-            }
-            let now = read();
-            if now == last {
-                continue;
-            }
-            last = now;
+        let mut file = FileWatch::new(vec![source.path.clone()]);
+        while file.changed(interval, &shutdown).await {
             match self.reload().await {
                 Ok(report) => tracing::info!(
                     path = %source.path.display(),

@@ -17,6 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use keel_runtime::Shutdown;
 
+use crate::watch::FileWatch;
+
 /// `[gateway.tls]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -174,31 +176,15 @@ impl Tls {
         Ok(())
     }
 
-    /// Polls the certificate and key files and reloads when any changes (certificate
-    /// managers replace them by rename, which polling sees and inotify can miss).
+    /// Reloads whenever a certificate or key file's contents change.
     pub async fn watch(self: Arc<Self>, interval: Duration, shutdown: Shutdown) {
-        let files: Vec<PathBuf> = self
+        let files = self
             .config
             .iter()
             .flat_map(|c| [c.cert.clone(), c.key.clone()])
             .collect();
-        let read = || {
-            files
-                .iter()
-                .map(|f| std::fs::read(f).ok())
-                .collect::<Vec<_>>()
-        };
-        let mut last = read();
-        loop {
-            tokio::select! {
-                () = tokio::time::sleep(interval) => {}
-                () = shutdown.wait() => return,
-            }
-            let now = read();
-            if now == last {
-                continue;
-            }
-            last = now;
+        let mut files = FileWatch::new(files);
+        while files.changed(interval, &shutdown).await {
             match self.reload() {
                 Ok(()) => tracing::info!("TLS certificates reloaded"),
                 Err(error) => tracing::error!(

@@ -162,23 +162,28 @@ async fn an_invalid_configuration_is_refused_naming_the_route() {
     );
 }
 
+/// An in-memory registry on a free port, and a client for it.
+async fn start_registry(
+    shutdown: &Shutdown,
+) -> (TestServer, keel_registry::client::RegistryClient) {
+    let config = keel_registry::RegistryConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..keel_registry::RegistryConfig::default()
+    };
+    let server = keel_registry::RegistryServer::build(config, shutdown)
+        .await
+        .unwrap();
+    let registry = keel_testkit::spawn(server);
+    let client = keel_registry::client::RegistryClient::new(&registry.url, None).unwrap();
+    (registry, client)
+}
+
 #[tokio::test]
 async fn a_service_route_follows_the_registry_live() {
-    use keel_registry::client::{RegistryClient, ttl_registration};
-    use keel_registry::{RegistryConfig, RegistryServer};
+    use keel_registry::client::ttl_registration;
 
     let shutdown = Shutdown::new();
-    let registry = RegistryServer::build(
-        RegistryConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ..RegistryConfig::default()
-        },
-        &shutdown,
-    )
-    .await
-    .unwrap();
-    let registry = keel_testkit::spawn(registry);
-    let client = RegistryClient::new(&registry.url, None).unwrap();
+    let (registry, client) = start_registry(&shutdown).await;
 
     let config = GatewayConfig {
         registry: registry.url.clone(),
@@ -289,21 +294,10 @@ async fn header_actions_change_requests_and_responses() {
 
 #[tokio::test]
 async fn discovery_routes_reach_every_registered_service_by_name() {
-    use keel_registry::client::{RegistryClient, ttl_registration};
-    use keel_registry::{RegistryConfig, RegistryServer};
+    use keel_registry::client::ttl_registration;
 
     let shutdown = Shutdown::new();
-    let registry = RegistryServer::build(
-        RegistryConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            ..RegistryConfig::default()
-        },
-        &shutdown,
-    )
-    .await
-    .unwrap();
-    let registry = keel_testkit::spawn(registry);
-    let client = RegistryClient::new(&registry.url, None).unwrap();
+    let (registry, client) = start_registry(&shutdown).await;
     let catalog = upstream("catalog-1").await;
     let pinned = upstream("pinned").await;
     let config = GatewayConfig {

@@ -939,17 +939,25 @@ async fn until(
     }
 }
 
-#[tokio::test]
-async fn when_redis_is_unreachable_the_failure_policy_decides() {
+/// Redis behind a fault proxy, and two gateways counting a shared limit in it: one
+/// failing open, one failing closed. `None` when Redis is not running (SKIP).
+struct Outage {
+    proxy: FaultProxy,
+    open: Running,
+    closed: Running,
+    _upstream: Upstream,
+}
+
+async fn outage(prefix: &str) -> Option<Outage> {
     if !keel_testkit::require(Service::Redis) {
-        return;
+        return None;
     }
     let proxy = FaultProxy::start(Service::Redis.addr()).await;
     let url = format!("redis://{}", proxy.addr());
     let upstream = Upstream::start("u");
-    let gateway = |name: &str, on_error| {
+    let gateway = |name: String, on_error| {
         let route = shared(limited(
-            route_to(name, &[&upstream]),
+            route_to(&name, &[&upstream]),
             RateKey::ClientIp,
             1_000,
             1_000.0,
@@ -959,8 +967,27 @@ async fn when_redis_is_unreachable_the_failure_policy_decides() {
             ..test_config(vec![route])
         })
     };
-    let open = gateway("outage-fail-open", FailurePolicy::Allow).await;
-    let closed = gateway("outage-fail-closed", FailurePolicy::Deny).await;
+    let open = gateway(format!("{prefix}-fail-open"), FailurePolicy::Allow).await;
+    let closed = gateway(format!("{prefix}-fail-closed"), FailurePolicy::Deny).await;
+    Some(Outage {
+        proxy,
+        open,
+        closed,
+        _upstream: upstream,
+    })
+}
+
+#[tokio::test]
+async fn when_redis_is_unreachable_the_failure_policy_decides() {
+    let Some(Outage {
+        proxy,
+        open,
+        closed,
+        _upstream,
+    }) = outage("outage").await
+    else {
+        return;
+    };
     let client = reqwest::Client::new();
     let counted = |status: StatusCode, headers: &HeaderMap| {
         status == StatusCode::OK && number(headers, "ratelimit-limit") == Some(1_000)
@@ -1092,26 +1119,15 @@ async fn policies_that_cannot_work_are_refused_naming_the_route() {
 
 #[tokio::test]
 async fn a_silent_redis_is_caught_by_the_timeout() {
-    if !keel_testkit::require(Service::Redis) {
+    let Some(Outage {
+        proxy,
+        open,
+        closed,
+        _upstream,
+    }) = outage("silent").await
+    else {
         return;
-    }
-    let proxy = FaultProxy::start(Service::Redis.addr()).await;
-    let url = format!("redis://{}", proxy.addr());
-    let upstream = Upstream::start("u");
-    let gateway = |name: &str, on_error| {
-        let route = shared(limited(
-            route_to(name, &[&upstream]),
-            RateKey::ClientIp,
-            1_000,
-            1_000.0,
-        ));
-        start(GatewayConfig {
-            rate_limit: redis_backend(url.clone(), on_error),
-            ..test_config(vec![route])
-        })
     };
-    let open = gateway("silent-fail-open", FailurePolicy::Allow).await;
-    let closed = gateway("silent-fail-closed", FailurePolicy::Deny).await;
     let client = reqwest::Client::new();
     for gateway in [&open, &closed] {
         let response = client.get(&gateway.proxy.url).send().await.unwrap();
