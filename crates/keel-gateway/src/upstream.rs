@@ -134,8 +134,16 @@ impl std::hash::Hasher for Fnv {
     }
 }
 
+type IdleMap = HashMap<Authority, Vec<Idle>, std::hash::BuildHasherDefault<Fnv>>;
+
+struct IdleConns {
+    by_host: IdleMap,
+    /// When expired connections of every host were last closed.
+    swept: Instant,
+}
+
 pub struct Http1Pool {
-    idle: Mutex<HashMap<Authority, Vec<Idle>, std::hash::BuildHasherDefault<Fnv>>>,
+    idle: Mutex<IdleConns>,
     connect_timeout: Duration,
     idle_timeout: Duration,
     max_idle_per_host: usize,
@@ -144,7 +152,10 @@ pub struct Http1Pool {
 impl Http1Pool {
     pub fn new(config: &UpstreamClientConfig) -> Self {
         Self {
-            idle: Mutex::default(),
+            idle: Mutex::new(IdleConns {
+                by_host: IdleMap::default(),
+                swept: Instant::now(),
+            }),
             connect_timeout: config.connect_timeout,
             idle_timeout: config.idle_timeout,
             max_idle_per_host: config.max_idle_per_host,
@@ -207,7 +218,7 @@ impl Http1Pool {
 
     fn checkout(&self, authority: &Authority) -> Option<Box<Conn>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = idle.get_mut(authority)?;
+        let list = idle.by_host.get_mut(authority)?;
         while let Some(Idle { mut conn, since }) = list.pop() {
             if since.elapsed() < self.idle_timeout && conn.ready_now() {
                 return Some(conn);
@@ -218,7 +229,17 @@ impl Http1Pool {
 
     fn put(&self, authority: Authority, conn: Box<Conn>) {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = idle.entry(authority).or_default();
+        // Once per idle timeout, close what expired everywhere, so hosts that left (an
+        // instance gone from the registry) do not keep their sockets.
+        if idle.swept.elapsed() >= self.idle_timeout {
+            idle.swept = Instant::now();
+            let timeout = self.idle_timeout;
+            idle.by_host.retain(|_, list| {
+                list.retain(|idle| idle.since.elapsed() < timeout);
+                !list.is_empty()
+            });
+        }
+        let list = idle.by_host.entry(authority).or_default();
         if list.len() >= self.max_idle_per_host {
             list.retain(|idle| idle.since.elapsed() < self.idle_timeout);
         }

@@ -12,24 +12,26 @@ use tokio::net::TcpListener;
 
 use crate::support::{route_to, start_gateway};
 
-/// A bare HTTP/1.1 server answering `ok` to each request; it counts connections, and with
-/// `close_idle` closes each connection 100 ms after answering, without saying so.
-async fn raw_upstream(close_idle: bool) -> (String, Arc<AtomicUsize>) {
+/// A bare HTTP/1.1 server answering `ok` to each request; it counts connections opened and
+/// closed by the client, and with `close_idle` closes each connection 100 ms after
+/// answering, without saying so.
+async fn raw_upstream(close_idle: bool) -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let accepted = Arc::new(AtomicUsize::new(0));
-    let counter = Arc::clone(&accepted);
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (counter, closings) = (Arc::clone(&accepted), Arc::clone(&closed));
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
             counter.fetch_add(1, Ordering::SeqCst);
+            let closings = Arc::clone(&closings);
             tokio::spawn(async move {
                 let mut buffer = Vec::new();
                 loop {
                     let mut chunk = [0u8; 4096];
-                    let Ok(n) = stream.read(&mut chunk).await else {
-                        return;
-                    };
+                    let n = stream.read(&mut chunk).await.unwrap_or(0);
                     if n == 0 {
+                        closings.fetch_add(1, Ordering::SeqCst);
                         return;
                     }
                     buffer.extend_from_slice(&chunk[..n]);
@@ -57,12 +59,12 @@ async fn raw_upstream(close_idle: bool) -> (String, Arc<AtomicUsize>) {
             });
         }
     });
-    (url, accepted)
+    (url, accepted, closed)
 }
 
 #[tokio::test]
 async fn upstream_connections_are_kept_alive_and_reused() {
-    let (url, accepted) = raw_upstream(false).await;
+    let (url, accepted, _) = raw_upstream(false).await;
     let mut route = route_to("r", &[]);
     route.upstreams = vec![UpstreamConfig::Url(url)];
     let gateway = start_gateway(vec![route]).await;
@@ -82,7 +84,7 @@ async fn upstream_connections_are_kept_alive_and_reused() {
 
 #[tokio::test]
 async fn a_connection_closed_while_pooled_costs_no_request() {
-    let (url, accepted) = raw_upstream(true).await;
+    let (url, accepted, _) = raw_upstream(true).await;
     let mut route = route_to("r", &[]);
     route.upstreams = vec![UpstreamConfig::Url(url)];
     route.retry.attempts = 0;
@@ -104,4 +106,43 @@ async fn a_connection_closed_while_pooled_costs_no_request() {
         4,
         "a new connection each time"
     );
+}
+
+#[tokio::test]
+async fn idle_connections_of_a_host_no_longer_used_are_closed() {
+    let (left, _, left_closed) = raw_upstream(false).await;
+    let (staying, _, _) = raw_upstream(false).await;
+    let mut gone = route_to("gone", &[]);
+    gone.matches.path_prefix = Some("/gone".into());
+    gone.upstreams = vec![UpstreamConfig::Url(left)];
+    let mut kept = route_to("kept", &[]);
+    kept.upstreams = vec![UpstreamConfig::Url(staying)];
+    let mut config = crate::support::test_config(vec![gone, kept]);
+    config.upstream.idle_timeout = Duration::from_millis(200);
+    let gateway = keel_testkit::spawn(
+        keel_gateway::GatewayServer::build(config, &keel_runtime::Shutdown::new())
+            .await
+            .unwrap(),
+    );
+    let client = reqwest::Client::new();
+    client
+        .get(format!("{}/gone", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(left_closed.load(Ordering::SeqCst), 0, "nobody looked yet");
+    // Traffic to another host sweeps what expired everywhere.
+    client
+        .get(format!("{}/other", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    for _ in 0..50 {
+        if left_closed.load(Ordering::SeqCst) == 1 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the idle connection to the host no longer used was never closed");
 }
