@@ -61,6 +61,8 @@ impl UpstreamMetrics {
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 
 /// What one attempt came to.
 enum Outcome {
@@ -278,14 +280,14 @@ impl Forward {
             }
         }
         if let Some(host) = headers.remove(header::HOST) {
-            headers.insert("x-forwarded-host", host);
+            headers.insert(X_FORWARDED_HOST, host);
         }
         let proto = if client.as_ref().is_some_and(|c| c.secure) {
             "https"
         } else {
             "http"
         };
-        headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         self.request_headers.apply(headers);
         if keel_runtime::telemetry::exporting_traces() {
             keel_runtime::trace_context::inject_current(headers);
@@ -337,6 +339,8 @@ impl Forward {
     ) -> Outcome {
         let endpoint = &set.endpoints[index];
         let body = match (&outgoing.replay, outgoing.stream.take()) {
+            // An empty body needs no allocation.
+            (Some(bytes), _) if bytes.is_empty() => Body::empty(),
             (Some(bytes), _) => Body::from(bytes.clone()),
             (None, Some(stream)) => stream,
             (None, None) => Body::empty(),
