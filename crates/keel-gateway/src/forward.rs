@@ -14,6 +14,7 @@ use http::{HeaderMap, Method, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use hyper_util::rt::TokioIo;
 use keel_runtime::Problem;
+use smallvec::SmallVec;
 
 use crate::balance::{BalanceConfig, EndpointSet};
 use crate::breaker::Refusal;
@@ -119,7 +120,8 @@ impl Forward {
             _ => None,
         };
         let idempotent = is_idempotent(&outgoing.method);
-        let mut tried = Vec::new();
+        // Inline: most requests try one endpoint, and this runs for every request.
+        let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
         let mut retries = 0;
         let mut last = None;
         let outcome = loop {
