@@ -11,6 +11,7 @@
 //! ones; if every remaining endpoint is ejected it uses them anyway (Envoy's panic mode)
 //! rather than fail a request an ejected instance might serve.
 
+use std::hash::Hasher;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http::HeaderMap;
@@ -198,16 +199,36 @@ fn ketama_ring(endpoints: &[Endpoint]) -> Vec<(u64, usize)> {
 /// A stable 64-bit hash (FNV-1a with a murmur3 finaliser), so every gateway replica and
 /// every build places keys alike.
 pub fn hash_key(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &byte in bytes {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
+    let mut fnv = Fnv::default();
+    fnv.write(bytes);
+    let mut hash = fnv.finish();
     hash ^= hash >> 33;
     hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
     hash ^= hash >> 33;
     hash = hash.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
     hash ^ (hash >> 33)
+}
+
+/// FNV-1a as a [`Hasher`]: fast and unkeyed, so only for keys clients cannot choose.
+pub(crate) struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Hasher for Fnv {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            self.0 ^= u64::from(byte);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
 }
 
 impl HashKeyConfig {

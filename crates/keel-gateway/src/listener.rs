@@ -24,6 +24,7 @@ use tokio::sync::Semaphore;
 
 use crate::endpoint::now_nanos;
 use crate::proxy::{ClientInfo, SOURCE};
+use crate::ratelimit::gcra;
 use crate::server::Gateway;
 use crate::tls::Tls;
 
@@ -118,7 +119,7 @@ pub enum Mode {
     },
 }
 
-/// Per-connection request rate (GCRA over one timestamp, in microseconds).
+/// Per-connection request rate: the rate limiter's GCRA over one timestamp.
 struct ConnectionRate {
     interval: u64,
     tolerance: u64,
@@ -140,12 +141,11 @@ impl ConnectionRate {
     fn admit(&self) -> bool {
         let now = now_nanos() / 1_000;
         let mut tat = self.tat.lock().unwrap_or_else(PoisonError::into_inner);
-        let next = (*tat).max(now) + self.interval;
-        if now + self.tolerance < next {
-            return false;
+        let (decision, next) = gcra(*tat, now, self.interval, self.tolerance, 0);
+        if let Some(next) = next {
+            *tat = next;
         }
-        *tat = next;
-        true
+        decision.allowed
     }
 }
 

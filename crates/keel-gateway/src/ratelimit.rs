@@ -147,7 +147,13 @@ pub struct Decision {
 }
 
 /// GCRA over one stored theoretical arrival time; returns the decision and the new TAT.
-fn gcra(tat: u64, now: u64, interval: u64, tolerance: u64, limit: u32) -> (Decision, Option<u64>) {
+pub(crate) fn gcra(
+    tat: u64,
+    now: u64,
+    interval: u64,
+    tolerance: u64,
+    limit: u32,
+) -> (Decision, Option<u64>) {
     let next = tat.max(now) + interval;
     let allow_at = next.saturating_sub(tolerance);
     if now < allow_at {

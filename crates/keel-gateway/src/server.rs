@@ -28,7 +28,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use keel_registry::client::{DiscoveryView, RegistryClient};
 
-use crate::access_log::{self, AccessLog, AccessRecord};
+use crate::access_log::{AccessLog, AccessRecord};
 use crate::admin;
 use crate::config::{GatewayConfig, GatewayRouteConfig};
 use crate::listener::{self, Mode};
@@ -105,14 +105,8 @@ impl Gateway {
         client: ClientInfo,
     ) -> Response {
         let started = Instant::now();
-        let request_id = match request.headers().get(&REQUEST_ID) {
-            Some(id) if usable_request_id(id) => id.clone(),
-            _ => {
-                let id = generated_request_id();
-                request.headers_mut().insert(REQUEST_ID, id.clone());
-                id
-            }
-        };
+        let request_id = keel_runtime::http::request_id_of(request.headers());
+        request.headers_mut().insert(REQUEST_ID, request_id.clone());
         let method = request.method().clone();
         let grpc = is_grpc(request.headers());
         let logged_path = self
@@ -176,7 +170,8 @@ impl Gateway {
         span.record("http.response.status_code", status.as_u16());
         if let (Some(log), Some(path)) = (&self.access_log, logged_path) {
             log.log(&AccessRecord {
-                timestamp: access_log::timestamp(std::time::SystemTime::now()),
+                timestamp: humantime::format_rfc3339_millis(std::time::SystemTime::now())
+                    .to_string(),
                 route: &served.route,
                 method: method.as_str(),
                 path: &path,
@@ -531,25 +526,6 @@ fn grpc_status(response: Response) -> Response {
     }
     *grpc.extensions_mut() = response.into_parts().0.extensions;
     grpc
-}
-
-/// 128 random bits in hex, formatted by hand: this runs for every request.
-fn generated_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut bits = fastrand::u128(..);
-    let mut text = [0u8; 32];
-    for digit in text.iter_mut().rev() {
-        *digit = HEX[(bits & 0xf) as usize];
-        bits >>= 4;
-    }
-    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("0"))
-}
-
-/// A client's `x-request-id` is kept when it is short printable ASCII; otherwise one is
-/// generated, so log lines never carry hostile bytes.
-fn usable_request_id(id: &HeaderValue) -> bool {
-    let bytes = id.as_bytes();
-    !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic())
 }
 
 /// The span's trace id, when it is part of a trace.

@@ -28,6 +28,7 @@ use hyper::client::conn::http1::{self, Connection, SendRequest};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
+use crate::balance::Fnv;
 use crate::config::UpstreamClientConfig;
 
 /// Why an upstream request failed.
@@ -110,30 +111,9 @@ struct Idle {
     since: Instant,
 }
 
-/// FNV-1a: the pool's keys are upstream addresses from the configuration and the
-/// registry, never from clients, so a fast unkeyed hash is safe here (SipHash was a
-/// measurable share of each request).
-struct Fnv(u64);
-
-impl Default for Fnv {
-    fn default() -> Self {
-        Self(0xcbf2_9ce4_8422_2325)
-    }
-}
-
-impl std::hash::Hasher for Fnv {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for &byte in bytes {
-            self.0 ^= u64::from(byte);
-            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
-        }
-    }
-}
-
+// FNV-1a (`balance::Fnv`): the pool's keys are upstream addresses from the configuration
+// and the registry, never from clients, so a fast unkeyed hash is safe here (SipHash was a
+// measurable share of each request).
 type IdleMap = HashMap<Authority, Vec<Idle>, std::hash::BuildHasherDefault<Fnv>>;
 
 struct IdleConns {

@@ -157,24 +157,35 @@ async fn not_found(request: Request) -> Response {
 
 /// Keeps a usable client `x-request-id` or generates one, and echoes it on the response.
 async fn request_id(mut request: Request, next: Next) -> Response {
-    let id = request
-        .headers()
-        .get(&REQUEST_ID)
-        .filter(|value| {
-            let bytes = value.as_bytes();
-            !bytes.is_empty()
-                && bytes.len() <= MAX_REQUEST_ID_LEN
-                && bytes.iter().all(|b| b.is_ascii_graphic())
-        })
-        .cloned()
-        .unwrap_or_else(|| {
-            HeaderValue::from_str(&uuid::Uuid::now_v7().to_string())
-                .unwrap_or_else(|_| HeaderValue::from_static("invalid"))
-        });
+    let id = request_id_of(request.headers());
     request.headers_mut().insert(REQUEST_ID, id.clone());
     let mut response = next.run(request).await;
     response.headers_mut().insert(REQUEST_ID, id);
     response
+}
+
+/// The request's `x-request-id` when it is short printable ASCII (so log lines never carry
+/// hostile bytes), or a new one: 128 random bits in hex. Every server and the gateway's
+/// proxy path use this.
+pub fn request_id_of(headers: &http::HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get(&REQUEST_ID) {
+        let bytes = id.as_bytes();
+        if !bytes.is_empty()
+            && bytes.len() <= MAX_REQUEST_ID_LEN
+            && bytes.iter().all(|b| b.is_ascii_graphic())
+        {
+            return id.clone();
+        }
+    }
+    // Hex by hand: this runs for every request the gateway proxies.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut bits = fastrand::u128(..);
+    let mut text = [0u8; 32];
+    for digit in text.iter_mut().rev() {
+        *digit = HEX[(bits & 0xf) as usize];
+        bits >>= 4;
+    }
+    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
 /// Opens the request's span, named from the route template, child of the caller's
