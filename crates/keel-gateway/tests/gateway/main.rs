@@ -350,11 +350,10 @@ async fn metrics_count_per_route_and_upstream() {
     let mut failing = route("failing", "/dead", vec![dead]);
     failing.retry.attempts = 0;
     let config = support::test_config(vec![support::route_to("metered", &[&up]), failing]);
-    let server = GatewayServer::build(config, &Shutdown::new())
-        .await
-        .unwrap();
-    let admin = format!("http://{}", server.admin_addr());
-    let gateway = keel_testkit::spawn(server);
+    let support::Running {
+        proxy: gateway,
+        admin,
+    } = support::Running::start(config).await;
     for _ in 0..3 {
         get(&format!("{}/x", gateway.url)).await;
     }
@@ -454,7 +453,16 @@ async fn the_access_log_has_one_json_line_per_request() {
     assert_eq!(first["client"], "127.0.0.1");
     assert!(first["bytes"].as_u64().unwrap() > 0);
     assert!(first["duration_ms"].as_f64().unwrap() >= 0.0);
-    assert!(first["timestamp"].as_str().unwrap().ends_with('Z'));
+    let stamp = first["timestamp"].as_str().unwrap();
+    let logged_at = humantime::parse_rfc3339(stamp).expect("an RFC 3339 timestamp");
+    let age = std::time::SystemTime::now()
+        .duration_since(logged_at)
+        .unwrap();
+    assert!(age < Duration::from_secs(60), "{stamp}");
+    assert!(
+        stamp.ends_with('Z') && stamp.len() == "2026-11-26T12:00:00.000Z".len(),
+        "{stamp}"
+    );
     let second: serde_json::Value = serde_json::from_str(&lines[1]).unwrap();
     assert_eq!(second["path"], "/c");
     assert_eq!(

@@ -9,21 +9,20 @@ use http::StatusCode;
 use keel_gateway::server::ConfigSource;
 use keel_gateway::{GatewayConfig, GatewayServer};
 use keel_runtime::Shutdown;
-use keel_testkit::TestServer;
+
 use serde_json::{Value, json};
 
-use crate::support::{Upstream, served_by, test_config};
+use crate::support::{Running, Upstream, served_by, test_config};
 
 const TOKEN: &str = "admin-secret-token";
 
-struct Running {
-    proxy: TestServer,
-    admin: String,
+struct Watched {
+    gateway: Running,
     file: PathBuf,
 }
 
 /// Writes the routes file and starts a gateway that watches it.
-async fn start(toml: &str) -> Running {
+async fn start(toml: &str) -> Watched {
     let file = std::env::temp_dir().join(format!("{}.toml", keel_testkit::unique_name("gw")));
     std::fs::write(&file, toml).unwrap();
     let path = file.clone();
@@ -39,10 +38,8 @@ async fn start(toml: &str) -> Running {
     let server = GatewayServer::build_with_source(config, Some(source), &Shutdown::new())
         .await
         .unwrap();
-    let admin = format!("http://{}", server.admin_addr());
-    Running {
-        proxy: keel_testkit::spawn(server),
-        admin,
+    Watched {
+        gateway: Running::spawn(server),
         file,
     }
 }
@@ -56,9 +53,9 @@ fn routes_toml(name: &str, upstream: &Upstream) -> String {
     )
 }
 
-fn admin(running: &Running, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+fn admin(running: &Watched, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
     reqwest::Client::new()
-        .request(method, format!("{}{path}", running.admin))
+        .request(method, format!("{}{path}", running.gateway.admin))
         .bearer_auth(TOKEN)
 }
 
@@ -81,20 +78,20 @@ async fn the_admin_api_requires_its_token() {
     let up = Upstream::start("a");
     let running = start(&routes_toml("main", &up)).await;
     let client = reqwest::Client::new();
-    let url = format!("{}/v1/routes", running.admin);
+    let url = format!("{}/v1/routes", running.gateway.admin);
     let missing = client.get(&url).send().await.unwrap();
     assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
     assert!(missing.headers().contains_key("www-authenticate"));
     let wrong = client.get(&url).bearer_auth("guess").send().await.unwrap();
     assert_eq!(wrong.status(), StatusCode::FORBIDDEN);
     let health = client
-        .get(format!("{}/health/ready", running.admin))
+        .get(format!("{}/health/ready", running.gateway.admin))
         .send()
         .await
         .unwrap();
     assert_eq!(health.status(), StatusCode::OK, "health needs no token");
     let metrics = client
-        .get(format!("{}/metrics", running.admin))
+        .get(format!("{}/metrics", running.gateway.admin))
         .send()
         .await
         .unwrap();
@@ -136,8 +133,14 @@ async fn routes_are_added_and_removed_through_the_admin_api() {
         "{}",
         response.text().await.unwrap()
     );
-    assert_eq!(who(&format!("{}/extra/1", running.proxy.url)).await, "b");
-    assert_eq!(who(&format!("{}/other", running.proxy.url)).await, "a");
+    assert_eq!(
+        who(&format!("{}/extra/1", running.gateway.proxy.url)).await,
+        "b"
+    );
+    assert_eq!(
+        who(&format!("{}/other", running.gateway.proxy.url)).await,
+        "a"
+    );
 
     let listed: Value = admin(&running, reqwest::Method::GET, "/v1/routes")
         .send()
@@ -191,7 +194,10 @@ async fn routes_are_added_and_removed_through_the_admin_api() {
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let body = response.text().await.unwrap();
     assert!(body.contains("ftp://nowhere"), "{body}");
-    assert_eq!(who(&format!("{}/extra/1", running.proxy.url)).await, "b");
+    assert_eq!(
+        who(&format!("{}/extra/1", running.gateway.proxy.url)).await,
+        "b"
+    );
     let response = admin(&running, reqwest::Method::PUT, "/v1/routes/x")
         .json(&json!({ "name": "x", "surprise": true }))
         .send()
@@ -208,17 +214,20 @@ async fn routes_are_added_and_removed_through_the_admin_api() {
         .await
         .unwrap();
     assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(who(&format!("{}/extra/1", running.proxy.url)).await, "a");
+    assert_eq!(
+        who(&format!("{}/extra/1", running.gateway.proxy.url)).await,
+        "a"
+    );
 }
 
 #[tokio::test]
 async fn a_changed_file_is_applied_and_an_invalid_one_refused() {
     let (a, b) = (Upstream::start("a"), Upstream::start("b"));
     let running = start(&routes_toml("main", &a)).await;
-    assert_eq!(who(&running.proxy.url).await, "a");
+    assert_eq!(who(&running.gateway.proxy.url).await, "a");
 
     std::fs::write(&running.file, routes_toml("main", &b)).unwrap();
-    eventually_served_by(&running.proxy.url, "b").await;
+    eventually_served_by(&running.gateway.proxy.url, "b").await;
 
     std::fs::write(
         &running.file,
@@ -227,7 +236,7 @@ async fn a_changed_file_is_applied_and_an_invalid_one_refused() {
     .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
-        who(&running.proxy.url).await,
+        who(&running.gateway.proxy.url).await,
         "b",
         "the running routes keep serving"
     );
@@ -270,7 +279,7 @@ async fn a_changed_file_is_applied_and_an_invalid_one_refused() {
         .await
         .unwrap();
     assert_eq!(report["needs_restart"], json!(["listen"]));
-    assert_eq!(who(&running.proxy.url).await, "a");
+    assert_eq!(who(&running.gateway.proxy.url).await, "a");
     std::fs::remove_file(&running.file).unwrap();
 }
 
@@ -282,7 +291,11 @@ async fn reloads_under_load_drop_nothing() {
     let client = reqwest::Client::new();
     let mut load = Vec::new();
     for _ in 0..6 {
-        let (client, url, stop) = (client.clone(), running.proxy.url.clone(), Arc::clone(&stop));
+        let (client, url, stop) = (
+            client.clone(),
+            running.gateway.proxy.url.clone(),
+            Arc::clone(&stop),
+        );
         load.push(tokio::spawn(async move {
             let (mut ok, mut failed) = (0, Vec::new());
             while !stop.load(Ordering::Relaxed) {

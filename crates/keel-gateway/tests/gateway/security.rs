@@ -15,11 +15,11 @@ use keel_gateway::{GatewayConfig, GatewayServer};
 use keel_jwt::VerifierConfig;
 use keel_jwt::testing::{MintOptions, TestIssuer, TestKey};
 use keel_runtime::{Secret, Shutdown};
-use keel_testkit::{FaultProxy, Service, TestServer};
+use keel_testkit::{FaultProxy, Service};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::support::{Upstream, route_to, test_config};
+use crate::support::{Running, Upstream, route_to, test_config};
 
 /// The claim headers the gateway forwards; the upstreams here echo them.
 const CLAIM_HEADERS: &[&str] = &[
@@ -35,20 +35,8 @@ const EVIL: &str = "https://evil.example";
 // === helpers ===
 
 /// A running gateway and its admin API's base URL.
-struct Running {
-    proxy: TestServer,
-    admin: String,
-}
-
 async fn start(config: GatewayConfig) -> Running {
-    let server = GatewayServer::build(config, &Shutdown::new())
-        .await
-        .unwrap();
-    let admin = format!("http://{}", server.admin_addr());
-    Running {
-        proxy: keel_testkit::spawn(server),
-        admin,
-    }
+    Running::start(config).await
 }
 
 /// Trusts `issuer` for its audience. No minimum between key fetches, so a rotated key is

@@ -158,6 +158,30 @@ pub fn test_config(routes: Vec<GatewayRouteConfig>) -> GatewayConfig {
     }
 }
 
+/// A running gateway and its admin API's base URL.
+pub struct Running {
+    pub proxy: TestServer,
+    pub admin: String,
+}
+
+impl Running {
+    pub fn spawn(server: GatewayServer) -> Self {
+        let admin = format!("http://{}", server.admin_addr());
+        Self {
+            proxy: keel_testkit::spawn(server),
+            admin,
+        }
+    }
+
+    pub async fn start(config: GatewayConfig) -> Self {
+        Self::spawn(
+            GatewayServer::build(config, &Shutdown::new())
+                .await
+                .unwrap(),
+        )
+    }
+}
+
 pub async fn start_gateway(routes: Vec<GatewayRouteConfig>) -> TestServer {
     keel_testkit::spawn(
         GatewayServer::build(test_config(routes), &Shutdown::new())
