@@ -22,7 +22,9 @@ use crate::config::UpstreamProtocol;
 use crate::endpoint::now_nanos;
 use crate::proxy::{Attempts, ClientInfo, Forward, Shared};
 use crate::retry::is_idempotent;
-use crate::upstream::UpstreamError;
+use crate::upstream::{UpstreamError, UpstreamRequest};
+
+static EMPTY: Bytes = Bytes::new();
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded in either direction.
 const HOP_BY_HOP: [HeaderName; 7] = [
@@ -340,31 +342,21 @@ impl Forward {
         final_attempt: bool,
     ) -> Outcome {
         let endpoint = &set.endpoints[index];
-        let body = match (&outgoing.replay, outgoing.stream.take()) {
-            // An empty body needs no allocation.
-            (Some(bytes), _) if bytes.is_empty() => Body::empty(),
-            (Some(bytes), _) => Body::from(bytes.clone()),
-            (None, Some(stream)) => stream,
-            (None, None) => Body::empty(),
+        // Plain HTTP/1.1 with a body known in full goes on the gateway's own pool (straight
+        // from `outgoing`, nothing copied); streamed bodies, upgrades and HTTP/2 on hyper's
+        // client.
+        let own = match (self.protocol, endpoint.base.authority(), &outgoing.replay) {
+            (UpstreamProtocol::Http1, Some(authority), Some(_)) if outgoing.upgrade.is_none() => {
+                Some(authority)
+            }
+            _ => None,
         };
-        let mut uri = http::uri::Parts::default();
-        uri.scheme = endpoint.base.scheme().cloned();
-        uri.authority = endpoint.base.authority().cloned();
-        uri.path_and_query = Some(outgoing.path_and_query.clone());
-        let Ok(uri) = Uri::from_parts(uri) else {
-            return Outcome::Failed(Problem::internal("bad upstream URI"));
-        };
-        let mut request = http::Request::new(body);
-        *request.method_mut() = outgoing.method.clone();
-        *request.uri_mut() = uri;
-        *request.version_mut() = match self.protocol {
-            UpstreamProtocol::Http1 => Version::HTTP_11,
-            UpstreamProtocol::H2c => Version::HTTP_2,
-        };
-        *request.headers_mut() = if final_attempt {
-            std::mem::take(&mut outgoing.headers)
-        } else {
-            outgoing.headers.clone()
+        let hyper_request = match own {
+            Some(_) => None,
+            None => match self.hyper_request(endpoint, outgoing, final_attempt) {
+                Some(request) => Some(request),
+                None => return Outcome::Failed(Problem::internal("bad upstream URI")),
+            },
         };
 
         let now = Instant::now();
@@ -375,18 +367,23 @@ impl Forward {
         };
         let in_flight = endpoint.stats.start();
         let send = async {
-            match (self.protocol, endpoint.base.authority()) {
-                // Plain HTTP/1.1 on the pool this task drives; upgrades and HTTP/2 on
-                // hyper's client.
-                (UpstreamProtocol::Http1, Some(authority)) if outgoing.upgrade.is_none() => {
+            match (own, hyper_request) {
+                (Some(authority), _) => {
+                    let request = UpstreamRequest {
+                        method: &outgoing.method,
+                        target: &outgoing.path_and_query,
+                        headers: &outgoing.headers,
+                        body: outgoing.replay.as_ref().unwrap_or(&EMPTY),
+                    };
                     shared.http1.send(authority, request).await
                 }
-                _ => shared
+                (None, Some(request)) => shared
                     .client(self.protocol)
                     .request(request)
                     .await
                     .map(|response| response.map(Body::new))
                     .map_err(UpstreamError::Pooled),
+                (None, None) => Err(UpstreamError::Closed),
             }
         };
         let answer = tokio::time::timeout(budget, send).await;
@@ -453,6 +450,41 @@ impl Forward {
             endpoint.stats.record_success();
         }
         outcome
+    }
+
+    /// The attempt's request for hyper's client: absolute URI, the body (streamed ones
+    /// only once), and the headers, taken instead of copied on the last possible attempt.
+    /// `None` when the endpoint and target make no URI.
+    fn hyper_request(
+        &self,
+        endpoint: &crate::endpoint::Endpoint,
+        outgoing: &mut Outgoing,
+        final_attempt: bool,
+    ) -> Option<http::Request<Body>> {
+        let body = match (&outgoing.replay, outgoing.stream.take()) {
+            (Some(bytes), _) if bytes.is_empty() => Body::empty(),
+            (Some(bytes), _) => Body::from(bytes.clone()),
+            (None, Some(stream)) => stream,
+            (None, None) => Body::empty(),
+        };
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = endpoint.base.scheme().cloned();
+        uri.authority = endpoint.base.authority().cloned();
+        uri.path_and_query = Some(outgoing.path_and_query.clone());
+        let uri = Uri::from_parts(uri).ok()?;
+        let mut request = http::Request::new(body);
+        *request.method_mut() = outgoing.method.clone();
+        *request.uri_mut() = uri;
+        *request.version_mut() = match self.protocol {
+            UpstreamProtocol::Http1 => Version::HTTP_11,
+            UpstreamProtocol::H2c => Version::HTTP_2,
+        };
+        *request.headers_mut() = if final_attempt {
+            std::mem::take(&mut outgoing.headers)
+        } else {
+            outgoing.headers.clone()
+        };
+        Some(request)
     }
 
     /// Counts a failure and ejects the endpoint when it has failed too often in a row,

@@ -15,6 +15,8 @@ pub mod config;
 pub mod cors;
 pub mod endpoint;
 mod forward;
+mod h1;
+mod h1_server;
 pub mod listener;
 pub mod proxy;
 pub mod ratelimit;

@@ -5,6 +5,7 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::pin::pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -16,13 +17,15 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use keel_runtime::{Problem, Shutdown};
 use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::endpoint::now_nanos;
+use crate::h1_server::{self, Ended};
 use crate::proxy::{ClientInfo, SOURCE};
 use crate::ratelimit::gcra;
 use crate::server::Gateway;
@@ -120,7 +123,7 @@ pub enum Mode {
 }
 
 /// Per-connection request rate: the rate limiter's GCRA over one timestamp.
-struct ConnectionRate {
+pub(crate) struct ConnectionRate {
     interval: u64,
     tolerance: u64,
     tat: Mutex<u64>,
@@ -138,7 +141,7 @@ impl ConnectionRate {
         })
     }
 
-    fn admit(&self) -> bool {
+    pub(crate) fn admit(&self) -> bool {
         let now = now_nanos() / 1_000;
         let mut tat = self.tat.lock().unwrap_or_else(PoisonError::into_inner);
         let (decision, next) = gcra(*tat, now, self.interval, self.tolerance, 0);
@@ -147,6 +150,17 @@ impl ConnectionRate {
         }
         decision.allowed
     }
+}
+
+/// What every request of one client connection shares, whoever serves it.
+pub(crate) struct ConnState {
+    pub(crate) gateway: Arc<Gateway>,
+    pub(crate) mode: Mode,
+    pub(crate) rate: Option<ConnectionRate>,
+    /// Formatted once for every request of the connection.
+    pub(crate) client: ClientInfo,
+    pub(crate) limits: Arc<ClientLimitsConfig>,
+    pub(crate) shutdown: Shutdown,
 }
 
 /// Serves `listener` until `shutdown`, then drains open connections for up to `drain`.
@@ -161,6 +175,7 @@ pub async fn serve(
     let builder = Arc::new(limits.builder());
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
+    let limits = Arc::new(limits);
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -179,57 +194,37 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let (builder, gateway, mode) = (Arc::clone(&builder), Arc::clone(&gateway), mode.clone());
-        let rate = ConnectionRate::new(limits.max_requests_per_second_per_connection).map(Arc::new);
-        let handshake = limits.tls_handshake_timeout;
+        let tls = match &mode {
+            Mode::Proxy { tls: Some(tls) } => Some(Arc::clone(tls)),
+            _ => None,
+        };
+        let state = Arc::new(ConnState {
+            gateway: Arc::clone(&gateway),
+            mode: mode.clone(),
+            rate: ConnectionRate::new(limits.max_requests_per_second_per_connection),
+            client: ClientInfo::new(peer, tls.is_some()),
+            limits: Arc::clone(&limits),
+            shutdown: shutdown.clone(),
+        });
+        let builder = Arc::clone(&builder);
         let watcher = graceful.watcher();
         tokio::spawn(async move {
             let _slot = slot;
-            let tls = match &mode {
-                Mode::Proxy { tls: Some(tls) } => Some(Arc::clone(tls)),
-                _ => None,
-            };
-            let service = {
-                let mode = mode.clone();
-                // Formatted once for every request of the connection.
-                let client = ClientInfo::new(peer, tls.is_some());
-                service_fn(move |request: Request<Incoming>| {
-                    let (gateway, mode, rate, client) = (
-                        Arc::clone(&gateway),
-                        mode.clone(),
-                        rate.clone(),
-                        client.clone(),
-                    );
-                    async move {
-                        if let Some(rate) = &rate
-                            && !rate.admit()
-                        {
-                            return Ok::<_, Infallible>(too_fast());
-                        }
-                        let request = request.map(Body::new);
-                        Ok(match mode {
-                            Mode::RedirectToHttps { port } => redirect_to_https(&request, port),
-                            Mode::Proxy { .. } => gateway.handle(request, client).await,
-                        })
-                    }
-                })
-            };
             let result = match tls {
                 Some(tls) => {
+                    let handshake = state.limits.tls_handshake_timeout;
                     let accepted =
                         tokio::time::timeout(handshake, tls.acceptor.accept(stream)).await;
                     let Ok(Ok(stream)) = accepted else {
                         return;
                     };
-                    let connection =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watcher.watch(connection.into_owned()).await
+                    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                        serve_with_hyper(stream, &builder, watcher, state).await
+                    } else {
+                        serve_connection(stream, &builder, watcher, state).await
+                    }
                 }
-                None => {
-                    let connection =
-                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    watcher.watch(connection.into_owned()).await
-                }
+                None => serve_connection(stream, &builder, watcher, state).await,
             };
             if let Err(error) = result {
                 tracing::debug!(%peer, %error, "client connection ended with an error");
@@ -237,8 +232,15 @@ pub async fn serve(
         });
     }
     drop(listener);
+    // hyper's connections finish their requests and close; ours close after their
+    // current request, and each gives its slot back.
+    let everyone = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
+    let drained = async {
+        graceful.shutdown().await;
+        let _ = slots.acquire_many(everyone).await;
+    };
     tokio::select! {
-        () = graceful.shutdown() => {}
+        () = drained => {}
         () = tokio::time::sleep(drain) => {
             tracing::warn!(?drain, "drain deadline passed with client connections still open");
         }
@@ -246,7 +248,55 @@ pub async fn serve(
     Ok(())
 }
 
-fn too_fast() -> Response {
+type ConnResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// HTTP/1.1 served by the gateway itself ([`h1_server`]) until something needs hyper.
+async fn serve_connection<I>(
+    io: I,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    state: Arc<ConnState>,
+) -> ConnResult
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let stop = pin!(state.shutdown.signalled());
+    match h1_server::serve(io, &state, stop).await {
+        Ended::Closed => Ok(()),
+        Ended::Handoff(io) => serve_with_hyper(io, builder, watcher, state).await,
+    }
+}
+
+/// The connection served by hyper: HTTP/2, upgrades, and what [`h1_server`] hands over.
+async fn serve_with_hyper<I>(
+    io: I,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: Watcher,
+    state: Arc<ConnState>,
+) -> ConnResult
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request: Request<Incoming>| {
+        let state = Arc::clone(&state);
+        async move {
+            if let Some(rate) = &state.rate
+                && !rate.admit()
+            {
+                return Ok::<_, Infallible>(too_fast());
+            }
+            let request = request.map(Body::new);
+            Ok(match state.mode {
+                Mode::RedirectToHttps { port } => redirect_to_https(&request, port),
+                Mode::Proxy { .. } => state.gateway.handle(request, state.client.clone()).await,
+            })
+        }
+    });
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    watcher.watch(connection.into_owned()).await
+}
+
+pub(crate) fn too_fast() -> Response {
     let mut response = Problem::too_many_requests("this connection sends requests too fast")
         .with_retry_after(Duration::from_secs(1))
         .with_source(SOURCE)
@@ -257,7 +307,7 @@ fn too_fast() -> Response {
     response
 }
 
-fn redirect_to_https(request: &Request<Body>, port: u16) -> Response {
+pub(crate) fn redirect_to_https(request: &Request<Body>, port: u16) -> Response {
     let host = request
         .headers()
         .get(header::HOST)

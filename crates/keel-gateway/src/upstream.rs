@@ -1,47 +1,46 @@
 //! The HTTP/1.1 upstream connection pool.
 //!
-//! hyper's pooled client runs every upstream connection as a task of its own: a request
-//! travels to it through a channel and the response comes back through another, and the
-//! pool is keyed by a hashed scheme and authority. Here the request's own task drives the
-//! connection: while waiting for the response head, and then, through [`DrivenBody`],
-//! while the response body streams to the client. A connection goes back to the pool once
-//! its response body has been read to the end. Upgrades and HTTP/2 upstreams still use
-//! hyper's client.
+//! Connections are ours, not hyper's ([`crate::h1`]): the request's own task writes the
+//! request head and body (headers straight from the forwarding request's map, no copy),
+//! reads the response head, and, through [`UpstreamBody`], the response body while it
+//! streams to the client. A connection goes back to the pool the moment its response body
+//! has been read to the end. Requests with streamed bodies, upgrades and HTTP/2 upstreams
+//! use hyper's client.
 
 use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::fmt;
-use std::future::{Future, poll_fn};
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use bytes::Bytes;
-use http::uri::Authority;
-use http::{HeaderValue, Request, Response, Uri};
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap};
+use http::uri::{Authority, PathAndQuery};
+use http::{Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1::{self, Connection, SendRequest};
-use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::balance::Fnv;
 use crate::config::UpstreamClientConfig;
+use crate::h1::{self, ChunkedDecoder, Decoded};
 
 /// Why an upstream request failed.
 #[derive(Debug)]
 pub enum UpstreamError {
     /// No connection could be made: nothing was sent.
     Connect(io::Error),
-    /// The connection failed while the request was under way (or the request's own body
-    /// failed; see the source).
-    Http(hyper::Error),
+    /// The connection failed while the request was under way.
+    Io(io::Error),
     /// The connection ended before it answered.
     Closed,
-    /// From hyper's pooled client (HTTP/2 upstreams, upgrades).
+    /// The upstream's answer is not HTTP/1.1 we accept.
+    Malformed(&'static str),
+    /// From hyper's pooled client (streamed bodies, HTTP/2 upstreams, upgrades).
     Pooled(hyper_util::client::legacy::Error),
 }
 
@@ -50,7 +49,7 @@ impl UpstreamError {
         match self {
             Self::Connect(_) => true,
             Self::Pooled(error) => error.is_connect(),
-            Self::Http(_) | Self::Closed => false,
+            Self::Io(_) | Self::Closed | Self::Malformed(_) => false,
         }
     }
 }
@@ -59,8 +58,9 @@ impl fmt::Display for UpstreamError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Connect(error) => write!(f, "cannot connect: {error}"),
-            Self::Http(error) => write!(f, "{error}"),
+            Self::Io(error) => write!(f, "connection failed: {error}"),
             Self::Closed => f.write_str("the connection closed before the response"),
+            Self::Malformed(what) => write!(f, "invalid response: {what}"),
             Self::Pooled(error) => write!(f, "{error}"),
         }
     }
@@ -69,41 +69,131 @@ impl fmt::Display for UpstreamError {
 impl StdError for UpstreamError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         match self {
-            Self::Connect(error) => Some(error),
-            Self::Http(error) => Some(error),
-            Self::Closed => None,
+            Self::Connect(error) | Self::Io(error) => Some(error),
+            Self::Closed | Self::Malformed(_) => None,
             Self::Pooled(error) => Some(error),
         }
     }
 }
 
-type Driver = Connection<TokioIo<TcpStream>, Body>;
+/// A request whose body is known in full, as the pool writes it.
+pub struct UpstreamRequest<'a> {
+    pub method: &'a Method,
+    /// Origin form: path and query.
+    pub target: &'a PathAndQuery,
+    pub headers: &'a HeaderMap,
+    pub body: &'a Bytes,
+}
 
-/// One upstream connection: the request handle and the connection future that does the
-/// I/O whenever it is polled.
+/// Longest response head accepted from an upstream.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Read buffer growth: enough for a typical head and body in one read.
+const READ_CHUNK: usize = 16 * 1024;
+/// Bodies up to this go out in the same write as the head.
+const COALESCE_BODY: usize = 16 * 1024;
+
+/// One upstream connection and its buffers, reused across its requests.
 struct Conn {
-    sender: SendRequest<Body>,
-    /// `None` once the connection has ended.
-    driver: Option<Driver>,
+    stream: TcpStream,
+    read: BytesMut,
+    write: Vec<u8>,
 }
 
 impl Conn {
-    /// Polls the connection once; false when it has ended.
-    fn drive(&mut self, cx: &mut Context<'_>) -> bool {
-        if let Some(driver) = self.driver.as_mut()
-            && Pin::new(driver).poll(cx).is_ready()
-        {
-            self.driver = None;
-        }
-        self.driver.is_some()
-    }
-
-    /// Lets the connection notice what happened while nobody polled it (a close by the
-    /// upstream, the end of the last response); true when it can take a request.
+    /// Whether an idle connection can take a request: nothing arrived on it meanwhile (a
+    /// close, or bytes nobody asked for). Asks the socket only when the runtime saw it
+    /// become readable.
     fn ready_now(&mut self) -> bool {
         let mut cx = Context::from_waker(Waker::noop());
-        self.drive(&mut cx) && self.sender.is_ready()
+        match self.stream.poll_read_ready(&mut cx) {
+            Poll::Pending => true,
+            Poll::Ready(Err(_)) => false,
+            Poll::Ready(Ok(())) => {
+                let mut probe = [0u8; 1];
+                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+            }
+        }
     }
+
+    fn reserve(&mut self) {
+        if self.read.capacity() - self.read.len() < READ_CHUNK / 4 {
+            self.read.reserve(READ_CHUNK);
+        }
+    }
+
+    fn encode(&mut self, authority: &Authority, request: &UpstreamRequest<'_>) {
+        let out = &mut self.write;
+        out.clear();
+        out.extend_from_slice(request.method.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(request.target.as_str().as_bytes());
+        out.extend_from_slice(b" HTTP/1.1\r\n");
+        if !request.headers.contains_key(header::HOST) {
+            h1::put_header(out, b"host", authority.as_str().as_bytes());
+        }
+        for (name, value) in request.headers {
+            // The framing is the pool's: the body is whole.
+            if name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING {
+                h1::put_header(out, name.as_str().as_bytes(), value.as_bytes());
+            }
+        }
+        let sized_method = !matches!(
+            *request.method,
+            Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+        );
+        if !request.body.is_empty()
+            || sized_method
+            || request.headers.contains_key(header::CONTENT_LENGTH)
+        {
+            h1::put_content_length(out, request.body.len() as u64);
+        }
+        out.extend_from_slice(b"\r\n");
+        if request.body.len() <= COALESCE_BODY {
+            out.extend_from_slice(request.body);
+        }
+    }
+
+    async fn write(&mut self, body: &Bytes) -> io::Result<()> {
+        self.stream.write_all(&self.write).await?;
+        if body.len() > COALESCE_BODY {
+            self.stream.write_all(body).await?;
+        }
+        Ok(())
+    }
+
+    /// Reads up to the final response head (1xx interim responses are skipped).
+    async fn read_head(&mut self) -> Result<h1::ResponseHead, HeadError> {
+        let mut received = false;
+        loop {
+            if !self.read.is_empty() {
+                received = true;
+                match h1::parse_response(&self.read) {
+                    Ok(Some(head)) if head.status == 101 => {
+                        return Err(HeadError::Malformed("an upgrade nobody asked for"));
+                    }
+                    Ok(Some(head)) if head.status < 200 => self.read.advance(head.len),
+                    Ok(Some(head)) => return Ok(head),
+                    Ok(None) if self.read.len() > MAX_RESPONSE_HEAD => {
+                        return Err(HeadError::Malformed("response head too large"));
+                    }
+                    Ok(None) => {}
+                    Err(_) => return Err(HeadError::Malformed("unparsable response head")),
+                }
+            }
+            self.reserve();
+            match self.stream.read_buf(&mut self.read).await {
+                Ok(0) => return Err(HeadError::Closed { received }),
+                Ok(_) => {}
+                Err(error) => return Err(HeadError::Io { error, received }),
+            }
+        }
+    }
+}
+
+enum HeadError {
+    Closed { received: bool },
+    Io { error: io::Error, received: bool },
+    Malformed(&'static str),
 }
 
 struct Idle {
@@ -142,58 +232,122 @@ impl Http1Pool {
         }
     }
 
-    /// Sends `request` to `authority` on a pooled connection, or a new one. A request
-    /// that a pooled connection turned out unable to take (closed meanwhile) is sent
-    /// again on a new connection: it never reached the upstream.
+    /// Sends `request` to `authority` on a pooled connection, or a new one. A request a
+    /// pooled connection turned out unable to take (closed meanwhile) goes again on a new
+    /// connection: when writing it failed, or, for idempotent methods, when the connection
+    /// closed without a byte of answer (RFC 9112 §9.3.1).
     pub async fn send(
         self: &Arc<Self>,
         authority: &Authority,
-        mut request: Request<Body>,
+        request: UpstreamRequest<'_>,
     ) -> Result<Response<Body>, UpstreamError> {
-        // On a connection of its own the request goes in origin form with a Host header,
-        // as hyper's pooled client writes it.
-        if let Some(path) = request.uri().path_and_query().cloned() {
-            *request.uri_mut() = Uri::from(path);
-        }
-        if !request.headers().contains_key(http::header::HOST)
-            && let Ok(host) = HeaderValue::from_str(authority.as_str())
-        {
-            request.headers_mut().insert(http::header::HOST, host);
-        }
+        let idempotent = crate::retry::is_idempotent(request.method);
         loop {
             let (mut conn, reused) = match self.checkout(authority) {
                 Some(conn) => (conn, true),
                 None => (Box::new(self.connect(authority).await?), false),
             };
-            let mut sending = std::pin::pin!(conn.sender.try_send_request(request));
-            let sent = poll_fn(|cx| {
-                // The connection writes the request and reads the response only when polled.
-                let alive = conn.drive(cx);
-                match sending.as_mut().poll(cx) {
-                    Poll::Ready(result) => Poll::Ready(Some(result)),
-                    Poll::Pending if alive => Poll::Pending,
-                    Poll::Pending => Poll::Ready(None),
+            conn.encode(authority, &request);
+            if let Err(error) = conn.write(request.body).await {
+                if reused {
+                    continue;
                 }
-            })
-            .await;
-            match sent {
-                Some(Ok(response)) => {
-                    let (parts, body) = response.into_parts();
-                    let body = DrivenBody {
-                        body,
-                        conn: Some(conn),
-                        pool: Arc::downgrade(self),
-                        authority: authority.clone(),
-                    };
-                    return Ok(Response::from_parts(parts, Body::new(body)));
+                return Err(UpstreamError::Io(error));
+            }
+            let head = match conn.read_head().await {
+                Ok(head) => head,
+                Err(
+                    HeadError::Closed { received: false }
+                    | HeadError::Io {
+                        received: false, ..
+                    },
+                ) if reused && idempotent => {
+                    continue;
                 }
-                Some(Err(mut error)) => match error.take_message() {
-                    Some(unsent) if reused => request = unsent,
-                    _ => return Err(UpstreamError::Http(error.into_error())),
-                },
-                None => return Err(UpstreamError::Closed),
+                Err(HeadError::Closed { .. }) => return Err(UpstreamError::Closed),
+                Err(HeadError::Io { error, .. }) => return Err(UpstreamError::Io(error)),
+                Err(HeadError::Malformed(what)) => return Err(UpstreamError::Malformed(what)),
+            };
+            let head_request = *request.method == Method::HEAD;
+            return self.response(authority, conn, &head, head_request);
+        }
+    }
+
+    /// The response to hand on: its head, and a body that reads the rest from `conn`.
+    fn response(
+        self: &Arc<Self>,
+        authority: &Authority,
+        mut conn: Box<Conn>,
+        head: &h1::ResponseHead,
+        head_request: bool,
+    ) -> Result<Response<Body>, UpstreamError> {
+        let bytes = conn.read.split_to(head.len).freeze();
+        let mut headers = h1::header_map(&bytes, &head.headers)
+            .map_err(|_| UpstreamError::Malformed("invalid header field"))?;
+        let status = StatusCode::from_u16(head.status)
+            .map_err(|_| UpstreamError::Malformed("invalid status code"))?;
+        // RFC 9112 §6.3: how the body ends.
+        let chunked = headers.get(header::TRANSFER_ENCODING).map(|codings| {
+            codings
+                .as_bytes()
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        });
+        let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+        let length = match lengths.next() {
+            Some(first) => {
+                let length = h1::parse_content_length(first.as_bytes())
+                    .ok_or(UpstreamError::Malformed("invalid content-length"))?;
+                if lengths.any(|other| other != first) {
+                    return Err(UpstreamError::Malformed("conflicting content-length"));
+                }
+                Some(length)
+            }
+            None => None,
+        };
+        // A message framed both ways may be an attempt at smuggling: read it as chunked
+        // (RFC 9112 §6.3) and close the connection after it.
+        let mut reusable = head.minor_version == 1
+            && !(chunked.is_some() && length.is_some())
+            && !headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .any(|v| h1::lists_token(v.as_bytes(), b"close"));
+        let no_body =
+            head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
+        let framing = match (no_body, chunked, length) {
+            (true, _, _) | (false, None, Some(0)) => None,
+            (false, Some(true), _) => Some(Framing::Chunked(ChunkedDecoder::default())),
+            (false, Some(false), _) | (false, None, None) => {
+                reusable = false;
+                Some(Framing::Close)
+            }
+            (false, None, Some(length)) => Some(Framing::Length(length)),
+        };
+        // Framing is per hop: the client's side sets its own.
+        headers.remove(header::TRANSFER_ENCODING);
+        let mut response = Response::new(Body::empty());
+        *response.status_mut() = status;
+        *response.version_mut() = Version::HTTP_11;
+        *response.headers_mut() = headers;
+        match framing {
+            None => {
+                if reusable && conn.read.is_empty() {
+                    self.put(authority.clone(), conn);
+                }
+            }
+            Some(framing) => {
+                *response.body_mut() = Body::new(UpstreamBody {
+                    conn: Some(conn),
+                    framing,
+                    reusable,
+                    pool: Arc::downgrade(self),
+                    authority: authority.clone(),
+                });
             }
         }
+        Ok(response)
     }
 
     fn checkout(&self, authority: &Authority) -> Option<Box<Conn>> {
@@ -246,60 +400,128 @@ impl Http1Pool {
             })?
             .map_err(UpstreamError::Connect)?;
         let _ = stream.set_nodelay(true);
-        let (sender, driver) = http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(UpstreamError::Http)?;
         Ok(Conn {
-            sender,
-            driver: Some(driver),
+            stream,
+            read: BytesMut::with_capacity(READ_CHUNK),
+            write: Vec::with_capacity(1024),
         })
     }
 }
 
-/// A response body that drives its connection as it is read, and gives the connection
-/// back to the pool once read to the end (or closes it when dropped before).
-struct DrivenBody {
-    body: Incoming,
-    /// Boxed, so handing it to and from the pool moves a pointer, not the connection.
+/// How a response body ends.
+enum Framing {
+    /// This many bytes are left.
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    /// At the connection's end (which is then not reused).
+    Close,
+}
+
+/// A response body read from its connection as the client takes it; the connection goes
+/// back to the pool once the body has been read to the end, and is closed when the body is
+/// dropped before.
+struct UpstreamBody {
+    /// `None` once the body has ended.
     conn: Option<Box<Conn>>,
+    framing: Framing,
+    reusable: bool,
     pool: Weak<Http1Pool>,
     authority: Authority,
 }
 
-impl http_body::Body for DrivenBody {
+impl UpstreamBody {
+    fn finish(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        // Bytes after the response's end are a broken upstream: the connection goes.
+        if self.reusable
+            && conn.read.is_empty()
+            && let Some(pool) = self.pool.upgrade()
+        {
+            pool.put(self.authority.clone(), conn);
+        }
+    }
+
+    fn fail(&mut self, error: io::Error) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.conn = None;
+        Poll::Ready(Some(Err(error)))
+    }
+}
+
+impl http_body::Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = io::Error;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        if let Some(conn) = self.conn.as_mut() {
-            conn.drive(cx);
+    ) -> Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        let this = &mut *self;
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut this.framing {
+                Framing::Length(left) => {
+                    if !conn.read.is_empty() {
+                        let take = usize::try_from(*left)
+                            .unwrap_or(usize::MAX)
+                            .min(conn.read.len());
+                        let data = conn.read.split_to(take).freeze();
+                        *left -= take as u64;
+                        if *left == 0 {
+                            this.finish();
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                }
+                Framing::Chunked(decoder) => match decoder.decode(&mut conn.read) {
+                    Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Decoded::End(trailers)) => {
+                        this.finish();
+                        return Poll::Ready(trailers.map(|t| Ok(Frame::trailers(t))));
+                    }
+                    Ok(Decoded::NeedMore) => {}
+                    Err(error) => return this.fail(error.into()),
+                },
+                Framing::Close => {
+                    if !conn.read.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(conn.read.split().freeze()))));
+                    }
+                }
+            }
+            conn.reserve();
+            match ready!(tokio_util::io::poll_read_buf(
+                Pin::new(&mut conn.stream),
+                cx,
+                &mut conn.read
+            )) {
+                Ok(0) if matches!(this.framing, Framing::Close) => {
+                    this.conn = None;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    return this.fail(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "the upstream closed the connection inside the response body",
+                    ));
+                }
+                Ok(_) => {}
+                Err(error) => return this.fail(error),
+            }
         }
-        Pin::new(&mut self.body).poll_frame(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.conn.is_none()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
-}
-
-impl Drop for DrivenBody {
-    fn drop(&mut self) {
-        let Some(mut conn) = self.conn.take() else {
-            return;
-        };
-        // Only a connection whose response was read to the end can take another request.
-        if http_body::Body::is_end_stream(&self.body)
-            && conn.ready_now()
-            && let Some(pool) = self.pool.upgrade()
-        {
-            pool.put(self.authority.clone(), conn);
+        match (&self.conn, &self.framing) {
+            (None, _) => SizeHint::with_exact(0),
+            (Some(_), Framing::Length(left)) => SizeHint::with_exact(*left),
+            (Some(_), _) => SizeHint::default(),
         }
     }
 }
