@@ -3,7 +3,7 @@
 //! half-open probes (Resilience4j's closed → open → half-open).
 
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -71,6 +71,8 @@ pub enum Refusal {
     Open(Duration),
     /// Every slot is busy and the queue is full.
     Saturated,
+    /// Queued, and no slot came free before the deadline.
+    TimedOut,
 }
 
 /// The state a breaker reports (and the admin API shows).
@@ -151,7 +153,7 @@ impl CircuitBreaker {
     }
 
     /// Takes a slot, waiting in the bounded queue when all are busy.
-    pub async fn acquire(self: &Arc<Self>) -> Result<Permit, Refusal> {
+    pub async fn acquire(self: &Arc<Self>, deadline: Instant) -> Result<Permit, Refusal> {
         let probe = self.admit()?;
         let slot = match Arc::clone(&self.slots).try_acquire_owned() {
             Ok(slot) => slot,
@@ -164,10 +166,19 @@ impl CircuitBreaker {
                     }
                     state.pending += 1;
                 }
+                // Only a queued request needs a timer (one per request was a measurable
+                // cost when nearly none queue).
                 let queue = QueueSpot(self);
-                let slot = Arc::clone(&self.slots).acquire_owned().await;
+                let slot = tokio::time::timeout_at(
+                    deadline.into(),
+                    Arc::clone(&self.slots).acquire_owned(),
+                )
+                .await;
                 drop(queue);
-                slot.map_err(|_| Refusal::Saturated)?
+                match slot {
+                    Ok(slot) => slot.map_err(|_| Refusal::Saturated)?,
+                    Err(_) => return Err(Refusal::TimedOut),
+                }
             }
         };
         Ok(Permit {
@@ -296,6 +307,10 @@ mod tests {
         Arc::new(CircuitBreaker::new(config))
     }
 
+    fn later() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
     #[tokio::test]
     async fn concurrency_is_limited_with_a_bounded_queue() {
         let breaker = breaker(BreakerConfig {
@@ -303,14 +318,17 @@ mod tests {
             max_pending: 1,
             ..BreakerConfig::default()
         });
-        let first = breaker.acquire().await.unwrap();
-        let _second = breaker.acquire().await.unwrap();
+        let first = breaker.acquire(later()).await.unwrap();
+        let _second = breaker.acquire(later()).await.unwrap();
         let queued = tokio::spawn({
             let breaker = Arc::clone(&breaker);
-            async move { breaker.acquire().await.map(drop) }
+            async move { breaker.acquire(later()).await.map(drop) }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
-        assert_eq!(breaker.acquire().await.err(), Some(Refusal::Saturated));
+        assert_eq!(
+            breaker.acquire(later()).await.err(),
+            Some(Refusal::Saturated)
+        );
         first.record(true);
         assert_eq!(
             queued.await.unwrap(),
@@ -329,28 +347,28 @@ mod tests {
             ..BreakerConfig::default()
         });
         for success in [true, true, false] {
-            breaker.acquire().await.unwrap().record(success);
+            breaker.acquire(later()).await.unwrap().record(success);
         }
         assert_eq!(breaker.state(), CircuitState::Closed, "below min_requests");
-        breaker.acquire().await.unwrap().record(false);
+        breaker.acquire(later()).await.unwrap().record(false);
         assert_eq!(breaker.state(), CircuitState::Open);
         assert!(matches!(
-            breaker.acquire().await.err(),
+            breaker.acquire(later()).await.err(),
             Some(Refusal::Open(_))
         ));
 
         tokio::time::sleep(Duration::from_millis(120)).await;
-        let probe = breaker.acquire().await.unwrap();
-        let second_probe = breaker.acquire().await.unwrap();
+        let probe = breaker.acquire(later()).await.unwrap();
+        let second_probe = breaker.acquire(later()).await.unwrap();
         assert!(
-            matches!(breaker.acquire().await.err(), Some(Refusal::Open(_))),
+            matches!(breaker.acquire(later()).await.err(), Some(Refusal::Open(_))),
             "only the probes pass while half open"
         );
         probe.record(true);
         assert_eq!(breaker.state(), CircuitState::HalfOpen);
         second_probe.record(true);
         assert_eq!(breaker.state(), CircuitState::Closed);
-        breaker.acquire().await.unwrap().record(false);
+        breaker.acquire(later()).await.unwrap().record(false);
         assert_eq!(
             breaker.state(),
             CircuitState::Closed,
@@ -366,10 +384,10 @@ mod tests {
             half_open_probes: 1,
             ..BreakerConfig::default()
         });
-        breaker.acquire().await.unwrap().record(false);
+        breaker.acquire(later()).await.unwrap().record(false);
         tokio::time::sleep(Duration::from_millis(60)).await;
-        drop(breaker.acquire().await.unwrap());
-        let probe = breaker.acquire().await.unwrap();
+        drop(breaker.acquire(later()).await.unwrap());
+        let probe = breaker.acquire(later()).await.unwrap();
         probe.record(false);
         assert_eq!(breaker.state(), CircuitState::Open);
     }

@@ -26,9 +26,13 @@ use crate::upstream::{UpstreamError, UpstreamRequest};
 
 static EMPTY: Bytes = Bytes::new();
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded in either direction.
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded in either direction; and
+/// `Expect`, which the client's side has already answered (the upstream gets the body
+/// without waiting).
+// A static, not a const: a const array is built and dropped wherever it is used.
+static HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
+    header::EXPECT,
     HeaderName::from_static("keep-alive"),
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
@@ -103,10 +107,9 @@ impl Forward {
         let deadline = started + self.timeout;
         let mut outgoing = self.outgoing(parts, body, params, Some(client)).await?;
 
-        let permit = match tokio::time::timeout_at(deadline.into(), self.breaker.acquire()).await {
-            Ok(Ok(permit)) => permit,
-            Ok(Err(refusal)) => return Err(self.refused(refusal)),
-            Err(_) => return Err(self.timed_out("waited for a free slot")),
+        let permit = match self.breaker.acquire(deadline).await {
+            Ok(permit) => permit,
+            Err(refusal) => return Err(self.refused(refusal)),
         };
         self.budget.deposit();
         let set = self.endpoints(shared);
@@ -388,10 +391,11 @@ impl Forward {
         };
         let answer = tokio::time::timeout(budget, send).await;
         drop(in_flight);
+        let took = now.elapsed();
         let base = &endpoint.base;
         let outcome = match answer {
             Ok(Ok(response)) => {
-                endpoint.stats.observe_latency(now.elapsed(), now_nanos());
+                endpoint.stats.observe_latency(took, now_nanos());
                 Outcome::Answered(response)
             }
             Err(_) => {
@@ -441,9 +445,7 @@ impl Forward {
             _ => 5,
         };
         self.upstream_metrics.attempts[class].increment(1);
-        self.upstream_metrics
-            .duration
-            .record(now.elapsed().as_secs_f64());
+        self.upstream_metrics.duration.record(took.as_secs_f64());
         if class >= 4 {
             self.record_failure(set, index);
         } else {
@@ -515,8 +517,11 @@ impl Forward {
     }
 
     fn refused(&self, refusal: Refusal) -> Problem {
-        metrics::counter!("keel_gateway_circuit_refusals_total", "upstream" => self.target.clone())
-            .increment(1);
+        // A queue wait that ran out is a timeout, not the breaker's refusal.
+        if refusal != Refusal::TimedOut {
+            metrics::counter!("keel_gateway_circuit_refusals_total", "upstream" => self.target.clone())
+                .increment(1);
+        }
         match refusal {
             Refusal::Open(after) => Problem::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -538,6 +543,7 @@ impl Forward {
                 self.route, self.target
             ))
             .with_retry_after(Duration::from_secs(1)),
+            Refusal::TimedOut => self.timed_out("waited for a free slot"),
         }
     }
 

@@ -202,7 +202,8 @@ fn shape(head: &h1::RequestHead, buf: &[u8]) -> Result<Option<Shape>, Refusal> {
 fn request(head_bytes: &Bytes, head: &h1::RequestHead, body: Body) -> Option<Request<Body>> {
     let method = Method::from_bytes(&head_bytes[head.method.clone()]).ok()?;
     let uri = Uri::from_maybe_shared(head_bytes.slice(head.target.clone())).ok()?;
-    let headers = h1::header_map(head_bytes, &head.headers).ok()?;
+    // Room for what the gateway adds: the request id, x-forwarded-*, claims.
+    let headers = h1::header_map(head_bytes, &head.headers, 8).ok()?;
     let mut request = Request::new(body);
     *request.method_mut() = method;
     *request.uri_mut() = uri;
@@ -316,7 +317,12 @@ where
                 Ok(data) if !data.is_empty() => data,
                 _ => continue,
             },
-            Some(Err(_)) => return Err(io::Error::other("the response body failed")),
+            Some(Err(_)) => {
+                // What came before the failure still goes out; the close tells the client
+                // the body is cut short.
+                flush(io, out).await?;
+                return Err(io::Error::other("the response body failed"));
+            }
         };
         sent += data.len() as u64;
         if chunked {

@@ -13,7 +13,7 @@ use std::fmt;
 use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
-use std::task::{Context, Poll, Waker, ready};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -101,18 +101,11 @@ struct Conn {
 
 impl Conn {
     /// Whether an idle connection can take a request: nothing arrived on it meanwhile (a
-    /// close, or bytes nobody asked for). Asks the socket only when the runtime saw it
-    /// become readable.
+    /// close, or bytes nobody asked for). `try_read` asks the socket only when the runtime
+    /// saw it become readable, and registers no waker.
     fn ready_now(&mut self) -> bool {
-        let mut cx = Context::from_waker(Waker::noop());
-        match self.stream.poll_read_ready(&mut cx) {
-            Poll::Pending => true,
-            Poll::Ready(Err(_)) => false,
-            Poll::Ready(Ok(())) => {
-                let mut probe = [0u8; 1];
-                matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-            }
-        }
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     fn reserve(&mut self) {
@@ -171,7 +164,12 @@ impl Conn {
                     Ok(Some(head)) if head.status == 101 => {
                         return Err(HeadError::Malformed("an upgrade nobody asked for"));
                     }
-                    Ok(Some(head)) if head.status < 200 => self.read.advance(head.len),
+                    Ok(Some(head)) if head.status < 200 => {
+                        // Interim (100 Continue, 103 Early Hints): the final head may be
+                        // in the buffer already.
+                        self.read.advance(head.len);
+                        continue;
+                    }
                     Ok(Some(head)) => return Ok(head),
                     Ok(None) if self.read.len() > MAX_RESPONSE_HEAD => {
                         return Err(HeadError::Malformed("response head too large"));
@@ -203,8 +201,9 @@ struct Idle {
 
 // FNV-1a (`balance::Fnv`): the pool's keys are upstream addresses from the configuration
 // and the registry, never from clients, so a fast unkeyed hash is safe here (SipHash was a
-// measurable share of each request).
-type IdleMap = HashMap<Authority, Vec<Idle>, std::hash::BuildHasherDefault<Fnv>>;
+// measurable share of each request). Keyed by the authority's text, compared bytewise:
+// `Authority`'s own comparison ignores case, at twice the cost.
+type IdleMap = HashMap<Box<str>, Vec<Idle>, std::hash::BuildHasherDefault<Fnv>>;
 
 struct IdleConns {
     by_host: IdleMap,
@@ -282,7 +281,8 @@ impl Http1Pool {
         head_request: bool,
     ) -> Result<Response<Body>, UpstreamError> {
         let bytes = conn.read.split_to(head.len).freeze();
-        let mut headers = h1::header_map(&bytes, &head.headers)
+        // Room for the request id, CORS and rate-limit headers.
+        let mut headers = h1::header_map(&bytes, &head.headers, 6)
             .map_err(|_| UpstreamError::Malformed("invalid header field"))?;
         let status = StatusCode::from_u16(head.status)
             .map_err(|_| UpstreamError::Malformed("invalid status code"))?;
@@ -352,7 +352,7 @@ impl Http1Pool {
 
     fn checkout(&self, authority: &Authority) -> Option<Box<Conn>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        let list = idle.by_host.get_mut(authority)?;
+        let list = idle.by_host.get_mut(authority.as_str())?;
         while let Some(Idle { mut conn, since }) = list.pop() {
             if since.elapsed() < self.idle_timeout && conn.ready_now() {
                 return Some(conn);
@@ -373,7 +373,11 @@ impl Http1Pool {
                 !list.is_empty()
             });
         }
-        let list = idle.by_host.entry(authority).or_default();
+        // Looked up by reference first: an owned key costs an allocation.
+        let list = match idle.by_host.get_mut(authority.as_str()) {
+            Some(list) => list,
+            None => idle.by_host.entry(authority.as_str().into()).or_default(),
+        };
         if list.len() >= self.max_idle_per_host {
             list.retain(|idle| idle.since.elapsed() < self.idle_timeout);
         }

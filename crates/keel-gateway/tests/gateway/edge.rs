@@ -20,7 +20,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{Upstream, route_to, test_config};
+use crate::support::{Upstream, exchange, route_to, test_config};
 
 /// A self-signed certificate for `hosts`, written to files.
 struct CertFiles {
@@ -309,18 +309,6 @@ async fn broken_certificates_stop_the_start_with_the_file_named() {
 }
 
 /// Sends raw bytes and reads until the gateway closes or answers.
-async fn raw(addr: &str, bytes: &[u8]) -> (String, Duration) {
-    let started = Instant::now();
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(bytes).await.unwrap();
-    let mut answer = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
-    (
-        String::from_utf8_lossy(&answer).into_owned(),
-        started.elapsed(),
-    )
-}
-
 async fn limited_gateway(limits: ClientLimitsConfig) -> (TestServer, Upstream) {
     let upstream = Upstream::start("u");
     let mut config = test_config(vec![route_to("r", &[&upstream])]);
@@ -339,7 +327,7 @@ async fn slow_clients_are_cut_off() {
     let addr = gateway.url.trim_start_matches("http://").to_owned();
 
     // Headers started and never finished.
-    let (_, waited) = raw(&addr, b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ").await;
+    let (_, waited) = exchange(&addr, b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: ").await;
     assert!(waited < Duration::from_secs(3), "{waited:?}");
 
     // Headers dripped one byte at a time.
@@ -383,11 +371,11 @@ async fn oversized_and_numerous_headers_get_431() {
         "GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
         "a".repeat(64 * 1024)
     );
-    let (answer, _) = raw(&addr, big.as_bytes()).await;
+    let (answer, _) = exchange(&addr, big.as_bytes()).await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer:.80}");
 
     let many: String = (0..40).map(|n| format!("X-H{n}: v\r\n")).collect();
-    let (answer, _) = raw(
+    let (answer, _) = exchange(
         &addr,
         format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes(),
     )
@@ -407,14 +395,14 @@ async fn garbage_never_hurts_the_gateway() {
         b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\nzzzzz",
         b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
     ] {
-        let (answer, _) = raw(&addr, junk).await;
+        let (answer, _) = exchange(&addr, junk).await;
         assert!(
             answer.is_empty() || answer.starts_with("HTTP/1.1 4"),
             "{answer:.80}"
         );
     }
     // A broken HTTP/2 connection gets HTTP/2's answer (a GOAWAY frame) and is closed.
-    let (answer, waited) = raw(
+    let (answer, waited) = exchange(
         &addr,
         b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x09\x00\x00\x00\x00\x00garbage",
     )
@@ -439,7 +427,7 @@ async fn connections_beyond_the_limit_are_closed() {
         TcpStream::connect(&addr).await.unwrap(),
     ];
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let (answer, waited) = raw(&addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let (answer, waited) = exchange(&addr, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await;
     assert!(
         answer.is_empty() && waited < Duration::from_secs(2),
         "{answer:.80}"
@@ -483,14 +471,14 @@ async fn the_default_header_count_limit_holds() {
     let (gateway, upstream) = limited_gateway(ClientLimitsConfig::default()).await;
     let addr = gateway.url.trim_start_matches("http://").to_owned();
     let many: String = (0..120).map(|n| format!("X-H{n}: v\r\n")).collect();
-    let (answer, _) = raw(
+    let (answer, _) = exchange(
         &addr,
         format!("GET / HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes(),
     )
     .await;
     assert!(answer.starts_with("HTTP/1.1 431"), "{answer:.80}");
     let fine: String = (0..90).map(|n| format!("X-H{n}: v\r\n")).collect();
-    let (answer, _) = raw(
+    let (answer, _) = exchange(
         &addr,
         format!("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{fine}\r\n").as_bytes(),
     )

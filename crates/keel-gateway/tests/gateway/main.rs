@@ -5,6 +5,7 @@
 mod actions;
 mod balancing;
 mod edge;
+mod http1;
 mod pooling;
 mod protocols;
 mod reload;

@@ -5,61 +5,24 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::support::{After, route_to, scripted_upstream, start_gateway};
 use http::StatusCode;
 use keel_gateway::config::UpstreamConfig;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
 
-use crate::support::{route_to, start_gateway};
-
-/// A bare HTTP/1.1 server answering `ok` to each request; it counts connections opened and
-/// closed by the client, and with `close_idle` closes each connection 100 ms after
-/// answering, without saying so.
+/// A bare HTTP/1.1 server answering `ok` to each request; with `close_idle` it closes each
+/// connection 100 ms after answering, without saying so.
 async fn raw_upstream(close_idle: bool) -> (String, Arc<AtomicUsize>, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let accepted = Arc::new(AtomicUsize::new(0));
-    let closed = Arc::new(AtomicUsize::new(0));
-    let (counter, closings) = (Arc::clone(&accepted), Arc::clone(&closed));
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            let closings = Arc::clone(&closings);
-            tokio::spawn(async move {
-                let mut buffer = Vec::new();
-                loop {
-                    let mut chunk = [0u8; 4096];
-                    let n = stream.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        closings.fetch_add(1, Ordering::SeqCst);
-                        return;
-                    }
-                    buffer.extend_from_slice(&chunk[..n]);
-                    let Some(end) = buffer.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buffer[..end]).to_ascii_lowercase();
-                    let length: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .map_or(0, |v| v.trim().parse().unwrap());
-                    if buffer.len() < end + 4 + length {
-                        continue;
-                    }
-                    buffer.drain(..end + 4 + length);
-                    let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
-                    if stream.write_all(answer).await.is_err() {
-                        return;
-                    }
-                    if close_idle {
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    (url, accepted, closed)
+    fn ok(_: &str) -> (Vec<u8>, After) {
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec(),
+            After::KeepOpen,
+        )
+    }
+    fn ok_then_close(line: &str) -> (Vec<u8>, After) {
+        (ok(line).0, After::CloseIn(Duration::from_millis(100)))
+    }
+    let upstream = scripted_upstream(if close_idle { ok_then_close } else { ok }).await;
+    (upstream.url, upstream.accepted, upstream.closed)
 }
 
 #[tokio::test]

@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -196,5 +196,106 @@ pub async fn served_by(response: reqwest::Response) -> String {
     match response.headers().get("x-upstream") {
         Some(name) => name.to_str().unwrap().to_owned(),
         None => format!("gateway:{}", response.status().as_u16()),
+    }
+}
+
+/// Writes `bytes` on a new connection to `addr` and reads until the gateway closes it (or
+/// 10 s pass): the answer, and how long it took.
+pub async fn exchange(addr: &str, bytes: &[u8]) -> (String, Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(bytes).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer)).await;
+    (
+        String::from_utf8_lossy(&answer).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// What a scripted upstream does with the connection after an answer.
+pub enum After {
+    KeepOpen,
+    Close,
+    /// Closes it this long after answering, without saying so.
+    CloseIn(Duration),
+}
+
+/// A bare HTTP/1.1 upstream written byte by byte, for what a real server would not send.
+pub struct ScriptedUpstream {
+    pub url: String,
+    /// Connections accepted.
+    pub accepted: Arc<AtomicUsize>,
+    /// Connections the client (the gateway) closed.
+    pub closed: Arc<AtomicUsize>,
+}
+
+/// Reads each request head (and its `content-length` body) and writes what `answer` makes
+/// of the request line, lower-cased (`get /path http/1.1`).
+pub async fn scripted_upstream(answer: fn(&str) -> (Vec<u8>, After)) -> ScriptedUpstream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let (counter, closings) = (Arc::clone(&accepted), Arc::clone(&closed));
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let closings = Arc::clone(&closings);
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                loop {
+                    let complete =
+                        buffer
+                            .windows(4)
+                            .position(|w| w == b"\r\n\r\n")
+                            .and_then(|end| {
+                                let head =
+                                    String::from_utf8_lossy(&buffer[..end]).to_ascii_lowercase();
+                                let length: usize = head
+                                    .lines()
+                                    .find_map(|l| l.strip_prefix("content-length:"))
+                                    .map_or(0, |v| v.trim().parse().unwrap());
+                                (buffer.len() >= end + 4 + length).then(|| {
+                                    (
+                                        head.lines().next().unwrap_or_default().to_owned(),
+                                        end + 4 + length,
+                                    )
+                                })
+                            });
+                    let Some((line, used)) = complete else {
+                        let mut chunk = [0u8; 4096];
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => {
+                                closings.fetch_add(1, Ordering::SeqCst);
+                                return;
+                            }
+                            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    buffer.drain(..used);
+                    let (reply, after) = answer(&line);
+                    if stream.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                    match after {
+                        After::KeepOpen => {}
+                        After::Close => return,
+                        After::CloseIn(pause) => {
+                            tokio::time::sleep(pause).await;
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    ScriptedUpstream {
+        url,
+        accepted,
+        closed,
     }
 }
