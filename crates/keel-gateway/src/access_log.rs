@@ -8,7 +8,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
@@ -29,8 +29,8 @@ const WRITE_INTERVAL: Duration = Duration::from_millis(20);
 /// One request, as logged.
 #[derive(Serialize)]
 pub struct AccessRecord<'a> {
-    /// RFC 3339, UTC, milliseconds.
-    pub timestamp: String,
+    /// RFC 3339, UTC, milliseconds ([`timestamp`]).
+    pub timestamp: &'a str,
     pub route: &'a str,
     pub method: &'a str,
     pub path: &'a str,
@@ -40,9 +40,31 @@ pub struct AccessRecord<'a> {
     pub duration_ms: f64,
     pub upstream: Option<&'a str>,
     pub retries: u32,
-    pub client: String,
+    pub client: &'a str,
     pub request_id: &'a str,
     pub trace_id: Option<String>,
+}
+
+/// `now` in RFC 3339, UTC, with milliseconds (`2026-11-26T14:35:01.123Z`); the part up to
+/// the second is formatted once a second per thread.
+pub fn timestamp(now: SystemTime) -> [u8; 24] {
+    thread_local! {
+        static SECOND: std::cell::Cell<(u64, [u8; 24])> = const { std::cell::Cell::new((u64::MAX, [0; 24])) };
+    }
+    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let (second, mut text) = SECOND.get();
+    if second != since.as_secs() {
+        let formatted = humantime::format_rfc3339_millis(now).to_string();
+        if let Some(whole) = formatted.as_bytes().get(..24) {
+            text.copy_from_slice(whole);
+        }
+        SECOND.set((since.as_secs(), text));
+    }
+    let millis = since.subsec_millis();
+    for (digit, place) in text[20..23].iter_mut().zip([100, 10, 1]) {
+        *digit = b'0' + (millis / place % 10) as u8;
+    }
+    text
 }
 
 #[derive(Clone)]
@@ -109,6 +131,22 @@ fn write_lines(pending: &Arc<Mutex<Vec<u8>>>, mut out: Box<dyn Write + Send>) {
         }
         if last {
             return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_match_rfc3339_with_millis_across_seconds() {
+        let base = UNIX_EPOCH + Duration::from_secs(1_795_000_000);
+        for offset in [0, 1, 7, 99, 999, 1_000, 1_001, 61_234] {
+            let now = base + Duration::from_millis(offset);
+            let ours = timestamp(now);
+            let expected = humantime::format_rfc3339_millis(now).to_string();
+            assert_eq!(std::str::from_utf8(&ours).unwrap(), expected);
         }
     }
 }

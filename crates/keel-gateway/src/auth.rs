@@ -80,9 +80,11 @@ pub async fn authorize(
     let Some(verifier) = verifier else {
         return Err(Problem::internal("no token verifier").into_response());
     };
+    // UTF-8 rather than `to_str`'s byte-by-byte check: tokens are long, and the header
+    // was validated when it was parsed.
     let token = headers
         .get(http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
         .and_then(keel_jwt::bearer_token);
     let Some(token) = token else {
         // RFC 6750 §3.1: a request without credentials gets no error code.
@@ -138,26 +140,36 @@ pub async fn authorize(
 }
 
 fn forward_claims(principal: &Principal, headers: &mut HeaderMap) {
+    // One allocation per header: joined lists go into the value without another copy.
     let join = |values: &std::collections::BTreeSet<String>| {
-        values
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>()
-            .join(" ")
+        let mut joined = String::with_capacity(values.iter().map(|v| v.len() + 1).sum());
+        for value in values {
+            if !joined.is_empty() {
+                joined.push(' ');
+            }
+            joined.push_str(value);
+        }
+        bytes::Bytes::from(joined)
     };
-    let mut put = |name: HeaderName, value: &str| {
+    let mut put = |name: HeaderName, value: bytes::Bytes| {
         // Claims are signed by the issuer, but a value that is not a valid header value is
         // left out rather than trusted into a broken header.
-        if let Ok(value) = HeaderValue::from_str(value) {
+        if let Ok(value) = HeaderValue::from_maybe_shared(value) {
             headers.insert(name, value);
         }
     };
-    put(SUBJECT, &principal.subject);
+    put(
+        SUBJECT,
+        bytes::Bytes::copy_from_slice(principal.subject.as_bytes()),
+    );
     if let Some(client_id) = &principal.client_id {
-        put(CLIENT_ID, client_id);
+        put(
+            CLIENT_ID,
+            bytes::Bytes::copy_from_slice(client_id.as_bytes()),
+        );
     }
-    put(SCOPES, &join(&principal.scopes));
-    put(ROLES, &join(&principal.roles));
+    put(SCOPES, join(&principal.scopes));
+    put(ROLES, join(&principal.roles));
 }
 
 fn challenge(problem: Problem, www_authenticate: String) -> Response {

@@ -832,13 +832,13 @@ impl Proxy {
 }
 
 fn rate_limit_headers(decision: &Decision, headers: &mut http::HeaderMap) {
+    const LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+    const REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+    const RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
     let seconds = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
-    headers.insert("ratelimit-limit", HeaderValue::from(decision.limit));
-    headers.insert("ratelimit-remaining", HeaderValue::from(decision.remaining));
-    headers.insert(
-        "ratelimit-reset",
-        HeaderValue::from(seconds(decision.reset)),
-    );
+    headers.insert(LIMIT, HeaderValue::from(decision.limit));
+    headers.insert(REMAINING, HeaderValue::from(decision.remaining));
+    headers.insert(RESET, HeaderValue::from(seconds(decision.reset)));
 }
 
 fn rate_limited(route: &str, decision: &Decision) -> Response {

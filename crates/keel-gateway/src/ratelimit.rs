@@ -202,10 +202,21 @@ impl LocalLimiter {
 
     fn check_at(&self, config: &RateLimitConfig, key: &str, now: u64) -> Decision {
         let (interval, tolerance) = config.gcra();
+        let apply = |tat: &mut u64| {
+            let (decision, next) = gcra(*tat, now, interval, tolerance, config.burst);
+            if let Some(next) = next {
+                *tat = next;
+            }
+            decision
+        };
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let state = &mut *state;
+        // A key seen before (nearly every request): one lookup, no allocation.
+        if let Some(tat) = state.tats.get_mut(key) {
+            return apply(tat);
+        }
         let mut key = key;
-        if !state.tats.contains_key(key) && state.tats.len() >= LOCAL_MAX_KEYS {
+        if state.tats.len() >= LOCAL_MAX_KEYS {
             if now.saturating_sub(state.last_sweep) >= 1_000_000 {
                 state.last_sweep = now;
                 state.tats.retain(|_, tat| *tat > now);
@@ -214,12 +225,8 @@ impl LocalLimiter {
                 key = OVERFLOW_KEY;
             }
         }
-        let tat = state.tats.get(key).copied().unwrap_or(now);
-        let (decision, next) = gcra(tat, now, interval, tolerance, config.burst);
-        if let Some(next) = next {
-            state.tats.insert(key.to_owned(), next);
-        }
-        decision
+        // A new key starts at `now`, as an absent one would; the sweep forgets it again.
+        apply(state.tats.entry(key.to_owned()).or_insert(now))
     }
 }
 

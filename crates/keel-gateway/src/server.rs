@@ -28,7 +28,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use keel_registry::client::{DiscoveryView, RegistryClient};
 
-use crate::access_log::{AccessLog, AccessRecord};
+use crate::access_log::{self, AccessLog, AccessRecord};
 use crate::admin;
 use crate::config::{GatewayConfig, GatewayRouteConfig};
 use crate::listener::{self, Mode};
@@ -109,10 +109,13 @@ impl Gateway {
         request.headers_mut().insert(REQUEST_ID, request_id.clone());
         let method = request.method().clone();
         let grpc = is_grpc(request.headers());
-        let logged_path = self
-            .access_log
-            .as_ref()
-            .map(|_| request.uri().path().to_owned());
+        // Shared, not copied: the path's bytes and the client's formatted address.
+        let logged = self.access_log.as_ref().map(|_| {
+            (
+                request.uri().path_and_query().cloned(),
+                client.ip_header.clone(),
+            )
+        });
         // A span per request only when spans leave the process; otherwise the client's
         // `traceparent` passes through untouched and the access log takes its trace id.
         let incoming_trace = self.access_log.as_ref().and_then(|_| {
@@ -141,11 +144,6 @@ impl Gateway {
         } else {
             tracing::Span::none()
         };
-        let client_ip = self
-            .access_log
-            .as_ref()
-            .map(|_| client.ip_header.to_str().unwrap_or_default().to_owned())
-            .unwrap_or_default();
         let generation = self.current();
         let handled = if span.is_none() {
             generation.handle(request, client).await
@@ -168,13 +166,13 @@ impl Gateway {
             span.record("http.route", &*served.route);
         }
         span.record("http.response.status_code", status.as_u16());
-        if let (Some(log), Some(path)) = (&self.access_log, logged_path) {
+        if let (Some(log), Some((path, client_ip))) = (&self.access_log, logged) {
+            let timestamp = access_log::timestamp(std::time::SystemTime::now());
             log.log(&AccessRecord {
-                timestamp: humantime::format_rfc3339_millis(std::time::SystemTime::now())
-                    .to_string(),
+                timestamp: std::str::from_utf8(&timestamp).unwrap_or_default(),
                 route: &served.route,
                 method: method.as_str(),
-                path: &path,
+                path: path.as_ref().map_or("", |p| p.path()),
                 status: status.as_u16(),
                 bytes: response
                     .headers()
@@ -183,7 +181,7 @@ impl Gateway {
                 duration_ms: elapsed.as_secs_f64() * 1000.0,
                 upstream: attempts.as_ref().map(|a| &*a.endpoint),
                 retries: attempts.as_ref().map_or(0, |a| a.retries),
-                client: client_ip,
+                client: client_ip.to_str().unwrap_or_default(),
                 request_id: request_id.to_str().unwrap_or_default(),
                 trace_id: trace_id(&span).or(incoming_trace),
             });
