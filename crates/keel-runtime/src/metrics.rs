@@ -32,7 +32,10 @@ fn exporter() -> &'static Exporter {
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), DURATION_BUCKETS)
             .and_then(PrometheusBuilder::install_recorder);
         let handle = match handle {
-            Ok(handle) => Some(handle),
+            Ok(handle) => {
+                spawn_upkeep(handle.clone());
+                Some(handle)
+            }
             Err(error) => {
                 // Another recorder was installed first (an embedding application's own);
                 // its exposition is then theirs to serve.
@@ -44,6 +47,25 @@ fn exporter() -> &'static Exporter {
         process.describe();
         Exporter { handle, process }
     })
+}
+
+/// Histogram samples wait in a queue until upkeep folds them into buckets: without it they
+/// pile up between scrapes (two samples per proxied request: 800 KB/s at 50k req/s, and
+/// without end if nothing scrapes). A thread of its own, so request threads never stall
+/// on a fold of seconds' worth of samples.
+fn spawn_upkeep(handle: PrometheusHandle) {
+    const UPKEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+    let spawned = std::thread::Builder::new()
+        .name("keel-metrics-upkeep".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(UPKEEP_INTERVAL);
+                handle.run_upkeep();
+            }
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "metrics upkeep thread not started; samples fold at scrapes only");
+    }
 }
 
 /// Installs the process-wide recorder; every server calls this before recording anything.

@@ -24,13 +24,19 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::process::{Running, pinned};
 use crate::report::{
-    AccessLogSize, CoreUse, IssuerRequests, LoadInfo, Machine, Measurement, Outcome, Report, Row,
+    AccessLogSize, CoreUse, IssuerRequests, LoadInfo, Machine, Measurement, Outcome, Report,
+    RoundFigure, Row,
 };
 use crate::targets::{Setup, Started, Target, Tools};
 use crate::wrk::Load;
 
 /// The settings a recorded run is reproduced with, named in the report's command line.
-const SETTINGS_ENV: [&str; 3] = ["BENCH_DURATION", "BENCH_WARMUP", "BENCH_CONNECTIONS"];
+const SETTINGS_ENV: [&str; 4] = [
+    "BENCH_DURATION",
+    "BENCH_WARMUP",
+    "BENCH_CONNECTIONS",
+    "BENCH_ROUNDS",
+];
 
 /// Benchmark of Keel's gateway against NGINX and HAProxy: req/s and p50/p99 latency of the
 /// same wrk load through each, one proxy core each, with the ratios to NGINX.
@@ -46,6 +52,10 @@ struct Cli {
     /// Length of the warm-up run before each measured run; 0s for none
     #[arg(long, env = "BENCH_WARMUP", default_value = "3s", value_parser = humantime::parse_duration)]
     warmup: Duration,
+    /// Times to measure every target, in turn (NGINX, keel, NGINX, keel, …); the report
+    /// gives each target's median round and the median of the rounds' ratios to NGINX
+    #[arg(long, env = "BENCH_ROUNDS", default_value_t = 1)]
+    rounds: usize,
     /// Connections wrk keeps open (one wrk thread)
     #[arg(long, env = "BENCH_CONNECTIONS", default_value_t = 64)]
     connections: usize,
@@ -93,6 +103,9 @@ async fn measure(cli: &Cli) -> anyhow::Result<bool> {
     if cli.connections == 0 {
         bail!("--connections must be at least 1");
     }
+    if cli.rounds == 0 {
+        bail!("--rounds must be at least 1");
+    }
     if cli.proxy_cpu == cli.load_cpu {
         bail!("--proxy-cpu and --load-cpu must be different cores");
     }
@@ -139,29 +152,42 @@ async fn run(cli: &Cli, tools: &Tools, dir: &Path, date: String) -> anyhow::Resu
             .filter(|t| cli.targets.contains(t))
             .collect()
     };
-    let mut rows = Vec::new();
-    for target in chosen {
-        eprintln!("{}…", target.label());
-        let outcome = match measure_target(cli, &setup, &upstream, target).await {
-            Ok(outcome) => outcome,
-            Err(error) => Outcome::Failed {
-                error: format!("{error:#}"),
-            },
-        };
-        match &outcome {
-            Outcome::Measured(m) => eprintln!(
-                "  {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
-                m.wrk.requests_per_second, m.wrk.p50_ms, m.wrk.p99_ms
-            ),
-            Outcome::Failed { error } => eprintln!("  failed: {error}"),
+    let mut measured: Vec<Vec<Row>> = Vec::new();
+    for round in 1..=cli.rounds {
+        let mut rows = Vec::new();
+        for &target in &chosen {
+            if cli.rounds > 1 {
+                eprintln!("round {round}/{}: {}…", cli.rounds, target.label());
+            } else {
+                eprintln!("{}…", target.label());
+            }
+            let outcome = match measure_target(cli, &setup, &upstream, target).await {
+                Ok(outcome) => outcome,
+                Err(error) => Outcome::Failed {
+                    error: format!("{error:#}"),
+                },
+            };
+            match &outcome {
+                Outcome::Measured(m) => eprintln!(
+                    "  {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
+                    m.wrk.requests_per_second, m.wrk.p50_ms, m.wrk.p99_ms
+                ),
+                Outcome::Failed { error } => eprintln!("  failed: {error}"),
+            }
+            rows.push(Row {
+                target,
+                label: target.label(),
+                outcome,
+            });
         }
-        rows.push(Row {
-            target,
-            label: target.label(),
-            outcome,
-        });
+        measured.push(rows);
     }
     drop(upstream);
+    let rounds = if cli.rounds > 1 {
+        measured.iter().map(|rows| round_figures(rows)).collect()
+    } else {
+        Vec::new()
+    };
 
     let mut report = Report {
         date,
@@ -176,11 +202,51 @@ async fn run(cli: &Cli, tools: &Tools, dir: &Path, date: String) -> anyhow::Resu
             proxy_cpu: cli.proxy_cpu,
             load_cpu: cli.load_cpu,
         },
-        rows,
+        rounds,
+        rows: median_rows(measured, chosen.len()),
         targets: Vec::new(),
     };
     report.check_targets();
     Ok(report)
+}
+
+/// Each target's median round by req/s (a failed round counts as the lowest); with one
+/// round, that round.
+fn median_rows(measured: Vec<Vec<Row>>, targets: usize) -> Vec<Row> {
+    let mut per_target: Vec<Vec<Row>> = (0..targets).map(|_| Vec::new()).collect();
+    for rows in measured {
+        for (runs, row) in per_target.iter_mut().zip(rows) {
+            runs.push(row);
+        }
+    }
+    per_target
+        .into_iter()
+        .map(|mut runs| {
+            runs.sort_by(|a, b| rps_of(a).total_cmp(&rps_of(b)));
+            runs.swap_remove(runs.len() / 2)
+        })
+        .collect()
+}
+
+fn rps_of(row: &Row) -> f64 {
+    match &row.outcome {
+        Outcome::Measured(m) => m.wrk.requests_per_second,
+        Outcome::Failed { .. } => f64::NEG_INFINITY,
+    }
+}
+
+fn round_figures(rows: &[Row]) -> Vec<RoundFigure> {
+    rows.iter()
+        .filter_map(|row| match &row.outcome {
+            Outcome::Measured(m) => Some(RoundFigure {
+                target: row.target,
+                requests_per_second: m.wrk.requests_per_second,
+                p99_ms: m.wrk.p99_ms,
+                errors: m.wrk.errors().is_some(),
+            }),
+            Outcome::Failed { .. } => None,
+        })
+        .collect()
 }
 
 /// Starts `target`, warms it up, measures it and stops it.

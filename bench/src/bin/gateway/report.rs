@@ -28,8 +28,22 @@ pub struct Report {
     /// `abc1234`, with `+ uncommitted changes` when the tree has them.
     pub keel_commit: Option<String>,
     pub load: LoadInfo,
+    /// With `--rounds N`: the median round of each target (by its req/s).
     pub rows: Vec<Row>,
+    /// Each round's figures, every target measured once per round in turn; empty for one
+    /// round. Ratios are then the median of the rounds' own ratios to NGINX, which drift
+    /// on a noisy machine cancels out of.
+    pub rounds: Vec<Vec<RoundFigure>>,
     pub targets: Vec<TargetCheck>,
+}
+
+/// One target's figures in one round.
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundFigure {
+    pub target: Target,
+    pub requests_per_second: f64,
+    pub p99_ms: f64,
+    pub errors: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -174,8 +188,40 @@ impl Report {
             .measured(Target::Nginx)
             .ok_or_else(|| format!("NGINX: {}", self.why_not(Target::Nginx)))?;
         let of = self.measured(target).ok_or_else(|| self.why_not(target))?;
+        if !self.rounds.is_empty() {
+            return self.median_round_ratio(target, figure);
+        }
         let errors = nginx.wrk.errors().is_some() || of.wrk.errors().is_some();
         Ok((figure(&of.wrk) / figure(&nginx.wrk), errors))
+    }
+
+    /// The median over rounds of `target`'s figure divided by NGINX's in the same round.
+    fn median_round_ratio(
+        &self,
+        target: Target,
+        figure: fn(&WrkResult) -> f64,
+    ) -> Result<(f64, bool), String> {
+        let mut errors = false;
+        let mut ratios: Vec<f64> = self
+            .rounds
+            .iter()
+            .filter_map(|round| {
+                let find = |t: Target| round.iter().find(|r| r.target == t);
+                let (of, nginx) = (find(target)?, find(Target::Nginx)?);
+                errors |= of.errors || nginx.errors;
+                let as_wrk = |r: &RoundFigure| WrkResult {
+                    requests_per_second: r.requests_per_second,
+                    p99_ms: r.p99_ms,
+                    ..WrkResult::default()
+                };
+                Some(figure(&as_wrk(of)) / figure(&as_wrk(nginx)))
+            })
+            .collect();
+        if ratios.is_empty() {
+            return Err("no round measured both".to_owned());
+        }
+        ratios.sort_by(f64::total_cmp);
+        Ok((median(&ratios), errors))
     }
 
     /// Checks the targets of the issue against the measured rows.
@@ -381,7 +427,37 @@ impl fmt::Display for Report {
         }
         writeln!(f)?;
 
-        writeln!(f, "targets (ratios to NGINX in this run)")?;
+        if !self.rounds.is_empty() {
+            writeln!(
+                f,
+                "rounds (req/s, and the ratio to NGINX in the same round; the table shows each \
+                 target's median round)"
+            )?;
+            for (n, round) in self.rounds.iter().enumerate() {
+                let nginx = round.iter().find(|r| r.target == Target::Nginx);
+                let figures: Vec<String> = round
+                    .iter()
+                    .map(|r| {
+                        let vs = nginx.map_or(String::new(), |n| {
+                            format!(
+                                " ({})",
+                                ratio(r.requests_per_second / n.requests_per_second)
+                            )
+                        });
+                        format!(
+                            "{} {}{vs}",
+                            r.target.label(),
+                            thousands(r.requests_per_second)
+                        )
+                    })
+                    .collect();
+                writeln!(f, "  {}: {}", n + 1, figures.join(", "))?;
+            }
+            writeln!(f)?;
+            writeln!(f, "targets (median of the rounds' ratios to NGINX)")?;
+        } else {
+            writeln!(f, "targets (ratios to NGINX in this run)")?;
+        }
         for check in &self.targets {
             writeln!(
                 f,
@@ -407,6 +483,16 @@ impl fmt::Display for Report {
             }
         }
         Ok(())
+    }
+}
+
+/// The middle of sorted `values` (the mean of the two middle ones for an even count).
+fn median(values: &[f64]) -> f64 {
+    let mid = values.len() / 2;
+    if values.len().is_multiple_of(2) {
+        (values[mid - 1] + values[mid]) / 2.0
+    } else {
+        values[mid]
     }
 }
 
@@ -526,10 +612,39 @@ mod tests {
                 load_cpu: 1,
             },
             rows,
+            rounds: Vec::new(),
             targets: Vec::new(),
         };
         report.check_targets();
         report
+    }
+
+    #[test]
+    fn with_rounds_the_ratio_is_the_median_of_each_rounds_own() {
+        let mut report = report(vec![
+            measured(Target::Nginx, 80_000.0, 2.0),
+            measured(Target::Keel, 80_000.0, 2.0),
+        ]);
+        let figure = |target, rps| RoundFigure {
+            target,
+            requests_per_second: rps,
+            p99_ms: 2.0,
+            errors: false,
+        };
+        // NGINX drifts from round to round; keel's ratio in each is 0.9, 1.2 and 1.0.
+        report.rounds = vec![
+            vec![figure(Target::Nginx, 100.0), figure(Target::Keel, 90.0)],
+            vec![figure(Target::Nginx, 50.0), figure(Target::Keel, 60.0)],
+            vec![figure(Target::Nginx, 80.0), figure(Target::Keel, 80.0)],
+        ];
+        report.check_targets();
+        assert_eq!(report.targets[0].ratio, Some(1.0));
+        let text = report.to_string();
+        assert!(
+            text.contains("  2: NGINX 50 (1.00x), Keel gateway, plain 60 (1.20x)"),
+            "{text}"
+        );
+        assert!(text.contains("targets (median of the rounds' ratios to NGINX)"));
     }
 
     #[test]

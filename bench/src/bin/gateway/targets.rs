@@ -304,6 +304,14 @@ impl Setup<'_> {
             "client_id": CLIENT_ID,
         }));
         let access_log = self.dir.join("keel-full-access.log");
+        // Each round starts a new log, so its size is checked against that round's
+        // requests.
+        match std::fs::remove_file(&access_log) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(error).context("cannot remove the last round's access log");
+            }
+            _ => {}
+        }
         let values = [
             ("JWT_ISSUER", issuer.issuer().to_owned()),
             ("JWT_AUDIENCE", audience),

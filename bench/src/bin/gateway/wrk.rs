@@ -19,7 +19,7 @@ pub struct Load {
 }
 
 /// What a measured run reports.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct WrkResult {
     pub requests_per_second: f64,
     pub p50_ms: f64,
