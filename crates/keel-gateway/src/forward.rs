@@ -26,21 +26,6 @@ use crate::upstream::{UpstreamError, UpstreamRequest};
 
 static EMPTY: Bytes = Bytes::new();
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) never forwarded in either direction; and
-/// `Expect`, which the client's side has already answered (the upstream gets the body
-/// without waiting).
-// A static, not a const: a const array is built and dropped wherever it is used.
-static HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    header::EXPECT,
-    HeaderName::from_static("keep-alive"),
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-    header::TE,
-    header::TRAILER,
-    header::UPGRADE,
-];
-
 /// Per-upstream metric handles, registered when a generation is built.
 pub(crate) struct UpstreamMetrics {
     /// Attempts by outcome: 1xx … 5xx, then transport errors (refused, reset, timeout).
@@ -601,20 +586,73 @@ async fn splice(
     }
 }
 
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), and those the `Connection` header names:
+/// they are never forwarded in either direction. And `Expect`, which the client's side
+/// has already answered (the upstream gets the body without waiting).
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one scan of the names present beats seven removals.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // One scan of the names present (most messages carry none), matching each name once
+    // rather than comparing it with every hop-by-hop name.
+    let hop_by_hop = |name: &&HeaderName| {
+        matches!(
+            name.as_str(),
+            "connection"
+                | "expect"
+                | "keep-alive"
+                | "proxy-authenticate"
+                | "proxy-authorization"
+                | "te"
+                | "trailer"
+                | "upgrade"
+        )
+    };
+    let mut doomed: SmallVec<[HeaderName; 4]> =
+        headers.keys().filter(hop_by_hop).cloned().collect();
+    if doomed.is_empty() {
         return;
     }
-    // Headers the Connection header names are hop-by-hop too.
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for name in HOP_BY_HOP.iter().chain(&named) {
+    doomed.extend(
+        headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok()),
+    );
+    for name in doomed {
         headers.remove(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_those_connection_names_are_removed() {
+        let mut headers = HeaderMap::new();
+        for (name, value) in [
+            ("connection", "keep-alive, x-private"),
+            ("keep-alive", "timeout=5"),
+            ("x-private", "secret"),
+            ("te", "gzip"),
+            ("expect", "100-continue"),
+            ("proxy-authorization", "Basic abc"),
+            ("x-kept", "1"),
+            ("content-type", "text/plain"),
+        ] {
+            headers.insert(
+                HeaderName::from_static(name),
+                HeaderValue::from_static(value),
+            );
+        }
+        strip_hop_by_hop(&mut headers);
+        let mut left: Vec<&str> = headers.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["content-type", "x-kept"]);
+
+        let mut plain = HeaderMap::new();
+        plain.insert(header::HOST, HeaderValue::from_static("x"));
+        strip_hop_by_hop(&mut plain);
+        assert_eq!(plain.len(), 1);
     }
 }

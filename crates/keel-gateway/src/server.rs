@@ -178,7 +178,7 @@ impl Gateway {
                     .headers()
                     .get(http::header::CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok()?.parse().ok()),
-                duration_ms: elapsed.as_secs_f64() * 1000.0,
+                duration: elapsed,
                 upstream: attempts.as_ref().map(|a| &*a.endpoint),
                 retries: attempts.as_ref().map_or(0, |a| a.retries),
                 client: client_ip.to_str().unwrap_or_default(),
