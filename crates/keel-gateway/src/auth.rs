@@ -3,7 +3,9 @@
 //! roles (any of them). Verified claims travel upstream in `x-keel-*` headers; copies a
 //! client sends are always removed first, on every route, so an upstream can trust them.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use axum::response::{IntoResponse, Response};
 use http::HeaderMap;
@@ -12,6 +14,7 @@ use keel_jwt::{Principal, Verifier};
 use keel_runtime::Problem;
 use serde::{Deserialize, Serialize};
 
+use crate::balance::Fnv;
 use crate::proxy::SOURCE;
 
 pub const SUBJECT: HeaderName = HeaderName::from_static("x-keel-subject");
@@ -67,11 +70,78 @@ pub fn strip_claim_headers(headers: &mut HeaderMap) {
     }
 }
 
+/// The `x-keel-*` values of one verified principal.
+struct ClaimHeaders {
+    subject: Option<HeaderValue>,
+    client_id: Option<HeaderValue>,
+    scopes: Option<HeaderValue>,
+    roles: Option<HeaderValue>,
+}
+
+impl ClaimHeaders {
+    fn of(principal: &Principal) -> Self {
+        // Claims are signed by the issuer, but a value that is not a valid header value is
+        // left out rather than trusted into a broken header.
+        let value = |text: String| HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).ok();
+        let join = |values: &std::collections::BTreeSet<String>| {
+            value(
+                values
+                    .iter()
+                    .map(String::as_str)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            )
+        };
+        Self {
+            subject: value(principal.subject.clone()),
+            client_id: principal.client_id.clone().and_then(value),
+            scopes: join(&principal.scopes),
+            roles: join(&principal.roles),
+        }
+    }
+}
+
+/// Claim headers made once per principal: keel-jwt hands out the same `Arc<Principal>`
+/// for every request carrying the same token, and building four header values for each
+/// request was a measurable share of it. Keyed by the principal's address; the entry's
+/// `Weak` keeps that allocation (not the principal) alive, so no other principal can take
+/// the address while the entry exists.
+#[derive(Default)]
+pub struct ClaimCache {
+    entries: Mutex<ClaimEntries>,
+}
+
+type ClaimEntries = HashMap<usize, (Weak<Principal>, Arc<ClaimHeaders>), BuildHasherDefault<Fnv>>;
+
+/// Principals whose claim headers are kept; beyond it, those of dropped principals go, and
+/// if none had, all.
+const CLAIM_CACHE_SIZE: usize = 4096;
+
+impl ClaimCache {
+    fn headers(&self, principal: &Arc<Principal>) -> Arc<ClaimHeaders> {
+        let key = Arc::as_ptr(principal) as usize;
+        let mut entries = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((_, headers)) = entries.get(&key) {
+            return Arc::clone(headers);
+        }
+        if entries.len() >= CLAIM_CACHE_SIZE {
+            entries.retain(|_, (principal, _)| principal.strong_count() > 0);
+            if entries.len() >= CLAIM_CACHE_SIZE {
+                entries.clear();
+            }
+        }
+        let headers = Arc::new(ClaimHeaders::of(principal));
+        entries.insert(key, (Arc::downgrade(principal), Arc::clone(&headers)));
+        headers
+    }
+}
+
 /// Checks the request's bearer token against the route's requirement; on success the
 /// claims are written into the forwarded headers. Returns the principal for rate limits.
 pub async fn authorize(
     config: &RouteAuthConfig,
     verifier: Option<&Verifier>,
+    claims: &ClaimCache,
     headers: &mut HeaderMap,
 ) -> Result<Option<Arc<Principal>>, Response> {
     if config.require == Requirement::Anonymous {
@@ -135,41 +205,18 @@ pub async fn authorize(
         .with_source(SOURCE)
         .into_response());
     }
-    forward_claims(&principal, headers);
-    Ok(Some(principal))
-}
-
-fn forward_claims(principal: &Principal, headers: &mut HeaderMap) {
-    // One allocation per header: joined lists go into the value without another copy.
-    let join = |values: &std::collections::BTreeSet<String>| {
-        let mut joined = String::with_capacity(values.iter().map(|v| v.len() + 1).sum());
-        for value in values {
-            if !joined.is_empty() {
-                joined.push(' ');
-            }
-            joined.push_str(value);
+    let forwarded = claims.headers(&principal);
+    for (name, value) in [
+        (SUBJECT, &forwarded.subject),
+        (CLIENT_ID, &forwarded.client_id),
+        (SCOPES, &forwarded.scopes),
+        (ROLES, &forwarded.roles),
+    ] {
+        if let Some(value) = value {
+            headers.insert(name, value.clone());
         }
-        bytes::Bytes::from(joined)
-    };
-    let mut put = |name: HeaderName, value: bytes::Bytes| {
-        // Claims are signed by the issuer, but a value that is not a valid header value is
-        // left out rather than trusted into a broken header.
-        if let Ok(value) = HeaderValue::from_maybe_shared(value) {
-            headers.insert(name, value);
-        }
-    };
-    put(
-        SUBJECT,
-        bytes::Bytes::copy_from_slice(principal.subject.as_bytes()),
-    );
-    if let Some(client_id) = &principal.client_id {
-        put(
-            CLIENT_ID,
-            bytes::Bytes::copy_from_slice(client_id.as_bytes()),
-        );
     }
-    put(SCOPES, join(&principal.scopes));
-    put(ROLES, join(&principal.roles));
+    Ok(Some(principal))
 }
 
 fn challenge(problem: Problem, www_authenticate: String) -> Response {
@@ -178,4 +225,43 @@ fn challenge(problem: Problem, www_authenticate: String) -> Response {
         response.headers_mut().insert(WWW_AUTHENTICATE, value);
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn principal(subject: &str, scopes: &[&str]) -> Arc<Principal> {
+        Arc::new(Principal {
+            subject: subject.to_owned(),
+            client_id: Some("app".to_owned()),
+            scopes: scopes.iter().map(|s| (*s).to_owned()).collect(),
+            roles: Default::default(),
+            issuer: "https://issuer.test".to_owned(),
+            audience: vec!["api".to_owned()],
+            expires_at: std::time::SystemTime::now(),
+            token_id: None,
+            claims: Default::default(),
+        })
+    }
+
+    #[test]
+    fn claim_headers_are_made_once_per_principal() {
+        let cache = ClaimCache::default();
+        let alice = principal("alice", &["orders:read", "orders:write"]);
+        let bob = principal("bob\u{7f}", &[]);
+        let first = cache.headers(&alice);
+        assert!(Arc::ptr_eq(&first, &cache.headers(&alice)), "made once");
+        assert_eq!(first.subject.as_ref().unwrap(), "alice");
+        assert_eq!(first.client_id.as_ref().unwrap(), "app");
+        assert_eq!(first.scopes.as_ref().unwrap(), "orders:read orders:write");
+        assert_eq!(first.roles.as_ref().unwrap(), "");
+        let other = cache.headers(&bob);
+        assert!(!Arc::ptr_eq(&first, &other));
+        assert!(other.subject.is_none(), "an invalid value is left out");
+        // A principal dropped and another made: never the dropped one's headers.
+        drop(bob);
+        let carol = principal("carol", &[]);
+        assert_eq!(cache.headers(&carol).subject.as_ref().unwrap(), "carol");
+    }
 }

@@ -80,6 +80,8 @@ pub struct Shared {
     breakers: Mutex<HashMap<String, Arc<CircuitBreaker>>>,
     budgets: Mutex<HashMap<String, (RetryConfig, Arc<RetryBudget>)>>,
     pub(crate) verifier: Option<Verifier>,
+    /// The `x-keel-*` headers of verified principals.
+    pub(crate) claims: crate::auth::ClaimCache,
     pub(crate) limiters: Limiters,
     /// Requests no route matches go to the registry service their path starts with.
     discovery_routes: bool,
@@ -120,6 +122,7 @@ impl Shared {
             breakers: Mutex::default(),
             budgets: Mutex::default(),
             verifier,
+            claims: crate::auth::ClaimCache::default(),
             limiters: Limiters::with_redis(redis),
             discovery_routes,
         })
@@ -752,6 +755,7 @@ impl Proxy {
         let principal = match crate::auth::authorize(
             &entry.policy.auth,
             self.shared.verifier.as_ref(),
+            &self.shared.claims,
             &mut parts.headers,
         )
         .await
