@@ -44,9 +44,9 @@ impl UpstreamMetrics {
         });
         Self {
             attempts,
-            duration: metrics::histogram!(
+            duration: keel_runtime::metrics::duration_histogram(
                 "keel_gateway_upstream_duration_seconds",
-                "upstream" => upstream.to_owned()
+                vec![("upstream", upstream.to_owned())],
             ),
         }
     }

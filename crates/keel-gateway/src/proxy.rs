@@ -357,9 +357,9 @@ impl RouteMetrics {
         });
         Self {
             requests,
-            duration: metrics::histogram!(
+            duration: keel_runtime::metrics::duration_histogram(
                 "keel_gateway_request_duration_seconds",
-                "route" => route.to_owned()
+                vec![("route", route.to_owned())],
             ),
         }
     }

@@ -4,7 +4,9 @@
 //! them: `http_server_request_duration_seconds{http_request_method, http_route,
 //! http_response_status_code}` and `http_server_active_requests{http_request_method}`.
 
-use std::sync::OnceLock;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
 use axum::extract::{MatchedPath, Request};
@@ -77,12 +79,107 @@ pub fn install() {
 pub fn render() -> String {
     let exporter = exporter();
     exporter.process.collect();
-    match &exporter.handle {
+    let mut text = match &exporter.handle {
         Some(handle) => {
             handle.run_upkeep();
             handle.render()
         }
         None => String::new(),
+    };
+    render_bucketed(&mut text);
+    text
+}
+
+// === bucketed histograms ===
+
+/// A `*_seconds` histogram counted straight into its buckets, for per-request hot paths:
+/// the recorder's histograms queue every sample until upkeep folds them (two samples per
+/// proxied request cost ~400 instructions each, and the folds stalled the event loop's
+/// core). Same name, labels and buckets as a recorder histogram would have.
+struct Bucketed {
+    name: &'static str,
+    labels: Vec<(&'static str, String)>,
+    /// Per bucket of [`DURATION_BUCKETS`], then +Inf; not cumulative.
+    buckets: [AtomicU64; DURATION_BUCKETS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl metrics::HistogramFn for Bucketed {
+    fn record(&self, seconds: f64) {
+        let bucket = DURATION_BUCKETS
+            .iter()
+            .position(|&bound| seconds <= bound)
+            .unwrap_or(DURATION_BUCKETS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        // Saturating float-to-int cast: negative or NaN counts as 0.
+        self.sum_nanos
+            .fetch_add((seconds * 1e9) as u64, Ordering::Relaxed);
+    }
+}
+
+type BucketedKey = (&'static str, Vec<(&'static str, String)>);
+
+static BUCKETED: OnceLock<Mutex<BTreeMap<BucketedKey, Arc<Bucketed>>>> = OnceLock::new();
+
+/// A duration histogram (`name` ends in `_seconds`) recorded into bucket counters; one per
+/// name and labels, however often it is asked for (configuration generations ask again).
+pub fn duration_histogram(
+    name: &'static str,
+    labels: Vec<(&'static str, String)>,
+) -> metrics::Histogram {
+    let registry = BUCKETED.get_or_init(Mutex::default);
+    let mut registry = registry.lock().unwrap_or_else(PoisonError::into_inner);
+    let key = (name, labels);
+    let histogram = match registry.get(&key) {
+        Some(histogram) => Arc::clone(histogram),
+        None => {
+            let histogram = Arc::new(Bucketed {
+                name,
+                labels: key.1.clone(),
+                buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+                sum_nanos: AtomicU64::new(0),
+            });
+            registry.insert(key, Arc::clone(&histogram));
+            histogram
+        }
+    };
+    metrics::Histogram::from_arc(histogram)
+}
+
+fn render_bucketed(text: &mut String) {
+    use std::fmt::Write as _;
+    let Some(registry) = BUCKETED.get() else {
+        return;
+    };
+    let registry = registry.lock().unwrap_or_else(PoisonError::into_inner);
+    let mut typed = None;
+    for histogram in registry.values() {
+        if typed != Some(histogram.name) {
+            typed = Some(histogram.name);
+            let _ = writeln!(text, "# TYPE {} histogram", histogram.name);
+        }
+        let mut labels = String::new();
+        for (name, value) in &histogram.labels {
+            let value = value
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            let _ = write!(labels, "{name}=\"{value}\",");
+        }
+        let mut count = 0;
+        let bounds = DURATION_BUCKETS.iter().map(|b| b.to_string());
+        for (bucket, le) in histogram.buckets.iter().zip(bounds.chain(["+Inf".into()])) {
+            count += bucket.load(Ordering::Relaxed);
+            let _ = writeln!(
+                text,
+                "{}_bucket{{{labels}le=\"{le}\"}} {count}",
+                histogram.name
+            );
+        }
+        let labels = labels.trim_end_matches(',');
+        let sum = histogram.sum_nanos.load(Ordering::Relaxed) as f64 / 1e9;
+        let _ = writeln!(text, "{}_sum{{{labels}}} {sum}", histogram.name);
+        let _ = writeln!(text, "{}_count{{{labels}}} {count}", histogram.name);
     }
 }
 
@@ -128,5 +225,49 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.decrement(1.0);
+    }
+}
+
+#[cfg(test)]
+mod bucketed_tests {
+    use super::*;
+
+    #[test]
+    fn bucketed_histograms_render_cumulative_buckets_once_per_label_set() {
+        let name = "keel_test_bucketed_seconds";
+        let fast = duration_histogram(name, vec![("route", "a\"b".to_owned())]);
+        fast.record(0.0005);
+        fast.record(0.02);
+        fast.record(100.0);
+        // Asked for again (a new configuration generation): the same counters.
+        duration_histogram(name, vec![("route", "a\"b".to_owned())]).record(0.02);
+        duration_histogram(name, vec![("route", "other".to_owned())]).record(1.0);
+        let mut text = String::new();
+        render_bucketed(&mut text);
+        let line = |prefix: &str| {
+            text.lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("{prefix} in {text}"))
+                .rsplit(' ')
+                .next()
+                .unwrap()
+                .to_owned()
+        };
+        let labels = r#"route="a\"b""#;
+        assert_eq!(
+            line(&format!("{name}_bucket{{{labels},le=\"0.001\"}}")),
+            "1"
+        );
+        assert_eq!(
+            line(&format!("{name}_bucket{{{labels},le=\"0.025\"}}")),
+            "3"
+        );
+        assert_eq!(line(&format!("{name}_bucket{{{labels},le=\"60\"}}")), "3");
+        assert_eq!(line(&format!("{name}_bucket{{{labels},le=\"+Inf\"}}")), "4");
+        assert_eq!(line(&format!("{name}_count{{{labels}}}")), "4");
+        let sum: f64 = line(&format!("{name}_sum{{{labels}}}")).parse().unwrap();
+        assert!((sum - 100.0405).abs() < 1e-6, "{sum}");
+        assert_eq!(line(&format!("{name}_count{{route=\"other\"}}")), "1");
+        assert_eq!(text.matches(&format!("# TYPE {name} histogram")).count(), 1);
     }
 }
