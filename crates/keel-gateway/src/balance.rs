@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
-use crate::endpoint::{Endpoint, now_nanos};
+use crate::endpoint::Endpoint;
 
 /// `balance = …` of a route.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,11 +81,11 @@ impl EndpointSet {
         balance: &BalanceConfig,
         hash: Option<u64>,
         tried: &[usize],
+        now: u64,
     ) -> Option<usize> {
         if self.endpoints.len() <= tried.len() {
             return None;
         }
-        let now = now_nanos();
         let usable = |i: usize, ejected_ok: bool| {
             !tried.contains(&i) && (ejected_ok || !self.endpoints[i].stats.is_ejected(now))
         };
@@ -268,7 +268,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::endpoint::{EndpointStats, OutlierConfig};
+    use crate::endpoint::{EndpointStats, OutlierConfig, now_nanos};
 
     fn endpoints(weights: &[u32]) -> Vec<Endpoint> {
         weights
@@ -286,7 +286,7 @@ mod tests {
     fn counts(set: &EndpointSet, balance: &BalanceConfig, picks: usize) -> Vec<usize> {
         let mut counts = vec![0; set.endpoints.len()];
         for _ in 0..picks {
-            counts[set.pick(balance, None, &[]).unwrap()] += 1;
+            counts[set.pick(balance, None, &[], now_nanos()).unwrap()] += 1;
         }
         counts
     }
@@ -295,7 +295,10 @@ mod tests {
     fn weighted_round_robin_is_exact_and_smooth() {
         let set = EndpointSet::new(endpoints(&[5, 1, 1]), &BalanceConfig::RoundRobin);
         let sequence: Vec<usize> = (0..7)
-            .map(|_| set.pick(&BalanceConfig::RoundRobin, None, &[]).unwrap())
+            .map(|_| {
+                set.pick(&BalanceConfig::RoundRobin, None, &[], now_nanos())
+                    .unwrap()
+            })
             .collect();
         // NGINX's documented sequence for weights 5, 1, 1: a a b a c a a.
         assert_eq!(sequence, [0, 0, 1, 0, 2, 0, 0]);
@@ -326,10 +329,10 @@ mod tests {
         ] {
             let set = EndpointSet::new(set.endpoints.clone(), &balance);
             for _ in 0..50 {
-                let pick = set.pick(&balance, Some(fastrand::u64(..)), &[0, 2]);
+                let pick = set.pick(&balance, Some(fastrand::u64(..)), &[0, 2], now_nanos());
                 assert_eq!(pick, Some(1), "{balance:?}");
             }
-            assert_eq!(set.pick(&balance, Some(7), &[0, 1, 2]), None);
+            assert_eq!(set.pick(&balance, Some(7), &[0, 1, 2], now_nanos()), None);
         }
 
         let config = OutlierConfig::default();
@@ -372,7 +375,7 @@ mod tests {
         let five = EndpointSet::new(all.clone(), &balance);
         let four = EndpointSet::new(all[..4].to_vec(), &balance);
         let owner = |set: &EndpointSet, key: u64| {
-            set.endpoints[set.pick(&balance, Some(key), &[]).unwrap()]
+            set.endpoints[set.pick(&balance, Some(key), &[], now_nanos()).unwrap()]
                 .id
                 .to_string()
         };

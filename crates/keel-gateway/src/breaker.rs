@@ -153,8 +153,10 @@ impl CircuitBreaker {
     }
 
     /// Takes a slot, waiting in the bounded queue when all are busy.
-    pub async fn acquire(self: &Arc<Self>, deadline: Instant) -> Result<Permit, Refusal> {
-        let probe = self.admit()?;
+    /// A slot for a request arriving at `now` (of [`now_nanos`]), waiting in the queue
+    /// until `deadline` at most.
+    pub async fn acquire(self: &Arc<Self>, deadline: Instant, now: u64) -> Result<Permit, Refusal> {
+        let probe = self.admit(now)?;
         let slot = match Arc::clone(&self.slots).try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
@@ -189,8 +191,7 @@ impl CircuitBreaker {
     }
 
     /// Lets the request past the failure-rate breaker; true when it is a half-open probe.
-    fn admit(&self) -> Result<bool, Refusal> {
-        let now = now_nanos();
+    fn admit(&self, now: u64) -> Result<bool, Refusal> {
         let mut state = self.lock();
         if let Mode::Open { until } = state.mode {
             if until > now {
@@ -318,15 +319,15 @@ mod tests {
             max_pending: 1,
             ..BreakerConfig::default()
         });
-        let first = breaker.acquire(later()).await.unwrap();
-        let _second = breaker.acquire(later()).await.unwrap();
+        let first = breaker.acquire(later(), now_nanos()).await.unwrap();
+        let _second = breaker.acquire(later(), now_nanos()).await.unwrap();
         let queued = tokio::spawn({
             let breaker = Arc::clone(&breaker);
-            async move { breaker.acquire(later()).await.map(drop) }
+            async move { breaker.acquire(later(), now_nanos()).await.map(drop) }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(
-            breaker.acquire(later()).await.err(),
+            breaker.acquire(later(), now_nanos()).await.err(),
             Some(Refusal::Saturated)
         );
         first.record(true);
@@ -347,28 +348,43 @@ mod tests {
             ..BreakerConfig::default()
         });
         for success in [true, true, false] {
-            breaker.acquire(later()).await.unwrap().record(success);
+            breaker
+                .acquire(later(), now_nanos())
+                .await
+                .unwrap()
+                .record(success);
         }
         assert_eq!(breaker.state(), CircuitState::Closed, "below min_requests");
-        breaker.acquire(later()).await.unwrap().record(false);
+        breaker
+            .acquire(later(), now_nanos())
+            .await
+            .unwrap()
+            .record(false);
         assert_eq!(breaker.state(), CircuitState::Open);
         assert!(matches!(
-            breaker.acquire(later()).await.err(),
+            breaker.acquire(later(), now_nanos()).await.err(),
             Some(Refusal::Open(_))
         ));
 
         tokio::time::sleep(Duration::from_millis(120)).await;
-        let probe = breaker.acquire(later()).await.unwrap();
-        let second_probe = breaker.acquire(later()).await.unwrap();
+        let probe = breaker.acquire(later(), now_nanos()).await.unwrap();
+        let second_probe = breaker.acquire(later(), now_nanos()).await.unwrap();
         assert!(
-            matches!(breaker.acquire(later()).await.err(), Some(Refusal::Open(_))),
+            matches!(
+                breaker.acquire(later(), now_nanos()).await.err(),
+                Some(Refusal::Open(_))
+            ),
             "only the probes pass while half open"
         );
         probe.record(true);
         assert_eq!(breaker.state(), CircuitState::HalfOpen);
         second_probe.record(true);
         assert_eq!(breaker.state(), CircuitState::Closed);
-        breaker.acquire(later()).await.unwrap().record(false);
+        breaker
+            .acquire(later(), now_nanos())
+            .await
+            .unwrap()
+            .record(false);
         assert_eq!(
             breaker.state(),
             CircuitState::Closed,
@@ -384,10 +400,14 @@ mod tests {
             half_open_probes: 1,
             ..BreakerConfig::default()
         });
-        breaker.acquire(later()).await.unwrap().record(false);
+        breaker
+            .acquire(later(), now_nanos())
+            .await
+            .unwrap()
+            .record(false);
         tokio::time::sleep(Duration::from_millis(60)).await;
-        drop(breaker.acquire(later()).await.unwrap());
-        let probe = breaker.acquire(later()).await.unwrap();
+        drop(breaker.acquire(later(), now_nanos()).await.unwrap());
+        let probe = breaker.acquire(later(), now_nanos()).await.unwrap();
         probe.record(false);
         assert_eq!(breaker.state(), CircuitState::Open);
     }

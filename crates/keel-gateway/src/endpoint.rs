@@ -15,9 +15,16 @@ use serde::{Deserialize, Serialize};
 
 /// Monotonic nanoseconds since the first call; what the atomics below store.
 pub fn now_nanos() -> u64 {
+    nanos_at(Instant::now())
+}
+
+/// [`now_nanos`] as of `at`: a request reads the clock once and uses it for the breaker,
+/// the retry budget and the balancer (each read is ~90 instructions; there were 15 per
+/// request).
+pub fn nanos_at(at: Instant) -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     let start = *START.get_or_init(Instant::now);
-    u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    u64::try_from(at.saturating_duration_since(start).as_nanos()).unwrap_or(u64::MAX)
 }
 
 fn nanos(duration: Duration) -> u64 {

@@ -19,7 +19,7 @@ use smallvec::SmallVec;
 use crate::balance::{BalanceConfig, EndpointSet};
 use crate::breaker::Refusal;
 use crate::config::UpstreamProtocol;
-use crate::endpoint::now_nanos;
+use crate::endpoint::{nanos_at, now_nanos};
 use crate::proxy::{Attempts, ClientInfo, Forward, Shared};
 use crate::retry::is_idempotent;
 use crate::upstream::{UpstreamError, UpstreamRequest};
@@ -92,11 +92,13 @@ impl Forward {
         let deadline = started + self.timeout;
         let mut outgoing = self.outgoing(parts, body, params, Some(client)).await?;
 
-        let permit = match self.breaker.acquire(deadline).await {
+        // The request's one clock reading for the breaker, the budget and the balancer.
+        let now = nanos_at(started);
+        let permit = match self.breaker.acquire(deadline, now).await {
             Ok(permit) => permit,
             Err(refusal) => return Err(self.refused(refusal)),
         };
-        self.budget.deposit();
+        self.budget.deposit_at(now / 1_000_000_000);
         let set = self.endpoints(shared);
         if set.is_empty() {
             return Err(Problem::unavailable(format!(
@@ -115,7 +117,7 @@ impl Forward {
         let mut retries = 0;
         let mut last = None;
         let outcome = loop {
-            let Some(index) = set.pick(&self.balance, hash, &tried) else {
+            let Some(index) = set.pick(&self.balance, hash, &tried, now) else {
                 break last;
             };
             tried.push(index);
@@ -380,7 +382,8 @@ impl Forward {
         let base = &endpoint.base;
         let outcome = match answer {
             Ok(Ok(response)) => {
-                endpoint.stats.observe_latency(took, now_nanos());
+                let answered = nanos_at(now) + u64::try_from(took.as_nanos()).unwrap_or(0);
+                endpoint.stats.observe_latency(took, answered);
                 Outcome::Answered(response)
             }
             Err(_) => {

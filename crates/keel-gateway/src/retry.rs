@@ -118,11 +118,6 @@ impl RetryBudget {
         }
     }
 
-    /// Counts an original request (not a retry).
-    pub fn deposit(&self) {
-        self.deposit_at(now_nanos() / 1_000_000_000);
-    }
-
     /// Takes one retry from the budget; false when it is spent.
     pub fn withdraw(&self) -> bool {
         self.withdraw_at(now_nanos() / 1_000_000_000)
@@ -139,7 +134,8 @@ impl RetryBudget {
         bucket
     }
 
-    fn deposit_at(&self, second: u64) {
+    /// Counts an original request (not a retry) made in `second` (of [`now_nanos`]).
+    pub fn deposit_at(&self, second: u64) {
         let mut buckets = self.buckets.lock().unwrap_or_else(PoisonError::into_inner);
         Self::bucket(&mut buckets, second).requests += 1;
     }
