@@ -232,15 +232,11 @@ pub async fn serve(
         });
     }
     drop(listener);
-    // hyper's connections finish their requests and close; ours close after their
-    // current request, and each gives its slot back.
-    let everyone = u32::try_from(limits.max_connections).unwrap_or(u32::MAX);
-    let drained = async {
-        graceful.shutdown().await;
-        let _ = slots.acquire_many(everyone).await;
-    };
+    // Every connection task holds a watcher until it ends, whoever serves it: hyper's
+    // connections finish their requests and close, ours close after their current
+    // request (or at once when idle), and the drain waits for all of them.
     tokio::select! {
-        () = drained => {}
+        () = graceful.shutdown() => {}
         () = tokio::time::sleep(drain) => {
             tracing::warn!(?drain, "drain deadline passed with client connections still open");
         }

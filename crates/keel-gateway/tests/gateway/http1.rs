@@ -309,3 +309,44 @@ async fn upstreams_breaking_the_protocol_get_502_or_a_cut_body() {
         .unwrap();
     assert_eq!(response.text().await.unwrap(), "ok");
 }
+
+#[tokio::test]
+async fn shutdown_finishes_requests_in_flight_and_closes_idle_connections() {
+    let upstream = Upstream::start("u");
+    upstream.set(crate::support::Behaviour {
+        status: 200,
+        delay: Duration::from_millis(400),
+    });
+    let gateway = start_gateway(vec![route_to("r", &[&upstream])]).await;
+    let addr = addr(&gateway);
+    // One kept-alive connection idle, one with a request in flight.
+    let mut idle = TcpStream::connect(&addr).await.unwrap();
+    let mut busy = TcpStream::connect(&addr).await.unwrap();
+    busy.write_all(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stopped = tokio::spawn(gateway.stop());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !stopped.is_finished(),
+        "the drain waits for the request in flight"
+    );
+
+    let mut pending = Vec::new();
+    let answer = read_response(&mut busy, &mut pending).await.unwrap();
+    assert!(answer.ends_with("u GET /slow body="), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "{answer}"
+    );
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(2), idle.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(0))), "the idle connection is closed");
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("the gateway stops once both are done")
+        .unwrap();
+}
