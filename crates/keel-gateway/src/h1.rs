@@ -128,7 +128,8 @@ pub(crate) fn parse_response(buf: &[u8]) -> Result<Option<ResponseHead>, httpars
 #[derive(Debug)]
 pub(crate) struct InvalidHeader;
 
-/// The header map of a head, its values sharing the head's bytes, with room for `extra`
+/// The header map of a head (without `Transfer-Encoding`), its values sharing the head's
+/// bytes, with room for `extra`
 /// more fields (a map that grows reallocates and rehashes: once 10 % of a request's cost).
 pub(crate) fn header_map(
     head: &Bytes,
@@ -138,6 +139,10 @@ pub(crate) fn header_map(
     let mut map = HeaderMap::with_capacity(indices.len() + extra);
     for index in indices {
         let name = HeaderName::from_bytes(&head[index.name.clone()]).map_err(|_| InvalidHeader)?;
+        // Framing is per hop: whoever writes the message on sets its own.
+        if name == http::header::TRANSFER_ENCODING {
+            continue;
+        }
         let value = HeaderValue::from_maybe_shared(head.slice(index.value.clone()))
             .map_err(|_| InvalidHeader)?;
         map.append(name, value);

@@ -108,7 +108,8 @@ impl Gateway {
         let request_id = keel_runtime::http::request_id_of(request.headers());
         request.headers_mut().insert(REQUEST_ID, request_id.clone());
         let method = request.method().clone();
-        let grpc = is_grpc(request.headers());
+        // gRPC runs on HTTP/2 only: HTTP/1.1 requests skip the header lookup.
+        let grpc = request.version() == http::Version::HTTP_2 && is_grpc(request.headers());
         // Shared, not copied: the path's bytes and the client's formatted address.
         let logged = self.access_log.as_ref().map(|_| {
             (

@@ -281,39 +281,40 @@ impl Http1Pool {
         head_request: bool,
     ) -> Result<Response<Body>, UpstreamError> {
         let bytes = conn.read.split_to(head.len).freeze();
-        // Room for the request id, CORS and rate-limit headers.
-        let mut headers = h1::header_map(&bytes, &head.headers, 6)
-            .map_err(|_| UpstreamError::Malformed("invalid header field"))?;
         let status = StatusCode::from_u16(head.status)
             .map_err(|_| UpstreamError::Malformed("invalid status code"))?;
-        // RFC 9112 §6.3: how the body ends.
-        let chunked = headers.get(header::TRANSFER_ENCODING).map(|codings| {
-            codings
-                .as_bytes()
-                .rsplit(|&b| b == b',')
-                .next()
-                .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked"))
-        });
-        let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
-        let length = match lengths.next() {
-            Some(first) => {
-                let length = h1::parse_content_length(first.as_bytes())
+        // RFC 9112 §6.3: how the body ends, read off the raw fields in one pass.
+        let mut chunked = None;
+        let mut length = None;
+        let mut close = false;
+        for field in &head.headers {
+            let (name, value) = (field.name(&bytes), field.value(&bytes));
+            if name.eq_ignore_ascii_case(b"transfer-encoding") {
+                // The last coding of the last field decides.
+                chunked = Some(
+                    value
+                        .rsplit(|&b| b == b',')
+                        .next()
+                        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked")),
+                );
+            } else if name.eq_ignore_ascii_case(b"content-length") {
+                let n = h1::parse_content_length(value)
                     .ok_or(UpstreamError::Malformed("invalid content-length"))?;
-                if lengths.any(|other| other != first) {
+                if length.is_some_and(|before| before != n) {
                     return Err(UpstreamError::Malformed("conflicting content-length"));
                 }
-                Some(length)
+                length = Some(n);
+            } else if name.eq_ignore_ascii_case(b"connection") {
+                close |= h1::lists_token(value, b"close");
             }
-            None => None,
-        };
+        }
+        // Room for the request id, CORS and rate-limit headers.
+        let headers = h1::header_map(&bytes, &head.headers, 6)
+            .map_err(|_| UpstreamError::Malformed("invalid header field"))?;
         // A message framed both ways may be an attempt at smuggling: read it as chunked
         // (RFC 9112 §6.3) and close the connection after it.
-        let mut reusable = head.minor_version == 1
-            && !(chunked.is_some() && length.is_some())
-            && !headers
-                .get_all(header::CONNECTION)
-                .iter()
-                .any(|v| h1::lists_token(v.as_bytes(), b"close"));
+        let mut reusable =
+            head.minor_version == 1 && !(chunked.is_some() && length.is_some()) && !close;
         let no_body =
             head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
         let framing = match (no_body, chunked, length) {
@@ -325,8 +326,6 @@ impl Http1Pool {
             }
             (false, None, Some(length)) => Some(Framing::Length(length)),
         };
-        // Framing is per hop: the client's side sets its own.
-        headers.remove(header::TRANSFER_ENCODING);
         let mut response = Response::new(Body::empty());
         *response.status_mut() = status;
         *response.version_mut() = Version::HTTP_11;
