@@ -42,8 +42,9 @@ pub struct ClientLimitsConfig {
     pub max_header_bytes: usize,
     /// Header fields per request (HTTP/1.1); 431 beyond it.
     pub max_headers: usize,
-    /// Time to receive a request's headers — also how long a kept-alive connection may sit
-    /// idle between requests. Slow clients (slowloris) are cut off after it.
+    /// Time to receive a request's headers (and, on HTTP/1.1, a body of up to 64 KiB that
+    /// is read whole) — also how long a kept-alive connection may sit idle between
+    /// requests. Slow clients (slowloris) are cut off after it.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
