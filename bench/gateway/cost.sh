@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Instructions per request of Keel's gateway (plain route), counted by callgrind, so that
-# changes to per-request work can be compared on a machine whose req/s is noisy.
-# Run through `scripts/bench gateway-cost`, which builds the release binaries first.
+# changes to per-request work can be compared on a machine whose req/s is noisy; with the
+# argument `nginx`, NGINX's on the same route (bench/gateway/nginx.conf, one process:
+# `master_process off`), for scale. Run through `scripts/bench gateway-cost [nginx]`,
+# which builds the release binaries first.
 #
-# The gateway runs single-threaded under `valgrind --tool=callgrind`; wrk warms it up,
+# The proxy runs single-threaded under `valgrind --tool=callgrind`; wrk warms it up,
 # the counters are zeroed, wrk loads it for BENCH_DURATION (default 10s) with 8
 # connections, the counters are dumped, and the dump's instruction total is divided by
 # the requests wrk completed. Only user space is counted.
@@ -40,8 +42,23 @@ name = "bench"
 match = { path_prefix = "/" }
 upstreams = ["http://127.0.0.1:$upstream_port"]
 TOML
-TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" \
-  target/release/keel --config "$dir/keel.toml" gateway >"$dir/valgrind.log" 2>&1 &
+target="${1:-keel}"
+case "$target" in
+  keel)
+    TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" \
+      target/release/keel --config "$dir/keel.toml" gateway >"$dir/valgrind.log" 2>&1 &
+    ;;
+  nginx)
+    nginx=$(command -v nginx || echo /usr/sbin/nginx)
+    sed -e "s|{{DIR}}|$dir|g" -e "s|{{UPSTREAM}}|127.0.0.1:$upstream_port|" \
+      -e "s|{{CONNECTIONS}}|8|" -e "s|{{LISTEN}}|127.0.0.1:$listen_port|" \
+      -e "s|^worker_processes 1;|worker_processes 1;\nmaster_process off;|" \
+      bench/gateway/nginx.conf >"$dir/nginx.conf"
+    valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" \
+      "$nginx" -c "$dir/nginx.conf" -e "$dir/nginx-error.log" >"$dir/valgrind.log" 2>&1 &
+    ;;
+  *) echo "unknown target: $target (keel or nginx)" >&2; exit 2 ;;
+esac
 pids+=($!)
 url="http://127.0.0.1:$listen_port/"
 for _ in $(seq 1 120); do
@@ -58,7 +75,7 @@ instructions=$(callgrind_annotate "$dir"/callgrind.out.1 2>/dev/null \
   | awk '/PROGRAM TOTALS/ && !done { gsub(",", "", $1); print $1; done = 1 }')
 requests=$(awk '/requests in/ && !done { print $1; done = 1 }' "$dir/wrk.log")
 echo "date          $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-echo "keel          $(git rev-parse --short HEAD)"
+echo "target        $target$([ "$target" = keel ] && echo " $(git rev-parse --short HEAD)")"
 echo "requests      $requests (wrk -t1 -c8 -d$duration, under callgrind)"
 echo "instructions  $instructions (user space, after warm-up)"
 echo "per request   $((instructions / requests))"
