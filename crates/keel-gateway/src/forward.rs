@@ -24,7 +24,16 @@ use crate::proxy::{Attempts, ClientInfo, Forward, Shared};
 use crate::retry::is_idempotent;
 use crate::upstream::{UpstreamError, UpstreamRequest};
 
-static EMPTY: Bytes = Bytes::new();
+/// How an attempt reaches its upstream: plain HTTP/1.1 with a body known in full goes on
+/// the gateway's own pool, straight from the outgoing request (nothing copied); streamed
+/// bodies, upgrades and HTTP/2 on hyper's client.
+// One per attempt, inside the attempt's future: boxing the large variant would only add
+// an allocation.
+#[allow(clippy::large_enum_variant)]
+enum Via<'a> {
+    Pool(&'a http::uri::Authority, &'a Bytes),
+    Hyper(http::Request<Body>),
+}
 
 /// Per-upstream metric handles, registered when a generation is built.
 pub(crate) struct UpstreamMetrics {
@@ -332,19 +341,14 @@ impl Forward {
         final_attempt: bool,
     ) -> Outcome {
         let endpoint = &set.endpoints[index];
-        // Plain HTTP/1.1 with a body known in full goes on the gateway's own pool (straight
-        // from `outgoing`, nothing copied); streamed bodies, upgrades and HTTP/2 on hyper's
-        // client.
-        let own = match (self.protocol, endpoint.base.authority(), &outgoing.replay) {
-            (UpstreamProtocol::Http1, Some(authority), Some(_)) if outgoing.upgrade.is_none() => {
-                Some(authority)
+        let via = match (self.protocol, endpoint.base.authority(), &outgoing.replay) {
+            (UpstreamProtocol::Http1, Some(authority), Some(body))
+                if outgoing.upgrade.is_none() =>
+            {
+                Via::Pool(authority, body)
             }
-            _ => None,
-        };
-        let hyper_request = match own {
-            Some(_) => None,
-            None => match self.hyper_request(endpoint, outgoing, final_attempt) {
-                Some(request) => Some(request),
+            _ => match self.hyper_request(endpoint, outgoing, final_attempt) {
+                Some(request) => Via::Hyper(request),
                 None => return Outcome::Failed(Problem::internal("bad upstream URI")),
             },
         };
@@ -357,23 +361,22 @@ impl Forward {
         };
         let in_flight = endpoint.stats.start();
         let send = async {
-            match (own, hyper_request) {
-                (Some(authority), _) => {
+            match via {
+                Via::Pool(authority, body) => {
                     let request = UpstreamRequest {
                         method: &outgoing.method,
                         target: &outgoing.path_and_query,
                         headers: &outgoing.headers,
-                        body: outgoing.replay.as_ref().unwrap_or(&EMPTY),
+                        body,
                     };
                     shared.http1.send(authority, request).await
                 }
-                (None, Some(request)) => shared
+                Via::Hyper(request) => shared
                     .client(self.protocol)
                     .request(request)
                     .await
                     .map(|response| response.map(Body::new))
                     .map_err(UpstreamError::Pooled),
-                (None, None) => Err(UpstreamError::Closed),
             }
         };
         let answer = tokio::time::timeout(budget, send).await;

@@ -179,6 +179,52 @@ pub(crate) fn parse_content_length(value: &[u8]) -> Option<u64> {
     })
 }
 
+/// What a head's fields say about how its message is framed and what it asks of the
+/// connection, read off the raw fields in one pass (requests and responses alike).
+#[derive(Debug, Default)]
+pub(crate) struct Framing {
+    /// `Content-Length`, every copy agreeing.
+    pub(crate) content_length: Option<u64>,
+    /// With `Transfer-Encoding`: whether the last coding of the last field is chunked.
+    pub(crate) chunked: Option<bool>,
+    /// `Connection: close`.
+    pub(crate) close: bool,
+    /// `Connection: upgrade`, `Upgrade` or `Expect`: more than a plain exchange.
+    pub(crate) special: bool,
+}
+
+/// A `Content-Length` that is not a plain number, or copies that disagree (a smuggling
+/// attempt as often as a mistake).
+#[derive(Debug, PartialEq)]
+pub(crate) struct BadLength;
+
+pub(crate) fn framing(buf: &[u8], fields: &[HeaderIndex]) -> Result<Framing, BadLength> {
+    let mut framing = Framing::default();
+    for field in fields {
+        let (name, value) = (field.name(buf), field.value(buf));
+        if name.eq_ignore_ascii_case(b"content-length") {
+            let n = parse_content_length(value).ok_or(BadLength)?;
+            if framing.content_length.is_some_and(|before| before != n) {
+                return Err(BadLength);
+            }
+            framing.content_length = Some(n);
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            framing.chunked = Some(
+                value
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked")),
+            );
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            framing.close |= lists_token(value, b"close");
+            framing.special |= lists_token(value, b"upgrade");
+        } else if name.eq_ignore_ascii_case(b"upgrade") || name.eq_ignore_ascii_case(b"expect") {
+            framing.special = true;
+        }
+    }
+    Ok(framing)
+}
+
 /// Appends `name: value\r\n`.
 pub(crate) fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
@@ -502,6 +548,53 @@ mod tests {
                 response.headers.len()
             ),
             (204, 1, 1)
+        );
+    }
+
+    #[test]
+    fn framing_is_read_off_the_fields() {
+        let of = |raw: &str| {
+            let head = parse_request(raw.as_bytes(), 100).unwrap().unwrap();
+            framing(raw.as_bytes(), &head.headers)
+        };
+        let plain =
+            of("POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-length: 5\r\n\r\n").unwrap();
+        assert_eq!(
+            (
+                plain.content_length,
+                plain.chunked,
+                plain.close,
+                plain.special
+            ),
+            (Some(5), None, false, false)
+        );
+        let chunked =
+            of("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\nConnection: close\r\n\r\n")
+                .unwrap();
+        assert_eq!((chunked.chunked, chunked.close), (Some(true), true));
+        assert_eq!(
+            of("GET / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n")
+                .unwrap()
+                .chunked,
+            Some(false)
+        );
+        assert!(
+            of("GET / HTTP/1.1\r\nConnection: keep-alive, Upgrade\r\n\r\n")
+                .unwrap()
+                .special
+        );
+        assert!(
+            of("PUT / HTTP/1.1\r\nExpect: 100-continue\r\n\r\n")
+                .unwrap()
+                .special
+        );
+        assert_eq!(
+            of("POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n").unwrap_err(),
+            BadLength
+        );
+        assert_eq!(
+            of("POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n").unwrap_err(),
+            BadLength
         );
     }
 

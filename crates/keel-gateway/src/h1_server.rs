@@ -170,33 +170,15 @@ fn shape(head: &h1::RequestHead, buf: &[u8]) -> Result<Option<Shape>, Refusal> {
     if head.minor_version != 1 || &buf[head.method.clone()] == b"CONNECT" {
         return Ok(None);
     }
-    let mut length = None;
-    let mut close = false;
-    for field in &head.headers {
-        let (name, value) = (field.name(buf), field.value(buf));
-        if name.eq_ignore_ascii_case(b"content-length") {
-            let n = h1::parse_content_length(value).ok_or(Refusal::Malformed)?;
-            if length.is_some_and(|before| before != n) {
-                return Err(Refusal::Malformed);
-            }
-            length = Some(n);
-        } else if name.eq_ignore_ascii_case(b"connection") {
-            close |= h1::lists_token(value, b"close");
-            if h1::lists_token(value, b"upgrade") {
-                return Ok(None);
-            }
-        } else if name.eq_ignore_ascii_case(b"transfer-encoding")
-            || name.eq_ignore_ascii_case(b"upgrade")
-            || name.eq_ignore_ascii_case(b"expect")
-        {
-            return Ok(None);
-        }
-    }
-    let length = length.unwrap_or(0);
-    if length > MAX_READ_BODY {
+    let framing = h1::framing(buf, &head.headers).map_err(|h1::BadLength| Refusal::Malformed)?;
+    let length = framing.content_length.unwrap_or(0);
+    if framing.special || framing.chunked.is_some() || length > MAX_READ_BODY {
         return Ok(None);
     }
-    Ok(Some(Shape { length, close }))
+    Ok(Some(Shape {
+        length,
+        close: framing.close,
+    }))
 }
 
 fn request(head_bytes: &Bytes, head: &h1::RequestHead, body: Body) -> Option<Request<Body>> {

@@ -283,31 +283,15 @@ impl Http1Pool {
         let bytes = conn.read.split_to(head.len).freeze();
         let status = StatusCode::from_u16(head.status)
             .map_err(|_| UpstreamError::Malformed("invalid status code"))?;
-        // RFC 9112 §6.3: how the body ends, read off the raw fields in one pass.
-        let mut chunked = None;
-        let mut length = None;
-        let mut close = false;
-        for field in &head.headers {
-            let (name, value) = (field.name(&bytes), field.value(&bytes));
-            if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                // The last coding of the last field decides.
-                chunked = Some(
-                    value
-                        .rsplit(|&b| b == b',')
-                        .next()
-                        .is_some_and(|last| last.trim_ascii().eq_ignore_ascii_case(b"chunked")),
-                );
-            } else if name.eq_ignore_ascii_case(b"content-length") {
-                let n = h1::parse_content_length(value)
-                    .ok_or(UpstreamError::Malformed("invalid content-length"))?;
-                if length.is_some_and(|before| before != n) {
-                    return Err(UpstreamError::Malformed("conflicting content-length"));
-                }
-                length = Some(n);
-            } else if name.eq_ignore_ascii_case(b"connection") {
-                close |= h1::lists_token(value, b"close");
-            }
-        }
+        // RFC 9112 §6.3: how the body ends.
+        let h1::Framing {
+            content_length: length,
+            chunked,
+            close,
+            ..
+        } = h1::framing(&bytes, &head.headers).map_err(|h1::BadLength| {
+            UpstreamError::Malformed("invalid or conflicting content-length")
+        })?;
         // Room for the request id, CORS and rate-limit headers.
         let headers = h1::header_map(&bytes, &head.headers, 6)
             .map_err(|_| UpstreamError::Malformed("invalid header field"))?;
