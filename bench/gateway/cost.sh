@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Instructions per request of Keel's gateway (plain route), counted by callgrind, so that
 # changes to per-request work can be compared on a machine whose req/s is noisy; with the
-# argument `nginx`, NGINX's on the same route (bench/gateway/nginx.conf, one process:
-# `master_process off`), for scale. Run through `scripts/bench gateway-cost [nginx]`,
-# which builds the release binaries first.
+# argument `nginx`, NGINX's on the same route doing the same work (bench/gateway/nginx.conf,
+# one process: `master_process off`), with `nginx-bare` NGINX's without the forwarding
+# headers and request id (nginx-bare.conf). Run through
+# `scripts/bench gateway-cost [nginx|nginx-bare]`, which builds the release binaries first.
 #
 # The proxy runs single-threaded under `valgrind --tool=callgrind`; wrk warms it up,
 # the counters are zeroed, wrk loads it for BENCH_DURATION (default 10s) with 8
@@ -48,16 +49,16 @@ case "$target" in
     TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" \
       target/release/keel --config "$dir/keel.toml" gateway >"$dir/valgrind.log" 2>&1 &
     ;;
-  nginx)
+  nginx | nginx-bare)
     nginx=$(command -v nginx || echo /usr/sbin/nginx)
     sed -e "s|{{DIR}}|$dir|g" -e "s|{{UPSTREAM}}|127.0.0.1:$upstream_port|" \
       -e "s|{{CONNECTIONS}}|8|" -e "s|{{LISTEN}}|127.0.0.1:$listen_port|" \
       -e "s|^worker_processes 1;|worker_processes 1;\nmaster_process off;|" \
-      bench/gateway/nginx.conf >"$dir/nginx.conf"
+      "bench/gateway/$target.conf" >"$dir/nginx.conf"
     valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" \
       "$nginx" -c "$dir/nginx.conf" -e "$dir/nginx-error.log" >"$dir/valgrind.log" 2>&1 &
     ;;
-  *) echo "unknown target: $target (keel or nginx)" >&2; exit 2 ;;
+  *) echo "unknown target: $target (keel, nginx or nginx-bare)" >&2; exit 2 ;;
 esac
 pids+=($!)
 url="http://127.0.0.1:$listen_port/"

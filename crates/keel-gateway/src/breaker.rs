@@ -109,6 +109,8 @@ enum Mode {
 pub struct Permit {
     breaker: Arc<CircuitBreaker>,
     probe: bool,
+    /// Waited in the queue: the clock has moved on since the request arrived.
+    queued: bool,
     _slot: OwnedSemaphorePermit,
 }
 
@@ -157,8 +159,8 @@ impl CircuitBreaker {
     /// until `deadline` at most.
     pub async fn acquire(self: &Arc<Self>, deadline: Instant, now: u64) -> Result<Permit, Refusal> {
         let probe = self.admit(now)?;
-        let slot = match Arc::clone(&self.slots).try_acquire_owned() {
-            Ok(slot) => slot,
+        let (slot, queued) = match Arc::clone(&self.slots).try_acquire_owned() {
+            Ok(slot) => (slot, false),
             Err(_) => {
                 {
                     let mut state = self.lock();
@@ -178,7 +180,7 @@ impl CircuitBreaker {
                 .await;
                 drop(queue);
                 match slot {
-                    Ok(slot) => slot.map_err(|_| Refusal::Saturated)?,
+                    Ok(slot) => (slot.map_err(|_| Refusal::Saturated)?, true),
                     Err(_) => return Err(Refusal::TimedOut),
                 }
             }
@@ -186,6 +188,7 @@ impl CircuitBreaker {
         Ok(Permit {
             breaker: Arc::clone(self),
             probe,
+            queued,
             _slot: slot,
         })
     }
@@ -220,8 +223,7 @@ impl CircuitBreaker {
         }
     }
 
-    fn record(&self, probe: bool, success: bool) {
-        let now = now_nanos();
+    fn record(&self, probe: bool, success: bool, now: u64) {
         let second = now / 1_000_000_000;
         let mut state = self.lock();
         let window = state.buckets.len() as u64;
@@ -284,9 +286,15 @@ impl Drop for QueueSpot<'_> {
 }
 
 impl Permit {
-    pub fn record(mut self, success: bool) {
-        self.breaker.record(self.probe, success);
+    /// The request's outcome, known at `now` (of [`now_nanos`]).
+    pub fn record(mut self, success: bool, now: u64) {
+        self.breaker.record(self.probe, success, now);
         self.probe = false;
+    }
+
+    /// Whether the request waited in the queue for its slot.
+    pub fn queued(&self) -> bool {
+        self.queued
     }
 }
 
@@ -320,21 +328,27 @@ mod tests {
             ..BreakerConfig::default()
         });
         let first = breaker.acquire(later(), now_nanos()).await.unwrap();
-        let _second = breaker.acquire(later(), now_nanos()).await.unwrap();
+        let second = breaker.acquire(later(), now_nanos()).await.unwrap();
+        assert!(!first.queued() && !second.queued());
         let queued = tokio::spawn({
             let breaker = Arc::clone(&breaker);
-            async move { breaker.acquire(later(), now_nanos()).await.map(drop) }
+            async move {
+                breaker
+                    .acquire(later(), now_nanos())
+                    .await
+                    .map(|p| p.queued())
+            }
         });
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert_eq!(
             breaker.acquire(later(), now_nanos()).await.err(),
             Some(Refusal::Saturated)
         );
-        first.record(true);
+        first.record(true, now_nanos());
         assert_eq!(
             queued.await.unwrap(),
-            Ok(()),
-            "the queued request got the slot"
+            Ok(true),
+            "the queued request got the slot, and knows it waited"
         );
     }
 
@@ -352,14 +366,14 @@ mod tests {
                 .acquire(later(), now_nanos())
                 .await
                 .unwrap()
-                .record(success);
+                .record(success, now_nanos());
         }
         assert_eq!(breaker.state(), CircuitState::Closed, "below min_requests");
         breaker
             .acquire(later(), now_nanos())
             .await
             .unwrap()
-            .record(false);
+            .record(false, now_nanos());
         assert_eq!(breaker.state(), CircuitState::Open);
         assert!(matches!(
             breaker.acquire(later(), now_nanos()).await.err(),
@@ -376,15 +390,15 @@ mod tests {
             ),
             "only the probes pass while half open"
         );
-        probe.record(true);
+        probe.record(true, now_nanos());
         assert_eq!(breaker.state(), CircuitState::HalfOpen);
-        second_probe.record(true);
+        second_probe.record(true, now_nanos());
         assert_eq!(breaker.state(), CircuitState::Closed);
         breaker
             .acquire(later(), now_nanos())
             .await
             .unwrap()
-            .record(false);
+            .record(false, now_nanos());
         assert_eq!(
             breaker.state(),
             CircuitState::Closed,
@@ -404,11 +418,11 @@ mod tests {
             .acquire(later(), now_nanos())
             .await
             .unwrap()
-            .record(false);
+            .record(false, now_nanos());
         tokio::time::sleep(Duration::from_millis(60)).await;
         drop(breaker.acquire(later(), now_nanos()).await.unwrap());
         let probe = breaker.acquire(later(), now_nanos()).await.unwrap();
-        probe.record(false);
+        probe.record(false, now_nanos());
         assert_eq!(breaker.state(), CircuitState::Open);
     }
 

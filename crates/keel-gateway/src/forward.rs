@@ -3,7 +3,7 @@
 
 use std::error::Error as _;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
@@ -19,7 +19,7 @@ use smallvec::SmallVec;
 use crate::balance::{BalanceConfig, EndpointSet};
 use crate::breaker::Refusal;
 use crate::config::UpstreamProtocol;
-use crate::endpoint::{nanos_at, now_nanos};
+use crate::endpoint::{nanos, nanos_at, now_nanos};
 use crate::proxy::{Attempts, ClientInfo, Forward, Shared};
 use crate::retry::is_idempotent;
 use crate::upstream::{UpstreamError, UpstreamRequest};
@@ -87,6 +87,15 @@ struct Outgoing {
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
+/// A request's time in [`now_nanos`] (integers: each `Instant` subtraction costs ~50
+/// instructions, and a request made a dozen).
+struct Clock {
+    /// When the next attempt starts; after an attempt, when it ended.
+    now: u64,
+    /// When the route's timeout runs out.
+    deadline: u64,
+}
+
 impl Forward {
     pub(crate) async fn forward(
         &self,
@@ -96,16 +105,20 @@ impl Forward {
         params: &[(String, String)],
         client: ClientInfo,
     ) -> Result<(Response, Attempts), Problem> {
-        let started = Instant::now();
+        let started = client.received;
         let peer = Some(client.peer);
         let deadline = started + self.timeout;
         let mut outgoing = self.outgoing(parts, body, params, Some(client)).await?;
 
-        // The request's one clock reading for the breaker, the budget and the balancer.
+        // The request's clock reading for the breaker, the budget and the balancer.
         let now = nanos_at(started);
         let permit = match self.breaker.acquire(deadline, now).await {
             Ok(permit) => permit,
             Err(refusal) => return Err(self.refused(refusal)),
+        };
+        let mut clock = Clock {
+            now: if permit.queued() { now_nanos() } else { now },
+            deadline: now.saturating_add(nanos(self.timeout)),
         };
         self.budget.deposit_at(now / 1_000_000_000);
         let set = self.endpoints(shared);
@@ -135,7 +148,14 @@ impl Forward {
                 || retries >= self.retry.attempts
                 || tried.len() == set.endpoints.len();
             let outcome = self
-                .attempt(shared, &set, index, &mut outgoing, deadline, final_attempt)
+                .attempt(
+                    shared,
+                    &set,
+                    index,
+                    &mut outgoing,
+                    &mut clock,
+                    final_attempt,
+                )
                 .await;
             let retry = match &outcome {
                 Outcome::Answered(response) => {
@@ -147,7 +167,7 @@ impl Forward {
             let replayable = outgoing.replay.is_some();
             let another = tried.len() < set.endpoints.len();
             if !(retry && replayable && another && retries < self.retry.attempts)
-                || Instant::now() >= deadline
+                || clock.now >= clock.deadline
                 || !self.budget.withdraw()
             {
                 break Some(outcome);
@@ -156,11 +176,12 @@ impl Forward {
             metrics::counter!("keel_gateway_retries_total", "route" => self.route.clone())
                 .increment(1);
             let pause = self.retry.backoff(retries);
-            if Instant::now() + pause >= deadline {
+            if clock.now.saturating_add(nanos(pause)) >= clock.deadline {
                 break Some(outcome);
             }
             last = Some(outcome);
             tokio::time::sleep(pause).await;
+            clock.now = now_nanos();
         };
         let result = match outcome {
             Some(Outcome::Answered(response)) => Ok(response),
@@ -178,7 +199,7 @@ impl Forward {
             Ok(response) => !response.status().is_server_error(),
             Err(_) => false,
         };
-        permit.record(success);
+        permit.record(success, clock.now);
         result.map(|mut response| {
             let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
             let upstream_upgrade = switching
@@ -337,9 +358,10 @@ impl Forward {
         set: &EndpointSet,
         index: usize,
         outgoing: &mut Outgoing,
-        deadline: Instant,
+        clock: &mut Clock,
         final_attempt: bool,
     ) -> Outcome {
+        let start = clock.now;
         let endpoint = &set.endpoints[index];
         let via = match (self.protocol, endpoint.base.authority(), &outgoing.replay) {
             (UpstreamProtocol::Http1, Some(authority), Some(body))
@@ -349,12 +371,13 @@ impl Forward {
             }
             _ => match self.hyper_request(endpoint, outgoing, final_attempt) {
                 Some(request) => Via::Hyper(request),
-                None => return Outcome::Failed(Problem::internal("bad upstream URI")),
+                None => {
+                    return Outcome::Failed(Problem::internal("bad upstream URI"));
+                }
             },
         };
 
-        let now = Instant::now();
-        let left = deadline.saturating_duration_since(now);
+        let left = Duration::from_nanos(clock.deadline.saturating_sub(start));
         let (budget, per_try) = match self.retry.per_try_timeout {
             Some(per_try) if per_try < left => (per_try, true),
             _ => (left, false),
@@ -369,7 +392,7 @@ impl Forward {
                         headers: &outgoing.headers,
                         body,
                     };
-                    shared.http1.send(authority, request).await
+                    shared.http1.send(authority, request, start).await
                 }
                 Via::Hyper(request) => shared
                     .client(self.protocol)
@@ -379,14 +402,17 @@ impl Forward {
                     .map_err(UpstreamError::Pooled),
             }
         };
+        // Not `timeout_at(start + budget)`: measured, it cost more than the clock reading it
+        // saves.
         let answer = tokio::time::timeout(budget, send).await;
         drop(in_flight);
-        let took = now.elapsed();
+        let ended = now_nanos();
+        clock.now = ended;
+        let took = Duration::from_nanos(ended.saturating_sub(start));
         let base = &endpoint.base;
         let outcome = match answer {
             Ok(Ok(response)) => {
-                let answered = nanos_at(now) + u64::try_from(took.as_nanos()).unwrap_or(0);
-                endpoint.stats.observe_latency(took, answered);
+                endpoint.stats.observe_latency(took, ended);
                 Outcome::Answered(response)
             }
             Err(_) => {
@@ -412,9 +438,8 @@ impl Forward {
                     None
                 };
                 if let Some(problem) = client_fault {
-                    return Outcome::Answered(
-                        problem.with_source(crate::proxy::SOURCE).into_response(),
-                    );
+                    let response = problem.with_source(crate::proxy::SOURCE).into_response();
+                    return Outcome::Answered(response);
                 }
                 let problem = Problem::new(
                     StatusCode::BAD_GATEWAY,

@@ -12,6 +12,7 @@ use std::future::Future;
 use std::io;
 use std::pin::{Pin, pin};
 use std::task::{Context, Poll, Waker};
+use std::time::Instant;
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
@@ -72,9 +73,11 @@ where
     // body) must arrive within the header timeout, which also bounds idle keep-alive.
     let mut timeout = pin!(tokio::time::sleep(limits.header_read_timeout));
     loop {
+        let now = Instant::now();
         timeout
             .as_mut()
-            .reset(tokio::time::Instant::now() + limits.header_read_timeout);
+            .reset((now + limits.header_read_timeout).into());
+        let mut waited = false;
         let head = loop {
             if !buf.is_empty() {
                 match h1::parse_request(&buf, limits.max_headers) {
@@ -102,7 +105,10 @@ where
             if !matches!(read, Ok(n) if n > 0) {
                 return Ended::Closed;
             }
+            waited = true;
         };
+        // When the head arrived: the clock is read again only if the loop waited for it.
+        let received = if waited { Instant::now() } else { now };
         let shape = match shape(&head, &buf) {
             Ok(Some(shape)) => shape,
             Ok(None) => return Ended::Handoff(Rewind::new(buf.freeze(), io)),
@@ -133,12 +139,19 @@ where
         };
         drop(head_bytes);
         let head_method = request.method() == Method::HEAD;
-        let response = if state.rate.as_ref().is_some_and(|rate| !rate.admit()) {
+        let response = if state
+            .rate
+            .as_ref()
+            .is_some_and(|rate| !rate.admit(received))
+        {
             too_fast()
         } else {
             match state.mode {
                 Mode::RedirectToHttps { port } => redirect_to_https(&request, port),
-                Mode::Proxy { .. } => state.gateway.handle(request, state.client.clone()).await,
+                Mode::Proxy { .. } => {
+                    let client = state.client.received_at(received);
+                    state.gateway.handle(request, client).await
+                }
             }
         };
         let close = shape.close

@@ -7,7 +7,7 @@ use std::convert::Infallible;
 use std::io;
 use std::pin::pin;
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::response::{IntoResponse, Response};
@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use crate::endpoint::now_nanos;
+use crate::endpoint::nanos_at;
 use crate::h1_server::{self, Ended};
 use crate::proxy::{ClientInfo, SOURCE};
 use crate::ratelimit::gcra;
@@ -142,8 +142,9 @@ impl ConnectionRate {
         })
     }
 
-    pub(crate) fn admit(&self) -> bool {
-        let now = now_nanos() / 1_000;
+    /// Whether a request received at `at` is within the connection's rate.
+    pub(crate) fn admit(&self, at: Instant) -> bool {
+        let now = nanos_at(at) / 1_000;
         let mut tat = self.tat.lock().unwrap_or_else(PoisonError::into_inner);
         let (decision, next) = gcra(*tat, now, self.interval, self.tolerance, 0);
         if let Some(next) = next {
@@ -277,15 +278,16 @@ where
     let service = service_fn(move |request: Request<Incoming>| {
         let state = Arc::clone(&state);
         async move {
+            let client = state.client.received_at(Instant::now());
             if let Some(rate) = &state.rate
-                && !rate.admit()
+                && !rate.admit(client.received)
             {
                 return Ok::<_, Infallible>(too_fast());
             }
             let request = request.map(Body::new);
             Ok(match state.mode {
                 Mode::RedirectToHttps { port } => redirect_to_https(&request, port),
-                Mode::Proxy { .. } => state.gateway.handle(request, state.client.clone()).await,
+                Mode::Proxy { .. } => state.gateway.handle(request, client).await,
             })
         }
     });

@@ -12,8 +12,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::time::Instant;
-
 use arc_swap::ArcSwap;
 use axum::body::Body;
 use axum::response::Response;
@@ -104,7 +102,7 @@ impl Gateway {
         mut request: http::Request<Body>,
         client: ClientInfo,
     ) -> Response {
-        let started = Instant::now();
+        let started = client.received;
         let request_id = keel_runtime::http::request_id_of(request.headers());
         request.headers_mut().insert(REQUEST_ID, request_id.clone());
         let method = request.method().clone();

@@ -14,7 +14,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use bytes::{Buf, Bytes, BytesMut};
@@ -27,6 +27,7 @@ use tokio::net::TcpStream;
 
 use crate::balance::Fnv;
 use crate::config::UpstreamClientConfig;
+use crate::endpoint::{nanos, now_nanos};
 use crate::h1::{self, ChunkedDecoder, Decoded};
 
 /// Why an upstream request failed.
@@ -196,7 +197,8 @@ enum HeadError {
 
 struct Idle {
     conn: Box<Conn>,
-    since: Instant,
+    /// When it went idle, in [`now_nanos`].
+    since: u64,
 }
 
 // FNV-1a (`balance::Fnv`): the pool's keys are upstream addresses from the configuration
@@ -208,13 +210,14 @@ type IdleMap = HashMap<Box<str>, Vec<Idle>, std::hash::BuildHasherDefault<Fnv>>;
 struct IdleConns {
     by_host: IdleMap,
     /// When expired connections of every host were last closed.
-    swept: Instant,
+    swept: u64,
 }
 
 pub struct Http1Pool {
     idle: Mutex<IdleConns>,
     connect_timeout: Duration,
-    idle_timeout: Duration,
+    /// In nanoseconds, as the idle times are kept.
+    idle_timeout: u64,
     max_idle_per_host: usize,
 }
 
@@ -223,10 +226,10 @@ impl Http1Pool {
         Self {
             idle: Mutex::new(IdleConns {
                 by_host: IdleMap::default(),
-                swept: Instant::now(),
+                swept: now_nanos(),
             }),
             connect_timeout: config.connect_timeout,
-            idle_timeout: config.idle_timeout,
+            idle_timeout: nanos(config.idle_timeout),
             max_idle_per_host: config.max_idle_per_host,
         }
     }
@@ -239,10 +242,11 @@ impl Http1Pool {
         self: &Arc<Self>,
         authority: &Authority,
         request: UpstreamRequest<'_>,
+        now: u64,
     ) -> Result<Response<Body>, UpstreamError> {
         let idempotent = crate::retry::is_idempotent(request.method);
         loop {
-            let (mut conn, reused) = match self.checkout(authority) {
+            let (mut conn, reused) = match self.checkout(authority, now) {
                 Some(conn) => (conn, true),
                 None => (Box::new(self.connect(authority).await?), false),
             };
@@ -333,11 +337,12 @@ impl Http1Pool {
         Ok(response)
     }
 
-    fn checkout(&self, authority: &Authority) -> Option<Box<Conn>> {
+    /// An idle connection to `authority` that is still open, as of `now` (of [`now_nanos`]).
+    fn checkout(&self, authority: &Authority, now: u64) -> Option<Box<Conn>> {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.by_host.get_mut(authority.as_str())?;
         while let Some(Idle { mut conn, since }) = list.pop() {
-            if since.elapsed() < self.idle_timeout && conn.ready_now() {
+            if now.saturating_sub(since) < self.idle_timeout && conn.ready_now() {
                 return Some(conn);
             }
         }
@@ -345,14 +350,15 @@ impl Http1Pool {
     }
 
     fn put(&self, authority: Authority, conn: Box<Conn>) {
+        let now = now_nanos();
+        let fresh = |idle: &Idle| now.saturating_sub(idle.since) < self.idle_timeout;
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         // Once per idle timeout, close what expired everywhere, so hosts that left (an
         // instance gone from the registry) do not keep their sockets.
-        if idle.swept.elapsed() >= self.idle_timeout {
-            idle.swept = Instant::now();
-            let timeout = self.idle_timeout;
+        if now.saturating_sub(idle.swept) >= self.idle_timeout {
+            idle.swept = now;
             idle.by_host.retain(|_, list| {
-                list.retain(|idle| idle.since.elapsed() < timeout);
+                list.retain(fresh);
                 !list.is_empty()
             });
         }
@@ -362,13 +368,10 @@ impl Http1Pool {
             None => idle.by_host.entry(authority.as_str().into()).or_default(),
         };
         if list.len() >= self.max_idle_per_host {
-            list.retain(|idle| idle.since.elapsed() < self.idle_timeout);
+            list.retain(fresh);
         }
         if list.len() < self.max_idle_per_host {
-            list.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+            list.push(Idle { conn, since: now });
         }
     }
 

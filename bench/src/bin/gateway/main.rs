@@ -1,11 +1,15 @@
 //! `gateway`: benchmark of Keel's gateway against NGINX and HAProxy.
 //!
 //! Starts a tiny upstream (`upstream`, beside this binary) and then, one at a time, each
-//! target: the upstream directly, NGINX, HAProxy, Keel's gateway plain and with everything
-//! on. Each proxy is pinned to one core with one worker; wrk and the upstream share the
-//! other. The same wrk load runs against each (a warm-up, then the measured run), and the
-//! report gives req/s and p50/p99 latency with the ratios to NGINX. Results are recorded in
-//! `bench/README.md`; `scripts/bench gateway` installs wrk, nginx and haproxy first.
+//! target: the upstream directly, NGINX, NGINX bare, HAProxy, Keel's gateway plain and with
+//! everything on. NGINX and HAProxy do Keel's per-request work (`x-forwarded-for`, `-host`,
+//! `-proto` and a generated `x-request-id` to the upstream, `x-request-id` back to the
+//! client); NGINX bare adds none of it and is there for what those headers cost. Each proxy
+//! is pinned to one core with one worker; wrk and the upstream share the other. The same wrk
+//! load runs against each (a warm-up, then the measured run), and the report gives req/s and
+//! p50/p99 latency with the ratios to NGINX, and the targets checked against NGINX and, for
+//! reference, NGINX bare. Results are recorded in `bench/README.md`; `scripts/bench gateway`
+//! installs wrk, nginx and haproxy first.
 
 mod process;
 mod report;
@@ -39,7 +43,9 @@ const SETTINGS_ENV: [&str; 4] = [
 ];
 
 /// Benchmark of Keel's gateway against NGINX and HAProxy: req/s and p50/p99 latency of the
-/// same wrk load through each, one proxy core each, with the ratios to NGINX.
+/// same wrk load through each, one proxy core each, with the ratios to NGINX (which, like
+/// HAProxy, adds the forwarding headers and a request id, as Keel does; NGINX bare, without
+/// them, is measured for reference).
 #[derive(Debug, Parser)]
 #[command(name = "gateway", version)]
 struct Cli {

@@ -1,6 +1,7 @@
-//! What the load is run against: the upstream directly, NGINX, HAProxy and Keel's gateway
-//! (plain, and with everything on), each started from its template in `bench/gateway/` on
-//! a free loopback port, pinned to the proxy core.
+//! What the load is run against: the upstream directly, NGINX (doing Keel's per-request
+//! work, and bare for reference), HAProxy and Keel's gateway (plain, and with everything
+//! on), each started from its template in `bench/gateway/` on a free loopback port, pinned
+//! to the proxy core.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ const TOKEN_LIFETIME: Duration = Duration::from_secs(60 * 60);
 const CLIENT_ID: &str = "keel-bench";
 
 const NGINX_CONF: &str = include_str!("../../../gateway/nginx.conf");
+const NGINX_BARE_CONF: &str = include_str!("../../../gateway/nginx-bare.conf");
 const HAPROXY_CFG: &str = include_str!("../../../gateway/haproxy.cfg");
 const KEEL_PLAIN: &str = include_str!("../../../gateway/keel-plain.toml");
 const KEEL_FULL: &str = include_str!("../../../gateway/keel-full.toml");
@@ -35,7 +37,13 @@ const KEEL_FULL: &str = include_str!("../../../gateway/keel-full.toml");
 pub enum Target {
     /// wrk straight to the upstream: the load side's own ceiling, no proxy
     Direct,
+    /// NGINX adding the forwarding headers and a request id, as Keel's gateway does; the
+    /// targets are ratios to it
     Nginx,
+    /// NGINX without those headers, for what they cost it; the targets are shown against it
+    /// too, for reference only
+    NginxBare,
+    /// HAProxy adding the forwarding headers and a request id, as Keel's gateway does
     Haproxy,
     /// Keel's gateway, one static route, logs at warn
     Keel,
@@ -44,9 +52,10 @@ pub enum Target {
 }
 
 impl Target {
-    pub const ALL: [Target; 5] = [
+    pub const ALL: [Target; 6] = [
         Target::Direct,
         Target::Nginx,
+        Target::NginxBare,
         Target::Haproxy,
         Target::Keel,
         Target::KeelFull,
@@ -56,7 +65,8 @@ impl Target {
     pub fn label(self) -> &'static str {
         match self {
             Target::Direct => "upstream, direct (no proxy)",
-            Target::Nginx => "NGINX",
+            Target::Nginx => "NGINX (forwarding headers + request id, as Keel)",
+            Target::NginxBare => "NGINX, bare (no forwarding headers, no request id)",
             Target::Haproxy => "HAProxy",
             Target::Keel => "Keel gateway, plain",
             Target::KeelFull => "Keel gateway, JWT + rate limit + metrics + access log",
@@ -232,7 +242,8 @@ impl Setup<'_> {
     pub async fn start(&self, target: Target) -> anyhow::Result<Started> {
         let mut started = match target {
             Target::Direct => Started::without_process(format!("http://{}/", self.upstream)),
-            Target::Nginx => self.nginx()?,
+            Target::Nginx => self.nginx("nginx", NGINX_CONF)?,
+            Target::NginxBare => self.nginx("nginx-bare", NGINX_BARE_CONF)?,
             Target::Haproxy => self.haproxy()?,
             Target::Keel => self.keel("keel-plain", KEEL_PLAIN, &[])?,
             Target::KeelFull => self.keel_full().await?,
@@ -241,19 +252,21 @@ impl Setup<'_> {
         Ok(started)
     }
 
-    fn nginx(&self) -> anyhow::Result<Started> {
+    /// NGINX from `template`, written as `{name}.conf`, whose `error_log` is
+    /// `{name}-error.log`.
+    fn nginx(&self, name: &str, template: &str) -> anyhow::Result<Started> {
         let listen = free_loopback_port()?;
-        let conf = self.write_config("nginx.conf", NGINX_CONF, listen, &[])?;
+        let conf = self.write_config(&format!("{name}.conf"), template, listen, &[])?;
         let mut command = pinned(self.proxy_cpu, &self.tools.nginx);
         command
             .arg("-p")
             .arg(self.dir)
             // Before it reads its configuration NGINX opens this log, not the system one.
             .arg("-e")
-            .arg(self.dir.join("nginx-error.log"))
+            .arg(self.dir.join(format!("{name}-error.log")))
             .arg("-c")
             .arg(&conf);
-        let process = Running::spawn("nginx", command, &self.dir.join("nginx.log"))?;
+        let process = Running::spawn(name, command, &self.dir.join(format!("{name}.log")))?;
         Ok(Started::with_process(process, listen))
     }
 
@@ -553,11 +566,54 @@ mod tests {
         ] {
             all.push((name, "x".to_owned()));
         }
-        for template in [NGINX_CONF, HAPROXY_CFG, KEEL_PLAIN, KEEL_FULL] {
+        for template in [
+            NGINX_CONF,
+            NGINX_BARE_CONF,
+            HAPROXY_CFG,
+            KEEL_PLAIN,
+            KEEL_FULL,
+        ] {
             let rendered = render(template, &all);
             assert!(!rendered.contains("{{"), "{rendered}");
             assert_eq!(rendered.lines().count(), template.lines().count());
         }
+    }
+
+    #[test]
+    fn the_peers_add_keels_headers_but_nginx_bare_does_not() {
+        for (template, headers) in [
+            (
+                NGINX_CONF,
+                [
+                    "proxy_set_header X-Forwarded-For",
+                    "proxy_set_header X-Forwarded-Host",
+                    "proxy_set_header X-Forwarded-Proto",
+                    "proxy_set_header X-Request-ID",
+                    "add_header X-Request-ID",
+                ],
+            ),
+            (
+                HAPROXY_CFG,
+                [
+                    "option forwardfor",
+                    "set-header X-Forwarded-Host",
+                    "set-header X-Forwarded-Proto",
+                    "unique-id-header X-Request-ID",
+                    "http-after-response set-header X-Request-ID",
+                ],
+            ),
+        ] {
+            for header in headers {
+                assert!(template.contains(header), "{header}");
+            }
+        }
+        let directives = NGINX_BARE_CONF
+            .lines()
+            .filter(|line| !line.trim_start().starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(!directives.contains("X-Forwarded"), "{directives}");
+        assert!(!directives.contains("X-Request-ID"), "{directives}");
     }
 
     #[test]
