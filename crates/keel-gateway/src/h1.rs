@@ -19,15 +19,17 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Where a header's name and value sit in the head's bytes.
+/// Where a header's name and value sit in the head's bytes. Offsets are `u32`: a head is
+/// bounded far below 4 GiB by the header size limits, and the smaller index makes the
+/// parsed head cheaper to move (it is moved several times per request).
 #[derive(Debug, Clone)]
 pub(crate) struct HeaderIndex {
-    name: Range<usize>,
-    value: Range<usize>,
+    name: Range<u32>,
+    value: Range<u32>,
 }
 
-/// Header positions: most heads have fewer than 24 fields, kept inline.
-pub(crate) type HeaderIndices = SmallVec<[HeaderIndex; 24]>;
+/// Header positions: most heads have fewer than 16 fields, kept inline.
+pub(crate) type HeaderIndices = SmallVec<[HeaderIndex; 16]>;
 
 /// Header slots on the stack for limits up to this; beyond it a vector per head.
 const STACK_HEADERS: usize = 128;
@@ -53,14 +55,22 @@ pub(crate) struct ResponseHead {
     pub(crate) headers: HeaderIndices,
 }
 
-fn range_in(buf: &[u8], part: &[u8]) -> Range<usize> {
+fn range_in(buf: &[u8], part: &[u8]) -> Range<u32> {
     // `part` borrows from `buf` (httparse hands out subslices), except perhaps an empty
     // value, which may point anywhere.
     if part.is_empty() {
         return 0..0;
     }
     let start = (part.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
-    start..start + part.len()
+    // Within a bounded head (see `HeaderIndex`); an impossible overflow would saturate
+    // and make the slice below fail loudly rather than point at the wrong bytes.
+    let at = |offset: usize| u32::try_from(offset).unwrap_or(u32::MAX);
+    at(start)..at(start + part.len())
+}
+
+/// `range` of `buf` as `usize` bounds.
+fn span(range: &Range<u32>) -> Range<usize> {
+    range.start as usize..range.end as usize
 }
 
 fn indices(buf: &[u8], headers: &[httparse::Header<'_>]) -> HeaderIndices {
@@ -87,8 +97,12 @@ pub(crate) fn parse_request(
             httparse::Status::Partial => Ok(None),
             httparse::Status::Complete(len) => Ok(Some(RequestHead {
                 len,
-                method: request.method.map_or(0..0, |m| range_in(buf, m.as_bytes())),
-                target: request.path.map_or(0..0, |p| range_in(buf, p.as_bytes())),
+                method: request
+                    .method
+                    .map_or(0..0, |m| span(&range_in(buf, m.as_bytes()))),
+                target: request
+                    .path
+                    .map_or(0..0, |p| span(&range_in(buf, p.as_bytes()))),
                 minor_version: request.version.unwrap_or_default(),
                 headers: indices(buf, request.headers),
             })),
@@ -129,21 +143,23 @@ pub(crate) fn parse_response(buf: &[u8]) -> Result<Option<ResponseHead>, httpars
 pub(crate) struct InvalidHeader;
 
 /// The header map of a head (without `Transfer-Encoding`), its values sharing the head's
-/// bytes, with room for `extra`
-/// more fields (a map that grows reallocates and rehashes: once 10 % of a request's cost).
+/// bytes, filled into `map` (empty; a recycled one keeps its allocation) with room for
+/// `extra` more fields (a map that grows reallocates and rehashes: once 10 % of a request's
+/// cost).
 pub(crate) fn header_map(
+    mut map: HeaderMap,
     head: &Bytes,
     indices: &[HeaderIndex],
     extra: usize,
 ) -> Result<HeaderMap, InvalidHeader> {
-    let mut map = HeaderMap::with_capacity(indices.len() + extra);
+    map.reserve(indices.len() + extra);
     for index in indices {
-        let name = HeaderName::from_bytes(&head[index.name.clone()]).map_err(|_| InvalidHeader)?;
+        let name = HeaderName::from_bytes(index.name(head)).map_err(|_| InvalidHeader)?;
         // Framing is per hop: whoever writes the message on sets its own.
         if name == http::header::TRANSFER_ENCODING {
             continue;
         }
-        let value = HeaderValue::from_maybe_shared(head.slice(index.value.clone()))
+        let value = HeaderValue::from_maybe_shared(head.slice(span(&index.value)))
             .map_err(|_| InvalidHeader)?;
         map.append(name, value);
     }
@@ -152,11 +168,11 @@ pub(crate) fn header_map(
 
 impl HeaderIndex {
     pub(crate) fn name<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
-        &buf[self.name.clone()]
+        &buf[span(&self.name)]
     }
 
     pub(crate) fn value<'b>(&self, buf: &'b [u8]) -> &'b [u8] {
-        &buf[self.value.clone()]
+        &buf[span(&self.value)]
     }
 }
 
@@ -523,9 +539,21 @@ mod tests {
         assert_eq!(&raw[head.target.clone()], b"/a?b=1");
         assert_eq!(head.minor_version, 1);
         let bytes = Bytes::copy_from_slice(&raw[..head.len]);
-        let map = header_map(&bytes, &head.headers, 0).unwrap();
+        let map = header_map(HeaderMap::new(), &bytes, &head.headers, 0).unwrap();
         assert_eq!(map["host"], "x");
         assert_eq!(map.get_all("x-two").iter().count(), 2);
+        // A recycled map: emptied, refilled from a head with more fields than are kept
+        // inline.
+        let mut recycled = map;
+        recycled.clear();
+        let fields: String = (0..20).map(|n| format!("X-{n}: v{n}\r\n")).collect();
+        let raw = format!("GET / HTTP/1.1\r\n{fields}\r\n");
+        let head = parse_request(raw.as_bytes(), 100).unwrap().unwrap();
+        let bytes = Bytes::copy_from_slice(raw.as_bytes());
+        let map = header_map(recycled, &bytes, &head.headers, 0).unwrap();
+        assert_eq!(map.len(), 20);
+        assert!(map.get("host").is_none());
+        assert_eq!(map["x-19"], "v19");
         assert!(
             parse_request(b"GET / HTTP/1.1\r\nHost: x\r\n", 100)
                 .unwrap()

@@ -98,6 +98,27 @@ async fn pipelined_requests_are_answered_in_order() {
 }
 
 #[tokio::test]
+async fn no_header_of_one_exchange_reaches_the_next_on_a_connection() {
+    // The connection reuses the last response's header map for the next request's
+    // headers: emptied, so neither the response's fields (`x-upstream`, `content-type`)
+    // nor the last request's (`x-custom`) reach the next request.
+    let upstream = Upstream::start_echoing("u", &["x-custom", "x-upstream", "content-type"]);
+    let gateway = start_gateway(vec![route_to("r", &[&upstream])]).await;
+    let mut client = Connection::open(&gateway).await;
+    let first = client
+        .ask(b"GET /1 HTTP/1.1\r\nHost: x\r\nX-Custom: one\r\n\r\n")
+        .await;
+    assert!(first.contains("x-upstream: u\r\n"), "{first}");
+    assert!(first.ends_with("u GET /1 x-custom=one body="), "{first}");
+    for path in ["/2", "/3"] {
+        let next = client
+            .ask(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await;
+        assert!(next.ends_with(&format!("u GET {path} body=")), "{next}");
+    }
+}
+
+#[tokio::test]
 async fn a_connection_goes_to_hyper_for_a_chunked_body_and_keeps_serving() {
     let upstream = Upstream::start("u");
     let gateway = start_gateway(vec![route_to("r", &[&upstream])]).await;
