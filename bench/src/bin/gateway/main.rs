@@ -139,6 +139,9 @@ async fn measure(cli: &Cli) -> anyhow::Result<bool> {
 }
 
 async fn run(cli: &Cli, tools: &Tools, dir: &Path, date: String) -> anyhow::Result<Report> {
+    // Read before the run: the binaries measured were built from the tree as it is now,
+    // and the tree may change while a long run goes on.
+    let keel_commit = keel_commit();
     let upstream_addr = targets::free_loopback_port()?;
     let mut command = pinned(cli.load_cpu, &tools.upstream);
     command.arg("--listen").arg(upstream_addr.to_string());
@@ -200,7 +203,7 @@ async fn run(cli: &Cli, tools: &Tools, dir: &Path, date: String) -> anyhow::Resu
         command: command_line(),
         machine: machine(),
         versions: tools.versions(),
-        keel_commit: keel_commit(),
+        keel_commit,
         load: LoadInfo {
             connections: cli.connections,
             duration_s: cli.duration.as_secs(),
