@@ -371,9 +371,7 @@ impl Forward {
             }
             _ => match self.hyper_request(endpoint, outgoing, final_attempt) {
                 Some(request) => Via::Hyper(request),
-                None => {
-                    return Outcome::Failed(Problem::internal("bad upstream URI"));
-                }
+                None => return Outcome::Failed(Problem::internal("bad upstream URI")),
             },
         };
 
