@@ -116,11 +116,13 @@ impl Forward {
             Ok(permit) => permit,
             Err(refusal) => return Err(self.refused(refusal)),
         };
+        // A fresh reading for the first attempt: since the request arrived, its body may
+        // have trickled in, its token's keys been fetched, or the breaker queued it.
         let mut clock = Clock {
-            now: if permit.queued() { now_nanos() } else { now },
+            now: now_nanos(),
             deadline: now.saturating_add(nanos(self.timeout)),
         };
-        self.budget.deposit_at(now / 1_000_000_000);
+        self.budget.deposit_at(clock.now / 1_000_000_000);
         let set = self.endpoints(shared);
         if set.is_empty() {
             return Err(Problem::unavailable(format!(

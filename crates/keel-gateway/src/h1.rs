@@ -19,9 +19,10 @@ use http::header::{HeaderMap, HeaderName, HeaderValue};
 use smallvec::SmallVec;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-/// Where a header's name and value sit in the head's bytes. Offsets are `u32`: a head is
-/// bounded far below 4 GiB by the header size limits, and the smaller index makes the
-/// parsed head cheaper to move (it is moved several times per request).
+/// Where a header's name and value sit in the head's bytes. Offsets are `u32` (the parsers
+/// refuse a buffer longer than `u32::MAX`; the header size limits keep heads far below
+/// it), and the smaller index makes the parsed head cheaper to move (it is moved several
+/// times per request).
 #[derive(Debug, Clone)]
 pub(crate) struct HeaderIndex {
     name: Range<u32>,
@@ -62,10 +63,17 @@ fn range_in(buf: &[u8], part: &[u8]) -> Range<u32> {
         return 0..0;
     }
     let start = (part.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
-    // Within a bounded head (see `HeaderIndex`); an impossible overflow would saturate
-    // and make the slice below fail loudly rather than point at the wrong bytes.
+    // Fits: the parsers refuse longer buffers (`fits_u32`).
     let at = |offset: usize| u32::try_from(offset).unwrap_or(u32::MAX);
     at(start)..at(start + part.len())
+}
+
+/// Whether every offset into `buf` fits a [`HeaderIndex`]; a longer buffer is refused as
+/// too large.
+fn fits_u32(buf: &[u8]) -> Result<(), httparse::Error> {
+    u32::try_from(buf.len())
+        .map(drop)
+        .map_err(|_| httparse::Error::TooManyHeaders)
 }
 
 /// `range` of `buf` as `usize` bounds.
@@ -88,6 +96,7 @@ pub(crate) fn parse_request(
     buf: &[u8],
     max_headers: usize,
 ) -> Result<Option<RequestHead>, httparse::Error> {
+    fits_u32(buf)?;
     fn parse<'b>(
         buf: &'b [u8],
         slots: &mut [MaybeUninit<httparse::Header<'b>>],
@@ -121,6 +130,7 @@ pub(crate) fn parse_request(
 /// Parses a response head (up to [`STACK_HEADERS`] fields); `Ok(None)` until the buffer
 /// holds all of it.
 pub(crate) fn parse_response(buf: &[u8]) -> Result<Option<ResponseHead>, httparse::Error> {
+    fits_u32(buf)?;
     let mut slots = [const { MaybeUninit::uninit() }; STACK_HEADERS];
     let mut response = httparse::Response::new(&mut []);
     match httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -152,6 +162,7 @@ pub(crate) fn header_map(
     indices: &[HeaderIndex],
     extra: usize,
 ) -> Result<HeaderMap, InvalidHeader> {
+    debug_assert!(map.is_empty(), "a recycled map must come empty");
     map.reserve(indices.len() + extra);
     for index in indices {
         let name = HeaderName::from_bytes(index.name(head)).map_err(|_| InvalidHeader)?;

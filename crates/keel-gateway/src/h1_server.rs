@@ -37,7 +37,7 @@ pub(crate) const MAX_READ_BODY: u64 = 64 * 1024;
 const COALESCE: usize = 16 * 1024;
 /// How much is read at a time.
 const READ_CHUNK: usize = 8 * 1024;
-/// The largest header map (in fields) a connection keeps between requests.
+/// The most header fields (and map capacity) a connection's kept header map may have.
 const SPARE_HEADERS: usize = 64;
 
 /// How serving a connection ended.
@@ -307,7 +307,7 @@ where
     // The map, emptied, holds the next request's headers: one allocation and free fewer
     // per request. Not a large one, which would stay with an idle connection.
     let mut headers = parts.headers;
-    if headers.capacity() <= SPARE_HEADERS {
+    if headers.capacity() <= SPARE_HEADERS && headers.len() <= SPARE_HEADERS {
         headers.clear();
         *spare = headers;
     }

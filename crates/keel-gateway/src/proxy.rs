@@ -47,9 +47,9 @@ use crate::upstream::Http1Pool;
 #[derive(Debug, Clone)]
 pub struct ClientInfo {
     pub peer: SocketAddr,
-    /// When the request's head was read: the one clock reading that the request's
-    /// deadline, breaker, retry budget, balancer and metrics start from (each reading costs
-    /// ~90 instructions, and there were a dozen per request).
+    /// When the request's head was read (set per request by `received_at`; the
+    /// connection's own copy holds when it was accepted): the clock reading that the
+    /// request's deadline, connection rate, balancer and metrics start from.
     pub received: Instant,
     /// Arrived over TLS.
     pub secure: bool,

@@ -125,7 +125,9 @@ impl RetryBudget {
 
     fn bucket(buckets: &mut [Bucket; WINDOW_SECONDS], second: u64) -> &mut Bucket {
         let bucket = &mut buckets[(second % WINDOW_SECONDS as u64) as usize];
-        if bucket.second != second {
+        // Only an older second is replaced: a late-stamped count joins the newer second
+        // rather than wiping it.
+        if bucket.second < second {
             *bucket = Bucket {
                 second,
                 ..Bucket::default()
@@ -181,6 +183,18 @@ mod tests {
         // …and once they leave the window the budget is back to its floor.
         let granted = (0..100).filter(|_| budget.withdraw_at(110)).count();
         assert_eq!(granted, 10);
+    }
+
+    #[test]
+    fn a_late_stamped_request_does_not_wipe_a_newer_second() {
+        let budget = budget(0.5, 0);
+        for _ in 0..10 {
+            budget.deposit_at(110);
+        }
+        // Stamped ten seconds late: the same bucket slot as second 110.
+        budget.deposit_at(100);
+        let granted = (0..100).filter(|_| budget.withdraw_at(110)).count();
+        assert_eq!(granted, 5, "half of the 11 requests, not of 1");
     }
 
     #[test]
