@@ -44,6 +44,9 @@ match = { path_prefix = "/" }
 upstreams = ["http://127.0.0.1:$upstream_port"]
 TOML
 target="${1:-keel}"
+# The tree the binary was built from, read before the run (it may change during one).
+commit="$(git rev-parse --short HEAD)"
+[ -z "$(git status --porcelain --untracked-files=no)" ] || commit="$commit + uncommitted changes"
 case "$target" in
   keel)
     TOKIO_WORKER_THREADS=1 valgrind --tool=callgrind --callgrind-out-file="$dir/callgrind.out" \
@@ -76,7 +79,7 @@ instructions=$(callgrind_annotate "$dir"/callgrind.out.1 2>/dev/null \
   | awk '/PROGRAM TOTALS/ && !done { gsub(",", "", $1); print $1; done = 1 }')
 requests=$(awk '/requests in/ && !done { print $1; done = 1 }' "$dir/wrk.log")
 echo "date          $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-echo "target        $target$([ "$target" = keel ] && echo " $(git rev-parse --short HEAD)")"
+echo "target        $target$([ "$target" = keel ] && echo " $commit")"
 echo "requests      $requests (wrk -t1 -c8 -d$duration, under callgrind)"
 echo "instructions  $instructions (user space, after warm-up)"
 echo "per request   $((instructions / requests))"
