@@ -18,9 +18,8 @@ pub fn now_nanos() -> u64 {
     nanos_at(Instant::now())
 }
 
-/// [`now_nanos`] as of `at`: a request reads the clock once and uses it for the breaker,
-/// the retry budget and the balancer (each read is ~90 instructions; there were 15 per
-/// request).
+/// [`now_nanos`] as of `at`, so that one clock reading serves several uses
+/// (ARCHITECTURE.md, "Time").
 pub fn nanos_at(at: Instant) -> u64 {
     static START: OnceLock<Instant> = OnceLock::new();
     let start = *START.get_or_init(Instant::now);

@@ -87,8 +87,8 @@ struct Outgoing {
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
 
-/// A request's time in [`now_nanos`] (integers: each `Instant` subtraction costs ~50
-/// instructions, and a request made a dozen).
+/// A request's time in [`now_nanos`]: integers, because `Instant` arithmetic was a
+/// measurable share of a request (ARCHITECTURE.md, "Time").
 struct Clock {
     /// When the next attempt starts; after an attempt, when it ended.
     now: u64,
@@ -110,7 +110,7 @@ impl Forward {
         let deadline = started + self.timeout;
         let mut outgoing = self.outgoing(parts, body, params, Some(client)).await?;
 
-        // The request's clock reading for the breaker, the budget and the balancer.
+        // The arrival, in `now_nanos`: the breaker admits and the deadline counts from it.
         let now = nanos_at(started);
         let permit = match self.breaker.acquire(deadline, now).await {
             Ok(permit) => permit,
@@ -141,7 +141,7 @@ impl Forward {
         let mut retries = 0;
         let mut last = None;
         let outcome = loop {
-            let Some(index) = set.pick(&self.balance, hash, &tried, now) else {
+            let Some(index) = set.pick(&self.balance, hash, &tried, clock.now) else {
                 break last;
             };
             tried.push(index);
@@ -463,7 +463,7 @@ impl Forward {
         self.upstream_metrics.attempts[class].increment(1);
         self.upstream_metrics.duration.record(took.as_secs_f64());
         if class >= 4 {
-            self.record_failure(set, index);
+            self.record_failure(set, index, ended);
         } else {
             endpoint.stats.record_success();
         }
@@ -505,14 +505,14 @@ impl Forward {
         Some(request)
     }
 
-    /// Counts a failure and ejects the endpoint when it has failed too often in a row,
-    /// unless the service already has its share of instances ejected.
-    fn record_failure(&self, set: &EndpointSet, index: usize) {
+    /// Counts a failure at `now` (of [`now_nanos`]) and ejects the endpoint when it has
+    /// failed too often in a row, unless the service already has its share of instances
+    /// ejected.
+    fn record_failure(&self, set: &EndpointSet, index: usize, now: u64) {
         let endpoint = &set.endpoints[index];
         if !endpoint.stats.record_failure(&self.outlier) {
             return;
         }
-        let now = now_nanos();
         let ejected = set
             .endpoints
             .iter()

@@ -56,16 +56,21 @@ pub(crate) struct ResponseHead {
     pub(crate) headers: HeaderIndices,
 }
 
-fn range_in(buf: &[u8], part: &[u8]) -> Range<u32> {
+fn range_in(buf: &[u8], part: &[u8]) -> Range<usize> {
     // `part` borrows from `buf` (httparse hands out subslices), except perhaps an empty
     // value, which may point anywhere.
     if part.is_empty() {
         return 0..0;
     }
     let start = (part.as_ptr() as usize).wrapping_sub(buf.as_ptr() as usize);
-    // Fits: the parsers refuse longer buffers (`fits_u32`).
+    start..start + part.len()
+}
+
+/// `range` as a [`HeaderIndex`] keeps it. Fits: the parsers refuse longer buffers
+/// (`fits_u32`).
+fn narrow(range: Range<usize>) -> Range<u32> {
     let at = |offset: usize| u32::try_from(offset).unwrap_or(u32::MAX);
-    at(start)..at(start + part.len())
+    at(range.start)..at(range.end)
 }
 
 /// Whether every offset into `buf` fits a [`HeaderIndex`]; a longer buffer is refused as
@@ -85,8 +90,8 @@ fn indices(buf: &[u8], headers: &[httparse::Header<'_>]) -> HeaderIndices {
     headers
         .iter()
         .map(|h| HeaderIndex {
-            name: range_in(buf, h.name.as_bytes()),
-            value: range_in(buf, h.value),
+            name: narrow(range_in(buf, h.name.as_bytes())),
+            value: narrow(range_in(buf, h.value)),
         })
         .collect()
 }
@@ -106,12 +111,8 @@ pub(crate) fn parse_request(
             httparse::Status::Partial => Ok(None),
             httparse::Status::Complete(len) => Ok(Some(RequestHead {
                 len,
-                method: request
-                    .method
-                    .map_or(0..0, |m| span(&range_in(buf, m.as_bytes()))),
-                target: request
-                    .path
-                    .map_or(0..0, |p| span(&range_in(buf, p.as_bytes()))),
+                method: request.method.map_or(0..0, |m| range_in(buf, m.as_bytes())),
+                target: request.path.map_or(0..0, |p| range_in(buf, p.as_bytes())),
                 minor_version: request.version.unwrap_or_default(),
                 headers: indices(buf, request.headers),
             })),
