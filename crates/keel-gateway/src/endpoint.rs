@@ -21,9 +21,18 @@ pub fn now_nanos() -> u64 {
 /// [`now_nanos`] as of `at`, so that one clock reading serves several uses
 /// (ARCHITECTURE.md, "Time").
 pub fn nanos_at(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The instant of `nanos` (of [`now_nanos`]).
+pub fn instant_at(nanos: u64) -> Instant {
+    epoch() + Duration::from_nanos(nanos)
+}
+
+/// Where [`now_nanos`] counts from.
+fn epoch() -> Instant {
     static START: OnceLock<Instant> = OnceLock::new();
-    let start = *START.get_or_init(Instant::now);
-    u64::try_from(at.saturating_duration_since(start).as_nanos()).unwrap_or(u64::MAX)
+    *START.get_or_init(Instant::now)
 }
 
 /// `duration` in nanoseconds, saturating.

@@ -19,7 +19,7 @@ use smallvec::SmallVec;
 use crate::balance::{BalanceConfig, EndpointSet};
 use crate::breaker::Refusal;
 use crate::config::UpstreamProtocol;
-use crate::endpoint::{nanos, nanos_at, now_nanos};
+use crate::endpoint::{instant_at, nanos, nanos_at, now_nanos};
 use crate::proxy::{Attempts, ClientInfo, Forward, Shared};
 use crate::retry::is_idempotent;
 use crate::upstream::{UpstreamError, UpstreamRequest};
@@ -249,10 +249,8 @@ impl Forward {
         client: Option<ClientInfo>,
     ) -> Result<Outgoing, Problem> {
         let too_large = || self.too_large();
-        let length = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        let seen = Seen::scan(&parts.headers);
+        let length = seen.content_length;
         if length.is_some_and(|length| length > self.max_body_bytes) {
             return Err(too_large());
         }
@@ -274,12 +272,15 @@ impl Forward {
         };
 
         let headers = &mut parts.headers;
-        let keep_te_trailers = headers
-            .get(header::TE)
-            .is_some_and(|te| te.as_bytes().eq_ignore_ascii_case(b"trailers"));
-        let upgrade_to = requested_upgrade(headers);
-        strip_hop_by_hop(headers);
-        if keep_te_trailers {
+        let upgrade_to = if seen.connection {
+            requested_upgrade(headers)
+        } else {
+            None
+        };
+        if seen.hop_by_hop {
+            strip_hop_by_hop(headers);
+        }
+        if seen.te_trailers {
             // gRPC needs `te: trailers` end to end; it is the one TE value worth passing.
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
         }
@@ -294,7 +295,11 @@ impl Forward {
             None => None,
         };
         if let Some(client) = &client {
-            let forwarded = match headers.get(X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+            let before = seen
+                .forwarded_for
+                .then(|| headers.get(X_FORWARDED_FOR)?.to_str().ok())
+                .flatten();
+            let forwarded = match before {
                 Some(before) => {
                     HeaderValue::from_str(&format!("{before}, {}", client.peer.ip())).ok()
                 }
@@ -305,7 +310,9 @@ impl Forward {
                 headers.insert(X_FORWARDED_FOR, value);
             }
         }
-        if let Some(host) = headers.remove(header::HOST) {
+        if seen.host
+            && let Some(host) = headers.remove(header::HOST)
+        {
             headers.insert(X_FORWARDED_HOST, host);
         }
         let proto = if client.as_ref().is_some_and(|c| c.secure) {
@@ -383,39 +390,39 @@ impl Forward {
             _ => (left, false),
         };
         let in_flight = endpoint.stats.start();
-        let send = async {
-            match via {
-                Via::Pool(authority, body) => {
-                    let request = UpstreamRequest {
-                        method: &outgoing.method,
-                        target: &outgoing.path_and_query,
-                        headers: &outgoing.headers,
-                        body,
-                    };
-                    shared.http1.send(authority, request, start).await
+        let answer = match via {
+            Via::Pool(authority, body) => {
+                let request = UpstreamRequest {
+                    method: &outgoing.method,
+                    target: &outgoing.path_and_query,
+                    headers: &outgoing.headers,
+                    body,
+                };
+                // The pool bounds the exchange with the connection's own timer.
+                let deadline = instant_at(start.saturating_add(nanos(budget)));
+                shared.http1.send(authority, request, start, deadline).await
+            }
+            Via::Hyper(request) => {
+                let send = shared.client(self.protocol).request(request);
+                match tokio::time::timeout(budget, send).await {
+                    Ok(answer) => answer
+                        .map(|response| response.map(Body::new))
+                        .map_err(UpstreamError::Pooled),
+                    Err(_) => Err(UpstreamError::TimedOut),
                 }
-                Via::Hyper(request) => shared
-                    .client(self.protocol)
-                    .request(request)
-                    .await
-                    .map(|response| response.map(Body::new))
-                    .map_err(UpstreamError::Pooled),
             }
         };
-        // Not `timeout_at(start + budget)`: measured, it cost more than the clock reading it
-        // saves.
-        let answer = tokio::time::timeout(budget, send).await;
         drop(in_flight);
         let ended = now_nanos();
         clock.now = ended;
         let took = Duration::from_nanos(ended.saturating_sub(start));
         let base = &endpoint.base;
         let outcome = match answer {
-            Ok(Ok(response)) => {
+            Ok(response) => {
                 endpoint.stats.observe_latency(took, ended);
                 Outcome::Answered(response)
             }
-            Err(_) => {
+            Err(UpstreamError::TimedOut) => {
                 let limit = if per_try {
                     format!("the per-try timeout of {budget:?}")
                 } else {
@@ -423,7 +430,7 @@ impl Forward {
                 };
                 Outcome::TimedOut(self.timed_out(&format!("{base} did not answer within {limit}")))
             }
-            Ok(Err(error)) => {
+            Err(error) => {
                 let causes = || std::iter::successors(error.source(), |e| (*e).source());
                 // The client's body failing (too large, or malformed chunks) is the client's
                 // fault, not the instance's: answered as such, no retry, no ejection.
@@ -620,24 +627,71 @@ async fn splice(
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), and those the `Connection` header names:
 /// they are never forwarded in either direction. And `Expect`, which the client's side
 /// has already answered (the upstream gets the body without waiting).
+/// Whether `name` is hop-by-hop in itself (RFC 9110 §7.6.1), matched once rather than
+/// compared with every such name.
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "expect"
+            | "keep-alive"
+            | "proxy-authenticate"
+            | "proxy-authorization"
+            | "te"
+            | "trailer"
+            | "upgrade"
+    )
+}
+
+/// What a request's headers hold that forwarding acts on, found in one scan of them
+/// instead of a lookup for each (most requests hold none of it).
+#[derive(Default)]
+struct Seen {
+    /// The first `content-length`, when it is a number.
+    content_length: Option<u64>,
+    /// The first `te` is `trailers`.
+    te_trailers: bool,
+    connection: bool,
+    hop_by_hop: bool,
+    forwarded_for: bool,
+    host: bool,
+}
+
+impl Seen {
+    fn scan(headers: &HeaderMap) -> Self {
+        let mut seen = Self::default();
+        let (mut length_seen, mut te_seen) = (false, false);
+        for (name, value) in headers {
+            if *name == header::CONTENT_LENGTH {
+                if !length_seen {
+                    length_seen = true;
+                    seen.content_length = value.to_str().ok().and_then(|v| v.parse().ok());
+                }
+            } else if *name == header::HOST {
+                seen.host = true;
+            } else if *name == X_FORWARDED_FOR {
+                seen.forwarded_for = true;
+            } else if is_hop_by_hop(name) {
+                seen.hop_by_hop = true;
+                if *name == header::CONNECTION {
+                    seen.connection = true;
+                } else if *name == header::TE && !te_seen {
+                    te_seen = true;
+                    seen.te_trailers = value.as_bytes().eq_ignore_ascii_case(b"trailers");
+                }
+            }
+        }
+        seen
+    }
+}
+
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One scan of the names present (most messages carry none), matching each name once
-    // rather than comparing it with every hop-by-hop name.
-    let hop_by_hop = |name: &&HeaderName| {
-        matches!(
-            name.as_str(),
-            "connection"
-                | "expect"
-                | "keep-alive"
-                | "proxy-authenticate"
-                | "proxy-authorization"
-                | "te"
-                | "trailer"
-                | "upgrade"
-        )
-    };
-    let mut doomed: SmallVec<[HeaderName; 4]> =
-        headers.keys().filter(hop_by_hop).cloned().collect();
+    // One scan of the names present (most messages carry none).
+    let mut doomed: SmallVec<[HeaderName; 4]> = headers
+        .keys()
+        .filter(|name| is_hop_by_hop(name))
+        .cloned()
+        .collect();
     if doomed.is_empty() {
         return;
     }

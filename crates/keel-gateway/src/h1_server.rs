@@ -29,6 +29,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use crate::h1::{self, Rewind};
 use crate::listener::{ConnState, Mode, redirect_to_https, too_fast};
 use crate::proxy::SOURCE;
+use crate::timer;
 
 /// Request bodies up to this are read whole before the request is handled (the retry
 /// buffer keeps them anyway); larger ones stream through hyper.
@@ -75,14 +76,12 @@ where
     let mut out = Vec::with_capacity(1024);
     // The last response's header map, emptied, for the next request's headers.
     let mut spare = HeaderMap::new();
-    // One timer for the connection, moved on for each request: the head (and a small
-    // body) must arrive within the header timeout, which also bounds idle keep-alive.
-    let mut timeout = pin!(tokio::time::sleep(limits.header_read_timeout));
+    // The head (and a small body) must arrive within the header timeout, which also
+    // bounds idle keep-alive.
+    let mut sleep = pin!(tokio::time::sleep(limits.header_read_timeout));
     loop {
         let now = Instant::now();
-        timeout
-            .as_mut()
-            .reset((now + limits.header_read_timeout).into());
+        let deadline = now + limits.header_read_timeout;
         let mut waited = false;
         let head = loop {
             if !buf.is_empty() {
@@ -105,7 +104,7 @@ where
             let read = tokio::select! {
                 biased;
                 read = io.read_buf(&mut buf) => read,
-                () = timeout.as_mut() => return Ended::Closed,
+                () = timer::expire(sleep.as_mut(), deadline) => return Ended::Closed,
                 () = stop.as_mut(), if buf.is_empty() => return Ended::Closed,
             };
             if !matches!(read, Ok(n) if n > 0) {
@@ -132,7 +131,7 @@ where
                 let read = tokio::select! {
                     biased;
                     read = io.read_buf(&mut buf) => read,
-                    () = timeout.as_mut() => return Ended::Closed,
+                    () = timer::expire(sleep.as_mut(), deadline) => return Ended::Closed,
                 };
                 if !matches!(read, Ok(n) if n > 0) {
                     return Ended::Closed;
@@ -160,18 +159,11 @@ where
                 }
             }
         };
-        let close = shape.close
-            || state.shutdown.is_triggered()
-            || response
-                .headers()
-                .get_all(header::CONNECTION)
-                .iter()
-                .any(|v| h1::lists_token(v.as_bytes(), b"close"));
-        if write_response(&mut io, &mut out, response, head_method, close, &mut spare)
-            .await
-            .is_err()
-            || close
-        {
+        let close = shape.close || state.shutdown.is_triggered();
+        if !matches!(
+            write_response(&mut io, &mut out, response, head_method, close, &mut spare).await,
+            Ok(Open::KeptOpen)
+        ) {
             let _ = io.shutdown().await;
             return Ended::Closed;
         }
@@ -257,17 +249,24 @@ async fn flush<S: AsyncWrite + Unpin>(io: &mut S, out: &mut Vec<u8>) -> io::Resu
     Ok(())
 }
 
+/// Whether the connection may carry another request after a response.
+enum Open {
+    KeptOpen,
+    Closing,
+}
+
 /// Writes `response`: its head with framing of our own (`content-length` when the body's
 /// size is known, chunked otherwise), then the body as it comes. Trailers are not sent
-/// on HTTP/1.1.
+/// on HTTP/1.1. The connection closes after it when `close`, or when the response says
+/// `connection: close`.
 async fn write_response<S>(
     io: &mut S,
     out: &mut Vec<u8>,
     response: Response,
     head_method: bool,
-    close: bool,
+    mut close: bool,
     spare: &mut HeaderMap,
-) -> io::Result<()>
+) -> io::Result<Open>
 where
     S: AsyncWrite + Unpin,
 {
@@ -285,10 +284,17 @@ where
         || status == StatusCode::NOT_MODIFIED;
     // `Some(n)`: exactly n bytes follow; `None`: chunks.
     let length = (!bodiless).then(|| body.size_hint().exact());
+    // What the map holds is noted on the way through, not looked up.
+    let mut date = false;
     for (name, value) in &parts.headers {
+        if name == header::CONNECTION {
+            close |= h1::lists_token(value.as_bytes(), b"close");
+            continue;
+        }
         let framing = name == header::TRANSFER_ENCODING
             || (length.is_some() && name == header::CONTENT_LENGTH);
-        if !framing && name != header::CONNECTION {
+        if !framing {
+            date |= name == header::DATE;
             h1::put_header(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
@@ -297,12 +303,15 @@ where
         Some(None) => h1::put_header(out, b"transfer-encoding", b"chunked"),
         None => {}
     }
-    if !parts.headers.contains_key(header::DATE) {
+    if !date {
         h1::put_date(out);
     }
-    if close {
+    let open = if close {
         h1::put_header(out, b"connection", b"close");
-    }
+        Open::Closing
+    } else {
+        Open::KeptOpen
+    };
     out.extend_from_slice(b"\r\n");
     // The map, emptied, holds the next request's headers: one allocation and free fewer
     // per request. Not a large one, which would stay with an idle connection.
@@ -313,7 +322,8 @@ where
     }
     let Some(length) = length else {
         flush(io, out).await?;
-        return io.flush().await;
+        io.flush().await?;
+        return Ok(open);
     };
     let chunked = length.is_none();
     let mut sent = 0u64;
@@ -365,5 +375,6 @@ where
         ));
     }
     flush(io, out).await?;
-    io.flush().await
+    io.flush().await?;
+    Ok(open)
 }

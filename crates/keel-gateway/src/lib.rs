@@ -23,6 +23,7 @@ pub mod ratelimit;
 pub mod retry;
 pub mod route;
 pub mod server;
+mod timer;
 pub mod tls;
 mod upstream;
 mod watch;

@@ -14,7 +14,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use bytes::{Buf, Bytes, BytesMut};
@@ -24,11 +24,13 @@ use http::{Method, Response, StatusCode, Version};
 use http_body::{Frame, SizeHint};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::time::Sleep;
 
 use crate::balance::Fnv;
 use crate::config::UpstreamClientConfig;
 use crate::endpoint::{nanos, now_nanos};
 use crate::h1::{self, ChunkedDecoder, Decoded};
+use crate::timer;
 
 /// Why an upstream request failed.
 #[derive(Debug)]
@@ -41,6 +43,8 @@ pub enum UpstreamError {
     Closed,
     /// The upstream's answer is not HTTP/1.1 we accept.
     Malformed(&'static str),
+    /// No answer by the attempt's deadline.
+    TimedOut,
     /// From hyper's pooled client (streamed bodies, HTTP/2 upstreams, upgrades).
     Pooled(hyper_util::client::legacy::Error),
 }
@@ -50,7 +54,7 @@ impl UpstreamError {
         match self {
             Self::Connect(_) => true,
             Self::Pooled(error) => error.is_connect(),
-            Self::Io(_) | Self::Closed | Self::Malformed(_) => false,
+            Self::Io(_) | Self::Closed | Self::Malformed(_) | Self::TimedOut => false,
         }
     }
 }
@@ -62,6 +66,7 @@ impl fmt::Display for UpstreamError {
             Self::Io(error) => write!(f, "connection failed: {error}"),
             Self::Closed => f.write_str("the connection closed before the response"),
             Self::Malformed(what) => write!(f, "invalid response: {what}"),
+            Self::TimedOut => f.write_str("no response in the time allowed"),
             Self::Pooled(error) => write!(f, "{error}"),
         }
     }
@@ -71,7 +76,7 @@ impl StdError for UpstreamError {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
         match self {
             Self::Connect(error) | Self::Io(error) => Some(error),
-            Self::Closed | Self::Malformed(_) => None,
+            Self::Closed | Self::Malformed(_) | Self::TimedOut => None,
             Self::Pooled(error) => Some(error),
         }
     }
@@ -93,14 +98,41 @@ const READ_CHUNK: usize = 16 * 1024;
 /// Bodies up to this go out in the same write as the head.
 const COALESCE_BODY: usize = 16 * 1024;
 
-/// One upstream connection and its buffers, reused across its requests.
+/// One upstream connection, reused across its requests.
 struct Conn {
+    wire: Wire,
+    /// Bounds each exchange on the connection (see [`timer`]).
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Conn {
+    /// Writes the encoded request and reads the response head, by `deadline`.
+    async fn exchange(
+        &mut self,
+        body: &Bytes,
+        deadline: Instant,
+    ) -> Result<h1::ResponseHead, HeadError> {
+        let wire = &mut self.wire;
+        let exchange = async {
+            wire.write(body).await.map_err(HeadError::Unsent)?;
+            wire.read_head().await
+        };
+        tokio::select! {
+            biased;
+            head = exchange => head,
+            () = timer::expire(self.timer.as_mut(), deadline) => Err(HeadError::TimedOut),
+        }
+    }
+}
+
+/// A connection's socket and buffers.
+struct Wire {
     stream: TcpStream,
     read: BytesMut,
     write: Vec<u8>,
 }
 
-impl Conn {
+impl Wire {
     /// Whether an idle connection can take a request: nothing arrived on it meanwhile (a
     /// close, or bytes nobody asked for). `try_read` asks the socket only when the runtime
     /// saw it become readable, and registers no waker.
@@ -122,23 +154,25 @@ impl Conn {
         out.push(b' ');
         out.extend_from_slice(request.target.as_str().as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        if !request.headers.contains_key(header::HOST) {
-            h1::put_header(out, b"host", authority.as_str().as_bytes());
-        }
+        // What the map holds is noted on the way through, not looked up.
+        let (mut host, mut length) = (false, false);
         for (name, value) in request.headers {
             // The framing is the pool's: the body is whole.
-            if name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING {
+            if *name == header::CONTENT_LENGTH {
+                length = true;
+            } else if *name != header::TRANSFER_ENCODING {
+                host |= *name == header::HOST;
                 h1::put_header(out, name.as_str().as_bytes(), value.as_bytes());
             }
+        }
+        if !host {
+            h1::put_header(out, b"host", authority.as_str().as_bytes());
         }
         let sized_method = !matches!(
             *request.method,
             Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
         );
-        if !request.body.is_empty()
-            || sized_method
-            || request.headers.contains_key(header::CONTENT_LENGTH)
-        {
+        if !request.body.is_empty() || sized_method || length {
             h1::put_content_length(out, request.body.len() as u64);
         }
         out.extend_from_slice(b"\r\n");
@@ -190,9 +224,17 @@ impl Conn {
 }
 
 enum HeadError {
-    Closed { received: bool },
-    Io { error: io::Error, received: bool },
+    /// Writing the request failed.
+    Unsent(io::Error),
+    Closed {
+        received: bool,
+    },
+    Io {
+        error: io::Error,
+        received: bool,
+    },
     Malformed(&'static str),
+    TimedOut,
 }
 
 struct Idle {
@@ -243,22 +285,19 @@ impl Http1Pool {
         authority: &Authority,
         request: UpstreamRequest<'_>,
         now: u64,
+        deadline: Instant,
     ) -> Result<Response<Body>, UpstreamError> {
         let idempotent = crate::retry::is_idempotent(request.method);
         loop {
             let (mut conn, reused) = match self.checkout(authority, now) {
                 Some(conn) => (conn, true),
-                None => (Box::new(self.connect(authority).await?), false),
+                None => (Box::new(self.connect(authority, deadline).await?), false),
             };
-            conn.encode(authority, &request);
-            if let Err(error) = conn.write(request.body).await {
-                if reused {
-                    continue;
-                }
-                return Err(UpstreamError::Io(error));
-            }
-            let head = match conn.read_head().await {
+            conn.wire.encode(authority, &request);
+            let head = match conn.exchange(request.body, deadline).await {
                 Ok(head) => head,
+                Err(HeadError::Unsent(_)) if reused => continue,
+                Err(HeadError::Unsent(error)) => return Err(UpstreamError::Io(error)),
                 Err(
                     HeadError::Closed { received: false }
                     | HeadError::Io {
@@ -270,21 +309,25 @@ impl Http1Pool {
                 Err(HeadError::Closed { .. }) => return Err(UpstreamError::Closed),
                 Err(HeadError::Io { error, .. }) => return Err(UpstreamError::Io(error)),
                 Err(HeadError::Malformed(what)) => return Err(UpstreamError::Malformed(what)),
+                Err(HeadError::TimedOut) => return Err(UpstreamError::TimedOut),
             };
             let head_request = *request.method == Method::HEAD;
-            return self.response(authority, conn, &head, head_request);
+            return self.response(authority, conn, &head, head_request, now);
         }
     }
 
     /// The response to hand on: its head, and a body that reads the rest from `conn`.
+    /// `now` (of [`now_nanos`], the request's start) marks `conn` idle if it goes back
+    /// to the pool here: a little early, so it expires a little early, never late.
     fn response(
         self: &Arc<Self>,
         authority: &Authority,
         mut conn: Box<Conn>,
         head: &h1::ResponseHead,
         head_request: bool,
+        now: u64,
     ) -> Result<Response<Body>, UpstreamError> {
-        let bytes = conn.read.split_to(head.len).freeze();
+        let bytes = conn.wire.read.split_to(head.len).freeze();
         let status = StatusCode::from_u16(head.status)
             .map_err(|_| UpstreamError::Malformed("invalid status code"))?;
         // RFC 9112 §6.3: how the body ends.
@@ -320,9 +363,19 @@ impl Http1Pool {
         *response.headers_mut() = headers;
         match framing {
             None => {
-                if reusable && conn.read.is_empty() {
-                    self.put(authority.clone(), conn);
+                if reusable && conn.wire.read.is_empty() {
+                    self.put(authority.clone(), conn, now);
                 }
+            }
+            // The whole body is here already (nearly every small answer): the connection
+            // goes back to the pool now, and the body is plain bytes.
+            Some(Framing::Length(length)) if conn.wire.read.len() as u64 >= length => {
+                // Not over `conn.wire.read.len()`, so it fits in usize.
+                let body = conn.wire.read.split_to(length as usize).freeze();
+                if reusable && conn.wire.read.is_empty() {
+                    self.put(authority.clone(), conn, now);
+                }
+                *response.body_mut() = Body::from(body);
             }
             Some(framing) => {
                 *response.body_mut() = Body::new(UpstreamBody {
@@ -342,15 +395,15 @@ impl Http1Pool {
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         let list = idle.by_host.get_mut(authority.as_str())?;
         while let Some(Idle { mut conn, since }) = list.pop() {
-            if now.saturating_sub(since) < self.idle_timeout && conn.ready_now() {
+            if now.saturating_sub(since) < self.idle_timeout && conn.wire.ready_now() {
                 return Some(conn);
             }
         }
         None
     }
 
-    fn put(&self, authority: Authority, conn: Box<Conn>) {
-        let now = now_nanos();
+    /// Keeps `conn` for reuse, idle as of `now` (of [`now_nanos`]).
+    fn put(&self, authority: Authority, conn: Box<Conn>, now: u64) {
         let fresh = |idle: &Idle| now.saturating_sub(idle.since) < self.idle_timeout;
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         // Once per idle timeout, close what expired everywhere, so hosts that left (an
@@ -375,25 +428,39 @@ impl Http1Pool {
         }
     }
 
-    async fn connect(&self, authority: &Authority) -> Result<Conn, UpstreamError> {
+    /// A new connection to `authority`, within the connect timeout and by `deadline`
+    /// (the attempt's, which then also bounds the connection's first exchange).
+    async fn connect(
+        &self,
+        authority: &Authority,
+        deadline: Instant,
+    ) -> Result<Conn, UpstreamError> {
         let address = match authority.port_u16() {
             Some(_) => authority.as_str().to_owned(),
             None => format!("{}:80", authority.as_str()),
         };
-        let stream = tokio::time::timeout(self.connect_timeout, TcpStream::connect(address))
+        let own = Instant::now() + self.connect_timeout;
+        let stream = tokio::time::timeout_at(own.min(deadline).into(), TcpStream::connect(address))
             .await
             .map_err(|_| {
-                UpstreamError::Connect(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("no connection within {:?}", self.connect_timeout),
-                ))
+                if deadline < own {
+                    UpstreamError::TimedOut
+                } else {
+                    UpstreamError::Connect(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("no connection within {:?}", self.connect_timeout),
+                    ))
+                }
             })?
             .map_err(UpstreamError::Connect)?;
         let _ = stream.set_nodelay(true);
         Ok(Conn {
-            stream,
-            read: BytesMut::with_capacity(READ_CHUNK),
-            write: Vec::with_capacity(1024),
+            wire: Wire {
+                stream,
+                read: BytesMut::with_capacity(READ_CHUNK),
+                write: Vec::with_capacity(1024),
+            },
+            timer: Box::pin(tokio::time::sleep_until(deadline.into())),
         })
     }
 }
@@ -426,10 +493,10 @@ impl UpstreamBody {
         };
         // Bytes after the response's end are a broken upstream: the connection goes.
         if self.reusable
-            && conn.read.is_empty()
+            && conn.wire.read.is_empty()
             && let Some(pool) = self.pool.upgrade()
         {
-            pool.put(self.authority.clone(), conn);
+            pool.put(self.authority.clone(), conn, now_nanos());
         }
     }
 
@@ -454,11 +521,11 @@ impl http_body::Body for UpstreamBody {
             };
             match &mut this.framing {
                 Framing::Length(left) => {
-                    if !conn.read.is_empty() {
+                    if !conn.wire.read.is_empty() {
                         let take = usize::try_from(*left)
                             .unwrap_or(usize::MAX)
-                            .min(conn.read.len());
-                        let data = conn.read.split_to(take).freeze();
+                            .min(conn.wire.read.len());
+                        let data = conn.wire.read.split_to(take).freeze();
                         *left -= take as u64;
                         if *left == 0 {
                             this.finish();
@@ -466,7 +533,7 @@ impl http_body::Body for UpstreamBody {
                         return Poll::Ready(Some(Ok(Frame::data(data))));
                     }
                 }
-                Framing::Chunked(decoder) => match decoder.decode(&mut conn.read) {
+                Framing::Chunked(decoder) => match decoder.decode(&mut conn.wire.read) {
                     Ok(Decoded::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
                     Ok(Decoded::End(trailers)) => {
                         this.finish();
@@ -476,16 +543,16 @@ impl http_body::Body for UpstreamBody {
                     Err(error) => return this.fail(error.into()),
                 },
                 Framing::Close => {
-                    if !conn.read.is_empty() {
-                        return Poll::Ready(Some(Ok(Frame::data(conn.read.split().freeze()))));
+                    if !conn.wire.read.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(conn.wire.read.split().freeze()))));
                     }
                 }
             }
-            conn.reserve();
+            conn.wire.reserve();
             match ready!(tokio_util::io::poll_read_buf(
-                Pin::new(&mut conn.stream),
+                Pin::new(&mut conn.wire.stream),
                 cx,
-                &mut conn.read
+                &mut conn.wire.read
             )) {
                 Ok(0) if matches!(this.framing, Framing::Close) => {
                     this.conn = None;
