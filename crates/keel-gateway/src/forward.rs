@@ -20,7 +20,7 @@ use crate::balance::{BalanceConfig, EndpointSet};
 use crate::breaker::Refusal;
 use crate::config::UpstreamProtocol;
 use crate::endpoint::{instant_at, nanos, nanos_at, now_nanos};
-use crate::proxy::{Attempts, ClientInfo, Forward, Shared};
+use crate::proxy::{Arrival, Attempts, ClientInfo, Forward, Shared};
 use crate::retry::is_idempotent;
 use crate::upstream::{UpstreamError, UpstreamRequest};
 
@@ -103,12 +103,17 @@ impl Forward {
         parts: Parts,
         body: Body,
         params: &[(String, String)],
-        client: ClientInfo,
+        arrival: Arrival<'_>,
     ) -> Result<(Response, Attempts), Problem> {
-        let started = client.received;
-        let peer = Some(client.peer);
+        let started = arrival.received;
+        let peer = Some(arrival.client.peer);
         let deadline = started + self.timeout;
-        let mut outgoing = self.outgoing(parts, body, params, Some(client)).await?;
+        let (mut outgoing, unread) = self
+            .outgoing(parts, body, params, arrival.client)
+            .map_err(|problem| *problem)?;
+        if let Some(body) = unread {
+            outgoing.replay = Some(self.read_whole(body).await?);
+        }
 
         // The arrival, in `now_nanos`: the breaker admits and the deadline counts from it.
         let now = nanos_at(started);
@@ -240,19 +245,21 @@ impl Forward {
         })
     }
 
-    /// Builds the upstream request's reusable parts, enforcing the body limit.
-    async fn outgoing(
+    /// Builds the upstream request's reusable parts, enforcing the body limit; with the
+    /// body to read whole for replay, if there is one. Not async: most requests have no
+    /// body, and an async layer moves the request once more.
+    fn outgoing(
         &self,
         mut parts: Parts,
         body: Body,
         params: &[(String, String)],
-        client: Option<ClientInfo>,
-    ) -> Result<Outgoing, Problem> {
+        client: &ClientInfo,
+    ) -> Result<(Outgoing, Option<Limited<Body>>), Box<Problem>> {
         let too_large = || self.too_large();
         let seen = Seen::scan(&parts.headers);
         let length = seen.content_length;
         if length.is_some_and(|length| length > self.max_body_bytes) {
-            return Err(too_large());
+            return Err(Box::new(too_large()));
         }
         let path = self.path.apply(parts.uri.path(), params);
         let path_and_query = match (path, parts.uri.path_and_query()) {
@@ -265,9 +272,11 @@ impl Forward {
                     Some(query) => format!("{path}?{query}"),
                     None => path.into_owned(),
                 };
-                target
-                    .parse()
-                    .map_err(|_| Problem::bad_request("the request target cannot be forwarded"))?
+                target.parse().map_err(|_| {
+                    Box::new(Problem::bad_request(
+                        "the request target cannot be forwarded",
+                    ))
+                })?
             }
         };
 
@@ -294,32 +303,24 @@ impl Forward {
             }
             None => None,
         };
-        if let Some(client) = &client {
-            let before = seen
-                .forwarded_for
-                .then(|| headers.get(X_FORWARDED_FOR)?.to_str().ok())
-                .flatten();
-            let forwarded = match before {
-                Some(before) => {
-                    HeaderValue::from_str(&format!("{before}, {}", client.peer.ip())).ok()
-                }
-                // The connection's own formatted address, shared by its requests.
-                None => Some(client.ip_header.clone()),
-            };
-            if let Some(value) = forwarded {
-                headers.insert(X_FORWARDED_FOR, value);
-            }
+        let before = seen
+            .forwarded_for
+            .then(|| headers.get(X_FORWARDED_FOR)?.to_str().ok())
+            .flatten();
+        let forwarded = match before {
+            Some(before) => HeaderValue::from_str(&format!("{before}, {}", client.peer.ip())).ok(),
+            // The connection's own formatted address, shared by its requests.
+            None => Some(client.ip_header.clone()),
+        };
+        if let Some(value) = forwarded {
+            headers.insert(X_FORWARDED_FOR, value);
         }
         if seen.host
             && let Some(host) = headers.remove(header::HOST)
         {
             headers.insert(X_FORWARDED_HOST, host);
         }
-        let proto = if client.as_ref().is_some_and(|c| c.secure) {
-            "https"
-        } else {
-            "http"
-        };
+        let proto = if client.secure { "https" } else { "http" };
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
         self.request_headers.apply(headers);
         if keel_runtime::telemetry::exporting_traces() {
@@ -333,32 +334,34 @@ impl Forward {
             body,
             usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
         );
-        let (replay, stream) = if empty {
-            (Some(Bytes::new()), None)
+        let (replay, stream, unread) = if empty {
+            (Some(Bytes::new()), None, None)
         } else if small && self.retry.attempts > 0 {
-            let bytes = limited
-                .collect()
-                .await
-                .map_err(|error| {
-                    if error.is::<LengthLimitError>() {
-                        too_large()
-                    } else {
-                        Problem::bad_request("the request body could not be read")
-                    }
-                })?
-                .to_bytes();
-            (Some(bytes), None)
+            (None, None, Some(limited))
         } else {
-            (None, Some(Body::new(limited)))
+            (None, Some(Body::new(limited)), None)
         };
-        Ok(Outgoing {
+        let outgoing = Outgoing {
             method: parts.method,
             path_and_query,
             headers: parts.headers,
             replay,
             stream,
             upgrade,
-        })
+        };
+        Ok((outgoing, unread))
+    }
+
+    /// A small body, read whole so that retries can send it again.
+    async fn read_whole(&self, body: Limited<Body>) -> Result<Bytes, Problem> {
+        let collected = body.collect().await.map_err(|error| {
+            if error.is::<LengthLimitError>() {
+                self.too_large()
+            } else {
+                Problem::bad_request("the request body could not be read")
+            }
+        })?;
+        Ok(collected.to_bytes())
     }
 
     async fn attempt(
@@ -686,15 +689,15 @@ impl Seen {
 }
 
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // One scan of the names present (most messages carry none).
+    // One scan of the names present; most messages carry none.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let mut doomed: SmallVec<[HeaderName; 4]> = headers
         .keys()
         .filter(|name| is_hop_by_hop(name))
         .cloned()
         .collect();
-    if doomed.is_empty() {
-        return;
-    }
     doomed.extend(
         headers
             .get_all(header::CONNECTION)

@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::h1::{self, Rewind};
 use crate::listener::{ConnState, Mode, redirect_to_https, too_fast};
-use crate::proxy::SOURCE;
+use crate::proxy::{Arrival, SOURCE};
 use crate::timer;
 
 /// Request bodies up to this are read whole before the request is handled (the retry
@@ -154,8 +154,11 @@ where
             match state.mode {
                 Mode::RedirectToHttps { port } => redirect_to_https(&request, port),
                 Mode::Proxy { .. } => {
-                    let client = state.client.received_at(received);
-                    state.gateway.handle(request, client).await
+                    let arrival = Arrival {
+                        client: &state.client,
+                        received,
+                    };
+                    state.gateway.handle(request, arrival).await
                 }
             }
         };

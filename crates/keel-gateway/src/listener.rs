@@ -26,7 +26,7 @@ use tokio::sync::Semaphore;
 
 use crate::endpoint::nanos_at;
 use crate::h1_server::{self, Ended};
-use crate::proxy::{ClientInfo, SOURCE};
+use crate::proxy::{Arrival, ClientInfo, SOURCE};
 use crate::ratelimit::gcra;
 use crate::server::Gateway;
 use crate::tls::Tls;
@@ -278,16 +278,19 @@ where
     let service = service_fn(move |request: Request<Incoming>| {
         let state = Arc::clone(&state);
         async move {
-            let client = state.client.received_at(Instant::now());
+            let arrival = Arrival {
+                client: &state.client,
+                received: Instant::now(),
+            };
             if let Some(rate) = &state.rate
-                && !rate.admit(client.received)
+                && !rate.admit(arrival.received)
             {
                 return Ok::<_, Infallible>(too_fast());
             }
             let request = request.map(Body::new);
             Ok(match state.mode {
                 Mode::RedirectToHttps { port } => redirect_to_https(&request, port),
-                Mode::Proxy { .. } => state.gateway.handle(request, client).await,
+                Mode::Proxy { .. } => state.gateway.handle(request, arrival).await,
             })
         }
     });

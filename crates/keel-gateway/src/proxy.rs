@@ -42,15 +42,10 @@ use crate::retry::{RetryBudget, RetryConfig};
 use crate::route::{RequestView, RouteError, RouteTable};
 use crate::upstream::Http1Pool;
 
-/// The client connection a request came on, as the listener saw it, and when the request
-/// arrived.
+/// The client connection a request came on, as the listener saw it.
 #[derive(Debug, Clone)]
 pub struct ClientInfo {
     pub peer: SocketAddr,
-    /// When the request's head was read (set per request by `received_at`; the
-    /// connection's own copy holds when it was accepted): the clock reading that the
-    /// request's deadline, connection rate, balancer and metrics start from.
-    pub received: Instant,
     /// Arrived over TLS.
     pub secure: bool,
     /// The peer's IP address as a header value (`x-forwarded-for`), formatted once per
@@ -64,19 +59,20 @@ impl ClientInfo {
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         Self {
             peer,
-            received: Instant::now(),
             secure,
             ip_header,
         }
     }
+}
 
-    /// This connection's client, for a request received at `received`.
-    pub fn received_at(&self, received: Instant) -> Self {
-        Self {
-            received,
-            ..self.clone()
-        }
-    }
+/// A request's client connection, and when its head arrived: the clock reading that the
+/// request's deadline, connection rate, balancer and metrics start from. Small and
+/// `Copy`, so each layer of the request's handling passes it on without copying the
+/// connection's details.
+#[derive(Debug, Clone, Copy)]
+pub struct Arrival<'a> {
+    pub client: &'a ClientInfo,
+    pub received: Instant,
 }
 
 /// The component name on problem documents.
@@ -631,19 +627,13 @@ impl Proxy {
     }
 
     /// Routes and answers one request.
-    /// Answers one request from `client`.
-    pub async fn handle(self: Arc<Self>, request: Request, client: ClientInfo) -> Handled {
-        match self.dispatch(request, client).await {
-            Ok(handled) => handled,
-            Err(problem) => Handled {
-                response: problem.with_source(SOURCE).into_response(),
-                served: self.unmatched.clone(),
-                attempts: None,
-            },
-        }
-    }
-
-    async fn dispatch(&self, request: Request, client: ClientInfo) -> Result<Handled, Problem> {
+    pub async fn handle(self: Arc<Self>, request: Request, arrival: Arrival<'_>) -> Handled {
+        // One async layer, not two: each layer moves the request and its answer again.
+        let unmatched = |problem: Problem| Handled {
+            response: problem.with_source(SOURCE).into_response(),
+            served: self.unmatched.clone(),
+            attempts: None,
+        };
         let (mut parts, body) = request.into_parts();
         // Claims headers are the gateway's to set; a client's copies never pass.
         crate::auth::strip_claim_headers(&mut parts.headers);
@@ -674,45 +664,46 @@ impl Proxy {
         }
         let discovered;
         let (entry, params) = match matched {
-            Some(matched) => (
-                self.actions
-                    .get(matched.route)
-                    .ok_or_else(|| Problem::internal("route without an action"))?,
-                matched.params,
-            ),
-            None => {
-                discovered = self.discovered(parts.uri.path()).ok_or_else(|| {
-                    Problem::not_found(format!(
+            Some(matched) => match self.actions.get(matched.route) {
+                Some(entry) => (entry, matched.params),
+                None => return unmatched(Problem::internal("route without an action")),
+            },
+            None => match self.discovered(parts.uri.path()) {
+                Some(entry) => {
+                    discovered = entry;
+                    (&*discovered, Vec::new())
+                }
+                None => {
+                    return unmatched(Problem::not_found(format!(
                         "no route for {} {}",
                         parts.method,
                         parts.uri.path()
-                    ))
-                })?;
-                (&*discovered, Vec::new())
-            }
+                    )));
+                }
+            },
         };
         let route: &str = &entry.served.route;
         let policy = &entry.policy;
         if let (Some(cors), Some(_)) = (&policy.cors, &preflight) {
-            return Ok(Handled {
+            return Handled {
                 response: cors.preflight(&parts.headers),
                 served: entry.served.clone(),
                 attempts: None,
-            });
+            };
         }
         let request_headers = policy.cors.as_ref().map(|_| parts.headers.clone());
         let (mut response, attempts) = self
-            .answer(route, entry, parts, body, &params, client)
+            .answer(route, entry, parts, body, &params, arrival)
             .await
             .unwrap_or_else(|problem| (problem.with_source(SOURCE).into_response(), None));
         if let (Some(cors), Some(headers)) = (&policy.cors, request_headers) {
             cors.decorate(&headers, response.headers_mut());
         }
-        Ok(Handled {
+        Handled {
             response,
             served: entry.served.clone(),
             attempts,
-        })
+        }
     }
 
     /// The route to a registry service named by the path's first segment, when discovery
@@ -763,9 +754,9 @@ impl Proxy {
         mut parts: http::request::Parts,
         body: Body,
         params: &[(String, String)],
-        client: ClientInfo,
+        arrival: Arrival<'_>,
     ) -> Result<(Response, Option<Attempts>), Problem> {
-        let peer = Some(client.peer);
+        let peer = Some(arrival.client.peer);
         let principal = match crate::auth::authorize(
             &entry.policy.auth,
             self.shared.verifier.as_ref(),
@@ -807,7 +798,7 @@ impl Proxy {
             }
             Action::Forward(forward) => {
                 let (response, attempts) = forward
-                    .forward(&self.shared, parts, body, params, client)
+                    .forward(&self.shared, parts, body, params, arrival)
                     .await?;
                 (response, Some(attempts))
             }

@@ -30,7 +30,7 @@ use crate::access_log::{self, AccessLog, AccessRecord};
 use crate::admin;
 use crate::config::{GatewayConfig, GatewayRouteConfig};
 use crate::listener::{self, Mode};
-use crate::proxy::{ClientInfo, Handled, Proxy, Shared};
+use crate::proxy::{Arrival, Handled, Proxy, Shared};
 use crate::route::RouteError;
 use crate::tls::Tls;
 use crate::watch::FileWatch;
@@ -100,9 +100,9 @@ impl Gateway {
     pub(crate) async fn handle(
         &self,
         mut request: http::Request<Body>,
-        client: ClientInfo,
+        arrival: Arrival<'_>,
     ) -> Response {
-        let started = client.received;
+        let started = arrival.received;
         let request_id = keel_runtime::http::request_id_of(request.headers());
         request.headers_mut().insert(REQUEST_ID, request_id.clone());
         let method = request.method().clone();
@@ -112,7 +112,7 @@ impl Gateway {
         let logged = self.access_log.as_ref().map(|_| {
             (
                 request.uri().path_and_query().cloned(),
-                client.ip_header.clone(),
+                arrival.client.ip_header.clone(),
             )
         });
         // A span per request only when spans leave the process; otherwise the client's
@@ -145,10 +145,10 @@ impl Gateway {
         };
         let generation = self.current();
         let handled = if span.is_none() {
-            generation.handle(request, client).await
+            generation.handle(request, arrival).await
         } else {
             generation
-                .handle(request, client)
+                .handle(request, arrival)
                 .instrument(span.clone())
                 .await
         };
