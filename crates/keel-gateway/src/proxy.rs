@@ -638,11 +638,15 @@ impl Proxy {
         // Claims headers are the gateway's to set; a client's copies never pass.
         crate::auth::strip_claim_headers(&mut parts.headers);
         let preflight = preflight_method(&parts.method, &parts.headers);
-        let host = parts
-            .headers
-            .get(http::header::HOST)
-            .and_then(|v| v.to_str().ok())
-            .or_else(|| parts.uri.authority().map(|a| a.as_str()));
+        let host = if self.table.needs_host() {
+            parts
+                .headers
+                .get(http::header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+        } else {
+            None
+        };
         let mut view = RequestView {
             method: preflight.as_ref().unwrap_or(&parts.method),
             host,

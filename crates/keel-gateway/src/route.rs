@@ -123,6 +123,8 @@ struct CompiledRoute {
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
     routes: Vec<CompiledRoute>,
+    /// Some route matches on the host.
+    hosts: bool,
 }
 
 impl RouteTable {
@@ -149,7 +151,19 @@ impl RouteTable {
                 .cmp(&a.priority)
                 .then(b.specificity.cmp(&a.specificity))
         });
-        Ok(Self { routes: compiled })
+        let hosts = compiled
+            .iter()
+            .any(|route| !matches!(route.host, HostMatch::Any));
+        Ok(Self {
+            routes: compiled,
+            hosts,
+        })
+    }
+
+    /// Whether matching needs the request's host; when not, the caller need not find it
+    /// (a header lookup), nor `find` normalise it (an allocation).
+    pub fn needs_host(&self) -> bool {
+        self.hosts
     }
 
     /// Route names in the order they are tried.
@@ -162,7 +176,7 @@ impl RouteTable {
 
     /// The first route that matches `request`.
     pub fn find<'t>(&'t self, request: &RequestView<'_>) -> Option<RouteMatch<'t>> {
-        let host = request.host.map(normalise_host);
+        let host = request.host.filter(|_| self.hosts).map(normalise_host);
         self.routes.iter().find_map(|route| {
             let params = route.matches(request, host.as_deref())?;
             Some(RouteMatch {
