@@ -190,6 +190,8 @@ impl Forward {
             tokio::time::sleep(pause).await;
             clock.now = now_nanos();
         };
+        // Its last use: emptied, the map holds a later message's headers.
+        crate::h1::give_map(std::mem::take(&mut outgoing.headers));
         let result = match outcome {
             Some(Outcome::Answered(response)) => Ok(response),
             Some(

@@ -153,6 +153,34 @@ pub(crate) fn parse_response(buf: &[u8]) -> Result<Option<ResponseHead>, httpars
 #[derive(Debug)]
 pub(crate) struct InvalidHeader;
 
+/// Most emptied header maps kept per thread, and the most fields one may hold.
+const SPARE_MAPS: usize = 64;
+const SPARE_FIELDS: usize = 64;
+
+thread_local! {
+    static SPARE: std::cell::RefCell<Vec<HeaderMap>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// An empty header map, one given back ([`give_map`]) when there is one: a message's map
+/// then costs no allocation and free of its own.
+pub(crate) fn take_map() -> HeaderMap {
+    SPARE.with_borrow_mut(Vec::pop).unwrap_or_default()
+}
+
+/// Empties `map` and keeps it for [`take_map`], unless it is large (it would stay
+/// allocated) or enough are kept.
+pub(crate) fn give_map(mut map: HeaderMap) {
+    if map.capacity() == 0 || map.capacity() > SPARE_FIELDS || map.len() > SPARE_FIELDS {
+        return;
+    }
+    map.clear();
+    SPARE.with_borrow_mut(|spare| {
+        if spare.len() < SPARE_MAPS {
+            spare.push(map);
+        }
+    });
+}
+
 /// The header map of a head (without `Transfer-Encoding`), its values sharing the head's
 /// bytes, filled into `map` (empty; a recycled one keeps its allocation) with room for
 /// `extra` more fields (a map that grows reallocates and rehashes: once 10 % of a request's
@@ -475,6 +503,23 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_given_back_map_comes_back_empty_and_a_large_one_is_not_kept() {
+        // This test's thread has its own spares.
+        let mut map = HeaderMap::new();
+        map.insert("x-secret", http::HeaderValue::from_static("one exchange"));
+        give_map(map);
+        let again = take_map();
+        assert!(again.is_empty());
+        assert!(again.capacity() > 0, "the allocation is kept");
+        assert!(take_map().capacity() == 0, "only one was given back");
+
+        let mut large = HeaderMap::with_capacity(SPARE_FIELDS * 2);
+        large.insert("x-big", http::HeaderValue::from_static("1"));
+        give_map(large);
+        assert_eq!(take_map().capacity(), 0, "a large map is freed, not kept");
+    }
 
     fn decode_all(input: &[u8], step: usize) -> Result<(Vec<u8>, Option<HeaderMap>), ChunkError> {
         let mut decoder = ChunkedDecoder::default();

@@ -10,7 +10,6 @@
 
 use std::future::Future;
 use std::io;
-use std::mem;
 use std::pin::{Pin, pin};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
@@ -38,8 +37,6 @@ pub(crate) const MAX_READ_BODY: u64 = 64 * 1024;
 const COALESCE: usize = 16 * 1024;
 /// How much is read at a time.
 const READ_CHUNK: usize = 8 * 1024;
-/// The most header fields (and map capacity) a connection's kept header map may have.
-const SPARE_HEADERS: usize = 64;
 
 /// How serving a connection ended.
 pub(crate) enum Ended<S> {
@@ -74,8 +71,6 @@ where
     let mut stop = stop;
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     let mut out = Vec::with_capacity(1024);
-    // The last response's header map, emptied, for the next request's headers.
-    let mut spare = HeaderMap::new();
     // The head (and a small body) must arrive within the header timeout, which also
     // bounds idle keep-alive.
     let mut sleep = pin!(tokio::time::sleep(limits.header_read_timeout));
@@ -139,7 +134,7 @@ where
             }
             Body::from(buf.split_to(length).freeze())
         };
-        let Some(request) = request(&head_bytes, &head, body, mem::take(&mut spare)) else {
+        let Some(request) = request(&head_bytes, &head, body, h1::take_map()) else {
             return refuse(io, &mut out, Refusal::Malformed).await;
         };
         drop(head_bytes);
@@ -164,7 +159,7 @@ where
         };
         let close = shape.close || state.shutdown.is_triggered();
         if !matches!(
-            write_response(&mut io, &mut out, response, head_method, close, &mut spare).await,
+            write_response(&mut io, &mut out, response, head_method, close).await,
             Ok(Open::KeptOpen)
         ) {
             let _ = io.shutdown().await;
@@ -229,7 +224,7 @@ where
         Refusal::Malformed => Problem::bad_request("the request is not valid HTTP/1.1"),
     };
     let response = problem.with_source(SOURCE).into_response();
-    let _ = write_response(&mut io, out, response, false, true, &mut HeaderMap::new()).await;
+    let _ = write_response(&mut io, out, response, false, true).await;
     let _ = io.shutdown().await;
     Ended::Closed
 }
@@ -268,7 +263,6 @@ async fn write_response<S>(
     response: Response,
     head_method: bool,
     mut close: bool,
-    spare: &mut HeaderMap,
 ) -> io::Result<Open>
 where
     S: AsyncWrite + Unpin,
@@ -316,13 +310,8 @@ where
         Open::KeptOpen
     };
     out.extend_from_slice(b"\r\n");
-    // The map, emptied, holds the next request's headers: one allocation and free fewer
-    // per request. Not a large one, which would stay with an idle connection.
-    let mut headers = parts.headers;
-    if headers.capacity() <= SPARE_HEADERS && headers.len() <= SPARE_HEADERS {
-        headers.clear();
-        *spare = headers;
-    }
+    // Emptied, the map holds a later message's headers.
+    h1::give_map(parts.headers);
     let Some(length) = length else {
         flush(io, out).await?;
         io.flush().await?;

@@ -340,7 +340,7 @@ impl Http1Pool {
             UpstreamError::Malformed("invalid or conflicting content-length")
         })?;
         // Room for the request id, CORS and rate-limit headers.
-        let headers = h1::header_map(HeaderMap::new(), &bytes, &head.headers, 6)
+        let headers = h1::header_map(h1::take_map(), &bytes, &head.headers, 6)
             .map_err(|_| UpstreamError::Malformed("invalid header field"))?;
         // A message framed both ways may be an attempt at smuggling: read it as chunked
         // (RFC 9112 §6.3) and close the connection after it.
