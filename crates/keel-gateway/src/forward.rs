@@ -403,7 +403,8 @@ impl Forward {
                     headers: &outgoing.headers,
                     body,
                 };
-                // The pool bounds the exchange with the connection's own timer.
+                // The pool bounds the exchange with the connection's own timer, and a
+                // new connection's connect with the same deadline.
                 let deadline = instant_at(start.saturating_add(nanos(budget)));
                 shared.http1.send(authority, request, start, deadline).await
             }
@@ -629,11 +630,9 @@ async fn splice(
     }
 }
 
-/// Removes hop-by-hop headers (RFC 9110 §7.6.1), and those the `Connection` header names:
-/// they are never forwarded in either direction. And `Expect`, which the client's side
-/// has already answered (the upstream gets the body without waiting).
-/// Whether `name` is hop-by-hop in itself (RFC 9110 §7.6.1), matched once rather than
-/// compared with every such name.
+/// Whether `name` is hop-by-hop in itself (RFC 9110 §7.6.1), or `Expect`, which the
+/// client's side has already answered (the upstream gets the body without waiting);
+/// matched once rather than compared with every such name.
 fn is_hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
@@ -690,6 +689,8 @@ impl Seen {
     }
 }
 
+/// Removes hop-by-hop headers ([`is_hop_by_hop`]) and those the `Connection` header
+/// names: they are never forwarded in either direction.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One scan of the names present; most messages carry none.
     if !headers.keys().any(is_hop_by_hop) {

@@ -170,7 +170,8 @@ pub(crate) fn take_map() -> HeaderMap {
 /// Empties `map` and keeps it for [`take_map`], unless it is large (it would stay
 /// allocated) or enough are kept.
 pub(crate) fn give_map(mut map: HeaderMap) {
-    if map.capacity() == 0 || map.capacity() > SPARE_FIELDS || map.len() > SPARE_FIELDS {
+    // A map's length never exceeds its capacity.
+    if map.capacity() == 0 || map.capacity() > SPARE_FIELDS {
         return;
     }
     map.clear();

@@ -8,6 +8,7 @@
 //! breaker and retries) → CORS and rate limit headers on the way back.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -27,7 +28,7 @@ use keel_runtime::Problem;
 use serde::Serialize;
 
 use crate::auth::{Requirement, RouteAuthConfig};
-use crate::balance::{BalanceConfig, EndpointSet};
+use crate::balance::{BalanceConfig, EndpointSet, Fnv};
 use crate::breaker::{BreakerConfig, CircuitBreaker, CircuitState};
 use crate::config::{
     GatewayConfig, GatewayRouteConfig, HeaderActionsConfig, RedirectConfig, UpstreamProtocol,
@@ -406,7 +407,9 @@ pub struct Attempts {
 /// One configuration generation.
 pub struct Proxy {
     table: RouteTable,
-    actions: HashMap<String, RouteEntry>,
+    /// By route name. FNV (`balance::Fnv`): the names come from the configuration, never
+    /// from clients, and SipHash was a measurable share of a request.
+    actions: HashMap<String, RouteEntry, BuildHasherDefault<Fnv>>,
     /// For requests no route matched.
     unmatched: Served,
     /// Routes made on demand for registry services (see [`Proxy::discovered`]).
@@ -430,7 +433,7 @@ impl Proxy {
             String,
             (&str, &OutlierConfig, &BreakerConfig, UpstreamProtocol),
         > = HashMap::new();
-        let mut actions = HashMap::new();
+        let mut actions = HashMap::default();
         for route in routes {
             let error = |reason: String| RouteError {
                 route: route.name.clone(),

@@ -148,37 +148,7 @@ impl Wire {
     }
 
     fn encode(&mut self, authority: &Authority, request: &UpstreamRequest<'_>) {
-        let out = &mut self.write;
-        out.clear();
-        out.extend_from_slice(request.method.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(request.target.as_str().as_bytes());
-        out.extend_from_slice(b" HTTP/1.1\r\n");
-        // What the map holds is noted on the way through, not looked up.
-        let (mut host, mut length) = (false, false);
-        for (name, value) in request.headers {
-            // The framing is the pool's: the body is whole.
-            if *name == header::CONTENT_LENGTH {
-                length = true;
-            } else if *name != header::TRANSFER_ENCODING {
-                host |= *name == header::HOST;
-                h1::put_header(out, name.as_str().as_bytes(), value.as_bytes());
-            }
-        }
-        if !host {
-            h1::put_header(out, b"host", authority.as_str().as_bytes());
-        }
-        let sized_method = !matches!(
-            *request.method,
-            Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
-        );
-        if !request.body.is_empty() || sized_method || length {
-            h1::put_content_length(out, request.body.len() as u64);
-        }
-        out.extend_from_slice(b"\r\n");
-        if request.body.len() <= COALESCE_BODY {
-            out.extend_from_slice(request.body);
-        }
+        encode(&mut self.write, authority, request);
     }
 
     async fn write(&mut self, body: &Bytes) -> io::Result<()> {
@@ -220,6 +190,46 @@ impl Wire {
                 Err(error) => return Err(HeadError::Io { error, received }),
             }
         }
+    }
+}
+
+/// Writes `request`'s head (and its body, when small) into `out`.
+fn encode(out: &mut Vec<u8>, authority: &Authority, request: &UpstreamRequest<'_>) {
+    out.clear();
+    out.extend_from_slice(request.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(request.target.as_str().as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    // What the map holds is noted on the way through, not looked up.
+    let fields = out.len();
+    let (mut host, mut length) = (false, false);
+    for (name, value) in request.headers {
+        // The framing is the pool's: the body is whole.
+        if *name == header::CONTENT_LENGTH {
+            length = true;
+        } else if *name != header::TRANSFER_ENCODING {
+            host |= *name == header::HOST;
+            h1::put_header(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    if !host {
+        // First, as RFC 9112 §3.2 asks of clients: written after the fields, then
+        // turned to the front of them.
+        let end = out.len();
+        h1::put_header(out, b"host", authority.as_str().as_bytes());
+        let line = out.len() - end;
+        out[fields..].rotate_right(line);
+    }
+    let sized_method = !matches!(
+        *request.method,
+        Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+    );
+    if !request.body.is_empty() || sized_method || length {
+        h1::put_content_length(out, request.body.len() as u64);
+    }
+    out.extend_from_slice(b"\r\n");
+    if request.body.len() <= COALESCE_BODY {
+        out.extend_from_slice(request.body);
     }
 }
 
@@ -312,20 +322,19 @@ impl Http1Pool {
                 Err(HeadError::TimedOut) => return Err(UpstreamError::TimedOut),
             };
             let head_request = *request.method == Method::HEAD;
-            return self.response(authority, conn, &head, head_request, now);
+            return self.response(authority, conn, &head, head_request);
         }
     }
 
-    /// The response to hand on: its head, and a body that reads the rest from `conn`.
-    /// `now` (of [`now_nanos`], the request's start) marks `conn` idle if it goes back
-    /// to the pool here: a little early, so it expires a little early, never late.
+    /// The response to hand on: its head, and its body: the bytes, when the whole body is
+    /// read already (`conn` then goes back to the pool here), or a body that reads the
+    /// rest from `conn`.
     fn response(
         self: &Arc<Self>,
         authority: &Authority,
         mut conn: Box<Conn>,
         head: &h1::ResponseHead,
         head_request: bool,
-        now: u64,
     ) -> Result<Response<Body>, UpstreamError> {
         let bytes = conn.wire.read.split_to(head.len).freeze();
         let status = StatusCode::from_u16(head.status)
@@ -364,7 +373,7 @@ impl Http1Pool {
         match framing {
             None => {
                 if reusable && conn.wire.read.is_empty() {
-                    self.put(authority.clone(), conn, now);
+                    self.put(authority.clone(), conn, now_nanos());
                 }
             }
             // The whole body is here already (nearly every small answer): the connection
@@ -373,7 +382,7 @@ impl Http1Pool {
                 // Not over `conn.wire.read.len()`, so it fits in usize.
                 let body = conn.wire.read.split_to(length as usize).freeze();
                 if reusable && conn.wire.read.is_empty() {
-                    self.put(authority.clone(), conn, now);
+                    self.put(authority.clone(), conn, now_nanos());
                 }
                 *response.body_mut() = Body::from(body);
             }
@@ -580,5 +589,43 @@ impl http_body::Body for UpstreamBody {
             (Some(_), Framing::Length(left)) => SizeHint::with_exact(*left),
             (Some(_), _) => SizeHint::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn encoded(headers: &HeaderMap) -> String {
+        let mut out = Vec::new();
+        let request = UpstreamRequest {
+            method: &Method::GET,
+            target: &PathAndQuery::from_static("/a?b=1"),
+            headers,
+            body: &Bytes::new(),
+        };
+        encode(&mut out, &Authority::from_static("upstream:8080"), &request);
+        String::from_utf8(out).expect("ascii")
+    }
+
+    #[test]
+    fn host_is_the_first_field_and_named_once() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-request-id", http::HeaderValue::from_static("abc"));
+        headers.insert(
+            "x-forwarded-host",
+            http::HeaderValue::from_static("api.example"),
+        );
+        assert_eq!(
+            encoded(&headers),
+            "GET /a?b=1 HTTP/1.1\r\nhost: upstream:8080\r\nx-request-id: abc\r\n\
+             x-forwarded-host: api.example\r\n\r\n"
+        );
+
+        // A host the route set is the one sent.
+        headers.insert(header::HOST, http::HeaderValue::from_static("set.by.route"));
+        let text = encoded(&headers);
+        assert_eq!(text.matches("\nhost:").count(), 1, "{text}");
+        assert!(text.contains("\r\nhost: set.by.route\r\n"), "{text}");
     }
 }

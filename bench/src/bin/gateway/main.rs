@@ -170,12 +170,15 @@ async fn run(cli: &Cli, tools: &Tools, dir: &Path, date: String) -> anyhow::Resu
             } else {
                 eprintln!("{}…", target.label());
             }
-            let outcome = match measure_target(cli, &setup, &upstream, target).await {
-                Ok(outcome) => outcome,
-                Err(error) => Outcome::Failed {
-                    error: format!("{error:#}"),
-                },
-            };
+            let mut outcome = outcome_of(cli, &setup, &upstream, target).await;
+            // Ports are picked free and released before the target binds them, so now and
+            // then another socket takes one meanwhile: that is the harness's race, not the
+            // target's failure, and the target is measured again on fresh ports.
+            if matches!(&outcome, Outcome::Failed { error } if error.contains("Address already in use"))
+            {
+                eprintln!("  a port it was given was taken meanwhile; again on fresh ports");
+                outcome = outcome_of(cli, &setup, &upstream, target).await;
+            }
             match &outcome {
                 Outcome::Measured(m) => eprintln!(
                     "  {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms",
@@ -256,6 +259,16 @@ fn round_figures(rows: &[Row]) -> Vec<RoundFigure> {
             Outcome::Failed { .. } => None,
         })
         .collect()
+}
+
+/// [`measure_target`], its error as the outcome.
+async fn outcome_of(cli: &Cli, setup: &Setup<'_>, upstream: &Running, target: Target) -> Outcome {
+    match measure_target(cli, setup, upstream, target).await {
+        Ok(outcome) => outcome,
+        Err(error) => Outcome::Failed {
+            error: format!("{error:#}"),
+        },
+    }
 }
 
 /// Starts `target`, warms it up, measures it and stops it.
