@@ -763,7 +763,6 @@ impl Proxy {
         params: &[(String, String)],
         arrival: Arrival<'_>,
     ) -> Result<(Response, Option<Attempts>), Problem> {
-        let peer = Some(arrival.client.peer);
         let principal = match crate::auth::authorize(
             &entry.policy.auth,
             self.shared.verifier.as_ref(),
@@ -777,8 +776,12 @@ impl Proxy {
         };
         let decision = match &entry.policy.rate_limit {
             Some((limit, local)) => {
-                let key = limit.key_of(&parts.headers, principal.as_deref(), peer.map(|p| p.ip()));
-                match self.rate_limit(route, limit, local, &key).await? {
+                let client_ip = arrival.client.ip_header.to_str().ok();
+                let key = limit.key_of(&parts.headers, principal.as_deref(), client_ip);
+                match self
+                    .rate_limit(route, limit, local, &key, arrival.received)
+                    .await?
+                {
                     Some(decision) if !decision.allowed => {
                         return Ok((rate_limited(route, &decision), None));
                     }
@@ -824,10 +827,11 @@ impl Proxy {
         limit: &RateLimitConfig,
         local: &LocalLimiter,
         key: &str,
+        received: Instant,
     ) -> Result<Option<Decision>, Problem> {
         let redis = match (&self.shared.limiters.redis, limit.shared) {
             (Some(redis), true) => redis,
-            _ => return Ok(Some(local.check(limit, key))),
+            _ => return Ok(Some(local.check(limit, key, received))),
         };
         match redis.check(limit, route, key).await {
             Ok(decision) => Ok(Some(decision)),
