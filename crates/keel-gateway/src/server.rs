@@ -103,8 +103,7 @@ impl Gateway {
         arrival: Arrival<'_>,
     ) -> Response {
         let started = arrival.received;
-        let request_id = keel_runtime::http::request_id_of(request.headers());
-        request.headers_mut().insert(REQUEST_ID, request_id.clone());
+        let request_id = keel_runtime::http::set_request_id(request.headers_mut());
         let method = request.method().clone();
         // gRPC runs on HTTP/2 only: HTTP/1.1 requests skip the header lookup.
         let grpc = request.version() == http::Version::HTTP_2 && is_grpc(request.headers());

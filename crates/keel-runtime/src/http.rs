@@ -157,26 +157,41 @@ async fn not_found(request: Request) -> Response {
 
 /// Keeps a usable client `x-request-id` or generates one, and echoes it on the response.
 async fn request_id(mut request: Request, next: Next) -> Response {
-    let id = request_id_of(request.headers());
-    request.headers_mut().insert(REQUEST_ID, id.clone());
+    let id = set_request_id(request.headers_mut());
     let mut response = next.run(request).await;
     response.headers_mut().insert(REQUEST_ID, id);
     response
 }
 
-/// The request's `x-request-id` when it is short printable ASCII (so log lines never carry
-/// hostile bytes), or a new one: 128 random bits in hex. Every server and the gateway's
-/// proxy path use this.
-pub fn request_id_of(headers: &http::HeaderMap) -> HeaderValue {
-    if let Some(id) = headers.get(&REQUEST_ID) {
+/// Leaves the request one `x-request-id` and returns it: the client's (its first) when it
+/// is short printable ASCII (so log lines never carry hostile bytes), or a new one.
+/// Found and set with one lookup. Every server and the gateway's proxy path use this.
+pub fn set_request_id(headers: &mut http::HeaderMap) -> HeaderValue {
+    let usable = |id: &HeaderValue| {
         let bytes = id.as_bytes();
-        if !bytes.is_empty()
+        !bytes.is_empty()
             && bytes.len() <= MAX_REQUEST_ID_LEN
             && bytes.iter().all(|b| b.is_ascii_graphic())
-        {
-            return id.clone();
+    };
+    match headers.entry(&REQUEST_ID) {
+        http::header::Entry::Occupied(mut entry) => {
+            let id = if usable(entry.get()) {
+                entry.get().clone()
+            } else {
+                new_request_id()
+            };
+            // Only when it changes anything: a second value, or an unusable one.
+            if entry.iter().nth(1).is_some() || entry.get() != id {
+                entry.insert(id.clone());
+            }
+            id
         }
+        http::header::Entry::Vacant(entry) => entry.insert(new_request_id()).clone(),
     }
+}
+
+/// A new request id: 128 random bits in hex.
+fn new_request_id() -> HeaderValue {
     // Hex by hand, a byte at a time: this runs for every request the gateway proxies.
     const HEX_PAIRS: [[u8; 2]; 256] = {
         let digits = b"0123456789abcdef";
@@ -308,10 +323,27 @@ mod tests {
     }
 
     #[test]
+    fn one_request_id_is_left_the_clients_first_when_usable() {
+        let mut headers = http::HeaderMap::new();
+        headers.append(REQUEST_ID, HeaderValue::from_static("first"));
+        headers.append(REQUEST_ID, HeaderValue::from_static("second"));
+        assert_eq!(set_request_id(&mut headers), "first");
+        assert_eq!(headers.get_all(REQUEST_ID).iter().count(), 1);
+        assert_eq!(headers[REQUEST_ID], "first");
+
+        let mut headers = http::HeaderMap::new();
+        headers.insert(REQUEST_ID, HeaderValue::from_static("has space"));
+        let id = set_request_id(&mut headers);
+        assert_eq!(id.len(), 32);
+        assert_eq!(headers[REQUEST_ID], id);
+        assert_eq!(headers.len(), 1);
+    }
+
+    #[test]
     fn generated_request_ids_are_128_random_bits_in_hex() {
         let ids: std::collections::HashSet<String> = (0..1000)
             .map(|_| {
-                let id = request_id_of(&http::HeaderMap::new());
+                let id = set_request_id(&mut http::HeaderMap::new());
                 id.to_str().expect("ascii").to_owned()
             })
             .collect();
