@@ -147,10 +147,6 @@ impl Wire {
         }
     }
 
-    fn encode(&mut self, authority: &Authority, request: &UpstreamRequest<'_>) {
-        encode(&mut self.write, authority, request);
-    }
-
     async fn write(&mut self, body: &Bytes) -> io::Result<()> {
         self.stream.write_all(&self.write).await?;
         if body.len() > COALESCE_BODY {
@@ -303,7 +299,7 @@ impl Http1Pool {
                 Some(conn) => (conn, true),
                 None => (Box::new(self.connect(authority, deadline).await?), false),
             };
-            conn.wire.encode(authority, &request);
+            encode(&mut conn.wire.write, authority, &request);
             let head = match conn.exchange(request.body, deadline).await {
                 Ok(head) => head,
                 Err(HeadError::Unsent(_)) if reused => continue,
