@@ -161,7 +161,7 @@ impl RouteTable {
     }
 
     /// Whether matching needs the request's host; when not, the caller need not find it
-    /// (a header lookup), nor `find` normalise it (an allocation).
+    /// (a header lookup) and passes none, so `find` does not normalise it (an allocation).
     pub fn needs_host(&self) -> bool {
         self.hosts
     }
@@ -176,7 +176,7 @@ impl RouteTable {
 
     /// The first route that matches `request`.
     pub fn find<'t>(&'t self, request: &RequestView<'_>) -> Option<RouteMatch<'t>> {
-        let host = request.host.filter(|_| self.hosts).map(normalise_host);
+        let host = request.host.map(normalise_host);
         self.routes.iter().find_map(|route| {
             let params = route.matches(request, host.as_deref())?;
             Some(RouteMatch {

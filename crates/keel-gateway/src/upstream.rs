@@ -369,7 +369,7 @@ impl Http1Pool {
         match framing {
             None => {
                 if reusable && conn.wire.read.is_empty() {
-                    self.put(authority.clone(), conn, now_nanos());
+                    self.put(authority.clone(), conn);
                 }
             }
             // The whole body is here already (nearly every small answer): the connection
@@ -378,7 +378,7 @@ impl Http1Pool {
                 // Not over `conn.wire.read.len()`, so it fits in usize.
                 let body = conn.wire.read.split_to(length as usize).freeze();
                 if reusable && conn.wire.read.is_empty() {
-                    self.put(authority.clone(), conn, now_nanos());
+                    self.put(authority.clone(), conn);
                 }
                 *response.body_mut() = Body::from(body);
             }
@@ -407,8 +407,9 @@ impl Http1Pool {
         None
     }
 
-    /// Keeps `conn` for reuse, idle as of `now` (of [`now_nanos`]).
-    fn put(&self, authority: Authority, conn: Box<Conn>, now: u64) {
+    /// Keeps `conn` for reuse, idle from now.
+    fn put(&self, authority: Authority, conn: Box<Conn>) {
+        let now = now_nanos();
         let fresh = |idle: &Idle| now.saturating_sub(idle.since) < self.idle_timeout;
         let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
         // Once per idle timeout, close what expired everywhere, so hosts that left (an
@@ -501,7 +502,7 @@ impl UpstreamBody {
             && conn.wire.read.is_empty()
             && let Some(pool) = self.pool.upgrade()
         {
-            pool.put(self.authority.clone(), conn, now_nanos());
+            pool.put(self.authority.clone(), conn);
         }
     }
 
