@@ -70,13 +70,9 @@ pub fn strip_claim_headers(headers: &mut HeaderMap) {
     }
 }
 
-/// The `x-keel-*` values of one verified principal.
-struct ClaimHeaders {
-    subject: Option<HeaderValue>,
-    client_id: Option<HeaderValue>,
-    scopes: Option<HeaderValue>,
-    roles: Option<HeaderValue>,
-}
+/// The `x-keel-*` headers of one verified principal; a claim that makes no valid header
+/// value has none.
+pub struct ClaimHeaders([(HeaderName, Option<HeaderValue>); 4]);
 
 impl ClaimHeaders {
     fn of(principal: &Principal) -> Self {
@@ -92,12 +88,19 @@ impl ClaimHeaders {
                     .join(" "),
             )
         };
-        Self {
-            subject: value(principal.subject.clone()),
-            client_id: principal.client_id.clone().and_then(value),
-            scopes: join(&principal.scopes),
-            roles: join(&principal.roles),
-        }
+        Self([
+            (SUBJECT, value(principal.subject.clone())),
+            (CLIENT_ID, principal.client_id.clone().and_then(value)),
+            (SCOPES, join(&principal.scopes)),
+            (ROLES, join(&principal.roles)),
+        ])
+    }
+
+    /// The headers, in a fixed order.
+    pub fn fields(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        self.0
+            .iter()
+            .filter_map(|(name, value)| Some((name, value.as_ref()?)))
     }
 }
 
@@ -136,35 +139,38 @@ impl ClaimCache {
     }
 }
 
-/// Checks the request's bearer token against the route's requirement; on success the
-/// claims are written into the forwarded headers. Returns the principal for rate limits.
+/// A request's verified token: the principal (for rate limits) and the claim headers to
+/// forward.
+pub struct Authorized {
+    pub principal: Arc<Principal>,
+    pub claims: Arc<ClaimHeaders>,
+}
+
+/// Checks the request's bearer token against the route's requirement.
 pub async fn authorize(
     config: &RouteAuthConfig,
     verifier: Option<&Verifier>,
     claims: &ClaimCache,
-    headers: &mut HeaderMap,
-) -> Result<Option<Arc<Principal>>, Response> {
+    headers: &HeaderMap,
+) -> Result<Option<Authorized>, Response> {
     if config.require == Requirement::Anonymous {
         return Ok(None);
     }
     let Some(verifier) = verifier else {
         return Err(Problem::internal("no token verifier").into_response());
     };
-    // UTF-8 rather than `to_str`'s byte-by-byte check: tokens are long, and the header
-    // was validated when it was parsed.
-    let token = headers
+    let authorization = headers
         .get(http::header::AUTHORIZATION)
-        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-        .and_then(keel_jwt::bearer_token);
-    let Some(token) = token else {
+        .map_or(&b""[..], HeaderValue::as_bytes);
+    let principal = match verifier.verify_authorization(authorization).await {
+        Ok(Some(principal)) => principal,
         // RFC 6750 §3.1: a request without credentials gets no error code.
-        return Err(challenge(
-            Problem::unauthorized("this route requires a bearer access token"),
-            "Bearer realm=\"keel\"".to_owned(),
-        ));
-    };
-    let principal = match verifier.verify(token).await {
-        Ok(principal) => principal,
+        Ok(None) => {
+            return Err(challenge(
+                Problem::unauthorized("this route requires a bearer access token"),
+                "Bearer realm=\"keel\"".to_owned(),
+            ));
+        }
         Err(error) if error.is_unavailable() => {
             tracing::warn!(%error, "access tokens cannot be checked: signing keys unavailable");
             return Err(
@@ -205,18 +211,8 @@ pub async fn authorize(
         .with_source(SOURCE)
         .into_response());
     }
-    let forwarded = claims.headers(&principal);
-    for (name, value) in [
-        (SUBJECT, &forwarded.subject),
-        (CLIENT_ID, &forwarded.client_id),
-        (SCOPES, &forwarded.scopes),
-        (ROLES, &forwarded.roles),
-    ] {
-        if let Some(value) = value {
-            headers.insert(name, value.clone());
-        }
-    }
-    Ok(Some(principal))
+    let claims = claims.headers(&principal);
+    Ok(Some(Authorized { principal, claims }))
 }
 
 fn challenge(problem: Problem, www_authenticate: String) -> Response {
@@ -250,18 +246,33 @@ mod tests {
         let cache = ClaimCache::default();
         let alice = principal("alice", &["orders:read", "orders:write"]);
         let bob = principal("bob\u{7f}", &[]);
+        let fields = |headers: &ClaimHeaders| {
+            headers
+                .fields()
+                .map(|(name, value)| format!("{name}={}", value.to_str().unwrap()))
+                .collect::<Vec<_>>()
+        };
         let first = cache.headers(&alice);
         assert!(Arc::ptr_eq(&first, &cache.headers(&alice)), "made once");
-        assert_eq!(first.subject.as_ref().unwrap(), "alice");
-        assert_eq!(first.client_id.as_ref().unwrap(), "app");
-        assert_eq!(first.scopes.as_ref().unwrap(), "orders:read orders:write");
-        assert_eq!(first.roles.as_ref().unwrap(), "");
+        assert_eq!(
+            fields(&first),
+            [
+                "x-keel-subject=alice",
+                "x-keel-client-id=app",
+                "x-keel-scopes=orders:read orders:write",
+                "x-keel-roles="
+            ]
+        );
         let other = cache.headers(&bob);
         assert!(!Arc::ptr_eq(&first, &other));
-        assert!(other.subject.is_none(), "an invalid value is left out");
+        // An invalid value is left out.
+        assert_eq!(
+            fields(&other),
+            ["x-keel-client-id=app", "x-keel-scopes=", "x-keel-roles="]
+        );
         // A principal dropped and another made: never the dropped one's headers.
         drop(bob);
         let carol = principal("carol", &[]);
-        assert_eq!(cache.headers(&carol).subject.as_ref().unwrap(), "carol");
+        assert_eq!(fields(&cache.headers(&carol))[0], "x-keel-subject=carol");
     }
 }

@@ -18,6 +18,7 @@ use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
 use crate::endpoint::Endpoint;
+use crate::forward::Added;
 
 /// `balance = …` of a route.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -244,10 +245,19 @@ impl HashKeyConfig {
         }
     }
 
-    /// The request's hash key, when it has one.
-    pub fn hash(&self, headers: &HeaderMap, client_ip: Option<std::net::IpAddr>) -> Option<u64> {
+    /// The request's hash key, when it has one; a header may be one the gateway adds
+    /// (`x-keel-subject`, say).
+    pub(crate) fn hash(
+        &self,
+        headers: &HeaderMap,
+        added: &Added,
+        client_ip: Option<std::net::IpAddr>,
+    ) -> Option<u64> {
         match self {
-            Self::Header(name) => headers.get(name).map(|v| hash_key(v.as_bytes())),
+            Self::Header(name) => headers
+                .get(name)
+                .or_else(|| added.get(name))
+                .map(|v| hash_key(v.as_bytes())),
             Self::Cookie(name) => headers
                 .get_all(http::header::COOKIE)
                 .iter()
@@ -411,16 +421,22 @@ mod tests {
             "a=1; session=s-42; b=2".parse().unwrap(),
         );
         let header = HashKeyConfig::Header("x-user".into());
-        assert_eq!(header.hash(&headers, None), Some(hash_key(b"alice")));
-        let cookie = HashKeyConfig::Cookie("session".into());
-        assert_eq!(cookie.hash(&headers, None), Some(hash_key(b"s-42")));
         assert_eq!(
-            HashKeyConfig::Cookie("none".into()).hash(&headers, None),
+            header.hash(&headers, &Added::default(), None),
+            Some(hash_key(b"alice"))
+        );
+        let cookie = HashKeyConfig::Cookie("session".into());
+        assert_eq!(
+            cookie.hash(&headers, &Added::default(), None),
+            Some(hash_key(b"s-42"))
+        );
+        assert_eq!(
+            HashKeyConfig::Cookie("none".into()).hash(&headers, &Added::default(), None),
             None
         );
         let ip = "10.0.0.7".parse().ok();
         assert_eq!(
-            HashKeyConfig::ClientIp.hash(&headers, ip),
+            HashKeyConfig::ClientIp.hash(&headers, &Added::default(), ip),
             Some(hash_key(b"10.0.0.7"))
         );
         assert!(HashKeyConfig::Cookie("a;b".into()).validate().is_err());

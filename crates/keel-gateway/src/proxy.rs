@@ -202,6 +202,10 @@ impl HeaderActions {
         })
     }
 
+    pub(crate) fn is_empty(&self) -> bool {
+        self.remove.is_empty() && self.set.is_empty() && self.add.is_empty()
+    }
+
     pub(crate) fn apply(&self, headers: &mut http::HeaderMap) {
         for name in &self.remove {
             headers.remove(name);
@@ -340,7 +344,15 @@ enum Action {
 struct Policy {
     auth: RouteAuthConfig,
     cors: Option<Cors>,
-    rate_limit: Option<(RateLimitConfig, Arc<LocalLimiter>)>,
+    rate_limit: Option<RouteLimit>,
+}
+
+/// A route's rate limit, ready to check.
+struct RouteLimit {
+    config: RateLimitConfig,
+    local: Arc<LocalLimiter>,
+    /// `RateLimit-Limit`: the same on every answer, so made once.
+    limit_header: HeaderValue,
 }
 
 struct RouteEntry {
@@ -497,7 +509,11 @@ impl Proxy {
             Some(limit) => {
                 let authenticated = route.auth.require == Requirement::Authenticated;
                 limit.validate(authenticated, shared.limiters.redis.is_some())?;
-                Some((limit.clone(), shared.limiters.local(&route.name)))
+                Some(RouteLimit {
+                    config: limit.clone(),
+                    local: shared.limiters.local(&route.name),
+                    limit_header: HeaderValue::from(limit.burst),
+                })
             }
             None => None,
         };
@@ -758,34 +774,35 @@ impl Proxy {
         &self,
         route: &str,
         entry: &RouteEntry,
-        mut parts: http::request::Parts,
+        parts: http::request::Parts,
         body: Body,
         params: &[(String, String)],
         arrival: Arrival<'_>,
     ) -> Result<(Response, Option<Attempts>), Problem> {
-        let principal = match crate::auth::authorize(
+        let authorized = match crate::auth::authorize(
             &entry.policy.auth,
             self.shared.verifier.as_ref(),
             &self.shared.claims,
-            &mut parts.headers,
+            &parts.headers,
         )
         .await
         {
-            Ok(principal) => principal,
+            Ok(authorized) => authorized,
             Err(refusal) => return Ok((refusal, None)),
         };
         let decision = match &entry.policy.rate_limit {
-            Some((limit, local)) => {
+            Some(limit) => {
                 let client_ip = arrival.client.ip_header.to_str().ok();
-                let key = limit.key_of(&parts.headers, principal.as_deref(), client_ip);
+                let principal = authorized.as_ref().map(|a| &*a.principal);
+                let key = limit.config.key_of(&parts.headers, principal, client_ip);
                 match self
-                    .rate_limit(route, limit, local, &key, arrival.received)
+                    .rate_limit(route, limit, &key, arrival.received)
                     .await?
                 {
                     Some(decision) if !decision.allowed => {
-                        return Ok((rate_limited(route, &decision), None));
+                        return Ok((rate_limited(route, limit, &decision), None));
                     }
-                    decision => decision,
+                    decision => decision.map(|decision| (limit, decision)),
                 }
             }
             None => None,
@@ -807,14 +824,15 @@ impl Proxy {
                 (response, None)
             }
             Action::Forward(forward) => {
+                let claims = authorized.map(|a| a.claims);
                 let (response, attempts) = forward
-                    .forward(&self.shared, parts, body, params, arrival)
+                    .forward(&self.shared, parts, body, params, arrival, claims)
                     .await?;
                 (response, Some(attempts))
             }
         };
-        if let Some(decision) = decision {
-            rate_limit_headers(&decision, response.headers_mut());
+        if let Some((limit, decision)) = decision {
+            rate_limit_headers(limit, &decision, response.headers_mut());
         }
         Ok((response, attempts))
     }
@@ -824,16 +842,15 @@ impl Proxy {
     async fn rate_limit(
         &self,
         route: &str,
-        limit: &RateLimitConfig,
-        local: &LocalLimiter,
+        limit: &RouteLimit,
         key: &str,
         received: Instant,
     ) -> Result<Option<Decision>, Problem> {
-        let redis = match (&self.shared.limiters.redis, limit.shared) {
+        let redis = match (&self.shared.limiters.redis, limit.config.shared) {
             (Some(redis), true) => redis,
-            _ => return Ok(Some(local.check(limit, key, received))),
+            _ => return Ok(Some(limit.local.check(&limit.config, key, received))),
         };
-        match redis.check(limit, route, key).await {
+        match redis.check(&limit.config, route, key).await {
             Ok(decision) => Ok(Some(decision)),
             Err(error) => {
                 metrics::counter!("keel_gateway_rate_limit_store_errors_total", "route" => route.to_owned())
@@ -851,17 +868,17 @@ impl Proxy {
     }
 }
 
-fn rate_limit_headers(decision: &Decision, headers: &mut http::HeaderMap) {
+fn rate_limit_headers(limit: &RouteLimit, decision: &Decision, headers: &mut http::HeaderMap) {
     const LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
     const REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
     const RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
     let seconds = |d: Duration| d.as_secs() + u64::from(d.subsec_nanos() > 0);
-    headers.insert(LIMIT, HeaderValue::from(decision.limit));
+    headers.insert(LIMIT, limit.limit_header.clone());
     headers.insert(REMAINING, HeaderValue::from(decision.remaining));
     headers.insert(RESET, HeaderValue::from(seconds(decision.reset)));
 }
 
-fn rate_limited(route: &str, decision: &Decision) -> Response {
+fn rate_limited(route: &str, limit: &RouteLimit, decision: &Decision) -> Response {
     metrics::counter!("keel_gateway_rate_limited_total", "route" => route.to_owned()).increment(1);
     let after = decision.retry_after.max(Duration::from_secs(1));
     let mut response = Problem::too_many_requests(format!(
@@ -871,7 +888,7 @@ fn rate_limited(route: &str, decision: &Decision) -> Response {
     .with_retry_after(after)
     .with_source(SOURCE)
     .into_response();
-    rate_limit_headers(decision, response.headers_mut());
+    rate_limit_headers(limit, decision, response.headers_mut());
     response
 }
 

@@ -35,6 +35,9 @@ use crate::route::RouteError;
 use crate::tls::Tls;
 use crate::watch::FileWatch;
 
+/// The W3C trace context header, whose trace id the access log records.
+const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -119,7 +122,7 @@ impl Gateway {
         let incoming_trace = self.access_log.as_ref().and_then(|_| {
             request
                 .headers()
-                .get("traceparent")
+                .get(TRACEPARENT)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.get(3..35))
                 .map(str::to_owned)

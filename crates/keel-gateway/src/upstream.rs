@@ -29,6 +29,7 @@ use tokio::time::Sleep;
 use crate::balance::Fnv;
 use crate::config::UpstreamClientConfig;
 use crate::endpoint::{nanos, now_nanos};
+use crate::forward::Added;
 use crate::h1::{self, ChunkedDecoder, Decoded};
 use crate::timer;
 
@@ -88,6 +89,8 @@ pub struct UpstreamRequest<'a> {
     /// Origin form: path and query.
     pub target: &'a PathAndQuery,
     pub headers: &'a HeaderMap,
+    /// Written after `headers`, which hold none of them.
+    pub added: &'a Added,
     pub body: &'a Bytes,
 }
 
@@ -207,6 +210,9 @@ fn encode(out: &mut Vec<u8>, authority: &Authority, request: &UpstreamRequest<'_
             host |= *name == header::HOST;
             h1::put_header(out, name.as_str().as_bytes(), value.as_bytes());
         }
+    }
+    for (name, value) in request.added.fields() {
+        h1::put_header(out, name.as_str().as_bytes(), value.as_bytes());
     }
     if !host {
         // First, as RFC 9112 §3.2 asks of clients: written after the fields, then
@@ -599,6 +605,7 @@ mod tests {
             method: &Method::GET,
             target: &PathAndQuery::from_static("/a?b=1"),
             headers,
+            added: &Added::default(),
             body: &Bytes::new(),
         };
         encode(&mut out, &Authority::from_static("upstream:8080"), &request);

@@ -2,14 +2,15 @@
 //! the gateway and for every service.
 //!
 //! ```no_run
-//! # async fn example(authorization: &str) -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn example(authorization: &[u8]) -> Result<(), Box<dyn std::error::Error>> {
 //! use keel_jwt::{Verifier, VerifierConfig};
 //!
 //! let verifier = Verifier::new(VerifierConfig::new("http://127.0.0.1:8400", ["keel-api"]))?;
-//! let token = keel_jwt::bearer_token(authorization).ok_or("no bearer token")?;
-//! match verifier.verify(token).await {
-//!     Ok(principal) if principal.has_scope("orders:write") => { /* serve */ }
-//!     Ok(_) => { /* 403, error="insufficient_scope" */ }
+//! // The `Authorization` header's value as it arrived.
+//! match verifier.verify_authorization(authorization).await {
+//!     Ok(Some(principal)) if principal.has_scope("orders:write") => { /* serve */ }
+//!     Ok(Some(_)) => { /* 403, error="insufficient_scope" */ }
+//!     Ok(None) => { /* 401, WWW-Authenticate: Bearer (no bearer token) */ }
 //!     Err(error) if error.is_unavailable() => { /* 503 */ }
 //!     Err(error) => { /* 401, WWW-Authenticate: error.www_authenticate() */ }
 //! }
@@ -64,9 +65,20 @@ pub fn bearer_token(authorization: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty() && !spaced).then_some(token)
 }
 
+/// The token part of an `Authorization: Bearer <token>` value, unchecked: only the scheme
+/// is. For finding a token verified before; [`bearer_token`] decides whether one is usable.
+fn bearer_bytes(authorization: &[u8]) -> Option<&[u8]> {
+    let (scheme, token) = authorization.split_at_checked(6)?;
+    let token = token.strip_prefix(b" ")?;
+    let spaces = token.iter().take_while(|&&b| b == b' ').count();
+    scheme
+        .eq_ignore_ascii_case(b"bearer")
+        .then_some(&token[spaces..])
+}
+
 #[cfg(test)]
 mod tests {
-    use super::bearer_token;
+    use super::{bearer_bytes, bearer_token};
 
     #[test]
     fn bearer_token_from_authorization() {
@@ -85,5 +97,30 @@ mod tests {
         ] {
             assert_eq!(bearer_token(bad), None, "{bad:?}");
         }
+    }
+
+    /// Whatever `bearer_token` accepts, `bearer_bytes` finds the same token in (so a
+    /// remembered token is found); it may find more, which only `bearer_token` refuses.
+    #[test]
+    fn bearer_bytes_finds_what_bearer_token_accepts() {
+        for value in [
+            "Bearer abc.def.ghi",
+            "bearer  abc",
+            "BEARER abc",
+            "Bearer a b",
+            "Bearer ",
+            "Bearer \tabc",
+            "Basic abc",
+            "Bearerabc",
+            "Bearer",
+            "",
+        ] {
+            if let Some(token) = bearer_token(value) {
+                assert_eq!(bearer_bytes(value.as_bytes()), Some(token.as_bytes()));
+            }
+        }
+        assert_eq!(bearer_bytes(b"Basic abc"), None);
+        assert_eq!(bearer_bytes(b"Bearerabc"), None);
+        assert_eq!(bearer_bytes(b"Bearer \tabc"), Some(&b"\tabc"[..]));
     }
 }

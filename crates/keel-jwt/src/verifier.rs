@@ -41,16 +41,17 @@ struct Inner {
     /// it and then use its result.
     refresh: Arc<Mutex<RefreshState>>,
     /// Tokens already verified (see `VerifierConfig::cache_size`).
-    verified: std::sync::Mutex<HashMap<Box<str>, Arc<Principal>, TailHash>>,
+    verified: std::sync::Mutex<HashMap<Box<[u8]>, Arc<Principal>, TailHash>>,
 }
 
-/// Hashes the last [`TAIL`] bytes of a token, with SipHash's random key: a JWT ends in its
-/// signature, as random as any hash of the whole, and hashing all ~800 bytes of a token
-/// cost more than the rest of the gateway's work on a request. Colliding tails cannot be
-/// planted: only verified tokens (signed by the issuer) enter the map, and lookups still
+/// Hashes the last [`TAIL`] bytes of a token with foldhash and a random seed: a JWT ends in
+/// its signature, as random as any hash of the whole, and hashing all ~800 bytes of a token
+/// (or SipHash on its tail) cost more than the rest of the gateway's work on a request.
+/// Foldhash resists only simple flooding, which is enough here: colliding tails cannot be
+/// planted, as only verified tokens (signed by the issuer) enter the map, and lookups still
 /// compare whole tokens.
 #[derive(Default, Clone)]
-struct TailHash(std::hash::RandomState);
+struct TailHash(foldhash::fast::RandomState);
 
 const TAIL: usize = 32;
 
@@ -62,7 +63,7 @@ impl std::hash::BuildHasher for TailHash {
     }
 }
 
-struct TailHasher(std::hash::DefaultHasher);
+struct TailHasher(foldhash::fast::FoldHasher<'static>);
 
 impl std::hash::Hasher for TailHasher {
     fn write(&mut self, bytes: &[u8]) {
@@ -128,16 +129,50 @@ impl Verifier {
         token: &str,
         now: SystemTime,
     ) -> Result<Arc<Principal>, VerifyError> {
-        if let Some(principal) = self.remembered(token, now) {
+        if let Some(principal) = self.remembered(token.as_bytes(), now) {
             return Ok(principal);
         }
+        self.verify_and_remember(token, now).await
+    }
+
+    /// Verifies the bearer token of an `Authorization` header value, as it arrived, now;
+    /// `Ok(None)` when the value holds no bearer token (see [`crate::bearer_token`]), which
+    /// RFC 6750 §3.1 answers without an error code.
+    ///
+    /// A token verified before is found by its bytes before they are checked as text: they
+    /// passed those checks when it was first verified, and a token is ~800 bytes, looked at
+    /// on every request.
+    pub async fn verify_authorization(
+        &self,
+        authorization: &[u8],
+    ) -> Result<Option<Arc<Principal>>, VerifyError> {
+        let now = SystemTime::now();
+        if let Some(principal) =
+            crate::bearer_bytes(authorization).and_then(|token| self.remembered(token, now))
+        {
+            return Ok(Some(principal));
+        }
+        let Some(token) = std::str::from_utf8(authorization)
+            .ok()
+            .and_then(crate::bearer_token)
+        else {
+            return Ok(None);
+        };
+        self.verify_and_remember(token, now).await.map(Some)
+    }
+
+    async fn verify_and_remember(
+        &self,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<Arc<Principal>, VerifyError> {
         let principal = Arc::new(self.verify_uncached(token, now).await?);
         self.remember(token, &principal);
         Ok(principal)
     }
 
     /// A cached verification of `token` that has not expired by `now`.
-    fn remembered(&self, token: &str, now: SystemTime) -> Option<Arc<Principal>> {
+    fn remembered(&self, token: &[u8], now: SystemTime) -> Option<Arc<Principal>> {
         if self.inner.config.cache_size == 0 {
             return None;
         }
@@ -171,7 +206,7 @@ impl Verifier {
                 verified.remove(&evicted);
             }
         }
-        verified.insert(token.into(), Arc::clone(principal));
+        verified.insert(token.as_bytes().into(), Arc::clone(principal));
     }
 
     async fn verify_uncached(

@@ -7,7 +7,8 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use http::{HeaderMap, StatusCode};
 use keel_gateway::auth::{Requirement, RouteAuthConfig};
-use keel_gateway::config::GatewayRouteConfig;
+use keel_gateway::balance::{BalanceConfig, HashKeyConfig};
+use keel_gateway::config::{GatewayRouteConfig, HeaderActionsConfig, UpstreamProtocol};
 use keel_gateway::cors::CorsConfig;
 use keel_gateway::ratelimit::{FailurePolicy, RateKey, RateLimitBackendConfig, RateLimitConfig};
 use keel_gateway::route::MatchConfig;
@@ -1146,4 +1147,131 @@ async fn a_silent_redis_is_caught_by_the_timeout() {
     };
     until(&client, &closed.proxy.url, "closed recovers", counted).await;
     until(&client, &open.proxy.url, "open recovers", counted).await;
+}
+
+/// The forwarding and claim headers the gateway adds arrive once each, in place of the
+/// client's copies, whichever way a request goes upstream: on the gateway's own HTTP/1.1
+/// pool (a small body), on hyper's client (a body too large to buffer, an h2c upstream),
+/// and through a route's request header rules, which see them and may change them.
+#[tokio::test]
+async fn added_headers_reach_every_kind_of_upstream_once() {
+    const ECHOED: &[&str] = &[
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+        "x-keel-subject",
+        "x-keel-roles",
+    ];
+    let issuer = TestIssuer::start().await;
+    let upstream = Upstream::start_echoing("u", ECHOED);
+    let mut h2c = authenticated(on("h2c", "/h2c", &upstream), &[], &[]);
+    h2c.upstream_protocol = UpstreamProtocol::H2c;
+    let mut ruled = authenticated(on("ruled", "/ruled", &upstream), &[], &[]);
+    ruled.request_headers = HeaderActionsConfig {
+        remove: vec!["x-forwarded-host".into()],
+        set: [("x-keel-roles".to_owned(), "set-by-route".to_owned())].into(),
+        add: [("x-forwarded-proto".to_owned(), "added".to_owned())].into(),
+    };
+    let gateway = start_with_auth(
+        &issuer,
+        vec![
+            authenticated(on("pooled", "/pooled", &upstream), &[], &[]),
+            h2c,
+            ruled,
+        ],
+    )
+    .await;
+    let token = issuer.mint(json!({"roles": ["viewer"]}));
+    let client = reqwest::Client::new();
+    let large = "x".repeat(100 * 1024);
+    let forwarded = "x-forwarded-for=203.0.113.7, 127.0.0.1 x-forwarded-host=shop.example";
+    let claims = "x-keel-subject=user-1 x-keel-roles=viewer";
+    for (path, body, expected) in [
+        (
+            "/pooled/x",
+            "small",
+            format!("/pooled/x {forwarded} x-forwarded-proto=http {claims} body=small"),
+        ),
+        (
+            "/pooled/large",
+            large.as_str(),
+            format!("/pooled/large {forwarded} x-forwarded-proto=http {claims} body=xxx"),
+        ),
+        (
+            "/h2c/x",
+            "small",
+            format!("/h2c/x {forwarded} x-forwarded-proto=http {claims} body=small"),
+        ),
+        (
+            "/ruled/x",
+            "small",
+            "/ruled/x x-forwarded-for=203.0.113.7, 127.0.0.1 \
+             x-forwarded-proto=http,added x-keel-subject=user-1 x-keel-roles=set-by-route \
+             body=small"
+                .to_owned(),
+        ),
+    ] {
+        let response = client
+            .post(format!("{}{path}", gateway.proxy.url))
+            .bearer_auth(&token)
+            .header("host", "shop.example")
+            .header("x-forwarded-for", "203.0.113.7")
+            .header("x-forwarded-host", "forged.example")
+            .header("x-forwarded-proto", "gopher")
+            .header("x-keel-roles", "forged")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let echoed = upstream_ok(response).await;
+        // HTTP/2 carries the absolute URI.
+        assert!(echoed.starts_with("u POST "), "{path}: {echoed:.300}");
+        assert!(echoed.contains(&expected), "{path}: {echoed:.300}");
+    }
+}
+
+/// A route balanced by a header the gateway adds (the verified subject) keeps each
+/// subject on one instance.
+#[tokio::test]
+async fn hashing_by_a_claim_header_keeps_a_subject_on_one_instance() {
+    let issuer = TestIssuer::start().await;
+    let instances = [
+        Upstream::start("a"),
+        Upstream::start("b"),
+        Upstream::start("c"),
+    ];
+    let mut route = authenticated(
+        route_to("users", &instances.iter().collect::<Vec<_>>()),
+        &[],
+        &[],
+    );
+    route.balance = BalanceConfig::Hash(HashKeyConfig::Header("x-keel-subject".into()));
+    let gateway = start_with_auth(&issuer, vec![route]).await;
+    let client = reqwest::Client::new();
+    let mut owners = std::collections::HashSet::new();
+    for subject in 0..12 {
+        let token = issuer.mint(json!({ "sub": format!("user-{subject}") }));
+        let mut served = std::collections::HashSet::new();
+        for _ in 0..4 {
+            let response = client
+                .get(format!("{}/x", gateway.proxy.url))
+                .bearer_auth(&token)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::OK);
+            served.insert(
+                response.headers()["x-upstream"]
+                    .to_str()
+                    .unwrap()
+                    .to_owned(),
+            );
+        }
+        assert_eq!(served.len(), 1, "user-{subject} moved: {served:?}");
+        owners.extend(served);
+    }
+    assert!(
+        owners.len() > 1,
+        "every subject on one instance: {owners:?}"
+    );
 }

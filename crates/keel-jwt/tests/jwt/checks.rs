@@ -417,3 +417,50 @@ async fn a_remembered_token_outlives_its_withdrawn_key_only_with_the_cache_on() 
         );
     }
 }
+
+#[tokio::test]
+async fn authorization_header_values() {
+    let issuer = TestIssuer::start().await;
+    let verifier = verifier(&issuer);
+    let token = issuer.mint(json!({"sub": "alice"}));
+    // No bearer token: nothing to verify, and no error code to give (RFC 6750 §3.1).
+    for value in ["", "Basic abc", "Bearer", "Bearer ", "Bearerabc"] {
+        let found = verifier.verify_authorization(value.as_bytes()).await;
+        assert!(matches!(found, Ok(None)), "{value:?}: {found:?}");
+    }
+    // A space inside is no bearer token, before and after the token is remembered.
+    let spaced = format!("Bearer {token} x");
+    assert!(matches!(
+        verifier.verify_authorization(spaced.as_bytes()).await,
+        Ok(None)
+    ));
+    for value in [format!("Bearer {token}"), format!("bearer   {token}")] {
+        let principal = verifier.verify_authorization(value.as_bytes()).await;
+        assert_eq!(principal.unwrap().unwrap().subject, "alice", "{value:?}");
+    }
+    assert!(matches!(
+        verifier.verify_authorization(spaced.as_bytes()).await,
+        Ok(None)
+    ));
+    // Remembered: the same principal again, found by the token's bytes.
+    let first = verifier.verify(&token).await.unwrap();
+    let again = verifier
+        .verify_authorization(format!("Bearer {token}").as_bytes())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(std::sync::Arc::ptr_eq(&first, &again));
+    // Not UTF-8, or tampered: refused as before.
+    let mut bytes = format!("Bearer {token}").into_bytes();
+    *bytes.last_mut().unwrap() = 0xff;
+    assert!(matches!(
+        verifier.verify_authorization(&bytes).await,
+        Ok(None)
+    ));
+    let mut tampered = format!("Bearer {token}").into_bytes();
+    let at = tampered.len() - 10;
+    tampered[at] = if tampered[at] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    let refused = verifier.verify_authorization(tampered.as_bytes()).await;
+    assert!(refused.is_err(), "{refused:?}");
+}
