@@ -102,6 +102,19 @@ impl ClaimHeaders {
             .iter()
             .filter_map(|(name, value)| Some((name, value.as_ref()?)))
     }
+
+    /// The value of the header named `name` (in any case).
+    pub fn get(&self, name: &str) -> Option<&HeaderValue> {
+        field(self.fields(), name)
+    }
+}
+
+/// The value of the field named `name` (in any case) among `fields`.
+pub(crate) fn field<'a>(
+    mut fields: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+    name: &str,
+) -> Option<&'a HeaderValue> {
+    fields.find_map(|(field, value)| field.as_str().eq_ignore_ascii_case(name).then_some(value))
 }
 
 /// Claim headers made once per principal: keel-jwt hands out the same `Arc<Principal>`

@@ -101,9 +101,9 @@ impl Added {
             .chain(self.claims.iter().flat_map(|claims| claims.fields()))
     }
 
+    /// The value of the header named `name` (in any case).
     pub(crate) fn get(&self, name: &str) -> Option<&HeaderValue> {
-        self.fields()
-            .find_map(|(field, value)| field.as_str().eq_ignore_ascii_case(name).then_some(value))
+        crate::auth::field(self.fields(), name)
     }
 
     /// Appends them to `headers`, which holds none of them.

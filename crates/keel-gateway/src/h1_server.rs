@@ -199,8 +199,9 @@ fn request(
 ) -> Option<Request<Body>> {
     let method = Method::from_bytes(&head_bytes[head.method.clone()]).ok()?;
     let uri = Uri::from_maybe_shared(head_bytes.slice(head.target.clone())).ok()?;
-    // Room for what the gateway adds: the request id, x-forwarded-*, claims.
-    let headers = h1::header_map(map, head_bytes, &head.headers, 8).ok()?;
+    // Room for what the gateway may add to the map: the request id, a trace context (the
+    // forwarding and claim headers travel beside it).
+    let headers = h1::header_map(map, head_bytes, &head.headers, 2).ok()?;
     let mut request = Request::new(body);
     *request.method_mut() = method;
     *request.uri_mut() = uri;

@@ -793,8 +793,9 @@ impl Proxy {
         let decision = match &entry.policy.rate_limit {
             Some(limit) => {
                 let client_ip = arrival.client.ip_header.to_str().ok();
-                let principal = authorized.as_ref().map(|a| &*a.principal);
-                let key = limit.config.key_of(&parts.headers, principal, client_ip);
+                let key = limit
+                    .config
+                    .key_of(&parts.headers, authorized.as_ref(), client_ip);
                 match self
                     .rate_limit(route, limit, &key, arrival.received)
                     .await?

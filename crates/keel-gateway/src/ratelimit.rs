@@ -11,11 +11,11 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use http::HeaderMap;
-use keel_jwt::Principal;
 use keel_runtime::Secret;
 use redis::aio::ConnectionManager;
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Authorized;
 use crate::balance::hash_key;
 use crate::endpoint::nanos_at;
 
@@ -103,13 +103,15 @@ impl RateLimitConfig {
         Ok(())
     }
 
-    /// The key a request is counted under.
+    /// The key a request is counted under; a header may be one of the verified claims the
+    /// gateway forwards (`x-keel-subject`, say), which are not in the request's map.
     pub fn key_of(
         &self,
         headers: &HeaderMap,
-        principal: Option<&Principal>,
+        authorized: Option<&Authorized>,
         client_ip: Option<&str>,
     ) -> String {
+        let principal = authorized.map(|a| &*a.principal);
         // Joined by hand: this runs for every limited request, and `format!` cost several
         // times as much.
         let joined = |prefix: &str, rest: &str| {
@@ -126,6 +128,7 @@ impl RateLimitConfig {
             RateKey::Subject => principal.map(|p| joined("sub:", &p.subject)),
             RateKey::Header(name) => headers
                 .get(name)
+                .or_else(|| authorized?.claims.get(name))
                 .map(|value| format!("key:{:016x}", hash_key(value.as_bytes()))),
         };
         found.unwrap_or_else(|| joined("ip:", client_ip.unwrap_or("unknown")))

@@ -190,7 +190,11 @@ impl Verifier {
         None
     }
 
+    /// Only tokens that `bearer_token` would accept may be remembered: a lookup by raw
+    /// bytes (`verify_authorization`) relies on a hit having passed its checks. Verified
+    /// tokens do: three base64url parts hold no space.
     fn remember(&self, token: &str, principal: &Arc<Principal>) {
+        debug_assert!(!token.is_empty() && !token.contains(' '));
         let capacity = self.inner.config.cache_size;
         if capacity == 0 {
             return;

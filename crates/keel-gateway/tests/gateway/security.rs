@@ -820,6 +820,37 @@ async fn each_subject_has_its_own_bucket() {
     assert_eq!(upstream.hits(), 4);
 }
 
+/// A limit keyed by a header the gateway adds from the token (`x-keel-subject`) counts by
+/// the verified value, which the client cannot choose, and never by the client's copy.
+#[tokio::test]
+async fn a_limit_keyed_by_a_claim_header_counts_by_the_verified_claim() {
+    let issuer = TestIssuer::start().await;
+    let upstream = Upstream::start("u");
+    let route = limited(
+        authenticated(route_to("r", &[&upstream]), &[], &[]),
+        RateKey::Header("X-Keel-Subject".into()),
+        1,
+        0.01,
+    );
+    let gateway = start_with_auth(&issuer, vec![route]).await;
+    let client = reqwest::Client::new();
+    let status = |subject: &str, forged: &str| {
+        let token = issuer.mint(json!({"sub": subject}));
+        let request = client
+            .get(&gateway.proxy.url)
+            .bearer_auth(token)
+            .header("x-keel-subject", forged);
+        async move { request.send().await.unwrap().status().as_u16() }
+    };
+    let mut seen = Vec::new();
+    // From one address: alice's bucket, then bob's; a forged subject changes nothing.
+    for (subject, forged) in [("alice", "a"), ("alice", "b"), ("bob", "a"), ("bob", "c")] {
+        seen.push(status(subject, forged).await);
+    }
+    assert_eq!(seen, [200, 429, 200, 429]);
+    assert_eq!(upstream.hits(), 2);
+}
+
 // === shared rate limits (Redis) ===
 
 #[tokio::test]
@@ -1228,6 +1259,29 @@ async fn added_headers_reach_every_kind_of_upstream_once() {
         assert!(echoed.starts_with("u POST "), "{path}: {echoed:.300}");
         assert!(echoed.contains(&expected), "{path}: {echoed:.300}");
     }
+
+    // Without a Host header (HTTP/1.0) there is no x-forwarded-host to send, and the
+    // client's copies of both go all the same.
+    let addr = gateway.proxy.url.trim_start_matches("http://");
+    let (answer, _) = crate::support::exchange(
+        addr,
+        format!(
+            "GET /pooled/old HTTP/1.0\r\nauthorization: Bearer {token}\r\n\
+             x-forwarded-host: forged.example\r\nx-forwarded-proto: gopher\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.0 200") || answer.starts_with("HTTP/1.1 200"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains(&format!(
+            "/pooled/old x-forwarded-for=127.0.0.1 x-forwarded-proto=http {claims} body="
+        )),
+        "{answer}"
+    );
 }
 
 /// A route balanced by a header the gateway adds (the verified subject) keeps each

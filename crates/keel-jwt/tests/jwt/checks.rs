@@ -450,6 +450,17 @@ async fn authorization_header_values() {
         .unwrap()
         .unwrap();
     assert!(std::sync::Arc::ptr_eq(&first, &again));
+    // Once remembered, the token under another scheme, or after a tab, is still no bearer
+    // token.
+    for value in [
+        format!("Basic {token}"),
+        format!("Bearer\t{token}"),
+        format!("Bearertoken{token}"),
+        format!("Bearer {token} "),
+    ] {
+        let found = verifier.verify_authorization(value.as_bytes()).await;
+        assert!(matches!(found, Ok(None)), "{value:.20}: {found:?}");
+    }
     // Not UTF-8, or tampered: refused as before.
     let mut bytes = format!("Bearer {token}").into_bytes();
     *bytes.last_mut().unwrap() = 0xff;
