@@ -27,7 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use crate::h1::{self, Rewind};
 use crate::listener::{ConnState, Mode, redirect_to_https, too_fast};
-use crate::proxy::{Arrival, SOURCE};
+use crate::proxy::{Arrival, SOURCE, Stamp};
 use crate::timer;
 
 /// Request bodies up to this are read whole before the request is handled (the retry
@@ -139,27 +139,33 @@ where
         };
         drop(head_bytes);
         let head_method = request.method() == Method::HEAD;
-        let response = if state
+        let (response, stamp) = if state
             .rate
             .as_ref()
             .is_some_and(|rate| !rate.admit(received))
         {
-            too_fast()
+            (too_fast(), None)
         } else {
             match state.mode {
-                Mode::RedirectToHttps { port } => redirect_to_https(&request, port),
+                Mode::RedirectToHttps { port } => (redirect_to_https(&request, port), None),
                 Mode::Proxy { .. } => {
                     let arrival = Arrival {
                         client: &state.client,
                         received,
                     };
-                    state.gateway.handle(request, arrival).await
+                    let (response, stamp) = state.gateway.handle(request, arrival).await;
+                    (response, Some(stamp))
                 }
             }
         };
         let close = shape.close || state.shutdown.is_triggered();
+        let how = WriteAs {
+            method_head: head_method,
+            stamp: stamp.as_ref(),
+            close,
+        };
         if !matches!(
-            write_response(&mut io, &mut out, response, head_method, close).await,
+            write_response(&mut io, &mut out, response, how).await,
             Ok(Open::KeptOpen)
         ) {
             let _ = io.shutdown().await;
@@ -225,7 +231,12 @@ where
         Refusal::Malformed => Problem::bad_request("the request is not valid HTTP/1.1"),
     };
     let response = problem.with_source(SOURCE).into_response();
-    let _ = write_response(&mut io, out, response, false, true).await;
+    let how = WriteAs {
+        method_head: false,
+        stamp: None,
+        close: true,
+    };
+    let _ = write_response(&mut io, out, response, how).await;
     let _ = io.shutdown().await;
     Ended::Closed
 }
@@ -258,12 +269,21 @@ enum Open {
 /// size is known, chunked otherwise), then the body as it comes. Trailers are not sent
 /// on HTTP/1.1. The connection closes after it when `close`, or when the response says
 /// `connection: close`.
+/// How a response is written besides its own parts.
+struct WriteAs<'a> {
+    /// It answers a HEAD request: no body.
+    method_head: bool,
+    /// The gateway's own headers, written after the response's (whose copies are left out).
+    stamp: Option<&'a Stamp>,
+    /// The connection closes after it.
+    close: bool,
+}
+
 async fn write_response<S>(
     io: &mut S,
     out: &mut Vec<u8>,
     response: Response,
-    head_method: bool,
-    mut close: bool,
+    how: WriteAs<'_>,
 ) -> io::Result<Open>
 where
     S: AsyncWrite + Unpin,
@@ -276,7 +296,8 @@ where
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    let bodiless = head_method
+    let mut close = how.close;
+    let bodiless = how.method_head
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
@@ -291,10 +312,13 @@ where
         }
         let framing = name == header::TRANSFER_ENCODING
             || (length.is_some() && name == header::CONTENT_LENGTH);
-        if !framing {
+        if !framing && !how.stamp.is_some_and(|stamp| stamp.replaces(name)) {
             date |= name == header::DATE;
             h1::put_header(out, name.as_str().as_bytes(), value.as_bytes());
         }
+    }
+    if let Some(stamp) = how.stamp {
+        stamp.write(out);
     }
     match length {
         Some(Some(n)) => h1::put_content_length(out, n),

@@ -290,7 +290,11 @@ where
             let request = request.map(Body::new);
             Ok(match state.mode {
                 Mode::RedirectToHttps { port } => redirect_to_https(&request, port),
-                Mode::Proxy { .. } => state.gateway.handle(request, arrival).await,
+                Mode::Proxy { .. } => {
+                    let (mut response, stamp) = state.gateway.handle(request, arrival).await;
+                    stamp.insert_into(response.headers_mut());
+                    response
+                }
             })
         }
     });

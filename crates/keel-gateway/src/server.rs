@@ -16,7 +16,7 @@ use arc_swap::ArcSwap;
 use axum::body::Body;
 use axum::response::Response;
 use http::HeaderValue;
-use keel_runtime::http::{BindError, REQUEST_ID, bind_listener};
+use keel_runtime::http::{BindError, bind_listener};
 use keel_runtime::{Health, HttpServer, Server, Shutdown};
 use opentelemetry::trace::TraceContextExt;
 use serde::Serialize;
@@ -30,7 +30,7 @@ use crate::access_log::{self, AccessLog, AccessRecord};
 use crate::admin;
 use crate::config::{GatewayConfig, GatewayRouteConfig};
 use crate::listener::{self, Mode};
-use crate::proxy::{Arrival, Handled, Proxy, Shared};
+use crate::proxy::{Arrival, Handled, Proxy, Shared, Stamp};
 use crate::route::RouteError;
 use crate::tls::Tls;
 use crate::watch::FileWatch;
@@ -99,12 +99,13 @@ pub enum ChangeError {
 
 impl Gateway {
     /// Serves one client request: request id, span, the current generation, metrics,
-    /// access log.
+    /// access log. The headers the gateway puts on every answer come beside it: a server
+    /// writes them or inserts them ([`Stamp`]).
     pub(crate) async fn handle(
         &self,
         mut request: http::Request<Body>,
         arrival: Arrival<'_>,
-    ) -> Response {
+    ) -> (Response, Stamp) {
         let started = arrival.received;
         let request_id = keel_runtime::http::set_request_id(request.headers_mut());
         let method = request.method().clone();
@@ -158,6 +159,7 @@ impl Gateway {
             mut response,
             served,
             attempts,
+            rate,
         } = handled;
         let elapsed = started.elapsed();
         let status = response.status();
@@ -190,8 +192,7 @@ impl Gateway {
         if grpc {
             response = grpc_status(response);
         }
-        response.headers_mut().insert(REQUEST_ID, request_id);
-        response
+        (response, Stamp { request_id, rate })
     }
 
     /// The generation serving new requests.

@@ -321,3 +321,77 @@ async fn a_plain_request_is_never_upgraded_by_accident() {
     let body = response.text().await.unwrap();
     assert!(!body.contains("upgrade="), "{body}");
 }
+
+/// The headers the gateway puts on every answer (the request id, a limited route's
+/// `RateLimit-*`) are there once each, over HTTP/1.1 and HTTP/2 alike, in place of an
+/// upstream's copies.
+#[tokio::test]
+async fn the_gateways_own_answer_headers_replace_the_upstreams() {
+    let app = axum::Router::new().fallback(|| async {
+        (
+            [
+                ("x-request-id", "upstream-id"),
+                ("ratelimit-limit", "77"),
+                ("RateLimit-Remaining", "76"),
+                ("ratelimit-reset", "9"),
+                ("x-kept", "yes"),
+            ],
+            "hello",
+        )
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let upstream = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let mut limited = route_to("limited", &[]);
+    limited.upstreams = vec![UpstreamConfig::Url(upstream.clone())];
+    limited.matches.path_prefix = Some("/limited".into());
+    limited.rate_limit = Some(keel_gateway::ratelimit::RateLimitConfig {
+        key: keel_gateway::ratelimit::RateKey::ClientIp,
+        per_second: 1.0,
+        burst: 5,
+        shared: false,
+    });
+    let mut open = route_to("open", &[]);
+    open.upstreams = vec![UpstreamConfig::Url(upstream)];
+    let gateway = start_gateway(vec![limited, open]).await;
+
+    let check = |headers: &HeaderMap, limited: bool| {
+        let all = |name: &str| -> Vec<&str> {
+            headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect()
+        };
+        assert_eq!(all("x-kept"), ["yes"]);
+        let id = all("x-request-id");
+        assert_eq!(id.len(), 1, "{headers:?}");
+        assert_eq!(id[0].len(), 32, "the gateway's id: {headers:?}");
+        if limited {
+            assert_eq!(all("ratelimit-limit"), ["5"], "{headers:?}");
+            let remaining: u64 = all("ratelimit-remaining")[0].parse().unwrap();
+            assert!(remaining < 5, "{headers:?}");
+            assert_eq!(all("ratelimit-remaining").len(), 1, "{headers:?}");
+            assert_eq!(all("ratelimit-reset").len(), 1, "{headers:?}");
+            assert_ne!(all("ratelimit-reset"), ["9"], "{headers:?}");
+        } else {
+            // Not limited here: the upstream's own state passes.
+            assert_eq!(all("ratelimit-limit"), ["77"], "{headers:?}");
+        }
+    };
+    for (path, limited) in [("/limited/x", true), ("/x", false)] {
+        let response = reqwest::get(format!("{}{path}", gateway.url))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        check(response.headers(), limited);
+
+        let mut client = h2_client(&gateway.url).await;
+        let request = Request::get(format!("{}{path}", gateway.url))
+            .body(Empty::new().map_err(|never| match never {}).boxed())
+            .unwrap();
+        let response = client.send_request(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        check(response.headers(), limited);
+    }
+}
