@@ -265,10 +265,6 @@ enum Open {
     Closing,
 }
 
-/// Writes `response`: its head with framing of our own (`content-length` when the body's
-/// size is known, chunked otherwise), then the body as it comes. Trailers are not sent
-/// on HTTP/1.1. The connection closes after it when `close`, or when the response says
-/// `connection: close`.
 /// How a response is written besides its own parts.
 struct WriteAs<'a> {
     /// It answers a HEAD request: no body.
@@ -279,6 +275,10 @@ struct WriteAs<'a> {
     close: bool,
 }
 
+/// Writes `response`: its head with framing of our own (`content-length` when the body's
+/// size is known, chunked otherwise), then the body as it comes. Trailers are not sent
+/// on HTTP/1.1. The connection closes after it when `how.close`, or when the response says
+/// `connection: close`.
 async fn write_response<S>(
     io: &mut S,
     out: &mut Vec<u8>,

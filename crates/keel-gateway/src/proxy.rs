@@ -466,7 +466,7 @@ impl Stamp {
     }
 
     /// Inserts the headers into `headers`, replacing any copies.
-    pub(crate) fn insert_into(self, headers: &mut http::HeaderMap) {
+    pub fn insert_into(self, headers: &mut http::HeaderMap) {
         if let Some(rate) = self.rate {
             rate.insert_into(headers);
         }
@@ -484,7 +484,8 @@ impl RateState {
         }
     }
 
-    fn insert_into(self, headers: &mut http::HeaderMap) {
+    /// Inserts the `RateLimit-*` headers into `headers`, replacing any copies.
+    pub fn insert_into(self, headers: &mut http::HeaderMap) {
         headers.insert(RATELIMIT_LIMIT, self.limit);
         headers.insert(RATELIMIT_REMAINING, HeaderValue::from(self.remaining));
         headers.insert(RATELIMIT_RESET, HeaderValue::from(self.reset));

@@ -190,6 +190,7 @@ impl Gateway {
             });
         }
         if grpc {
+            // The stamp's headers stay on a rewritten error, as on any other answer.
             response = grpc_status(response);
         }
         (response, Stamp { request_id, rate })
