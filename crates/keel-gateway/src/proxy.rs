@@ -454,14 +454,16 @@ impl Stamp {
         );
         if let Some(rate) = &self.rate {
             let mut number = itoa::Buffer::new();
-            crate::h1::put_header(out, b"ratelimit-limit", rate.limit.as_bytes());
-            let remaining = number.format(rate.remaining).as_bytes();
-            crate::h1::put_header(out, b"ratelimit-remaining", remaining);
-            crate::h1::put_header(
+            let put = |out: &mut Vec<u8>, name: HeaderName, value: &[u8]| {
+                crate::h1::put_header(out, name.as_str().as_bytes(), value);
+            };
+            put(out, RATELIMIT_LIMIT, rate.limit.as_bytes());
+            put(
                 out,
-                b"ratelimit-reset",
-                number.format(rate.reset).as_bytes(),
+                RATELIMIT_REMAINING,
+                number.format(rate.remaining).as_bytes(),
             );
+            put(out, RATELIMIT_RESET, number.format(rate.reset).as_bytes());
         }
     }
 
