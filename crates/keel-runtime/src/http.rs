@@ -55,18 +55,27 @@ pub struct BindError {
     hint: &'static str,
 }
 
-/// Binds `addr` for `component`; a taken port gets a hint naming the way out.
+impl BindError {
+    /// `component` could not listen on `addr`; a taken port gets a hint naming the way out.
+    pub fn new(component: &str, addr: SocketAddr, error: io::Error) -> Self {
+        Self {
+            component: component.to_owned(),
+            addr,
+            hint: if error.kind() == io::ErrorKind::AddrInUse {
+                " (another process holds the port: stop it or choose another port in the configuration)"
+            } else {
+                ""
+            },
+            error,
+        }
+    }
+}
+
+/// Binds `addr` for `component`.
 pub async fn bind_listener(component: &str, addr: SocketAddr) -> Result<TcpListener, BindError> {
-    TcpListener::bind(addr).await.map_err(|error| BindError {
-        component: component.to_owned(),
-        addr,
-        hint: if error.kind() == io::ErrorKind::AddrInUse {
-            " (another process holds the port: stop it or choose another port in the configuration)"
-        } else {
-            ""
-        },
-        error,
-    })
+    TcpListener::bind(addr)
+        .await
+        .map_err(|error| BindError::new(component, addr, error))
 }
 
 /// A bound, not yet running HTTP server.
@@ -88,12 +97,26 @@ impl HttpServer {
         config: HttpServerConfig,
     ) -> Result<Self, BindError> {
         let listener = bind_listener(component, addr).await?;
-        Ok(Self {
+        Ok(Self::from_listener(
+            component, listener, router, health, config,
+        ))
+    }
+
+    /// As [`HttpServer::bind`], on a listener bound already (for servers whose routes
+    /// need their own address, such as an issuer URL).
+    pub fn from_listener(
+        component: &str,
+        listener: TcpListener,
+        router: Router,
+        health: Health,
+        config: HttpServerConfig,
+    ) -> Self {
+        Self {
             component: component.to_owned(),
             listener,
             router: stack(router, health),
             config,
-        })
+        }
     }
 
     pub fn local_addr(&self) -> SocketAddr {

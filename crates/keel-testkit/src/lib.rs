@@ -142,6 +142,38 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}-{}", &id[..12])
 }
 
+// === SQLite ===
+
+/// A SQLite database file for one test, in the temporary directory; removed when dropped,
+/// with its journal files and the key file the authorization server keeps beside it.
+pub struct TestSqlite {
+    pub path: std::path::PathBuf,
+}
+
+impl TestSqlite {
+    pub fn new(prefix: &str) -> Self {
+        let name = unique_name(prefix);
+        Self {
+            path: std::env::temp_dir().join(format!("{name}.db")),
+        }
+    }
+
+    /// `sqlite://<path>`.
+    pub fn url(&self) -> String {
+        format!("sqlite://{}", self.path.display())
+    }
+}
+
+impl Drop for TestSqlite {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm", "-journal", ".key"] {
+            let mut path = self.path.clone().into_os_string();
+            path.push(suffix);
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 // === PostgreSQL ===
 
 /// The server tests create their databases on (trust auth on loopback).

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use keel_auth::AuthConfig;
 use keel_gateway::GatewayConfig;
 use keel_gateway::server::ConfigSource;
 use keel_registry::RegistryConfig;
@@ -16,6 +17,7 @@ pub struct KeelConfig {
     pub telemetry: TelemetryConfig,
     pub registry: RegistryConfig,
     pub gateway: GatewayConfig,
+    pub auth: AuthConfig,
 }
 
 /// `[runtime]`: the async runtime the process runs on.

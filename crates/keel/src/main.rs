@@ -1,5 +1,6 @@
 //! `keel`: run the whole stack or one component, and small admin helpers.
 
+mod auth_cmd;
 mod config;
 mod registry_cmd;
 mod up;
@@ -40,6 +41,8 @@ enum Command {
     Registry(registry_cmd::RegistryArgs),
     /// Run the API gateway.
     Gateway,
+    /// Run the authorization server (OAuth 2.0 / OpenID Connect), or set one up.
+    Auth(auth_cmd::AuthArgs),
     /// Print the effective configuration (secrets redacted).
     Config,
 }
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
                 .await?;
                 up::serve_alone(&config.telemetry, shutdown, server).await
             }
+            Command::Auth(args) => auth_cmd::run(args, config).await,
             Command::Config => config.print(),
         }
     });

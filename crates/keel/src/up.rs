@@ -5,6 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
+use keel_auth::AuthServer;
 use keel_gateway::GatewayServer;
 use keel_registry::RegistryServer;
 use keel_runtime::{Server, Shutdown, telemetry};
@@ -30,6 +31,11 @@ pub async fn run(config: KeelConfig, file: Option<&Path>) -> anyhow::Result<()> 
     gateway_config.registry = format!("http://{}", registry.local_addr());
     let source = KeelConfig::gateway_source(file);
     let gateway = GatewayServer::build_with_source(gateway_config, source, &shutdown).await?;
+    let auth = AuthServer::build(config.auth, &shutdown).await?;
+    let auth_what = format!(
+        "authorization server: issuer {}, /.well-known/openid-configuration, /token",
+        auth.issuer()
+    );
 
     let gateway_what = format!(
         "API gateway: {routes} configured route(s), then /<service>/… for every registered service"
@@ -46,11 +52,13 @@ pub async fn run(config: KeelConfig, file: Option<&Path>) -> anyhow::Result<()> 
             gateway.admin_addr(),
             "gateway admin API: /v1/routes, /v1/upstreams, /v1/reload (token)",
         ),
+        (auth.name(), auth.local_addr(), &auth_what),
     ]);
 
     let mut servers = JoinSet::new();
     servers.spawn(run_server(registry, shutdown.clone()));
     servers.spawn(run_server(gateway, shutdown.clone()));
+    servers.spawn(run_server(auth, shutdown.clone()));
     let result = supervise(servers, &shutdown).await;
     shutdown.run_hooks(HOOKS_DEADLINE).await;
     guard.shutdown();

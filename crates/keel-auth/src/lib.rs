@@ -1,0 +1,27 @@
+//! Keel's authorization server: OAuth 2.0 and OpenID Connect for every Keel system, on
+//! PostgreSQL (production) or SQLite (embedded).
+//!
+//! Built so far: discovery metadata (OpenID Connect Discovery and RFC 8414), the JWK Set,
+//! signing keys (RS256, ES256, EdDSA; generated, sealed at rest under the configured key
+//! encryption key), clients (`client_secret_basic`, `client_secret_post`, public), the
+//! token endpoint with the client credentials grant issuing RFC 9068 access tokens, and
+//! the audit trail. The other grants, endpoints, users and RBAC follow (ARCHITECTURE.md).
+
+pub mod audit;
+pub mod clients;
+pub mod clock;
+pub mod config;
+pub mod crypto;
+pub mod db;
+pub mod error;
+pub mod keys;
+mod metadata;
+pub mod scope;
+mod server;
+mod token;
+
+pub use clients::{AuthMethod, Client, Clients, GrantType, NewClient};
+pub use clock::Clock;
+pub use config::AuthConfig;
+pub use keys::SigningAlg;
+pub use server::{AuthAdmin, AuthServer, StartError};

@@ -1,0 +1,57 @@
+//! Discovery: OpenID Connect Discovery 1.0 and RFC 8414 metadata, and the JWK Set. The
+//! metadata lists only what this server does.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use http::{HeaderValue, header};
+use serde_json::{Value, json};
+
+use crate::clients::{AuthMethod, GrantType};
+use crate::keys::SigningAlg;
+use crate::server::AppState;
+
+/// How long verifiers may cache the key set. Shorter than the lead with which a new key
+/// is published before it signs, so that every verifier has it in time.
+const JWKS_MAX_AGE: &str = "public, max-age=300";
+
+pub(crate) fn document(issuer: &str) -> Value {
+    let algs: Vec<&str> = SigningAlg::ALL.iter().map(|alg| alg.name()).collect();
+    let auth_methods: Vec<&str> = AuthMethod::ALL
+        .iter()
+        .filter(|m| m.uses_secret())
+        .map(|m| m.name())
+        .collect();
+    json!({
+        "issuer": issuer,
+        "token_endpoint": format!("{issuer}/token"),
+        "jwks_uri": format!("{issuer}/jwks.json"),
+        "grant_types_supported": GrantType::SUPPORTED.iter().map(|g| g.name()).collect::<Vec<_>>(),
+        "token_endpoint_auth_methods_supported": auth_methods,
+        "response_types_supported": [],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": algs,
+    })
+}
+
+/// `/.well-known/openid-configuration` and `/.well-known/oauth-authorization-server`.
+pub(crate) async fn metadata(State(state): State<Arc<AppState>>) -> Response {
+    let mut response = Json(document(&state.issuer)).into_response();
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=3600"),
+    );
+    response
+}
+
+/// `/jwks.json`.
+pub(crate) async fn jwks(State(state): State<Arc<AppState>>) -> Response {
+    let mut response = Json(state.keys.jwks(state.clock.now())).into_response();
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(JWKS_MAX_AGE),
+    );
+    response
+}

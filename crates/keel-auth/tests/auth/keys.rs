@@ -1,0 +1,102 @@
+use keel_auth::{AuthConfig, AuthServer, StartError};
+use keel_runtime::{Secret, Shutdown};
+use serde_json::Value;
+
+use crate::helpers::*;
+
+fn kids(jwks: &Value) -> Vec<String> {
+    let mut kids: Vec<String> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|key| key["kid"].as_str().unwrap().to_owned())
+        .collect();
+    kids.sort();
+    kids
+}
+
+#[tokio::test]
+async fn keys_are_kept_across_restarts_and_need_their_key_encryption_key() {
+    for store in stores().await {
+        let app = spawn(&store).await;
+        let before = kids(&app.get_json("/jwks.json").await);
+        app.server.stop().await;
+
+        let app = spawn(&store).await;
+        assert_eq!(
+            kids(&app.get_json("/jwks.json").await),
+            before,
+            "same keys, none added"
+        );
+        app.server.stop().await;
+
+        // Another key encryption key cannot open them: the start fails and says why.
+        let other = AuthConfig {
+            key_encryption_key: Some(Secret::new(
+                "BAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8".to_owned(),
+            )),
+            ..config(&store)
+        };
+        let error = AuthServer::build(other, &Shutdown::new())
+            .await
+            .err()
+            .unwrap();
+        assert!(matches!(error, StartError::Keys(_)), "{error}");
+        assert!(error.to_string().contains("key encryption key"), "{error}");
+    }
+}
+
+#[tokio::test]
+async fn a_malformed_key_encryption_key_is_refused_at_start() {
+    let store = sqlite();
+    let config = AuthConfig {
+        key_encryption_key: Some(Secret::new("too short".to_owned())),
+        ..config(&store)
+    };
+    let error = AuthServer::build(config, &Shutdown::new())
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(error, StartError::Kek(_)), "{error}");
+    assert!(
+        !error.to_string().contains("too short"),
+        "the key is not echoed: {error}"
+    );
+}
+
+#[tokio::test]
+async fn without_a_configured_key_sqlite_keeps_one_beside_the_database() {
+    let store = sqlite();
+    let Store::Sqlite(file) = &store else {
+        unreachable!()
+    };
+    let app = spawn_with(&store, |c| c.key_encryption_key = None).await;
+    let before = kids(&app.get_json("/jwks.json").await);
+    app.server.stop().await;
+    let key_file = format!("{}.key", file.path.display());
+    let meta = std::fs::metadata(&key_file).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    }
+    let app = spawn_with(&store, |c| c.key_encryption_key = None).await;
+    assert_eq!(kids(&app.get_json("/jwks.json").await), before);
+}
+
+#[tokio::test]
+async fn postgres_needs_a_configured_key() {
+    if !keel_testkit::require(keel_testkit::Service::Postgres) {
+        return;
+    }
+    let store = Store::Postgres(keel_testkit::TestDatabase::create().await);
+    let config = AuthConfig {
+        key_encryption_key: None,
+        ..config(&store)
+    };
+    let error = AuthServer::build(config, &Shutdown::new())
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(error, StartError::KekRequired), "{error}");
+}

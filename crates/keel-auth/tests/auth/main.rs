@@ -1,0 +1,10 @@
+//! Integration tests of the authorization server: a real server on port 0, on SQLite and
+//! on PostgreSQL, driven over HTTP; tokens checked with the shared verifier (keel-jwt).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod helpers;
+
+mod client_credentials;
+mod discovery;
+mod keys;
