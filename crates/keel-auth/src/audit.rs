@@ -3,6 +3,8 @@
 
 use serde::Serialize;
 
+use sqlx::Row;
+
 use crate::db::Db;
 
 /// What happened.
@@ -17,6 +19,17 @@ pub enum EventKind {
     ClientCreated,
     /// A signing key was generated.
     KeyGenerated,
+    /// Someone signed in.
+    LoginSucceeded,
+    /// A sign-in failed (unknown user or wrong password).
+    LoginFailed,
+    /// An authorization code was presented again: its grant is revoked.
+    CodeReplayed,
+    /// A used refresh token was presented again after the grace window: its grant is
+    /// revoked.
+    RefreshReused,
+    /// A user was created.
+    UserCreated,
 }
 
 impl EventKind {
@@ -26,6 +39,11 @@ impl EventKind {
             Self::TokenIssued => "token_issued",
             Self::ClientCreated => "client_created",
             Self::KeyGenerated => "key_generated",
+            Self::LoginSucceeded => "login_succeeded",
+            Self::LoginFailed => "login_failed",
+            Self::CodeReplayed => "code_replayed",
+            Self::RefreshReused => "refresh_reused",
+            Self::UserCreated => "user_created",
         }
     }
 }
@@ -35,6 +53,30 @@ impl EventKind {
 pub struct Event<'a> {
     pub subject: Option<&'a str>,
     pub client_id: Option<&'a str>,
+    pub ip: Option<String>,
+    pub detail: Option<String>,
+}
+
+/// Longest subject or client id stored.
+const MAX_FIELD: usize = 128;
+
+fn truncate(text: &str, max: usize) -> &str {
+    let mut end = text.len().min(max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// A stored event, as the audit query returns it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AuditRecord {
+    pub id: i64,
+    pub at: i64,
+    pub kind: String,
+    pub outcome: String,
+    pub subject: Option<String>,
+    pub client_id: Option<String>,
     pub ip: Option<String>,
     pub detail: Option<String>,
 }
@@ -53,12 +95,16 @@ impl Audit {
     /// request it belongs to has happened either way.
     pub async fn record(&self, at: i64, kind: EventKind, success: bool, event: Event<'_>) {
         let outcome = if success { "success" } else { "failure" };
+        // What a request names (a username, a client id) is capped: a flood of long
+        // names must not grow the table faster than the requests that carry them.
+        let subject = event.subject.map(|s| truncate(s, MAX_FIELD));
+        let client_id = event.client_id.map(|s| truncate(s, MAX_FIELD));
         tracing::info!(
             target: "keel_auth::audit",
             kind = kind.as_str(),
             outcome,
-            subject = event.subject,
-            client_id = event.client_id,
+            subject,
+            client_id,
             ip = event.ip.as_deref(),
             detail = event.detail.as_deref(),
             "audit event"
@@ -70,8 +116,8 @@ impl Audit {
         .bind(at)
         .bind(kind.as_str())
         .bind(outcome)
-        .bind(event.subject)
-        .bind(event.client_id)
+        .bind(subject)
+        .bind(client_id)
         .bind(event.ip)
         .bind(event.detail)
         .execute(self.db.pool())
@@ -79,5 +125,30 @@ impl Audit {
         if let Err(error) = stored {
             tracing::warn!(%error, kind = kind.as_str(), "audit event not stored");
         }
+    }
+
+    /// The newest `limit` events, newest first.
+    pub async fn recent(&self, limit: i64) -> Result<Vec<AuditRecord>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT id, at, kind, outcome, subject, client_id, ip, detail FROM audit_events \
+             ORDER BY id DESC LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(self.db.pool())
+        .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(AuditRecord {
+                    id: row.try_get("id")?,
+                    at: row.try_get("at")?,
+                    kind: row.try_get("kind")?,
+                    outcome: row.try_get("outcome")?,
+                    subject: row.try_get("subject")?,
+                    client_id: row.try_get("client_id")?,
+                    ip: row.try_get("ip")?,
+                    detail: row.try_get("detail")?,
+                })
+            })
+            .collect()
     }
 }

@@ -61,7 +61,11 @@ pub enum GrantType {
 
 impl GrantType {
     /// The grants this server implements, as listed in its metadata.
-    pub const SUPPORTED: [GrantType; 1] = [Self::ClientCredentials];
+    pub const SUPPORTED: [GrantType; 3] = [
+        Self::AuthorizationCode,
+        Self::ClientCredentials,
+        Self::RefreshToken,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -264,25 +268,26 @@ impl Clients {
     }
 }
 
+/// Client ids travel in Basic credentials (form-encoded) and in URLs: they are kept to
+/// characters that need no escaping. The token endpoint refuses others before any lookup.
+pub(crate) fn is_valid_client_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
+}
+
 fn json_list<S: Serialize>(items: &[S]) -> String {
     serde_json::to_string(items).unwrap_or_else(|_| "[]".to_owned())
 }
 
 fn validate(new: &NewClient) -> Result<(), ClientError> {
     let invalid = |message: String| Err(ClientError::Invalid(message));
-    if let Some(id) = &new.client_id {
-        // Client ids travel in Basic credentials (form-encoded) and in URLs: keep them
-        // to characters that need no escaping.
-        if id.is_empty()
-            || id.len() > 128
-            || !id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b))
-        {
-            return invalid(format!(
-                "client_id {id:?} must be 1 to 128 letters, digits, '-', '.', '_' or '~'"
-            ));
-        }
+    if let Some(id) = new.client_id.as_ref().filter(|id| !is_valid_client_id(id)) {
+        return invalid(format!(
+            "client_id {id:?} must be 1 to 128 letters, digits, '-', '.', '_' or '~'"
+        ));
     }
     if new.name.trim().is_empty() || new.name.len() > MAX_FIELD {
         return invalid("name must be given (at most 2048 bytes)".to_owned());

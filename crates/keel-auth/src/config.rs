@@ -16,7 +16,8 @@ pub struct AuthConfig {
     /// slash). Unset: `http://` and the bound address, fit for development only.
     pub issuer: Option<String>,
     /// `postgres://…` (production) or `sqlite://path` (embedded; created when missing).
-    pub database: String,
+    /// A PostgreSQL URL's password is redacted wherever the configuration is printed.
+    pub database: DatabaseUrl,
     /// 32 bytes in unpadded base64url (`keel auth key` prints a new one): private signing
     /// keys are sealed under it and client secrets hashed with it. Required with
     /// PostgreSQL. Unset with SQLite: generated on first start and kept in a file beside
@@ -28,6 +29,20 @@ pub struct AuthConfig {
     /// Lifetime of access tokens for clients that do not set their own.
     #[serde(with = "humantime_serde")]
     pub access_token_ttl: Duration,
+    /// Lifetime of authorization codes (RFC 6749 §4.1.2 recommends at most 10 minutes).
+    #[serde(with = "humantime_serde")]
+    pub code_ttl: Duration,
+    /// How long a browser stays signed in.
+    #[serde(with = "humantime_serde")]
+    pub session_ttl: Duration,
+    /// Lifetime of refresh tokens (each rotation starts a new one).
+    #[serde(with = "humantime_serde")]
+    pub refresh_token_ttl: Duration,
+    /// How long after a refresh token was exchanged it may be exchanged again, for a
+    /// client whose concurrent requests refreshed at once. Later, a used refresh token
+    /// is taken as stolen and revokes its whole grant.
+    #[serde(with = "humantime_serde")]
+    pub refresh_reuse_grace: Duration,
     /// `aud` of access tokens for clients registered without audiences.
     pub default_audience: String,
     /// Largest accepted request body.
@@ -40,13 +55,162 @@ impl Default for AuthConfig {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 8400)),
             issuer: None,
-            database: "sqlite://.keel/auth.db".to_owned(),
+            database: DatabaseUrl::new("sqlite://.keel/auth.db"),
             key_encryption_key: None,
             signing_alg: SigningAlg::RS256,
             access_token_ttl: Duration::from_secs(10 * 60),
+            code_ttl: Duration::from_secs(60),
+            session_ttl: Duration::from_secs(8 * 3600),
+            refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
+            refresh_reuse_grace: Duration::from_secs(10),
             default_audience: "keel-api".to_owned(),
             max_body_bytes: 64 * 1024,
             http: HttpServerConfig::default(),
         }
+    }
+}
+
+impl AuthConfig {
+    /// Refuses lifetimes that make no sense (a token dead at birth, a code alive for
+    /// hours); the message names the key.
+    pub(crate) fn validate(&self) -> Result<(), String> {
+        let bounded = [
+            ("auth.access_token_ttl", self.access_token_ttl, 1, 86_400),
+            ("auth.code_ttl", self.code_ttl, 1, 600),
+            ("auth.session_ttl", self.session_ttl, 60, 30 * 86_400),
+            (
+                "auth.refresh_token_ttl",
+                self.refresh_token_ttl,
+                60,
+                365 * 86_400,
+            ),
+            ("auth.refresh_reuse_grace", self.refresh_reuse_grace, 0, 60),
+        ];
+        for (key, value, min, max) in bounded {
+            let secs = value.as_secs();
+            if secs < min || secs > max {
+                return Err(format!("{key} must be between {min} s and {max} s"));
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn access_token_ttl_seconds(&self) -> i64 {
+        seconds(self.access_token_ttl)
+    }
+
+    pub(crate) fn code_ttl_seconds(&self) -> i64 {
+        seconds(self.code_ttl)
+    }
+
+    pub(crate) fn session_ttl_seconds(&self) -> i64 {
+        seconds(self.session_ttl)
+    }
+
+    pub(crate) fn refresh_token_ttl_seconds(&self) -> i64 {
+        seconds(self.refresh_token_ttl)
+    }
+
+    pub(crate) fn refresh_reuse_grace_seconds(&self) -> i64 {
+        seconds(self.refresh_reuse_grace)
+    }
+}
+
+fn seconds(duration: Duration) -> i64 {
+    i64::try_from(duration.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// A database URL whose password never shows when it is printed (`keel config`, logs,
+/// `Debug`): `postgres://keel:<redacted>@db/auth`.
+#[derive(Clone, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self(url.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    fn redacted(&self) -> String {
+        let Some((scheme, rest)) = self.0.split_once("://") else {
+            return self.0.clone();
+        };
+        let authority_end = rest.find('/').unwrap_or(rest.len());
+        match rest[..authority_end].rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                let password = if userinfo.contains(':') {
+                    ":<redacted>"
+                } else {
+                    ""
+                };
+                format!(
+                    "{scheme}://{user}{password}@{host}{}",
+                    &rest[authority_end..]
+                )
+            }
+            None => self.0.clone(),
+        }
+    }
+}
+
+impl Serialize for DatabaseUrl {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.redacted())
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_passwords_never_print() {
+        let url = DatabaseUrl::new("postgres://keel:s3cret@db:5432/auth?sslmode=require");
+        assert_eq!(
+            url.redacted(),
+            "postgres://keel:<redacted>@db:5432/auth?sslmode=require"
+        );
+        assert!(!format!("{url:?}").contains("s3cret"));
+        assert_eq!(
+            url.expose(),
+            "postgres://keel:s3cret@db:5432/auth?sslmode=require"
+        );
+        for plain in [
+            "sqlite://.keel/auth.db",
+            "postgres://keel@db/auth",
+            "postgres://db/a@b",
+        ] {
+            assert_eq!(DatabaseUrl::new(plain).redacted(), plain);
+        }
+    }
+
+    #[test]
+    fn lifetimes_are_bounded() {
+        assert!(AuthConfig::default().validate().is_ok());
+        let zero = AuthConfig {
+            access_token_ttl: Duration::ZERO,
+            ..AuthConfig::default()
+        };
+        assert!(
+            zero.validate()
+                .unwrap_err()
+                .contains("auth.access_token_ttl")
+        );
+        let long_code = AuthConfig {
+            code_ttl: Duration::from_secs(3600),
+            ..AuthConfig::default()
+        };
+        assert!(long_code.validate().unwrap_err().contains("auth.code_ttl"));
     }
 }

@@ -35,6 +35,8 @@ pub struct Secrets {
     /// Keys the hash of client secrets (HMAC-SHA256), so a stolen table alone cannot be
     /// checked against guesses.
     secret_hashing: hmac::Key,
+    /// Binds CSRF tokens to the browser's CSRF cookie (HMAC-SHA256).
+    csrf: hmac::Key,
     /// Names the key encryption key without revealing it, stored beside every sealed
     /// value so that a wrong key is reported as such.
     key_id: String,
@@ -60,14 +62,18 @@ impl Secrets {
         let secret_hashing = prk
             .expand(&[b"keel-auth client-secret hashing"], hmac::HMAC_SHA256)
             .map(hmac::Key::from);
+        let csrf = prk
+            .expand(&[b"keel-auth csrf"], hmac::HMAC_SHA256)
+            .map(hmac::Key::from);
         // HKDF-SHA256 can expand up to 255 * 32 bytes; 32 always fits.
-        let (Ok(sealing), Ok(secret_hashing)) = (sealing, secret_hashing) else {
+        let (Ok(sealing), Ok(secret_hashing), Ok(csrf)) = (sealing, secret_hashing, csrf) else {
             unreachable!("HKDF-SHA256 expands to 32 bytes")
         };
         let id = digest(&SHA256, key);
         Self {
             sealing,
             secret_hashing,
+            csrf,
             key_id: hex(&id.as_ref()[..8]),
             random: SystemRandom::new(),
         }
@@ -88,7 +94,7 @@ impl Secrets {
     /// again to open it): a random nonce, then the ciphertext and tag.
     pub fn seal(&self, context: &[u8], plaintext: &[u8]) -> Vec<u8> {
         let mut nonce = [0u8; NONCE_LEN];
-        self.fill(&mut nonce);
+        self.fill_random(&mut nonce);
         let mut sealed = Vec::with_capacity(NONCE_LEN + plaintext.len() + 16);
         sealed.extend_from_slice(&nonce);
         let mut body = plaintext.to_vec();
@@ -135,19 +141,31 @@ impl Secrets {
         hmac::verify(&self.secret_hashing, secret.as_bytes(), stored).is_ok()
     }
 
+    /// The CSRF token a form carries for the browser whose CSRF cookie is `cookie`.
+    pub fn csrf_token(&self, cookie: &str) -> String {
+        URL_SAFE_NO_PAD.encode(hmac::sign(&self.csrf, cookie.as_bytes()))
+    }
+
+    /// Whether a form's CSRF token belongs to `cookie` (constant-time).
+    pub fn csrf_matches(&self, cookie: &str, token: &str) -> bool {
+        URL_SAFE_NO_PAD
+            .decode(token)
+            .is_ok_and(|tag| hmac::verify(&self.csrf, cookie.as_bytes(), &tag).is_ok())
+    }
+
     /// A new secret: 256 random bits in unpadded base64url (43 characters). Secrets are
     /// made only here, with this much entropy, which is why a fast keyed hash is enough
     /// to store them (guessing is hopeless; argon2 is for passwords people choose).
     pub fn generate_secret(&self) -> String {
         let mut bytes = [0u8; 32];
-        self.fill(&mut bytes);
+        self.fill_random(&mut bytes);
         URL_SAFE_NO_PAD.encode(bytes)
     }
 
     /// An identifier nobody can guess: 128 random bits in unpadded base64url.
     pub fn generate_id(&self) -> String {
         let mut bytes = [0u8; 16];
-        self.fill(&mut bytes);
+        self.fill_random(&mut bytes);
         URL_SAFE_NO_PAD.encode(bytes)
     }
 
@@ -155,7 +173,8 @@ impl Secrets {
         &self.random
     }
 
-    fn fill(&self, out: &mut [u8]) {
+    /// Fills `out` with random bytes.
+    pub fn fill_random(&self, out: &mut [u8]) {
         if self.random.fill(out).is_err() {
             // The operating system's generator failed: nothing safe can be issued.
             panic!("the system random number generator failed");
@@ -249,6 +268,16 @@ mod tests {
         assert!(Secrets::from_base64("short").is_err());
         assert!(Secrets::from_base64("not base64 at all, not base64 at all, not!!").is_err());
         assert!(Secrets::from_base64(&URL_SAFE_NO_PAD.encode([1u8; 31])).is_err());
+    }
+
+    #[test]
+    fn csrf_tokens_belong_to_their_cookie() {
+        let secrets = secrets();
+        let token = secrets.csrf_token("cookie-a");
+        assert!(secrets.csrf_matches("cookie-a", &token));
+        assert!(!secrets.csrf_matches("cookie-b", &token));
+        assert!(!secrets.csrf_matches("cookie-a", "forged"));
+        assert!(!secrets.csrf_matches("cookie-a", ""));
     }
 
     #[test]

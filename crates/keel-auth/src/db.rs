@@ -7,9 +7,9 @@
 use std::path::Path;
 use std::str::FromStr;
 
-use sqlx::AnyPool;
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::Migrator;
+use sqlx::{AnyConnection, AnyPool, Executor};
 
 static POSTGRES: Migrator = sqlx::migrate!("migrations/postgres");
 static SQLITE: Migrator = sqlx::migrate!("migrations/sqlite");
@@ -17,7 +17,7 @@ static SQLITE: Migrator = sqlx::migrate!("migrations/sqlite");
 /// Why the database could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
-    #[error("auth.database must start with postgres:// or sqlite: (got {0:?})")]
+    #[error("auth.database must start with postgres:// or sqlite: (it starts with {0:?})")]
     Scheme(String),
     #[error("cannot create the directory of the SQLite database {path}: {error}")]
     Directory { path: String, error: std::io::Error },
@@ -44,7 +44,24 @@ impl FromStr for Backend {
         } else if url.starts_with("sqlite:") {
             Ok(Self::Sqlite)
         } else {
-            Err(DbError::Scheme(url.to_owned()))
+            // Only the scheme: the rest may hold a password.
+            let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
+            Err(DbError::Scheme(scheme.chars().take(20).collect()))
+        }
+    }
+}
+
+/// The advisory locks the server takes (numbers unlikely to clash with other users of
+/// the database).
+#[derive(Debug, Clone, Copy)]
+pub enum LockKey {
+    SigningKeys,
+}
+
+impl LockKey {
+    fn id(self) -> i64 {
+        match self {
+            Self::SigningKeys => 0x6b65_656c_0001,
         }
     }
 }
@@ -72,6 +89,16 @@ impl Db {
                 // One writer at a time anyway; a few readers beside it (WAL).
                 Backend::Sqlite => 4,
             })
+            .after_connect(move |connection, _| {
+                Box::pin(async move {
+                    // Readers never wait for the writer (sqlx leaves SQLite's journal
+                    // mode as it finds it); the busy timeout (sqlx's 5 s) covers writers.
+                    if backend == Backend::Sqlite {
+                        connection.execute("PRAGMA journal_mode=WAL").await?;
+                    }
+                    Ok(())
+                })
+            })
             .connect(&url)
             .await
             .map_err(DbError::Connect)?;
@@ -81,6 +108,20 @@ impl Db {
         };
         migrator.run(&pool).await.map_err(DbError::Migrate)?;
         Ok(Self { pool, backend })
+    }
+
+    /// Takes `key`'s lock for the rest of `tx`, so that servers sharing the database do
+    /// the guarded work one at a time. PostgreSQL: a transaction-scoped advisory lock.
+    /// SQLite: nothing more is needed, since it lets one writer in at a time and the
+    /// embedded profile runs one server per file.
+    pub async fn lock(&self, tx: &mut AnyConnection, key: LockKey) -> Result<(), sqlx::Error> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(key.id())
+                .execute(tx)
+                .await?;
+        }
+        Ok(())
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -99,11 +140,23 @@ pub fn sqlite_path(url: &str) -> Option<&str> {
     (!path.is_empty() && path != ":memory:").then_some(path)
 }
 
+/// Creates `dir` (and its parents) readable by its owner only, as it holds keys.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
+}
+
 /// `url` with `mode=rwc` (create when missing), after creating the file's directory.
 fn sqlite_create_url(url: &str) -> Result<String, DbError> {
     let dir = sqlite_path(url).and_then(|path| Some((path, Path::new(path).parent()?)));
     if let Some((path, dir)) = dir.filter(|(_, dir)| !dir.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|error| DbError::Directory {
+        private_dir(dir).map_err(|error| DbError::Directory {
             path: path.to_owned(),
             error,
         })?;
@@ -134,8 +187,12 @@ mod tests {
             "sqlite://.keel/auth.db".parse::<Backend>().unwrap(),
             Backend::Sqlite
         );
-        let error = "mysql://h/db".parse::<Backend>().unwrap_err().to_string();
-        assert!(error.contains("mysql://h/db"), "{error}");
+        let error = "mysql://u:pw@h/db"
+            .parse::<Backend>()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("\"mysql\""), "{error}");
+        assert!(!error.contains("pw"), "no password in errors: {error}");
     }
 
     #[test]

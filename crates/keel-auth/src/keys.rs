@@ -26,7 +26,8 @@ use serde_json::{Value, json};
 use sqlx::Row;
 
 use crate::crypto::{Secrets, Unsealable};
-use crate::db::{Db, DbError};
+use crate::db::{Db, DbError, LockKey};
+use sqlx::AnyConnection;
 
 /// Bits of a generated RSA key.
 const RSA_BITS: usize = 2048;
@@ -327,7 +328,9 @@ impl KeyRing {
     }
 
     /// Makes sure every algorithm has a key that signs now, generating and storing the
-    /// missing ones. Returns the kids generated.
+    /// missing ones, and loads every key stored. Servers sharing the database take turns
+    /// (a lock held while checking and generating), so two starting together make one
+    /// key per algorithm, not two. Returns the kids generated.
     pub async fn ensure_active(
         &self,
         db: &Db,
@@ -335,14 +338,29 @@ impl KeyRing {
         now: i64,
     ) -> Result<Vec<String>, KeyError> {
         let mut made = Vec::new();
-        for alg in SigningAlg::ALL {
-            if self.active(alg, now).is_none() {
-                made.push(generate_and_store(db, secrets, alg, now, now).await?);
+        if SigningAlg::ALL
+            .iter()
+            .any(|alg| self.active(*alg, now).is_none())
+        {
+            let mut tx = db.pool().begin().await?;
+            db.lock(&mut tx, LockKey::SigningKeys).await?;
+            for alg in SigningAlg::ALL {
+                let active: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM signing_keys WHERE alg = $1 AND activates_at <= $2 \
+                     AND (retires_at IS NULL OR retires_at > $3)",
+                )
+                .bind(alg.name())
+                .bind(now)
+                .bind(now)
+                .fetch_one(&mut *tx)
+                .await?;
+                if active == 0 {
+                    made.push(generate_and_store(&mut tx, secrets, alg, now, now).await?);
+                }
             }
+            tx.commit().await?;
         }
-        if !made.is_empty() {
-            self.reload(db, secrets).await?;
-        }
+        self.reload(db, secrets).await?;
         Ok(made)
     }
 }
@@ -355,7 +373,7 @@ fn seal_context(kid: &str, alg: SigningAlg) -> Vec<u8> {
 /// Generates a key of `alg` that signs from `activates_at`, stores it sealed, and returns
 /// its kid.
 pub async fn generate_and_store(
-    db: &Db,
+    db: &mut AnyConnection,
     secrets: &Secrets,
     alg: SigningAlg,
     now: i64,
@@ -383,7 +401,7 @@ pub async fn generate_and_store(
     .bind(secrets.key_id())
     .bind(now)
     .bind(activates_at)
-    .execute(db.pool())
+    .execute(db)
     .await?;
     tracing::info!(%kid, alg = alg.name(), activates_at, "signing key generated");
     Ok(kid)

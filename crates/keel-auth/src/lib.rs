@@ -8,20 +8,24 @@
 //! the audit trail. The other grants, endpoints, users and RBAC follow (ARCHITECTURE.md).
 
 pub mod audit;
+mod authorize;
 pub mod clients;
 pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod db;
 pub mod error;
+mod html;
 pub mod keys;
 mod metadata;
 pub mod scope;
 mod server;
 mod token;
+pub mod users;
 
 pub use clients::{AuthMethod, Client, Clients, GrantType, NewClient};
 pub use clock::Clock;
 pub use config::AuthConfig;
 pub use keys::SigningAlg;
 pub use server::{AuthAdmin, AuthServer, StartError};
+pub use users::{NewUser, User};

@@ -21,18 +21,27 @@ pub(crate) fn document(issuer: &str) -> Value {
     let algs: Vec<&str> = SigningAlg::ALL.iter().map(|alg| alg.name()).collect();
     let auth_methods: Vec<&str> = AuthMethod::ALL
         .iter()
-        .filter(|m| m.uses_secret())
+        .filter(|m| **m != AuthMethod::PrivateKeyJwt)
         .map(|m| m.name())
         .collect();
     json!({
         "issuer": issuer,
+        "authorization_endpoint": format!("{issuer}/authorize"),
         "token_endpoint": format!("{issuer}/token"),
         "jwks_uri": format!("{issuer}/jwks.json"),
         "grant_types_supported": GrantType::SUPPORTED.iter().map(|g| g.name()).collect::<Vec<_>>(),
+        "response_types_supported": ["code"],
+        "response_modes_supported": ["query"],
+        "code_challenge_methods_supported": ["S256"],
         "token_endpoint_auth_methods_supported": auth_methods,
-        "response_types_supported": [],
+        "scopes_supported": ["openid", "profile", "email"],
+        "claims_supported": ["iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "acr", "amr", "at_hash", "preferred_username", "name", "email"],
+        "prompt_values_supported": ["none", "login", "consent"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": algs,
+        "authorization_response_iss_parameter_supported": true,
+        "request_parameter_supported": false,
+        "request_uri_parameter_supported": false,
     })
 }
 

@@ -12,16 +12,23 @@ use keel_runtime::http::{BindError, bind_listener};
 use keel_runtime::{Health, HttpServer, Server, Shutdown};
 use serde_json::json;
 
-use crate::audit::{Audit, Event, EventKind};
+use crate::audit::{Audit, AuditRecord, Event, EventKind};
 use crate::clients::{Client, ClientError, Clients, NewClient};
 use crate::clock::Clock;
 use crate::config::AuthConfig;
 use crate::crypto::{KeyError as KekError, Secrets};
 use crate::db::{Backend, Db, DbError};
 use crate::error::OAuthError;
-use crate::keys::{KeyError, KeyRing};
+use crate::keys::SigningAlg;
+use crate::keys::{KeyError, KeyRing, SigningKey};
 use crate::scope::Scopes;
-use crate::{metadata, token};
+use crate::users::{NewUser, PasswordHashing, User, UserError, Users};
+use crate::{authorize, metadata, token};
+use base64::Engine;
+
+/// How often the signing keys are read again from the database: well within the key
+/// set's cache lifetime (`Cache-Control: max-age=300`).
+const KEY_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -40,15 +47,28 @@ pub enum StartError {
     KekFile { path: String, error: io::Error },
     #[error("auth signing keys: {0}")]
     Keys(#[from] KeyError),
-    #[error("auth.issuer {0:?} must be an http(s) URL without query, fragment or trailing slash")]
+    #[error("password hashing: {0}")]
+    Hashing(String),
+    #[error(
+        "auth.issuer {0:?} must be an http(s) URL of scheme, host and port only (no path, query, fragment or trailing slash)"
+    )]
     Issuer(String),
+    #[error(
+        "auth.issuer must be set when auth.listen is {0} (all interfaces): tokens name their issuer, and 0.0.0.0 is nobody's address"
+    )]
+    IssuerRequired(SocketAddr),
+    #[error("{0}")]
+    Config(String),
 }
 
 /// What every request handler shares.
 pub(crate) struct AppState {
     pub(crate) issuer: String,
     pub(crate) config: AuthConfig,
+    pub(crate) db: Db,
     pub(crate) clients: Clients,
+    pub(crate) users: Users,
+    pub(crate) hashing: PasswordHashing,
     pub(crate) keys: KeyRing,
     pub(crate) secrets: Secrets,
     pub(crate) audit: Audit,
@@ -63,6 +83,15 @@ pub(crate) struct Issued {
 }
 
 impl AppState {
+    /// The key that signs `client`'s tokens now (its algorithm, or the default).
+    fn signing_key(&self, client: &Client, now: i64) -> Result<Arc<SigningKey>, OAuthError> {
+        let alg = client.signing_alg.unwrap_or(self.config.signing_alg);
+        self.keys.active(alg, now).ok_or_else(|| {
+            tracing::error!(alg = alg.name(), "no active signing key");
+            OAuthError::server_error()
+        })
+    }
+
     /// A JWT access token (RFC 9068) for `subject`, issued to `client` with `scopes`.
     pub(crate) fn issue_access_token(
         &self,
@@ -71,14 +100,10 @@ impl AppState {
         scopes: &Scopes,
     ) -> Result<Issued, OAuthError> {
         let now = self.clock.now();
-        let alg = client.signing_alg.unwrap_or(self.config.signing_alg);
-        let Some(key) = self.keys.active(alg, now) else {
-            tracing::error!(alg = alg.name(), "no active signing key");
-            return Err(OAuthError::server_error());
-        };
-        let expires_in = client.access_token_ttl.unwrap_or_else(|| {
-            i64::try_from(self.config.access_token_ttl.as_secs()).unwrap_or(i64::MAX)
-        });
+        let key = self.signing_key(client, now)?;
+        let expires_in = client
+            .access_token_ttl
+            .unwrap_or_else(|| self.config.access_token_ttl_seconds());
         let audience = match client.audiences.as_slice() {
             [] => json!(self.config.default_audience),
             [one] => json!(one),
@@ -102,6 +127,63 @@ impl AppState {
             expires_in,
         })
     }
+
+    /// An OpenID Connect ID token (Core §2) for `user`, to `client`, beside `access_token`.
+    pub(crate) fn issue_id_token(
+        &self,
+        client: &Client,
+        user: &User,
+        id: IdTokenClaims<'_>,
+        access_token: &str,
+    ) -> Result<String, OAuthError> {
+        let now = self.clock.now();
+        let key = self.signing_key(client, now)?;
+        let alg = key.alg;
+        let mut claims = json!({
+            "iss": self.issuer,
+            "sub": user.user_id,
+            "aud": client.client_id,
+            "exp": now.saturating_add(self.config.access_token_ttl_seconds()),
+            "iat": now,
+            "auth_time": id.auth_time,
+            // Level 1 (a password, RFC 8176 "pwd"); a second factor raises it.
+            "acr": "1",
+            "amr": ["pwd"],
+            "at_hash": at_hash(alg, access_token),
+        });
+        if let Some(nonce) = id.nonce {
+            claims["nonce"] = json!(nonce);
+        }
+        if id.scopes.contains("profile") {
+            claims["preferred_username"] = json!(user.username);
+            if let Some(name) = &user.name {
+                claims["name"] = json!(name);
+            }
+        }
+        if let (true, Some(email)) = (id.scopes.contains("email"), &user.email) {
+            claims["email"] = json!(email);
+        }
+        Ok(key.sign_jwt("JWT", &claims, self.secrets.rng()))
+    }
+}
+
+/// What an ID token says beside the user.
+pub(crate) struct IdTokenClaims<'a> {
+    pub(crate) auth_time: i64,
+    pub(crate) nonce: Option<&'a str>,
+    pub(crate) scopes: &'a Scopes,
+}
+
+/// OpenID Connect Core §3.1.3.6: the left half of the hash of the access token, with the
+/// hash of the signing algorithm (SHA-512 for Ed25519).
+fn at_hash(alg: SigningAlg, access_token: &str) -> String {
+    use ring::digest::{SHA256, SHA512, digest};
+    let hash = match alg {
+        SigningAlg::RS256 | SigningAlg::ES256 => digest(&SHA256, access_token.as_bytes()),
+        SigningAlg::EdDSA => digest(&SHA512, access_token.as_bytes()),
+    };
+    let half = &hash.as_ref()[..hash.as_ref().len() / 2];
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(half)
 }
 
 /// A bound authorization server.
@@ -122,7 +204,8 @@ impl AuthServer {
         _shutdown: &Shutdown,
         clock: Clock,
     ) -> Result<Self, StartError> {
-        let db = Db::connect(&config.database).await?;
+        config.validate().map_err(StartError::Config)?;
+        let db = Db::connect(config.database.expose()).await?;
         let secrets = secrets_for(&config, db.backend())?;
         let keys = KeyRing::load(&db, &secrets).await?;
         let made = keys.ensure_active(&db, &secrets, clock.now()).await?;
@@ -142,10 +225,17 @@ impl AuthServer {
             .map_err(|error| BindError::new("auth", config.listen, error))?;
         let issuer = match &config.issuer {
             Some(issuer) => valid_issuer(issuer)?,
+            None if addr.ip().is_unspecified() => return Err(StartError::IssuerRequired(addr)),
             None => format!("http://{addr}"),
         };
+        let hashing = PasswordHashing::new(&secrets)
+            .await
+            .map_err(|error| StartError::Hashing(error.to_string()))?;
         let state = Arc::new(AppState {
             issuer,
+            users: Users::new(db.clone()),
+            hashing,
+            db: db.clone(),
             clients: Clients::new(db.clone()),
             keys,
             secrets,
@@ -205,6 +295,31 @@ impl AuthAdmin {
         Ok(created)
     }
 
+    /// Creates a user; records it in the audit trail.
+    pub async fn create_user(&self, new: NewUser) -> Result<User, UserError> {
+        let state = &self.0;
+        let now = state.clock.now();
+        let user = state
+            .users
+            .create(&state.secrets, &state.hashing, new, now)
+            .await?;
+        let event = Event {
+            subject: Some(&user.user_id),
+            detail: Some(format!("username {}", user.username)),
+            ..Event::default()
+        };
+        state
+            .audit
+            .record(now, EventKind::UserCreated, true, event)
+            .await;
+        Ok(user)
+    }
+
+    /// The newest `limit` audit events, newest first.
+    pub async fn audit_events(&self, limit: i64) -> Result<Vec<AuditRecord>, sqlx::Error> {
+        self.0.audit.recent(limit).await
+    }
+
     pub fn issuer(&self) -> &str {
         &self.0.issuer
     }
@@ -224,6 +339,9 @@ fn router(state: Arc<AppState>) -> Router {
         )
         .route("/jwks.json", get(metadata::jwks))
         .route("/token", post(token::token))
+        .route("/authorize", get(authorize::authorize))
+        .route("/login", post(authorize::login))
+        .route("/consent", post(authorize::consent))
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }
@@ -237,6 +355,7 @@ fn valid_issuer(issuer: &str) -> Result<String, StartError> {
         || url.host().is_none()
         || url.query().is_some()
         || url.fragment().is_some()
+        || url.path() != "/"
         || issuer.ends_with('/')
     {
         return Err(bad());
@@ -245,7 +364,8 @@ fn valid_issuer(issuer: &str) -> Result<String, StartError> {
 }
 
 /// The configured key encryption key; with SQLite and none configured, the one kept
-/// beside the database (made on first start).
+/// beside the database (made on first start), or for an in-memory database one that
+/// lives as long as the process.
 fn secrets_for(config: &AuthConfig, backend: Backend) -> Result<Secrets, StartError> {
     if let Some(key) = &config.key_encryption_key {
         return Ok(Secrets::from_base64(key.expose())?);
@@ -253,47 +373,78 @@ fn secrets_for(config: &AuthConfig, backend: Backend) -> Result<Secrets, StartEr
     if backend != Backend::Sqlite {
         return Err(StartError::KekRequired);
     }
-    let path = key_file(&config.database);
+    let Some(path) = crate::db::sqlite_path(config.database.expose()) else {
+        return Ok(Secrets::from_base64(&Secrets::generate_key())?);
+    };
+    let path = PathBuf::from(format!("{path}.key"));
     let file_error = |error| StartError::KekFile {
         path: path.display().to_string(),
         error,
     };
-    match std::fs::read_to_string(&path) {
+    match read_private(&path) {
         Ok(key) => Ok(Secrets::from_base64(&key)?),
         Err(error) if error.kind() == io::ErrorKind::NotFound => {
             let key = Secrets::generate_key();
-            write_private(&path, &key).map_err(file_error)?;
-            tracing::warn!(
-                path = %path.display(),
-                "generated a key encryption key and stored it beside the database: fine for development, set auth.key_encryption_key in production"
-            );
-            Ok(Secrets::from_base64(&key)?)
+            match write_private(&path, &key) {
+                Ok(()) => {
+                    tracing::warn!(
+                        path = %path.display(),
+                        "generated a key encryption key and stored it beside the database: fine for development, set auth.key_encryption_key in production"
+                    );
+                    Ok(Secrets::from_base64(&key)?)
+                }
+                // Another server starting on the same file won: use its key.
+                Err(error) if error.kind() == io::ErrorKind::AlreadyExists => Ok(
+                    Secrets::from_base64(&read_private(&path).map_err(file_error)?)?,
+                ),
+                Err(error) => Err(file_error(error)),
+            }
         }
         Err(error) => Err(file_error(error)),
     }
 }
 
-fn key_file(database: &str) -> PathBuf {
-    match crate::db::sqlite_path(database) {
-        Some(path) => PathBuf::from(format!("{path}.key")),
-        // An in-memory database's keys die with it; its key file is per process.
-        None => std::env::temp_dir().join(format!("keel-auth-{}.key", std::process::id())),
+/// Reads a key file, refusing one that others than its owner may read.
+fn read_private(path: &std::path::Path) -> io::Result<String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                format!(
+                    "others than its owner may access it (mode {:o}); chmod 600 it",
+                    mode & 0o777
+                ),
+            ));
+        }
     }
+    std::fs::read_to_string(path)
 }
 
-/// Writes `contents` to a new file only its owner can read.
+/// Writes `contents` to `path`, readable by its owner only, all at once: written to a
+/// temporary file, synced, then linked into place, so that a crash never leaves a
+/// partial key and an existing file is never replaced (`AlreadyExists`).
 fn write_private(path: &std::path::Path, contents: &str) -> io::Result<()> {
     use std::io::Write;
+    let mut temporary = path.as_os_str().to_owned();
+    temporary.push(format!(".{}.tmp", std::process::id()));
+    let temporary = PathBuf::from(temporary);
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
+    options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
         options.mode(0o600);
     }
-    let mut file = options.open(path)?;
-    file.write_all(contents.as_bytes())?;
-    file.sync_all()
+    let written = options.open(&temporary).and_then(|mut file| {
+        file.write_all(contents.as_bytes())?;
+        file.sync_all()
+    });
+    let linked = written.and_then(|()| std::fs::hard_link(&temporary, path));
+    let _ = std::fs::remove_file(&temporary);
+    linked
 }
 
 impl Server for AuthServer {
@@ -306,7 +457,20 @@ impl Server for AuthServer {
     }
 
     async fn run(self, shutdown: Shutdown) -> io::Result<()> {
-        self.http.run(shutdown).await
+        // Keys other servers on the database made (or rotated) reach this one's key set
+        // and signing within a reload interval.
+        let state = Arc::clone(&self.state);
+        let reloading = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(KEY_RELOAD_INTERVAL).await;
+                if let Err(error) = state.keys.reload(&state.db, &state.secrets).await {
+                    tracing::warn!(%error, "signing keys not reloaded; keeping the ones loaded");
+                }
+            }
+        });
+        let result = self.http.run(shutdown).await;
+        reloading.abort();
+        result
     }
 }
 
@@ -318,10 +482,10 @@ mod tests {
     fn issuers_are_urls_compared_exactly() {
         assert!(valid_issuer("https://auth.example").is_ok());
         assert!(valid_issuer("http://127.0.0.1:8400").is_ok());
-        assert!(valid_issuer("https://example/realms/keel").is_ok());
         for bad in [
             "https://auth.example/",
             "https://auth.example?x=1",
+            "https://example/realms/keel",
             "https://auth.example#f",
             "ftp://auth.example",
             "auth.example",
@@ -331,14 +495,22 @@ mod tests {
     }
 
     #[test]
-    fn the_key_file_sits_beside_the_database() {
-        assert_eq!(
-            key_file("sqlite://.keel/auth.db?mode=rwc"),
-            PathBuf::from(".keel/auth.db.key")
-        );
-        assert_eq!(
-            key_file("sqlite:/var/keel/auth.db"),
-            PathBuf::from("/var/keel/auth.db.key")
-        );
+    fn key_files_are_written_once_and_must_be_private() {
+        let path = std::env::temp_dir().join(format!("keel-auth-key-{}", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        write_private(&path, "first").unwrap();
+        let again = write_private(&path, "second").unwrap_err();
+        assert_eq!(again.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(read_private(&path).unwrap(), "first");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+            assert!(
+                read_private(&path).is_err(),
+                "a world-readable key is refused"
+            );
+        }
+        let _ = std::fs::remove_file(&path);
     }
 }

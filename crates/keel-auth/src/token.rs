@@ -16,10 +16,13 @@ use http::{HeaderMap, HeaderValue, header};
 use serde_json::{Value, json};
 
 use crate::audit::{Event, EventKind};
-use crate::clients::{AuthMethod, Client, GrantType};
+use crate::authorize::pkce_matches;
+use crate::clients::{AuthMethod, Client, GrantType, is_valid_client_id};
+use crate::crypto::sha256;
 use crate::error::{ErrorCode, OAuthError};
 use crate::scope::Scopes;
-use crate::server::AppState;
+use crate::server::{AppState, IdTokenClaims};
+use sqlx::Row;
 
 /// A token request's parameters. RFC 6749 §3.2: form-encoded, each parameter at most
 /// once, and a parameter without a value is as if it were absent.
@@ -109,14 +112,27 @@ fn basic_credentials(value: &HeaderValue) -> Option<(String, String)> {
     let decoded = STANDARD.decode(encoded.trim()).ok()?;
     let decoded = std::str::from_utf8(&decoded).ok()?;
     let (id, secret) = decoded.split_once(':')?;
-    // Each half is form-encoded; decode it as one form value.
-    let decode = |part: &str| -> Option<String> {
-        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(&format!("v={part}")).ok()?;
-        pairs.into_iter().next().map(|(_, v)| v)
-    };
-    let id = decode(id)?;
+    let id = form_decode(id)?;
     (!id.is_empty()).then_some(())?;
-    Some((id, decode(secret)?))
+    Some((id, form_decode(secret)?))
+}
+
+/// `application/x-www-form-urlencoded` decoding of one value, strictly: `+` is a space,
+/// `%XX` a byte; a malformed escape or bytes that are not UTF-8 are refused.
+fn form_decode(text: &str) -> Option<String> {
+    let mut bytes = Vec::with_capacity(text.len());
+    let mut rest = text.bytes();
+    while let Some(byte) = rest.next() {
+        bytes.push(match byte {
+            b'+' => b' ',
+            b'%' => {
+                let hex = [rest.next()?, rest.next()?];
+                u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?
+            }
+            byte => byte,
+        });
+    }
+    String::from_utf8(bytes).ok()
 }
 
 fn presented(headers: &HeaderMap, params: &Params) -> Result<Presented, OAuthError> {
@@ -153,6 +169,10 @@ async fn authenticate(
     presented: &Presented,
     ip: &str,
 ) -> Result<Client, OAuthError> {
+    if !is_valid_client_id(presented.id()) {
+        // No registered client has such an id: refused before any lookup or audit write.
+        return Err(OAuthError::invalid_client("client authentication failed"));
+    }
     let client = state.clients.find(presented.id()).await.map_err(|error| {
         tracing::error!(%error, "client lookup failed");
         OAuthError::server_error()
@@ -245,10 +265,13 @@ async fn handle(
     }
     match grant {
         GrantType::ClientCredentials => client_credentials(state, &client, &params, ip).await,
+        GrantType::AuthorizationCode => authorization_code(state, &client, &params, ip).await,
+        GrantType::RefreshToken => refresh_token(state, &client, &params, ip).await,
         // Not in GrantType::SUPPORTED yet: refused above.
-        GrantType::AuthorizationCode | GrantType::RefreshToken | GrantType::DeviceCode => Err(
-            OAuthError::new(ErrorCode::UnsupportedGrantType, "grant not supported"),
-        ),
+        GrantType::DeviceCode => Err(OAuthError::new(
+            ErrorCode::UnsupportedGrantType,
+            "grant not supported",
+        )),
     }
 }
 
@@ -266,6 +289,13 @@ async fn client_credentials(
         ));
     }
     let scopes = granted_scopes(client, params.get("scope"))?;
+    if params.get("scope").is_some() && scopes.contains("openid") {
+        return Err(OAuthError::new(
+            ErrorCode::InvalidScope,
+            "openid is for users signing in, not for client credentials",
+        ));
+    }
+    let scopes: Scopes = scopes.iter().filter(|s| *s != "openid").collect();
     let issued = state.issue_access_token(client, &client.client_id, &scopes)?;
     state
         .audit
@@ -290,6 +320,334 @@ async fn client_credentials(
         body["scope"] = json!(scopes.to_string());
     }
     Ok(body)
+}
+
+/// A stored authorization code, as its exchange found it.
+struct CodeGrant {
+    client_id: String,
+    user_id: String,
+    redirect_uri: String,
+    scopes: String,
+    nonce: Option<String>,
+    code_challenge: String,
+    auth_time: i64,
+    expires_at: i64,
+    family_id: String,
+}
+
+/// RFC 6749 §4.1.3 with PKCE (RFC 7636 §4.6). A code is used once: the first exchange
+/// marks it in the same statement that reads it, so two racing exchanges cannot both
+/// win; a code presented again revokes its grant (§4.1.2, RFC 9700 §4.5).
+async fn authorization_code(
+    state: &AppState,
+    client: &Client,
+    params: &Params,
+    ip: &str,
+) -> Result<Value, OAuthError> {
+    let code = params.require("code")?;
+    let invalid_grant = |description: &str| OAuthError::new(ErrorCode::InvalidGrant, description);
+    let now = state.clock.now();
+    let code_hash = sha256(code.as_bytes());
+    let row = sqlx::query(
+        "UPDATE authorization_codes SET used_at = $1 WHERE code_hash = $2 AND used_at IS NULL \
+         RETURNING client_id, user_id, redirect_uri, scopes, nonce, code_challenge, auth_time, \
+         expires_at, family_id",
+    )
+    .bind(now)
+    .bind(&code_hash)
+    .fetch_optional(state.db.pool())
+    .await
+    .map_err(server_error)?;
+    let Some(row) = row else {
+        replayed_code(state, &code_hash, client, ip).await?;
+        return Err(invalid_grant("the code is invalid, expired or used"));
+    };
+    let grant = CodeGrant {
+        client_id: row.try_get("client_id").map_err(server_error)?,
+        user_id: row.try_get("user_id").map_err(server_error)?,
+        redirect_uri: row.try_get("redirect_uri").map_err(server_error)?,
+        scopes: row.try_get("scopes").map_err(server_error)?,
+        nonce: row.try_get("nonce").map_err(server_error)?,
+        code_challenge: row.try_get("code_challenge").map_err(server_error)?,
+        auth_time: row.try_get("auth_time").map_err(server_error)?,
+        expires_at: row.try_get("expires_at").map_err(server_error)?,
+        family_id: row.try_get("family_id").map_err(server_error)?,
+    };
+    if grant.client_id != client.client_id {
+        return Err(invalid_grant("the code was issued to another client"));
+    }
+    if grant.expires_at <= now {
+        return Err(invalid_grant("the code is invalid, expired or used"));
+    }
+    if !grant.redirect_uri.is_empty() && params.get("redirect_uri") != Some(&grant.redirect_uri) {
+        return Err(invalid_grant(
+            "redirect_uri differs from the authorization request's",
+        ));
+    }
+    match (grant.code_challenge.as_str(), params.get("code_verifier")) {
+        ("", None) => {}
+        ("", Some(_)) => {
+            return Err(invalid_grant("code_verifier without a code_challenge"));
+        }
+        (_, None) => return Err(invalid_grant("code_verifier is missing")),
+        (challenge, Some(verifier)) => {
+            if !pkce_matches(verifier, challenge) {
+                return Err(invalid_grant(
+                    "code_verifier does not match the code_challenge",
+                ));
+            }
+        }
+    }
+    let user = match state
+        .users
+        .find(&grant.user_id)
+        .await
+        .map_err(server_error)?
+    {
+        Some(user) if !user.disabled => user,
+        _ => return Err(invalid_grant("the user is no longer active")),
+    };
+    let scopes = Scopes::parse(&grant.scopes).map_err(|_| OAuthError::server_error())?;
+    sqlx::query(
+        "INSERT INTO token_families (family_id, client_id, user_id, scopes, auth_time, created_at) \
+         VALUES ($1, $2, $3, $4, $5, $6)",
+    )
+    .bind(&grant.family_id)
+    .bind(&client.client_id)
+    .bind(&user.user_id)
+    .bind(&grant.scopes)
+    .bind(grant.auth_time)
+    .bind(now)
+    .execute(state.db.pool())
+    .await
+    .map_err(server_error)?;
+    let issued = state.issue_access_token(client, &user.user_id, &scopes)?;
+    let mut body = json!({
+        "access_token": issued.token,
+        "token_type": "Bearer",
+        "expires_in": issued.expires_in,
+        "scope": scopes.to_string(),
+    });
+    if scopes.contains("openid") {
+        let claims = IdTokenClaims {
+            auth_time: grant.auth_time,
+            nonce: grant.nonce.as_deref(),
+            scopes: &scopes,
+        };
+        body["id_token"] = json!(state.issue_id_token(client, &user, claims, &issued.token)?);
+    }
+    if client.may_use(GrantType::RefreshToken) {
+        body["refresh_token"] = json!(new_refresh_token(state, &grant.family_id, now).await?);
+    }
+    let event = Event {
+        subject: Some(&user.user_id),
+        client_id: Some(&client.client_id),
+        ip: Some(ip.to_owned()),
+        detail: Some(format!("authorization_code, scope {scopes}")),
+    };
+    state
+        .audit
+        .record(now, EventKind::TokenIssued, true, event)
+        .await;
+    Ok(body)
+}
+
+/// A code that did not exchange: when it exists (it was used), its grant is revoked.
+async fn replayed_code(
+    state: &AppState,
+    code_hash: &[u8],
+    client: &Client,
+    ip: &str,
+) -> Result<(), OAuthError> {
+    let family: Option<String> = sqlx::query_scalar(
+        "SELECT family_id FROM authorization_codes WHERE code_hash = $1 AND used_at IS NOT NULL",
+    )
+    .bind(code_hash)
+    .fetch_optional(state.db.pool())
+    .await
+    .map_err(server_error)?;
+    let Some(family) = family else { return Ok(()) };
+    let now = state.clock.now();
+    revoke_family(state, &family, "authorization code replayed").await?;
+    let event = Event {
+        client_id: Some(&client.client_id),
+        ip: Some(ip.to_owned()),
+        detail: Some("authorization code presented again; its grant is revoked".to_owned()),
+        ..Event::default()
+    };
+    state
+        .audit
+        .record(now, EventKind::CodeReplayed, false, event)
+        .await;
+    Ok(())
+}
+
+/// Stores a new refresh token in `family` and returns it.
+async fn new_refresh_token(state: &AppState, family: &str, now: i64) -> Result<String, OAuthError> {
+    let token = state.secrets.generate_secret();
+    sqlx::query(
+        "INSERT INTO refresh_tokens (token_hash, family_id, issued_at, expires_at) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(sha256(token.as_bytes()))
+    .bind(family)
+    .bind(now)
+    .bind(now.saturating_add(state.config.refresh_token_ttl_seconds()))
+    .execute(state.db.pool())
+    .await
+    .map_err(server_error)?;
+    Ok(token)
+}
+
+/// RFC 6749 §6 with rotation (RFC 9700 §4.14.2): each refresh token is exchanged once for
+/// a new access token and a new refresh token. A used one presented again within the
+/// grace window (a client's concurrent refreshes) gets a new pair too; later it revokes
+/// the whole grant, since one of the two presenters has stolen it.
+async fn refresh_token(
+    state: &AppState,
+    client: &Client,
+    params: &Params,
+    ip: &str,
+) -> Result<Value, OAuthError> {
+    let token = params.require("refresh_token")?;
+    let invalid_grant = || {
+        OAuthError::new(
+            ErrorCode::InvalidGrant,
+            "the refresh token is invalid, expired or revoked",
+        )
+    };
+    let now = state.clock.now();
+    let token_hash = sha256(token.as_bytes());
+    let family = sqlx::query(
+        "SELECT r.family_id, r.expires_at, r.used_at, f.client_id, f.user_id, f.scopes, \
+         f.auth_time, f.revoked_at \
+         FROM refresh_tokens r JOIN token_families f ON f.family_id = r.family_id \
+         WHERE r.token_hash = $1",
+    )
+    .bind(&token_hash)
+    .fetch_optional(state.db.pool())
+    .await
+    .map_err(server_error)?
+    .ok_or_else(invalid_grant)?;
+    let family_id: String = family.try_get("family_id").map_err(server_error)?;
+    let expires_at: i64 = family.try_get("expires_at").map_err(server_error)?;
+    let family_client: String = family.try_get("client_id").map_err(server_error)?;
+    let revoked: Option<i64> = family.try_get("revoked_at").map_err(server_error)?;
+    if family_client != client.client_id || revoked.is_some() || expires_at <= now {
+        return Err(invalid_grant());
+    }
+    let granted = Scopes::parse(
+        &family
+            .try_get::<String, _>("scopes")
+            .map_err(server_error)?,
+    )
+    .map_err(|_| OAuthError::server_error())?;
+    // §6: the scope may be narrowed, never widened.
+    let scopes = match params.get("scope") {
+        None => granted,
+        Some(asked) => {
+            let asked = Scopes::parse(asked)
+                .map_err(|error| OAuthError::new(ErrorCode::InvalidScope, error.to_string()))?;
+            if !asked.is_subset(&granted) {
+                return Err(OAuthError::new(
+                    ErrorCode::InvalidScope,
+                    "a refresh cannot widen the original grant",
+                ));
+            }
+            asked
+        }
+    };
+    let user_id: Option<String> = family.try_get("user_id").map_err(server_error)?;
+    let user = match &user_id {
+        Some(user_id) => match state.users.find(user_id).await.map_err(server_error)? {
+            Some(user) if !user.disabled => Some(user),
+            _ => return Err(invalid_grant()),
+        },
+        None => None,
+    };
+    let used_at: Option<i64> = family.try_get("used_at").map_err(server_error)?;
+    // Claimed here unless used already; a racing exchange that claimed it first counts as
+    // a use just now.
+    let used_at = match used_at {
+        Some(used_at) => Some(used_at),
+        None => {
+            let claimed = sqlx::query(
+                "UPDATE refresh_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL",
+            )
+            .bind(now)
+            .bind(&token_hash)
+            .execute(state.db.pool())
+            .await
+            .map_err(server_error)?;
+            (claimed.rows_affected() == 0).then_some(now)
+        }
+    };
+    if used_at.is_some_and(|used_at| now - used_at > state.config.refresh_reuse_grace_seconds()) {
+        revoke_family(state, &family_id, "refresh token reused").await?;
+        let event = Event {
+            client_id: Some(&client.client_id),
+            ip: Some(ip.to_owned()),
+            detail: Some("used refresh token presented again; its grant is revoked".to_owned()),
+            ..Event::default()
+        };
+        state
+            .audit
+            .record(now, EventKind::RefreshReused, false, event)
+            .await;
+        return Err(invalid_grant());
+    }
+    let subject = user
+        .as_ref()
+        .map_or(client.client_id.as_str(), |u| u.user_id.as_str());
+    let issued = state.issue_access_token(client, subject, &scopes)?;
+    let mut body = json!({
+        "access_token": issued.token,
+        "token_type": "Bearer",
+        "expires_in": issued.expires_in,
+        "scope": scopes.to_string(),
+        "refresh_token": new_refresh_token(state, &family_id, now).await?,
+    });
+    if let (Some(user), true) = (&user, scopes.contains("openid")) {
+        let claims = IdTokenClaims {
+            auth_time: family
+                .try_get::<Option<i64>, _>("auth_time")
+                .map_err(server_error)?
+                .unwrap_or(now),
+            nonce: None,
+            scopes: &scopes,
+        };
+        body["id_token"] = json!(state.issue_id_token(client, user, claims, &issued.token)?);
+    }
+    let event = Event {
+        subject: Some(subject),
+        client_id: Some(&client.client_id),
+        ip: Some(ip.to_owned()),
+        detail: Some(format!("refresh_token, scope {scopes}")),
+    };
+    state
+        .audit
+        .record(now, EventKind::TokenIssued, true, event)
+        .await;
+    Ok(body)
+}
+
+/// Ends a grant: its refresh tokens stop working.
+async fn revoke_family(state: &AppState, family_id: &str, reason: &str) -> Result<(), OAuthError> {
+    sqlx::query(
+        "UPDATE token_families SET revoked_at = $1, revoked_reason = $2 \
+         WHERE family_id = $3 AND revoked_at IS NULL",
+    )
+    .bind(state.clock.now())
+    .bind(reason)
+    .bind(family_id)
+    .execute(state.db.pool())
+    .await
+    .map_err(server_error)?;
+    Ok(())
+}
+
+fn server_error(error: impl std::fmt::Display) -> OAuthError {
+    tracing::error!(%error, "token endpoint storage failed");
+    OAuthError::server_error()
 }
 
 /// The scopes a request gets: those asked for, each of which the client must be allowed
@@ -352,6 +710,13 @@ mod tests {
             ),
             Some(("a".to_owned(), "b".to_owned()))
         );
+        assert_eq!(
+            basic_credentials(&encode("svc&x:y")),
+            Some(("svc&x".to_owned(), "y".to_owned()))
+        );
+        for bad in ["a%zz:b", "a:%e9", "a%2:b"] {
+            assert_eq!(basic_credentials(&encode(bad)), None, "{bad}");
+        }
         for bad in ["Bearer abc", "Basic", "Basic !!!", "Basic YWJj"] {
             assert_eq!(
                 basic_credentials(&HeaderValue::from_static(bad)),

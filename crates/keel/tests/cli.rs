@@ -55,6 +55,10 @@ fn config_prints_the_effective_configuration_with_secrets_redacted() {
         .arg("config")
         .env("KEEL_REGISTRY__ACL_TOKEN", "very-secret")
         .env("KEEL_AUTH__KEY_ENCRYPTION_KEY", "very-secret-key")
+        .env(
+            "KEEL_AUTH__DATABASE",
+            "postgres://keel:very-secret-pw@db/auth",
+        )
         .env("KEEL_REGISTRY__LISTEN", "127.0.0.1:9500")
         .output()
         .unwrap();

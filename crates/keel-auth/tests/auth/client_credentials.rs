@@ -124,6 +124,11 @@ async fn failed_client_authentication_is_invalid_client_with_a_challenge() {
             ),
             ("no client at all", app.token(None, &[grant]).await),
         ];
+        let long_id = "x".repeat(10_000);
+        let cases = cases.into_iter().chain([(
+            "an id no client can have",
+            app.token(Some((&long_id, "secret")), &[grant]).await,
+        )]);
         for (case, answer) in cases {
             answer.assert_error(401, "invalid_client");
             let challenge = answer.headers["www-authenticate"].to_str().unwrap();
@@ -131,6 +136,32 @@ async fn failed_client_authentication_is_invalid_client_with_a_challenge() {
             assert!(
                 !answer.body.to_string().contains(&basic_secret),
                 "{case}: no secret echoed"
+            );
+        }
+        // Each failure naming a possible client is in the audit trail with its reason (not
+        // the request without a client, nor the id no client can have), and no secret is.
+        let events = app.admin.audit_events(100).await.unwrap();
+        let failures: Vec<_> = events
+            .iter()
+            .filter(|e| e.kind == "client_auth_failed")
+            .collect();
+        assert_eq!(failures.len(), 6, "{failures:?}");
+        assert!(failures.iter().all(|e| e.outcome == "failure"));
+        assert!(failures.iter().any(|e| {
+            e.detail
+                .as_deref()
+                .is_some_and(|d| d.contains("wrong secret"))
+        }));
+        assert!(
+            failures
+                .iter()
+                .any(|e| e.client_id.as_deref() == Some("nobody"))
+        );
+        for event in &events {
+            let text = format!("{event:?}");
+            assert!(
+                !text.contains(&basic_secret) && !text.contains(&post_secret),
+                "{text}"
             );
         }
     }
@@ -172,8 +203,13 @@ async fn scopes_beyond_the_clients_are_invalid_scope() {
 
 #[tokio::test]
 async fn malformed_token_requests_get_the_rfc_errors() {
-    let store = sqlite();
-    let app = spawn(&store).await;
+    for store in stores().await {
+        malformed_token_requests(&store).await;
+    }
+}
+
+async fn malformed_token_requests(store: &Store) {
+    let app = spawn(store).await;
     let (id, secret) = app
         .service_client(AuthMethod::ClientSecretBasic, "a", None)
         .await;
@@ -194,6 +230,21 @@ async fn malformed_token_requests_get_the_rfc_errors() {
     )
     .await
     .assert_error(400, "invalid_request");
+
+    // Basic credentials and another client_id in the body.
+    app.token(
+        basic,
+        &[("grant_type", "client_credentials"), ("client_id", "other")],
+    )
+    .await
+    .assert_error(400, "invalid_request");
+    // openid is for users.
+    app.token(
+        basic,
+        &[("grant_type", "client_credentials"), ("scope", "openid")],
+    )
+    .await
+    .assert_error(400, "invalid_scope");
 
     // JSON instead of a form.
     let json = app

@@ -15,12 +15,24 @@ async fn both_metadata_documents_say_what_is_supported() {
         assert_eq!(oidc["token_endpoint"], format!("{}/token", app.issuer()));
         assert_eq!(oidc["jwks_uri"], format!("{}/jwks.json", app.issuer()));
         assert_eq!(
+            oidc["authorization_endpoint"],
+            format!("{}/authorize", app.issuer())
+        );
+        assert_eq!(
             oidc["grant_types_supported"],
-            serde_json::json!(["client_credentials"])
+            serde_json::json!(["authorization_code", "client_credentials", "refresh_token"])
+        );
+        assert_eq!(
+            oidc["response_types_supported"],
+            serde_json::json!(["code"])
+        );
+        assert_eq!(
+            oidc["code_challenge_methods_supported"],
+            serde_json::json!(["S256"])
         );
         assert_eq!(
             oidc["token_endpoint_auth_methods_supported"],
-            serde_json::json!(["client_secret_basic", "client_secret_post"])
+            serde_json::json!(["client_secret_basic", "client_secret_post", "none"])
         );
     }
 }

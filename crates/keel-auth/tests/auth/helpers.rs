@@ -1,6 +1,9 @@
 use std::time::Duration;
 
-use keel_auth::{AuthAdmin, AuthConfig, AuthMethod, AuthServer, GrantType, NewClient, SigningAlg};
+use keel_auth::config::DatabaseUrl;
+use keel_auth::{
+    AuthAdmin, AuthConfig, AuthMethod, AuthServer, Clock, GrantType, NewClient, SigningAlg,
+};
 use keel_runtime::{Secret, Shutdown};
 use keel_testkit::{Service, TestDatabase, TestServer, TestSqlite};
 use serde_json::Value;
@@ -38,7 +41,7 @@ pub const KEK: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8";
 pub fn config(store: &Store) -> AuthConfig {
     AuthConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
-        database: store.url(),
+        database: DatabaseUrl::new(store.url()),
         key_encryption_key: Some(Secret::new(KEK.to_owned())),
         ..AuthConfig::default()
     }
@@ -135,7 +138,9 @@ pub async fn spawn(store: &Store) -> App {
 pub async fn spawn_with(store: &Store, configure: impl FnOnce(&mut AuthConfig)) -> App {
     let mut config = config(store);
     configure(&mut config);
-    let server = AuthServer::build(config, &Shutdown::new()).await.unwrap();
+    let server = AuthServer::build_with_clock(config, &Shutdown::new(), Clock::adjustable())
+        .await
+        .unwrap();
     let admin = server.admin();
     App {
         server: keel_testkit::spawn(server),

@@ -100,3 +100,32 @@ async fn postgres_needs_a_configured_key() {
         .unwrap();
     assert!(matches!(error, StartError::KekRequired), "{error}");
 }
+
+#[tokio::test]
+async fn servers_starting_together_on_one_database_make_one_key_per_algorithm() {
+    if !keel_testkit::require(keel_testkit::Service::Postgres) {
+        return;
+    }
+    let store = Store::Postgres(keel_testkit::TestDatabase::create().await);
+    let (a, b) = tokio::join!(spawn(&store), spawn(&store));
+    let (a, b) = (
+        kids(&a.get_json("/jwks.json").await),
+        kids(&b.get_json("/jwks.json").await),
+    );
+    assert_eq!(a.len(), 3, "{a:?}");
+    assert_eq!(a, b);
+}
+
+#[tokio::test]
+async fn listening_on_all_interfaces_needs_a_configured_issuer() {
+    let store = sqlite();
+    let config = AuthConfig {
+        listen: "0.0.0.0:0".parse().unwrap(),
+        ..config(&store)
+    };
+    let error = AuthServer::build(config, &Shutdown::new())
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(error, StartError::IssuerRequired(_)), "{error}");
+}

@@ -5,6 +5,8 @@
 
 mod helpers;
 
+mod authorization_code;
+mod browser;
 mod client_credentials;
 mod discovery;
 mod keys;

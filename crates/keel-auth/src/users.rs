@@ -1,0 +1,282 @@
+//! Users and their passwords. Passwords are hashed with argon2id (OWASP's parameters:
+//! 19 MiB, two passes, one lane) on blocking threads, a few at a time, so that logins
+//! neither stall the async threads nor let a flood of them exhaust memory.
+
+use std::sync::Arc;
+
+use argon2::{Argon2, PasswordHasher, PasswordVerifier};
+use sqlx::Row;
+use sqlx::any::AnyRow;
+use tokio::sync::Semaphore;
+
+use crate::crypto::Secrets;
+use crate::db::{Db, DbError};
+
+/// Hashes computed at once; each takes 19 MiB while it runs.
+const CONCURRENT_HASHES: usize = 4;
+/// Longest password accepted: argon2 takes any length, but hashing megabytes on request
+/// is a denial of service.
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+/// Shortest password accepted when a user is created (NIST SP 800-63B §3.1.1.2).
+pub const MIN_PASSWORD_CHARS: usize = 8;
+
+/// A user as stored, without the password hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub user_id: String,
+    pub username: String,
+    pub email: Option<String>,
+    pub name: Option<String>,
+    pub disabled: bool,
+}
+
+impl User {
+    fn from_row(row: &AnyRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            user_id: row.try_get("user_id")?,
+            username: row.try_get("username")?,
+            email: row.try_get("email")?,
+            name: row.try_get("name")?,
+            disabled: row.try_get::<Option<i64>, _>("disabled_at")?.is_some(),
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct NewUser {
+    pub username: String,
+    pub password: String,
+    pub email: Option<String>,
+    pub name: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("{0}")]
+    Invalid(String),
+    #[error("a user named {0:?} exists already")]
+    Exists(String),
+    #[error("password hashing failed")]
+    Hashing,
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl From<sqlx::Error> for UserError {
+    fn from(error: sqlx::Error) -> Self {
+        Self::Db(DbError::Query(error))
+    }
+}
+
+/// Runs argon2id off the async threads.
+#[derive(Clone)]
+pub struct PasswordHashing {
+    permits: Arc<Semaphore>,
+    /// A hash of a random password, checked when a user does not exist so that the answer
+    /// takes as long as for one who does.
+    dummy: Arc<str>,
+}
+
+impl PasswordHashing {
+    pub async fn new(secrets: &Secrets) -> Result<Self, UserError> {
+        let permits = Arc::new(Semaphore::new(CONCURRENT_HASHES));
+        let mut salt = [0u8; 16];
+        secrets.fill_random(&mut salt);
+        let random = secrets.generate_secret();
+        let dummy = hash_blocking(random, salt).await?;
+        Ok(Self {
+            permits,
+            dummy: dummy.into(),
+        })
+    }
+
+    pub async fn hash(&self, secrets: &Secrets, password: String) -> Result<String, UserError> {
+        let _permit = self
+            .permits
+            .acquire()
+            .await
+            .map_err(|_| UserError::Hashing)?;
+        let mut salt = [0u8; 16];
+        secrets.fill_random(&mut salt);
+        hash_blocking(password, salt).await
+    }
+
+    /// Whether `password` matches `stored` (a PHC string), or, without one, the same work
+    /// for nothing.
+    pub async fn verify(&self, password: &str, stored: Option<&str>) -> bool {
+        if password.len() > MAX_PASSWORD_BYTES {
+            return false;
+        }
+        let Ok(_permit) = self.permits.acquire().await else {
+            return false;
+        };
+        let exists = stored.is_some();
+        let hash = stored.map_or_else(|| Arc::clone(&self.dummy), Arc::from);
+        let password = password.to_owned();
+        let matched = tokio::task::spawn_blocking(move || {
+            Argon2::default()
+                .verify_password(password.as_bytes(), &*hash)
+                .is_ok()
+        })
+        .await
+        .unwrap_or(false);
+        exists && matched
+    }
+}
+
+async fn hash_blocking(password: String, salt: [u8; 16]) -> Result<String, UserError> {
+    tokio::task::spawn_blocking(move || {
+        Argon2::default()
+            .hash_password_with_salt(password.as_bytes(), &salt)
+            .map(|hash| hash.to_string())
+            .map_err(|_| UserError::Hashing)
+    })
+    .await
+    .map_err(|_| UserError::Hashing)?
+}
+
+/// The user directory, in the database.
+#[derive(Clone)]
+pub struct Users {
+    db: Db,
+}
+
+impl Users {
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    pub async fn create(
+        &self,
+        secrets: &Secrets,
+        hashing: &PasswordHashing,
+        new: NewUser,
+        now: i64,
+    ) -> Result<User, UserError> {
+        validate(&new)?;
+        let hash = hashing.hash(secrets, new.password).await?;
+        let user_id = secrets.generate_id();
+        let inserted = sqlx::query(
+            "INSERT INTO users (user_id, username, password_hash, email, name, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (username) DO NOTHING",
+        )
+        .bind(&user_id)
+        .bind(&new.username)
+        .bind(hash)
+        .bind(&new.email)
+        .bind(&new.name)
+        .bind(now)
+        .execute(self.db.pool())
+        .await?;
+        if inserted.rows_affected() == 0 {
+            return Err(UserError::Exists(new.username));
+        }
+        Ok(User {
+            user_id,
+            username: new.username,
+            email: new.email,
+            name: new.name,
+            disabled: false,
+        })
+    }
+
+    /// The user named `username` and their password hash.
+    pub async fn find_for_login(
+        &self,
+        username: &str,
+    ) -> Result<Option<(User, String)>, UserError> {
+        let row = sqlx::query("SELECT * FROM users WHERE username = $1")
+            .bind(username)
+            .fetch_optional(self.db.pool())
+            .await?;
+        row.map(|row| Ok((User::from_row(&row)?, row.try_get("password_hash")?)))
+            .transpose()
+    }
+
+    pub async fn find(&self, user_id: &str) -> Result<Option<User>, UserError> {
+        let row = sqlx::query("SELECT * FROM users WHERE user_id = $1")
+            .bind(user_id)
+            .fetch_optional(self.db.pool())
+            .await?;
+        Ok(row.as_ref().map(User::from_row).transpose()?)
+    }
+}
+
+fn validate(new: &NewUser) -> Result<(), UserError> {
+    let invalid = |message: &str| Err(UserError::Invalid(message.to_owned()));
+    let name_ok = !new.username.is_empty()
+        && new.username.len() <= 128
+        && new
+            .username
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._@+".contains(&b));
+    if !name_ok {
+        return invalid("username must be 1 to 128 letters, digits, '-', '.', '_', '@' or '+'");
+    }
+    if new.password.chars().count() < MIN_PASSWORD_CHARS {
+        return invalid("password must be at least 8 characters");
+    }
+    if new.password.len() > MAX_PASSWORD_BYTES {
+        return invalid("password must be at most 1024 bytes");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new(username: &str, password: &str) -> NewUser {
+        NewUser {
+            username: username.into(),
+            password: password.into(),
+            email: None,
+            name: None,
+        }
+    }
+
+    #[test]
+    fn usernames_and_passwords_are_checked() {
+        validate(&new("alice@example.com", "correct horse")).unwrap();
+        for (username, password) in [
+            ("", "long enough"),
+            ("has space", "long enough"),
+            ("<script>", "long enough"),
+            ("alice", "short"),
+        ] {
+            assert!(
+                validate(&new(username, password)).is_err(),
+                "{username} {password}"
+            );
+        }
+        assert!(validate(&new("alice", &"x".repeat(MAX_PASSWORD_BYTES + 1))).is_err());
+    }
+
+    #[tokio::test]
+    async fn hashes_verify_only_their_password_and_unknown_users_never_do() {
+        let secrets = Secrets::from_bytes(&[1; 32]);
+        let hashing = PasswordHashing::new(&secrets).await.unwrap();
+        let hash = hashing
+            .hash(&secrets, "correct horse".into())
+            .await
+            .unwrap();
+        assert!(
+            hash.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"),
+            "{hash}"
+        );
+        assert!(hashing.verify("correct horse", Some(&hash)).await);
+        assert!(!hashing.verify("correct hors", Some(&hash)).await);
+        assert!(!hashing.verify("correct horse", None).await);
+        assert!(!hashing.verify("x", Some("not a phc string")).await);
+        let long = "y".repeat(MAX_PASSWORD_BYTES + 1);
+        assert!(!hashing.verify(&long, Some(&hash)).await);
+        // A fresh salt every time.
+        assert_ne!(
+            hashing
+                .hash(&secrets, "correct horse".into())
+                .await
+                .unwrap(),
+            hash
+        );
+    }
+}
