@@ -30,6 +30,8 @@ pub enum EventKind {
     RefreshReused,
     /// A user was created.
     UserCreated,
+    /// Roles, groups or bindings changed.
+    AdminChange,
 }
 
 impl EventKind {
@@ -44,6 +46,7 @@ impl EventKind {
             Self::CodeReplayed => "code_replayed",
             Self::RefreshReused => "refresh_reused",
             Self::UserCreated => "user_created",
+            Self::AdminChange => "admin_change",
         }
     }
 }

@@ -25,6 +25,7 @@ use crate::clients::{AuthMethod, Client, GrantType};
 use crate::crypto::sha256;
 use crate::error::ErrorCode;
 use crate::html;
+use crate::rbac::Subject;
 use crate::scope::Scopes;
 use crate::server::AppState;
 use crate::token::Params;
@@ -411,10 +412,13 @@ async fn continue_signed_in(
     state: &AppState,
     headers: &HeaderMap,
     query: &str,
-    request: AuthorizationRequest,
+    mut request: AuthorizationRequest,
     user: &User,
     auth_time: i64,
 ) -> Response {
+    if let Err(response) = restrict_to_roles(state, &mut request, user).await {
+        return response;
+    }
     let consented = match request.prompt {
         Prompt::Consent => false,
         _ => has_consent(state, &user.user_id, &request).await,
@@ -432,6 +436,34 @@ async fn continue_signed_in(
         return with_cookie(page, new_cookie);
     }
     issue_code(state, &request, user, auth_time).await
+}
+
+/// Narrows the request's scopes to those `user` may be granted: a scope a role guards
+/// goes only to the role's holders (RFC 6749 §3.3 lets the server grant less than asked;
+/// the token response then names what was granted). Every step that consents or issues a
+/// code calls this, since each validates the request afresh from its query.
+async fn restrict_to_roles(
+    state: &AppState,
+    request: &mut AuthorizationRequest,
+    user: &User,
+) -> Result<(), Response> {
+    let holder = Subject::User(user.user_id.clone());
+    let permitted = match state.rbac.holdings(&holder).await {
+        Ok(holdings) => state.rbac.permitted(&request.scopes, &holdings).await,
+        Err(error) => Err(error),
+    };
+    match permitted {
+        Ok(scopes) => {
+            request.scopes = scopes;
+            Ok(())
+        }
+        Err(error) => {
+            tracing::error!(%error, "roles not read");
+            Err(request
+                .refuse("server_error", "the server could not complete the request")
+                .into_response(&state.issuer))
+        }
+    }
 }
 
 async fn has_consent(state: &AppState, user_id: &str, request: &AuthorizationRequest) -> bool {
@@ -627,7 +659,7 @@ pub(crate) async fn consent(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let (form, _, request) = match posted_request(&state, &headers, body).await {
+    let (form, _, mut request) = match posted_request(&state, &headers, body).await {
         Ok(posted) => posted,
         Err(response) => return response,
     };
@@ -637,6 +669,9 @@ pub(crate) async fn consent(
             "You are not signed in any more. Go back to the application and start again.",
         );
     };
+    if let Err(response) = restrict_to_roles(&state, &mut request, &user).await {
+        return response;
+    }
     if form.get("decision") != Some("allow") {
         return request
             .refuse("access_denied", "the user did not allow access")

@@ -21,6 +21,7 @@ use crate::db::{Backend, Db, DbError};
 use crate::error::OAuthError;
 use crate::keys::SigningAlg;
 use crate::keys::{KeyError, KeyRing, SigningKey};
+use crate::rbac::{Holdings, Rbac, RbacError, Role, Subject};
 use crate::scope::Scopes;
 use crate::users::{NewUser, PasswordHashing, User, UserError, Users};
 use crate::{authorize, metadata, token};
@@ -68,6 +69,7 @@ pub(crate) struct AppState {
     pub(crate) db: Db,
     pub(crate) clients: Clients,
     pub(crate) users: Users,
+    pub(crate) rbac: Rbac,
     pub(crate) hashing: PasswordHashing,
     pub(crate) keys: KeyRing,
     pub(crate) secrets: Secrets,
@@ -92,23 +94,29 @@ impl AppState {
         })
     }
 
-    /// A JWT access token (RFC 9068) for `subject`, issued to `client` with `scopes`.
+    /// A JWT access token (RFC 9068) for `subject`, issued to `client` with `scopes` and
+    /// the roles of `holdings` meant for the token's audience.
     pub(crate) fn issue_access_token(
         &self,
         client: &Client,
         subject: &str,
         scopes: &Scopes,
+        holdings: &Holdings,
     ) -> Result<Issued, OAuthError> {
         let now = self.clock.now();
         let key = self.signing_key(client, now)?;
         let expires_in = client
             .access_token_ttl
             .unwrap_or_else(|| self.config.access_token_ttl_seconds());
-        let audience = match client.audiences.as_slice() {
-            [] => json!(self.config.default_audience),
+        let audiences: Vec<&str> = match client.audiences.as_slice() {
+            [] => vec![self.config.default_audience.as_str()],
+            many => many.iter().map(String::as_str).collect(),
+        };
+        let audience = match audiences.as_slice() {
             [one] => json!(one),
             many => json!(many),
         };
+        let roles = holdings.roles_for(&audiences);
         let mut claims = json!({
             "iss": self.issuer,
             "sub": subject,
@@ -120,6 +128,9 @@ impl AppState {
         });
         if !scopes.is_empty() {
             claims["scope"] = json!(scopes.to_string());
+        }
+        if !roles.is_empty() {
+            claims["roles"] = json!(roles);
         }
         Ok(Issued {
             token: key.sign_jwt("at+jwt", &claims, self.secrets.rng()),
@@ -234,6 +245,7 @@ impl AuthServer {
         let state = Arc::new(AppState {
             issuer,
             users: Users::new(db.clone()),
+            rbac: Rbac::new(db.clone()),
             hashing,
             db: db.clone(),
             clients: Clients::new(db.clone()),
@@ -313,6 +325,67 @@ impl AuthAdmin {
             .record(now, EventKind::UserCreated, true, event)
             .await;
         Ok(user)
+    }
+
+    /// Creates a role that unlocks `scopes`, for tokens of `audience` (or any).
+    pub async fn create_role(
+        &self,
+        name: &str,
+        audience: Option<&str>,
+        description: &str,
+        scopes: &str,
+    ) -> Result<Role, RbacError> {
+        let scopes = Scopes::parse(scopes).map_err(|e| RbacError::Invalid(e.to_string()))?;
+        let now = self.0.clock.now();
+        let role = self
+            .0
+            .rbac
+            .create_role(name, audience, description, &scopes, now)
+            .await?;
+        self.admin_event(now, format!("role {name} created")).await;
+        Ok(role)
+    }
+
+    pub async fn create_group(&self, name: &str) -> Result<(), RbacError> {
+        let now = self.0.clock.now();
+        self.0.rbac.create_group(name, now).await?;
+        self.admin_event(now, format!("group {name} created")).await;
+        Ok(())
+    }
+
+    pub async fn add_group_member(&self, group: &str, user_id: &str) -> Result<(), RbacError> {
+        self.0.rbac.add_member(group, user_id).await?;
+        let now = self.0.clock.now();
+        self.admin_event(now, format!("user {user_id} added to group {group}"))
+            .await;
+        Ok(())
+    }
+
+    pub async fn grant_role(&self, role: &str, subject: &Subject) -> Result<(), RbacError> {
+        let now = self.0.clock.now();
+        self.0.rbac.grant(role, subject, now).await?;
+        self.admin_event(now, format!("role {role} granted to {subject:?}"))
+            .await;
+        Ok(())
+    }
+
+    pub async fn revoke_role(&self, role: &str, subject: &Subject) -> Result<bool, RbacError> {
+        let removed = self.0.rbac.revoke(role, subject).await?;
+        let now = self.0.clock.now();
+        self.admin_event(now, format!("role {role} revoked from {subject:?}"))
+            .await;
+        Ok(removed)
+    }
+
+    async fn admin_event(&self, now: i64, detail: String) {
+        let event = Event {
+            detail: Some(detail),
+            ..Event::default()
+        };
+        self.0
+            .audit
+            .record(now, EventKind::AdminChange, true, event)
+            .await;
     }
 
     /// The newest `limit` audit events, newest first.

@@ -20,6 +20,7 @@ use crate::authorize::pkce_matches;
 use crate::clients::{AuthMethod, Client, GrantType, is_valid_client_id};
 use crate::crypto::sha256;
 use crate::error::{ErrorCode, OAuthError};
+use crate::rbac::Subject;
 use crate::scope::Scopes;
 use crate::server::{AppState, IdTokenClaims};
 use sqlx::Row;
@@ -296,7 +297,17 @@ async fn client_credentials(
         ));
     }
     let scopes: Scopes = scopes.iter().filter(|s| *s != "openid").collect();
-    let issued = state.issue_access_token(client, &client.client_id, &scopes)?;
+    let holdings = state
+        .rbac
+        .holdings(&Subject::Client(client.client_id.clone()))
+        .await
+        .map_err(server_error)?;
+    let scopes = state
+        .rbac
+        .permitted(&scopes, &holdings)
+        .await
+        .map_err(server_error)?;
+    let issued = state.issue_access_token(client, &client.client_id, &scopes, &holdings)?;
     state
         .audit
         .record(
@@ -421,7 +432,12 @@ async fn authorization_code(
     .execute(state.db.pool())
     .await
     .map_err(server_error)?;
-    let issued = state.issue_access_token(client, &user.user_id, &scopes)?;
+    let holdings = state
+        .rbac
+        .holdings(&Subject::User(user.user_id.clone()))
+        .await
+        .map_err(server_error)?;
+    let issued = state.issue_access_token(client, &user.user_id, &scopes, &holdings)?;
     let mut body = json!({
         "access_token": issued.token,
         "token_type": "Bearer",
@@ -598,7 +614,19 @@ async fn refresh_token(
     let subject = user
         .as_ref()
         .map_or(client.client_id.as_str(), |u| u.user_id.as_str());
-    let issued = state.issue_access_token(client, subject, &scopes)?;
+    // Roles as they are now: a role revoked since the grant leaves at the next refresh,
+    // with the scopes it unlocked.
+    let holder = match &user {
+        Some(user) => Subject::User(user.user_id.clone()),
+        None => Subject::Client(client.client_id.clone()),
+    };
+    let holdings = state.rbac.holdings(&holder).await.map_err(server_error)?;
+    let scopes = state
+        .rbac
+        .permitted(&scopes, &holdings)
+        .await
+        .map_err(server_error)?;
+    let issued = state.issue_access_token(client, subject, &scopes, &holdings)?;
     let mut body = json!({
         "access_token": issued.token,
         "token_type": "Bearer",

@@ -10,20 +10,20 @@ use serde_json::Value;
 use crate::browser::{Browser, Page};
 use crate::helpers::*;
 
-const REDIRECT: &str = "http://127.0.0.1:9/callback";
-const PASSWORD: &str = "correct horse battery";
-const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
-const CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
+pub const REDIRECT: &str = "http://127.0.0.1:9/callback";
+pub const PASSWORD: &str = "correct horse battery";
+pub const VERIFIER: &str = "dBjftJeZ4CVP-mB92K27uhbUJU1p1r_wW1gFWFOEjXk";
+pub const CHALLENGE: &str = "E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM";
 
 /// A user, a public client, and a browser.
-struct Flow {
-    app: App,
-    client_id: String,
-    user_id: String,
-    browser: Browser,
+pub struct Flow {
+    pub app: App,
+    pub client_id: String,
+    pub user_id: String,
+    pub browser: Browser,
 }
 
-async fn flow(store: &Store) -> Flow {
+pub async fn flow(store: &Store) -> Flow {
     let app = spawn(store).await;
     let user = app
         .admin
@@ -43,7 +43,7 @@ async fn flow(store: &Store) -> Flow {
             auth_method: AuthMethod::None,
             redirect_uris: vec![REDIRECT.into()],
             grant_types: vec![GrantType::AuthorizationCode, GrantType::RefreshToken],
-            scopes: "openid profile email orders:read".into(),
+            scopes: "openid profile email orders:read orders:write".into(),
             audiences: vec![],
             signing_alg: None,
             access_token_ttl: None,
@@ -60,7 +60,7 @@ async fn flow(store: &Store) -> Flow {
     }
 }
 
-fn authorize_query(extra: &[(&str, &str)]) -> String {
+pub fn authorize_query(extra: &[(&str, &str)]) -> String {
     let mut pairs = vec![
         ("response_type", "code"),
         ("client_id", "spa"),
@@ -85,7 +85,7 @@ fn authorize_query(extra: &[(&str, &str)]) -> String {
 
 impl Flow {
     /// Signs in and allows, from the authorization request to the redirect with the code.
-    async fn sign_in_and_allow(&mut self, query: &str) -> Page {
+    pub async fn sign_in_and_allow(&mut self, query: &str) -> Page {
         let login = self.browser.get(query).await;
         assert_eq!(login.status, 200, "{}", login.body);
         assert!(
@@ -106,19 +106,10 @@ impl Flow {
             .await;
         assert_eq!(consent.status, 200, "{}", consent.body);
         assert!(consent.body.contains("wants access"), "{}", consent.body);
-        self.browser
-            .post(
-                "/consent",
-                &[
-                    ("decision", "allow"),
-                    ("csrf", &consent.field("csrf")),
-                    ("request", &consent.field("request")),
-                ],
-            )
-            .await
+        decide(&mut self.browser, &consent, "allow").await
     }
 
-    async fn exchange(&self, code: &str, verifier: Option<&str>, redirect: &str) -> Token {
+    pub async fn exchange(&self, code: &str, verifier: Option<&str>, redirect: &str) -> Token {
         let mut form = vec![
             ("grant_type", "authorization_code"),
             ("code", code),
@@ -132,7 +123,7 @@ impl Flow {
     }
 
     /// A code: straight away when signed in and consented, else through the pages.
-    async fn code(&mut self) -> String {
+    pub async fn code(&mut self) -> String {
         let query = authorize_query(&[]);
         let mut redirect = self.browser.get(&query).await;
         if redirect.status != 303 {
@@ -141,7 +132,7 @@ impl Flow {
         redirect.redirect_params()["code"].clone()
     }
 
-    async fn refresh(&self, refresh_token: &str) -> Token {
+    pub async fn refresh(&self, refresh_token: &str) -> Token {
         self.app
             .token(
                 None,
@@ -155,7 +146,7 @@ impl Flow {
     }
 }
 
-fn claims(jwt: &str) -> Value {
+pub fn claims(jwt: &str) -> Value {
     let payload = jwt.split('.').nth(1).unwrap();
     serde_json::from_slice(&URL_SAFE_NO_PAD.decode(payload).unwrap()).unwrap()
 }
@@ -309,7 +300,7 @@ async fn other_bad_requests_go_back_to_the_client_with_the_rfc_error() {
 }
 
 /// Posts the sign-in form from `browser`.
-async fn log_in(
+pub async fn log_in(
     browser: &mut Browser,
     username: &str,
     password: &str,
@@ -324,6 +315,20 @@ async fn log_in(
                 ("password", password),
                 ("csrf", csrf),
                 ("request", request),
+            ],
+        )
+        .await
+}
+
+/// Answers the consent page `consent` with `decision` (allow or deny).
+pub async fn decide(browser: &mut Browser, consent: &Page, decision: &str) -> Page {
+    browser
+        .post(
+            "/consent",
+            &[
+                ("decision", decision),
+                ("csrf", &consent.field("csrf")),
+                ("request", &consent.field("request")),
             ],
         )
         .await
@@ -364,17 +369,7 @@ async fn sign_in_failures_csrf_and_denial() {
     // Signed in, the user denies.
     let consent = log_in(&mut flow.browser, "alice", PASSWORD, &csrf, &request).await;
     assert_eq!(consent.status, 200);
-    let denied = flow
-        .browser
-        .post(
-            "/consent",
-            &[
-                ("decision", "deny"),
-                ("csrf", &consent.field("csrf")),
-                ("request", &consent.field("request")),
-            ],
-        )
-        .await;
+    let denied = decide(&mut flow.browser, &consent, "deny").await;
     assert_eq!(denied.status, 303);
     assert_eq!(denied.redirect_params()["error"], "access_denied");
 }

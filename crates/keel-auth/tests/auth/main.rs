@@ -9,4 +9,6 @@ mod authorization_code;
 mod browser;
 mod client_credentials;
 mod discovery;
+mod gateway;
 mod keys;
+mod rbac;
