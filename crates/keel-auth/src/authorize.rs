@@ -32,8 +32,8 @@ use crate::token::Params;
 use crate::users::User;
 
 /// The cookie of a signed-in browser (a random id; the server keeps its hash).
-pub(crate) const SESSION_COOKIE: &str = "keel_session";
-/// The cookie CSRF tokens are bound to.
+const SESSION_COOKIE: &str = "keel_session";
+/// The cookie the sign-in form's CSRF token is bound to.
 const CSRF_COOKIE: &str = "keel_csrf";
 /// Longest authorization request accepted (its query string).
 const MAX_REQUEST: usize = 8 * 1024;
@@ -50,6 +50,8 @@ pub(crate) struct AuthorizationRequest {
     pub(crate) nonce: Option<String>,
     pub(crate) code_challenge: Option<String>,
     pub(crate) prompt: Prompt,
+    /// Seconds since sign-in beyond which the user signs in again.
+    pub(crate) max_age: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -263,18 +265,47 @@ impl AuthorizationRequest {
             }
             (None, _) => None,
         };
-        let prompt = match get("prompt").as_deref() {
-            None => Prompt::Default,
-            Some("none") => Prompt::None,
-            Some("login") => Prompt::Login,
-            Some("consent") => Prompt::Consent,
-            Some(_) => {
+        // Space-separated values (OIDC Core §3.1.2.1); none stands alone.
+        let prompts: Vec<String> = get("prompt")
+            .map(|p| p.split(' ').map(str::to_owned).collect())
+            .unwrap_or_default();
+        let prompt = match prompts
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .as_slice()
+        {
+            [] => Prompt::Default,
+            ["none"] => Prompt::None,
+            values if values.iter().all(|v| matches!(*v, "login" | "consent")) => {
+                if values.contains(&"login") {
+                    Prompt::Login
+                } else {
+                    Prompt::Consent
+                }
+            }
+            _ => {
                 return Err(refuse(
                     ErrorCode::InvalidRequest,
-                    "prompt must be one of none, login, consent",
+                    "prompt must be none, or login and/or consent",
                 ));
             }
         };
+        let max_age = match get("max_age") {
+            None => None,
+            Some(age) => Some(age.parse::<u32>().map(i64::from).map_err(|_| {
+                refuse(
+                    ErrorCode::InvalidRequest,
+                    "max_age must be a number of seconds",
+                )
+            })?),
+        };
+        if get("response_mode").is_some_and(|mode| mode != "query") {
+            return Err(refuse(
+                ErrorCode::InvalidRequest,
+                "only response_mode=query is supported",
+            ));
+        }
         let nonce = get("nonce");
         if nonce.as_ref().is_some_and(|n| n.len() > 512)
             || client_state.as_ref().is_some_and(|s| s.len() > 2048)
@@ -293,6 +324,7 @@ impl AuthorizationRequest {
             nonce,
             code_challenge,
             prompt,
+            max_age,
         })
     }
 
@@ -321,6 +353,21 @@ fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .filter(|v| !v.is_empty() && v.len() <= 128)
 }
 
+/// A cookie's name: with an https issuer, `__Host-` prefixed, so that no sibling domain
+/// or plain-http page can set or shadow it (RFC 6265bis §4.1.3.2).
+fn cookie_name(state: &AppState, name: &str) -> String {
+    if state.issuer.starts_with("https://") {
+        format!("__Host-{name}")
+    } else {
+        name.to_owned()
+    }
+}
+
+/// The value of this server's cookie `name`.
+fn our_cookie<'a>(state: &AppState, headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    cookie(headers, &cookie_name(state, name))
+}
+
 fn set_cookie(state: &AppState, name: &str, value: &str, max_age: i64) -> HeaderValue {
     let secure = if state.issuer.starts_with("https://") {
         "; Secure"
@@ -328,14 +375,33 @@ fn set_cookie(state: &AppState, name: &str, value: &str, max_age: i64) -> Header
         ""
     };
     // SameSite=Lax: sent on the top-level navigation from the client back to /authorize.
-    let cookie =
-        format!("{name}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}");
+    let cookie = format!(
+        "{}={value}; Path=/; Max-Age={max_age}; HttpOnly; SameSite=Lax{secure}",
+        cookie_name(state, name)
+    );
     HeaderValue::from_str(&cookie).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+/// What a form's CSRF token is an HMAC of: the form's purpose, the browser secret it is
+/// bound to (the CSRF cookie before sign-in, the session after), and the authorization
+/// request it carries, so that a token serves one form of one request in one browser.
+fn csrf_binding(purpose: Purpose, secret: &str, query: &str) -> String {
+    let purpose = match purpose {
+        Purpose::Login => "login",
+        Purpose::Consent => "consent",
+    };
+    format!("{purpose}|{secret}|{query}")
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    Login,
+    Consent,
 }
 
 /// The user signed in on this browser, and when they signed in.
 async fn session_user(state: &AppState, headers: &HeaderMap) -> Option<(User, i64)> {
-    let id = cookie(headers, SESSION_COOKIE)?;
+    let id = our_cookie(state, headers, SESSION_COOKIE)?;
     let row = sqlx::query(
         "SELECT user_id, auth_time FROM login_sessions WHERE id_hash = $1 AND expires_at > $2",
     )
@@ -352,7 +418,7 @@ async fn session_user(state: &AppState, headers: &HeaderMap) -> Option<(User, i6
 
 /// The CSRF cookie of this browser, and the header that sets it when it is new.
 fn csrf_cookie(state: &AppState, headers: &HeaderMap) -> (String, Option<HeaderValue>) {
-    match cookie(headers, CSRF_COOKIE) {
+    match our_cookie(state, headers, CSRF_COOKIE) {
         Some(value) => (value.to_owned(), None),
         None => {
             let value = state.secrets.generate_id();
@@ -386,6 +452,13 @@ pub(crate) async fn authorize(
         Prompt::Login => None,
         _ => session_user(&state, &headers).await,
     };
+    // max_age (OIDC Core §3.1.2.1): an older sign-in must be repeated.
+    let session = session.filter(|(_, auth_time)| {
+        request
+            .max_age
+            .is_none_or(|max_age| state.clock.now() - auth_time <= max_age)
+    });
+    let session_id = our_cookie(&state, &headers, SESSION_COOKIE).unwrap_or_default();
     let Some((user, auth_time)) = session else {
         if request.prompt == Prompt::None {
             return request
@@ -393,7 +466,9 @@ pub(crate) async fn authorize(
                 .into_response(&state.issuer);
         }
         let (csrf_cookie, new_cookie) = csrf_cookie(&state, &headers);
-        let csrf = state.secrets.csrf_token(&csrf_cookie);
+        let csrf = state
+            .secrets
+            .csrf_token(&csrf_binding(Purpose::Login, &csrf_cookie, &query));
         let page = html::login_page(
             StatusCode::OK,
             &request.client.name,
@@ -404,13 +479,13 @@ pub(crate) async fn authorize(
         );
         return with_cookie(page, new_cookie);
     };
-    continue_signed_in(&state, &headers, &query, request, &user, auth_time).await
+    continue_signed_in(&state, session_id, &query, request, &user, auth_time).await
 }
 
 /// The flow once the user is known: consent if needed, then the code.
 async fn continue_signed_in(
     state: &AppState,
-    headers: &HeaderMap,
+    session: &str,
     query: &str,
     mut request: AuthorizationRequest,
     user: &User,
@@ -429,11 +504,11 @@ async fn continue_signed_in(
                 .refuse("consent_required", "the user has not allowed this client")
                 .into_response(&state.issuer);
         }
-        let (csrf_cookie, new_cookie) = csrf_cookie(state, headers);
-        let csrf = state.secrets.csrf_token(&csrf_cookie);
+        let csrf = state
+            .secrets
+            .csrf_token(&csrf_binding(Purpose::Consent, session, query));
         let scopes: Vec<&str> = request.scopes.iter().collect();
-        let page = html::consent_page(&request.client.name, &user.username, &scopes, query, &csrf);
-        return with_cookie(page, new_cookie);
+        return html::consent_page(&request.client.name, &user.username, &scopes, query, &csrf);
     }
     issue_code(state, &request, user, auth_time).await
 }
@@ -487,6 +562,7 @@ async fn issue_code(
     auth_time: i64,
 ) -> Response {
     let code = state.secrets.generate_secret();
+    let family = state.secrets.generate_id();
     let now = state.clock.now();
     let stored = sqlx::query(
         "INSERT INTO authorization_codes (code_hash, client_id, user_id, redirect_uri, scopes, \
@@ -506,9 +582,26 @@ async fn issue_code(
     .bind(request.code_challenge.as_deref().unwrap_or(""))
     .bind(auth_time)
     .bind(now + state.config.code_ttl_seconds())
-    .bind(state.secrets.generate_id())
+    .bind(&family)
     .execute(state.db.pool())
     .await;
+    // The grant exists from the code on, so that a replay of the code can revoke it even
+    // while the first exchange is still running.
+    let stored = match stored {
+        Ok(_) => sqlx::query(
+            "INSERT INTO token_families (family_id, client_id, user_id, scopes, auth_time, created_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&family)
+        .bind(&request.client.client_id)
+        .bind(&user.user_id)
+        .bind(request.scopes.to_string())
+        .bind(auth_time)
+        .bind(now)
+        .execute(state.db.pool())
+        .await,
+        Err(error) => Err(error),
+    };
     if let Err(error) = stored {
         tracing::error!(%error, "authorization code not stored");
         return request
@@ -523,41 +616,53 @@ async fn issue_code(
     redirect_to(&request.redirect_uri, &pairs)
 }
 
-/// The fields of a posted form, after its CSRF token is checked.
-async fn posted_form(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Params, Response> {
-    let refused = |message: &str| html::error_page(StatusCode::BAD_REQUEST, message);
-    let body = body.map_err(|_| refused("The form is too large."))?;
-    let form = Params::from_form(headers, &body).map_err(|_| refused("The form is malformed."))?;
-    let valid = match (cookie(headers, CSRF_COOKIE), form.get("csrf")) {
-        (Some(cookie), Some(token)) => state.secrets.csrf_matches(cookie, token),
-        _ => false,
-    };
-    if !valid {
-        return Err(html::error_page(
-            StatusCode::FORBIDDEN,
-            "The form expired or did not come from this site. Go back to the application and start again.",
-        ));
-    }
-    Ok(form)
-}
-
-/// A posted form of the flow: its fields, the authorization request it carries (as its
-/// query and validated again).
+/// A posted form of the flow, checked: it comes from this site (`Origin`,
+/// `Sec-Fetch-Site`), and its CSRF token was made for this form, this browser and the
+/// authorization request it carries, which is validated again. Returns the fields, the
+/// request's query, the request, and the browser secret the token was bound to.
 async fn posted_request(
     state: &AppState,
     headers: &HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<(Params, String, AuthorizationRequest), Response> {
-    let form = posted_form(state, headers, body).await?;
+    purpose: Purpose,
+) -> Result<(Params, String, AuthorizationRequest, String), Response> {
+    let refused = |message: &str| html::error_page(StatusCode::BAD_REQUEST, message);
+    let forbidden = || {
+        html::error_page(
+            StatusCode::FORBIDDEN,
+            "The form expired or did not come from this site. Go back to the application and start again.",
+        )
+    };
+    let cross_site = headers
+        .get(header::ORIGIN)
+        .is_some_and(|origin| origin.as_bytes() != state.issuer.as_bytes())
+        || headers
+            .get("sec-fetch-site")
+            .is_some_and(|site| site != "same-origin" && site != "none");
+    if cross_site {
+        return Err(forbidden());
+    }
+    let body = body.map_err(|_| refused("The form is too large."))?;
+    let form = Params::from_form(headers, &body).map_err(|_| refused("The form is malformed."))?;
     let query = form.get("request").unwrap_or_default().to_owned();
+    let secret = match purpose {
+        Purpose::Login => our_cookie(state, headers, CSRF_COOKIE),
+        Purpose::Consent => our_cookie(state, headers, SESSION_COOKIE),
+    };
+    let valid = match (secret, form.get("csrf")) {
+        (Some(secret), Some(token)) => state
+            .secrets
+            .csrf_matches(&csrf_binding(purpose, secret, &query), token),
+        _ => false,
+    };
+    if !valid {
+        return Err(forbidden());
+    }
+    let secret = secret.unwrap_or_default().to_owned();
     let request = AuthorizationRequest::validate(state, &query)
         .await
         .map_err(|refusal| refusal.into_response(&state.issuer))?;
-    Ok((form, query, request))
+    Ok((form, query, request, secret))
 }
 
 /// `POST /login`.
@@ -567,42 +672,88 @@ pub(crate) async fn login(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let (form, query, request) = match posted_request(&state, &headers, body).await {
-        Ok(posted) => posted,
-        Err(response) => return response,
-    };
+    let (form, query, request, _) =
+        match posted_request(&state, &headers, body, Purpose::Login).await {
+            Ok(posted) => posted,
+            Err(response) => return response,
+        };
     let username = form.get("username").unwrap_or_default();
     let password = form.get("password").unwrap_or_default();
-    let found = state.users.find_for_login(username).await.ok().flatten();
-    let matched = state
-        .hashing
-        .verify(password, found.as_ref().map(|(_, hash)| hash.as_str()))
-        .await;
-    let ip = peer.ip().to_string();
-    let user = found
-        .map(|(user, _)| user)
-        .filter(|user| matched && !user.disabled);
-    let Some(user) = user else {
-        let event = Event {
-            subject: Some(username),
-            client_id: Some(&request.client.client_id),
-            ip: Some(ip),
-            detail: Some("wrong username or password".to_owned()),
-        };
-        state
-            .audit
-            .record(state.clock.now(), EventKind::LoginFailed, false, event)
-            .await;
-        let csrf = form.get("csrf").unwrap_or_default();
-        return html::login_page(
-            StatusCode::UNAUTHORIZED,
+    let now = state.clock.now();
+    let csrf = form.get("csrf").unwrap_or_default();
+    let again = |status: StatusCode, message: &str| {
+        html::login_page(
+            status,
             &request.client.name,
             &query,
             csrf,
             username,
-            Some("Wrong username or password."),
-        );
+            Some(message),
+        )
     };
+    let failed = |detail: &str| Event {
+        subject: Some(username),
+        client_id: Some(&request.client.client_id),
+        ip: Some(peer.ip().to_string()),
+        detail: Some(detail.to_owned()),
+    };
+    if state.address_failures.blocked(peer.ip(), now) {
+        let event = failed("too many failures from this address");
+        state
+            .audit
+            .record(now, EventKind::LoginFailed, false, event)
+            .await;
+        return again(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many failed sign-ins from your network. Try again later.",
+        );
+    }
+    let found = state.users.find_for_login(username).await.ok().flatten();
+    if let Some(until) = found
+        .as_ref()
+        .and_then(|(user, _)| user.locked_until)
+        .filter(|until| *until > now)
+    {
+        let event = failed("account locked");
+        state
+            .audit
+            .record(now, EventKind::LoginFailed, false, event)
+            .await;
+        return again(StatusCode::FORBIDDEN, &locked_message(until - now));
+    }
+    let matched = state
+        .hashing
+        .verify(password, found.as_ref().map(|(_, hash)| hash.as_str()))
+        .await;
+    let found_id = found.as_ref().map(|(user, _)| user.user_id.clone());
+    let user = found
+        .map(|(user, _)| user)
+        .filter(|user| matched && !user.disabled);
+    let Some(user) = user else {
+        state.address_failures.record(peer.ip(), now);
+        let locked = match found_id {
+            Some(user_id) => state
+                .users
+                .record_failure(&user_id, now, &state.config.lockout.policy())
+                .await
+                .ok()
+                .flatten(),
+            None => None,
+        };
+        let event = failed("wrong username or password");
+        state
+            .audit
+            .record(now, EventKind::LoginFailed, false, event)
+            .await;
+        return match locked {
+            Some(until) => again(StatusCode::FORBIDDEN, &locked_message(until - now)),
+            None => again(StatusCode::UNAUTHORIZED, "Wrong username or password."),
+        };
+    };
+    if let Err(error) = state.users.record_success(&user.user_id).await {
+        tracing::warn!(%error, "failed sign-ins not reset");
+    }
+    let ip = peer.ip().to_string();
     let now = state.clock.now();
     let session = state.secrets.generate_secret();
     let ttl = state.config.session_ttl_seconds();
@@ -636,7 +787,7 @@ pub(crate) async fn login(
     // prompt=login is satisfied now: continue without it, with the new session.
     let response = continue_signed_in(
         &state,
-        &headers,
+        &session,
         &query,
         request_without_login_prompt(request),
         &user,
@@ -646,10 +797,21 @@ pub(crate) async fn login(
     with_cookie(response, Some(cookie))
 }
 
+/// What a locked account's sign-in page says.
+fn locked_message(seconds: i64) -> String {
+    let minutes = (seconds + 59) / 60;
+    format!(
+        "This account is locked after too many failed sign-ins. Try again in {minutes} minute{}.",
+        if minutes == 1 { "" } else { "s" }
+    )
+}
+
+/// The request once the user has just signed in: `prompt=login` and `max_age` are met.
 fn request_without_login_prompt(mut request: AuthorizationRequest) -> AuthorizationRequest {
     if request.prompt == Prompt::Login {
         request.prompt = Prompt::Default;
     }
+    request.max_age = None;
     request
 }
 
@@ -659,10 +821,11 @@ pub(crate) async fn consent(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let (form, _, mut request) = match posted_request(&state, &headers, body).await {
-        Ok(posted) => posted,
-        Err(response) => return response,
-    };
+    let (form, _, mut request, _) =
+        match posted_request(&state, &headers, body, Purpose::Consent).await {
+            Ok(posted) => posted,
+            Err(response) => return response,
+        };
     let Some((user, auth_time)) = session_user(&state, &headers).await else {
         return html::error_page(
             StatusCode::FORBIDDEN,
@@ -678,13 +841,29 @@ pub(crate) async fn consent(
             .into_response(&state.issuer);
     }
     let now = state.clock.now();
+    // What the user allowed before stays allowed: the stored scopes grow.
+    let earlier: Option<String> =
+        sqlx::query_scalar("SELECT scopes FROM consents WHERE user_id = $1 AND client_id = $2")
+            .bind(&user.user_id)
+            .bind(&request.client.client_id)
+            .fetch_optional(state.db.pool())
+            .await
+            .ok()
+            .flatten();
+    let allowed: Scopes = earlier
+        .as_deref()
+        .and_then(|earlier| Scopes::parse(earlier).ok())
+        .unwrap_or_default()
+        .iter()
+        .chain(request.scopes.iter())
+        .collect();
     let stored = sqlx::query(
         "INSERT INTO consents (user_id, client_id, scopes, granted_at) VALUES ($1, $2, $3, $4) \
          ON CONFLICT (user_id, client_id) DO UPDATE SET scopes = excluded.scopes, granted_at = excluded.granted_at",
     )
     .bind(&user.user_id)
     .bind(&request.client.client_id)
-    .bind(request.scopes.to_string())
+    .bind(allowed.to_string())
     .bind(now)
     .execute(state.db.pool())
     .await;

@@ -43,6 +43,8 @@ pub struct AuthConfig {
     /// is taken as stolen and revokes its whole grant.
     #[serde(with = "humantime_serde")]
     pub refresh_reuse_grace: Duration,
+    /// Brute-force protection of the sign-in page.
+    pub lockout: LockoutConfig,
     /// `aud` of access tokens for clients registered without audiences.
     pub default_audience: String,
     /// Largest accepted request body.
@@ -63,9 +65,48 @@ impl Default for AuthConfig {
             session_ttl: Duration::from_secs(8 * 3600),
             refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
             refresh_reuse_grace: Duration::from_secs(10),
+            lockout: LockoutConfig::default(),
             default_audience: "keel-api".to_owned(),
             max_body_bytes: 64 * 1024,
             http: HttpServerConfig::default(),
+        }
+    }
+}
+
+/// `[auth.lockout]`: after `failures` failed sign-ins in a row an account is locked for
+/// `lock`, doubling with each further failure up to `max_lock`; one network address may
+/// fail `per_address` times per `address_window` before its sign-ins are refused.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LockoutConfig {
+    pub failures: u32,
+    #[serde(with = "humantime_serde")]
+    pub lock: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_lock: Duration,
+    pub per_address: u32,
+    #[serde(with = "humantime_serde")]
+    pub address_window: Duration,
+}
+
+impl Default for LockoutConfig {
+    fn default() -> Self {
+        Self {
+            failures: 5,
+            lock: Duration::from_secs(60),
+            max_lock: Duration::from_secs(3600),
+            per_address: 50,
+            address_window: Duration::from_secs(600),
+        }
+    }
+}
+
+impl LockoutConfig {
+    pub(crate) fn policy(&self) -> crate::users::LockoutPolicy {
+        crate::users::LockoutPolicy {
+            threshold: i64::from(self.failures.max(1)),
+            base: seconds(self.lock).max(1),
+            max: seconds(self.max_lock).max(1),
         }
     }
 }
@@ -139,6 +180,20 @@ impl DatabaseUrl {
         let Some((scheme, rest)) = self.0.split_once("://") else {
             return self.0.clone();
         };
+        // A password may also come as a query parameter (`?password=…`).
+        if let Some((before, query)) = self.0.split_once('?') {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|pair| match pair.split_once('=') {
+                    Some((name, _)) if name.eq_ignore_ascii_case("password") => {
+                        format!("{name}=<redacted>")
+                    }
+                    _ => pair.to_owned(),
+                })
+                .collect();
+            let before = Self(before.to_owned()).redacted();
+            return format!("{before}?{}", query.join("&"));
+        }
         let authority_end = rest.find('/').unwrap_or(rest.len());
         match rest[..authority_end].rsplit_once('@') {
             Some((userinfo, host)) => {

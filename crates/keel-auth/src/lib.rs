@@ -21,6 +21,7 @@ mod metadata;
 pub mod rbac;
 pub mod scope;
 mod server;
+mod throttle;
 mod token;
 pub mod users;
 

@@ -23,6 +23,7 @@ use crate::keys::SigningAlg;
 use crate::keys::{KeyError, KeyRing, SigningKey};
 use crate::rbac::{Holdings, Rbac, RbacError, Role, Subject};
 use crate::scope::Scopes;
+use crate::throttle::AddressFailures;
 use crate::users::{NewUser, PasswordHashing, User, UserError, Users};
 use crate::{authorize, metadata, token};
 use base64::Engine;
@@ -75,6 +76,7 @@ pub(crate) struct AppState {
     pub(crate) secrets: Secrets,
     pub(crate) audit: Audit,
     pub(crate) clock: Clock,
+    pub(crate) address_failures: AddressFailures,
 }
 
 /// An access token as issued.
@@ -154,7 +156,11 @@ impl AppState {
             "iss": self.issuer,
             "sub": user.user_id,
             "aud": client.client_id,
-            "exp": now.saturating_add(self.config.access_token_ttl_seconds()),
+            "exp": now.saturating_add(
+                client
+                    .access_token_ttl
+                    .unwrap_or_else(|| self.config.access_token_ttl_seconds())
+            ),
             "iat": now,
             "auth_time": id.auth_time,
             // Level 1 (a password, RFC 8176 "pwd"); a second factor raises it.
@@ -242,7 +248,12 @@ impl AuthServer {
         let hashing = PasswordHashing::new(&secrets)
             .await
             .map_err(|error| StartError::Hashing(error.to_string()))?;
+        let address_failures = AddressFailures::new(
+            config.lockout.per_address,
+            i64::try_from(config.lockout.address_window.as_secs()).unwrap_or(i64::MAX),
+        );
         let state = Arc::new(AppState {
+            address_failures,
             issuer,
             users: Users::new(db.clone()),
             rbac: Rbac::new(db.clone()),
@@ -504,8 +515,10 @@ fn write_private(path: &std::path::Path, contents: &str) -> io::Result<()> {
     let mut temporary = path.as_os_str().to_owned();
     temporary.push(format!(".{}.tmp", std::process::id()));
     let temporary = PathBuf::from(temporary);
+    let _ = std::fs::remove_file(&temporary);
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    // O_EXCL: never through a file or link someone else put there.
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;

@@ -419,19 +419,6 @@ async fn authorization_code(
         _ => return Err(invalid_grant("the user is no longer active")),
     };
     let scopes = Scopes::parse(&grant.scopes).map_err(|_| OAuthError::server_error())?;
-    sqlx::query(
-        "INSERT INTO token_families (family_id, client_id, user_id, scopes, auth_time, created_at) \
-         VALUES ($1, $2, $3, $4, $5, $6)",
-    )
-    .bind(&grant.family_id)
-    .bind(&client.client_id)
-    .bind(&user.user_id)
-    .bind(&grant.scopes)
-    .bind(grant.auth_time)
-    .bind(now)
-    .execute(state.db.pool())
-    .await
-    .map_err(server_error)?;
     let holdings = state
         .rbac
         .holdings(&Subject::User(user.user_id.clone()))
@@ -498,8 +485,15 @@ async fn replayed_code(
     Ok(())
 }
 
-/// Stores a new refresh token in `family` and returns it.
+/// Stores a new refresh token in `family` and returns it. It expires when the grant
+/// does: `auth.refresh_token_ttl` after the grant began, however often it rotates.
 async fn new_refresh_token(state: &AppState, family: &str, now: i64) -> Result<String, OAuthError> {
+    let began: i64 =
+        sqlx::query_scalar("SELECT created_at FROM token_families WHERE family_id = $1")
+            .bind(family)
+            .fetch_one(state.db.pool())
+            .await
+            .map_err(server_error)?;
     let token = state.secrets.generate_secret();
     sqlx::query(
         "INSERT INTO refresh_tokens (token_hash, family_id, issued_at, expires_at) VALUES ($1, $2, $3, $4)",
@@ -507,7 +501,7 @@ async fn new_refresh_token(state: &AppState, family: &str, now: i64) -> Result<S
     .bind(sha256(token.as_bytes()))
     .bind(family)
     .bind(now)
-    .bind(now.saturating_add(state.config.refresh_token_ttl_seconds()))
+    .bind(began.saturating_add(state.config.refresh_token_ttl_seconds()))
     .execute(state.db.pool())
     .await
     .map_err(server_error)?;
@@ -557,6 +551,11 @@ async fn refresh_token(
             .map_err(server_error)?,
     )
     .map_err(|_| OAuthError::server_error())?;
+    // What the client may still have: an administrator may have narrowed it since.
+    let granted: Scopes = granted
+        .iter()
+        .filter(|scope| client.scopes.contains(scope))
+        .collect();
     // §6: the scope may be narrowed, never widened.
     let scopes = match params.get("scope") {
         None => granted,
@@ -580,11 +579,11 @@ async fn refresh_token(
         },
         None => None,
     };
+    // Claimed here unless used already. A used one may be exchanged once more within the
+    // grace window (a client's concurrent refreshes); any other reuse is theft.
     let used_at: Option<i64> = family.try_get("used_at").map_err(server_error)?;
-    // Claimed here unless used already; a racing exchange that claimed it first counts as
-    // a use just now.
-    let used_at = match used_at {
-        Some(used_at) => Some(used_at),
+    let grace = state.config.refresh_reuse_grace_seconds();
+    let accepted = match used_at {
         None => {
             let claimed = sqlx::query(
                 "UPDATE refresh_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL",
@@ -594,10 +593,14 @@ async fn refresh_token(
             .execute(state.db.pool())
             .await
             .map_err(server_error)?;
-            (claimed.rows_affected() == 0).then_some(now)
+            claimed.rows_affected() == 1
+                || (grace > 0 && reuse_once(state, &token_hash, now).await?)
+        }
+        Some(used_at) => {
+            grace > 0 && now - used_at <= grace && reuse_once(state, &token_hash, now).await?
         }
     };
-    if used_at.is_some_and(|used_at| now - used_at > state.config.refresh_reuse_grace_seconds()) {
+    if !accepted {
         revoke_family(state, &family_id, "refresh token reused").await?;
         let event = Event {
             client_id: Some(&client.client_id),
@@ -656,6 +659,20 @@ async fn refresh_token(
         .record(now, EventKind::TokenIssued, true, event)
         .await;
     Ok(body)
+}
+
+/// Marks the one exchange a used refresh token may have within the grace window; false
+/// when it had it already.
+async fn reuse_once(state: &AppState, token_hash: &[u8], now: i64) -> Result<bool, OAuthError> {
+    let marked = sqlx::query(
+        "UPDATE refresh_tokens SET reused_at = $1 WHERE token_hash = $2 AND reused_at IS NULL",
+    )
+    .bind(now)
+    .bind(token_hash)
+    .execute(state.db.pool())
+    .await
+    .map_err(server_error)?;
+    Ok(marked.rows_affected() == 1)
 }
 
 /// Ends a grant: its refresh tokens stop working.

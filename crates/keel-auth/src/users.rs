@@ -28,6 +28,8 @@ pub struct User {
     pub email: Option<String>,
     pub name: Option<String>,
     pub disabled: bool,
+    /// Until when sign-ins are refused after too many failures (Unix seconds).
+    pub locked_until: Option<i64>,
 }
 
 impl User {
@@ -38,6 +40,7 @@ impl User {
             email: row.try_get("email")?,
             name: row.try_get("name")?,
             disabled: row.try_get::<Option<i64>, _>("disabled_at")?.is_some(),
+            locked_until: row.try_get("locked_until")?,
         })
     }
 }
@@ -66,6 +69,14 @@ impl From<sqlx::Error> for UserError {
     fn from(error: sqlx::Error) -> Self {
         Self::Db(DbError::Query(error))
     }
+}
+
+/// When failed sign-ins lock an account, in seconds.
+#[derive(Debug, Clone, Copy)]
+pub struct LockoutPolicy {
+    pub threshold: i64,
+    pub base: i64,
+    pub max: i64,
 }
 
 /// Runs argon2id off the async threads.
@@ -177,6 +188,7 @@ impl Users {
             email: new.email,
             name: new.name,
             disabled: false,
+            locked_until: None,
         })
     }
 
@@ -191,6 +203,47 @@ impl Users {
             .await?;
         row.map(|row| Ok((User::from_row(&row)?, row.try_get("password_hash")?)))
             .transpose()
+    }
+
+    /// Counts a failed sign-in; from `policy.threshold` failures in a row on, locks the
+    /// account for `policy.base`, doubling with each further failure up to `policy.max`.
+    /// Returns the lock's end when there is one.
+    pub async fn record_failure(
+        &self,
+        user_id: &str,
+        now: i64,
+        policy: &LockoutPolicy,
+    ) -> Result<Option<i64>, UserError> {
+        let failures: i64 = sqlx::query_scalar(
+            "UPDATE users SET failed_logins = failed_logins + 1 WHERE user_id = $1 \
+             RETURNING failed_logins",
+        )
+        .bind(user_id)
+        .fetch_one(self.db.pool())
+        .await?;
+        let Some(beyond) = failures.checked_sub(policy.threshold).filter(|b| *b >= 0) else {
+            return Ok(None);
+        };
+        let lock = policy
+            .base
+            .saturating_mul(1_i64 << beyond.min(20))
+            .min(policy.max);
+        let until = now.saturating_add(lock);
+        sqlx::query("UPDATE users SET locked_until = $1 WHERE user_id = $2")
+            .bind(until)
+            .bind(user_id)
+            .execute(self.db.pool())
+            .await?;
+        Ok(Some(until))
+    }
+
+    /// A successful sign-in clears the failures.
+    pub async fn record_success(&self, user_id: &str) -> Result<(), UserError> {
+        sqlx::query("UPDATE users SET failed_logins = 0, locked_until = NULL WHERE user_id = $1")
+            .bind(user_id)
+            .execute(self.db.pool())
+            .await?;
+        Ok(())
     }
 
     pub async fn find(&self, user_id: &str) -> Result<Option<User>, UserError> {

@@ -125,9 +125,14 @@ async fn the_gateway_enforces_scopes_and_roles_of_this_servers_tokens() {
     assert_eq!(call("/reports", Some(&bob)).await.unwrap().status(), 403);
 
     assert_eq!(call("/orders/1", None).await.unwrap().status(), 401);
-    let mut tampered = alice.clone();
-    tampered.pop();
-    tampered.push('A');
+    // A changed payload: the middle of the claims segment, one character swapped.
+    let (header, rest) = alice.split_once('.').unwrap();
+    let (payload, signature) = rest.split_once('.').unwrap();
+    let mut payload: Vec<char> = payload.chars().collect();
+    let middle = payload.len() / 2;
+    payload[middle] = if payload[middle] == 'x' { 'y' } else { 'x' };
+    let payload: String = payload.into_iter().collect();
+    let tampered = format!("{header}.{payload}.{signature}");
     assert_eq!(
         call("/orders/1", Some(&tampered)).await.unwrap().status(),
         401

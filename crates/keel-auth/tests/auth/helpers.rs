@@ -151,3 +151,25 @@ pub async fn spawn_with(store: &Store, configure: impl FnOnce(&mut AuthConfig)) 
             .unwrap(),
     }
 }
+
+/// A client registration with the usual defaults: no audience (the server's default), the
+/// server's algorithm and lifetimes.
+pub fn new_client(
+    id: &str,
+    auth_method: AuthMethod,
+    redirect_uris: &[&str],
+    grant_types: &[GrantType],
+    scopes: &str,
+) -> NewClient {
+    NewClient {
+        client_id: Some(id.into()),
+        name: id.into(),
+        auth_method,
+        redirect_uris: redirect_uris.iter().map(|u| (*u).to_owned()).collect(),
+        grant_types: grant_types.to_vec(),
+        scopes: scopes.into(),
+        audiences: vec![],
+        signing_alg: None,
+        access_token_ttl: None,
+    }
+}

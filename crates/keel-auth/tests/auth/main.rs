@@ -10,5 +10,7 @@ mod browser;
 mod client_credentials;
 mod discovery;
 mod gateway;
+mod independent;
 mod keys;
+mod login;
 mod rbac;

@@ -119,15 +119,14 @@ async fn service_clients_hold_roles_too() {
         let (client, secret) = app
             .admin
             .create_client(NewClient {
-                client_id: Some("billing".into()),
-                name: "billing".into(),
-                auth_method: AuthMethod::ClientSecretBasic,
-                redirect_uris: vec![],
-                grant_types: vec![GrantType::ClientCredentials],
-                scopes: "payments:capture orders:read".into(),
                 audiences: vec!["keel-api".into()],
-                signing_alg: None,
-                access_token_ttl: None,
+                ..new_client(
+                    "billing",
+                    AuthMethod::ClientSecretBasic,
+                    &[],
+                    &[GrantType::ClientCredentials],
+                    "payments:capture orders:read",
+                )
             })
             .await
             .unwrap();

@@ -1,0 +1,248 @@
+//! The sign-in and consent steps under attack: guessing, forged forms, replays across
+//! clients, and the OpenID Connect prompts.
+
+use keel_auth::{AuthMethod, GrantType};
+
+use crate::authorization_code::{
+    PASSWORD, REDIRECT, VERIFIER, authorize_query, decide, flow, log_in,
+};
+use crate::browser::Browser;
+use crate::helpers::*;
+
+#[tokio::test]
+async fn repeated_wrong_passwords_lock_the_account_for_a_growing_while() {
+    for store in stores().await {
+        let mut flow = flow(&store).await;
+        let login = flow.browser.get(&authorize_query(&[])).await;
+        let (csrf, request) = (login.field("csrf"), login.field("request"));
+        for attempt in 1..=5 {
+            let page = log_in(
+                &mut flow.browser,
+                "alice",
+                "wrong password",
+                &csrf,
+                &request,
+            )
+            .await;
+            let expected = if attempt < 5 { 401 } else { 403 };
+            assert_eq!(page.status, expected, "attempt {attempt}");
+        }
+        // Locked: even the right password is refused, with a clear message.
+        let locked = log_in(&mut flow.browser, "alice", PASSWORD, &csrf, &request).await;
+        assert_eq!(locked.status, 403);
+        assert!(
+            locked
+                .body
+                .contains("locked after too many failed sign-ins"),
+            "{}",
+            locked.body
+        );
+        // After the lock (one minute), the right password works and clears the count.
+        flow.app.admin.clock().advance(61);
+        let consent = log_in(&mut flow.browser, "alice", PASSWORD, &csrf, &request).await;
+        assert_eq!(consent.status, 200, "{}", consent.body);
+        let events = flow.app.admin.audit_events(50).await.unwrap();
+        assert!(
+            events
+                .iter()
+                .any(|e| e.kind == "login_failed" && e.detail.as_deref() == Some("account locked"))
+        );
+        assert!(events.iter().any(|e| e.kind == "login_succeeded"));
+    }
+}
+
+#[tokio::test]
+async fn one_address_failing_on_many_accounts_is_slowed_down() {
+    let store = sqlite();
+    let app = spawn_with(&store, |c| c.lockout.per_address = 3).await;
+    let mut browser = Browser::new(&app.server.url);
+    app.admin
+        .create_client(new_client(
+            "spa",
+            AuthMethod::None,
+            &[REDIRECT],
+            &[GrantType::AuthorizationCode],
+            "openid",
+        ))
+        .await
+        .unwrap();
+    let login = browser.get(&authorize_query(&[("scope", "openid")])).await;
+    let (csrf, request) = (login.field("csrf"), login.field("request"));
+    for user in ["u1", "u2", "u3"] {
+        let page = log_in(&mut browser, user, "wrong password", &csrf, &request).await;
+        assert_eq!(page.status, 401);
+    }
+    let page = log_in(&mut browser, "u4", "wrong password", &csrf, &request).await;
+    assert_eq!(page.status, 429);
+    assert!(page.body.contains("Too many failed sign-ins"));
+}
+
+#[tokio::test]
+async fn consent_forms_are_bound_to_the_session_and_the_request() {
+    for store in stores().await {
+        let mut flow = flow(&store).await;
+        let consent = flow.consent_page(&authorize_query(&[])).await;
+        // The token does not carry over to another request (here: another redirect of
+        // the same client, or another state).
+        let other = authorize_query(&[("state", "forged")]);
+        let other = other.strip_prefix("/authorize?").unwrap();
+        let forged = flow
+            .browser
+            .post(
+                "/consent",
+                &[
+                    ("decision", "allow"),
+                    ("csrf", &consent.field("csrf")),
+                    ("request", other),
+                ],
+            )
+            .await;
+        assert_eq!(forged.status, 403);
+        // Nor to another browser, even one holding the CSRF cookie.
+        let mut stranger = Browser::new(&flow.app.server.url);
+        stranger.cookies = flow.browser.cookies.clone();
+        stranger.cookies.remove("keel_session");
+        assert_eq!(decide(&mut stranger, &consent, "allow").await.status, 403);
+        // A post from another site is refused whatever it carries.
+        let cross_site = reqwest::Client::new()
+            .post(flow.app.url("/consent"))
+            .header("origin", "https://evil.example")
+            .header(
+                "cookie",
+                format!("keel_session={}", flow.browser.cookies["keel_session"]),
+            )
+            .form(&[
+                ("decision", "allow"),
+                ("csrf", consent.field("csrf").as_str()),
+                ("request", consent.field("request").as_str()),
+            ])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(cross_site.status(), 403);
+        // The genuine form still works.
+        let allowed = decide(&mut flow.browser, &consent, "allow").await;
+        assert_eq!(allowed.status, 303);
+    }
+}
+
+#[tokio::test]
+async fn prompts_and_max_age_are_honoured() {
+    let store = sqlite();
+    let mut flow = flow(&store).await;
+    let consent = flow.consent_page(&authorize_query(&[])).await;
+    // Signed in but not yet consented: prompt=none cannot ask.
+    let none = flow
+        .browser
+        .get(&authorize_query(&[("prompt", "none")]))
+        .await;
+    assert_eq!(none.redirect_params()["error"], "consent_required");
+    decide(&mut flow.browser, &consent, "allow").await;
+    // Consented: prompt=none answers with a code.
+    let silent = flow
+        .browser
+        .get(&authorize_query(&[("prompt", "none")]))
+        .await;
+    assert!(silent.redirect_params().contains_key("code"));
+    // prompt=login and a max_age the session is older than show the sign-in page.
+    let again = flow
+        .browser
+        .get(&authorize_query(&[("prompt", "login")]))
+        .await;
+    assert_eq!(again.status, 200);
+    assert!(again.body.contains("Sign in to continue"));
+    flow.app.admin.clock().advance(30);
+    let aged = flow
+        .browser
+        .get(&authorize_query(&[("max_age", "10")]))
+        .await;
+    assert!(aged.body.contains("Sign in to continue"));
+    let fresh = flow
+        .browser
+        .get(&authorize_query(&[("max_age", "3600")]))
+        .await;
+    assert_eq!(fresh.status, 303);
+    // prompt=consent asks again; unknown prompts and modes are refused.
+    let ask = flow
+        .browser
+        .get(&authorize_query(&[("prompt", "consent")]))
+        .await;
+    assert!(ask.body.contains("wants access"));
+    for (name, value) in [
+        ("prompt", "none login"),
+        ("prompt", "sometimes"),
+        ("response_mode", "fragment"),
+        ("max_age", "-1"),
+    ] {
+        let page = flow.browser.get(&authorize_query(&[(name, value)])).await;
+        assert_eq!(
+            page.redirect_params()["error"],
+            "invalid_request",
+            "{name}={value}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_code_is_only_for_the_client_it_was_issued_to() {
+    for store in stores().await {
+        let mut flow = flow(&store).await;
+        let (confidential, secret) = flow
+            .app
+            .admin
+            .create_client(new_client(
+                "web",
+                AuthMethod::ClientSecretBasic,
+                &[REDIRECT],
+                &[GrantType::AuthorizationCode],
+                "openid",
+            ))
+            .await
+            .unwrap();
+        let secret = secret.unwrap();
+        let code = flow.code().await;
+        let stolen = flow
+            .app
+            .token(
+                Some(("web", &secret)),
+                &[
+                    ("grant_type", "authorization_code"),
+                    ("code", &code),
+                    ("redirect_uri", REDIRECT),
+                    ("code_verifier", VERIFIER),
+                ],
+            )
+            .await;
+        stolen.assert_error(400, "invalid_grant");
+
+        // A confidential client may go without PKCE; its own code works for it.
+        let query = format!(
+            "/authorize?{}",
+            serde_urlencoded::to_string([
+                ("response_type", "code"),
+                ("client_id", confidential.client_id.as_str()),
+                ("redirect_uri", REDIRECT),
+                ("scope", "openid"),
+            ])
+            .unwrap()
+        );
+        let redirect = flow.sign_in_and_allow(&query).await;
+        let code = redirect.redirect_params()["code"].clone();
+        let token = flow
+            .app
+            .token(
+                Some(("web", &secret)),
+                &[
+                    ("grant_type", "authorization_code"),
+                    ("code", &code),
+                    ("redirect_uri", REDIRECT),
+                ],
+            )
+            .await;
+        assert_eq!(token.status, 200, "{}", token.body);
+        assert!(
+            token.body.get("refresh_token").is_none(),
+            "web may not refresh"
+        );
+    }
+}
