@@ -32,6 +32,8 @@ pub enum EventKind {
     UserCreated,
     /// Roles, groups or bindings changed.
     AdminChange,
+    /// A client revoked a token (and, for a refresh token, its grant).
+    TokenRevoked,
 }
 
 impl EventKind {
@@ -47,6 +49,7 @@ impl EventKind {
             Self::RefreshReused => "refresh_reused",
             Self::UserCreated => "user_created",
             Self::AdminChange => "admin_change",
+            Self::TokenRevoked => "token_revoked",
         }
     }
 }

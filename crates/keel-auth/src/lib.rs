@@ -16,6 +16,7 @@ pub mod crypto;
 pub mod db;
 pub mod error;
 mod html;
+mod introspect;
 pub mod keys;
 mod metadata;
 pub mod rbac;

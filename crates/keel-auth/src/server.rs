@@ -25,7 +25,7 @@ use crate::rbac::{Holdings, Rbac, RbacError, Role, Subject};
 use crate::scope::Scopes;
 use crate::throttle::AddressFailures;
 use crate::users::{NewUser, PasswordHashing, User, UserError, Users};
-use crate::{authorize, metadata, token};
+use crate::{authorize, introspect, metadata, token};
 use base64::Engine;
 
 /// How often the signing keys are read again from the database: well within the key
@@ -98,12 +98,15 @@ impl AppState {
 
     /// A JWT access token (RFC 9068) for `subject`, issued to `client` with `scopes` and
     /// the roles of `holdings` meant for the token's audience.
-    pub(crate) fn issue_access_token(
+    /// Its `jti` is recorded with the grant it belongs to (`family`), so that
+    /// introspection can tell a revoked token.
+    pub(crate) async fn issue_access_token(
         &self,
         client: &Client,
         subject: &str,
         scopes: &Scopes,
         holdings: &Holdings,
+        family: Option<&str>,
     ) -> Result<Issued, OAuthError> {
         let now = self.clock.now();
         let key = self.signing_key(client, now)?;
@@ -119,13 +122,30 @@ impl AppState {
             many => json!(many),
         };
         let roles = holdings.roles_for(&audiences);
+        let jti = self.secrets.generate_id();
+        let expires_at = now.saturating_add(expires_in);
+        sqlx::query(
+            "INSERT INTO access_tokens (jti, client_id, subject, family_id, expires_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(&jti)
+        .bind(&client.client_id)
+        .bind(subject)
+        .bind(family)
+        .bind(expires_at)
+        .execute(self.db.pool())
+        .await
+        .map_err(|error| {
+            tracing::error!(%error, "access token not recorded");
+            OAuthError::server_error()
+        })?;
         let mut claims = json!({
             "iss": self.issuer,
             "sub": subject,
             "aud": audience,
-            "exp": now.saturating_add(expires_in),
+            "exp": expires_at,
             "iat": now,
-            "jti": self.secrets.generate_id(),
+            "jti": jti,
             "client_id": client.client_id,
         });
         if !scopes.is_empty() {
@@ -426,6 +446,12 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/authorize", get(authorize::authorize))
         .route("/login", post(authorize::login))
         .route("/consent", post(authorize::consent))
+        .route("/introspect", post(introspect::introspect))
+        .route("/revoke", post(introspect::revoke))
+        .route(
+            "/userinfo",
+            get(introspect::userinfo).post(introspect::userinfo),
+        )
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }

@@ -65,14 +65,14 @@ impl Params {
         self.0.get(name).map(String::as_str)
     }
 
-    fn require(&self, name: &str) -> Result<&str, OAuthError> {
+    pub(crate) fn require(&self, name: &str) -> Result<&str, OAuthError> {
         self.get(name)
             .ok_or_else(|| OAuthError::invalid_request(format!("parameter {name} is missing")))
     }
 }
 
 /// How a client presented itself.
-enum Presented {
+pub(crate) enum Presented {
     Basic {
         id: String,
         secret: String,
@@ -136,7 +136,7 @@ fn form_decode(text: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-fn presented(headers: &HeaderMap, params: &Params) -> Result<Presented, OAuthError> {
+pub(crate) fn presented(headers: &HeaderMap, params: &Params) -> Result<Presented, OAuthError> {
     let body_id = params.get("client_id");
     let body_secret = params.get("client_secret");
     if let Some(value) = headers.get(header::AUTHORIZATION) {
@@ -165,7 +165,7 @@ fn presented(headers: &HeaderMap, params: &Params) -> Result<Presented, OAuthErr
 }
 
 /// The client the request comes from, authenticated as it was registered.
-async fn authenticate(
+pub(crate) async fn authenticate(
     state: &AppState,
     presented: &Presented,
     ip: &str,
@@ -307,7 +307,9 @@ async fn client_credentials(
         .permitted(&scopes, &holdings)
         .await
         .map_err(server_error)?;
-    let issued = state.issue_access_token(client, &client.client_id, &scopes, &holdings)?;
+    let issued = state
+        .issue_access_token(client, &client.client_id, &scopes, &holdings, None)
+        .await?;
     state
         .audit
         .record(
@@ -424,7 +426,15 @@ async fn authorization_code(
         .holdings(&Subject::User(user.user_id.clone()))
         .await
         .map_err(server_error)?;
-    let issued = state.issue_access_token(client, &user.user_id, &scopes, &holdings)?;
+    let issued = state
+        .issue_access_token(
+            client,
+            &user.user_id,
+            &scopes,
+            &holdings,
+            Some(&grant.family_id),
+        )
+        .await?;
     let mut body = json!({
         "access_token": issued.token,
         "token_type": "Bearer",
@@ -629,7 +639,9 @@ async fn refresh_token(
         .permitted(&scopes, &holdings)
         .await
         .map_err(server_error)?;
-    let issued = state.issue_access_token(client, subject, &scopes, &holdings)?;
+    let issued = state
+        .issue_access_token(client, subject, &scopes, &holdings, Some(&family_id))
+        .await?;
     let mut body = json!({
         "access_token": issued.token,
         "token_type": "Bearer",
@@ -676,7 +688,11 @@ async fn reuse_once(state: &AppState, token_hash: &[u8], now: i64) -> Result<boo
 }
 
 /// Ends a grant: its refresh tokens stop working.
-async fn revoke_family(state: &AppState, family_id: &str, reason: &str) -> Result<(), OAuthError> {
+pub(crate) async fn revoke_family(
+    state: &AppState,
+    family_id: &str,
+    reason: &str,
+) -> Result<(), OAuthError> {
     sqlx::query(
         "UPDATE token_families SET revoked_at = $1, revoked_reason = $2 \
          WHERE family_id = $3 AND revoked_at IS NULL",
@@ -690,7 +706,7 @@ async fn revoke_family(state: &AppState, family_id: &str, reason: &str) -> Resul
     Ok(())
 }
 
-fn server_error(error: impl std::fmt::Display) -> OAuthError {
+pub(crate) fn server_error(error: impl std::fmt::Display) -> OAuthError {
     tracing::error!(%error, "token endpoint storage failed");
     OAuthError::server_error()
 }

@@ -96,7 +96,18 @@ impl App {
 
     /// POSTs a form to the token endpoint, with Basic credentials when given.
     pub async fn token(&self, basic: Option<(&str, &str)>, form: &[(&str, &str)]) -> Token {
-        let mut request = self.http.post(self.url("/token")).form(form);
+        self.token_endpoint("/token", basic, form).await
+    }
+
+    /// POSTs a form to `path` (token, introspection, revocation), with Basic credentials
+    /// when given.
+    pub async fn token_endpoint(
+        &self,
+        path: &str,
+        basic: Option<(&str, &str)>,
+        form: &[(&str, &str)],
+    ) -> Token {
+        let mut request = self.http.post(self.url(path)).form(form);
         if let Some((id, secret)) = basic {
             request = request.basic_auth(id, Some(secret));
         }

@@ -11,6 +11,7 @@ mod client_credentials;
 mod discovery;
 mod gateway;
 mod independent;
+mod introspect;
 mod keys;
 mod login;
 mod rbac;

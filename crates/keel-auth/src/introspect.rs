@@ -1,0 +1,303 @@
+//! What the server says about its own tokens: introspection (RFC 7662), revocation
+//! (RFC 7009) and userinfo (OpenID Connect Core §5.3).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, State};
+use axum::response::{IntoResponse, Response};
+use http::{HeaderMap, HeaderValue, StatusCode, header};
+use serde_json::{Value, json};
+use sqlx::Row;
+
+use crate::audit::{Event, EventKind};
+use crate::clients::{AuthMethod, Client};
+use crate::crypto::sha256;
+use crate::error::OAuthError;
+use crate::server::AppState;
+use crate::token::{Params, authenticate, presented, revoke_family, server_error};
+
+/// A token found live, with what introspection tells about it.
+enum Live {
+    Access {
+        claims: Value,
+    },
+    Refresh {
+        client_id: String,
+        family_id: String,
+        subject: Option<String>,
+        scopes: String,
+        expires_at: i64,
+    },
+}
+
+/// The access token `token` if it is one of ours, unexpired and not revoked (alone or with
+/// its grant).
+async fn live_access_token(state: &AppState, token: &str) -> Result<Option<Value>, OAuthError> {
+    let now = state.clock.now();
+    let Some(claims) = state.keys.verify(token, "at+jwt", now) else {
+        return Ok(None);
+    };
+    let fresh = claims.get("iss").and_then(Value::as_str) == Some(state.issuer.as_str())
+        && claims
+            .get("exp")
+            .and_then(Value::as_i64)
+            .is_some_and(|exp| exp > now);
+    let Some(jti) = claims.get("jti").and_then(Value::as_str).filter(|_| fresh) else {
+        return Ok(None);
+    };
+    let row = sqlx::query(
+        "SELECT a.revoked_at, f.revoked_at AS family_revoked_at FROM access_tokens a \
+         LEFT JOIN token_families f ON f.family_id = a.family_id WHERE a.jti = $1",
+    )
+    .bind(jti)
+    .fetch_optional(state.db.pool())
+    .await
+    .map_err(server_error)?;
+    let Some(row) = row else { return Ok(None) };
+    let revoked: Option<i64> = row.try_get("revoked_at").map_err(server_error)?;
+    let family_revoked: Option<i64> = row.try_get("family_revoked_at").map_err(server_error)?;
+    Ok((revoked.is_none() && family_revoked.is_none()).then_some(claims))
+}
+
+/// The refresh token `token` if it is live: unexpired, its grant not revoked, and not
+/// used (a used one is live only within its one grace exchange, which introspection
+/// does not grant).
+async fn live_refresh_token(state: &AppState, token: &str) -> Result<Option<Live>, OAuthError> {
+    let row = sqlx::query(
+        "SELECT f.client_id, f.family_id, f.user_id, f.scopes, r.expires_at \
+         FROM refresh_tokens r JOIN token_families f ON f.family_id = r.family_id \
+         WHERE r.token_hash = $1 AND r.used_at IS NULL AND f.revoked_at IS NULL AND r.expires_at > $2",
+    )
+    .bind(sha256(token.as_bytes()))
+    .bind(state.clock.now())
+    .fetch_optional(state.db.pool())
+    .await
+    .map_err(server_error)?;
+    let Some(row) = row else { return Ok(None) };
+    Ok(Some(Live::Refresh {
+        client_id: row.try_get("client_id").map_err(server_error)?,
+        family_id: row.try_get("family_id").map_err(server_error)?,
+        subject: row.try_get("user_id").map_err(server_error)?,
+        scopes: row.try_get("scopes").map_err(server_error)?,
+        expires_at: row.try_get("expires_at").map_err(server_error)?,
+    }))
+}
+
+/// `token` as an access token, then as a refresh token (or the other way round when the
+/// hint says so; RFC 7009 §2.1 and RFC 7662 §2.1 make the hint advisory).
+async fn find(
+    state: &AppState,
+    token: &str,
+    hint: Option<&str>,
+) -> Result<Option<Live>, OAuthError> {
+    let access = |state, token| async move {
+        Ok::<_, OAuthError>(
+            live_access_token(state, token)
+                .await?
+                .map(|claims| Live::Access { claims }),
+        )
+    };
+    if hint == Some("refresh_token") {
+        if let Some(live) = live_refresh_token(state, token).await? {
+            return Ok(Some(live));
+        }
+        return access(state, token).await;
+    }
+    if let Some(live) = access(state, token).await? {
+        return Ok(Some(live));
+    }
+    live_refresh_token(state, token).await
+}
+
+/// The client calling introspection or revocation, authenticated as at the token
+/// endpoint, and the request's parameters.
+async fn caller(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    ip: &str,
+) -> Result<(Client, Params), OAuthError> {
+    let body = body
+        .map_err(|_| OAuthError::invalid_request("the body is too large or could not be read"))?;
+    let params = Params::from_form(headers, &body)?;
+    let presented = presented(headers, &params)?;
+    let client = authenticate(state, &presented, ip).await?;
+    Ok((client, params))
+}
+
+fn no_store(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// `POST /introspect` (RFC 7662): for confidential clients (resource servers). Any token
+/// that is not live, or not known, is exactly `{"active": false}`.
+pub(crate) async fn introspect(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = async {
+        let (client, params) = caller(&state, &headers, body, &peer.ip().to_string()).await?;
+        if client.auth_method == AuthMethod::None {
+            return Err(OAuthError::invalid_client(
+                "public clients may not introspect",
+            ));
+        }
+        let token = params.require("token")?;
+        let answer = match find(&state, token, params.get("token_type_hint")).await? {
+            None => json!({"active": false}),
+            Some(Live::Access { mut claims }) => {
+                claims["active"] = json!(true);
+                claims["token_type"] = json!("Bearer");
+                claims
+            }
+            Some(Live::Refresh {
+                client_id,
+                subject,
+                scopes,
+                expires_at,
+                ..
+            }) => {
+                let mut answer = json!({
+                    "active": true,
+                    "token_type": "refresh_token",
+                    "client_id": client_id,
+                    "scope": scopes,
+                    "exp": expires_at,
+                    "iss": state.issuer,
+                });
+                if let Some(subject) = subject {
+                    answer["sub"] = json!(subject);
+                }
+                answer
+            }
+        };
+        Ok(answer)
+    }
+    .await;
+    match result {
+        Ok(answer) => no_store(Json(answer).into_response()),
+        Err(error) => error.into_response(),
+    }
+}
+
+/// `POST /revoke` (RFC 7009): a client revokes its own token. Revoking a refresh token
+/// ends its grant, access tokens included; revoking an access token ends that token.
+/// Unknown, expired or someone else's tokens get the same 200 (§2.2), and nothing
+/// changes.
+pub(crate) async fn revoke(
+    State(state): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let ip = peer.ip().to_string();
+    let result = async {
+        let (client, params) = caller(&state, &headers, body, &ip).await?;
+        let token = params.require("token")?;
+        let revoked = match find(&state, token, params.get("token_type_hint")).await? {
+            Some(Live::Refresh { client_id, family_id, .. }) if client_id == client.client_id => {
+                revoke_family(&state, &family_id, "refresh token revoked by its client").await?;
+                true
+            }
+            Some(Live::Access { claims })
+                if claims.get("client_id").and_then(Value::as_str) == Some(client.client_id.as_str()) =>
+            {
+                let jti = claims.get("jti").and_then(Value::as_str).unwrap_or_default();
+                sqlx::query("UPDATE access_tokens SET revoked_at = $1 WHERE jti = $2 AND revoked_at IS NULL")
+                    .bind(state.clock.now())
+                    .bind(jti)
+                    .execute(state.db.pool())
+                    .await
+                    .map_err(server_error)?;
+                true
+            }
+            _ => false,
+        };
+        if revoked {
+            let event = Event {
+                client_id: Some(&client.client_id),
+                ip: Some(ip.clone()),
+                detail: Some("token revoked by its client".to_owned()),
+                ..Event::default()
+            };
+            state.audit.record(state.clock.now(), EventKind::TokenRevoked, true, event).await;
+        }
+        Ok::<(), OAuthError>(())
+    }
+    .await;
+    match result {
+        Ok(()) => no_store(StatusCode::OK.into_response()),
+        Err(error) => error.into_response(),
+    }
+}
+
+/// `GET`/`POST /userinfo`: the signed-in user's claims, for an access token with `openid`
+/// (OIDC Core §5.3). Errors are RFC 6750's, in `WWW-Authenticate`.
+pub(crate) async fn userinfo(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let challenge = |status: StatusCode, error: &str| {
+        let mut response = status.into_response();
+        let value = format!("Bearer realm=\"keel\", error=\"{error}\"");
+        if let Ok(value) = HeaderValue::from_str(&value) {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, value);
+        }
+        response
+    };
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    let Some(token) = token else {
+        let mut response = StatusCode::UNAUTHORIZED.into_response();
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"keel\""),
+        );
+        return response;
+    };
+    let claims = match live_access_token(&state, token).await {
+        Ok(Some(claims)) => claims,
+        Ok(None) => return challenge(StatusCode::UNAUTHORIZED, "invalid_token"),
+        Err(error) => return error.into_response(),
+    };
+    let scopes = claims
+        .get("scope")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let has = |scope: &str| scopes.split(' ').any(|s| s == scope);
+    if !has("openid") {
+        return challenge(StatusCode::FORBIDDEN, "insufficient_scope");
+    }
+    let subject = claims
+        .get("sub")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    let user = match state.users.find(subject).await {
+        Ok(Some(user)) if !user.disabled => user,
+        Ok(_) => return challenge(StatusCode::UNAUTHORIZED, "invalid_token"),
+        Err(error) => return server_error(error).into_response(),
+    };
+    let mut answer = json!({"sub": user.user_id});
+    if has("profile") {
+        answer["preferred_username"] = json!(user.username);
+        if let Some(name) = &user.name {
+            answer["name"] = json!(name);
+        }
+    }
+    if let (true, Some(email)) = (has("email"), &user.email) {
+        answer["email"] = json!(email);
+    }
+    no_store(Json(answer).into_response())
+}
