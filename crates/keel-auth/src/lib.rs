@@ -31,5 +31,5 @@ pub use clock::Clock;
 pub use config::AuthConfig;
 pub use keys::SigningAlg;
 pub use rbac::Subject;
-pub use server::{AuthAdmin, AuthServer, StartError};
+pub use server::{AuthAdmin, AuthServer, SeedError, Seeded, StartError};
 pub use users::{NewUser, User};

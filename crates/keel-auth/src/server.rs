@@ -13,7 +13,7 @@ use keel_runtime::{Health, HttpServer, Server, Shutdown};
 use serde_json::json;
 
 use crate::audit::{Audit, AuditRecord, Event, EventKind};
-use crate::clients::{Client, ClientError, Clients, NewClient};
+use crate::clients::{AuthMethod, Client, ClientError, Clients, GrantType, NewClient};
 use crate::clock::Clock;
 use crate::config::AuthConfig;
 use crate::crypto::{KeyError as KekError, Secrets};
@@ -31,6 +31,11 @@ use base64::Engine;
 /// How often the signing keys are read again from the database: well within the key
 /// set's cache lifetime (`Cache-Control: max-age=300`).
 const KEY_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Why the demo data could not be made.
+#[derive(Debug, thiserror::Error)]
+#[error("seeding the demo users and client: {0}")]
+pub struct SeedError(String);
 
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
@@ -87,6 +92,53 @@ pub(crate) struct Issued {
 }
 
 impl AppState {
+    /// Connects to the database and loads the keys; `ensure_keys` also makes the missing
+    /// ones (a serving server; the CLI only reads and writes records).
+    async fn open(
+        config: AuthConfig,
+        issuer: String,
+        clock: Clock,
+        ensure_keys: bool,
+    ) -> Result<Self, StartError> {
+        config.validate().map_err(StartError::Config)?;
+        let db = Db::connect(config.database.expose()).await?;
+        let secrets = secrets_for(&config, db.backend())?;
+        let keys = KeyRing::load(&db, &secrets).await?;
+        let audit = Audit::new(db.clone());
+        if ensure_keys {
+            for kid in keys.ensure_active(&db, &secrets, clock.now()).await? {
+                let event = Event {
+                    detail: Some(format!("kid {kid}")),
+                    ..Event::default()
+                };
+                audit
+                    .record(clock.now(), EventKind::KeyGenerated, true, event)
+                    .await;
+            }
+        }
+        let hashing = PasswordHashing::new(&secrets)
+            .await
+            .map_err(|error| StartError::Hashing(error.to_string()))?;
+        let address_failures = AddressFailures::new(
+            config.lockout.per_address,
+            i64::try_from(config.lockout.address_window.as_secs()).unwrap_or(i64::MAX),
+        );
+        Ok(Self {
+            address_failures,
+            issuer,
+            users: Users::new(db.clone()),
+            rbac: Rbac::new(db.clone()),
+            hashing,
+            db: db.clone(),
+            clients: Clients::new(db),
+            keys,
+            secrets,
+            audit,
+            clock,
+            config,
+        })
+    }
+
     /// The key that signs `client`'s tokens now (its algorithm, or the default).
     fn signing_key(&self, client: &Client, now: i64) -> Result<Arc<SigningKey>, OAuthError> {
         let alg = client.signing_alg.unwrap_or(self.config.signing_alg);
@@ -241,21 +293,6 @@ impl AuthServer {
         _shutdown: &Shutdown,
         clock: Clock,
     ) -> Result<Self, StartError> {
-        config.validate().map_err(StartError::Config)?;
-        let db = Db::connect(config.database.expose()).await?;
-        let secrets = secrets_for(&config, db.backend())?;
-        let keys = KeyRing::load(&db, &secrets).await?;
-        let made = keys.ensure_active(&db, &secrets, clock.now()).await?;
-        let audit = Audit::new(db.clone());
-        for kid in &made {
-            let event = Event {
-                detail: Some(format!("kid {kid}")),
-                ..Event::default()
-            };
-            audit
-                .record(clock.now(), EventKind::KeyGenerated, true, event)
-                .await;
-        }
         let listener = bind_listener("auth", config.listen).await?;
         let addr = listener
             .local_addr()
@@ -265,27 +302,7 @@ impl AuthServer {
             None if addr.ip().is_unspecified() => return Err(StartError::IssuerRequired(addr)),
             None => format!("http://{addr}"),
         };
-        let hashing = PasswordHashing::new(&secrets)
-            .await
-            .map_err(|error| StartError::Hashing(error.to_string()))?;
-        let address_failures = AddressFailures::new(
-            config.lockout.per_address,
-            i64::try_from(config.lockout.address_window.as_secs()).unwrap_or(i64::MAX),
-        );
-        let state = Arc::new(AppState {
-            address_failures,
-            issuer,
-            users: Users::new(db.clone()),
-            rbac: Rbac::new(db.clone()),
-            hashing,
-            db: db.clone(),
-            clients: Clients::new(db.clone()),
-            keys,
-            secrets,
-            audit,
-            clock,
-            config,
-        });
+        let state = Arc::new(AppState::open(config, issuer, clock, true).await?);
         let router = router(Arc::clone(&state));
         let http = HttpServer::from_listener(
             "auth",
@@ -312,7 +329,121 @@ impl AuthServer {
 #[derive(Clone)]
 pub struct AuthAdmin(Arc<AppState>);
 
+/// Credentials the embedded profile made on its first start, shown once.
+#[derive(Debug, Clone)]
+pub struct Seeded {
+    pub admin_password: String,
+    pub customer_password: String,
+    pub client_id: String,
+    pub client_secret: String,
+}
+
 impl AuthAdmin {
+    /// Administration of the database `config` names, without serving: for the CLI
+    /// (`keel auth user add`, …). Servers on the same database see the changes.
+    pub async fn open(config: AuthConfig) -> Result<Self, StartError> {
+        let issuer = match &config.issuer {
+            Some(issuer) => valid_issuer(issuer)?,
+            None => format!("http://{}", config.listen),
+        };
+        Ok(Self(Arc::new(
+            AppState::open(config, issuer, Clock::system(), false).await?,
+        )))
+    }
+
+    /// The embedded profile's starting point, made once, when there are no users yet:
+    /// roles `keel-admin` (the admin API; scope `keel-admin`), `admin` and `customer`;
+    /// users `admin` (both admin roles) and `customer`; and the confidential client
+    /// `keel-demo` (code flow, refresh, client credentials). Returns their credentials
+    /// that one time, to be printed.
+    pub async fn seed_demo(&self) -> Result<Option<Seeded>, SeedError> {
+        let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
+            .fetch_one(self.0.db.pool())
+            .await
+            .map_err(|e| SeedError(e.to_string()))?;
+        if users > 0 {
+            return Ok(None);
+        }
+        let failed = |e: &dyn std::fmt::Display| SeedError(e.to_string());
+        self.create_role(
+            "keel-admin",
+            None,
+            "administers Keel (admin API)",
+            "keel-admin",
+        )
+        .await
+        .map_err(|e| failed(&e))?;
+        self.create_role("admin", None, "shop administrators", "")
+            .await
+            .map_err(|e| failed(&e))?;
+        self.create_role("customer", None, "shop customers", "")
+            .await
+            .map_err(|e| failed(&e))?;
+        let admin_password = self.0.secrets.generate_id();
+        let customer_password = self.0.secrets.generate_id();
+        let admin = self
+            .create_user(NewUser {
+                username: "admin".into(),
+                password: admin_password.clone(),
+                email: None,
+                name: Some("Keel administrator".into()),
+            })
+            .await
+            .map_err(|e| failed(&e))?;
+        let customer = self
+            .create_user(NewUser {
+                username: "customer".into(),
+                password: customer_password.clone(),
+                email: None,
+                name: Some("Demo customer".into()),
+            })
+            .await
+            .map_err(|e| failed(&e))?;
+        for (role, user) in [
+            ("keel-admin", &admin.user_id),
+            ("admin", &admin.user_id),
+            ("customer", &customer.user_id),
+        ] {
+            self.grant_role(role, &Subject::User(user.clone()))
+                .await
+                .map_err(|e| failed(&e))?;
+        }
+        let (client, secret) = self
+            .create_client(NewClient {
+                client_id: Some("keel-demo".into()),
+                name: "Keel demo".into(),
+                auth_method: AuthMethod::ClientSecretBasic,
+                redirect_uris: vec!["http://127.0.0.1:8080/callback".into()],
+                grant_types: vec![
+                    GrantType::AuthorizationCode,
+                    GrantType::RefreshToken,
+                    GrantType::ClientCredentials,
+                ],
+                scopes: "openid profile email keel-admin".into(),
+                audiences: vec![],
+                signing_alg: None,
+                access_token_ttl: None,
+            })
+            .await
+            .map_err(|e| failed(&e))?;
+        Ok(Some(Seeded {
+            admin_password,
+            customer_password,
+            client_id: client.client_id,
+            client_secret: secret.unwrap_or_default(),
+        }))
+    }
+
+    /// The user named `username`.
+    pub async fn find_user(&self, username: &str) -> Result<Option<User>, UserError> {
+        Ok(self
+            .0
+            .users
+            .find_for_login(username)
+            .await?
+            .map(|(user, _)| user))
+    }
+
     /// Registers a client; returns it and its secret (shown this once), and records it in
     /// the audit trail.
     pub async fn create_client(

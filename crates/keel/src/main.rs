@@ -41,8 +41,10 @@ enum Command {
     Registry(registry_cmd::RegistryArgs),
     /// Run the API gateway.
     Gateway,
-    /// Run the authorization server (OAuth 2.0 / OpenID Connect), or set one up.
+    /// Run the authorization server (OAuth 2.0 / OpenID Connect), or administer it.
     Auth(auth_cmd::AuthArgs),
+    /// Print a client-credentials access token (for curl).
+    Token(auth_cmd::TokenArgs),
     /// Print the effective configuration (secrets redacted).
     Config,
 }
@@ -79,6 +81,7 @@ fn main() -> ExitCode {
                 up::serve_alone(&config.telemetry, shutdown, server).await
             }
             Command::Auth(args) => auth_cmd::run(args, config).await,
+            Command::Token(args) => auth_cmd::token(args, config).await,
             Command::Config => config.print(),
         }
     });

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::Context;
-use keel_auth::AuthServer;
+use keel_auth::{AuthServer, Seeded};
 use keel_gateway::GatewayServer;
 use keel_registry::RegistryServer;
 use keel_runtime::{Server, Shutdown, telemetry};
@@ -32,6 +32,7 @@ pub async fn run(config: KeelConfig, file: Option<&Path>) -> anyhow::Result<()> 
     let source = KeelConfig::gateway_source(file);
     let gateway = GatewayServer::build_with_source(gateway_config, source, &shutdown).await?;
     let auth = AuthServer::build(config.auth, &shutdown).await?;
+    let seeded = auth.admin().seed_demo().await?;
     let auth_what = format!(
         "authorization server: issuer {}, /.well-known/openid-configuration, /token",
         auth.issuer()
@@ -40,6 +41,9 @@ pub async fn run(config: KeelConfig, file: Option<&Path>) -> anyhow::Result<()> 
     let gateway_what = format!(
         "API gateway: {routes} configured route(s), then /<service>/… for every registered service"
     );
+    if let Some(seeded) = seeded {
+        print_seeded(&seeded);
+    }
     print_table(&[
         (
             registry.name(),
@@ -120,6 +124,27 @@ fn print_table(rows: &[(&str, SocketAddr, &str)]) {
         println!("  {name:<14} {:<24} {what}", format!("http://{addr}"));
     }
     println!();
+}
+
+/// The demo credentials, shown once: on the first start of an empty database.
+fn print_seeded(seeded: &Seeded) {
+    println!("First start: demo credentials (shown this once; keep them):");
+    println!(
+        "  user admin      password {}   (roles keel-admin, admin)",
+        seeded.admin_password
+    );
+    println!(
+        "  user customer   password {}   (role customer)",
+        seeded.customer_password
+    );
+    println!(
+        "  client {}   secret {}",
+        seeded.client_id, seeded.client_secret
+    );
+    println!(
+        "  an access token: keel token --client {} --secret {}\n",
+        seeded.client_id, seeded.client_secret
+    );
 }
 
 /// An id for this process's log lines and traces.

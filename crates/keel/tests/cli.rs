@@ -96,61 +96,223 @@ fn auth_key_prints_a_new_key_encryption_key() {
     assert_ne!(keys[0], keys[1]);
 }
 
+/// A running `keel up` and the lines it printed up to its first blank line after the
+/// table (and, on a first start, after the demo credentials).
+struct Up {
+    child: std::process::Child,
+    printed: Vec<String>,
+}
+
+impl Up {
+    fn start(registry: std::net::SocketAddr, database: &TestSqlite) -> Self {
+        let mut child = keel()
+            .arg("up")
+            .env("KEEL_REGISTRY__LISTEN", registry.to_string())
+            .env("KEEL_AUTH__DATABASE", database.url())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut printed = Vec::new();
+        let mut blanks = 0;
+        for line in lines.by_ref() {
+            let line = line.unwrap();
+            blanks += usize::from(line.is_empty());
+            printed.push(line);
+            // The header's blank, the table's, and the credentials' when there are some.
+            let first_start = printed.iter().any(|l| l.starts_with("First start"));
+            if blanks == if first_start { 3 } else { 2 } {
+                break;
+            }
+        }
+        Self { child, printed }
+    }
+
+    /// The word after `key` on the line that starts with `prefix`.
+    fn value(&self, prefix: &str, key: &str) -> String {
+        let line = self
+            .printed
+            .iter()
+            .find(|l| l.trim_start().starts_with(prefix))
+            .unwrap_or_else(|| panic!("no {prefix} line in {:?}", self.printed));
+        let mut words = line.split_whitespace();
+        words.find(|w| *w == key);
+        words.next().unwrap().to_owned()
+    }
+
+    /// SIGTERM, then a clean exit within 10 s.
+    fn stop(mut self) {
+        let killed = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+        let mut status = None;
+        for _ in 0..100 {
+            if let Some(exit) = self.child.try_wait().unwrap() {
+                status = Some(exit);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let status = status.expect("keel up stops within 10s of SIGTERM");
+        assert!(status.success(), "clean exit: {status:?}");
+    }
+}
+
 #[test]
 fn up_serves_prints_its_table_and_stops_cleanly_on_sigterm() {
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = free.local_addr().unwrap();
     drop(free);
     let database = TestSqlite::new("keel-cli-up");
-    let mut child = keel()
-        .arg("up")
-        .env("KEEL_REGISTRY__LISTEN", addr.to_string())
-        .env("KEEL_AUTH__DATABASE", database.url())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let table: Vec<String> = lines.by_ref().take(7).map(Result::unwrap).collect();
+    let up = Up::start(addr, &database);
+    let table = &up.printed;
     assert!(
         table
             .iter()
             .any(|line| line.contains("registry") && line.contains(&addr.to_string())),
         "{table:?}"
     );
-    assert!(
-        table
-            .iter()
-            .any(|line| line.trim_start().starts_with("auth ")
-                && line.contains("issuer http://127.0.0.1:")),
-        "{table:?}"
-    );
+    let issuer = up.value("auth ", "issuer").trim_end_matches(',').to_owned();
+    assert!(issuer.starts_with("http://127.0.0.1:"), "{table:?}");
     assert!(
         database.path.exists(),
         "the embedded profile keeps auth data in SQLite"
     );
-    let mut up = false;
+    let mut serving = false;
     for _ in 0..50 {
         if std::net::TcpStream::connect(addr).is_ok() {
-            up = true;
+            serving = true;
             break;
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    assert!(up, "the registry answers on {addr}");
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
+    assert!(serving, "the registry answers on {addr}");
+
+    // First start: demo credentials, and `keel token` turns the client's into a token.
+    let client = up.value("client", "client");
+    let secret = up.value("client", "secret");
+    assert_eq!(client, "keel-demo");
+    assert_eq!(up.value("user admin", "password").len(), 22);
+    let token = keel()
+        .args(["token", "--client", &client, "--url", &issuer])
+        .env("KEEL_CLIENT_SECRET", &secret)
+        .output()
         .unwrap();
-    assert!(killed.success());
-    let mut status = None;
-    for _ in 0..100 {
-        if let Some(exit) = child.try_wait().unwrap() {
-            status = Some(exit);
-            break;
+    assert!(
+        token.status.success(),
+        "{}",
+        String::from_utf8_lossy(&token.stderr)
+    );
+    let token = String::from_utf8(token.stdout).unwrap();
+    assert_eq!(token.trim().split('.').count(), 3, "a JWT: {token}");
+    let refused = keel()
+        .args(["token", "--client", &client, "--url", &issuer])
+        .env("KEEL_CLIENT_SECRET", "wrong")
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("invalid_client"));
+    up.stop();
+
+    // The credentials are shown once: not on the next start.
+    let again = Up::start(addr, &database);
+    assert!(
+        !again.printed.iter().any(|l| l.starts_with("First start")),
+        "{:?}",
+        again.printed
+    );
+    again.stop();
+}
+
+#[test]
+fn auth_administers_users_roles_and_clients() {
+    let database = TestSqlite::new("keel-cli-admin");
+    let run = |args: &[&str], stdin: Option<&str>| {
+        let mut child = keel()
+            .arg("auth")
+            .args(args)
+            .env("KEEL_AUTH__DATABASE", database.url())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        if let Some(input) = stdin {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(input.as_bytes())
+                .unwrap();
         }
-        std::thread::sleep(Duration::from_millis(100));
+        child.wait_with_output().unwrap()
+    };
+    let user = run(
+        &["user", "add", "bob", "--password-stdin"],
+        Some("correct horse\n"),
+    );
+    assert!(
+        user.status.success(),
+        "{}",
+        String::from_utf8_lossy(&user.stderr)
+    );
+    assert!(String::from_utf8_lossy(&user.stdout).starts_with("user bob"));
+    let generated = run(&["user", "add", "carol"], None);
+    assert!(String::from_utf8_lossy(&generated.stdout).contains("password "));
+    let role = run(&["role", "add", "editor", "--scopes", "docs:write"], None);
+    assert!(
+        role.status.success(),
+        "{}",
+        String::from_utf8_lossy(&role.stderr)
+    );
+    let grant = run(&["role", "grant", "editor", "--user", "bob"], None);
+    assert!(
+        grant.status.success(),
+        "{}",
+        String::from_utf8_lossy(&grant.stderr)
+    );
+    let client = run(
+        &[
+            "client",
+            "add",
+            "cli-app",
+            "--grant",
+            "client_credentials",
+            "--scopes",
+            "docs:read",
+        ],
+        None,
+    );
+    assert!(
+        client.status.success(),
+        "{}",
+        String::from_utf8_lossy(&client.stderr)
+    );
+    let printed = String::from_utf8_lossy(&client.stdout).to_string();
+    assert!(
+        printed.contains("client cli-app") && printed.contains("secret "),
+        "{printed}"
+    );
+
+    // Mistakes are refused with a message and a non-zero exit.
+    for (args, message) in [
+        (
+            vec!["role", "grant", "editor", "--user", "nobody"],
+            "nobody",
+        ),
+        (vec!["user", "add", "bob", "--password-stdin"], "exists"),
+        (
+            vec!["client", "add", "x", "--grant", "password"],
+            "unknown grant",
+        ),
+    ] {
+        let output = run(&args, Some("another password\n"));
+        assert!(!output.status.success(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(message), "{args:?}: {stderr}");
     }
-    let status = status.expect("keel up stops within 10s of SIGTERM");
-    assert!(status.success(), "clean exit: {status:?}");
 }
