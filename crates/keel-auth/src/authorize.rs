@@ -7,7 +7,7 @@
 //! §4.1.2.1); every other error goes back to the client's redirect URI with `state` and
 //! `iss` (RFC 9207).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::body::Bytes;
@@ -32,9 +32,9 @@ use crate::token::Params;
 use crate::users::User;
 
 /// The cookie of a signed-in browser (a random id; the server keeps its hash).
-const SESSION_COOKIE: &str = "keel_session";
+pub(crate) const SESSION_COOKIE: &str = "keel_session";
 /// The cookie the sign-in form's CSRF token is bound to.
-const CSRF_COOKIE: &str = "keel_csrf";
+pub(crate) const CSRF_COOKIE: &str = "keel_csrf";
 /// Longest authorization request accepted (its query string).
 const MAX_REQUEST: usize = 8 * 1024;
 
@@ -364,7 +364,11 @@ fn cookie_name(state: &AppState, name: &str) -> String {
 }
 
 /// The value of this server's cookie `name`.
-fn our_cookie<'a>(state: &AppState, headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub(crate) fn our_cookie<'a>(
+    state: &AppState,
+    headers: &'a HeaderMap,
+    name: &str,
+) -> Option<&'a str> {
     cookie(headers, &cookie_name(state, name))
 }
 
@@ -385,22 +389,28 @@ fn set_cookie(state: &AppState, name: &str, value: &str, max_age: i64) -> Header
 /// What a form's CSRF token is an HMAC of: the form's purpose, the browser secret it is
 /// bound to (the CSRF cookie before sign-in, the session after), and the authorization
 /// request it carries, so that a token serves one form of one request in one browser.
-fn csrf_binding(purpose: Purpose, secret: &str, query: &str) -> String {
+pub(crate) fn csrf_binding(purpose: Purpose, secret: &str, query: &str) -> String {
     let purpose = match purpose {
         Purpose::Login => "login",
         Purpose::Consent => "consent",
+        Purpose::DeviceLogin => "device-login",
+        Purpose::DeviceApproval => "device-approval",
     };
     format!("{purpose}|{secret}|{query}")
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Purpose {
+pub(crate) enum Purpose {
     Login,
     Consent,
+    /// The device page's sign-in form.
+    DeviceLogin,
+    /// The device page's approval form.
+    DeviceApproval,
 }
 
 /// The user signed in on this browser, and when they signed in.
-async fn session_user(state: &AppState, headers: &HeaderMap) -> Option<(User, i64)> {
+pub(crate) async fn session_user(state: &AppState, headers: &HeaderMap) -> Option<(User, i64)> {
     let id = our_cookie(state, headers, SESSION_COOKIE)?;
     let row = sqlx::query(
         "SELECT user_id, auth_time FROM login_sessions WHERE id_hash = $1 AND expires_at > $2",
@@ -417,7 +427,7 @@ async fn session_user(state: &AppState, headers: &HeaderMap) -> Option<(User, i6
 }
 
 /// The CSRF cookie of this browser, and the header that sets it when it is new.
-fn csrf_cookie(state: &AppState, headers: &HeaderMap) -> (String, Option<HeaderValue>) {
+pub(crate) fn csrf_cookie(state: &AppState, headers: &HeaderMap) -> (String, Option<HeaderValue>) {
     match our_cookie(state, headers, CSRF_COOKIE) {
         Some(value) => (value.to_owned(), None),
         None => {
@@ -428,7 +438,7 @@ fn csrf_cookie(state: &AppState, headers: &HeaderMap) -> (String, Option<HeaderV
     }
 }
 
-fn with_cookie(mut response: Response, cookie: Option<HeaderValue>) -> Response {
+pub(crate) fn with_cookie(mut response: Response, cookie: Option<HeaderValue>) -> Response {
     if let Some(cookie) = cookie {
         response.headers_mut().append(header::SET_COOKIE, cookie);
     }
@@ -616,6 +626,17 @@ async fn issue_code(
     redirect_to(&request.redirect_uri, &pairs)
 }
 
+/// Whether a post comes from another site (`Origin` other than the issuer, or
+/// `Sec-Fetch-Site` cross-site); such posts to the sign-in pages are refused.
+pub(crate) fn is_cross_site(state: &AppState, headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ORIGIN)
+        .is_some_and(|origin| origin.as_bytes() != state.issuer.as_bytes())
+        || headers
+            .get("sec-fetch-site")
+            .is_some_and(|site| site != "same-origin" && site != "none")
+}
+
 /// A posted form of the flow, checked: it comes from this site (`Origin`,
 /// `Sec-Fetch-Site`), and its CSRF token was made for this form, this browser and the
 /// authorization request it carries, which is validated again. Returns the fields, the
@@ -633,21 +654,15 @@ async fn posted_request(
             "The form expired or did not come from this site. Go back to the application and start again.",
         )
     };
-    let cross_site = headers
-        .get(header::ORIGIN)
-        .is_some_and(|origin| origin.as_bytes() != state.issuer.as_bytes())
-        || headers
-            .get("sec-fetch-site")
-            .is_some_and(|site| site != "same-origin" && site != "none");
-    if cross_site {
+    if is_cross_site(state, headers) {
         return Err(forbidden());
     }
     let body = body.map_err(|_| refused("The form is too large."))?;
     let form = Params::from_form(headers, &body).map_err(|_| refused("The form is malformed."))?;
     let query = form.get("request").unwrap_or_default().to_owned();
     let secret = match purpose {
-        Purpose::Login => our_cookie(state, headers, CSRF_COOKIE),
-        Purpose::Consent => our_cookie(state, headers, SESSION_COOKIE),
+        Purpose::Login | Purpose::DeviceLogin => our_cookie(state, headers, CSRF_COOKIE),
+        Purpose::Consent | Purpose::DeviceApproval => our_cookie(state, headers, SESSION_COOKIE),
     };
     let valid = match (secret, form.get("csrf")) {
         (Some(secret), Some(token)) => state
@@ -679,34 +694,82 @@ pub(crate) async fn login(
         };
     let username = form.get("username").unwrap_or_default();
     let password = form.get("password").unwrap_or_default();
-    let now = state.clock.now();
     let csrf = form.get("csrf").unwrap_or_default();
-    let again = |status: StatusCode, message: &str| {
-        html::login_page(
-            status,
-            &request.client.name,
-            &query,
-            csrf,
-            username,
-            Some(message),
-        )
+    let signed_in = sign_in(
+        &state,
+        peer.ip(),
+        username,
+        password,
+        Some(&request.client.client_id),
+    )
+    .await;
+    let SignedIn {
+        user,
+        session,
+        cookie,
+        at: now,
+    } = match signed_in {
+        Ok(signed_in) => signed_in,
+        Err((status, message)) => {
+            return html::login_page(
+                status,
+                &request.client.name,
+                &query,
+                csrf,
+                username,
+                Some(&message),
+            );
+        }
     };
+    // prompt=login is satisfied now: continue without it, with the new session.
+    let response = continue_signed_in(
+        &state,
+        &session,
+        &query,
+        request_without_login_prompt(request),
+        &user,
+        now,
+    )
+    .await;
+    with_cookie(response, Some(cookie))
+}
+
+/// A user who just signed in, their new session (its secret and the cookie that sets it)
+/// and when.
+pub(crate) struct SignedIn {
+    pub(crate) user: User,
+    pub(crate) session: String,
+    pub(crate) cookie: HeaderValue,
+    pub(crate) at: i64,
+}
+
+/// Checks a username and password with the brute-force rules (per address, per
+/// account), records the outcome, and starts a session. A refusal is the status and the
+/// message the sign-in page shows.
+pub(crate) async fn sign_in(
+    state: &AppState,
+    ip: IpAddr,
+    username: &str,
+    password: &str,
+    client_id: Option<&str>,
+) -> Result<SignedIn, (StatusCode, String)> {
+    let now = state.clock.now();
     let failed = |detail: &str| Event {
         subject: Some(username),
-        client_id: Some(&request.client.client_id),
-        ip: Some(peer.ip().to_string()),
+        client_id,
+        ip: Some(ip.to_string()),
         detail: Some(detail.to_owned()),
     };
-    if state.address_failures.blocked(peer.ip(), now) {
+    if state.address_failures.blocked(ip, now) {
         let event = failed("too many failures from this address");
         state
             .audit
             .record(now, EventKind::LoginFailed, false, event)
             .await;
-        return again(
+        return Err((
             StatusCode::TOO_MANY_REQUESTS,
-            "Too many failed sign-ins from your network. Try again later.",
-        );
+            "Too many failed sign-ins from your network. Try again later.".to_owned(),
+        ));
     }
     let found = state.users.find_for_login(username).await.ok().flatten();
     if let Some(until) = found
@@ -719,7 +782,7 @@ pub(crate) async fn login(
             .audit
             .record(now, EventKind::LoginFailed, false, event)
             .await;
-        return again(StatusCode::FORBIDDEN, &locked_message(until - now));
+        return Err((StatusCode::FORBIDDEN, locked_message(until - now)));
     }
     let matched = state
         .hashing
@@ -730,7 +793,7 @@ pub(crate) async fn login(
         .map(|(user, _)| user)
         .filter(|user| matched && !user.disabled);
     let Some(user) = user else {
-        state.address_failures.record(peer.ip(), now);
+        state.address_failures.record(ip, now);
         let locked = match found_id {
             Some(user_id) => state
                 .users
@@ -745,16 +808,17 @@ pub(crate) async fn login(
             .audit
             .record(now, EventKind::LoginFailed, false, event)
             .await;
-        return match locked {
-            Some(until) => again(StatusCode::FORBIDDEN, &locked_message(until - now)),
-            None => again(StatusCode::UNAUTHORIZED, "Wrong username or password."),
-        };
+        return Err(match locked {
+            Some(until) => (StatusCode::FORBIDDEN, locked_message(until - now)),
+            None => (
+                StatusCode::UNAUTHORIZED,
+                "Wrong username or password.".to_owned(),
+            ),
+        });
     };
     if let Err(error) = state.users.record_success(&user.user_id).await {
         tracing::warn!(%error, "failed sign-ins not reset");
     }
-    let ip = peer.ip().to_string();
-    let now = state.clock.now();
     let session = state.secrets.generate_secret();
     let ttl = state.config.session_ttl_seconds();
     let stored = sqlx::query(
@@ -768,33 +832,28 @@ pub(crate) async fn login(
     .await;
     if let Err(error) = stored {
         tracing::error!(%error, "login session not stored");
-        return html::error_page(
+        return Err((
             StatusCode::INTERNAL_SERVER_ERROR,
-            "The server could not sign you in. Try again later.",
-        );
+            "The server could not sign you in. Try again later.".to_owned(),
+        ));
     }
     let event = Event {
         subject: Some(&user.user_id),
-        client_id: Some(&request.client.client_id),
-        ip: Some(ip),
+        client_id,
+        ip: Some(ip.to_string()),
         detail: None,
     };
     state
         .audit
         .record(now, EventKind::LoginSucceeded, true, event)
         .await;
-    let cookie = set_cookie(&state, SESSION_COOKIE, &session, ttl);
-    // prompt=login is satisfied now: continue without it, with the new session.
-    let response = continue_signed_in(
-        &state,
-        &session,
-        &query,
-        request_without_login_prompt(request),
-        &user,
-        now,
-    )
-    .await;
-    with_cookie(response, Some(cookie))
+    let cookie = set_cookie(state, SESSION_COOKIE, &session, ttl);
+    Ok(SignedIn {
+        user,
+        session,
+        cookie,
+        at: now,
+    })
 }
 
 /// What a locked account's sign-in page says.

@@ -61,10 +61,11 @@ pub enum GrantType {
 
 impl GrantType {
     /// The grants this server implements, as listed in its metadata.
-    pub const SUPPORTED: [GrantType; 3] = [
+    pub const SUPPORTED: [GrantType; 4] = [
         Self::AuthorizationCode,
         Self::ClientCredentials,
         Self::RefreshToken,
+        Self::DeviceCode,
     ];
 
     pub fn name(self) -> &'static str {

@@ -20,6 +20,10 @@ pub enum ErrorCode {
     AccessDenied,
     ServerError,
     TemporarilyUnavailable,
+    /// RFC 8628 §3.5: the device grant's answers while the user has not decided.
+    AuthorizationPending,
+    SlowDown,
+    ExpiredToken,
 }
 
 impl ErrorCode {
@@ -34,6 +38,9 @@ impl ErrorCode {
             Self::AccessDenied => "access_denied",
             Self::ServerError => "server_error",
             Self::TemporarilyUnavailable => "temporarily_unavailable",
+            Self::AuthorizationPending => "authorization_pending",
+            Self::SlowDown => "slow_down",
+            Self::ExpiredToken => "expired_token",
         }
     }
 

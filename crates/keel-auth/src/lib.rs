@@ -14,6 +14,7 @@ pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod db;
+mod device;
 pub mod error;
 mod html;
 mod introspect;

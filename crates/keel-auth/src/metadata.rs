@@ -31,6 +31,7 @@ pub(crate) fn document(issuer: &str) -> Value {
         "introspection_endpoint": format!("{issuer}/introspect"),
         "revocation_endpoint": format!("{issuer}/revoke"),
         "userinfo_endpoint": format!("{issuer}/userinfo"),
+        "device_authorization_endpoint": format!("{issuer}/device_authorization"),
         "jwks_uri": format!("{issuer}/jwks.json"),
         "grant_types_supported": GrantType::SUPPORTED.iter().map(|g| g.name()).collect::<Vec<_>>(),
         "response_types_supported": ["code"],

@@ -19,6 +19,7 @@ use crate::audit::{Event, EventKind};
 use crate::authorize::pkce_matches;
 use crate::clients::{AuthMethod, Client, GrantType, is_valid_client_id};
 use crate::crypto::sha256;
+use crate::device;
 use crate::error::{ErrorCode, OAuthError};
 use crate::rbac::Subject;
 use crate::scope::Scopes;
@@ -268,11 +269,19 @@ async fn handle(
         GrantType::ClientCredentials => client_credentials(state, &client, &params, ip).await,
         GrantType::AuthorizationCode => authorization_code(state, &client, &params, ip).await,
         GrantType::RefreshToken => refresh_token(state, &client, &params, ip).await,
-        // Not in GrantType::SUPPORTED yet: refused above.
-        GrantType::DeviceCode => Err(OAuthError::new(
-            ErrorCode::UnsupportedGrantType,
-            "grant not supported",
-        )),
+        GrantType::DeviceCode => {
+            let (user_id, family_id, auth_time, scopes) =
+                device::exchange(state, &client, &params).await?;
+            let grant = UserGrant {
+                user_id: &user_id,
+                family_id: &family_id,
+                auth_time,
+                nonce: None,
+                scopes: &scopes,
+                grant: "device_code",
+            };
+            issue_user_tokens(state, &client, grant, ip).await
+        }
     }
 }
 
@@ -411,16 +420,53 @@ async fn authorization_code(
             }
         }
     }
+    let scopes = Scopes::parse(&grant.scopes).map_err(|_| OAuthError::server_error())?;
+    let issue = UserGrant {
+        user_id: &grant.user_id,
+        family_id: &grant.family_id,
+        auth_time: grant.auth_time,
+        nonce: grant.nonce.as_deref(),
+        scopes: &scopes,
+        grant: "authorization_code",
+    };
+    issue_user_tokens(state, client, issue, ip).await
+}
+
+/// What a user's grant (a code, an approved device) issues tokens from.
+struct UserGrant<'a> {
+    user_id: &'a str,
+    family_id: &'a str,
+    auth_time: i64,
+    nonce: Option<&'a str>,
+    scopes: &'a Scopes,
+    /// The grant type, for the audit trail.
+    grant: &'a str,
+}
+
+/// The token response of a user's grant: an access token, an ID token when `openid` was
+/// granted, a refresh token when the client may refresh.
+async fn issue_user_tokens(
+    state: &AppState,
+    client: &Client,
+    grant: UserGrant<'_>,
+    ip: &str,
+) -> Result<Value, OAuthError> {
+    let now = state.clock.now();
     let user = match state
         .users
-        .find(&grant.user_id)
+        .find(grant.user_id)
         .await
         .map_err(server_error)?
     {
         Some(user) if !user.disabled => user,
-        _ => return Err(invalid_grant("the user is no longer active")),
+        _ => {
+            return Err(OAuthError::new(
+                ErrorCode::InvalidGrant,
+                "the user is no longer active",
+            ));
+        }
     };
-    let scopes = Scopes::parse(&grant.scopes).map_err(|_| OAuthError::server_error())?;
+    let scopes = grant.scopes;
     let holdings = state
         .rbac
         .holdings(&Subject::User(user.user_id.clone()))
@@ -430,9 +476,9 @@ async fn authorization_code(
         .issue_access_token(
             client,
             &user.user_id,
-            &scopes,
+            scopes,
             &holdings,
-            Some(&grant.family_id),
+            Some(grant.family_id),
         )
         .await?;
     let mut body = json!({
@@ -444,19 +490,19 @@ async fn authorization_code(
     if scopes.contains("openid") {
         let claims = IdTokenClaims {
             auth_time: grant.auth_time,
-            nonce: grant.nonce.as_deref(),
-            scopes: &scopes,
+            nonce: grant.nonce,
+            scopes,
         };
         body["id_token"] = json!(state.issue_id_token(client, &user, claims, &issued.token)?);
     }
     if client.may_use(GrantType::RefreshToken) {
-        body["refresh_token"] = json!(new_refresh_token(state, &grant.family_id, now).await?);
+        body["refresh_token"] = json!(new_refresh_token(state, grant.family_id, now).await?);
     }
     let event = Event {
         subject: Some(&user.user_id),
         client_id: Some(&client.client_id),
         ip: Some(ip.to_owned()),
-        detail: Some(format!("authorization_code, scope {scopes}")),
+        detail: Some(format!("{}, scope {scopes}", grant.grant)),
     };
     state
         .audit
@@ -713,7 +759,7 @@ pub(crate) fn server_error(error: impl std::fmt::Display) -> OAuthError {
 
 /// The scopes a request gets: those asked for, each of which the client must be allowed
 /// (RFC 6749 §3.3); all the client's scopes when none are asked for.
-fn granted_scopes(client: &Client, asked: Option<&str>) -> Result<Scopes, OAuthError> {
+pub(crate) fn granted_scopes(client: &Client, asked: Option<&str>) -> Result<Scopes, OAuthError> {
     let Some(asked) = asked else {
         return Ok(client.scopes.clone());
     };

@@ -20,7 +20,12 @@ async fn both_metadata_documents_say_what_is_supported() {
         );
         assert_eq!(
             oidc["grant_types_supported"],
-            serde_json::json!(["authorization_code", "client_credentials", "refresh_token"])
+            serde_json::json!([
+                "authorization_code",
+                "client_credentials",
+                "refresh_token",
+                "urn:ietf:params:oauth:grant-type:device_code"
+            ])
         );
         assert_eq!(
             oidc["response_types_supported"],

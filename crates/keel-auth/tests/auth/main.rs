@@ -8,6 +8,7 @@ mod helpers;
 mod authorization_code;
 mod browser;
 mod client_credentials;
+mod device;
 mod discovery;
 mod gateway;
 mod independent;
