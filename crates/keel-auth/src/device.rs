@@ -27,7 +27,7 @@ use crate::html::{self, escape};
 use crate::rbac::Subject;
 use crate::scope::Scopes;
 use crate::server::AppState;
-use crate::token::{Params, authenticate, granted_scopes, presented, server_error};
+use crate::token::{Params, client_request, granted_scopes, server_error};
 
 /// How long a code pair lives, and the least time between two polls.
 const DEVICE_CODE_TTL: i64 = 600;
@@ -74,10 +74,8 @@ pub(crate) async fn device_authorization(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
-        let body = body.map_err(|_| OAuthError::invalid_request("the body is too large"))?;
-        let params = Params::from_form(&headers, &body)?;
-        let presented = presented(&headers, &params)?;
-        let client = authenticate(&state, &presented, &peer.ip().to_string()).await?;
+        let (client, params) =
+            client_request(&state, &headers, body, &peer.ip().to_string()).await?;
         if !client.may_use(GrantType::DeviceCode) {
             return Err(OAuthError::new(
                 ErrorCode::UnauthorizedClient,

@@ -14,11 +14,11 @@ use serde_json::{Value, json};
 use sqlx::Row;
 
 use crate::audit::{Event, EventKind};
-use crate::clients::{AuthMethod, Client};
+use crate::clients::AuthMethod;
 use crate::crypto::sha256;
 use crate::error::OAuthError;
 use crate::server::AppState;
-use crate::token::{Params, authenticate, presented, revoke_family, server_error};
+use crate::token::{client_request, revoke_family, server_error};
 
 /// A token found live, with what introspection tells about it.
 enum Live {
@@ -113,22 +113,6 @@ async fn find(
     live_refresh_token(state, token).await
 }
 
-/// The client calling introspection or revocation, authenticated as at the token
-/// endpoint, and the request's parameters.
-async fn caller(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Result<Bytes, BytesRejection>,
-    ip: &str,
-) -> Result<(Client, Params), OAuthError> {
-    let body = body
-        .map_err(|_| OAuthError::invalid_request("the body is too large or could not be read"))?;
-    let params = Params::from_form(headers, &body)?;
-    let presented = presented(headers, &params)?;
-    let client = authenticate(state, &presented, ip).await?;
-    Ok((client, params))
-}
-
 fn no_store(mut response: Response) -> Response {
     response
         .headers_mut()
@@ -145,7 +129,8 @@ pub(crate) async fn introspect(
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
-        let (client, params) = caller(&state, &headers, body, &peer.ip().to_string()).await?;
+        let (client, params) =
+            client_request(&state, &headers, body, &peer.ip().to_string()).await?;
         if client.auth_method == AuthMethod::None {
             return Err(OAuthError::invalid_client(
                 "public clients may not introspect",
@@ -201,7 +186,7 @@ pub(crate) async fn revoke(
 ) -> Response {
     let ip = peer.ip().to_string();
     let result = async {
-        let (client, params) = caller(&state, &headers, body, &ip).await?;
+        let (client, params) = client_request(&state, &headers, body, &ip).await?;
         let token = params.require("token")?;
         let revoked = match find(&state, token, params.get("token_type_hint")).await? {
             Some(Live::Refresh { client_id, family_id, .. }) if client_id == client.client_id => {

@@ -73,7 +73,7 @@ impl Params {
 }
 
 /// How a client presented itself.
-pub(crate) enum Presented {
+enum Presented {
     Basic {
         id: String,
         secret: String,
@@ -137,7 +137,7 @@ fn form_decode(text: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-pub(crate) fn presented(headers: &HeaderMap, params: &Params) -> Result<Presented, OAuthError> {
+fn presented(headers: &HeaderMap, params: &Params) -> Result<Presented, OAuthError> {
     let body_id = params.get("client_id");
     let body_secret = params.get("client_secret");
     if let Some(value) = headers.get(header::AUTHORIZATION) {
@@ -166,7 +166,7 @@ pub(crate) fn presented(headers: &HeaderMap, params: &Params) -> Result<Presente
 }
 
 /// The client the request comes from, authenticated as it was registered.
-pub(crate) async fn authenticate(
+async fn authenticate(
     state: &AppState,
     presented: &Presented,
     ip: &str,
@@ -216,6 +216,23 @@ pub(crate) async fn authenticate(
             Err(OAuthError::invalid_client("client authentication failed"))
         }
     }
+}
+
+/// A form from a client to one of the client-authenticated endpoints (device
+/// authorization, introspection, revocation): its parameters, and the client,
+/// authenticated as at the token endpoint.
+pub(crate) async fn client_request(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+    ip: &str,
+) -> Result<(Client, Params), OAuthError> {
+    let body = body
+        .map_err(|_| OAuthError::invalid_request("the body is too large or could not be read"))?;
+    let params = Params::from_form(headers, &body)?;
+    let presented = presented(headers, &params)?;
+    let client = authenticate(state, &presented, ip).await?;
+    Ok((client, params))
 }
 
 /// `POST /token`.
