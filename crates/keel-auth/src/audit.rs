@@ -21,6 +21,8 @@ pub enum EventKind {
     KeyGenerated,
     /// Someone signed in.
     LoginSucceeded,
+    /// Someone signed out.
+    Logout,
     /// A sign-in failed (unknown user or wrong password).
     LoginFailed,
     /// An authorization code was presented again: its grant is revoked.
@@ -44,6 +46,7 @@ impl EventKind {
             Self::ClientCreated => "client_created",
             Self::KeyGenerated => "key_generated",
             Self::LoginSucceeded => "login_succeeded",
+            Self::Logout => "logout",
             Self::LoginFailed => "login_failed",
             Self::CodeReplayed => "code_replayed",
             Self::RefreshReused => "refresh_reused",

@@ -386,6 +386,11 @@ fn set_cookie(state: &AppState, name: &str, value: &str, max_age: i64) -> Header
     HeaderValue::from_str(&cookie).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
+/// A `Set-Cookie` that removes this server's cookie `name`.
+pub(crate) fn clear_cookie(state: &AppState, name: &str) -> HeaderValue {
+    set_cookie(state, name, "", 0)
+}
+
 /// What a form's CSRF token is an HMAC of: the form's purpose, the browser secret it is
 /// bound to (the CSRF cookie before sign-in, the session after), and the authorization
 /// request it carries, so that a token serves one form of one request in one browser.
@@ -395,6 +400,7 @@ pub(crate) fn csrf_binding(purpose: Purpose, secret: &str, query: &str) -> Strin
         Purpose::Consent => "consent",
         Purpose::DeviceLogin => "device-login",
         Purpose::DeviceApproval => "device-approval",
+        Purpose::Logout => "logout",
     };
     format!("{purpose}|{secret}|{query}")
 }
@@ -407,6 +413,8 @@ pub(crate) enum Purpose {
     DeviceLogin,
     /// The device page's approval form.
     DeviceApproval,
+    /// The sign-out confirmation.
+    Logout,
 }
 
 /// The user signed in on this browser, and when they signed in.
@@ -662,7 +670,9 @@ async fn posted_request(
     let query = form.get("request").unwrap_or_default().to_owned();
     let secret = match purpose {
         Purpose::Login | Purpose::DeviceLogin => our_cookie(state, headers, CSRF_COOKIE),
-        Purpose::Consent | Purpose::DeviceApproval => our_cookie(state, headers, SESSION_COOKIE),
+        Purpose::Consent | Purpose::DeviceApproval | Purpose::Logout => {
+            our_cookie(state, headers, SESSION_COOKIE)
+        }
     };
     let valid = match (secret, form.get("csrf")) {
         (Some(secret), Some(token)) => state

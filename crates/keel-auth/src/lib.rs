@@ -19,6 +19,7 @@ pub mod error;
 mod html;
 mod introspect;
 pub mod keys;
+mod logout;
 mod metadata;
 pub mod rbac;
 pub mod scope;

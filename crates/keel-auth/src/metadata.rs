@@ -32,6 +32,7 @@ pub(crate) fn document(issuer: &str) -> Value {
         "revocation_endpoint": format!("{issuer}/revoke"),
         "userinfo_endpoint": format!("{issuer}/userinfo"),
         "device_authorization_endpoint": format!("{issuer}/device_authorization"),
+        "end_session_endpoint": format!("{issuer}/logout"),
         "jwks_uri": format!("{issuer}/jwks.json"),
         "grant_types_supported": GrantType::SUPPORTED.iter().map(|g| g.name()).collect::<Vec<_>>(),
         "response_types_supported": ["code"],

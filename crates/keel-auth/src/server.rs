@@ -25,7 +25,7 @@ use crate::rbac::{Holdings, Rbac, RbacError, Role, Subject};
 use crate::scope::Scopes;
 use crate::throttle::AddressFailures;
 use crate::users::{NewUser, PasswordHashing, User, UserError, Users};
-use crate::{authorize, device, introspect, metadata, token};
+use crate::{authorize, device, introspect, logout, metadata, token};
 use base64::Engine;
 
 /// How often the signing keys are read again from the database: well within the key
@@ -578,6 +578,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/login", post(authorize::login))
         .route("/consent", post(authorize::consent))
         .route("/introspect", post(introspect::introspect))
+        .route("/logout", get(logout::logout).post(logout::logout))
         .route("/device_authorization", post(device::device_authorization))
         .route("/device", get(device::page).post(device::post))
         .route("/revoke", post(introspect::revoke))

@@ -47,6 +47,17 @@ impl Params {
         }
         let pairs: Vec<(String, String)> = serde_urlencoded::from_bytes(body)
             .map_err(|_| OAuthError::invalid_request("the form body is malformed"))?;
+        Self::from_pairs(pairs)
+    }
+
+    /// A query string's parameters, by the same rules.
+    pub(crate) fn from_query(query: &str) -> Result<Self, OAuthError> {
+        let pairs: Vec<(String, String)> = serde_urlencoded::from_str(query)
+            .map_err(|_| OAuthError::invalid_request("the query is malformed"))?;
+        Self::from_pairs(pairs)
+    }
+
+    fn from_pairs(pairs: Vec<(String, String)>) -> Result<Self, OAuthError> {
         let mut params = HashMap::with_capacity(pairs.len());
         for (name, value) in pairs {
             if value.is_empty() {

@@ -15,4 +15,5 @@ mod independent;
 mod introspect;
 mod keys;
 mod login;
+mod logout;
 mod rbac;
