@@ -43,6 +43,10 @@ pub struct AuthConfig {
     /// is taken as stolen and revokes its whole grant.
     #[serde(with = "humantime_serde")]
     pub refresh_reuse_grace: Duration,
+    /// How long before a rotated-in signing key signs it is published; longer than
+    /// verifiers cache the key set (keel-jwt: 10 minutes).
+    #[serde(with = "humantime_serde")]
+    pub key_publish_lead: Duration,
     /// Brute-force protection of the sign-in page.
     pub lockout: LockoutConfig,
     /// `aud` of access tokens for clients registered without audiences.
@@ -65,6 +69,7 @@ impl Default for AuthConfig {
             session_ttl: Duration::from_secs(8 * 3600),
             refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
             refresh_reuse_grace: Duration::from_secs(10),
+            key_publish_lead: Duration::from_secs(15 * 60),
             lockout: LockoutConfig::default(),
             default_audience: "keel-api".to_owned(),
             max_body_bytes: 64 * 1024,
@@ -126,6 +131,12 @@ impl AuthConfig {
                 365 * 86_400,
             ),
             ("auth.refresh_reuse_grace", self.refresh_reuse_grace, 0, 60),
+            (
+                "auth.key_publish_lead",
+                self.key_publish_lead,
+                0,
+                7 * 86_400,
+            ),
         ];
         for (key, value, min, max) in bounded {
             let secs = value.as_secs();

@@ -409,6 +409,46 @@ impl KeyRing {
     }
 }
 
+/// The longest a token signed by a key can live (the largest access-token lifetime a
+/// client may have, one day, and the verifiers' leeway): how long a retired key stays
+/// published.
+const LONGEST_TOKEN: i64 = 86_400 + 300;
+
+impl KeyRing {
+    /// Rotates `alg`: a new key is published now and signs from `now + lead`; the keys it
+    /// replaces stop signing then and leave the key set once the last token they can
+    /// have signed has expired. `lead` must exceed the time verifiers cache the key set
+    /// (keel-jwt refreshes every 10 minutes), so that every verifier knows the new key
+    /// before the first token it signs. Returns the new key's kid.
+    pub async fn rotate(
+        &self,
+        db: &Db,
+        secrets: &Secrets,
+        alg: SigningAlg,
+        now: i64,
+        lead: i64,
+    ) -> Result<String, KeyError> {
+        let activates_at = now.saturating_add(lead);
+        let mut tx = db.pool().begin().await?;
+        db.lock(&mut tx, LockKey::SigningKeys).await?;
+        let kid = generate_and_store(&mut tx, secrets, alg, now, activates_at).await?;
+        sqlx::query(
+            "UPDATE signing_keys SET retires_at = $1, expires_at = $2 \
+             WHERE alg = $3 AND kid <> $4 AND (retires_at IS NULL OR retires_at > $5)",
+        )
+        .bind(activates_at)
+        .bind(activates_at.saturating_add(LONGEST_TOKEN))
+        .bind(alg.name())
+        .bind(&kid)
+        .bind(activates_at)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        self.reload(db, secrets).await?;
+        Ok(kid)
+    }
+}
+
 /// What a sealed private key is bound to, so that it cannot be moved to another row.
 fn seal_context(kid: &str, alg: SigningAlg) -> Vec<u8> {
     format!("{kid}|{}", alg.name()).into_bytes()

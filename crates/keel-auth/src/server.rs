@@ -434,6 +434,32 @@ impl AuthAdmin {
         }))
     }
 
+    /// Rotates the signing key of `alg` (every algorithm when `None`): the new key is
+    /// published now and signs after `auth.key_publish_lead`. Returns the new kids.
+    pub async fn rotate_keys(&self, alg: Option<SigningAlg>) -> Result<Vec<String>, KeyError> {
+        let state = &self.0;
+        let now = state.clock.now();
+        let lead = i64::try_from(state.config.key_publish_lead.as_secs()).unwrap_or(i64::MAX);
+        let mut kids = Vec::new();
+        for alg in alg.map_or_else(|| SigningAlg::ALL.to_vec(), |alg| vec![alg]) {
+            let kid = state
+                .keys
+                .rotate(&state.db, &state.secrets, alg, now, lead)
+                .await?;
+            self.admin_event(
+                now,
+                format!(
+                    "{} key {kid} rotated in, signing from {}",
+                    alg.name(),
+                    now + lead
+                ),
+            )
+            .await;
+            kids.push(kid);
+        }
+        Ok(kids)
+    }
+
     /// The user named `username`.
     pub async fn find_user(&self, username: &str) -> Result<Option<User>, UserError> {
         Ok(self

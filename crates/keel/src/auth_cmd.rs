@@ -6,7 +6,9 @@ use std::io::BufRead;
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use keel_auth::crypto::Secrets;
-use keel_auth::{AuthAdmin, AuthMethod, AuthServer, GrantType, NewClient, NewUser, Subject};
+use keel_auth::{
+    AuthAdmin, AuthMethod, AuthServer, GrantType, NewClient, NewUser, SigningAlg, Subject,
+};
 use keel_runtime::Shutdown;
 
 use crate::config::KeelConfig;
@@ -33,6 +35,20 @@ enum AuthCommand {
     /// OAuth clients.
     #[command(subcommand)]
     Client(ClientCommand),
+    /// Signing keys.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Publish a new signing key now, signing after `auth.key_publish_lead`; the old one
+    /// stops signing then and leaves the key set once its tokens have expired.
+    Rotate {
+        /// RS256, ES256 or EdDSA; every algorithm when left out.
+        #[arg(long)]
+        alg: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -176,6 +192,19 @@ pub async fn run(args: AuthArgs, config: KeelConfig) -> anyhow::Result<()> {
             };
             admin.grant_role(&role, &subject).await?;
             println!("role {role} granted");
+            Ok(())
+        }
+        AuthCommand::Keys(KeysCommand::Rotate { alg }) => {
+            let alg = alg
+                .map(|name| {
+                    SigningAlg::from_name(&name).with_context(|| {
+                        format!("unknown algorithm {name:?} (RS256, ES256, EdDSA)")
+                    })
+                })
+                .transpose()?;
+            for kid in admin.rotate_keys(alg).await? {
+                println!("key {kid} published");
+            }
             Ok(())
         }
         AuthCommand::Client(ClientCommand::Add {

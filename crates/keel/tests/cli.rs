@@ -298,6 +298,16 @@ fn auth_administers_users_roles_and_clients() {
         "{printed}"
     );
 
+    // Keys: a rotation publishes the next key (no server has run on this database, so
+    // there is no older key to retire).
+    let rotated = run(&["keys", "rotate", "--alg", "ES256"], None);
+    assert!(
+        rotated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rotated.stderr)
+    );
+    assert!(String::from_utf8_lossy(&rotated.stdout).starts_with("key "));
+
     // Mistakes are refused with a message and a non-zero exit.
     for (args, message) in [
         (

@@ -129,3 +129,57 @@ async fn listening_on_all_interfaces_needs_a_configured_issuer() {
         .unwrap();
     assert!(matches!(error, StartError::IssuerRequired(_)), "{error}");
 }
+
+#[tokio::test]
+async fn rotation_publishes_first_signs_later_and_retires_after_the_last_token() {
+    for store in stores().await {
+        let app = spawn(&store).await;
+        let (id, secret) = app
+            .service_client(keel_auth::AuthMethod::ClientSecretBasic, "a", None)
+            .await;
+        let signing_kid = || async {
+            let token = app
+                .token(
+                    Some((&id, &secret)),
+                    &[("grant_type", "client_credentials")],
+                )
+                .await;
+            let jwt = token.body["access_token"].as_str().unwrap().to_owned();
+            let header = jwt.split('.').next().unwrap().to_owned();
+            let header: Value = serde_json::from_slice(
+                &base64::Engine::decode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, header)
+                    .unwrap(),
+            )
+            .unwrap();
+            header["kid"].as_str().unwrap().to_owned()
+        };
+        let old = signing_kid().await;
+        let rotated = app
+            .admin
+            .rotate_keys(Some(keel_auth::SigningAlg::RS256))
+            .await
+            .unwrap();
+        let new = rotated[0].clone();
+        let published = kids(&app.get_json("/jwks.json").await);
+        assert!(
+            published.contains(&new) && published.contains(&old),
+            "{published:?}"
+        );
+        assert_eq!(published.len(), 4);
+        // Published, not yet signing: verifiers get to know it first.
+        assert_eq!(signing_kid().await, old);
+        app.admin.clock().advance(15 * 60);
+        assert_eq!(signing_kid().await, new);
+        assert!(
+            kids(&app.get_json("/jwks.json").await).contains(&old),
+            "its tokens live on"
+        );
+        // Once no token it signed can be alive, the old key leaves the set.
+        app.admin.clock().advance(86_400 + 301);
+        let published = kids(&app.get_json("/jwks.json").await);
+        assert!(
+            !published.contains(&old) && published.contains(&new),
+            "{published:?}"
+        );
+    }
+}
