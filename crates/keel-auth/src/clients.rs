@@ -106,6 +106,8 @@ pub struct Client {
     pub signing_alg: Option<SigningAlg>,
     /// Overrides the server's default access-token lifetime, in seconds.
     pub access_token_ttl: Option<i64>,
+    /// The public keys of a `private_key_jwt` client (a JWK Set).
+    pub jwks: Option<serde_json::Value>,
     pub disabled: bool,
 }
 
@@ -148,6 +150,10 @@ impl Client {
                 .map(|alg| SigningAlg::from_name(&alg).ok_or_else(|| bad("signing_alg")))
                 .transpose()?,
             access_token_ttl: row.try_get("access_token_ttl")?,
+            jwks: row
+                .try_get::<Option<String>, _>("jwks")?
+                .map(|jwks| serde_json::from_str(&jwks).map_err(|_| bad("jwks")))
+                .transpose()?,
             disabled: row.try_get::<Option<i64>, _>("disabled_at")?.is_some(),
         })
     }
@@ -174,6 +180,9 @@ pub struct NewClient {
     pub signing_alg: Option<SigningAlg>,
     #[serde(default)]
     pub access_token_ttl: Option<i64>,
+    /// For `private_key_jwt`: the client's public keys, as a JWK Set.
+    #[serde(default)]
+    pub jwks: Option<serde_json::Value>,
 }
 
 /// Why a client could not be registered or read.
@@ -233,8 +242,8 @@ impl Clients {
         let grant_types: Vec<&str> = new.grant_types.iter().map(|g| g.name()).collect();
         let inserted = sqlx::query(
             "INSERT INTO clients (client_id, name, auth_method, secret_hash, redirect_uris, \
-             grant_types, scopes, audiences, signing_alg, access_token_ttl, created_at) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
+             grant_types, scopes, audiences, signing_alg, access_token_ttl, created_at, jwks) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
              ON CONFLICT (client_id) DO NOTHING",
         )
         .bind(&client_id)
@@ -248,6 +257,7 @@ impl Clients {
         .bind(new.signing_alg.map(SigningAlg::name))
         .bind(new.access_token_ttl)
         .bind(now)
+        .bind(new.jwks.as_ref().map(serde_json::Value::to_string))
         .execute(self.db.pool())
         .await?;
         if inserted.rows_affected() == 0 {
@@ -310,8 +320,16 @@ fn validate(new: &NewClient) -> Result<(), ClientError> {
             "a public client cannot use client_credentials: it has no credentials".to_owned(),
         );
     }
-    if new.auth_method == AuthMethod::PrivateKeyJwt {
-        return invalid("private_key_jwt is not supported yet".to_owned());
+    match (new.auth_method, &new.jwks) {
+        (AuthMethod::PrivateKeyJwt, Some(jwks)) if crate::assertion::valid_jwks(jwks) => {}
+        (AuthMethod::PrivateKeyJwt, _) => {
+            return invalid(
+                "private_key_jwt needs jwks: a JWK Set of 1 to 10 public RSA, EC or OKP keys"
+                    .to_owned(),
+            );
+        }
+        (_, Some(_)) => return invalid("jwks is only for private_key_jwt clients".to_owned()),
+        (_, None) => {}
     }
     if new.grant_types.contains(&GrantType::AuthorizationCode) && new.redirect_uris.is_empty() {
         return invalid("authorization_code needs at least one redirect URI".to_owned());
@@ -374,6 +392,7 @@ mod tests {
             audiences: vec!["keel-api".into()],
             signing_alg: None,
             access_token_ttl: None,
+            jwks: None,
         }
     }
 

@@ -19,11 +19,7 @@ const JWKS_MAX_AGE: &str = "public, max-age=300";
 
 pub(crate) fn document(issuer: &str) -> Value {
     let algs: Vec<&str> = SigningAlg::ALL.iter().map(|alg| alg.name()).collect();
-    let auth_methods: Vec<&str> = AuthMethod::ALL
-        .iter()
-        .filter(|m| **m != AuthMethod::PrivateKeyJwt)
-        .map(|m| m.name())
-        .collect();
+    let auth_methods: Vec<&str> = AuthMethod::ALL.iter().map(|m| m.name()).collect();
     json!({
         "issuer": issuer,
         "authorization_endpoint": format!("{issuer}/authorize"),
@@ -39,7 +35,8 @@ pub(crate) fn document(issuer: &str) -> Value {
         "response_modes_supported": ["query"],
         "code_challenge_methods_supported": ["S256"],
         "token_endpoint_auth_methods_supported": auth_methods,
-        "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post"],
+        "introspection_endpoint_auth_methods_supported": ["client_secret_basic", "client_secret_post", "private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": ["RS256", "ES256", "EdDSA"],
         "revocation_endpoint_auth_methods_supported": auth_methods,
         "scopes_supported": ["openid", "profile", "email"],
         "claims_supported": ["iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "acr", "amr", "at_hash", "preferred_username", "name", "email"],

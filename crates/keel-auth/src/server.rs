@@ -423,6 +423,7 @@ impl AuthAdmin {
                 audiences: vec![],
                 signing_alg: None,
                 access_token_ttl: None,
+                jwks: None,
             })
             .await
             .map_err(|e| failed(&e))?;

@@ -15,6 +15,7 @@ use base64::engine::general_purpose::STANDARD;
 use http::{HeaderMap, HeaderValue, header};
 use serde_json::{Value, json};
 
+use crate::assertion::{self, JWT_BEARER, claimed_client};
 use crate::audit::{Event, EventKind};
 use crate::authorize::pkce_matches;
 use crate::clients::{AuthMethod, Client, GrantType, is_valid_client_id};
@@ -97,12 +98,20 @@ enum Presented {
     Public {
         id: String,
     },
+    /// A signed assertion (`private_key_jwt`); the id is the one it claims.
+    Assertion {
+        id: String,
+        assertion: String,
+    },
 }
 
 impl Presented {
     fn id(&self) -> &str {
         match self {
-            Self::Basic { id, .. } | Self::Post { id, .. } | Self::Public { id } => id,
+            Self::Basic { id, .. }
+            | Self::Post { id, .. }
+            | Self::Public { id }
+            | Self::Assertion { id, .. } => id,
         }
     }
 
@@ -111,6 +120,7 @@ impl Presented {
             Self::Basic { .. } => AuthMethod::ClientSecretBasic,
             Self::Post { .. } => AuthMethod::ClientSecretPost,
             Self::Public { .. } => AuthMethod::None,
+            Self::Assertion { .. } => AuthMethod::PrivateKeyJwt,
         }
     }
 }
@@ -151,6 +161,29 @@ fn form_decode(text: &str) -> Option<String> {
 fn presented(headers: &HeaderMap, params: &Params) -> Result<Presented, OAuthError> {
     let body_id = params.get("client_id");
     let body_secret = params.get("client_secret");
+    if let Some(assertion) = params.get("client_assertion") {
+        if params.get("client_assertion_type") != Some(JWT_BEARER) {
+            return Err(OAuthError::invalid_request(
+                "client_assertion_type must be urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ));
+        }
+        if body_secret.is_some() || headers.contains_key(header::AUTHORIZATION) {
+            return Err(OAuthError::invalid_request(
+                "use one client authentication method",
+            ));
+        }
+        let id = claimed_client(assertion)
+            .ok_or_else(|| OAuthError::invalid_client("malformed client assertion"))?;
+        if body_id.is_some_and(|body_id| body_id != id) {
+            return Err(OAuthError::invalid_request(
+                "client_id differs from the assertion's issuer",
+            ));
+        }
+        return Ok(Presented::Assertion {
+            id,
+            assertion: assertion.to_owned(),
+        });
+    }
     if let Some(value) = headers.get(header::AUTHORIZATION) {
         let (id, secret) = basic_credentials(value)
             .ok_or_else(|| OAuthError::invalid_client("malformed Basic client credentials"))?;
@@ -204,6 +237,9 @@ async fn authenticate(
             (!client.secret_matches(&state.secrets, secret)).then_some("wrong secret")
         }
         (Some(_), Presented::Public { .. }) => None,
+        (Some(client), Presented::Assertion { assertion, .. }) => {
+            assertion::verify(state, client, assertion).await.err()
+        }
     };
     match (refused, client) {
         (None, Some(client)) => Ok(client),

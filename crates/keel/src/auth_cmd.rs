@@ -239,6 +239,7 @@ pub async fn run(args: AuthArgs, config: KeelConfig) -> anyhow::Result<()> {
                     audiences,
                     signing_alg: None,
                     access_token_ttl: None,
+                    jwks: None,
                 })
                 .await?;
             println!("client {}", client.client_id);

@@ -47,6 +47,7 @@ pub async fn flow(store: &Store) -> Flow {
             audiences: vec![],
             signing_alg: None,
             access_token_ttl: None,
+            jwks: None,
         })
         .await
         .unwrap();

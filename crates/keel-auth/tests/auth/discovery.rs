@@ -37,7 +37,12 @@ async fn both_metadata_documents_say_what_is_supported() {
         );
         assert_eq!(
             oidc["token_endpoint_auth_methods_supported"],
-            serde_json::json!(["client_secret_basic", "client_secret_post", "none"])
+            serde_json::json!([
+                "client_secret_basic",
+                "client_secret_post",
+                "private_key_jwt",
+                "none"
+            ])
         );
     }
 }

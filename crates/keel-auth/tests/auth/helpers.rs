@@ -88,6 +88,7 @@ impl App {
                 audiences: vec!["keel-api".into()],
                 signing_alg,
                 access_token_ttl: None,
+                jwks: None,
             })
             .await
             .unwrap();
@@ -182,5 +183,6 @@ pub fn new_client(
         audiences: vec![],
         signing_alg: None,
         access_token_ttl: None,
+        jwks: None,
     }
 }

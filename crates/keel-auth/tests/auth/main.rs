@@ -16,4 +16,5 @@ mod introspect;
 mod keys;
 mod login;
 mod logout;
+mod private_key_jwt;
 mod rbac;
