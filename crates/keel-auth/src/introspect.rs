@@ -36,7 +36,10 @@ enum Live {
 
 /// The access token `token` if it is one of ours, unexpired and not revoked (alone or with
 /// its grant).
-async fn live_access_token(state: &AppState, token: &str) -> Result<Option<Value>, OAuthError> {
+pub(crate) async fn live_access_token(
+    state: &AppState,
+    token: &str,
+) -> Result<Option<Value>, OAuthError> {
     let now = state.clock.now();
     let Some(claims) = state.keys.verify(token, "at+jwt", now) else {
         return Ok(None);
@@ -225,32 +228,38 @@ pub(crate) async fn revoke(
     }
 }
 
-/// `GET`/`POST /userinfo`: the signed-in user's claims, for an access token with `openid`
-/// (OIDC Core §5.3). Errors are RFC 6750's, in `WWW-Authenticate`.
-pub(crate) async fn userinfo(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    let challenge = |status: StatusCode, error: &str| {
-        let mut response = status.into_response();
-        let value = format!("Bearer realm=\"keel\", error=\"{error}\"");
-        if let Ok(value) = HeaderValue::from_str(&value) {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, value);
-        }
-        response
-    };
-    let token = headers
+/// The token of an `Authorization: Bearer` header (RFC 6750 §2.1).
+pub(crate) fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
-        .map(|(_, token)| token.trim());
-    let Some(token) = token else {
-        let mut response = StatusCode::UNAUTHORIZED.into_response();
-        response.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static("Bearer realm=\"keel\""),
-        );
-        return response;
+        .map(|(_, token)| token.trim())
+}
+
+/// `response` with an RFC 6750 `WWW-Authenticate: Bearer` challenge, naming `error` when
+/// there is one.
+pub(crate) fn with_challenge(mut response: Response, error: Option<&str>) -> Response {
+    let value = match error {
+        Some(error) => format!("Bearer realm=\"keel\", error=\"{error}\""),
+        None => "Bearer realm=\"keel\"".to_owned(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, value);
+    }
+    response
+}
+
+/// `GET`/`POST /userinfo`: the signed-in user's claims, for an access token with `openid`
+/// (OIDC Core §5.3). Errors are RFC 6750's, in `WWW-Authenticate`.
+pub(crate) async fn userinfo(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    let challenge =
+        |status: StatusCode, error: &str| with_challenge(status.into_response(), Some(error));
+    let Some(token) = bearer(&headers) else {
+        return with_challenge(StatusCode::UNAUTHORIZED.into_response(), None);
     };
     let claims = match live_access_token(&state, token).await {
         Ok(Some(claims)) => claims,

@@ -7,6 +7,7 @@
 //! token endpoint with the client credentials grant issuing RFC 9068 access tokens, and
 //! the audit trail. The other grants, endpoints, users and RBAC follow (ARCHITECTURE.md).
 
+pub mod admin_api;
 mod assertion;
 pub mod audit;
 mod authorize;

@@ -25,7 +25,7 @@ use crate::rbac::{Holdings, Rbac, RbacError, Role, Subject};
 use crate::scope::Scopes;
 use crate::throttle::AddressFailures;
 use crate::users::{NewUser, PasswordHashing, User, UserError, Users};
-use crate::{authorize, device, introspect, logout, metadata, token};
+use crate::{admin_api, authorize, device, introspect, logout, metadata, token};
 use base64::Engine;
 
 /// How often the signing keys are read again from the database: well within the key
@@ -339,6 +339,10 @@ pub struct Seeded {
 }
 
 impl AuthAdmin {
+    pub(crate) fn from_state(state: Arc<AppState>) -> Self {
+        Self(state)
+    }
+
     /// Administration of the database `config` names, without serving: for the CLI
     /// (`keel auth user add`, …). Servers on the same database see the changes.
     pub async fn open(config: AuthConfig) -> Result<Self, StartError> {
@@ -613,6 +617,7 @@ fn router(state: Arc<AppState>) -> Router {
             "/userinfo",
             get(introspect::userinfo).post(introspect::userinfo),
         )
+        .merge(admin_api::router())
         .layer(DefaultBodyLimit::max(max_body))
         .with_state(state)
 }

@@ -5,6 +5,7 @@
 
 mod helpers;
 
+mod admin_api;
 mod authorization_code;
 mod browser;
 mod client_credentials;
