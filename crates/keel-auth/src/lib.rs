@@ -26,6 +26,7 @@ mod metadata;
 pub mod rbac;
 pub mod scope;
 mod server;
+mod sweep;
 mod throttle;
 mod token;
 pub mod users;

@@ -32,6 +32,9 @@ use base64::Engine;
 /// set's cache lifetime (`Cache-Control: max-age=300`).
 const KEY_RELOAD_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// Sweeps of expired rows happen every this many key reloads (5 minutes).
+const SWEEP_EVERY: u64 = 5;
+
 /// Why the demo data could not be made.
 #[derive(Debug, thiserror::Error)]
 #[error("seeding the demo users and client: {0}")]
@@ -465,6 +468,12 @@ impl AuthAdmin {
         Ok(kids)
     }
 
+    /// Deletes expired codes, sessions and token records now (servers also do it every
+    /// five minutes); returns how many rows went.
+    pub async fn sweep(&self) -> Result<u64, sqlx::Error> {
+        crate::sweep::sweep(&self.0.db, self.0.clock.now()).await
+    }
+
     /// The user named `username`.
     pub async fn find_user(&self, username: &str) -> Result<Option<User>, UserError> {
         Ok(self
@@ -738,11 +747,18 @@ impl Server for AuthServer {
         // Keys other servers on the database made (or rotated) reach this one's key set
         // and signing within a reload interval.
         let state = Arc::clone(&self.state);
+        // Expired codes, sessions and token records are swept every few reloads.
         let reloading = tokio::spawn(async move {
-            loop {
+            for round in 1_u64.. {
                 tokio::time::sleep(KEY_RELOAD_INTERVAL).await;
                 if let Err(error) = state.keys.reload(&state.db, &state.secrets).await {
                     tracing::warn!(%error, "signing keys not reloaded; keeping the ones loaded");
+                }
+                if round % SWEEP_EVERY == 0 {
+                    match crate::sweep::sweep(&state.db, state.clock.now()).await {
+                        Ok(removed) => tracing::debug!(removed, "expired rows swept"),
+                        Err(error) => tracing::warn!(%error, "expired rows not swept"),
+                    }
                 }
             }
         });

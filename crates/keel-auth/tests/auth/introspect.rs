@@ -248,3 +248,24 @@ async fn userinfo_answers_for_live_openid_tokens() {
         );
     }
 }
+
+#[tokio::test]
+async fn expired_records_are_swept_and_live_ones_kept() {
+    for store in stores().await {
+        let mut flow = flow(&store).await;
+        let (resource, tokens) = setup(&mut flow).await;
+        let refresh = token(&tokens, "refresh_token");
+        assert_eq!(
+            flow.app.admin.sweep().await.unwrap(),
+            0,
+            "nothing has expired"
+        );
+        // Past the lives of the access token, the session and the code (plus the replay
+        // memory), not the refresh token's (30 days).
+        flow.app.admin.clock().advance(25 * 3600);
+        assert!(flow.app.admin.sweep().await.unwrap() >= 2);
+        let live = introspect(&flow.app, &resource, &refresh).await;
+        assert_eq!(live["active"], true, "the refresh token outlives the sweep");
+        assert_eq!(flow.refresh(&refresh).await.status, 200);
+    }
+}
