@@ -494,6 +494,7 @@ pub(crate) async fn authorize(
             &csrf,
             "",
             None,
+            false,
         );
         return with_cookie(page, new_cookie);
     };
@@ -710,6 +711,7 @@ pub(crate) async fn login(
         peer.ip(),
         username,
         password,
+        form.get("otp"),
         Some(&request.client.client_id),
     )
     .await;
@@ -720,14 +722,15 @@ pub(crate) async fn login(
         at: now,
     } = match signed_in {
         Ok(signed_in) => signed_in,
-        Err((status, message)) => {
+        Err(refusal) => {
             return html::login_page(
-                status,
+                refusal.status,
                 &request.client.name,
                 &query,
                 csrf,
                 username,
-                Some(&message),
+                Some(&refusal.message),
+                refusal.ask_code,
             );
         }
     };
@@ -742,6 +745,51 @@ pub(crate) async fn login(
     )
     .await;
     with_cookie(response, Some(cookie))
+}
+
+/// Why a sign-in failed: the status and message the page shows, and whether it should
+/// ask for the second factor's code.
+pub(crate) struct SignInRefusal {
+    pub(crate) status: StatusCode,
+    pub(crate) message: String,
+    pub(crate) ask_code: bool,
+}
+
+impl SignInRefusal {
+    fn new(status: StatusCode, message: &str) -> Self {
+        Self {
+            status,
+            message: message.to_owned(),
+            ask_code: false,
+        }
+    }
+}
+
+/// Whether `code` is `user`'s current TOTP code, not used before.
+async fn second_factor(state: &AppState, user: &User, code: &str, now: i64) -> bool {
+    let Ok(Some(sealed)) = state.users.totp_secret(&user.user_id).await else {
+        return false;
+    };
+    let Ok(secret) = state
+        .secrets
+        .open(totp_context(&user.user_id).as_bytes(), &sealed)
+    else {
+        tracing::error!(user_id = %user.user_id, "TOTP secret does not open");
+        return false;
+    };
+    match crate::totp::matching_step(&secret, code, now) {
+        Some(step) => state
+            .users
+            .use_totp_step(&user.user_id, step)
+            .await
+            .unwrap_or(false),
+        None => false,
+    }
+}
+
+/// What a user's sealed TOTP secret is bound to.
+pub(crate) fn totp_context(user_id: &str) -> String {
+    format!("totp|{user_id}")
 }
 
 /// A user who just signed in, their new session (its secret and the cookie that sets it)
@@ -761,8 +809,9 @@ pub(crate) async fn sign_in(
     ip: IpAddr,
     username: &str,
     password: &str,
+    otp: Option<&str>,
     client_id: Option<&str>,
-) -> Result<SignedIn, (StatusCode, String)> {
+) -> Result<SignedIn, SignInRefusal> {
     let now = state.clock.now();
     let failed = |detail: &str| Event {
         subject: Some(username),
@@ -776,9 +825,9 @@ pub(crate) async fn sign_in(
             .audit
             .record(now, EventKind::LoginFailed, false, event)
             .await;
-        return Err((
+        return Err(SignInRefusal::new(
             StatusCode::TOO_MANY_REQUESTS,
-            "Too many failed sign-ins from your network. Try again later.".to_owned(),
+            "Too many failed sign-ins from your network. Try again later.",
         ));
     }
     let found = state.users.find_for_login(username).await.ok().flatten();
@@ -792,7 +841,10 @@ pub(crate) async fn sign_in(
             .audit
             .record(now, EventKind::LoginFailed, false, event)
             .await;
-        return Err((StatusCode::FORBIDDEN, locked_message(until - now)));
+        return Err(SignInRefusal::new(
+            StatusCode::FORBIDDEN,
+            &locked_message(until - now),
+        ));
     }
     let matched = state
         .hashing
@@ -802,6 +854,28 @@ pub(crate) async fn sign_in(
     let user = found
         .map(|(user, _)| user)
         .filter(|user| matched && !user.disabled);
+    // The second factor, for users who enabled it: the password alone asks for the code
+    // (no failure counted); a wrong or reused code counts as a failed sign-in.
+    let (user, second_factor_failed) = match user {
+        Some(user) if user.totp => match otp.filter(|code| !code.is_empty()) {
+            None => {
+                return Err(SignInRefusal {
+                    status: StatusCode::UNAUTHORIZED,
+                    message: "Enter the 6-digit code from your authenticator app.".to_owned(),
+                    ask_code: true,
+                });
+            }
+            Some(code) => {
+                let accepted = second_factor(state, &user, code, now).await;
+                if accepted {
+                    (Some(user), false)
+                } else {
+                    (None, true)
+                }
+            }
+        },
+        other => (other, false),
+    };
     let Some(user) = user else {
         state.address_failures.record(ip, now);
         let locked = match found_id {
@@ -818,12 +892,18 @@ pub(crate) async fn sign_in(
             .audit
             .record(now, EventKind::LoginFailed, false, event)
             .await;
-        return Err(match locked {
-            Some(until) => (StatusCode::FORBIDDEN, locked_message(until - now)),
-            None => (
-                StatusCode::UNAUTHORIZED,
-                "Wrong username or password.".to_owned(),
-            ),
+        return Err(match (locked, second_factor_failed) {
+            (Some(until), _) => {
+                SignInRefusal::new(StatusCode::FORBIDDEN, &locked_message(until - now))
+            }
+            (None, true) => SignInRefusal {
+                status: StatusCode::UNAUTHORIZED,
+                message: "Wrong or already used code. Enter the current one.".to_owned(),
+                ask_code: true,
+            },
+            (None, false) => {
+                SignInRefusal::new(StatusCode::UNAUTHORIZED, "Wrong username or password.")
+            }
         });
     };
     if let Err(error) = state.users.record_success(&user.user_id).await {
@@ -842,9 +922,9 @@ pub(crate) async fn sign_in(
     .await;
     if let Err(error) = stored {
         tracing::error!(%error, "login session not stored");
-        return Err((
+        return Err(SignInRefusal::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "The server could not sign you in. Try again later.".to_owned(),
+            "The server could not sign you in. Try again later.",
         ));
     }
     let event = Event {

@@ -240,7 +240,7 @@ pub(crate) async fn page(
                 .secrets
                 .csrf_token(&csrf_binding(Purpose::DeviceLogin, &cookie, ""));
             with_cookie(
-                sign_in_page(StatusCode::OK, &csrf, &user_code, "", None),
+                sign_in_page(StatusCode::OK, &csrf, &user_code, "", None, false),
                 new_cookie,
             )
         }
@@ -282,7 +282,7 @@ pub(crate) async fn post(
             return forbidden();
         }
         let password = form.get("password").unwrap_or_default();
-        return match sign_in(&state, peer.ip(), username, password, None).await {
+        return match sign_in(&state, peer.ip(), username, password, form.get("otp"), None).await {
             Ok(signed_in) => {
                 let page = approval_page(
                     &state,
@@ -294,9 +294,14 @@ pub(crate) async fn post(
                 .await;
                 with_cookie(page, Some(signed_in.cookie))
             }
-            Err((status, message)) => {
-                sign_in_page(status, csrf, &user_code, username, Some(&message))
-            }
+            Err(refusal) => sign_in_page(
+                refusal.status,
+                csrf,
+                &user_code,
+                username,
+                Some(&refusal.message),
+                refusal.ask_code,
+            ),
         };
     }
     let Some((user, auth_time)) = session_user(&state, &headers).await else {
@@ -403,6 +408,7 @@ fn sign_in_page(
     user_code: &str,
     username: &str,
     error: Option<&str>,
+    ask_code: bool,
 ) -> Response {
     let error = error.map_or_else(String::new, |e| {
         format!("<p class=\"error\" role=\"alert\">{}</p>", escape(e))
@@ -420,10 +426,11 @@ fn sign_in_page(
              <input type=\"text\" id=\"username\" name=\"username\" value=\"{username}\" autocomplete=\"username\" required>\
              <label for=\"password\">Password</label>\
              <input type=\"password\" id=\"password\" name=\"password\" autocomplete=\"current-password\" required>\
-             <button type=\"submit\">Sign in</button></form>",
+             {otp}<button type=\"submit\">Sign in</button></form>",
             csrf = escape(csrf),
             code = escape(user_code),
             username = escape(username),
+            otp = if ask_code { html::code_field() } else { "" },
         ),
     )
 }

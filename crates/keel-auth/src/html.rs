@@ -91,6 +91,7 @@ pub fn login_page(
     csrf: &str,
     username: &str,
     error: Option<&str>,
+    ask_code: bool,
 ) -> Response {
     let error = error.map_or_else(String::new, |e| {
         format!("<p class=\"error\" role=\"alert\">{}</p>", escape(e))
@@ -105,12 +106,20 @@ pub fn login_page(
              <input type=\"text\" id=\"username\" name=\"username\" value=\"{username}\" autocomplete=\"username\" required autofocus>\
              <label for=\"password\">Password</label>\
              <input type=\"password\" id=\"password\" name=\"password\" autocomplete=\"current-password\" required>\
-             <button type=\"submit\">Sign in</button></form>",
+             {code}<button type=\"submit\">Sign in</button></form>",
             client = escape(client_name),
             fields = flow_fields(request, csrf),
             username = escape(username),
+            code = if ask_code { code_field() } else { "" },
         ),
     )
+}
+
+/// The second factor's field, shown once the password was right.
+pub fn code_field() -> &'static str {
+    "<label for=\"otp\">Code from your authenticator app</label>\
+     <input type=\"text\" id=\"otp\" name=\"otp\" inputmode=\"numeric\" pattern=\"[0-9]{6}\" \
+     autocomplete=\"one-time-code\" required autofocus>"
 }
 
 /// Asks the signed-in user to let `client_name` have `scopes`.
@@ -172,6 +181,7 @@ mod tests {
             "tok",
             "",
             Some("<i>bad</i>"),
+            false,
         );
         let headers = response.headers();
         assert_eq!(headers[header::X_FRAME_OPTIONS], "DENY");

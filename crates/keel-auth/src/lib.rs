@@ -29,6 +29,7 @@ mod server;
 mod sweep;
 mod throttle;
 mod token;
+pub mod totp;
 pub mod users;
 
 pub use clients::{AuthMethod, Client, Clients, GrantType, NewClient};

@@ -238,9 +238,10 @@ impl AppState {
             ),
             "iat": now,
             "auth_time": id.auth_time,
-            // Level 1 (a password, RFC 8176 "pwd"); a second factor raises it.
-            "acr": "1",
-            "amr": ["pwd"],
+            // Level 1 for a password (RFC 8176 "pwd"), 2 with the second factor: every
+            // session of a user with TOTP passed it (enabling it ends older sessions).
+            "acr": if user.totp { "2" } else { "1" },
+            "amr": if user.totp { json!(["pwd", "otp"]) } else { json!(["pwd"]) },
             "at_hash": at_hash(alg, access_token),
         });
         if let Some(nonce) = id.nonce {
@@ -472,6 +473,39 @@ impl AuthAdmin {
     /// five minutes); returns how many rows went.
     pub async fn sweep(&self) -> Result<u64, sqlx::Error> {
         crate::sweep::sweep(&self.0.db, self.0.clock.now()).await
+    }
+
+    /// Turns on the TOTP second factor for `user_id` with a new secret, ends the user's
+    /// sessions and grants, and returns the `otpauth://` URI to put in an authenticator
+    /// app (shown once).
+    pub async fn enable_totp(&self, user_id: &str) -> Result<String, UserError> {
+        let state = &self.0;
+        let Some(user) = state.users.find(user_id).await? else {
+            return Err(UserError::Invalid(format!("no user {user_id:?}")));
+        };
+        let mut secret = [0u8; 20];
+        state.secrets.fill_random(&mut secret);
+        let sealed = state
+            .secrets
+            .seal(crate::authorize::totp_context(user_id).as_bytes(), &secret);
+        let now = state.clock.now();
+        state.users.set_totp(user_id, &sealed, now).await?;
+        let event = Event {
+            subject: Some(user_id),
+            detail: Some("second factor (TOTP) enabled".to_owned()),
+            ..Event::default()
+        };
+        state
+            .audit
+            .record(now, EventKind::AdminChange, true, event)
+            .await;
+        let label: String =
+            url::form_urlencoded::byte_serialize(format!("Keel:{}", user.username).as_bytes())
+                .collect();
+        Ok(format!(
+            "otpauth://totp/{label}?secret={}&issuer=Keel&algorithm=SHA1&digits=6&period=30",
+            crate::totp::base32(&secret)
+        ))
     }
 
     /// The user named `username`.

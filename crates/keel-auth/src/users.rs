@@ -30,6 +30,8 @@ pub struct User {
     pub disabled: bool,
     /// Until when sign-ins are refused after too many failures (Unix seconds).
     pub locked_until: Option<i64>,
+    /// Whether signing in also takes a TOTP code.
+    pub totp: bool,
 }
 
 impl User {
@@ -41,6 +43,7 @@ impl User {
             name: row.try_get("name")?,
             disabled: row.try_get::<Option<i64>, _>("disabled_at")?.is_some(),
             locked_until: row.try_get("locked_until")?,
+            totp: row.try_get::<Option<Vec<u8>>, _>("totp_secret")?.is_some(),
         })
     }
 }
@@ -189,6 +192,7 @@ impl Users {
             name: new.name,
             disabled: false,
             locked_until: None,
+            totp: false,
         })
     }
 
@@ -235,6 +239,58 @@ impl Users {
             .execute(self.db.pool())
             .await?;
         Ok(Some(until))
+    }
+
+    /// The sealed TOTP secret of `user_id`.
+    pub async fn totp_secret(&self, user_id: &str) -> Result<Option<Vec<u8>>, UserError> {
+        Ok(
+            sqlx::query_scalar("SELECT totp_secret FROM users WHERE user_id = $1")
+                .bind(user_id)
+                .fetch_optional(self.db.pool())
+                .await?
+                .flatten(),
+        )
+    }
+
+    /// Stores a sealed TOTP secret; sign-ins from now on need a code. The user's sessions
+    /// and grants end, so that every session and token after this passed the second
+    /// factor (what `amr` then says).
+    pub async fn set_totp(&self, user_id: &str, sealed: &[u8], now: i64) -> Result<(), UserError> {
+        let mut tx = self.db.pool().begin().await?;
+        sqlx::query("UPDATE users SET totp_secret = $1, totp_last_step = NULL WHERE user_id = $2")
+            .bind(sealed)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM login_sessions WHERE user_id = $1")
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "UPDATE token_families SET revoked_at = $1, revoked_reason = 'second factor enabled' \
+             WHERE user_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(now)
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Marks TOTP step `step` used; false when it (or a later one) was used already, so
+    /// that a code works once.
+    pub async fn use_totp_step(&self, user_id: &str, step: i64) -> Result<bool, UserError> {
+        let marked = sqlx::query(
+            "UPDATE users SET totp_last_step = $1 WHERE user_id = $2 \
+             AND (totp_last_step IS NULL OR totp_last_step < $3)",
+        )
+        .bind(step)
+        .bind(user_id)
+        .bind(step)
+        .execute(self.db.pool())
+        .await?;
+        Ok(marked.rows_affected() == 1)
     }
 
     /// A successful sign-in clears the failures.

@@ -64,6 +64,9 @@ enum UserCommand {
         #[arg(long)]
         password_stdin: bool,
     },
+    /// Turn on the TOTP second factor for a user (ending their sessions) and print the
+    /// otpauth:// URI for their authenticator app.
+    Totp { username: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -159,6 +162,13 @@ pub async fn run(args: AuthArgs, config: KeelConfig) -> anyhow::Result<()> {
             if generated {
                 println!("password {password}");
             }
+            Ok(())
+        }
+        AuthCommand::User(UserCommand::Totp { username }) => {
+            let Some(user) = admin.find_user(&username).await? else {
+                bail!("no user named {username:?}");
+            };
+            println!("{}", admin.enable_totp(&user.user_id).await?);
             Ok(())
         }
         AuthCommand::Role(RoleCommand::Add {

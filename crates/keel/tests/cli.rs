@@ -263,6 +263,13 @@ fn auth_administers_users_roles_and_clients() {
     assert!(String::from_utf8_lossy(&user.stdout).starts_with("user bob"));
     let generated = run(&["user", "add", "carol"], None);
     assert!(String::from_utf8_lossy(&generated.stdout).contains("password "));
+    let totp = run(&["user", "totp", "bob"], None);
+    assert!(
+        totp.status.success(),
+        "{}",
+        String::from_utf8_lossy(&totp.stderr)
+    );
+    assert!(String::from_utf8_lossy(&totp.stdout).starts_with("otpauth://totp/Keel%3Abob?secret="));
     let role = run(&["role", "add", "editor", "--scopes", "docs:write"], None);
     assert!(
         role.status.success(),

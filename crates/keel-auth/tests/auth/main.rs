@@ -19,3 +19,4 @@ mod login;
 mod logout;
 mod private_key_jwt;
 mod rbac;
+mod second_factor;

@@ -1,0 +1,105 @@
+//! The TOTP second factor.
+
+use crate::authorization_code::{
+    PASSWORD, REDIRECT, VERIFIER, authorize_query, claims, flow, log_in,
+};
+use crate::browser::Browser;
+use crate::helpers::*;
+
+/// RFC 4648 base32 (no padding) back to bytes.
+fn unbase32(text: &str) -> Vec<u8> {
+    let (mut out, mut buffer, mut bits) = (Vec::new(), 0u32, 0u32);
+    for c in text.bytes() {
+        let value = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'2'..=b'7' => c - b'2' + 26,
+            _ => panic!("not base32: {text}"),
+        };
+        buffer = (buffer << 5) | u32::from(value);
+        bits += 5;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((buffer >> bits) as u8);
+        }
+    }
+    out
+}
+
+async fn sign_in_with(browser: &mut Browser, otp: Option<&str>) -> crate::browser::Page {
+    let login = browser.get(&authorize_query(&[])).await;
+    let (csrf, request) = (login.field("csrf"), login.field("request"));
+    match otp {
+        None => log_in(browser, "alice", PASSWORD, &csrf, &request).await,
+        Some(code) => {
+            browser
+                .post(
+                    "/login",
+                    &[
+                        ("username", "alice"),
+                        ("password", PASSWORD),
+                        ("otp", code),
+                        ("csrf", &csrf),
+                        ("request", &request),
+                    ],
+                )
+                .await
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_user_with_totp_signs_in_with_password_and_a_fresh_code() {
+    for store in stores().await {
+        let mut flow = flow(&store).await;
+        // Tokens from before: enabling the second factor ends them.
+        let code = flow.code().await;
+        let before = flow.exchange(&code, Some(VERIFIER), REDIRECT).await;
+
+        let uri = flow.app.admin.enable_totp(&flow.user_id).await.unwrap();
+        assert!(
+            uri.starts_with("otpauth://totp/Keel%3Aalice?secret="),
+            "{uri}"
+        );
+        let secret = uri
+            .split("secret=")
+            .nth(1)
+            .unwrap()
+            .split('&')
+            .next()
+            .unwrap();
+        let secret = unbase32(secret);
+        flow.refresh(before.body["refresh_token"].as_str().unwrap())
+            .await
+            .assert_error(400, "invalid_grant");
+
+        let mut browser = Browser::new(&flow.app.server.url);
+        let asked = sign_in_with(&mut browser, None).await;
+        assert_eq!(asked.status, 401);
+        assert!(asked.body.contains("name=\"otp\""), "{}", asked.body);
+        let now = flow.app.admin.clock().now();
+        let stale = keel_auth::totp::code_at(&secret, now - 3600);
+        let wrong = sign_in_with(&mut browser, Some(&stale)).await;
+        assert_eq!(wrong.status, 401);
+        assert!(wrong.body.contains("Wrong or already used code"));
+
+        let current = keel_auth::totp::code_at(&secret, now);
+        // Consent was given before: signed in, the browser goes straight back with a code.
+        let redirect = sign_in_with(&mut browser, Some(&current)).await;
+        assert_eq!(redirect.status, 303, "{}", redirect.body);
+        let tokens = flow
+            .exchange(
+                &redirect.redirect_params()["code"],
+                Some(VERIFIER),
+                REDIRECT,
+            )
+            .await;
+        let id = claims(tokens.body["id_token"].as_str().unwrap());
+        assert_eq!(id["amr"], serde_json::json!(["pwd", "otp"]));
+        assert_eq!(id["acr"], "2");
+
+        // The same code again, in another browser: used already.
+        let mut other = Browser::new(&flow.app.server.url);
+        let replay = sign_in_with(&mut other, Some(&current)).await;
+        assert_eq!(replay.status, 401);
+    }
+}
