@@ -75,11 +75,16 @@ impl FromRequestParts<Arc<AppState>> for Admin {
             }
             Err(error) => return Err(error.into_response()),
         };
-        let is_admin = claims
-            .get("roles")
-            .and_then(Value::as_array)
-            .is_some_and(|roles| roles.iter().any(|role| role == ADMIN_ROLE));
-        if !is_admin {
+        // The token must have been asked for administration (the `keel-admin` scope,
+        // which only the role's holders are granted), and the caller must hold the role
+        // now, not only when the token was issued: a revoked role or a disabled user stops
+        // at once.
+        let scoped = claims
+            .get("scope")
+            .and_then(Value::as_str)
+            .is_some_and(|scope| scope.split(' ').any(|s| s == ADMIN_ROLE));
+        let holds_now = scoped && holds_admin_now(state, &claims).await;
+        if !holds_now {
             return Err(refuse(
                 Problem::forbidden(format!("the {ADMIN_ROLE} role is required")),
                 Some("insufficient_scope"),
@@ -87,6 +92,29 @@ impl FromRequestParts<Arc<AppState>> for Admin {
         }
         Ok(Self(AuthAdmin::from_state(Arc::clone(state))))
     }
+}
+
+/// Whether the token's subject (a user, or for client credentials the client) holds the
+/// admin role now and is still active.
+async fn holds_admin_now(state: &AppState, claims: &Value) -> bool {
+    let text = |name: &str| claims.get(name).and_then(Value::as_str);
+    let (Some(subject), Some(client_id)) = (text("sub"), text("client_id")) else {
+        return false;
+    };
+    // Client ids and user ids never coincide (registration refuses it).
+    let holder = if subject == client_id {
+        Subject::Client(client_id.to_owned())
+    } else {
+        match state.users.find(subject).await {
+            Ok(Some(user)) if !user.disabled => Subject::User(user.user_id),
+            _ => return false,
+        }
+    };
+    state
+        .rbac
+        .holdings(&holder)
+        .await
+        .is_ok_and(|holdings| holdings.all_roles().iter().any(|role| role == ADMIN_ROLE))
 }
 
 fn problem_of(error: &dyn std::fmt::Display, status: StatusCode) -> Response {

@@ -66,7 +66,7 @@ fn key_verifies(key: &Value, alg: &str, message: &[u8], signature: &[u8]) -> boo
 }
 
 /// Checks `assertion` for `client`: signed by one of its registered keys, `iss` and
-/// `sub` the client, `aud` this server (its token endpoint or issuer), unexpired and
+/// `sub` the client, `aud` exactly this server's issuer identifier, unexpired and
 /// short-lived, with a `jti` never seen before. The error is the reason, for the audit.
 pub(crate) async fn verify(
     state: &AppState,
@@ -105,13 +105,11 @@ pub(crate) async fn verify(
     if text("iss") != Some(&client.client_id) || text("sub") != Some(&client.client_id) {
         return Err("assertion iss and sub must be the client id");
     }
-    let token_endpoint = format!("{}/token", state.issuer);
-    let ours = |aud: &str| aud == token_endpoint || aud == state.issuer;
-    let audience_ok = match claims.get("aud") {
-        Some(Value::String(aud)) => ours(aud),
-        Some(Value::Array(auds)) => auds.iter().filter_map(Value::as_str).any(ours),
-        _ => false,
-    };
+    // Exactly the issuer identifier, a single string: an assertion whose audience is a
+    // token endpoint URL (or a list) could have been made for another server that
+    // advertises ours, and be replayed here (the audience injection attack that
+    // draft-ietf-oauth-rfc7523bis closes).
+    let audience_ok = claims.get("aud").and_then(Value::as_str) == Some(state.issuer.as_str());
     if !audience_ok {
         return Err("assertion audience is not this server");
     }
@@ -120,16 +118,16 @@ pub(crate) async fn verify(
         .get("exp")
         .and_then(Value::as_i64)
         .ok_or("assertion without exp")?;
-    if exp + LEEWAY <= now {
+    if exp.saturating_add(LEEWAY) <= now {
         return Err("assertion expired");
     }
-    if exp > now + MAX_LIFETIME {
+    if exp > now.saturating_add(MAX_LIFETIME) {
         return Err("assertion lives too long");
     }
     if claims
         .get("nbf")
         .and_then(Value::as_i64)
-        .is_some_and(|nbf| nbf > now + LEEWAY)
+        .is_some_and(|nbf| nbf > now.saturating_add(LEEWAY))
     {
         return Err("assertion not yet valid");
     }
@@ -142,7 +140,7 @@ pub(crate) async fn verify(
     )
     .bind(&client.client_id)
     .bind(jti)
-    .bind(exp + LEEWAY)
+    .bind(exp.saturating_add(LEEWAY))
     .execute(state.db.pool())
     .await
     .map_err(|_| "assertion replay check failed")?;

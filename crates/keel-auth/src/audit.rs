@@ -34,6 +34,8 @@ pub enum EventKind {
     UserCreated,
     /// Roles, groups or bindings changed.
     AdminChange,
+    /// A user approved or denied a device (RFC 8628).
+    DeviceAnswered,
     /// A client revoked a token (and, for a refresh token, its grant).
     TokenRevoked,
 }
@@ -53,6 +55,7 @@ impl EventKind {
             Self::UserCreated => "user_created",
             Self::AdminChange => "admin_change",
             Self::TokenRevoked => "token_revoked",
+            Self::DeviceAnswered => "device_answered",
         }
     }
 }

@@ -131,10 +131,12 @@ impl AuthConfig {
                 365 * 86_400,
             ),
             ("auth.refresh_reuse_grace", self.refresh_reuse_grace, 0, 60),
+            // Longer than the key set is cached anywhere: servers reload every minute,
+            // verifiers (keel-jwt) refresh every ten.
             (
                 "auth.key_publish_lead",
                 self.key_publish_lead,
-                0,
+                11 * 60,
                 7 * 86_400,
             ),
         ];

@@ -16,6 +16,7 @@ use serde::Deserialize;
 use serde_json::json;
 use sqlx::Row;
 
+use crate::audit::{Event, EventKind};
 use crate::authorize::{
     CSRF_COOKIE, Purpose, SESSION_COOKIE, csrf_binding, csrf_cookie, is_cross_site, our_cookie,
     session_user, sign_in, with_cookie,
@@ -28,6 +29,10 @@ use crate::rbac::Subject;
 use crate::scope::Scopes;
 use crate::server::AppState;
 use crate::token::{Params, client_request, granted_scopes, server_error};
+
+/// What the page says of a code that is not pending (unknown, expired, answered).
+const INVALID_CODE: &str =
+    "That code is not valid, or it expired. Check the code your device shows.";
 
 /// How long a code pair lives, and the least time between two polls.
 const DEVICE_CODE_TTL: i64 = 600;
@@ -323,14 +328,7 @@ pub(crate) async fn post(
     let pending = pending_device(&state, &user_code).await;
     let Some((client, scopes)) = pending else {
         state.address_failures.record(peer.ip(), now);
-        return approval_page(
-            &state,
-            session,
-            &user.username,
-            "",
-            Some("That code is not valid, or it expired. Check the code your device shows."),
-        )
-        .await;
+        return approval_page(&state, session, &user.username, "", Some(INVALID_CODE)).await;
     };
     // The user's roles decide the guarded scopes, as in the code flow.
     let holder = Subject::User(user.user_id.clone());
@@ -342,34 +340,43 @@ pub(crate) async fn post(
             .unwrap_or_default(),
         Err(_) => Scopes::default(),
     };
-    let answered = sqlx::query(
-        "UPDATE device_codes SET status = $1, user_id = $2, auth_time = $3, scopes = $4 \
-         WHERE user_code = $5 AND status = 'pending' AND expires_at > $6",
+    let answered = answer_device(
+        &state,
+        &user_code,
+        approve,
+        &user.user_id,
+        auth_time,
+        &scopes,
+        now,
     )
-    .bind(if approve { "approved" } else { "denied" })
-    .bind(&user.user_id)
-    .bind(auth_time)
-    .bind(scopes.to_string())
-    .bind(&user_code)
-    .bind(now)
-    .execute(state.db.pool())
     .await;
-    let approved = approve && answered.is_ok_and(|done| done.rows_affected() == 1);
-    if approved {
-        // The grant exists from approval on (as a code's does), so that revocation and
-        // introspection see it.
-        let stored = sqlx::query(
-            "INSERT INTO token_families (family_id, client_id, user_id, scopes, auth_time, created_at) \
-             SELECT family_id, client_id, user_id, scopes, auth_time, $1 FROM device_codes WHERE user_code = $2",
-        )
-        .bind(now)
-        .bind(&user_code)
-        .execute(state.db.pool())
-        .await;
-        if let Err(error) = stored {
-            tracing::error!(%error, "device grant not stored");
+    let answered = match answered {
+        Ok(answered) => answered,
+        Err(error) => {
+            tracing::error!(%error, "device answer not stored");
+            return html::error_page(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "The server could not record your answer. Try again.",
+            );
         }
+    };
+    if !answered {
+        // Expired, or answered in another tab meanwhile.
+        return approval_page(&state, session, &user.username, "", Some(INVALID_CODE)).await;
     }
+    let event = Event {
+        subject: Some(&user.user_id),
+        client_id: Some(&client.client_id),
+        ip: Some(peer.ip().to_string()),
+        detail: Some(format!(
+            "device {}",
+            if approve { "approved" } else { "denied" }
+        )),
+    };
+    state
+        .audit
+        .record(now, EventKind::DeviceAnswered, approve, event)
+        .await;
     let message = if approve {
         format!(
             "{} is connected. You can return to your device.",
@@ -383,6 +390,49 @@ pub(crate) async fn post(
         "Device",
         &format!("<h1>Done</h1><p role=\"status\">{}</p>", escape(&message)),
     )
+}
+
+/// Records the user's answer for the pending device `user_code` and, when approving, the
+/// grant it starts, in one transaction; false when the code was no longer pending.
+async fn answer_device(
+    state: &AppState,
+    user_code: &str,
+    approve: bool,
+    user_id: &str,
+    auth_time: i64,
+    scopes: &Scopes,
+    now: i64,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = state.db.pool().begin().await?;
+    let answered = sqlx::query(
+        "UPDATE device_codes SET status = $1, user_id = $2, auth_time = $3, scopes = $4 \
+         WHERE user_code = $5 AND status = 'pending' AND expires_at > $6",
+    )
+    .bind(if approve { "approved" } else { "denied" })
+    .bind(user_id)
+    .bind(auth_time)
+    .bind(scopes.to_string())
+    .bind(user_code)
+    .bind(now)
+    .execute(&mut *tx)
+    .await?;
+    if answered.rows_affected() != 1 {
+        return Ok(false);
+    }
+    if approve {
+        // The grant exists from approval on (as a code's does), so that revocation and
+        // introspection see it.
+        sqlx::query(
+            "INSERT INTO token_families (family_id, client_id, user_id, scopes, auth_time, created_at) \
+             SELECT family_id, client_id, user_id, scopes, auth_time, $1 FROM device_codes WHERE user_code = $2",
+        )
+        .bind(now)
+        .bind(user_code)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// The client and scopes of the pending device with `user_code`.
@@ -468,6 +518,9 @@ async fn approval_page(
         "Connect a device",
         &format!(
             "<h1>Connect a device</h1>{error}<p>Signed in as <strong>{username}</strong>.</p>{asking}\
+             <p><strong>Only allow a device you started yourself</strong>, and check that the code \
+             below is the one it shows: someone who sent you this link could be asking for your \
+             account.</p>\
              <form method=\"post\" action=\"/device\">\
              <input type=\"hidden\" name=\"csrf\" value=\"{csrf}\">\
              <label for=\"user_code\">Code shown on your device</label>\

@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use sqlx::Row;
 
 use crate::audit::{Event, EventKind};
-use crate::clients::AuthMethod;
+use crate::clients::{AuthMethod, Client};
 use crate::crypto::sha256;
 use crate::error::OAuthError;
 use crate::server::AppState;
@@ -90,6 +90,28 @@ async fn live_refresh_token(state: &AppState, token: &str) -> Result<Option<Live
     }))
 }
 
+/// The grant and client of refresh token `token`, used or not, expired or not.
+async fn refresh_family(
+    state: &AppState,
+    token: &str,
+) -> Result<Option<(String, String)>, OAuthError> {
+    let row = sqlx::query(
+        "SELECT f.family_id, f.client_id FROM refresh_tokens r \
+         JOIN token_families f ON f.family_id = r.family_id WHERE r.token_hash = $1",
+    )
+    .bind(sha256(token.as_bytes()))
+    .fetch_optional(state.db.pool())
+    .await
+    .map_err(server_error)?;
+    row.map(|row| {
+        Ok((
+            row.try_get("family_id").map_err(server_error)?,
+            row.try_get("client_id").map_err(server_error)?,
+        ))
+    })
+    .transpose()
+}
+
 /// `token` as an access token, then as a refresh token (or the other way round when the
 /// hint says so; RFC 7009 §2.1 and RFC 7662 §2.1 make the hint advisory).
 async fn find(
@@ -123,6 +145,30 @@ fn no_store(mut response: Response) -> Response {
     response
 }
 
+/// Whether `caller` may learn about `live` (RFC 7662 §2.1, §4): a refresh token only by
+/// the client it was issued to; an access token also by the resource servers it is for,
+/// i.e. a client whose id, or one of whose registered audiences, is in the token's `aud`.
+/// Everyone else hears `{"active": false}`, as for an unknown token.
+fn may_introspect(caller: &Client, live: &Live) -> bool {
+    match live {
+        Live::Refresh { client_id, .. } => *client_id == caller.client_id,
+        Live::Access { claims } => {
+            let issued_to = claims.get("client_id").and_then(Value::as_str);
+            let audience: Vec<&str> = match claims.get("aud") {
+                Some(Value::String(one)) => vec![one.as_str()],
+                Some(Value::Array(many)) => many.iter().filter_map(Value::as_str).collect(),
+                _ => Vec::new(),
+            };
+            issued_to == Some(caller.client_id.as_str())
+                || audience.contains(&caller.client_id.as_str())
+                || caller
+                    .audiences
+                    .iter()
+                    .any(|served| audience.contains(&served.as_str()))
+        }
+    }
+}
+
 /// `POST /introspect` (RFC 7662): for confidential clients (resource servers). Any token
 /// that is not live, or not known, is exactly `{"active": false}`.
 pub(crate) async fn introspect(
@@ -140,7 +186,10 @@ pub(crate) async fn introspect(
             ));
         }
         let token = params.require("token")?;
-        let answer = match find(&state, token, params.get("token_type_hint")).await? {
+        let found = find(&state, token, params.get("token_type_hint"))
+            .await?
+            .filter(|live| may_introspect(&client, live));
+        let answer = match found {
             None => json!({"active": false}),
             Some(Live::Access { mut claims }) => {
                 claims["active"] = json!(true);
@@ -191,6 +240,24 @@ pub(crate) async fn revoke(
     let result = async {
         let (client, params) = client_request(&state, &headers, body, &ip).await?;
         let token = params.require("token")?;
+        // A refresh token is revoked by its client whatever its state: a client that
+        // suspects its rotated-away token was stolen ends the grant with it.
+        if let Some((family_id, client_id)) = refresh_family(&state, token).await? {
+            if client_id == client.client_id {
+                revoke_family(&state, &family_id, "refresh token revoked by its client").await?;
+                let event = Event {
+                    client_id: Some(&client.client_id),
+                    ip: Some(ip.clone()),
+                    detail: Some("grant revoked by its client".to_owned()),
+                    ..Event::default()
+                };
+                state
+                    .audit
+                    .record(state.clock.now(), EventKind::TokenRevoked, true, event)
+                    .await;
+            }
+            return Ok(());
+        }
         let revoked = match find(&state, token, params.get("token_type_hint")).await? {
             Some(Live::Refresh { client_id, family_id, .. }) if client_id == client.client_id => {
                 revoke_family(&state, &family_id, "refresh token revoked by its client").await?;

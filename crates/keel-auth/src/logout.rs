@@ -70,6 +70,19 @@ pub(crate) async fn logout(
         .get("id_token_hint")
         .and_then(|token| state.keys.verify(token, "JWT", state.clock.now()))
         .filter(|claims| claims.get("iss").and_then(Value::as_str) == Some(state.issuer.as_str()));
+    let hinted_client = hint
+        .as_ref()
+        .and_then(|claims| claims.get("aud"))
+        .and_then(Value::as_str);
+    // RP-Initiated Logout §2: the client named must be the hint's.
+    if let (Some(hinted), Some(named)) = (hinted_client, params.get("client_id"))
+        && hinted != named
+    {
+        return html::error_page(
+            StatusCode::BAD_REQUEST,
+            "The sign-out request names another application than its ID token.",
+        );
+    }
     if params.get("id_token_hint").is_some() && hint.is_none() {
         return html::error_page(
             StatusCode::BAD_REQUEST,

@@ -73,6 +73,11 @@ pub struct Holdings {
 }
 
 impl Holdings {
+    /// Every role held, whatever its audience.
+    pub fn all_roles(&self) -> Vec<String> {
+        self.roles.iter().map(|(name, _)| name.clone()).collect()
+    }
+
     /// The role names for a token whose audiences are `audiences`.
     pub fn roles_for(&self, audiences: &[&str]) -> Vec<String> {
         let names: BTreeSet<&str> = self

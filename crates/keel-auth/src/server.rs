@@ -365,6 +365,10 @@ impl AuthAdmin {
     /// `keel-demo` (code flow, refresh, client credentials). Returns their credentials
     /// that one time, to be printed.
     pub async fn seed_demo(&self) -> Result<Option<Seeded>, SeedError> {
+        // Demo accounts belong to the embedded profile only: never to a shared database.
+        if self.0.db.backend() != Backend::Sqlite {
+            return Ok(None);
+        }
         let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
             .fetch_one(self.0.db.pool())
             .await
@@ -373,20 +377,17 @@ impl AuthAdmin {
             return Ok(None);
         }
         let failed = |e: &dyn std::fmt::Display| SeedError(e.to_string());
-        self.create_role(
-            "keel-admin",
-            None,
-            "administers Keel (admin API)",
-            "keel-admin",
-        )
-        .await
-        .map_err(|e| failed(&e))?;
-        self.create_role("admin", None, "shop administrators", "")
-            .await
-            .map_err(|e| failed(&e))?;
-        self.create_role("customer", None, "shop customers", "")
-            .await
-            .map_err(|e| failed(&e))?;
+        // Roles may exist from a seeding that failed part-way: then they are kept.
+        for (name, description, scopes) in [
+            ("keel-admin", "administers Keel (admin API)", "keel-admin"),
+            ("admin", "shop administrators", ""),
+            ("customer", "shop customers", ""),
+        ] {
+            match self.create_role(name, None, description, scopes).await {
+                Ok(_) | Err(RbacError::Exists(_)) => {}
+                Err(error) => return Err(failed(&error)),
+            }
+        }
         let admin_password = self.0.secrets.generate_id();
         let customer_password = self.0.secrets.generate_id();
         let admin = self

@@ -142,8 +142,8 @@ fn print_seeded(seeded: &Seeded) {
         seeded.client_id, seeded.client_secret
     );
     println!(
-        "  an access token: keel token --client {} --secret {}\n",
-        seeded.client_id, seeded.client_secret
+        "  an access token: KEEL_CLIENT_SECRET=… keel token --client {} --scope keel-admin\n",
+        seeded.client_id
     );
 }
 

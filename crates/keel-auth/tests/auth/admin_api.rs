@@ -6,8 +6,9 @@ use serde_json::{Value, json};
 
 use crate::helpers::*;
 
-/// A client-credentials token for a service client, with the keel-admin role or not.
-async fn token_for(app: &App, id: &str, admin: bool) -> String {
+/// A client-credentials token for a service client allowed the `keel-admin` scope, with
+/// the keel-admin role or not, asking for `scope`.
+async fn token_for(app: &App, id: &str, admin: bool, scope: &str) -> String {
     let (client, secret) = app
         .admin
         .create_client(new_client(
@@ -15,15 +16,16 @@ async fn token_for(app: &App, id: &str, admin: bool) -> String {
             AuthMethod::ClientSecretBasic,
             &[],
             &[GrantType::ClientCredentials],
-            "",
+            "keel-admin reports:read",
         ))
         .await
         .unwrap();
     if admin {
-        app.admin
+        // The role exists once; a second admin client only binds it.
+        let _ = app
+            .admin
             .create_role("keel-admin", None, "administers Keel", "keel-admin")
-            .await
-            .unwrap();
+            .await;
         app.admin
             .grant_role("keel-admin", &Subject::Client(client.client_id.clone()))
             .await
@@ -32,7 +34,7 @@ async fn token_for(app: &App, id: &str, admin: bool) -> String {
     let token = app
         .token(
             Some((&client.client_id, secret.as_deref().unwrap())),
-            &[("grant_type", "client_credentials")],
+            &[("grant_type", "client_credentials"), ("scope", scope)],
         )
         .await;
     token.body["access_token"].as_str().unwrap().to_owned()
@@ -63,8 +65,10 @@ async fn call(
 async fn only_keel_admins_administer_and_errors_are_problems() {
     for store in stores().await {
         let app = spawn(&store).await;
-        let plain = token_for(&app, "plain", false).await;
-        let root = token_for(&app, "root", true).await;
+        let plain = token_for(&app, "plain", false, "keel-admin reports:read").await;
+        let root = token_for(&app, "root", true, "keel-admin").await;
+        // An admin's token asked for something else does not administer.
+        let unscoped = token_for(&app, "root2", true, "reports:read").await;
         let user = json!({"username": "dana", "password": "correct horse"});
 
         let (status, problem, headers) = call(
@@ -108,6 +112,15 @@ async fn only_keel_admins_administer_and_errors_are_problems() {
         )
         .await;
         assert_eq!(status, 401);
+        let (status, _, _) = call(
+            &app,
+            Method::POST,
+            "/admin/v1/users",
+            Some(&unscoped),
+            Some(user.clone()),
+        )
+        .await;
+        assert_eq!(status, 403, "an admin's token without the keel-admin scope");
 
         let (status, created, _) = call(
             &app,

@@ -56,9 +56,12 @@ async fn live_tokens_introspect_active_and_revoked_ones_exactly_inactive() {
         assert_eq!(active["client_id"], "spa");
         assert_eq!(active["token_type"], "Bearer");
         assert_eq!(active["scope"], "openid orders:read profile");
-        let active_refresh = introspect(&flow.app, &resource, &refresh).await;
-        assert_eq!(active_refresh["active"], true);
-        assert_eq!(active_refresh["token_type"], "refresh_token");
+        // A refresh token is for its own client's eyes only (and the spa, public, may not
+        // introspect): to the resource server it is inactive.
+        assert_eq!(
+            introspect(&flow.app, &resource, &refresh).await,
+            json!({"active": false})
+        );
 
         // Another client cannot revoke it: 200, and nothing changes.
         assert_eq!(
@@ -87,6 +90,24 @@ async fn live_tokens_introspect_active_and_revoked_ones_exactly_inactive() {
             introspect(&flow.app, &resource, &access).await["active"],
             true
         );
+        // Nor learn about it: a client the token is not for hears "inactive".
+        let (outsider, outsider_secret) = flow
+            .app
+            .admin
+            .create_client(new_client(
+                "outsider",
+                AuthMethod::ClientSecretBasic,
+                &[],
+                &[keel_auth::GrantType::ClientCredentials],
+                "",
+            ))
+            .await
+            .unwrap();
+        let outsider = (outsider.client_id, outsider_secret.unwrap());
+        assert_eq!(
+            introspect(&flow.app, &outsider, &access).await,
+            json!({"active": false})
+        );
 
         // Its own client revokes the access token: inactive, exactly as RFC 7662 says.
         assert_eq!(revoke(&flow.app, "spa", &access).await, 200);
@@ -95,15 +116,7 @@ async fn live_tokens_introspect_active_and_revoked_ones_exactly_inactive() {
             json!({"active": false})
         );
         // The refresh token lives on until revoked; then its grant ends with it.
-        assert_eq!(
-            introspect(&flow.app, &resource, &refresh).await["active"],
-            true
-        );
         assert_eq!(revoke(&flow.app, "spa", &refresh).await, 200);
-        assert_eq!(
-            introspect(&flow.app, &resource, &refresh).await,
-            json!({"active": false})
-        );
         flow.refresh(&refresh)
             .await
             .assert_error(400, "invalid_grant");
@@ -253,7 +266,7 @@ async fn userinfo_answers_for_live_openid_tokens() {
 async fn expired_records_are_swept_and_live_ones_kept() {
     for store in stores().await {
         let mut flow = flow(&store).await;
-        let (resource, tokens) = setup(&mut flow).await;
+        let (_, tokens) = setup(&mut flow).await;
         let refresh = token(&tokens, "refresh_token");
         assert_eq!(
             flow.app.admin.sweep().await.unwrap(),
@@ -264,8 +277,26 @@ async fn expired_records_are_swept_and_live_ones_kept() {
         // memory), not the refresh token's (30 days).
         flow.app.admin.clock().advance(25 * 3600);
         assert!(flow.app.admin.sweep().await.unwrap() >= 2);
-        let live = introspect(&flow.app, &resource, &refresh).await;
-        assert_eq!(live["active"], true, "the refresh token outlives the sweep");
-        assert_eq!(flow.refresh(&refresh).await.status, 200);
+        let refreshed = flow.refresh(&refresh).await;
+        assert_eq!(
+            refreshed.status, 200,
+            "the refresh token outlives the sweep"
+        );
+    }
+}
+
+#[tokio::test]
+async fn revoking_a_rotated_away_refresh_token_still_ends_the_grant() {
+    for store in stores().await {
+        let mut flow = flow(&store).await;
+        let (_, tokens) = setup(&mut flow).await;
+        let first = token(&tokens, "refresh_token");
+        let rotated = flow.refresh(&first).await;
+        let second = token(&rotated, "refresh_token");
+        // The client suspects the old one leaked: revoking it ends the grant.
+        assert_eq!(revoke(&flow.app, "spa", &first).await, 200);
+        flow.refresh(&second)
+            .await
+            .assert_error(400, "invalid_grant");
     }
 }

@@ -88,3 +88,23 @@ async fn without_a_hint_the_user_confirms_and_foreign_places_are_not_returned_to
         .await;
     assert_eq!(garbage.status, 400);
 }
+
+#[tokio::test]
+async fn a_client_id_other_than_the_hints_is_refused() {
+    let store = sqlite();
+    let mut flow = flow(&store).await;
+    let code = flow.code().await;
+    let tokens = flow.exchange(&code, Some(VERIFIER), REDIRECT).await;
+    let id_token = tokens.body["id_token"].as_str().unwrap().to_owned();
+    let page = flow
+        .browser
+        .get(&logout_query(&[
+            ("id_token_hint", &id_token),
+            ("client_id", "other"),
+        ]))
+        .await;
+    assert_eq!(page.status, 400);
+    // Still signed in.
+    let again = flow.browser.get(&authorize_query(&[])).await;
+    assert_eq!(again.status, 303);
+}

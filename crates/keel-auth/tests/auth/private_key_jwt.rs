@@ -81,8 +81,9 @@ async fn a_signed_assertion_authenticates_once() {
         let now = app.admin.clock().now();
         let claims = |jti: &str, aud: &str, exp: i64| json!({"iss": "signer", "sub": "signer", "aud": aud, "exp": exp, "jti": jti});
         let token_endpoint = format!("{}/token", app.issuer());
+        let issuer = app.issuer().to_owned();
 
-        let first = key.sign(&claims("a-1", &token_endpoint, now + 60));
+        let first = key.sign(&claims("a-1", &issuer, now + 60));
         let token = with_assertion(&app, &first).await;
         assert_eq!(token.status, 200, "{}", token.body);
         assert_eq!(token.body["scope"], "reports:read");
@@ -93,11 +94,14 @@ async fn a_signed_assertion_authenticates_once() {
 
         let refused = [
             key.sign(&claims("a-2", "https://elsewhere.example/token", now + 60)),
-            key.sign(&claims("a-3", &token_endpoint, now - 120)),
-            key.sign(&claims("a-4", &token_endpoint, now + 3600)),
-            key.sign(&json!({"iss": "signer", "sub": "other", "aud": token_endpoint, "exp": now + 60, "jti": "a-5"})),
-            key.sign(&json!({"iss": "signer", "sub": "signer", "aud": token_endpoint, "exp": now + 60})),
-            ClientKey::new().sign(&claims("a-6", &token_endpoint, now + 60)),
+            key.sign(&claims("a-3", &issuer, now - 120)),
+            key.sign(&claims("a-4", &issuer, now + 3600)),
+            // The token endpoint, or a list, is not this server's identifier.
+            key.sign(&claims("a-8", &token_endpoint, now + 60)),
+            key.sign(&json!({"iss": "signer", "sub": "signer", "aud": [issuer.as_str()], "exp": now + 60, "jti": "a-9"})),
+            key.sign(&json!({"iss": "signer", "sub": "other", "aud": issuer, "exp": now + 60, "jti": "a-5"})),
+            key.sign(&json!({"iss": "signer", "sub": "signer", "aud": issuer, "exp": now + 60})),
+            ClientKey::new().sign(&claims("a-6", &issuer, now + 60)),
             "not.an.assertion".to_owned(),
         ];
         for assertion in refused {
@@ -105,9 +109,12 @@ async fn a_signed_assertion_authenticates_once() {
                 .await
                 .assert_error(401, "invalid_client");
         }
-        // The issuer itself is an accepted audience too.
-        let to_issuer = key.sign(&claims("a-7", app.issuer(), now + 60));
-        assert_eq!(with_assertion(&app, &to_issuer).await.status, 200);
+        let again = key.sign(&claims("a-7", &issuer, now + 60));
+        assert_eq!(
+            with_assertion(&app, &again).await.status,
+            200,
+            "a new jti works"
+        );
         let events = app.admin.audit_events(30).await.unwrap();
         assert!(
             events
