@@ -142,7 +142,7 @@ fn print_seeded(seeded: &Seeded) {
         seeded.client_id, seeded.client_secret
     );
     println!(
-        "  an access token: KEEL_CLIENT_SECRET=… keel token --client {} --scope keel-admin\n",
+        "  an access token: KEEL_CLIENT_SECRET=… keel token --client {}\n",
         seeded.client_id
     );
 }
