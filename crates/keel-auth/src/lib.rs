@@ -1,11 +1,15 @@
 //! Keel's authorization server: OAuth 2.0 and OpenID Connect for every Keel system, on
 //! PostgreSQL (production) or SQLite (embedded).
 //!
-//! Built so far: discovery metadata (OpenID Connect Discovery and RFC 8414), the JWK Set,
-//! signing keys (RS256, ES256, EdDSA; generated, sealed at rest under the configured key
-//! encryption key), clients (`client_secret_basic`, `client_secret_post`, public), the
-//! token endpoint with the client credentials grant issuing RFC 9068 access tokens, and
-//! the audit trail. The other grants, endpoints, users and RBAC follow (ARCHITECTURE.md).
+//! Discovery (OpenID Connect Discovery, RFC 8414) and the JWK Set; signing keys (RS256,
+//! ES256, EdDSA) sealed at rest and rotated by publishing first; the authorization code
+//! grant with PKCE and its sign-in and consent pages, client credentials, refresh token
+//! rotation with reuse detection, the device grant (RFC 8628); client authentication by
+//! secret (Basic or form), `private_key_jwt` or none; RFC 9068 access tokens and OpenID
+//! Connect ID tokens; introspection, revocation, userinfo and RP-initiated logout; users
+//! with argon2id passwords, lockout and an optional TOTP second factor; roles, groups and
+//! scopes (RBAC); an admin REST API and the audit trail. [`AuthServer`] serves it;
+//! [`AuthAdmin`] administers it (the CLI uses it). ARCHITECTURE.md describes each part.
 
 pub mod admin_api;
 mod assertion;
