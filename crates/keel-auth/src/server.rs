@@ -473,7 +473,8 @@ impl AuthAdmin {
     /// Deletes expired codes, sessions and token records now (servers also do it every
     /// five minutes); returns how many rows went.
     pub async fn sweep(&self) -> Result<u64, sqlx::Error> {
-        crate::sweep::sweep(&self.0.db, self.0.clock.now()).await
+        let ttl = self.0.config.refresh_token_ttl_seconds();
+        crate::sweep::sweep(&self.0.db, self.0.clock.now(), ttl).await
     }
 
     /// Turns on the TOTP second factor for `user_id` with a new secret, ends the user's
@@ -790,7 +791,8 @@ impl Server for AuthServer {
                     tracing::warn!(%error, "signing keys not reloaded; keeping the ones loaded");
                 }
                 if round % SWEEP_EVERY == 0 {
-                    match crate::sweep::sweep(&state.db, state.clock.now()).await {
+                    let ttl = state.config.refresh_token_ttl_seconds();
+                    match crate::sweep::sweep(&state.db, state.clock.now(), ttl).await {
                         Ok(removed) => tracing::debug!(removed, "expired rows swept"),
                         Err(error) => tracing::warn!(%error, "expired rows not swept"),
                     }
