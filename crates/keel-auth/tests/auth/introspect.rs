@@ -282,6 +282,13 @@ async fn expired_records_are_swept_and_live_ones_kept() {
             refreshed.status, 200,
             "the refresh token outlives the sweep"
         );
+        // Past the grant's life and the replay memory: its refresh tokens and the grant go.
+        flow.app.admin.clock().advance(32 * 86_400);
+        assert!(flow.app.admin.sweep().await.unwrap() >= 3);
+        let gone = flow
+            .refresh(refreshed.body["refresh_token"].as_str().unwrap())
+            .await;
+        gone.assert_error(400, "invalid_grant");
     }
 }
 
