@@ -101,9 +101,13 @@ async fn holds_admin_now(state: &AppState, claims: &Value) -> bool {
     let (Some(subject), Some(client_id)) = (text("sub"), text("client_id")) else {
         return false;
     };
-    // Client ids and user ids never coincide (registration refuses it).
+    // Client ids and user ids never coincide: a client may not take a user's id, and user
+    // ids are 128 random bits the server makes.
     let holder = if subject == client_id {
-        Subject::Client(client_id.to_owned())
+        match state.clients.find(client_id).await {
+            Ok(Some(client)) if !client.disabled => Subject::Client(client.client_id),
+            _ => return false,
+        }
     } else {
         match state.users.find(subject).await {
             Ok(Some(user)) if !user.disabled => Subject::User(user.user_id),

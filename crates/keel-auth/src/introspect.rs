@@ -146,9 +146,10 @@ fn no_store(mut response: Response) -> Response {
 }
 
 /// Whether `caller` may learn about `live` (RFC 7662 §2.1, §4): a refresh token only by
-/// the client it was issued to; an access token also by the resource servers it is for,
-/// i.e. a client whose id, or one of whose registered audiences, is in the token's `aud`.
-/// Everyone else hears `{"active": false}`, as for an unknown token.
+/// the client it was issued to; an access token also by the resource server it is for,
+/// i.e. a client whose id is in the token's `aud` (a resource server registers as a
+/// client named after its audience). Everyone else hears `{"active": false}`, as for an
+/// unknown token.
 fn may_introspect(caller: &Client, live: &Live) -> bool {
     match live {
         Live::Refresh { client_id, .. } => *client_id == caller.client_id,
@@ -161,10 +162,6 @@ fn may_introspect(caller: &Client, live: &Live) -> bool {
             };
             issued_to == Some(caller.client_id.as_str())
                 || audience.contains(&caller.client_id.as_str())
-                || caller
-                    .audiences
-                    .iter()
-                    .any(|served| audience.contains(&served.as_str()))
         }
     }
 }
