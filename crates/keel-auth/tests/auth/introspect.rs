@@ -9,10 +9,15 @@ use crate::helpers::*;
 /// A resource server's credentials: a client named after the tokens' audience,
 /// `keel-api`, as a resource server registers to introspect.
 async fn resource_server(app: &App) -> (String, String) {
-    let (resource, secret) = app
+    confidential(app, "keel-api").await
+}
+
+/// A confidential client named `id` and its secret.
+async fn confidential(app: &App, id: &str) -> (String, String) {
+    let (client, secret) = app
         .admin
         .create_client(new_client(
-            "keel-api",
+            id,
             AuthMethod::ClientSecretBasic,
             &[],
             &[keel_auth::GrantType::ClientCredentials],
@@ -20,7 +25,7 @@ async fn resource_server(app: &App) -> (String, String) {
         ))
         .await
         .unwrap();
-    (resource.client_id, secret.unwrap())
+    (client.client_id, secret.unwrap())
 }
 
 /// A resource server's credentials, and Alice's tokens from the code flow.
@@ -105,19 +110,7 @@ async fn live_tokens_introspect_active_and_revoked_ones_exactly_inactive() {
             true
         );
         // Nor learn about it: a client the token is not for hears "inactive".
-        let (outsider, outsider_secret) = flow
-            .app
-            .admin
-            .create_client(new_client(
-                "outsider",
-                AuthMethod::ClientSecretBasic,
-                &[],
-                &[keel_auth::GrantType::ClientCredentials],
-                "",
-            ))
-            .await
-            .unwrap();
-        let outsider = (outsider.client_id, outsider_secret.unwrap());
+        let outsider = confidential(&flow.app, "outsider").await;
         assert_eq!(
             introspect(&flow.app, &outsider, &access).await,
             json!({"active": false})
