@@ -63,7 +63,20 @@ pub(crate) async fn live_access_token(
     let Some(row) = row else { return Ok(None) };
     let revoked: Option<i64> = row.try_get("revoked_at").map_err(server_error)?;
     let family_revoked: Option<i64> = row.try_get("family_revoked_at").map_err(server_error)?;
-    Ok((revoked.is_none() && family_revoked.is_none()).then_some(claims))
+    if revoked.is_some() || family_revoked.is_some() {
+        return Ok(None);
+    }
+    // A user's token dies with the user's account: disabled or deleted, it is not live.
+    let text = |name: &str| claims.get(name).and_then(Value::as_str);
+    if let (Some(subject), Some(client_id)) = (text("sub"), text("client_id"))
+        && subject != client_id
+    {
+        let user = state.users.find(subject).await.map_err(server_error)?;
+        if user.is_none_or(|user| user.disabled) {
+            return Ok(None);
+        }
+    }
+    Ok(Some(claims))
 }
 
 /// The refresh token `token` if it is live: unexpired, its grant not revoked, and not

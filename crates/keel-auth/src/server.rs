@@ -369,11 +369,22 @@ impl AuthAdmin {
         if self.0.db.backend() != Backend::Sqlite {
             return Ok(None);
         }
-        let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users")
-            .fetch_one(self.0.db.pool())
+        // Seeded once: the demo client is made last. A database with users but no demo
+        // client was set up by hand (nothing to do) or seeded part-way (then the demo
+        // users are brought back to known passwords and the rest is made).
+        let demo_client = self
+            .0
+            .clients
+            .find("keel-demo")
             .await
             .map_err(|e| SeedError(e.to_string()))?;
-        if users > 0 {
+        let users: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM users WHERE username NOT IN ('admin', 'customer')",
+        )
+        .fetch_one(self.0.db.pool())
+        .await
+        .map_err(|e| SeedError(e.to_string()))?;
+        if demo_client.is_some() || users > 0 {
             return Ok(None);
         }
         let failed = |e: &dyn std::fmt::Display| SeedError(e.to_string());
@@ -391,21 +402,11 @@ impl AuthAdmin {
         let admin_password = self.0.secrets.generate_id();
         let customer_password = self.0.secrets.generate_id();
         let admin = self
-            .create_user(NewUser {
-                username: "admin".into(),
-                password: admin_password.clone(),
-                email: None,
-                name: Some("Keel administrator".into()),
-            })
+            .demo_user("admin", "Keel administrator", &admin_password)
             .await
             .map_err(|e| failed(&e))?;
         let customer = self
-            .create_user(NewUser {
-                username: "customer".into(),
-                password: customer_password.clone(),
-                email: None,
-                name: Some("Demo customer".into()),
-            })
+            .demo_user("customer", "Demo customer", &customer_password)
             .await
             .map_err(|e| failed(&e))?;
         for (role, user) in [
@@ -477,6 +478,42 @@ impl AuthAdmin {
         crate::sweep::sweep(&self.0.db, self.0.clock.now(), ttl).await
     }
 
+    /// Sets `user_id`'s password; false when there is no such user.
+    pub async fn set_password(&self, user_id: &str, password: String) -> Result<bool, UserError> {
+        let state = &self.0;
+        let done = state
+            .users
+            .set_password(&state.secrets, &state.hashing, user_id, password)
+            .await?;
+        if done {
+            self.admin_event(state.clock.now(), format!("password of user {user_id} set"))
+                .await;
+        }
+        Ok(done)
+    }
+
+    /// Disables or enables `user_id`: a disabled user cannot sign in, their sessions end,
+    /// and their tokens stop working at introspection, userinfo, refresh and the admin
+    /// API. False when there is no such user.
+    pub async fn set_user_disabled(
+        &self,
+        user_id: &str,
+        disabled: bool,
+    ) -> Result<bool, UserError> {
+        let now = self.0.clock.now();
+        let done = self
+            .0
+            .users
+            .set_disabled(user_id, disabled.then_some(now))
+            .await?;
+        if done {
+            let what = if disabled { "disabled" } else { "enabled" };
+            self.admin_event(now, format!("user {user_id} {what}"))
+                .await;
+        }
+        Ok(done)
+    }
+
     /// Turns on the TOTP second factor for `user_id` with a new secret, ends the user's
     /// sessions and grants, and returns the `otpauth://` URI to put in an authenticator
     /// app (shown once).
@@ -508,6 +545,28 @@ impl AuthAdmin {
             "otpauth://totp/{label}?secret={}&issuer=Keel&algorithm=SHA1&digits=6&period=30",
             crate::totp::base32(&secret)
         ))
+    }
+
+    /// The demo user `username` with `password`: made, or (left by a seeding that
+    /// stopped part-way) given that password.
+    async fn demo_user(
+        &self,
+        username: &str,
+        name: &str,
+        password: &str,
+    ) -> Result<User, UserError> {
+        if let Some(user) = self.find_user(username).await? {
+            self.set_password(&user.user_id, password.to_owned())
+                .await?;
+            return Ok(user);
+        }
+        self.create_user(NewUser {
+            username: username.into(),
+            password: password.to_owned(),
+            email: None,
+            name: Some(name.into()),
+        })
+        .await
     }
 
     /// The user named `username`.

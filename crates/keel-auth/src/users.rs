@@ -241,6 +241,51 @@ impl Users {
         Ok(Some(until))
     }
 
+    /// Sets a new password (checked as at creation) and clears failed sign-ins; true when
+    /// the user exists.
+    pub async fn set_password(
+        &self,
+        secrets: &Secrets,
+        hashing: &PasswordHashing,
+        user_id: &str,
+        password: String,
+    ) -> Result<bool, UserError> {
+        if password.chars().count() < MIN_PASSWORD_CHARS || password.len() > MAX_PASSWORD_BYTES {
+            return Err(UserError::Invalid(
+                "password must be 8 characters to 1024 bytes".to_owned(),
+            ));
+        }
+        let hash = hashing.hash(secrets, password).await?;
+        let updated = sqlx::query(
+            "UPDATE users SET password_hash = $1, failed_logins = 0, locked_until = NULL \
+             WHERE user_id = $2",
+        )
+        .bind(hash)
+        .bind(user_id)
+        .execute(self.db.pool())
+        .await?;
+        Ok(updated.rows_affected() == 1)
+    }
+
+    /// Disables (`Some(now)`) or enables (`None`) a user; a disabled user's sessions end.
+    /// True when the user exists.
+    pub async fn set_disabled(&self, user_id: &str, at: Option<i64>) -> Result<bool, UserError> {
+        let mut tx = self.db.pool().begin().await?;
+        let updated = sqlx::query("UPDATE users SET disabled_at = $1 WHERE user_id = $2")
+            .bind(at)
+            .bind(user_id)
+            .execute(&mut *tx)
+            .await?;
+        if at.is_some() {
+            sqlx::query("DELETE FROM login_sessions WHERE user_id = $1")
+                .bind(user_id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(updated.rows_affected() == 1)
+    }
+
     /// The sealed TOTP secret of `user_id`.
     pub async fn totp_secret(&self, user_id: &str) -> Result<Option<Vec<u8>>, UserError> {
         Ok(

@@ -246,3 +246,105 @@ async fn a_code_is_only_for_the_client_it_was_issued_to() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_disabled_user_is_out_at_once_and_a_new_password_replaces_the_old() {
+    for store in stores().await {
+        let mut flow = flow(&store).await;
+        let code = flow.code().await;
+        let tokens = flow.exchange(&code, Some(VERIFIER), REDIRECT).await;
+        let refresh = tokens.body["refresh_token"].as_str().unwrap().to_owned();
+        let access = tokens.body["access_token"].as_str().unwrap().to_owned();
+        let userinfo = |token: String| {
+            flow.app
+                .http
+                .get(flow.app.url("/userinfo"))
+                .bearer_auth(token)
+                .send()
+        };
+        assert_eq!(userinfo(access.clone()).await.unwrap().status(), 200);
+
+        assert!(
+            flow.app
+                .admin
+                .set_user_disabled(&flow.user_id, true)
+                .await
+                .unwrap()
+        );
+        let dead = userinfo(access).await.unwrap().status();
+        assert_eq!(dead, 401, "the token died with the account");
+        flow.refresh(&refresh)
+            .await
+            .assert_error(400, "invalid_grant");
+        let mut browser = Browser::new(&flow.app.server.url);
+        let login = browser.get(&authorize_query(&[])).await;
+        let (csrf, request) = (login.field("csrf"), login.field("request"));
+        let refused = log_in(&mut browser, "alice", PASSWORD, &csrf, &request).await;
+        assert_eq!(refused.status, 401);
+        // Signed out everywhere: the old session no longer counts.
+        let again = flow.browser.get(&authorize_query(&[])).await;
+        assert!(again.body.contains("Sign in to continue"));
+
+        assert!(
+            flow.app
+                .admin
+                .set_user_disabled(&flow.user_id, false)
+                .await
+                .unwrap()
+        );
+        assert!(
+            flow.app
+                .admin
+                .set_password(&flow.user_id, "a brand new secret".into())
+                .await
+                .unwrap()
+        );
+        let old = log_in(&mut browser, "alice", PASSWORD, &csrf, &request).await;
+        assert_eq!(old.status, 401);
+        let new = log_in(&mut browser, "alice", "a brand new secret", &csrf, &request).await;
+        assert_eq!(
+            new.status, 303,
+            "consented before: straight back with a code"
+        );
+        assert!(
+            flow.app
+                .admin
+                .set_password(&flow.user_id, "short".into())
+                .await
+                .is_err()
+        );
+        assert!(
+            !flow
+                .app
+                .admin
+                .set_user_disabled("nobody", true)
+                .await
+                .unwrap()
+        );
+    }
+}
+
+#[tokio::test]
+async fn demo_seeding_runs_once_and_finishes_what_an_interrupted_run_began() {
+    let store = sqlite();
+    let app = spawn(&store).await;
+    // An earlier run stopped after making the admin user.
+    let early = app
+        .admin
+        .create_user(keel_auth::NewUser {
+            username: "admin".into(),
+            password: "whatever it was".into(),
+            email: None,
+            name: None,
+        })
+        .await
+        .unwrap();
+    let seeded = app.admin.seed_demo().await.unwrap().expect("resumed");
+    assert_eq!(seeded.client_id, "keel-demo");
+    let admin = app.admin.find_user("admin").await.unwrap().unwrap();
+    assert_eq!(
+        admin.user_id, early.user_id,
+        "the same user, given a known password"
+    );
+    assert!(app.admin.seed_demo().await.unwrap().is_none(), "once");
+}
