@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::Router;
 use axum::extract::{FromRequestParts, Path, State};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post};
 use http::request::Parts;
 use http::{HeaderValue, StatusCode, header};
 use keel_runtime::Problem;
@@ -33,6 +33,7 @@ pub(crate) fn router() -> Router<Arc<AppState>> {
     Router::new()
         .route("/admin/v1/openapi.json", get(openapi))
         .route("/admin/v1/users", post(create_user))
+        .route("/admin/v1/users/{user_id}", patch(update_user))
         .route("/admin/v1/clients", post(create_client))
         .route("/admin/v1/roles", post(create_role))
         .route("/admin/v1/groups", post(create_group))
@@ -222,6 +223,41 @@ async fn create_client(Admin(admin): Admin, Json(new): Json<NewClient>) -> Respo
     }
 }
 
+/// What may change of a user.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserChange {
+    #[serde(default)]
+    disabled: Option<bool>,
+    #[serde(default)]
+    password: Option<String>,
+}
+
+async fn update_user(
+    Admin(admin): Admin,
+    Path(user_id): Path<String>,
+    Json(change): Json<UserChange>,
+) -> Response {
+    let mut found = true;
+    if let Some(password) = change.password {
+        match admin.set_password(&user_id, password).await {
+            Ok(exists) => found &= exists,
+            Err(error) => return user_error(error),
+        }
+    }
+    if let Some(disabled) = change.disabled {
+        match admin.set_user_disabled(&user_id, disabled).await {
+            Ok(exists) => found &= exists,
+            Err(error) => return user_error(error),
+        }
+    }
+    if found {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        problem_of(&format!("no user {user_id:?}"), StatusCode::NOT_FOUND)
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RoleBody {
@@ -396,6 +432,7 @@ fn document(issuer: &str) -> Value {
         "servers": [{"url": issuer}],
         "paths": {
             "/admin/v1/users": {"post": operation("Create a user", Some("NewUser"), "201")},
+            "/admin/v1/users/{user_id}": {"parameters": path_param("user_id"), "patch": operation("Disable or enable a user, or set their password", Some("UserChange"), "204")},
             "/admin/v1/clients": {"post": operation("Register a client; its secret is in the answer, once", Some("NewClient"), "201")},
             "/admin/v1/roles": {"post": operation("Create a role that unlocks scopes", Some("NewRole"), "201")},
             "/admin/v1/groups": {"post": operation("Create a group", Some("NewGroup"), "201")},
@@ -422,6 +459,7 @@ fn document(issuer: &str) -> Value {
                     "signing_alg": {"enum": ["RS256", "ES256", "EdDSA"]}, "access_token_ttl": {"type": "integer"},
                     "jwks": {"type": "object"}}},
                 "NewRole": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}, "audience": {"type": "string"}, "description": {"type": "string"}, "scopes": {"type": "string"}}},
+                "UserChange": {"type": "object", "properties": {"disabled": {"type": "boolean"}, "password": {"type": "string", "minLength": 8}}},
                 "NewGroup": {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}},
                 "Member": {"type": "object", "required": ["user_id"], "properties": {"user_id": {"type": "string"}}},
                 "Subject": {"type": "object", "properties": {"user_id": {"type": "string"}, "group": {"type": "string"}, "client_id": {"type": "string"}}},

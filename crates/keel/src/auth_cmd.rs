@@ -67,6 +67,12 @@ enum UserCommand {
     /// Turn on the TOTP second factor for a user (ending their sessions) and print the
     /// otpauth:// URI for their authenticator app.
     Totp { username: String },
+    /// Set a user's password, read from stdin.
+    Password { username: String },
+    /// Stop a user from signing in; their sessions end and their tokens stop working.
+    Disable { username: String },
+    /// Let a disabled user sign in again.
+    Enable { username: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -164,10 +170,32 @@ pub async fn run(args: AuthArgs, config: KeelConfig) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        AuthCommand::User(UserCommand::Password { username }) => {
+            let user = existing_user(&admin, &username).await?;
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .context("reading the password from stdin")?;
+            let password = line.trim_end_matches(['\r', '\n']).to_owned();
+            admin.set_password(&user.user_id, password).await?;
+            println!("password of {username} set");
+            Ok(())
+        }
+        AuthCommand::User(UserCommand::Disable { username }) => {
+            let user = existing_user(&admin, &username).await?;
+            admin.set_user_disabled(&user.user_id, true).await?;
+            println!("user {username} disabled");
+            Ok(())
+        }
+        AuthCommand::User(UserCommand::Enable { username }) => {
+            let user = existing_user(&admin, &username).await?;
+            admin.set_user_disabled(&user.user_id, false).await?;
+            println!("user {username} enabled");
+            Ok(())
+        }
         AuthCommand::User(UserCommand::Totp { username }) => {
-            let Some(user) = admin.find_user(&username).await? else {
-                bail!("no user named {username:?}");
-            };
+            let user = existing_user(&admin, &username).await?;
             println!("{}", admin.enable_totp(&user.user_id).await?);
             Ok(())
         }
@@ -191,10 +219,7 @@ pub async fn run(args: AuthArgs, config: KeelConfig) -> anyhow::Result<()> {
         }) => {
             let subject = match (user, group, client) {
                 (Some(username), None, None) => {
-                    let Some(user) = admin.find_user(&username).await? else {
-                        bail!("no user named {username:?}");
-                    };
-                    Subject::User(user.user_id)
+                    Subject::User(existing_user(&admin, &username).await?.user_id)
                 }
                 (None, Some(group), None) => Subject::Group(group),
                 (None, None, Some(client)) => Subject::Client(client),
@@ -259,6 +284,14 @@ pub async fn run(args: AuthArgs, config: KeelConfig) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The user named `username`, or an error saying there is none.
+async fn existing_user(admin: &AuthAdmin, username: &str) -> anyhow::Result<keel_auth::User> {
+    admin
+        .find_user(username)
+        .await?
+        .with_context(|| format!("no user named {username:?}"))
 }
 
 #[derive(Debug, Args)]

@@ -270,6 +270,26 @@ fn auth_administers_users_roles_and_clients() {
         String::from_utf8_lossy(&totp.stderr)
     );
     assert!(String::from_utf8_lossy(&totp.stdout).starts_with("otpauth://totp/Keel%3Abob?secret="));
+    for (args, stdin, said) in [
+        (vec!["user", "disable", "bob"], None, "user bob disabled"),
+        (vec!["user", "enable", "bob"], None, "user bob enabled"),
+        (
+            vec!["user", "password", "bob"],
+            Some("another long one\n"),
+            "password of bob set",
+        ),
+    ] {
+        let output = run(&args, stdin);
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&output.stdout).contains(said),
+            "{args:?}"
+        );
+    }
     let role = run(&["role", "add", "editor", "--scopes", "docs:write"], None);
     assert!(
         role.status.success(),

@@ -168,6 +168,35 @@ async fn only_keel_admins_administer_and_errors_are_problems() {
             400
         );
 
+        let path = format!("/admin/v1/users/{user_id}");
+        let change = json!({"disabled": true, "password": "an even longer one"});
+        assert_eq!(
+            call(&app, Method::PATCH, &path, Some(&root), Some(change))
+                .await
+                .0,
+            204
+        );
+        let ghost = json!({"disabled": true});
+        assert_eq!(
+            call(
+                &app,
+                Method::PATCH,
+                "/admin/v1/users/nobody",
+                Some(&root),
+                Some(ghost)
+            )
+            .await
+            .0,
+            404
+        );
+        let weak = json!({"password": "short"});
+        assert_eq!(
+            call(&app, Method::PATCH, &path, Some(&root), Some(weak))
+                .await
+                .0,
+            400
+        );
+
         let role = json!({"name": "editor", "scopes": "docs:write"});
         assert_eq!(
             call(
