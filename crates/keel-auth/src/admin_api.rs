@@ -18,7 +18,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::clients::{ClientError, NewClient};
-use crate::introspect::{bearer, live_access_token, with_challenge};
+use crate::introspect::{LiveAccess, bearer, live_access_token, with_challenge};
 use crate::keys::SigningAlg;
 use crate::rbac::{RbacError, Subject};
 use crate::server::{AppState, AuthAdmin};
@@ -66,8 +66,8 @@ impl FromRequestParts<Arc<AppState>> for Admin {
                 None,
             ));
         };
-        let claims = match live_access_token(state, token).await {
-            Ok(Some(claims)) => claims,
+        let live = match live_access_token(state, token).await {
+            Ok(Some(live)) => live,
             Ok(None) => {
                 return Err(refuse(
                     Problem::unauthorized("the token is invalid, expired or revoked"),
@@ -80,11 +80,12 @@ impl FromRequestParts<Arc<AppState>> for Admin {
         // which only the role's holders are granted), and the caller must hold the role
         // now, not only when the token was issued: a revoked role or a disabled user stops
         // at once.
-        let scoped = claims
+        let scoped = live
+            .claims
             .get("scope")
             .and_then(Value::as_str)
             .is_some_and(|scope| scope.split(' ').any(|s| s == ADMIN_ROLE));
-        let holds_now = scoped && holds_admin_now(state, &claims).await;
+        let holds_now = scoped && holds_admin_now(state, &live).await;
         if !holds_now {
             return Err(refuse(
                 Problem::forbidden(format!("the {ADMIN_ROLE} role is required")),
@@ -96,23 +97,16 @@ impl FromRequestParts<Arc<AppState>> for Admin {
 }
 
 /// Whether the token's subject (a user, or for client credentials the client) holds the
-/// admin role now and is still active.
-async fn holds_admin_now(state: &AppState, claims: &Value) -> bool {
-    let text = |name: &str| claims.get(name).and_then(Value::as_str);
-    let (Some(subject), Some(client_id)) = (text("sub"), text("client_id")) else {
-        return false;
-    };
-    // Client ids and user ids never coincide: a client may not take a user's id, and user
-    // ids are 128 random bits the server makes.
-    let holder = if subject == client_id {
-        match state.clients.find(client_id).await {
-            Ok(Some(client)) if !client.disabled => Subject::Client(client.client_id),
-            _ => return false,
-        }
-    } else {
-        match state.users.find(subject).await {
-            Ok(Some(user)) if !user.disabled => Subject::User(user.user_id),
-            _ => return false,
+/// admin role now and is still active (a live token's user is active already).
+async fn holds_admin_now(state: &AppState, live: &LiveAccess) -> bool {
+    let holder = match &live.user {
+        Some(user) => Subject::User(user.user_id.clone()),
+        None => {
+            let client_id = live.claims.get("client_id").and_then(Value::as_str);
+            match state.clients.find(client_id.unwrap_or_default()).await {
+                Ok(Some(client)) if !client.disabled => Subject::Client(client.client_id),
+                _ => return false,
+            }
         }
     };
     state

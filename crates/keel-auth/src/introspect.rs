@@ -18,7 +18,15 @@ use crate::clients::{AuthMethod, Client};
 use crate::crypto::sha256;
 use crate::error::OAuthError;
 use crate::server::AppState;
-use crate::token::{client_request, revoke_family, server_error};
+use crate::token::{client_request, end_grant, server_error};
+use crate::users::User;
+
+/// A live access token: its claims, and the user it speaks for (none for a client's own
+/// token), looked up once for whoever needs them.
+pub(crate) struct LiveAccess {
+    pub(crate) claims: Value,
+    pub(crate) user: Option<User>,
+}
 
 /// A token found live, with what introspection tells about it.
 enum Live {
@@ -27,7 +35,6 @@ enum Live {
     },
     Refresh {
         client_id: String,
-        family_id: String,
         subject: Option<String>,
         scopes: String,
         expires_at: i64,
@@ -39,7 +46,7 @@ enum Live {
 pub(crate) async fn live_access_token(
     state: &AppState,
     token: &str,
-) -> Result<Option<Value>, OAuthError> {
+) -> Result<Option<LiveAccess>, OAuthError> {
     let now = state.clock.now();
     let Some(claims) = state.keys.verify(token, "at+jwt", now) else {
         return Ok(None);
@@ -68,15 +75,16 @@ pub(crate) async fn live_access_token(
     }
     // A user's token dies with the user's account: disabled or deleted, it is not live.
     let text = |name: &str| claims.get(name).and_then(Value::as_str);
+    let mut user = None;
     if let (Some(subject), Some(client_id)) = (text("sub"), text("client_id"))
         && subject != client_id
     {
-        let user = state.users.find(subject).await.map_err(server_error)?;
-        if user.is_none_or(|user| user.disabled) {
-            return Ok(None);
+        match state.users.find(subject).await.map_err(server_error)? {
+            Some(found) if !found.disabled => user = Some(found),
+            _ => return Ok(None),
         }
     }
-    Ok(Some(claims))
+    Ok(Some(LiveAccess { claims, user }))
 }
 
 /// The refresh token `token` if it is live: unexpired, its grant not revoked, and not
@@ -84,7 +92,7 @@ pub(crate) async fn live_access_token(
 /// does not grant).
 async fn live_refresh_token(state: &AppState, token: &str) -> Result<Option<Live>, OAuthError> {
     let row = sqlx::query(
-        "SELECT f.client_id, f.family_id, f.user_id, f.scopes, r.expires_at \
+        "SELECT f.client_id, f.user_id, f.scopes, r.expires_at \
          FROM refresh_tokens r JOIN token_families f ON f.family_id = r.family_id \
          WHERE r.token_hash = $1 AND r.used_at IS NULL AND f.revoked_at IS NULL AND r.expires_at > $2",
     )
@@ -96,7 +104,6 @@ async fn live_refresh_token(state: &AppState, token: &str) -> Result<Option<Live
     let Some(row) = row else { return Ok(None) };
     Ok(Some(Live::Refresh {
         client_id: row.try_get("client_id").map_err(server_error)?,
-        family_id: row.try_get("family_id").map_err(server_error)?,
         subject: row.try_get("user_id").map_err(server_error)?,
         scopes: row.try_get("scopes").map_err(server_error)?,
         expires_at: row.try_get("expires_at").map_err(server_error)?,
@@ -136,7 +143,9 @@ async fn find(
         Ok::<_, OAuthError>(
             live_access_token(state, token)
                 .await?
-                .map(|claims| Live::Access { claims }),
+                .map(|live| Live::Access {
+                    claims: live.claims,
+                }),
         )
     };
     if hint == Some("refresh_token") {
@@ -254,47 +263,45 @@ pub(crate) async fn revoke(
         // suspects its rotated-away token was stolen ends the grant with it.
         if let Some((family_id, client_id)) = refresh_family(&state, token).await? {
             if client_id == client.client_id {
-                revoke_family(&state, &family_id, "refresh token revoked by its client").await?;
-                let event = Event {
-                    client_id: Some(&client.client_id),
-                    ip: Some(ip.clone()),
-                    detail: Some("grant revoked by its client".to_owned()),
-                    ..Event::default()
-                };
-                state
-                    .audit
-                    .record(state.clock.now(), EventKind::TokenRevoked, true, event)
-                    .await;
+                let detail = "refresh token revoked by its client";
+                end_grant(
+                    &state,
+                    &family_id,
+                    EventKind::TokenRevoked,
+                    &client_id,
+                    &ip,
+                    detail,
+                )
+                .await?;
             }
             return Ok(());
         }
-        let revoked = match find(&state, token, params.get("token_type_hint")).await? {
-            Some(Live::Refresh { client_id, family_id, .. }) if client_id == client.client_id => {
-                revoke_family(&state, &family_id, "refresh token revoked by its client").await?;
-                true
-            }
-            Some(Live::Access { claims })
-                if claims.get("client_id").and_then(Value::as_str) == Some(client.client_id.as_str()) =>
-            {
-                let jti = claims.get("jti").and_then(Value::as_str).unwrap_or_default();
-                sqlx::query("UPDATE access_tokens SET revoked_at = $1 WHERE jti = $2 AND revoked_at IS NULL")
-                    .bind(state.clock.now())
-                    .bind(jti)
-                    .execute(state.db.pool())
-                    .await
-                    .map_err(server_error)?;
-                true
-            }
-            _ => false,
-        };
-        if revoked {
+        let live = live_access_token(&state, token).await?;
+        let own = live.as_ref().and_then(|live| {
+            let issued_to = live.claims.get("client_id").and_then(Value::as_str);
+            (issued_to == Some(client.client_id.as_str()))
+                .then(|| live.claims.get("jti").and_then(Value::as_str))
+                .flatten()
+        });
+        if let Some(jti) = own {
+            sqlx::query(
+                "UPDATE access_tokens SET revoked_at = $1 WHERE jti = $2 AND revoked_at IS NULL",
+            )
+            .bind(state.clock.now())
+            .bind(jti)
+            .execute(state.db.pool())
+            .await
+            .map_err(server_error)?;
             let event = Event {
                 client_id: Some(&client.client_id),
                 ip: Some(ip.clone()),
-                detail: Some("token revoked by its client".to_owned()),
+                detail: Some("access token revoked by its client".to_owned()),
                 ..Event::default()
             };
-            state.audit.record(state.clock.now(), EventKind::TokenRevoked, true, event).await;
+            state
+                .audit
+                .record(state.clock.now(), EventKind::TokenRevoked, true, event)
+                .await;
         }
         Ok::<(), OAuthError>(())
     }
@@ -338,8 +345,8 @@ pub(crate) async fn userinfo(State(state): State<Arc<AppState>>, headers: Header
     let Some(token) = bearer(&headers) else {
         return with_challenge(StatusCode::UNAUTHORIZED.into_response(), None);
     };
-    let claims = match live_access_token(&state, token).await {
-        Ok(Some(claims)) => claims,
+    let LiveAccess { claims, user } = match live_access_token(&state, token).await {
+        Ok(Some(live)) => live,
         Ok(None) => return challenge(StatusCode::UNAUTHORIZED, "invalid_token"),
         Err(error) => return error.into_response(),
     };
@@ -351,14 +358,9 @@ pub(crate) async fn userinfo(State(state): State<Arc<AppState>>, headers: Header
     if !has("openid") {
         return challenge(StatusCode::FORBIDDEN, "insufficient_scope");
     }
-    let subject = claims
-        .get("sub")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let user = match state.users.find(subject).await {
-        Ok(Some(user)) if !user.disabled => user,
-        Ok(_) => return challenge(StatusCode::UNAUTHORIZED, "invalid_token"),
-        Err(error) => return server_error(error).into_response(),
+    // A client's own token (client credentials) speaks for no user.
+    let Some(user) = user else {
+        return challenge(StatusCode::UNAUTHORIZED, "invalid_token");
     };
     let mut answer = json!({"sub": user.user_id});
     if has("profile") {

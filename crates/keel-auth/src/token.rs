@@ -590,19 +590,15 @@ async fn replayed_code(
     .await
     .map_err(server_error)?;
     let Some(family) = family else { return Ok(()) };
-    let now = state.clock.now();
-    revoke_family(state, &family, "authorization code replayed").await?;
-    let event = Event {
-        client_id: Some(&client.client_id),
-        ip: Some(ip.to_owned()),
-        detail: Some("authorization code presented again; its grant is revoked".to_owned()),
-        ..Event::default()
-    };
-    state
-        .audit
-        .record(now, EventKind::CodeReplayed, false, event)
-        .await;
-    Ok(())
+    end_grant(
+        state,
+        &family,
+        EventKind::CodeReplayed,
+        &client.client_id,
+        ip,
+        "authorization code presented again; its grant is revoked",
+    )
+    .await
 }
 
 /// Stores a new refresh token in `family` and returns it. It expires when the grant
@@ -721,17 +717,15 @@ async fn refresh_token(
         }
     };
     if !accepted {
-        revoke_family(state, &family_id, "refresh token reused").await?;
-        let event = Event {
-            client_id: Some(&client.client_id),
-            ip: Some(ip.to_owned()),
-            detail: Some("used refresh token presented again; its grant is revoked".to_owned()),
-            ..Event::default()
-        };
-        state
-            .audit
-            .record(now, EventKind::RefreshReused, false, event)
-            .await;
+        end_grant(
+            state,
+            &family_id,
+            EventKind::RefreshReused,
+            &client.client_id,
+            ip,
+            "used refresh token presented again; its grant is revoked",
+        )
+        .await?;
         return Err(invalid_grant());
     }
     let subject = user
@@ -795,6 +789,32 @@ async fn reuse_once(state: &AppState, token_hash: &[u8], now: i64) -> Result<boo
     .await
     .map_err(server_error)?;
     Ok(marked.rows_affected() == 1)
+}
+
+/// Ends a grant for a security reason, and says so in the audit trail: a replay, a reuse,
+/// its client's revocation. `detail` is both the stored reason and the event's detail.
+pub(crate) async fn end_grant(
+    state: &AppState,
+    family_id: &str,
+    kind: EventKind,
+    client_id: &str,
+    ip: &str,
+    detail: &str,
+) -> Result<(), OAuthError> {
+    revoke_family(state, family_id, detail).await?;
+    let event = Event {
+        client_id: Some(client_id),
+        ip: Some(ip.to_owned()),
+        detail: Some(detail.to_owned()),
+        ..Event::default()
+    };
+    // Revoking by the client is what it asked for; the others are attacks seen.
+    let success = kind == EventKind::TokenRevoked;
+    state
+        .audit
+        .record(state.clock.now(), kind, success, event)
+        .await;
+    Ok(())
 }
 
 /// Ends a grant: its refresh tokens stop working.
