@@ -26,7 +26,7 @@ use serde_json::{Value, json};
 use sqlx::Row;
 
 use crate::crypto::{Secrets, Unsealable};
-use crate::db::{Db, DbError, LockKey};
+use crate::db::{Db, DbError, SIGNING_KEYS_LOCK};
 use sqlx::AnyConnection;
 
 /// Bits of a generated RSA key.
@@ -387,7 +387,7 @@ impl KeyRing {
             .any(|alg| self.active(*alg, now).is_none())
         {
             let mut tx = db.pool().begin().await?;
-            db.lock(&mut tx, LockKey::SigningKeys).await?;
+            db.lock(&mut tx, SIGNING_KEYS_LOCK).await?;
             for alg in SigningAlg::ALL {
                 let active: i64 = sqlx::query_scalar(
                     "SELECT COUNT(*) FROM signing_keys WHERE alg = $1 AND activates_at <= $2 \
@@ -430,7 +430,7 @@ impl KeyRing {
     ) -> Result<String, KeyError> {
         let activates_at = now.saturating_add(lead);
         let mut tx = db.pool().begin().await?;
-        db.lock(&mut tx, LockKey::SigningKeys).await?;
+        db.lock(&mut tx, SIGNING_KEYS_LOCK).await?;
         let kid = generate_and_store(&mut tx, secrets, alg, now, activates_at).await?;
         sqlx::query(
             "UPDATE signing_keys SET retires_at = $1, expires_at = $2 \

@@ -104,7 +104,7 @@ impl AppState {
         ensure_keys: bool,
     ) -> Result<Self, StartError> {
         config.validate().map_err(StartError::Config)?;
-        let db = Db::connect(config.database.expose()).await?;
+        let db = Db::connect(config.database.expose(), &crate::db::MIGRATIONS).await?;
         let secrets = secrets_for(&config, db.backend())?;
         let keys = KeyRing::load(&db, &secrets).await?;
         let audit = Audit::new(db.clone());

@@ -1,4 +1,5 @@
-//! W3C Trace Context (`traceparent`, `tracestate`) on HTTP headers.
+//! W3C Trace Context (`traceparent`, `tracestate`) on HTTP headers and on messages (the
+//! CloudEvents envelope carries both as extension attributes).
 //!
 //! The W3C format is Keel's convention everywhere, so the propagator is fixed here rather
 //! than read from a global that tests would have to install.
@@ -22,6 +23,27 @@ pub fn inject_current(headers: &mut HeaderMap) {
 /// Writes `context` into outgoing request headers.
 pub fn inject(context: &opentelemetry::Context, headers: &mut HeaderMap) {
     TraceContextPropagator::new().inject_context(context, &mut HeaderInjector(headers));
+}
+
+/// The current span's `traceparent` and `tracestate`, for a message leaving the process
+/// (both `None` outside a sampled or remote-parented span).
+pub fn current_fields() -> (Option<String>, Option<String>) {
+    let mut fields = std::collections::HashMap::new();
+    TraceContextPropagator::new().inject_context(&tracing::Span::current().context(), &mut fields);
+    (fields.remove("traceparent"), fields.remove("tracestate"))
+}
+
+/// The trace context a message carried (empty when it carried none, or garbage).
+pub fn extract_fields(
+    traceparent: Option<&str>,
+    tracestate: Option<&str>,
+) -> opentelemetry::Context {
+    let fields: std::collections::HashMap<String, String> =
+        [("traceparent", traceparent), ("tracestate", tracestate)]
+            .into_iter()
+            .filter_map(|(name, value)| Some((name.to_owned(), value?.to_owned())))
+            .collect();
+    TraceContextPropagator::new().extract(&fields)
 }
 
 struct HeaderExtractor<'a>(&'a HeaderMap);
@@ -69,6 +91,22 @@ mod tests {
         let mut outgoing = HeaderMap::new();
         inject(&context, &mut outgoing);
         assert_eq!(outgoing["traceparent"], PARENT);
+    }
+
+    #[test]
+    fn message_fields_round_trip_a_traceparent() {
+        let context = extract_fields(Some(PARENT), Some("congo=t61rcWkgMzE"));
+        assert_eq!(
+            context.span().span_context().trace_id().to_string(),
+            "4bf92f3577b34da6a3ce929d0e0e4736"
+        );
+        assert!(
+            !extract_fields(Some("zz"), None)
+                .span()
+                .span_context()
+                .is_valid()
+        );
+        assert!(!extract_fields(None, None).span().span_context().is_valid());
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! - [`require`]: the SKIP / require logic for backing services;
 //! - [`TestDatabase`]: a fresh PostgreSQL database per test, migrated, dropped afterwards;
 //! - [`unique_name`]: per-test Redis key prefixes, RabbitMQ names and etcd key prefixes;
-//! - [`FaultProxy`]: a TCP proxy to cut, between code under test and a shared service.
+//! - [`FaultProxy`]: a TCP proxy to cut, between code under test and a shared service;
+//! - [`ChildTest`]: the test re-run as a child process, to crash it at a chosen moment.
 
 #![allow(clippy::expect_used)] // test support: a broken fixture should stop the test loudly
 
@@ -14,7 +15,9 @@ use std::time::Duration;
 
 use keel_runtime::{Server, Shutdown};
 
+mod child;
 mod fault;
+pub use child::{CHILD_ROLE, ChildTest, child_role};
 pub use fault::FaultProxy;
 use sqlx::Connection;
 use tokio::task::JoinHandle;

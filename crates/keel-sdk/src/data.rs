@@ -1,0 +1,406 @@
+//! A service's database: PostgreSQL in production, SQLite in the embedded profile, through
+//! sqlx's `Any` driver so that every query is written once. The SQL sticks to what both
+//! accept: `$N` parameters, `RETURNING`, `ON CONFLICT`; integers (Unix seconds or
+//! milliseconds for times), text and bytes only. The schema differs only in type names,
+//! so a service keeps one migration folder per backend, side by side and in step
+//! ([`Migrations`]).
+//!
+//! [`Database::connect`] creates a missing database (PostgreSQL) or file (SQLite), then
+//! brings the service's schema and the SDK's own tables (outbox, inbox) up to date under a
+//! lock, so instances starting together do not race. [`Tx`] is a transaction that can run
+//! work once it has committed, such as waking the outbox relay.
+
+use std::fs::File;
+use std::path::Path;
+use std::str::FromStr;
+
+use sqlx::any::{AnyPoolOptions, install_default_drivers};
+use sqlx::migrate::Migrator;
+use sqlx::{Any, AnyConnection, AnyPool, Executor, Transaction};
+
+/// A service's migrations, one folder per backend:
+///
+/// ```ignore
+/// static MIGRATIONS: Migrations = Migrations {
+///     postgres: sqlx::migrate!("migrations/postgres"),
+///     sqlite: sqlx::migrate!("migrations/sqlite"),
+/// };
+/// ```
+#[derive(Debug)]
+pub struct Migrations {
+    pub postgres: Migrator,
+    pub sqlite: Migrator,
+}
+
+impl Migrations {
+    fn for_backend(&self, backend: Backend) -> &Migrator {
+        match backend {
+            Backend::Postgres => &self.postgres,
+            Backend::Sqlite => &self.sqlite,
+        }
+    }
+}
+
+/// The SDK's own tables (outbox, inbox), versioned apart from the service's in their own
+/// migrations table, so that neither set of version numbers constrains the other.
+static SDK: Migrations = Migrations {
+    postgres: sqlx::migrate!("migrations/postgres"),
+    sqlite: sqlx::migrate!("migrations/sqlite"),
+};
+const SDK_MIGRATIONS_TABLE: &str = "_keel_sdk_migrations";
+
+/// Why the database could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("the database URL must start with postgres:// or sqlite: (it starts with {0:?})")]
+    Scheme(String),
+    #[error("cannot create the directory of the SQLite database {path}: {error}")]
+    Directory { path: String, error: std::io::Error },
+    #[error("cannot lock {path} for migrations: {error}")]
+    LockFile { path: String, error: std::io::Error },
+    #[error("cannot create the database: {0}")]
+    Create(#[source] sqlx::Error),
+    #[error("cannot connect to the database: {0}")]
+    Connect(#[source] sqlx::Error),
+    #[error("cannot migrate the database: {0}")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
+    #[error("database: {0}")]
+    Query(#[from] sqlx::Error),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Postgres,
+    Sqlite,
+}
+
+impl FromStr for Backend {
+    type Err = DbError;
+
+    fn from_str(url: &str) -> Result<Self, DbError> {
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres)
+        } else if url.starts_with("sqlite:") {
+            Ok(Self::Sqlite)
+        } else {
+            // Only the scheme: the rest may hold a password.
+            let scheme = url.split_once(':').map_or("", |(scheme, _)| scheme);
+            Err(DbError::Scheme(scheme.chars().take(20).collect()))
+        }
+    }
+}
+
+/// An advisory lock that instances sharing a database take to do some work one at a time;
+/// each user picks a number unlikely to clash with others'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LockKey(pub i64);
+
+/// The outcome of [`Database::file_lock`].
+pub(crate) enum FileLock {
+    /// Locked by this process until the file is dropped.
+    Held(File),
+    /// Another process (or another pool in this one) holds it; the file can wait for it.
+    Busy(File),
+    /// PostgreSQL or in-memory SQLite: nothing to lock this way.
+    Unneeded,
+}
+
+/// A migrated connection pool.
+#[derive(Clone)]
+pub struct Database {
+    pool: AnyPool,
+    backend: Backend,
+    /// The SQLite file, for file locks; `None` for PostgreSQL and in-memory SQLite.
+    file: Option<String>,
+}
+
+impl std::fmt::Debug for Database {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the URL: it may hold a password.
+        f.debug_struct("Database")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Database {
+    /// Connects to `url`, creating the database (or the SQLite file and its directory)
+    /// when missing, and brings the SDK's tables and `migrations` up to date.
+    pub async fn connect(url: &str, migrations: &Migrations) -> Result<Self, DbError> {
+        let backend: Backend = url.parse()?;
+        install_default_drivers();
+        let (url, file) = match backend {
+            Backend::Sqlite => (sqlite_create_url(url)?, sqlite_path(url).map(str::to_owned)),
+            Backend::Postgres => {
+                create_postgres_database(url).await?;
+                (url.to_owned(), None)
+            }
+        };
+        let pool = AnyPoolOptions::new()
+            .max_connections(match backend {
+                Backend::Postgres => 10,
+                // One writer at a time anyway; a few readers beside it (WAL).
+                Backend::Sqlite => 4,
+            })
+            .after_connect(move |connection, _| {
+                Box::pin(async move {
+                    // Readers never wait for the writer (sqlx leaves SQLite's journal
+                    // mode as it finds it); the busy timeout (sqlx's 5 s) covers writers.
+                    if backend == Backend::Sqlite {
+                        connection.execute("PRAGMA journal_mode=WAL").await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect(&url)
+            .await
+            .map_err(DbError::Connect)?;
+        let database = Self {
+            pool,
+            backend,
+            file,
+        };
+        database.migrate(migrations).await?;
+        Ok(database)
+    }
+
+    /// Runs the SDK's migrations, then the service's. PostgreSQL: sqlx holds an advisory
+    /// lock per database meanwhile. SQLite: sqlx takes none, so a lock file beside the
+    /// database keeps two processes from applying the same migration.
+    async fn migrate(&self, migrations: &Migrations) -> Result<(), DbError> {
+        let _guard = match self.file_lock("migrate")? {
+            FileLock::Held(file) => Some(file),
+            FileLock::Busy(file) => {
+                // Blocks until the other holder is done: off the async threads.
+                let locked = tokio::task::spawn_blocking(move || file.lock().map(|()| file))
+                    .await
+                    .map_err(std::io::Error::other)
+                    .and_then(|locked| locked);
+                Some(locked.map_err(|error| self.lock_error("migrate", error))?)
+            }
+            FileLock::Unneeded => None,
+        };
+        let mut sdk =
+            Migrator::with_migrations(SDK.for_backend(self.backend).iter().cloned().collect());
+        sdk.dangerous_set_table_name(SDK_MIGRATIONS_TABLE);
+        sdk.run(&self.pool).await.map_err(DbError::Migrate)?;
+        migrations
+            .for_backend(self.backend)
+            .run(&self.pool)
+            .await
+            .map_err(DbError::Migrate)
+    }
+
+    /// Tries to lock `<file>.<purpose>.lock` beside a SQLite database; the lock holds
+    /// until the file is dropped, and also ends when the process dies.
+    pub(crate) fn file_lock(&self, purpose: &str) -> Result<FileLock, DbError> {
+        let Some(path) = self.lock_path(purpose) else {
+            return Ok(FileLock::Unneeded);
+        };
+        let file = File::options()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|error| self.lock_error(purpose, error))?;
+        match file.try_lock() {
+            Ok(()) => Ok(FileLock::Held(file)),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(FileLock::Busy(file)),
+            Err(std::fs::TryLockError::Error(error)) => Err(self.lock_error(purpose, error)),
+        }
+    }
+
+    fn lock_path(&self, purpose: &str) -> Option<String> {
+        self.file
+            .as_ref()
+            .map(|file| format!("{file}.{purpose}.lock"))
+    }
+
+    fn lock_error(&self, purpose: &str, error: std::io::Error) -> DbError {
+        DbError::LockFile {
+            path: self.lock_path(purpose).unwrap_or_default(),
+            error,
+        }
+    }
+
+    /// Takes `key`'s lock for the rest of `tx`, so that instances sharing the database do
+    /// the guarded work one at a time. PostgreSQL: a transaction-scoped advisory lock.
+    /// SQLite: nothing more is needed, since it lets one writer in at a time.
+    pub async fn lock(&self, tx: &mut AnyConnection, key: LockKey) -> Result<(), sqlx::Error> {
+        if self.backend == Backend::Postgres {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(key.0)
+                .execute(tx)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Starts a transaction.
+    pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        Ok(Tx {
+            inner: self.pool.begin().await?,
+            after_commit: Vec::new(),
+        })
+    }
+
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+}
+
+/// A transaction that can run work once it has committed (never when it rolls back):
+/// waking the outbox relay, say, or dropping a cache entry only once the change is
+/// visible. It dereferences to the connection, for queries.
+pub struct Tx {
+    inner: Transaction<'static, Any>,
+    after_commit: Vec<Box<dyn FnOnce() + Send>>,
+}
+
+impl Tx {
+    /// Runs `work` after a successful [`Tx::commit`].
+    pub fn after_commit(&mut self, work: impl FnOnce() + Send + 'static) {
+        self.after_commit.push(Box::new(work));
+    }
+
+    pub async fn commit(self) -> Result<(), sqlx::Error> {
+        self.inner.commit().await?;
+        for work in self.after_commit {
+            work();
+        }
+        Ok(())
+    }
+
+    /// Rolls back (dropping a `Tx` does too, a moment later).
+    pub async fn rollback(self) -> Result<(), sqlx::Error> {
+        self.inner.rollback().await
+    }
+}
+
+impl std::ops::Deref for Tx {
+    type Target = AnyConnection;
+
+    fn deref(&self) -> &AnyConnection {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        &mut self.inner
+    }
+}
+
+/// Creates the PostgreSQL database `url` names when it does not exist (SQLSTATE 3D000 on
+/// connecting), as a fresh development machine has none. Another instance creating it at
+/// the same moment (42P04, or a unique violation in the catalog) is fine.
+async fn create_postgres_database(url: &str) -> Result<(), DbError> {
+    use sqlx::migrate::MigrateDatabase;
+    use sqlx::{ConnectOptions, any::AnyConnectOptions};
+
+    let options = AnyConnectOptions::from_str(url).map_err(DbError::Connect)?;
+    match options.connect().await {
+        Ok(connection) => {
+            let _ = sqlx::Connection::close(connection).await;
+            Ok(())
+        }
+        Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("3D000") => {
+            match Any::create_database(url).await {
+                Ok(()) => Ok(()),
+                Err(sqlx::Error::Database(error))
+                    if matches!(error.code().as_deref(), Some("42P04" | "23505")) =>
+                {
+                    Ok(())
+                }
+                Err(error) => Err(DbError::Create(error)),
+            }
+        }
+        Err(error) => Err(DbError::Connect(error)),
+    }
+}
+
+/// The file of a SQLite URL; `None` for an in-memory database.
+pub fn sqlite_path(url: &str) -> Option<&str> {
+    let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");
+    let path = rest.split_once('?').map_or(rest, |(path, _)| path);
+    (!path.is_empty() && path != ":memory:").then_some(path)
+}
+
+/// Creates `dir` (and its parents) readable by its owner only: a service's data (and the
+/// authorization server's keys) live there.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    let mut builder = std::fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
+}
+
+/// `url` with `mode=rwc` (create when missing), after creating the file's directory.
+fn sqlite_create_url(url: &str) -> Result<String, DbError> {
+    let dir = sqlite_path(url).and_then(|path| Some((path, Path::new(path).parent()?)));
+    if let Some((path, dir)) = dir.filter(|(_, dir)| !dir.as_os_str().is_empty()) {
+        private_dir(dir).map_err(|error| DbError::Directory {
+            path: path.to_owned(),
+            error,
+        })?;
+    }
+    let query = url.split_once('?').map_or("", |(_, query)| query);
+    if query.split('&').any(|pair| pair.starts_with("mode=")) {
+        return Ok(url.to_owned());
+    }
+    let separator = if query.is_empty() { '?' } else { '&' };
+    Ok(format!("{url}{separator}mode=rwc"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backend_comes_from_the_url() {
+        assert_eq!(
+            "postgres://u@h/db".parse::<Backend>().unwrap(),
+            Backend::Postgres
+        );
+        assert_eq!(
+            "postgresql://h/db".parse::<Backend>().unwrap(),
+            Backend::Postgres
+        );
+        assert_eq!(
+            "sqlite://.keel/auth.db".parse::<Backend>().unwrap(),
+            Backend::Sqlite
+        );
+        let error = "mysql://u:pw@h/db"
+            .parse::<Backend>()
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("\"mysql\""), "{error}");
+        assert!(!error.contains("pw"), "no password in errors: {error}");
+    }
+
+    #[test]
+    fn sqlite_files_are_created_when_missing() {
+        let dir = std::env::temp_dir().join(format!("keel-sdk-db-{}", std::process::id()));
+        let file = dir.join("nested/auth.db");
+        let url = format!("sqlite://{}", file.display());
+        assert_eq!(sqlite_create_url(&url).unwrap(), format!("{url}?mode=rwc"));
+        assert!(file.parent().unwrap().is_dir());
+        assert_eq!(
+            sqlite_create_url(&format!("{url}?mode=ro")).unwrap(),
+            format!("{url}?mode=ro")
+        );
+        assert_eq!(
+            sqlite_create_url("sqlite::memory:?cache=shared").unwrap(),
+            "sqlite::memory:?cache=shared&mode=rwc"
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}

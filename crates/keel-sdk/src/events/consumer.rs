@@ -1,0 +1,433 @@
+//! Consumers: handlers per event type, the inbox that makes them idempotent, and what
+//! happens to a message that fails (retry with a growing delay, then the dead letters).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use futures_util::future::BoxFuture;
+use keel_runtime::Shutdown;
+use tracing::Instrument;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use super::{Bus, BusError, Envelope, Event, Transport, check_group};
+use crate::data::{Database, Tx};
+
+/// An event as a handler receives it.
+#[derive(Debug, Clone)]
+pub struct Received<E> {
+    pub event: E,
+    /// The envelope's id: the same on every delivery of one publication.
+    pub id: String,
+    /// The publishing service (`/keel/<service>`).
+    pub source: String,
+    /// RFC 3339.
+    pub time: String,
+    /// 1 on the first delivery.
+    pub attempt: u32,
+}
+
+/// Why a handler did not handle an event.
+#[derive(Debug)]
+pub enum HandlerError {
+    /// Worth trying again later (a dependency down, a conflict): retried with a growing
+    /// delay, dead-lettered after the last attempt. What `?` on any error gives.
+    Retry(String),
+    /// Never going to work (the event asks for something impossible): dead-lettered now.
+    Reject(String),
+}
+
+impl HandlerError {
+    pub fn reject(reason: impl std::fmt::Display) -> Self {
+        Self::Reject(reason.to_string())
+    }
+
+    fn message(&self) -> &str {
+        match self {
+            Self::Retry(message) | Self::Reject(message) => message,
+        }
+    }
+}
+
+impl<E: std::error::Error> From<E> for HandlerError {
+    fn from(error: E) -> Self {
+        Self::Retry(error.to_string())
+    }
+}
+
+/// Handles events of type `E` inside the consumer's transaction: what it writes through
+/// `tx` commits together with the inbox record, or not at all.
+///
+/// ```ignore
+/// struct ReserveStock;
+///
+/// impl Handler<OrderPlaced> for ReserveStock {
+///     async fn handle(&self, tx: &mut Tx, placed: Received<OrderPlaced>) -> Result<(), HandlerError> {
+///         sqlx::query("UPDATE stock SET reserved = reserved + $1 WHERE sku = $2")
+///             .bind(placed.event.quantity).bind(&placed.event.sku)
+///             .execute(&mut **tx).await?;
+///         Ok(())
+///     }
+/// }
+/// ```
+pub trait Handler<E: Event>: Send + Sync + 'static {
+    fn handle(
+        &self,
+        tx: &mut Tx,
+        event: Received<E>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// A handler with its event type erased, so one consumer can hold several.
+trait Dispatch: Send + Sync {
+    fn dispatch<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+        envelope: &'a Envelope,
+        attempt: u32,
+    ) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+struct Typed<E, H> {
+    handler: H,
+    event: PhantomData<fn() -> E>,
+}
+
+impl<E: Event, H: Handler<E>> Dispatch for Typed<E, H> {
+    fn dispatch<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+        envelope: &'a Envelope,
+        attempt: u32,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            // Data that does not fit the type will not fit it next time either.
+            let event = envelope.decode::<E>().map_err(HandlerError::reject)?;
+            let received = Received {
+                event,
+                id: envelope.id.clone(),
+                source: envelope.source.clone(),
+                time: envelope.time.clone(),
+                attempt,
+            };
+            self.handler.handle(tx, received).await
+        })
+    }
+}
+
+/// How often and how late a failing message is tried again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included; after the last one fails, the message is
+    /// dead-lettered.
+    pub max_attempts: u32,
+    /// The wait before the second attempt; each later wait doubles, up to `max_delay`.
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+    /// How long one attempt may take before it counts as failed.
+    pub handler_timeout: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 5,
+            first_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(60),
+            handler_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after failed attempt `attempt` (1-based), when another attempt follows.
+    pub fn delay_after(&self, attempt: u32) -> Option<Duration> {
+        if attempt >= self.max_attempts {
+            return None;
+        }
+        let doublings = attempt.saturating_sub(1).min(30);
+        Some(
+            self.first_delay
+                .saturating_mul(1 << doublings)
+                .min(self.max_delay),
+        )
+    }
+
+    /// Every distinct wait, shortest first: RabbitMQ keeps one delay queue for each.
+    pub(crate) fn delays(&self) -> Vec<Duration> {
+        let mut delays: Vec<Duration> = (1..self.max_attempts)
+            .filter_map(|attempt| self.delay_after(attempt))
+            .collect();
+        delays.dedup();
+        delays
+    }
+}
+
+/// What a consumer has done so far; also exported as `keel_events_consumed_total`.
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    pub handled: AtomicU64,
+    /// Deliveries of an event already handled (found in the inbox), acknowledged unread.
+    pub duplicates: AtomicU64,
+    pub retried: AtomicU64,
+    pub dead_lettered: AtomicU64,
+}
+
+/// What to do with a delivery once it has been through the consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Handled: acknowledge.
+    Done,
+    /// Handled before (found in the inbox): acknowledge.
+    Duplicate,
+    /// Failed; try again after `delay` as attempt `attempt + 1`.
+    Retry { delay: Duration, error: String },
+    /// Failed for good: dead-letter with `error`.
+    Dead {
+        id: String,
+        event_type: String,
+        error: String,
+    },
+}
+
+/// Builds a [`Consumer`]: `bus.consumer(group, &db).on::<E, _>(handler).start()`.
+pub struct ConsumerBuilder {
+    bus: Bus,
+    group: String,
+    db: Database,
+    handlers: HashMap<&'static str, Box<dyn Dispatch>>,
+    retry: RetryPolicy,
+}
+
+impl ConsumerBuilder {
+    pub(crate) fn new(bus: Bus, group: &str, db: Database) -> Self {
+        Self {
+            bus,
+            group: group.to_owned(),
+            db,
+            handlers: HashMap::new(),
+            retry: RetryPolicy::default(),
+        }
+    }
+
+    /// Handles events of type `E` with `handler` (one handler per type; a later one
+    /// replaces an earlier).
+    pub fn on<E: Event, H: Handler<E>>(mut self, handler: H) -> Self {
+        self.handlers.insert(
+            E::TYPE,
+            Box::new(Typed {
+                handler,
+                event: PhantomData,
+            }),
+        );
+        self
+    }
+
+    pub fn retry(mut self, policy: RetryPolicy) -> Self {
+        self.retry = policy;
+        self
+    }
+
+    /// Declares the group's queues and bindings, so that every event published from now
+    /// on reaches the group, and returns the consumer, ready to [`Consumer::run`].
+    pub async fn start(self) -> Result<Consumer, BusError> {
+        check_group(&self.group)?;
+        if self.handlers.is_empty() {
+            return Err(BusError::NoHandlers(self.group));
+        }
+        let core = Arc::new(ConsumerCore {
+            group: self.group,
+            db: self.db,
+            handlers: self.handlers,
+            retry: self.retry,
+            stats: Arc::default(),
+        });
+        match &self.bus.inner.transport {
+            Transport::InProcess(bus) => bus.bind(&core),
+            Transport::RabbitMq(bus) => bus.declare_group(&core).await?,
+        }
+        Ok(Consumer {
+            bus: self.bus,
+            core,
+        })
+    }
+}
+
+/// A consumer, declared and ready: [`Consumer::run`] takes messages until shutdown.
+pub struct Consumer {
+    bus: Bus,
+    core: Arc<ConsumerCore>,
+}
+
+impl Consumer {
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        self.core.stats.clone()
+    }
+
+    /// Takes and handles messages one at a time until `shutdown`; the message in hand is
+    /// finished first. Reconnects by itself when the broker goes away.
+    pub async fn run(self, shutdown: Shutdown) {
+        match &self.bus.inner.transport {
+            Transport::InProcess(bus) => bus.consume(&self.core, shutdown).await,
+            Transport::RabbitMq(bus) => bus.consume(&self.core, shutdown).await,
+        }
+    }
+}
+
+/// The transport-independent part of a consumer.
+pub(crate) struct ConsumerCore {
+    pub group: String,
+    db: Database,
+    handlers: HashMap<&'static str, Box<dyn Dispatch>>,
+    pub retry: RetryPolicy,
+    pub stats: Arc<ConsumerStats>,
+}
+
+impl ConsumerCore {
+    /// The event types the group binds.
+    pub fn event_types(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.handlers.keys().copied()
+    }
+
+    /// Handles one delivery (attempt `attempt`, 1-based) and says what to do with it.
+    pub async fn process(&self, payload: &[u8], attempt: u32) -> Outcome {
+        let envelope = match Envelope::from_slice(payload) {
+            Ok(envelope) => envelope,
+            Err(error) => return self.count(self.dead("", "", error.to_string())),
+        };
+        let span = tracing::info_span!(
+            "consume",
+            otel.kind = "consumer",
+            messaging.system = "keel",
+            messaging.consumer.group.name = %self.group,
+            messaging.message.id = %envelope.id,
+            cloudevents.event_type = %envelope.event_type,
+            attempt,
+        );
+        // No parent (a message from outside any trace) starts a new trace.
+        let _ = span.set_parent(envelope.trace_context());
+        let outcome = self.handle(&envelope, attempt).instrument(span).await;
+        self.count(outcome)
+    }
+
+    async fn handle(&self, envelope: &Envelope, attempt: u32) -> Outcome {
+        let Some(handler) = self.handlers.get(envelope.event_type.as_str()) else {
+            return self.dead(
+                &envelope.id,
+                &envelope.event_type,
+                format!(
+                    "group {} has no handler for {}",
+                    self.group, envelope.event_type
+                ),
+            );
+        };
+        let attempt_work = async {
+            let mut tx = self.db.begin().await?;
+            if !inbox_insert(&mut tx, &self.group, &envelope.id).await? {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            handler.dispatch(&mut tx, envelope, attempt).await?;
+            tx.commit().await?;
+            Ok(true)
+        };
+        let result = tokio::time::timeout(
+            self.retry.handler_timeout,
+            AssertUnwindSafe(attempt_work).catch_unwind(),
+        )
+        .await;
+        let error = match result {
+            Ok(Ok(Ok(true))) => return Outcome::Done,
+            Ok(Ok(Ok(false))) => return Outcome::Duplicate,
+            Ok(Ok(Err(error))) => error,
+            Ok(Err(_panic)) => HandlerError::Retry("the handler panicked".to_owned()),
+            Err(_elapsed) => HandlerError::Retry(format!(
+                "the handler took longer than {:?}",
+                self.retry.handler_timeout
+            )),
+        };
+        tracing::warn!(error = error.message(), attempt, "event not handled");
+        match (&error, self.retry.delay_after(attempt)) {
+            (HandlerError::Retry(message), Some(delay)) => Outcome::Retry {
+                delay,
+                error: message.clone(),
+            },
+            _ => self.dead(
+                &envelope.id,
+                &envelope.event_type,
+                error.message().to_owned(),
+            ),
+        }
+    }
+
+    fn dead(&self, id: &str, event_type: &str, error: String) -> Outcome {
+        Outcome::Dead {
+            id: id.to_owned(),
+            event_type: event_type.to_owned(),
+            error,
+        }
+    }
+
+    fn count(&self, outcome: Outcome) -> Outcome {
+        let (counter, label) = match &outcome {
+            Outcome::Done => (&self.stats.handled, "handled"),
+            Outcome::Duplicate => (&self.stats.duplicates, "duplicate"),
+            Outcome::Retry { .. } => (&self.stats.retried, "retried"),
+            Outcome::Dead { .. } => (&self.stats.dead_lettered, "dead_lettered"),
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("keel_events_consumed_total", "group" => self.group.clone(), "outcome" => label)
+            .increment(1);
+        outcome
+    }
+}
+
+/// Records `event_id` as handled by `group` within `tx`; false when it already was.
+async fn inbox_insert(tx: &mut Tx, group: &str, event_id: &str) -> Result<bool, sqlx::Error> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs());
+    let inserted = sqlx::query(
+        "INSERT INTO keel_inbox (consumer_group, event_id, received_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (consumer_group, event_id) DO NOTHING",
+    )
+    .bind(group)
+    .bind(event_id)
+    .bind(i64::try_from(now).unwrap_or(i64::MAX))
+    .execute(&mut **tx)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays_double_up_to_the_cap_and_stop_at_the_last_attempt() {
+        let policy = RetryPolicy {
+            max_attempts: 6,
+            first_delay: Duration::from_secs(1),
+            max_delay: Duration::from_secs(5),
+            ..RetryPolicy::default()
+        };
+        let waits: Vec<_> = (1..=6).map(|attempt| policy.delay_after(attempt)).collect();
+        let secs = |s| Some(Duration::from_secs(s));
+        assert_eq!(waits, [secs(1), secs(2), secs(4), secs(5), secs(5), None]);
+        assert_eq!(
+            policy.delays(),
+            [1, 2, 4, 5].map(Duration::from_secs).to_vec()
+        );
+        let once = RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        };
+        assert_eq!(once.delay_after(1), None);
+        assert!(once.delays().is_empty());
+    }
+}

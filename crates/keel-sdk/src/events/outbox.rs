@@ -1,0 +1,228 @@
+//! The transactional outbox and its relay.
+//!
+//! [`Bus::stage`](super::Bus::stage) inserts the envelope into `keel_outbox` in the
+//! caller's transaction. The relay publishes rows in id order and deletes each batch once
+//! the broker has confirmed it: a crash between the two publishes the batch again, which
+//! consumers' inboxes absorb (at least once, never lost).
+//!
+//! Only one relay per database publishes at a time, so one aggregate's events keep their
+//! commit order: on PostgreSQL the leader holds a session advisory lock on a connection of
+//! its own (released by the server if the process dies); on SQLite, a lock file beside
+//! the database (released by the kernel). The others wait and take over.
+
+use std::time::Duration;
+
+use keel_runtime::Shutdown;
+use sqlx::{AnyConnection, Row};
+
+use super::{Bus, BusError, Envelope, Outgoing, reconnect_delay};
+use crate::data::{Backend, Database, FileLock, Tx};
+
+/// The relay's advisory lock (PostgreSQL): "keel" and "outbox" in ASCII, shortened.
+const RELAY_LOCK: i64 = 0x6b65_656c_6f62;
+
+pub(crate) async fn insert(tx: &mut Tx, envelope: &Envelope) -> Result<(), sqlx::Error> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_millis());
+    sqlx::query(
+        "INSERT INTO keel_outbox (event_id, event_type, subject, envelope, created_at) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(&envelope.id)
+    .bind(&envelope.event_type)
+    .bind(envelope.subject.as_deref())
+    .bind(String::from_utf8_lossy(&envelope.to_vec()).into_owned())
+    .bind(i64::try_from(now).unwrap_or(i64::MAX))
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// How the relay paces itself.
+#[derive(Debug, Clone)]
+pub struct RelayOptions {
+    /// How often to look for events committed by other instances (this instance's own
+    /// commits wake the relay at once), and how often a waiting relay tries to lead.
+    pub poll_interval: Duration,
+    /// Rows published per confirm round.
+    pub batch_size: u32,
+}
+
+impl Default for RelayOptions {
+    fn default() -> Self {
+        Self {
+            poll_interval: Duration::from_millis(500),
+            batch_size: 100,
+        }
+    }
+}
+
+/// Publishes the outbox of one database. Run it beside the service ([`Relay::run`]).
+pub struct Relay {
+    bus: Bus,
+    db: Database,
+    options: RelayOptions,
+}
+
+/// Proof of being the one relay that publishes: dropping it gives the lead up.
+enum Lead {
+    /// A connection of its own holding the advisory lock; the relay reads through it, so
+    /// losing the connection (and with it the lock) stops the relay at once.
+    Postgres(AnyConnection),
+    /// The lock file, held (for its lock) until dropped; none for in-memory SQLite.
+    Sqlite { _lock: Option<std::fs::File> },
+}
+
+impl Relay {
+    pub(crate) fn new(bus: Bus, db: Database) -> Self {
+        Self {
+            bus,
+            db,
+            options: RelayOptions::default(),
+        }
+    }
+
+    pub fn options(mut self, options: RelayOptions) -> Self {
+        self.options = options;
+        self
+    }
+
+    /// Relays until `shutdown`: waits to lead, then publishes whatever commits.
+    pub async fn run(self, shutdown: Shutdown) {
+        let mut failures = 0;
+        while !shutdown.is_triggered() {
+            let lead = match self.lead().await {
+                Ok(Some(lead)) => lead,
+                Ok(None) => {
+                    tokio::select! {
+                        () = tokio::time::sleep(self.options.poll_interval) => continue,
+                        () = shutdown.wait() => return,
+                    }
+                }
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(%error, "outbox relay cannot reach the database");
+                    tokio::select! {
+                        () = tokio::time::sleep(reconnect_delay(failures)) => continue,
+                        () = shutdown.wait() => return,
+                    }
+                }
+            };
+            tracing::debug!("outbox relay leads");
+            if let Err(error) = self.relay(lead, &shutdown, &mut failures).await {
+                failures += 1;
+                tracing::warn!(%error, "outbox relay stopped; it will try again");
+                tokio::select! {
+                    () = tokio::time::sleep(reconnect_delay(failures)) => {}
+                    () = shutdown.wait() => return,
+                }
+            }
+        }
+    }
+
+    /// Publishes everything in the outbox now, once this relay leads; returns how many
+    /// events (for tools and tests; [`Relay::run`] is the service's way).
+    pub async fn drain(&self) -> Result<usize, BusError> {
+        let mut lead = loop {
+            if let Some(lead) = self.lead().await? {
+                break lead;
+            }
+            tokio::time::sleep(self.options.poll_interval).await;
+        };
+        let mut relayed = 0;
+        loop {
+            let batch = self.relay_batch(&mut lead).await?;
+            if batch == 0 {
+                return Ok(relayed);
+            }
+            relayed += batch;
+        }
+    }
+
+    async fn lead(&self) -> Result<Option<Lead>, BusError> {
+        match self.db.backend() {
+            Backend::Postgres => {
+                let mut connection = self.db.pool().acquire().await?.detach();
+                let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                    .bind(RELAY_LOCK)
+                    .fetch_one(&mut connection)
+                    .await?;
+                if locked {
+                    Ok(Some(Lead::Postgres(connection)))
+                } else {
+                    let _ = sqlx::Connection::close(connection).await;
+                    Ok(None)
+                }
+            }
+            Backend::Sqlite => Ok(match self.db.file_lock("relay")? {
+                FileLock::Held(file) => Some(Lead::Sqlite { _lock: Some(file) }),
+                FileLock::Busy(_) => None,
+                FileLock::Unneeded => Some(Lead::Sqlite { _lock: None }),
+            }),
+        }
+    }
+
+    async fn relay(
+        &self,
+        mut lead: Lead,
+        shutdown: &Shutdown,
+        failures: &mut u32,
+    ) -> Result<(), BusError> {
+        loop {
+            let relayed = self.relay_batch(&mut lead).await?;
+            *failures = 0;
+            if relayed > 0 {
+                continue;
+            }
+            tokio::select! {
+                () = self.bus.inner.outbox_ready.notified() => {}
+                () = tokio::time::sleep(self.options.poll_interval) => {}
+                () = shutdown.wait() => {
+                    if let Lead::Postgres(connection) = lead {
+                        let _ = sqlx::Connection::close(connection).await;
+                    }
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Publishes the oldest batch and deletes it; returns its size.
+    async fn relay_batch(&self, lead: &mut Lead) -> Result<usize, BusError> {
+        let select = sqlx::query(
+            "SELECT id, event_id, event_type, envelope FROM keel_outbox ORDER BY id LIMIT $1",
+        )
+        .bind(i64::from(self.options.batch_size));
+        let rows = match lead {
+            Lead::Postgres(connection) => select.fetch_all(connection).await?,
+            Lead::Sqlite { .. } => select.fetch_all(self.db.pool()).await?,
+        };
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut batch = Vec::with_capacity(rows.len());
+        for row in &rows {
+            ids.push(row.try_get::<i64, _>("id")?);
+            batch.push(Outgoing {
+                id: row.try_get("event_id")?,
+                event_type: row.try_get("event_type")?,
+                payload: row.try_get::<String, _>("envelope")?.into_bytes(),
+            });
+        }
+        self.bus.publish_batch(&batch, false).await?;
+        // Exactly the published ids: a row with a lower id may commit after the select
+        // (ids are drawn before commit), and must stay for the next batch.
+        let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+        let delete = format!("DELETE FROM keel_outbox WHERE id IN ({list})");
+        // The list is integers read from the table, never input.
+        let delete = sqlx::query(sqlx::AssertSqlSafe(delete));
+        match lead {
+            Lead::Postgres(connection) => delete.execute(connection).await?,
+            Lead::Sqlite { .. } => delete.execute(self.db.pool()).await?,
+        };
+        metrics::counter!("keel_outbox_relayed_total").increment(rows.len() as u64);
+        Ok(rows.len())
+    }
+}

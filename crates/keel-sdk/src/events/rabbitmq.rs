@@ -1,0 +1,526 @@
+//! The RabbitMQ transport (lapin).
+//!
+//! Topology, per bus and per consumer group `G`:
+//! - one durable topic exchange (`keel.events` by default); a message's routing key is its
+//!   event type;
+//! - `keel.G`, a durable quorum queue bound to each type the group handles. After
+//!   [`DELIVERY_LIMIT`] deliveries without an acknowledgement (consumers crashing on the
+//!   message) the broker moves it to the dead letters itself;
+//! - `keel.G.retry.<ms>`, one durable queue per retry delay, whose messages expire after
+//!   that delay back into `keel.G` (classic queues: one TTL per queue keeps expiry in
+//!   arrival order);
+//! - `keel.G.dead`, the dead letters: a durable classic queue, which can be read and put
+//!   back (to list it) without a delivery limit.
+//!
+//! Publishing waits for publisher confirms; consumers acknowledge manually, after the
+//! handler's transaction commits, and a failed message is acknowledged only once its retry
+//! (or dead letter) is confirmed, so no failure path loses it.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt;
+use keel_runtime::Shutdown;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
+use serde::Deserialize;
+
+use super::consumer::{ConsumerCore, Outcome};
+use super::{BusError, DeadLetter, Outgoing, reconnect_delay};
+
+/// Deliveries without an acknowledgement after which the broker dead-letters a message.
+const DELIVERY_LIMIT: i64 = 10;
+/// The longest error text kept with a dead letter.
+const MAX_ERROR_BYTES: usize = 1024;
+
+const ATTEMPT: &str = "x-keel-attempt";
+const ERROR: &str = "x-keel-error";
+const FAILED_AT: &str = "x-keel-failed-at";
+const EVENT_TYPE: &str = "x-keel-event-type";
+
+/// Where and how to reach RabbitMQ.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RabbitMqOptions {
+    /// `amqp://user:password@host:5672/%2f` (or `amqps://`).
+    pub url: String,
+    /// The topic exchange events are published to.
+    pub exchange: String,
+    /// Messages a consumer may hold unacknowledged.
+    pub prefetch: u16,
+    /// Deletes a group's queues once unused this long (RabbitMQ's `x-expires`); none by
+    /// default. Tests set it so that their queues do not pile up on a shared broker.
+    #[serde(with = "humantime_serde")]
+    pub queue_expiry: Option<Duration>,
+}
+
+impl Default for RabbitMqOptions {
+    fn default() -> Self {
+        Self {
+            url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            exchange: "keel.events".to_owned(),
+            prefetch: 16,
+            queue_expiry: None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub(crate) struct RabbitMq {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    options: RabbitMqOptions,
+    /// One confirming channel for publishing; replaced after any error.
+    publisher: tokio::sync::Mutex<Option<(Connection, Channel)>>,
+}
+
+impl RabbitMq {
+    pub async fn connect(options: RabbitMqOptions) -> Result<Self, BusError> {
+        let bus = Self {
+            inner: Arc::new(Inner {
+                options,
+                publisher: tokio::sync::Mutex::new(None),
+            }),
+        };
+        let (connection, channel) = bus.open("publisher").await?;
+        *bus.inner.publisher.lock().await = Some((connection, channel));
+        Ok(bus)
+    }
+
+    pub fn exchange(&self) -> &str {
+        &self.inner.options.exchange
+    }
+
+    /// A new connection with one confirming channel, and the exchange declared.
+    async fn open(&self, role: &str) -> Result<(Connection, Channel), BusError> {
+        let properties = ConnectionProperties::default()
+            .with_connection_name(format!("keel-{role}-{}", std::process::id()).into());
+        let connection = Connection::connect(&self.inner.options.url, properties).await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        channel
+            .exchange_declare(
+                self.inner.options.exchange.as_str().into(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..ExchangeDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok((connection, channel))
+    }
+
+    /// Publishes `batch` in order on the shared channel and waits for every confirm.
+    pub async fn publish(&self, batch: &[Outgoing], mandatory: bool) -> Result<(), BusError> {
+        let mut publisher = self.inner.publisher.lock().await;
+        if publisher.is_none() {
+            *publisher = Some(self.open("publisher").await?);
+        }
+        let Some((_, channel)) = publisher.as_ref() else {
+            return Ok(());
+        };
+        let result = publish_on(channel, &self.inner.options.exchange, batch, mandatory).await;
+        if matches!(result, Err(BusError::RabbitMq(_))) {
+            // The channel is gone or broken: open a new one next time.
+            *publisher = None;
+        }
+        result
+    }
+
+    /// Declares the group's queues and binds its event types.
+    pub async fn declare_group(&self, core: &ConsumerCore) -> Result<(), BusError> {
+        let (connection, channel) = self.open("declare").await?;
+        let result = self.declare_on(&channel, core).await;
+        let _ = connection.close(200, "declared".into()).await;
+        result
+    }
+
+    async fn declare_on(&self, channel: &Channel, core: &ConsumerCore) -> Result<(), BusError> {
+        let names = Names::new(&core.group);
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..QueueDeclareOptions::default()
+        };
+        let mut main = self.queue_arguments();
+        main.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("quorum".into()),
+        );
+        main.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongLongInt(DELIVERY_LIMIT),
+        );
+        main.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        main.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(names.dead.as_str().into()),
+        );
+        channel
+            .queue_declare(names.main.as_str().into(), durable, main)
+            .await?;
+        channel
+            .queue_declare(names.dead.as_str().into(), durable, self.queue_arguments())
+            .await?;
+        for delay in core.retry.delays() {
+            let mut retry = self.queue_arguments();
+            retry.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongLongInt(millis(delay)),
+            );
+            retry.insert(
+                "x-dead-letter-exchange".into(),
+                AMQPValue::LongString("".into()),
+            );
+            retry.insert(
+                "x-dead-letter-routing-key".into(),
+                AMQPValue::LongString(names.main.as_str().into()),
+            );
+            channel
+                .queue_declare(names.retry(delay).into(), durable, retry)
+                .await?;
+        }
+        for event_type in core.event_types() {
+            channel
+                .queue_bind(
+                    names.main.as_str().into(),
+                    self.inner.options.exchange.as_str().into(),
+                    event_type.into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    fn queue_arguments(&self) -> FieldTable {
+        let mut arguments = FieldTable::default();
+        if let Some(expiry) = self.inner.options.queue_expiry {
+            arguments.insert("x-expires".into(), AMQPValue::LongLongInt(millis(expiry)));
+        }
+        arguments
+    }
+
+    /// Consumes the group's queue until `shutdown`, reconnecting after failures.
+    pub async fn consume(&self, core: &ConsumerCore, shutdown: Shutdown) {
+        let mut failures = 0;
+        while !shutdown.is_triggered() {
+            match self.consume_once(core, &shutdown, &mut failures).await {
+                Ok(()) => return,
+                Err(error) => {
+                    failures += 1;
+                    tracing::warn!(%error, group = %core.group, failures, "consumer lost the broker; reconnecting");
+                    tokio::select! {
+                        () = tokio::time::sleep(reconnect_delay(failures)) => {}
+                        () = shutdown.wait() => return,
+                    }
+                }
+            }
+        }
+    }
+
+    async fn consume_once(
+        &self,
+        core: &ConsumerCore,
+        shutdown: &Shutdown,
+        failures: &mut u32,
+    ) -> Result<(), BusError> {
+        let (connection, channel) = self.open("consumer").await?;
+        self.declare_on(&channel, core).await?;
+        channel
+            .basic_qos(self.inner.options.prefetch, BasicQosOptions::default())
+            .await?;
+        let names = Names::new(&core.group);
+        let mut deliveries = channel
+            .basic_consume(
+                names.main.as_str().into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        *failures = 0;
+        loop {
+            let delivery = tokio::select! {
+                delivery = deliveries.next() => delivery,
+                () = shutdown.wait() => {
+                    let _ = connection.close(200, "shutting down".into()).await;
+                    return Ok(());
+                }
+            };
+            let delivery = match delivery {
+                Some(delivery) => delivery?,
+                None => return Err(BusError::ConsumerClosed),
+            };
+            let attempt = header_u32(&delivery.properties, ATTEMPT)
+                .unwrap_or(1)
+                .max(1);
+            match core.process(&delivery.data, attempt).await {
+                Outcome::Done | Outcome::Duplicate => {}
+                Outcome::Retry { delay, .. } => {
+                    let properties = delivery.properties.clone().with_headers(with_header(
+                        &delivery.properties,
+                        ATTEMPT,
+                        AMQPValue::LongUInt(attempt + 1),
+                    ));
+                    to_queue(&channel, &names.retry(delay), &delivery.data, properties).await?;
+                }
+                Outcome::Dead {
+                    id,
+                    event_type,
+                    error,
+                } => {
+                    let mut headers =
+                        with_header(&delivery.properties, ATTEMPT, AMQPValue::LongUInt(attempt));
+                    headers.insert(ERROR.into(), AMQPValue::LongString(truncate(&error)));
+                    headers.insert(
+                        FAILED_AT.into(),
+                        AMQPValue::LongString(
+                            humantime::format_rfc3339_millis(SystemTime::now())
+                                .to_string()
+                                .into(),
+                        ),
+                    );
+                    headers.insert(EVENT_TYPE.into(), AMQPValue::LongString(event_type.into()));
+                    let properties = delivery
+                        .properties
+                        .clone()
+                        .with_message_id(ShortString::from(id))
+                        .with_headers(headers);
+                    to_queue(&channel, &names.dead, &delivery.data, properties).await?;
+                }
+            }
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+        }
+    }
+
+    /// Reads up to `limit` dead letters without taking them: they go back to the queue
+    /// when the channel closes unacknowledged.
+    pub async fn dead_letters(
+        &self,
+        group: &str,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, BusError> {
+        let names = Names::new(group);
+        let (connection, channel) = self.open("dead-letters").await?;
+        let mut letters = Vec::new();
+        while letters.len() < limit {
+            let Some(message) = channel
+                .basic_get(names.dead.as_str().into(), BasicGetOptions::default())
+                .await?
+            else {
+                break;
+            };
+            letters.push(dead_letter(&message.delivery));
+        }
+        let _ = connection.close(200, "listed".into()).await;
+        Ok(letters)
+    }
+
+    /// Moves dead letters (those with envelope id `id`, or all) back to the group's queue
+    /// as first attempts, each acknowledged only once its copy is confirmed.
+    pub async fn replay(&self, group: &str, id: Option<&str>) -> Result<usize, BusError> {
+        let names = Names::new(group);
+        let (connection, channel) = self.open("replay").await?;
+        let mut replayed = 0;
+        // Each message is looked at once: skipped ones stay unacknowledged (and so out of
+        // the queue's ready list) until the channel closes.
+        loop {
+            let Some(message) = channel
+                .basic_get(names.dead.as_str().into(), BasicGetOptions::default())
+                .await?
+            else {
+                break;
+            };
+            let delivery = message.delivery;
+            if id.is_some_and(|id| dead_letter(&delivery).id != id) {
+                continue;
+            }
+            let properties = delivery.properties.clone().with_headers(with_header(
+                &delivery.properties,
+                ATTEMPT,
+                AMQPValue::LongUInt(1),
+            ));
+            to_queue(&channel, &names.main, &delivery.data, properties).await?;
+            delivery.acker.ack(BasicAckOptions::default()).await?;
+            replayed += 1;
+        }
+        let _ = connection.close(200, "replayed".into()).await;
+        Ok(replayed)
+    }
+}
+
+/// The queue names of a consumer group.
+struct Names {
+    main: String,
+    dead: String,
+}
+
+impl Names {
+    fn new(group: &str) -> Self {
+        Self {
+            main: format!("keel.{group}"),
+            dead: format!("keel.{group}.dead"),
+        }
+    }
+
+    fn retry(&self, delay: Duration) -> String {
+        format!("{}.retry.{}", self.main, millis(delay))
+    }
+}
+
+async fn publish_on(
+    channel: &Channel,
+    exchange: &str,
+    batch: &[Outgoing],
+    mandatory: bool,
+) -> Result<(), BusError> {
+    let mut confirms = Vec::with_capacity(batch.len());
+    for message in batch {
+        let properties = BasicProperties::default()
+            .with_content_type("application/cloudevents+json".into())
+            .with_delivery_mode(2)
+            .with_message_id(message.id.as_str().into());
+        let confirm = channel
+            .basic_publish(
+                exchange.into(),
+                message.event_type.as_str().into(),
+                BasicPublishOptions {
+                    mandatory,
+                    ..BasicPublishOptions::default()
+                },
+                &message.payload,
+                properties,
+            )
+            .await?;
+        confirms.push((confirm, &message.event_type));
+    }
+    for (pending, event_type) in confirms {
+        match confirm(pending.await?, mandatory) {
+            Err(BusError::Unroutable(_)) => return Err(BusError::Unroutable(event_type.clone())),
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
+/// Publishes straight to `queue` (through the default exchange) and waits for the confirm.
+async fn to_queue(
+    channel: &Channel,
+    queue: &str,
+    payload: &[u8],
+    properties: BasicProperties,
+) -> Result<(), BusError> {
+    let pending = channel
+        .basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            payload,
+            properties,
+        )
+        .await?;
+    confirm(pending.await?, false)
+}
+
+/// A publisher confirm as a result: a nack, or a mandatory message returned unroutable,
+/// is an error.
+fn confirm(confirmation: Confirmation, mandatory: bool) -> Result<(), BusError> {
+    match confirmation {
+        Confirmation::Ack(Some(_)) if mandatory => Err(BusError::Unroutable(String::new())),
+        Confirmation::Ack(_) | Confirmation::NotRequested => Ok(()),
+        Confirmation::Nack(_) => Err(BusError::Nacked),
+    }
+}
+
+fn dead_letter(delivery: &lapin::message::Delivery) -> DeadLetter {
+    let properties = &delivery.properties;
+    let text = |name| header_text(properties, name);
+    let envelope = super::Envelope::from_slice(&delivery.data).ok();
+    let id = properties
+        .message_id()
+        .as_ref()
+        .map(|id| id.as_str().to_owned())
+        .filter(|id| !id.is_empty())
+        .or_else(|| envelope.as_ref().map(|envelope| envelope.id.clone()))
+        .unwrap_or_default();
+    let event_type = text(EVENT_TYPE)
+        .filter(|event_type| !event_type.is_empty())
+        .or_else(|| envelope.map(|envelope| envelope.event_type))
+        .unwrap_or_default();
+    // Dead-lettered by the broker (delivery limit) rather than by a consumer: no headers
+    // of ours, but the broker's own `x-death`.
+    let error = text(ERROR).unwrap_or_else(|| {
+        format!(
+            "delivered {DELIVERY_LIMIT} times without an acknowledgement (each consumer died or lost its connection holding it)"
+        )
+    });
+    let mut letter = DeadLetter::new(
+        &id,
+        &event_type,
+        header_u32(properties, ATTEMPT).unwrap_or(1),
+        &error,
+        &delivery.data,
+    );
+    if let Some(failed_at) = text(FAILED_AT) {
+        letter.failed_at = failed_at;
+    }
+    letter
+}
+
+fn headers(properties: &BasicProperties) -> Option<&FieldTable> {
+    properties.headers().as_ref()
+}
+
+fn header_u32(properties: &BasicProperties, name: &str) -> Option<u32> {
+    match headers(properties)?.inner().get(name)? {
+        AMQPValue::LongUInt(value) => Some(*value),
+        AMQPValue::LongInt(value) => u32::try_from(*value).ok(),
+        AMQPValue::LongLongInt(value) => u32::try_from(*value).ok(),
+        _ => None,
+    }
+}
+
+fn header_text(properties: &BasicProperties, name: &str) -> Option<String> {
+    match headers(properties)?.inner().get(name)? {
+        AMQPValue::LongString(value) => {
+            Some(String::from_utf8_lossy(value.as_bytes()).into_owned())
+        }
+        AMQPValue::ShortString(value) => Some(value.as_str().to_owned()),
+        _ => None,
+    }
+}
+
+/// The message's headers with `name` set to `value`.
+fn with_header(properties: &BasicProperties, name: &str, value: AMQPValue) -> FieldTable {
+    let mut headers = headers(properties).cloned().unwrap_or_default();
+    headers.insert(name.into(), value);
+    headers
+}
+
+fn truncate(text: &str) -> LongString {
+    let mut end = text.len().min(MAX_ERROR_BYTES);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text[..end].into()
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}

@@ -1,0 +1,15 @@
+//! Keel's service framework: what a domain service is written with.
+//!
+//! - [`data`]: the service's database (PostgreSQL or SQLite, one code path), migrations
+//!   run at start under a lock, transactions that carry the outbox;
+//! - [`events`]: events and commands in CloudEvents envelopes over RabbitMQ or an
+//!   in-process bus, with a transactional outbox, an idempotent inbox, retries and dead
+//!   letters.
+
+pub mod data;
+pub mod events;
+
+pub use data::{Database, Migrations, Tx};
+pub use events::{Bus, Event, Handler, HandlerError, Received};
+/// The SQL toolkit services write their queries with, at the SDK's version.
+pub use sqlx;

@@ -1,0 +1,254 @@
+//! What happens to a message that fails, or whose consumer dies: retries, dead letters and
+//! replay; redelivery after a crash, absorbed by the inbox.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use keel_runtime::Shutdown;
+use keel_sdk::Tx;
+use keel_sdk::data::Database;
+use keel_sdk::events::{Bus, Handler, HandlerError, Received};
+use keel_testkit::{ChildTest, Service, child_role, require, unique_name};
+
+use crate::helpers::{
+    Apply, Deposited, MIGRATIONS, TestDb, backends, bus, declare, deposit, effects, eventually,
+    handled_order, rabbitmq_options, record, run, transports,
+};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+#[tokio::test]
+async fn a_poison_message_is_dead_lettered_after_its_attempts_and_replays_once_fixed() {
+    for transport in transports() {
+        let bus = bus(transport, "bank").await;
+        let test = TestDb::sqlite().await;
+        let apply = Apply::default();
+        let (group, consumer) = declare(&bus, &test.db, apply.clone()).await;
+        let running = run(consumer);
+
+        bus.publish(&deposit("a", 1, 10)).await.unwrap();
+        bus.publish(&deposit("a", 2, -5)).await.unwrap();
+        bus.publish(&deposit("a", 3, 10)).await.unwrap();
+        eventually(&format!("{transport:?}: dead-lettered"), WAIT, || async {
+            running.stats.dead_lettered.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        // Three attempts: two retries, then the dead letter; the others went through.
+        assert_eq!(
+            running.stats.retried.load(Ordering::Relaxed),
+            2,
+            "{transport:?}"
+        );
+        assert_eq!(handled_order(&test.db, "a").await, [1, 3], "{transport:?}");
+        let dead = bus.dead_letters(&group, 10).await.unwrap();
+        assert_eq!(dead.len(), 1, "{transport:?}: {dead:?}");
+        assert_eq!(dead[0].attempts, 3, "{transport:?}");
+        assert_eq!(dead[0].event_type, "keel.test.deposited.v1");
+        assert!(
+            dead[0].error.contains("negative amount -5"),
+            "{:?}",
+            dead[0]
+        );
+        assert!(dead[0].payload.contains("\"amount\":-5"), "{:?}", dead[0]);
+        // Listing takes nothing away.
+        assert_eq!(bus.dead_letters(&group, 10).await.unwrap().len(), 1);
+
+        // Replaying an unknown id moves nothing; after the fix, the real one is handled.
+        assert_eq!(
+            bus.replay_dead_letters(&group, Some("no-such-id"))
+                .await
+                .unwrap(),
+            0
+        );
+        apply.healed.store(true, Ordering::SeqCst);
+        assert_eq!(
+            bus.replay_dead_letters(&group, Some(&dead[0].id))
+                .await
+                .unwrap(),
+            1,
+            "{transport:?}"
+        );
+        eventually(&format!("{transport:?}: replayed"), WAIT, || async {
+            handled_order(&test.db, "a").await == [1, 3, 2]
+        })
+        .await;
+        assert!(bus.dead_letters(&group, 10).await.unwrap().is_empty());
+        assert_eq!(effects(&test.db).await, (3, 3));
+    }
+}
+
+/// A handler that refuses outright: dead-lettered at the first attempt.
+struct Refuse;
+
+impl Handler<Deposited> for Refuse {
+    async fn handle(&self, _: &mut Tx, _: Received<Deposited>) -> Result<(), HandlerError> {
+        Err(HandlerError::reject("accounts are closed"))
+    }
+}
+
+#[tokio::test]
+async fn a_rejected_event_and_an_unreadable_message_are_dead_lettered_at_once() {
+    for transport in transports() {
+        let bus = bus(transport, "bank").await;
+        let test = TestDb::sqlite().await;
+        let (group, consumer) = declare(&bus, &test.db, Refuse).await;
+        let running = run(consumer);
+        bus.publish(&deposit("a", 1, 10)).await.unwrap();
+        eventually(&format!("{transport:?}: rejected"), WAIT, || async {
+            running.stats.dead_lettered.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        assert_eq!(running.stats.retried.load(Ordering::Relaxed), 0);
+        let dead = bus.dead_letters(&group, 10).await.unwrap();
+        assert_eq!(dead[0].attempts, 1);
+        assert_eq!(dead[0].error, "accounts are closed");
+    }
+}
+
+#[tokio::test]
+async fn hostile_bytes_on_the_queue_are_dead_lettered_unread() {
+    if !require(Service::RabbitMq) {
+        return;
+    }
+    let exchange = unique_name("keel-test");
+    let bus = Bus::rabbitmq("bank", rabbitmq_options(&exchange))
+        .await
+        .unwrap();
+    let test = TestDb::sqlite().await;
+    let (group, consumer) = declare(&bus, &test.db, Apply::default()).await;
+    let running = run(consumer);
+
+    // Straight onto the exchange, past the SDK: not JSON; JSON but no envelope; an
+    // envelope whose data does not fit the type.
+    let mut wrong_data = keel_sdk::events::Envelope::new("bank", &deposit("a", 1, 1)).unwrap();
+    wrong_data.data = serde_json::json!({"account": 7});
+    let bodies = [
+        b"\xff\xfe not json".to_vec(),
+        br#"{"specversion":"1.0"}"#.to_vec(),
+        wrong_data.to_vec(),
+    ];
+    raw_publish(&exchange, "keel.test.deposited.v1", &bodies).await;
+    eventually("three dead letters", WAIT, || async {
+        running.stats.dead_lettered.load(Ordering::Relaxed) == 3
+    })
+    .await;
+    let dead = bus.dead_letters(&group, 10).await.unwrap();
+    let errors: Vec<&str> = dead.iter().map(|letter| letter.error.as_str()).collect();
+    assert!(
+        errors[0].starts_with("not a CloudEvents JSON envelope"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with("not a CloudEvents JSON envelope"),
+        "{errors:?}"
+    );
+    assert!(errors[2].contains("does not match its type"), "{errors:?}");
+    assert_eq!(dead[2].id, wrong_data.id);
+    // The consumer is still there for good messages.
+    bus.publish(&deposit("a", 2, 1)).await.unwrap();
+    eventually("a good message after the bad", WAIT, || async {
+        effects(&test.db).await == (1, 1)
+    })
+    .await;
+}
+
+async fn raw_publish(exchange: &str, routing_key: &str, bodies: &[Vec<u8>]) {
+    use lapin::options::BasicPublishOptions;
+    let connection = lapin::Connection::connect(
+        &keel_sdk::events::RabbitMqOptions::default().url,
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    for body in bodies {
+        channel
+            .basic_publish(
+                exchange.into(),
+                routing_key.into(),
+                BasicPublishOptions::default(),
+                body,
+                lapin::BasicProperties::default(),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+    let _ = connection.close(200, "done".into()).await;
+}
+
+/// Records the deposit, then dies the moment the transaction has committed: before the
+/// consumer can acknowledge the message.
+struct ApplyThenDie;
+
+impl Handler<Deposited> for ApplyThenDie {
+    async fn handle(&self, tx: &mut Tx, deposit: Received<Deposited>) -> Result<(), HandlerError> {
+        record(tx, &deposit.id, &deposit.event).await?;
+        tx.after_commit(|| {
+            println!("child: committed");
+            std::process::abort();
+        });
+        Ok(())
+    }
+}
+
+const KILLED_BEFORE_ACK: &str =
+    "consumer::a_consumer_killed_between_commit_and_ack_gets_the_message_again_and_ignores_it";
+
+#[tokio::test]
+async fn a_consumer_killed_between_commit_and_ack_gets_the_message_again_and_ignores_it() {
+    if child_role().as_deref() == Some("consumer") {
+        let env = |name| std::env::var(name).unwrap();
+        let db = Database::connect(&env("TEST_DB"), &MIGRATIONS)
+            .await
+            .unwrap();
+        let bus = Bus::rabbitmq("bank", rabbitmq_options(&env("TEST_EXCHANGE")))
+            .await
+            .unwrap();
+        let consumer = bus
+            .consumer(&env("TEST_GROUP"), &db)
+            .on::<Deposited, _>(ApplyThenDie)
+            .start()
+            .await
+            .unwrap();
+        consumer.run(Shutdown::new()).await;
+        return;
+    }
+    if !require(Service::RabbitMq) {
+        return;
+    }
+    for backend in backends() {
+        let test = TestDb::of(backend).await;
+        let exchange = unique_name("keel-test");
+        let bus = Bus::rabbitmq("bank", rabbitmq_options(&exchange))
+            .await
+            .unwrap();
+        let (group, consumer) = declare(&bus, &test.db, Apply::default()).await;
+        bus.publish(&deposit("a", 1, 5)).await.unwrap();
+
+        let mut child = ChildTest::spawn(
+            KILLED_BEFORE_ACK,
+            "consumer",
+            &[
+                ("TEST_DB", &test.url),
+                ("TEST_EXCHANGE", &exchange),
+                ("TEST_GROUP", &group),
+            ],
+        );
+        child.wait_for("child: committed", WAIT).await;
+        let status = child.wait_exit(WAIT).await;
+        assert!(!status.success(), "{backend:?}: the child crashed");
+        assert_eq!(effects(&test.db).await, (1, 1), "{backend:?}: committed");
+
+        // The message was never acknowledged: the broker gives it to the next consumer,
+        // whose inbox knows it.
+        let running = run(consumer);
+        eventually(&format!("{backend:?}: redelivered"), WAIT, || async {
+            running.stats.duplicates.load(Ordering::Relaxed) == 1
+        })
+        .await;
+        assert_eq!(running.stats.handled.load(Ordering::Relaxed), 0);
+        assert_eq!(effects(&test.db).await, (1, 1), "{backend:?}: once");
+    }
+}

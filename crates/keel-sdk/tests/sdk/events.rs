@@ -1,0 +1,149 @@
+//! Publish and consume on both transports: groups, competing consumers, commands,
+//! deduplication, trace context.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use keel_sdk::events::{Bus, BusError, Envelope};
+
+use crate::helpers::{
+    Apply, Deposited, TestDb, bus, declare, deposit, effects, eventually, handled_order, run,
+    transports,
+};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+#[tokio::test]
+async fn every_group_gets_each_event_once_and_competing_consumers_share_it() {
+    for transport in transports() {
+        let bus = bus(transport, "bank").await;
+        // Two instances of the ledger service share its database, as in production.
+        let ledger = TestDb::sqlite().await;
+        let audit = TestDb::sqlite().await;
+        let (group, first) = declare(&bus, &ledger.db, Apply::default()).await;
+        let second = bus
+            .consumer(&group, &ledger.db)
+            .on::<Deposited, _>(Apply::default())
+            .start()
+            .await
+            .unwrap();
+        let ledgers = [run(first), run(second)];
+        let (_, consumer) = declare(&bus, &audit.db, Apply::default()).await;
+        let _audit = run(consumer);
+
+        for seq in 0..40 {
+            bus.publish(&deposit(&format!("acct-{}", seq % 4), seq, 10))
+                .await
+                .unwrap();
+        }
+        for db in [&ledger.db, &audit.db] {
+            eventually(&format!("{transport:?}: 40 effects"), WAIT, || async {
+                effects(db).await == (40, 40)
+            })
+            .await;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(
+            effects(&ledger.db).await,
+            (40, 40),
+            "{transport:?}: no extra"
+        );
+        let shares: Vec<u64> = ledgers
+            .iter()
+            .map(|running| running.stats.handled.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(shares.iter().sum::<u64>(), 40, "{transport:?}: {shares:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_redelivered_event_changes_nothing() {
+    for transport in transports() {
+        let bus = bus(transport, "bank").await;
+        let test = TestDb::sqlite().await;
+        let (_, consumer) = declare(&bus, &test.db, Apply::default()).await;
+        let running = run(consumer);
+
+        // The same envelope three times over, as a relay that crashed before deleting
+        // its batch would publish it again.
+        let envelope = Envelope::new("bank", &deposit("a", 1, 5)).unwrap();
+        for _ in 0..3 {
+            bus.publish_envelope(&envelope).await.unwrap();
+        }
+        eventually(
+            &format!("{transport:?}: two duplicates seen"),
+            WAIT,
+            || async { running.stats.duplicates.load(Ordering::Relaxed) == 2 },
+        )
+        .await;
+        assert_eq!(effects(&test.db).await, (1, 1), "{transport:?}");
+        assert_eq!(
+            running.stats.handled.load(Ordering::Relaxed),
+            1,
+            "{transport:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_command_needs_a_group_that_handles_it() {
+    for transport in transports() {
+        let bus = bus(transport, "bank").await;
+        let error = bus.send(&deposit("a", 1, 5)).await.unwrap_err();
+        assert!(
+            matches!(error, BusError::Unroutable(ref t) if t == "keel.test.deposited.v1"),
+            "{transport:?}: {error}"
+        );
+        // An event may go unheard.
+        bus.publish(&deposit("a", 2, 5)).await.unwrap();
+
+        let test = TestDb::sqlite().await;
+        let (_, consumer) = declare(&bus, &test.db, Apply::default()).await;
+        let _running = run(consumer);
+        bus.send(&deposit("a", 3, 5)).await.unwrap();
+        eventually(
+            &format!("{transport:?}: the command handled"),
+            WAIT,
+            || async { handled_order(&test.db, "a").await == [3] },
+        )
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_consumer_without_handlers_or_with_a_bad_group_is_refused() {
+    let bus = Bus::in_process("bank");
+    let test = TestDb::sqlite().await;
+    let error = bus
+        .consumer("ledger", &test.db)
+        .start()
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(error, BusError::NoHandlers(_)), "{error}");
+    let error = bus
+        .consumer("Ledger Group", &test.db)
+        .on::<Deposited, _>(Apply::default())
+        .start()
+        .await
+        .err()
+        .unwrap();
+    assert!(matches!(error, BusError::GroupName(_)), "{error}");
+}
+
+#[tokio::test]
+async fn the_envelope_carries_the_publishers_trace() {
+    let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut envelope = Envelope::new("bank", &deposit("a", 1, 1)).unwrap();
+    envelope.traceparent = Some(parent.to_owned());
+    let back = Envelope::from_slice(&envelope.to_vec()).unwrap();
+    use opentelemetry::trace::TraceContextExt;
+    assert_eq!(
+        back.trace_context()
+            .span()
+            .span_context()
+            .trace_id()
+            .to_string(),
+        "4bf92f3577b34da6a3ce929d0e0e4736"
+    );
+}

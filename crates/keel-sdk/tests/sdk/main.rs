@@ -1,0 +1,10 @@
+//! Integration tests of the service SDK against real PostgreSQL, SQLite and RabbitMQ.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod helpers;
+
+mod consumer;
+mod data;
+mod events;
+mod outbox;

@@ -1,0 +1,242 @@
+//! The transactional outbox: nothing committed is lost to a crash, nothing rolled back is
+//! published, one relay at a time keeps each aggregate's order.
+
+use std::time::Duration;
+
+use keel_runtime::Shutdown;
+use keel_sdk::data::Database;
+use keel_sdk::events::{Bus, RelayOptions};
+use keel_sdk::sqlx;
+use keel_testkit::{ChildTest, Service, child_role, require};
+
+use crate::helpers::{
+    Apply, MIGRATIONS, TestDb, Transport, backends, bus, declare, deposit, effects, eventually,
+    handled_order, rabbitmq_options, run, transports,
+};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn outbox_rows(db: &Database) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM keel_outbox")
+        .fetch_one(db.pool())
+        .await
+        .unwrap()
+}
+
+/// The bus a child process uses: RabbitMQ on the parent's exchange, or a bus of its own
+/// (in process: the child never gets to publish on it).
+async fn child_bus() -> Bus {
+    match std::env::var("TEST_EXCHANGE") {
+        Ok(exchange) => Bus::rabbitmq("bank", rabbitmq_options(&exchange))
+            .await
+            .unwrap(),
+        Err(_) => Bus::in_process("bank"),
+    }
+}
+
+const CRASH_AFTER_COMMIT: &str =
+    "outbox::a_process_killed_between_commit_and_publish_loses_no_event";
+
+#[tokio::test]
+async fn a_process_killed_between_commit_and_publish_loses_no_event() {
+    if child_role().as_deref() == Some("stager") {
+        let db = Database::connect(&std::env::var("TEST_DB").unwrap(), &MIGRATIONS)
+            .await
+            .unwrap();
+        let bus = child_bus().await;
+        // The relay runs, as in a real service; the crash comes before it can publish.
+        tokio::spawn(bus.relay(&db).run(Shutdown::new()));
+        let mut tx = db.begin().await.unwrap();
+        sqlx::query("INSERT INTO accounts (account, balance) VALUES ('opened', 0)")
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        bus.stage(&mut tx, &deposit("a", 1, 5)).await.unwrap();
+        tx.after_commit(|| {
+            println!("child: committed");
+            std::process::abort();
+        });
+        tx.commit().await.unwrap();
+        return;
+    }
+    for backend in backends() {
+        for transport in transports() {
+            let test = TestDb::of(backend).await;
+            let bus = bus(transport, "bank").await;
+            let (_, consumer) = declare(&bus, &test.db, Apply::default()).await;
+            let exchange = bus_exchange(&bus, transport);
+            let mut env = vec![("TEST_DB", test.url.as_str())];
+            if let Some(exchange) = &exchange {
+                env.push(("TEST_EXCHANGE", exchange));
+            }
+            let mut child = ChildTest::spawn(CRASH_AFTER_COMMIT, "stager", &env);
+            child.wait_for("child: committed", WAIT).await;
+            assert!(!child.wait_exit(WAIT).await.success());
+            let what = format!("{backend:?} {transport:?}");
+            assert_eq!(
+                outbox_rows(&test.db).await,
+                1,
+                "{what}: staged, not relayed"
+            );
+
+            let running = run(consumer);
+            tokio::spawn(bus.relay(&test.db).run(running.shutdown.clone()));
+            eventually(&format!("{what}: relayed and handled"), WAIT, || async {
+                effects(&test.db).await == (1, 1)
+            })
+            .await;
+            eventually(&format!("{what}: outbox emptied"), WAIT, || async {
+                outbox_rows(&test.db).await == 0
+            })
+            .await;
+        }
+    }
+}
+
+/// The exchange a RabbitMQ test bus publishes to, for a child process to use the same.
+fn bus_exchange(bus: &Bus, transport: Transport) -> Option<String> {
+    (transport == Transport::RabbitMq).then(|| bus.exchange().to_owned())
+}
+
+#[tokio::test]
+async fn a_rolled_back_transaction_publishes_nothing() {
+    for transport in transports() {
+        let test = TestDb::sqlite().await;
+        let bus = bus(transport, "bank").await;
+        let (_, consumer) = declare(&bus, &test.db, Apply::default()).await;
+        let running = run(consumer);
+        tokio::spawn(bus.relay(&test.db).run(running.shutdown.clone()));
+
+        let mut tx = test.db.begin().await.unwrap();
+        bus.stage(&mut tx, &deposit("a", 1, 5)).await.unwrap();
+        tx.rollback().await.unwrap();
+        let mut tx = test.db.begin().await.unwrap();
+        bus.stage(&mut tx, &deposit("a", 2, 5)).await.unwrap();
+        tx.commit().await.unwrap();
+        eventually(
+            &format!("{transport:?}: the committed one"),
+            WAIT,
+            || async { effects(&test.db).await == (1, 1) },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(handled_order(&test.db, "a").await, [2], "{transport:?}");
+    }
+}
+
+const EVENTS: i64 = 600;
+const ACCOUNTS: i64 = 3;
+
+async fn stage_many(bus: &Bus, db: &Database) {
+    for seq in 0..EVENTS {
+        let mut tx = db.begin().await.unwrap();
+        bus.stage(
+            &mut tx,
+            &deposit(&format!("acct-{}", seq % ACCOUNTS), seq, 1),
+        )
+        .await
+        .unwrap();
+        tx.commit().await.unwrap();
+    }
+}
+
+async fn assert_all_once_in_order(db: &Database, what: &str) {
+    eventually(&format!("{what}: every event handled"), WAIT, || async {
+        effects(db).await.1 == EVENTS
+    })
+    .await;
+    assert_eq!(effects(db).await, (EVENTS, EVENTS), "{what}: each once");
+    for account in 0..ACCOUNTS {
+        let order = handled_order(db, &format!("acct-{account}")).await;
+        let expected: Vec<i64> = (0..EVENTS)
+            .filter(|seq| seq % ACCOUNTS == account)
+            .collect();
+        assert_eq!(order, expected, "{what}: acct-{account} in commit order");
+    }
+}
+
+const RELAY_KILLED: &str = "outbox::a_relay_killed_mid_stream_loses_nothing_and_keeps_order";
+
+#[tokio::test]
+async fn a_relay_killed_mid_stream_loses_nothing_and_keeps_order() {
+    if child_role().as_deref() == Some("relay") {
+        let db = Database::connect(&std::env::var("TEST_DB").unwrap(), &MIGRATIONS)
+            .await
+            .unwrap();
+        let relay = child_bus().await.relay(&db).options(RelayOptions {
+            batch_size: 1,
+            ..RelayOptions::default()
+        });
+        println!("child: relaying");
+        relay.run(Shutdown::new()).await;
+        return;
+    }
+    if !require(Service::RabbitMq) {
+        return;
+    }
+    for backend in backends() {
+        let what = format!("{backend:?}");
+        let test = TestDb::of(backend).await;
+        let bus = bus(Transport::RabbitMq, "bank").await;
+        let (_, consumer) = declare(&bus, &test.db, Apply::default()).await;
+        let running = run(consumer);
+        // Everything is committed before any relay runs; the child relays one event per
+        // round trip and dies partway.
+        stage_many(&bus, &test.db).await;
+        let exchange = bus.exchange().to_owned();
+        let mut child = ChildTest::spawn(
+            RELAY_KILLED,
+            "relay",
+            &[("TEST_DB", &test.url), ("TEST_EXCHANGE", &exchange)],
+        );
+        child.wait_for("child: relaying", WAIT).await;
+        eventually(&format!("{what}: a third relayed"), WAIT, || async {
+            outbox_rows(&test.db).await <= EVENTS * 2 / 3
+        })
+        .await;
+        child.kill();
+        let left = outbox_rows(&test.db).await;
+        assert!(left > 0, "{what}: killed mid-stream ({left} left)");
+
+        tokio::spawn(bus.relay(&test.db).run(running.shutdown.clone()));
+        assert_all_once_in_order(&test.db, &what).await;
+    }
+}
+
+#[tokio::test]
+async fn two_relays_on_one_database_take_turns() {
+    for backend in backends() {
+        for transport in transports() {
+            let what = format!("{backend:?} {transport:?}");
+            let test = TestDb::of(backend).await;
+            let bus = bus(transport, "bank").await;
+            let (_, consumer) = declare(&bus, &test.db, Apply::default()).await;
+            let running = run(consumer);
+            // Two instances' relays, each with a pool of its own, small batches so that
+            // they would interleave if both published.
+            let second = Database::connect(&test.url, &MIGRATIONS).await.unwrap();
+            let small = RelayOptions {
+                batch_size: 3,
+                poll_interval: Duration::from_millis(20),
+            };
+            tokio::spawn(
+                bus.relay(&test.db)
+                    .options(small.clone())
+                    .run(running.shutdown.clone()),
+            );
+            tokio::spawn(
+                bus.relay(&second)
+                    .options(small)
+                    .run(running.shutdown.clone()),
+            );
+            stage_many(&bus, &test.db).await;
+            assert_all_once_in_order(&test.db, &what).await;
+            // Had both published, the consumer would have seen events twice.
+            let duplicates = running
+                .stats
+                .duplicates
+                .load(std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(duplicates, 0, "{what}: one relay at a time");
+        }
+    }
+}
