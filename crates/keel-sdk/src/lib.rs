@@ -2,10 +2,13 @@
 //!
 //! - [`data`]: the service's database (PostgreSQL or SQLite, one code path), migrations
 //!   run at start under a lock, transactions that carry the outbox;
+//! - [`cache`]: cache-aside in two levels (in process, then Redis) with single-flight
+//!   loads, negative caching and invalidation broadcast to every instance;
 //! - [`events`]: events and commands in CloudEvents envelopes over RabbitMQ or an
 //!   in-process bus, with a transactional outbox, an idempotent inbox, retries and dead
 //!   letters.
 
+pub mod cache;
 pub mod data;
 pub mod events;
 

@@ -4,6 +4,7 @@
 
 mod helpers;
 
+mod cache;
 mod consumer;
 mod data;
 mod events;
