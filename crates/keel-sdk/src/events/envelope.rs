@@ -25,6 +25,9 @@ pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
     fn key(&self) -> String;
 }
 
+/// The longest `id`, `source` or `type` accepted.
+pub const MAX_ATTRIBUTE_BYTES: usize = 200;
+
 /// The largest envelope a consumer accepts; a bigger message is dead-lettered unread.
 pub const MAX_ENVELOPE_BYTES: usize = 1024 * 1024;
 
@@ -61,6 +64,8 @@ pub enum EnvelopeError {
     SpecVersion(String),
     #[error("the envelope's {0} is empty")]
     Empty(&'static str),
+    #[error("the envelope's {0} is not printable ASCII of at most {MAX_ATTRIBUTE_BYTES} bytes")]
+    Attribute(&'static str),
     #[error("the envelope holds a {found}, not a {expected}")]
     WrongType {
         expected: &'static str,
@@ -111,6 +116,11 @@ impl Envelope {
         ] {
             if value.is_empty() {
                 return Err(EnvelopeError::Empty(name));
+            }
+            // They become AMQP short strings (255 bytes at most), routing keys and
+            // primary-key columns: short printable ASCII only.
+            if value.len() > MAX_ATTRIBUTE_BYTES || !value.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(EnvelopeError::Attribute(name));
             }
         }
         Ok(envelope)
@@ -200,6 +210,12 @@ mod tests {
         let mut anonymous = good.clone();
         anonymous.id.clear();
         assert!(error(&anonymous.to_vec()).contains("id is empty"));
+        let mut long = good.clone();
+        long.id = "x".repeat(MAX_ATTRIBUTE_BYTES + 1);
+        assert!(error(&long.to_vec()).contains("id is not printable"));
+        let mut spaced = good.clone();
+        spaced.event_type = "keel.orders placed".into();
+        assert!(error(&spaced.to_vec()).contains("type is not printable"));
         let mut other = good.clone();
         other.event_type = "keel.orders.cancelled.v1".into();
         assert!(matches!(

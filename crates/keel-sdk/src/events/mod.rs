@@ -3,7 +3,9 @@
 //!
 //! - Publishing: [`Bus::stage`] writes an event into the transactional outbox in the
 //!   caller's transaction; the [`Relay`] publishes it after commit (at least once, in
-//!   commit order, one relay at a time however many instances run). [`Bus::publish`]
+//!   outbox id order, one relay at a time however many instances run). Ids are drawn at
+//!   insert, so two transactions staging events of one aggregate keep their order only if
+//!   they are serialized on it (an update of the aggregate's row does that). [`Bus::publish`]
 //!   publishes at once, without the outbox.
 //! - Consuming: a [`Consumer`] belongs to a group (usually the service's name); each group
 //!   gets every event of the types it handles once, shared among the group's instances.
@@ -26,7 +28,7 @@ use std::time::{Duration, SystemTime};
 pub use consumer::{
     Consumer, ConsumerBuilder, ConsumerStats, Handler, HandlerError, Received, RetryPolicy,
 };
-pub use envelope::{Envelope, EnvelopeError, Event, MAX_ENVELOPE_BYTES};
+pub use envelope::{Envelope, EnvelopeError, Event, MAX_ATTRIBUTE_BYTES, MAX_ENVELOPE_BYTES};
 pub use outbox::{Relay, RelayOptions};
 pub use rabbitmq::RabbitMqOptions;
 
@@ -135,7 +137,9 @@ impl std::fmt::Debug for Bus {
 impl Bus {
     /// A bus inside this process (the embedded profile): every [`Bus`] cloned from it, or
     /// made with [`Bus::for_service`], shares its queues. Messages live in memory; the
-    /// outbox still keeps staged events across a crash until they are handed over.
+    /// outbox still keeps staged events across a crash until they are handed over. A
+    /// group's queue exists from its consumer's `start()`: start consumers before relays,
+    /// or events relayed first reach nobody.
     pub fn in_process(service: &str) -> Self {
         Self::with_transport(service, Transport::InProcess(InProcess::default()))
     }

@@ -143,17 +143,14 @@ impl Relay {
     async fn lead(&self) -> Result<Option<Lead>, BusError> {
         match self.db.backend() {
             Backend::Postgres => {
-                let mut connection = self.db.pool().acquire().await?.detach();
+                let mut connection = self.db.pool().acquire().await?;
                 let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
                     .bind(RELAY_LOCK)
-                    .fetch_one(&mut connection)
+                    .fetch_one(&mut *connection)
                     .await?;
-                if locked {
-                    Ok(Some(Lead::Postgres(connection)))
-                } else {
-                    let _ = sqlx::Connection::close(connection).await;
-                    Ok(None)
-                }
+                // Out of the pool only when it holds the lock (a failed try holds nothing,
+                // so the connection goes back for reuse).
+                Ok(locked.then(|| Lead::Postgres(connection.detach())))
             }
             Backend::Sqlite => Ok(match self.db.file_lock("relay")? {
                 FileLock::Held(file) => Some(Lead::Sqlite { _lock: Some(file) }),

@@ -35,7 +35,9 @@ use super::consumer::{ConsumerCore, Outcome};
 use super::{BusError, DeadLetter, Outgoing, reconnect_delay};
 
 /// Deliveries without an acknowledgement after which the broker dead-letters a message.
-const DELIVERY_LIMIT: i64 = 10;
+/// Generous, since a message returned unhandled when a consumer's connection closes counts
+/// as a delivery too (hence also the small default prefetch).
+const DELIVERY_LIMIT: i64 = 20;
 /// The longest error text kept with a dead letter.
 const MAX_ERROR_BYTES: usize = 1024;
 
@@ -52,7 +54,8 @@ pub struct RabbitMqOptions {
     pub url: String,
     /// The topic exchange events are published to.
     pub exchange: String,
-    /// Messages a consumer may hold unacknowledged.
+    /// Messages a consumer may hold unacknowledged. It handles one at a time; every held
+    /// message goes back (and counts as delivered) when its connection closes.
     pub prefetch: u16,
     /// Deletes a group's queues once unused this long (RabbitMQ's `x-expires`); none by
     /// default. Tests set it so that their queues do not pile up on a shared broker.
@@ -65,7 +68,7 @@ impl Default for RabbitMqOptions {
         Self {
             url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
             exchange: "keel.events".to_owned(),
-            prefetch: 16,
+            prefetch: 2,
             queue_expiry: None,
         }
     }
@@ -174,10 +177,14 @@ impl RabbitMq {
             .queue_declare(names.main.as_str().into(), durable, main)
             .await?;
         channel
-            .queue_declare(names.dead.as_str().into(), durable, self.queue_arguments())
+            .queue_declare(
+                names.dead.as_str().into(),
+                durable,
+                self.classic_arguments(),
+            )
             .await?;
         for delay in core.retry.delays() {
-            let mut retry = self.queue_arguments();
+            let mut retry = self.classic_arguments();
             retry.insert(
                 "x-message-ttl".into(),
                 AMQPValue::LongLongInt(millis(delay)),
@@ -208,6 +215,20 @@ impl RabbitMq {
         Ok(())
     }
 
+    /// Classic queues whatever the broker's default type: reading dead letters without
+    /// acknowledging them must not count as deliveries.
+    fn classic_arguments(&self) -> FieldTable {
+        let mut arguments = self.queue_arguments();
+        arguments.insert(
+            "x-queue-type".into(),
+            AMQPValue::LongString("classic".into()),
+        );
+        arguments
+    }
+
+    /// Every queue of a group expires unused after `queue_expiry`; a running consumer
+    /// declares its queues again at a third of that, which counts as use (its retry and
+    /// dead-letter queues are never consumed from).
     fn queue_arguments(&self) -> FieldTable {
         let mut arguments = FieldTable::default();
         if let Some(expiry) = self.inner.options.queue_expiry {
@@ -255,9 +276,22 @@ impl RabbitMq {
             )
             .await?;
         *failures = 0;
+        let redeclare_every = self
+            .inner
+            .options
+            .queue_expiry
+            .map_or(Duration::from_secs(3600), |expiry| expiry / 3);
+        let mut redeclare = tokio::time::interval_at(
+            tokio::time::Instant::now() + redeclare_every,
+            redeclare_every,
+        );
         loop {
             let delivery = tokio::select! {
                 delivery = deliveries.next() => delivery,
+                _ = redeclare.tick() => {
+                    self.declare_on(&channel, core).await?;
+                    continue;
+                }
                 () = shutdown.wait() => {
                     let _ = connection.close(200, "shutting down".into()).await;
                     return Ok(());
@@ -339,14 +373,19 @@ impl RabbitMq {
         let (connection, channel) = self.open("replay").await?;
         let mut replayed = 0;
         // Each message is looked at once: skipped ones stay unacknowledged (and so out of
-        // the queue's ready list) until the channel closes.
-        loop {
+        // the queue's ready list) until the channel closes. Only what was there at the
+        // start: a replayed message that fails again comes back and must wait for the
+        // next replay, or this would never end.
+        let mut left: Option<u32> = None;
+        while left != Some(0) {
             let Some(message) = channel
                 .basic_get(names.dead.as_str().into(), BasicGetOptions::default())
                 .await?
             else {
                 break;
             };
+            let remaining = left.unwrap_or(message.message_count + 1) - 1;
+            left = Some(remaining);
             let delivery = message.delivery;
             if id.is_some_and(|id| dead_letter(&delivery).id != id) {
                 continue;
@@ -419,23 +458,29 @@ async fn publish_on(
     Ok(())
 }
 
-/// Publishes straight to `queue` (through the default exchange) and waits for the confirm.
+/// Publishes straight to `queue` (through the default exchange) and waits for the confirm;
+/// an error when the queue does not exist.
 async fn to_queue(
     channel: &Channel,
     queue: &str,
     payload: &[u8],
     properties: BasicProperties,
 ) -> Result<(), BusError> {
+    // Mandatory: a queue that is gone returns the message instead of confirming its loss,
+    // and the caller keeps the original unacknowledged. Persistent, whatever it arrived as.
     let pending = channel
         .basic_publish(
             "".into(),
             queue.into(),
-            BasicPublishOptions::default(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..BasicPublishOptions::default()
+            },
             payload,
-            properties,
+            properties.with_delivery_mode(2),
         )
         .await?;
-    confirm(pending.await?, false)
+    confirm(pending.await?, true)
 }
 
 /// A publisher confirm as a result: a nack, or a mandatory message returned unroutable,

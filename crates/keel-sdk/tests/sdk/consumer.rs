@@ -87,21 +87,29 @@ impl Handler<Deposited> for Refuse {
 }
 
 #[tokio::test]
-async fn a_rejected_event_and_an_unreadable_message_are_dead_lettered_at_once() {
+async fn a_rejected_event_is_dead_lettered_at_once_and_a_replay_that_fails_again_ends() {
     for transport in transports() {
         let bus = bus(transport, "bank").await;
         let test = TestDb::sqlite().await;
         let (group, consumer) = declare(&bus, &test.db, Refuse).await;
         let running = run(consumer);
         bus.publish(&deposit("a", 1, 10)).await.unwrap();
-        eventually(&format!("{transport:?}: rejected"), WAIT, || async {
-            running.stats.dead_lettered.load(Ordering::Relaxed) == 1
-        })
-        .await;
+        let dead_letters = |count| {
+            let running = &running;
+            move || async move { running.stats.dead_lettered.load(Ordering::Relaxed) == count }
+        };
+        eventually(&format!("{transport:?}: rejected"), WAIT, dead_letters(1)).await;
         assert_eq!(running.stats.retried.load(Ordering::Relaxed), 0);
         let dead = bus.dead_letters(&group, 10).await.unwrap();
         assert_eq!(dead[0].attempts, 1);
         assert_eq!(dead[0].error, "accounts are closed");
+
+        // Rejected again at once while the replay may still be reading the queue: it is
+        // replayed once, not round and round.
+        let replayed = bus.replay_dead_letters(&group, None).await.unwrap();
+        assert_eq!(replayed, 1, "{transport:?}");
+        eventually(&format!("{transport:?}: dead again"), WAIT, dead_letters(2)).await;
+        assert_eq!(bus.dead_letters(&group, 10).await.unwrap().len(), 1);
     }
 }
 
