@@ -49,6 +49,9 @@ static SDK: Migrations = Migrations {
 };
 const SDK_MIGRATIONS_TABLE: &str = "_keel_sdk_migrations";
 
+/// How long to wait for a pooled connection (or a new one) before giving up.
+const ACQUIRE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Why the database could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -137,6 +140,9 @@ impl Database {
             }
         };
         let pool = AnyPoolOptions::new()
+            // Fail fast when the database is away (sqlx's default waits 30 s): callers
+            // answer 503, consumers hold their message and back off.
+            .acquire_timeout(ACQUIRE_TIMEOUT)
             .max_connections(match backend {
                 Backend::Postgres => 10,
                 // One writer at a time anyway; a few readers beside it (WAL).
@@ -224,15 +230,18 @@ impl Database {
     }
 
     /// Takes `key`'s lock for the rest of `tx`, so that instances sharing the database do
-    /// the guarded work one at a time. PostgreSQL: a transaction-scoped advisory lock.
-    /// SQLite: nothing more is needed, since it lets one writer in at a time.
+    /// the guarded work one at a time; call it before the transaction reads what it
+    /// guards. PostgreSQL: a transaction-scoped advisory lock. SQLite: a write, which takes
+    /// the database's one write lock now (waiting for it up to the busy timeout), where a
+    /// transaction that read first could only fail with SQLITE_BUSY when it came to write.
     pub async fn lock(&self, tx: &mut AnyConnection, key: LockKey) -> Result<(), sqlx::Error> {
-        if self.backend == Backend::Postgres {
-            sqlx::query("SELECT pg_advisory_xact_lock($1)")
-                .bind(key.0)
-                .execute(tx)
-                .await?;
-        }
+        let statement = match self.backend {
+            Backend::Postgres => "SELECT pg_advisory_xact_lock($1)",
+            Backend::Sqlite => {
+                "INSERT INTO keel_locks (id) VALUES ($1) ON CONFLICT (id) DO NOTHING"
+            }
+        };
+        sqlx::query(statement).bind(key.0).execute(tx).await?;
         Ok(())
     }
 

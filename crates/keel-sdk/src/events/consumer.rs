@@ -15,7 +15,7 @@ use keel_runtime::Shutdown;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::{Bus, BusError, Envelope, Event, Transport, check_group};
+use super::{Bus, BusError, Envelope, Event, Transport, check_group, reconnect_delay};
 use crate::data::{Database, Tx};
 
 /// An event as a handler receives it.
@@ -129,7 +129,8 @@ pub struct RetryPolicy {
     /// The wait before the second attempt; each later wait doubles, up to `max_delay`.
     pub first_delay: Duration,
     pub max_delay: Duration,
-    /// How long one attempt may take before it counts as failed.
+    /// How long a handler may take before the attempt counts as failed (the consumer's
+    /// own database work around it is bounded by the pool's acquire timeout instead).
     pub handler_timeout: Duration,
 }
 
@@ -176,6 +177,8 @@ pub struct ConsumerStats {
     pub duplicates: AtomicU64,
     pub retried: AtomicU64,
     pub dead_lettered: AtomicU64,
+    /// Times a message was held because the database could not be reached.
+    pub database_waits: AtomicU64,
 }
 
 /// What to do with a delivery once it has been through the consumer.
@@ -187,6 +190,10 @@ pub(crate) enum Outcome {
     Duplicate,
     /// Failed; try again after `delay` as attempt `attempt + 1`.
     Retry { delay: Duration, error: String },
+    /// The database could not be reached: not the message's fault, not an attempt.
+    Unavailable(String),
+    /// Shutting down while holding the message: give it back unhandled.
+    GiveBack,
     /// Failed for good: dead-letter with `error`.
     Dead {
         id: String,
@@ -295,7 +302,10 @@ impl ConsumerCore {
     }
 
     /// Handles one delivery (attempt `attempt`, 1-based) and says what to do with it.
-    pub async fn process(&self, payload: &[u8], attempt: u32) -> Outcome {
+    /// While the database is unreachable the delivery is held and tried again with
+    /// backoff, without counting attempts (it is not the message's fault); on `shutdown`
+    /// meanwhile, it is given back ([`Outcome::GiveBack`]).
+    pub async fn process(&self, payload: &[u8], attempt: u32, shutdown: &Shutdown) -> Outcome {
         let envelope = match Envelope::from_slice(payload) {
             Ok(envelope) => envelope,
             Err(error) => return self.count(self.dead("", "", error.to_string())),
@@ -311,8 +321,25 @@ impl ConsumerCore {
         );
         // No parent (a message from outside any trace) starts a new trace.
         let _ = span.set_parent(envelope.trace_context());
-        let outcome = self.handle(&envelope, attempt).instrument(span).await;
-        self.count(outcome)
+        let mut outages = 0;
+        loop {
+            let outcome = self
+                .handle(&envelope, attempt)
+                .instrument(span.clone())
+                .await;
+            let Outcome::Unavailable(error) = outcome else {
+                return self.count(outcome);
+            };
+            outages += 1;
+            self.stats.database_waits.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("keel_events_database_unavailable_total", "group" => self.group.clone())
+                .increment(1);
+            tracing::warn!(%error, group = %self.group, "database unavailable; holding the message");
+            tokio::select! {
+                () = tokio::time::sleep(reconnect_delay(outages)) => {}
+                () = shutdown.wait() => return Outcome::GiveBack,
+            }
+        }
     }
 
     async fn handle(&self, envelope: &Envelope, attempt: u32) -> Outcome {
@@ -327,29 +354,35 @@ impl ConsumerCore {
             );
         };
         let attempt_work = async {
-            let mut tx = self.db.begin().await?;
-            if !inbox_insert(&mut tx, &self.group, &envelope.id).await? {
-                tx.rollback().await?;
+            let mut tx = self.db.begin().await.map_err(Failure::Database)?;
+            let fresh = inbox_insert(&mut tx, &self.group, &envelope.id)
+                .await
+                .map_err(Failure::Database)?;
+            if !fresh {
+                tx.rollback().await.map_err(Failure::Database)?;
                 return Ok(false);
             }
-            handler.dispatch(&mut tx, envelope, attempt).await?;
-            tx.commit().await?;
+            let timeout = self.retry.handler_timeout;
+            match tokio::time::timeout(timeout, handler.dispatch(&mut tx, envelope, attempt)).await
+            {
+                Ok(result) => result.map_err(Failure::Handler)?,
+                Err(_elapsed) => {
+                    let error = format!("the handler took longer than {timeout:?}");
+                    return Err(Failure::Handler(HandlerError::Retry(error)));
+                }
+            }
+            tx.commit().await.map_err(Failure::Database)?;
             Ok(true)
         };
-        let result = tokio::time::timeout(
-            self.retry.handler_timeout,
-            AssertUnwindSafe(attempt_work).catch_unwind(),
-        )
-        .await;
-        let error = match result {
-            Ok(Ok(Ok(true))) => return Outcome::Done,
-            Ok(Ok(Ok(false))) => return Outcome::Duplicate,
-            Ok(Ok(Err(error))) => error,
-            Ok(Err(_panic)) => HandlerError::Retry("the handler panicked".to_owned()),
-            Err(_elapsed) => HandlerError::Retry(format!(
-                "the handler took longer than {:?}",
-                self.retry.handler_timeout
-            )),
+        let error = match AssertUnwindSafe(attempt_work).catch_unwind().await {
+            Ok(Ok(true)) => return Outcome::Done,
+            Ok(Ok(false)) => return Outcome::Duplicate,
+            Ok(Err(Failure::Database(error))) if unavailable(&error) => {
+                return Outcome::Unavailable(error.to_string());
+            }
+            Ok(Err(Failure::Database(error))) => HandlerError::Retry(error.to_string()),
+            Ok(Err(Failure::Handler(error))) => error,
+            Err(_panic) => HandlerError::Retry("the handler panicked".to_owned()),
         };
         tracing::warn!(error = error.message(), attempt, "event not handled");
         match (&error, self.retry.delay_after(attempt)) {
@@ -379,11 +412,39 @@ impl ConsumerCore {
             Outcome::Duplicate => (&self.stats.duplicates, "duplicate"),
             Outcome::Retry { .. } => (&self.stats.retried, "retried"),
             Outcome::Dead { .. } => (&self.stats.dead_lettered, "dead_lettered"),
+            // Not returned by `handle` to `count`: the hold loop in `process` takes them.
+            Outcome::Unavailable(_) | Outcome::GiveBack => return outcome,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("keel_events_consumed_total", "group" => self.group.clone(), "outcome" => label)
             .increment(1);
         outcome
+    }
+}
+
+/// Why an attempt failed: the handler, or the consumer's own database work around it.
+enum Failure {
+    Handler(HandlerError),
+    Database(sqlx::Error),
+}
+
+/// Whether `error` means the database cannot be reached (rather than that this message's
+/// work failed): connections, the pool, or SQLite's lock held too long by another writer.
+fn unavailable(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        // SQLITE_BUSY and SQLITE_LOCKED; PostgreSQL's class 08 (connection exception) and
+        // 57P (operator intervention: shutdown, crash recovery).
+        sqlx::Error::Database(error) => error.code().is_some_and(|code| {
+            matches!(code.as_ref(), "5" | "6" | "57P01" | "57P02" | "57P03")
+                || code.starts_with("08")
+        }),
+        _ => false,
     }
 }
 

@@ -105,8 +105,15 @@ impl InProcess {
                 }
             };
             let Some(delivery) = delivery else { return };
-            match core.process(&delivery.payload, delivery.attempt).await {
-                Outcome::Done | Outcome::Duplicate => {}
+            match core
+                .process(&delivery.payload, delivery.attempt, &shutdown)
+                .await
+            {
+                Outcome::Done | Outcome::Duplicate | Outcome::Unavailable(_) => {}
+                Outcome::GiveBack => {
+                    let _ = group.sender.send(delivery);
+                    return;
+                }
                 Outcome::Retry { delay, .. } => {
                     let sender = group.sender.clone();
                     tokio::spawn(async move {

@@ -41,6 +41,8 @@ use rabbitmq::RabbitMq;
 pub enum BusError {
     #[error("RabbitMQ: {0}")]
     RabbitMq(#[from] lapin::Error),
+    #[error("the broker did not answer within {0:?}")]
+    Timeout(Duration),
     #[error("the broker closed the consumer")]
     ConsumerClosed,
     #[error("the broker refused the message (negative publisher confirm)")]

@@ -16,6 +16,7 @@
 //! handler's transaction commits, and a failed message is acknowledged only once its retry
 //! (or dead letter) is confirmed, so no failure path loses it.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -61,6 +62,11 @@ pub struct RabbitMqOptions {
     /// default. Tests set it so that their queues do not pile up on a shared broker.
     #[serde(with = "humantime_serde")]
     pub queue_expiry: Option<Duration>,
+    /// How long connecting, or a publish and its confirm, may take (a broker under a
+    /// resource alarm blocks publishers); then the channel is dropped and the caller gets
+    /// [`BusError::Timeout`].
+    #[serde(with = "humantime_serde")]
+    pub timeout: Duration,
 }
 
 impl Default for RabbitMqOptions {
@@ -70,6 +76,7 @@ impl Default for RabbitMqOptions {
             exchange: "keel.events".to_owned(),
             prefetch: 2,
             queue_expiry: None,
+            timeout: Duration::from_secs(10),
         }
     }
 }
@@ -102,8 +109,22 @@ impl RabbitMq {
         &self.inner.options.exchange
     }
 
+    /// `work`, or [`BusError::Timeout`] after the configured timeout.
+    async fn within<T>(
+        &self,
+        work: impl Future<Output = Result<T, BusError>>,
+    ) -> Result<T, BusError> {
+        tokio::time::timeout(self.inner.options.timeout, work)
+            .await
+            .map_err(|_| BusError::Timeout(self.inner.options.timeout))?
+    }
+
     /// A new connection with one confirming channel, and the exchange declared.
     async fn open(&self, role: &str) -> Result<(Connection, Channel), BusError> {
+        self.within(self.open_now(role)).await
+    }
+
+    async fn open_now(&self, role: &str) -> Result<(Connection, Channel), BusError> {
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("keel-{role}-{}", std::process::id()).into());
         let connection = Connection::connect(&self.inner.options.url, properties).await?;
@@ -134,8 +155,15 @@ impl RabbitMq {
         let Some((_, channel)) = publisher.as_ref() else {
             return Ok(());
         };
-        let result = publish_on(channel, &self.inner.options.exchange, batch, mandatory).await;
-        if matches!(result, Err(BusError::RabbitMq(_))) {
+        let result = self
+            .within(publish_on(
+                channel,
+                &self.inner.options.exchange,
+                batch,
+                mandatory,
+            ))
+            .await;
+        if matches!(result, Err(BusError::RabbitMq(_) | BusError::Timeout(_))) {
             // The channel is gone or broken: open a new one next time.
             *publisher = None;
         }
@@ -304,15 +332,27 @@ impl RabbitMq {
             let attempt = header_u32(&delivery.properties, ATTEMPT)
                 .unwrap_or(1)
                 .max(1);
-            match core.process(&delivery.data, attempt).await {
-                Outcome::Done | Outcome::Duplicate => {}
+            match core.process(&delivery.data, attempt, shutdown).await {
+                Outcome::Done | Outcome::Duplicate | Outcome::Unavailable(_) => {}
+                Outcome::GiveBack => {
+                    // Unacknowledged: the broker gives it to another consumer once this
+                    // connection closes.
+                    let _ = connection.close(200, "shutting down".into()).await;
+                    return Ok(());
+                }
                 Outcome::Retry { delay, .. } => {
                     let properties = delivery.properties.clone().with_headers(with_header(
                         &delivery.properties,
                         ATTEMPT,
                         AMQPValue::LongUInt(attempt + 1),
                     ));
-                    to_queue(&channel, &names.retry(delay), &delivery.data, properties).await?;
+                    self.within(to_queue(
+                        &channel,
+                        &names.retry(delay),
+                        &delivery.data,
+                        properties,
+                    ))
+                    .await?;
                 }
                 Outcome::Dead {
                     id,
@@ -336,7 +376,8 @@ impl RabbitMq {
                         .clone()
                         .with_message_id(ShortString::from(id))
                         .with_headers(headers);
-                    to_queue(&channel, &names.dead, &delivery.data, properties).await?;
+                    self.within(to_queue(&channel, &names.dead, &delivery.data, properties))
+                        .await?;
                 }
             }
             delivery.acker.ack(BasicAckOptions::default()).await?;
@@ -395,7 +436,8 @@ impl RabbitMq {
                 ATTEMPT,
                 AMQPValue::LongUInt(1),
             ));
-            to_queue(&channel, &names.main, &delivery.data, properties).await?;
+            self.within(to_queue(&channel, &names.main, &delivery.data, properties))
+                .await?;
             delivery.acker.ack(BasicAckOptions::default()).await?;
             replayed += 1;
         }

@@ -260,3 +260,42 @@ async fn a_consumer_killed_between_commit_and_ack_gets_the_message_again_and_ign
         assert_eq!(effects(&test.db).await, (1, 1), "{backend:?}: once");
     }
 }
+
+#[tokio::test]
+async fn a_message_waits_out_a_database_outage_without_using_up_its_attempts() {
+    if !require(Service::Postgres) {
+        return;
+    }
+    let database = keel_testkit::TestDatabase::create().await;
+    let proxy = keel_testkit::FaultProxy::start(Service::Postgres.addr()).await;
+    let url = format!("postgres://postgres@{}/{}", proxy.addr(), database.name);
+    let db = Database::connect(&url, &MIGRATIONS).await.unwrap();
+    let transports = transports();
+    for &transport in &transports {
+        let bus = bus(transport, "bank").await;
+        let (_, consumer) = declare(&bus, &db, Apply::default()).await;
+        let running = run(consumer);
+        proxy.cut();
+        bus.publish(&deposit(&format!("{transport:?}"), 1, 5))
+            .await
+            .unwrap();
+        // Longer than the three quick attempts would take, had the outage counted.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let stats = &running.stats;
+        assert_eq!(stats.retried.load(Ordering::Relaxed), 0, "{transport:?}");
+        assert_eq!(
+            stats.dead_lettered.load(Ordering::Relaxed),
+            0,
+            "{transport:?}"
+        );
+        proxy.restore();
+        eventually(
+            &format!("{transport:?}: handled after the outage"),
+            WAIT,
+            || async { stats.handled.load(Ordering::Relaxed) == 1 },
+        )
+        .await;
+    }
+    let events = transports.len() as i64;
+    assert_eq!(effects(&db).await, (events, events));
+}

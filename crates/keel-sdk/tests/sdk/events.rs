@@ -147,3 +147,34 @@ async fn the_envelope_carries_the_publishers_trace() {
         "4bf92f3577b34da6a3ce929d0e0e4736"
     );
 }
+
+#[tokio::test]
+async fn a_silent_broker_times_publishing_out_and_the_bus_recovers() {
+    if !keel_testkit::require(keel_testkit::Service::RabbitMq) {
+        return;
+    }
+    let proxy = keel_testkit::FaultProxy::start(keel_testkit::Service::RabbitMq.addr()).await;
+    let options = keel_sdk::events::RabbitMqOptions {
+        url: format!("amqp://guest:guest@{}/%2f", proxy.addr()),
+        timeout: Duration::from_millis(500),
+        ..crate::helpers::rabbitmq_options(&keel_testkit::unique_name("keel-test"))
+    };
+    let bus = Bus::rabbitmq("bank", options).await.unwrap();
+    bus.publish(&deposit("a", 1, 1)).await.unwrap();
+
+    proxy.blackhole();
+    let started = std::time::Instant::now();
+    let error = bus.publish(&deposit("a", 2, 1)).await.unwrap_err();
+    assert!(matches!(error, BusError::Timeout(_)), "{error}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+
+    proxy.restore();
+    eventually("publishing again", WAIT, || async {
+        bus.publish(&deposit("a", 3, 1)).await.is_ok()
+    })
+    .await;
+}
