@@ -180,9 +180,11 @@ impl Forward {
             .with_retry_after(Duration::from_secs(1)));
         }
         let hash = match &self.balance {
-            BalanceConfig::Hash(key) => {
-                key.hash(&outgoing.headers, &outgoing.added, peer.map(|p| p.ip()))
-            }
+            BalanceConfig::Hash(key) => key.hash(
+                &outgoing.headers,
+                |name| outgoing.added.get(name),
+                peer.map(|p| p.ip()),
+            ),
             _ => None,
         };
         let idempotent = is_idempotent(&outgoing.method);

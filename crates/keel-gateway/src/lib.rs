@@ -9,24 +9,24 @@
 pub mod access_log;
 mod admin;
 pub mod auth;
-pub mod balance;
-pub mod breaker;
 pub mod config;
 pub mod cors;
-pub mod endpoint;
 mod forward;
 mod h1;
 mod h1_server;
 pub mod listener;
 pub mod proxy;
 pub mod ratelimit;
-pub mod retry;
 pub mod route;
 pub mod server;
 mod timer;
 pub mod tls;
 mod upstream;
 mod watch;
+
+// Balancing, circuit breaking, retries and endpoint statistics are shared with the SDK's
+// clients; they live in keel-runtime and keep their paths here.
+pub use keel_runtime::resilience::{balance, breaker, endpoint, retry};
 
 pub use config::GatewayConfig;
 pub use server::GatewayServer;

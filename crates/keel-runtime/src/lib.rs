@@ -11,6 +11,7 @@ pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod problem;
+pub mod resilience;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

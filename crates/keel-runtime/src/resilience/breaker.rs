@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::endpoint::now_nanos;
+use super::endpoint::now_nanos;
 
 /// `circuit_breaker = { … }` of a route.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

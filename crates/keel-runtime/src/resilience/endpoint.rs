@@ -1,5 +1,6 @@
-//! Upstream endpoints and what the gateway learns about each one from its traffic:
-//! requests in flight, a peak-EWMA of latency, and passive outlier detection.
+//! Upstream endpoints and what a caller (the gateway, an SDK client) learns about each one
+//! from its traffic: requests in flight, a peak-EWMA of latency, and passive outlier
+//! detection.
 //!
 //! Stats belong to an endpoint's address, not to a route or a configuration, so they
 //! survive reloads and registry updates and are shared by every route that reaches the

@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::Method;
 use serde::{Deserialize, Serialize};
 
-use crate::endpoint::now_nanos;
+use super::endpoint::now_nanos;
 
 /// `retry = { … }` of a route.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

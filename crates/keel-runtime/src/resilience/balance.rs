@@ -17,8 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use http::HeaderMap;
 use serde::{Deserialize, Serialize};
 
-use crate::endpoint::Endpoint;
-use crate::forward::Added;
+use super::endpoint::Endpoint;
 
 /// `balance = …` of a route.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -211,7 +210,7 @@ pub fn hash_key(bytes: &[u8]) -> u64 {
 }
 
 /// FNV-1a as a [`Hasher`]: fast and unkeyed, so only for keys clients cannot choose.
-pub(crate) struct Fnv(u64);
+pub struct Fnv(u64);
 
 impl Default for Fnv {
     fn default() -> Self {
@@ -245,18 +244,18 @@ impl HashKeyConfig {
         }
     }
 
-    /// The request's hash key, when it has one; a header may be one the gateway adds
-    /// (`x-keel-subject`, say).
-    pub(crate) fn hash(
+    /// The request's hash key, when it has one; a header may be one the caller adds
+    /// beside the map (the gateway's `x-keel-subject`, say), found through `added`.
+    pub fn hash<'a>(
         &self,
-        headers: &HeaderMap,
-        added: &Added,
+        headers: &'a HeaderMap,
+        added: impl Fn(&str) -> Option<&'a http::HeaderValue>,
         client_ip: Option<std::net::IpAddr>,
     ) -> Option<u64> {
         match self {
             Self::Header(name) => headers
                 .get(name)
-                .or_else(|| added.get(name))
+                .or_else(|| added(name))
                 .map(|v| hash_key(v.as_bytes())),
             Self::Cookie(name) => headers
                 .get_all(http::header::COOKIE)
@@ -277,8 +276,8 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
+    use super::super::endpoint::{EndpointStats, OutlierConfig, now_nanos};
     use super::*;
-    use crate::endpoint::{EndpointStats, OutlierConfig, now_nanos};
 
     fn endpoints(weights: &[u32]) -> Vec<Endpoint> {
         weights
@@ -422,21 +421,21 @@ mod tests {
         );
         let header = HashKeyConfig::Header("x-user".into());
         assert_eq!(
-            header.hash(&headers, &Added::default(), None),
+            header.hash(&headers, |_| None, None),
             Some(hash_key(b"alice"))
         );
         let cookie = HashKeyConfig::Cookie("session".into());
         assert_eq!(
-            cookie.hash(&headers, &Added::default(), None),
+            cookie.hash(&headers, |_| None, None),
             Some(hash_key(b"s-42"))
         );
         assert_eq!(
-            HashKeyConfig::Cookie("none".into()).hash(&headers, &Added::default(), None),
+            HashKeyConfig::Cookie("none".into()).hash(&headers, |_| None, None),
             None
         );
         let ip = "10.0.0.7".parse().ok();
         assert_eq!(
-            HashKeyConfig::ClientIp.hash(&headers, &Added::default(), ip),
+            HashKeyConfig::ClientIp.hash(&headers, |_| None, ip),
             Some(hash_key(b"10.0.0.7"))
         );
         assert!(HashKeyConfig::Cookie("a;b".into()).validate().is_err());
