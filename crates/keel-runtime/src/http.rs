@@ -178,10 +178,22 @@ async fn not_found(request: Request) -> Response {
     .into_response()
 }
 
+tokio::task_local! {
+    static CURRENT_REQUEST_ID: HeaderValue;
+}
+
+/// The `x-request-id` of the request the current task is serving through this stack (not
+/// in tasks it spawned), for calls made on its behalf to carry it on.
+pub fn current_request_id() -> Option<HeaderValue> {
+    CURRENT_REQUEST_ID.try_with(Clone::clone).ok()
+}
+
 /// Keeps a usable client `x-request-id` or generates one, and echoes it on the response.
 async fn request_id(mut request: Request, next: Next) -> Response {
     let id = set_request_id(request.headers_mut());
-    let mut response = next.run(request).await;
+    let mut response = CURRENT_REQUEST_ID
+        .scope(id.clone(), next.run(request))
+        .await;
     response.headers_mut().insert(REQUEST_ID, id);
     response
 }

@@ -4,11 +4,14 @@
 //!   run at start under a lock, transactions that carry the outbox;
 //! - [`cache`]: cache-aside in two levels (in process, then Redis) with single-flight
 //!   loads, negative caching and invalidation broadcast to every instance;
+//! - [`client`]: resilient HTTP calls to another service by name (registry, balancing,
+//!   deadlines, retries with a budget, outlier ejection, circuit breaker, bulkhead);
 //! - [`events`]: events and commands in CloudEvents envelopes over RabbitMQ or an
 //!   in-process bus, with a transactional outbox, an idempotent inbox, retries and dead
 //!   letters.
 
 pub mod cache;
+pub mod client;
 pub mod data;
 pub mod events;
 

@@ -5,6 +5,7 @@
 mod helpers;
 
 mod cache;
+mod client;
 mod consumer;
 mod data;
 mod events;

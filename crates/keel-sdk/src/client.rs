@@ -1,0 +1,476 @@
+//! Resilient HTTP calls to another service by name.
+//!
+//! A [`ServiceClient`] finds the service's instances in the registry client's live view
+//! (or a static list), picks one by power of two choices over a peak-EWMA cost, and wraps
+//! each call in the same machinery as the gateway's forwarding (`keel_runtime::resilience`):
+//! an overall deadline and a per-try timeout; retries on another instance, of idempotent
+//! requests after 502/503/504, a timeout or a broken connection, and of any request whose
+//! connection failed before it was sent, bounded by a retry budget and spaced by jittered
+//! backoff; passive outlier ejection; a circuit breaker whose concurrency limit and bounded
+//! queue are the bulkhead. Calls carry the current `traceparent` and `x-request-id`.
+//! Failures are typed ([`CallError`]) so callers can decide what to do.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use keel_registry::client::DiscoveryView;
+use keel_registry::model::Instance;
+use keel_runtime::resilience::balance::{BalanceConfig, EndpointSet};
+use keel_runtime::resilience::breaker::{BreakerConfig, CircuitBreaker, CircuitState, Refusal};
+use keel_runtime::resilience::endpoint::{Endpoint, OutlierConfig, StatsDirectory, now_nanos};
+use keel_runtime::resilience::retry::{RetryBudget, RetryConfig, is_idempotent};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// How a client calls one service.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Deadline of a whole call, retries and queueing included.
+    pub timeout: Duration,
+    /// `retry.per_try_timeout` bounds each attempt (none: only `timeout`).
+    pub retry: RetryConfig,
+    /// `max_concurrent` and `max_pending` are the bulkhead.
+    pub breaker: BreakerConfig,
+    pub outlier: OutlierConfig,
+    /// Largest response body read into memory by [`ServiceClient::call`].
+    pub max_body_bytes: usize,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+            retry: RetryConfig {
+                per_try_timeout: Some(Duration::from_secs(3)),
+                ..RetryConfig::default()
+            },
+            breaker: BreakerConfig::default(),
+            outlier: OutlierConfig::default(),
+            max_body_bytes: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// Where a service's instances come from.
+#[derive(Clone)]
+pub enum Instances {
+    /// The registry client's live view of passing instances.
+    Registry(DiscoveryView),
+    /// A fixed list of base URLs (`http://host:port`).
+    Static(Vec<String>),
+}
+
+/// Why a call did not get a usable answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CallError {
+    #[error("{service}: no answer within {timeout:?}")]
+    Timeout { service: String, timeout: Duration },
+    #[error("{service} is unavailable: {reason}")]
+    Unavailable { service: String, reason: String },
+    #[error("{service}: the circuit is open; try again in {retry_after:?}")]
+    CircuitOpen {
+        service: String,
+        retry_after: Duration,
+    },
+    #[error("{service}: too many calls in flight and queued (bulkhead)")]
+    Saturated { service: String },
+    /// The service answered with a server error (after any retries).
+    #[error("{service} answered {}", answer.status)]
+    Upstream {
+        service: String,
+        answer: Box<Answer>,
+    },
+    #[error("{service}: the answer is not what was expected: {reason}")]
+    Decode { service: String, reason: String },
+    #[error("the request cannot be built: {0}")]
+    Request(String),
+}
+
+/// A call's answer, body read.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+/// A request to send: method, path (with query) and optional body; built by the
+/// [`ServiceClient`] helpers or by hand.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub method: Method,
+    pub path: String,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Call {
+    pub fn new(method: Method, path: &str) -> Self {
+        Self {
+            method,
+            path: path.to_owned(),
+            headers: HeaderMap::new(),
+            body: Bytes::new(),
+        }
+    }
+
+    pub fn json(mut self, body: &impl Serialize) -> Result<Self, CallError> {
+        self.body = serde_json::to_vec(body)
+            .map_err(|error| CallError::Request(error.to_string()))?
+            .into();
+        self.headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        Ok(self)
+    }
+
+    /// `Authorization: Bearer <token>`: the caller's token passed on, or the service's
+    /// own.
+    pub fn bearer(mut self, token: &str) -> Result<Self, CallError> {
+        let value = HeaderValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| CallError::Request("the token is not a header value".into()))?;
+        self.headers.insert(http::header::AUTHORIZATION, value);
+        Ok(self)
+    }
+}
+
+/// Calls one service. Cheap to clone; clones share breaker, budget and statistics.
+#[derive(Clone)]
+pub struct ServiceClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    service: String,
+    source: Source,
+    http: reqwest::Client,
+    options: ClientOptions,
+    breaker: Arc<CircuitBreaker>,
+    budget: RetryBudget,
+    stats: StatsDirectory,
+}
+
+/// An endpoint set and the instance list it was built from.
+type BuiltFrom = (Arc<Vec<Instance>>, Arc<EndpointSet>);
+
+/// An endpoint set that changes with the registry's view, or does not change.
+enum Source {
+    Static(Arc<EndpointSet>),
+    Registry {
+        view: DiscoveryView,
+        /// The set built from the last instance list seen, rebuilt when it changes.
+        last: Mutex<Option<BuiltFrom>>,
+    },
+}
+
+impl ServiceClient {
+    pub fn new(
+        service: &str,
+        instances: Instances,
+        options: ClientOptions,
+    ) -> Result<Self, CallError> {
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(|error| CallError::Request(error.to_string()))?;
+        let stats = StatsDirectory::default();
+        let source = match instances {
+            Instances::Static(urls) => {
+                let endpoints = urls
+                    .iter()
+                    .map(|url| {
+                        let base: http::Uri = url
+                            .parse()
+                            .map_err(|_| CallError::Request(format!("{url:?} is not a URL")))?;
+                        Ok(Endpoint {
+                            id: Arc::from(url.as_str()),
+                            stats: stats.stats(&base),
+                            base,
+                            weight: 1,
+                        })
+                    })
+                    .collect::<Result<Vec<_>, CallError>>()?;
+                Source::Static(Arc::new(EndpointSet::new(
+                    endpoints,
+                    &BalanceConfig::LeastRequest,
+                )))
+            }
+            Instances::Registry(view) => {
+                view.watch(service);
+                Source::Registry {
+                    view,
+                    last: Mutex::new(None),
+                }
+            }
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                service: service.to_owned(),
+                source,
+                http,
+                budget: RetryBudget::new(&options.retry),
+                breaker: Arc::new(CircuitBreaker::new(options.breaker.clone())),
+                options,
+                stats,
+            }),
+        })
+    }
+
+    pub fn service(&self) -> &str {
+        &self.inner.service
+    }
+
+    /// The circuit's state now.
+    pub fn circuit(&self) -> CircuitState {
+        self.inner.breaker.state()
+    }
+
+    /// `GET path`, the JSON answer decoded.
+    pub async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, CallError> {
+        self.call_json(Call::new(Method::GET, path)).await
+    }
+
+    /// `POST path` with a JSON body, the JSON answer decoded.
+    pub async fn post_json<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T, CallError> {
+        self.call_json(Call::new(Method::POST, path).json(body)?)
+            .await
+    }
+
+    /// `call`, its JSON answer decoded.
+    pub async fn call_json<T: DeserializeOwned>(&self, call: Call) -> Result<T, CallError> {
+        let answer = self.call(call).await?;
+        serde_json::from_slice(&answer.body).map_err(|error| CallError::Decode {
+            service: self.inner.service.clone(),
+            reason: error.to_string(),
+        })
+    }
+
+    /// Sends `call` with deadline, retries, balancing and the breaker; any status below
+    /// 500 is an answer (a 4xx is the caller's to judge), 5xx after the last attempt is
+    /// [`CallError::Upstream`].
+    pub async fn call(&self, mut call: Call) -> Result<Answer, CallError> {
+        let inner = &self.inner;
+        let started = Instant::now();
+        let deadline = started + inner.options.timeout;
+        propagate(&mut call.headers);
+        let permit = inner
+            .breaker
+            .acquire(deadline, now_nanos())
+            .await
+            .map_err(|refusal| self.refused(refusal))?;
+        inner.budget.deposit_at(now_nanos() / 1_000_000_000);
+        let result = self.attempts(&call, deadline).await;
+        let failed = match &result {
+            Ok(_) => false,
+            Err(CallError::Upstream { answer, .. }) => answer.status.is_server_error(),
+            Err(_) => true,
+        };
+        permit.record(!failed, now_nanos());
+        result
+    }
+
+    fn refused(&self, refusal: Refusal) -> CallError {
+        let service = self.inner.service.clone();
+        match refusal {
+            Refusal::Open(retry_after) => CallError::CircuitOpen {
+                service,
+                retry_after,
+            },
+            Refusal::Saturated => CallError::Saturated { service },
+            Refusal::TimedOut => CallError::Timeout {
+                service,
+                timeout: self.inner.options.timeout,
+            },
+        }
+    }
+
+    async fn attempts(&self, call: &Call, deadline: Instant) -> Result<Answer, CallError> {
+        let inner = &self.inner;
+        let retry = &inner.options.retry;
+        let idempotent = is_idempotent(&call.method);
+        let mut tried = Vec::new();
+        let mut last: Option<CallError> = None;
+        for attempt in 0..=retry.attempts {
+            if attempt > 0 {
+                if !inner.budget.withdraw() {
+                    break;
+                }
+                let pause = retry.backoff(attempt);
+                if Instant::now() + pause >= deadline {
+                    break;
+                }
+                tokio::time::sleep(pause).await;
+            }
+            let set = self.endpoints();
+            if set.is_empty() {
+                return Err(self.unavailable("no instance is registered and passing"));
+            }
+            let now = now_nanos();
+            let Some(index) = set.pick(&BalanceConfig::LeastRequest, None, &tried, now) else {
+                break;
+            };
+            tried.push(index);
+            let endpoint = &set.endpoints[index];
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let per_try = retry
+                .per_try_timeout
+                .map_or(remaining, |t| t.min(remaining));
+            let outcome = {
+                let _in_flight = endpoint.stats.start();
+                let sent = Instant::now();
+                let outcome = tokio::time::timeout(per_try, self.send(endpoint, call)).await;
+                endpoint.stats.observe_latency(sent.elapsed(), now_nanos());
+                outcome
+            };
+            // Whether another attempt may follow, and what this one leaves as the error.
+            let (retriable, error) = match outcome {
+                Ok(Ok(answer)) if answer.status.is_server_error() => {
+                    self.failed(&set, endpoint);
+                    let retriable = idempotent && retry.retries_status(answer.status.as_u16());
+                    (retriable, self.upstream(answer))
+                }
+                Ok(Ok(answer)) => {
+                    endpoint.stats.record_success();
+                    return Ok(answer);
+                }
+                // Never sent: safe to send elsewhere whatever the method.
+                Ok(Err(error)) if error.is_connect() => {
+                    self.failed(&set, endpoint);
+                    (true, self.unavailable(&error.to_string()))
+                }
+                Ok(Err(error)) => {
+                    self.failed(&set, endpoint);
+                    (idempotent, self.unavailable(&error.to_string()))
+                }
+                Err(_elapsed) => {
+                    self.failed(&set, endpoint);
+                    let error = CallError::Timeout {
+                        service: inner.service.clone(),
+                        timeout: per_try,
+                    };
+                    (idempotent, error)
+                }
+            };
+            last = Some(error);
+            if !retriable || Instant::now() >= deadline {
+                break;
+            }
+        }
+        Err(last.unwrap_or_else(|| self.unavailable("every instance was tried")))
+    }
+
+    async fn send(&self, endpoint: &Endpoint, call: &Call) -> Result<Answer, reqwest::Error> {
+        let base = endpoint.base.to_string();
+        let url = format!("{}{}", base.trim_end_matches('/'), call.path);
+        let mut response = self
+            .inner
+            .http
+            .request(call.method.clone(), url)
+            .headers(call.headers.clone())
+            .body(call.body.clone())
+            .send()
+            .await?;
+        let status = response.status();
+        let headers = std::mem::take(response.headers_mut());
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await? {
+            if body.len() + chunk.len() > self.inner.options.max_body_bytes {
+                // Too big to hold: an answer the caller cannot use, like a broken one.
+                return Ok(Answer {
+                    status: StatusCode::BAD_GATEWAY,
+                    headers,
+                    body: Bytes::from_static(b"response body too large"),
+                });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Answer {
+            status,
+            headers,
+            body: body.into(),
+        })
+    }
+
+    /// Counts a failure of `endpoint`, ejecting it when it failed too often and the set
+    /// can spare it.
+    fn failed(&self, set: &EndpointSet, endpoint: &Endpoint) {
+        let outlier = &self.inner.options.outlier;
+        if endpoint.stats.record_failure(outlier) {
+            let now = now_nanos();
+            let ejected = set
+                .endpoints
+                .iter()
+                .filter(|other| other.stats.is_ejected(now))
+                .count();
+            if ejected < outlier.ejection_allowance(set.endpoints.len()) {
+                let duration = endpoint.stats.eject(outlier, now);
+                tracing::warn!(service = %self.inner.service, instance = %endpoint.id, ?duration, "instance ejected");
+            }
+        }
+    }
+
+    fn unavailable(&self, reason: &str) -> CallError {
+        CallError::Unavailable {
+            service: self.inner.service.clone(),
+            reason: reason.to_owned(),
+        }
+    }
+
+    fn upstream(&self, answer: Answer) -> CallError {
+        CallError::Upstream {
+            service: self.inner.service.clone(),
+            answer: Box::new(answer),
+        }
+    }
+
+    /// The instances to balance over now.
+    fn endpoints(&self) -> Arc<EndpointSet> {
+        let inner = &self.inner;
+        let (view, last) = match &inner.source {
+            Source::Static(set) => return set.clone(),
+            Source::Registry { view, last } => (view, last),
+        };
+        let instances = view.instances(&inner.service);
+        let mut last = last.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some((seen, set)) = last.as_ref()
+            && Arc::ptr_eq(seen, &instances)
+        {
+            return set.clone();
+        }
+        let endpoints = instances
+            .iter()
+            .filter_map(|instance| {
+                let base: http::Uri = instance.base_url().parse().ok()?;
+                Some(Endpoint {
+                    id: Arc::from(instance.id.as_str()),
+                    stats: inner.stats.stats(&base),
+                    base,
+                    weight: instance.weight.max(1),
+                })
+            })
+            .collect();
+        let set = Arc::new(EndpointSet::new(endpoints, &BalanceConfig::LeastRequest));
+        *last = Some((instances, set.clone()));
+        set
+    }
+}
+
+/// Sets `traceparent` (the current span's) and `x-request-id` (the request being served),
+/// unless the caller set them.
+fn propagate(headers: &mut HeaderMap) {
+    if !headers.contains_key("traceparent") {
+        keel_runtime::trace_context::inject_current(headers);
+    }
+    if !headers.contains_key("x-request-id")
+        && let Some(id) = keel_runtime::http::current_request_id()
+    {
+        headers.insert("x-request-id", id);
+    }
+}
