@@ -13,10 +13,12 @@
 use std::fs::File;
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::Migrator;
 use sqlx::{Any, AnyConnection, AnyPool, Executor, Transaction};
+use tokio::sync::Notify;
 
 /// A service's migrations, one folder per backend:
 ///
@@ -115,6 +117,9 @@ pub struct Database {
     backend: Backend,
     /// The SQLite file, for file locks; `None` for PostgreSQL and in-memory SQLite.
     file: Option<String>,
+    /// Woken when a transaction that staged events in this database's outbox commits, so
+    /// its relay needs no poll (one per database: a bus may serve several).
+    outbox_ready: Arc<Notify>,
 }
 
 impl std::fmt::Debug for Database {
@@ -165,6 +170,7 @@ impl Database {
             pool,
             backend,
             file,
+            outbox_ready: Arc::default(),
         };
         database.migrate(migrations).await?;
         Ok(database)
@@ -250,7 +256,13 @@ impl Database {
         Ok(Tx {
             inner: self.pool.begin().await?,
             after_commit: Vec::new(),
+            outbox_ready: self.outbox_ready.clone(),
         })
+    }
+
+    /// Notified when a transaction that staged outbox rows commits.
+    pub(crate) fn outbox_ready(&self) -> &Notify {
+        &self.outbox_ready
     }
 
     pub fn pool(&self) -> &AnyPool {
@@ -268,12 +280,19 @@ impl Database {
 pub struct Tx {
     inner: Transaction<'static, Any>,
     after_commit: Vec<Box<dyn FnOnce() + Send>>,
+    outbox_ready: Arc<Notify>,
 }
 
 impl Tx {
     /// Runs `work` after a successful [`Tx::commit`].
     pub fn after_commit(&mut self, work: impl FnOnce() + Send + 'static) {
         self.after_commit.push(Box::new(work));
+    }
+
+    /// Wakes the outbox relay of this transaction's database once it commits.
+    pub(crate) fn wake_relay_after_commit(&mut self) {
+        let ready = self.outbox_ready.clone();
+        self.after_commit(move || ready.notify_one());
     }
 
     pub async fn commit(self) -> Result<(), sqlx::Error> {

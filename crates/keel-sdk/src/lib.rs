@@ -8,12 +8,15 @@
 //!   deadlines, retries with a budget, outlier ejection, circuit breaker, bulkhead);
 //! - [`events`]: events and commands in CloudEvents envelopes over RabbitMQ or an
 //!   in-process bus, with a transactional outbox, an idempotent inbox, retries and dead
-//!   letters.
+//!   letters;
+//! - [`saga`]: orchestrated sagas whose state and commands commit together, with
+//!   compensation in reverse order, step timeouts and resumption after a crash.
 
 pub mod cache;
 pub mod client;
 pub mod data;
 pub mod events;
+pub mod saga;
 
 pub use data::{Database, Migrations, Tx};
 pub use events::{Bus, Event, Handler, HandlerError, Received};

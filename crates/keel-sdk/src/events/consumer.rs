@@ -30,6 +30,16 @@ pub struct Received<E> {
     pub time: String,
     /// 1 on the first delivery.
     pub attempt: u32,
+    /// Where a command's reply goes, when the sender wants one ([`Bus::reply`]).
+    pub reply: Option<ReplyTo>,
+}
+
+/// A command's return address: the correlation its reply carries back, and the event type
+/// the reply is published as.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyTo {
+    pub correlation: String,
+    pub event_type: String,
 }
 
 /// Why a handler did not handle an event.
@@ -84,7 +94,7 @@ pub trait Handler<E: Event>: Send + Sync + 'static {
 }
 
 /// A handler with its event type erased, so one consumer can hold several.
-trait Dispatch: Send + Sync {
+pub(crate) trait Dispatch: Send + Sync {
     fn dispatch<'a>(
         &'a self,
         tx: &'a mut Tx,
@@ -114,6 +124,14 @@ impl<E: Event, H: Handler<E>> Dispatch for Typed<E, H> {
                 source: envelope.source.clone(),
                 time: envelope.time.clone(),
                 attempt,
+                reply: envelope
+                    .correlationid
+                    .clone()
+                    .zip(envelope.replyto.clone())
+                    .map(|(correlation, event_type)| ReplyTo {
+                        correlation,
+                        event_type,
+                    }),
             };
             self.handler.handle(tx, received).await
         })
@@ -207,7 +225,7 @@ pub struct ConsumerBuilder {
     bus: Bus,
     group: String,
     db: Database,
-    handlers: HashMap<&'static str, Box<dyn Dispatch>>,
+    handlers: HashMap<String, Box<dyn Dispatch>>,
     retry: RetryPolicy,
 }
 
@@ -224,14 +242,20 @@ impl ConsumerBuilder {
 
     /// Handles events of type `E` with `handler` (one handler per type; a later one
     /// replaces an earlier).
-    pub fn on<E: Event, H: Handler<E>>(mut self, handler: H) -> Self {
-        self.handlers.insert(
+    pub fn on<E: Event, H: Handler<E>>(self, handler: H) -> Self {
+        self.dispatch(
             E::TYPE,
             Box::new(Typed {
                 handler,
                 event: PhantomData,
             }),
-        );
+        )
+    }
+
+    /// Handles envelopes of `event_type` with `dispatch` (a type known only at run time,
+    /// such as a saga's replies).
+    pub(crate) fn dispatch(mut self, event_type: &str, dispatch: Box<dyn Dispatch>) -> Self {
+        self.handlers.insert(event_type.to_owned(), dispatch);
         self
     }
 
@@ -290,15 +314,15 @@ impl Consumer {
 pub(crate) struct ConsumerCore {
     pub group: String,
     db: Database,
-    handlers: HashMap<&'static str, Box<dyn Dispatch>>,
+    handlers: HashMap<String, Box<dyn Dispatch>>,
     pub retry: RetryPolicy,
     pub stats: Arc<ConsumerStats>,
 }
 
 impl ConsumerCore {
     /// The event types the group binds.
-    pub fn event_types(&self) -> impl Iterator<Item = &'static str> + '_ {
-        self.handlers.keys().copied()
+    pub fn event_types(&self) -> impl Iterator<Item = &str> + '_ {
+        self.handlers.keys().map(String::as_str)
     }
 
     /// Handles one delivery (attempt `attempt`, 1-based) and says what to do with it.

@@ -50,6 +50,12 @@ pub struct Envelope {
     pub traceparent: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracestate: Option<String>,
+    /// Extension: a command's correlation (a saga's, say), which its reply carries back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub correlationid: Option<String>,
+    /// Extension: the event type a command's reply is to be published as.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replyto: Option<String>,
     pub data: serde_json::Value,
 }
 
@@ -94,6 +100,8 @@ impl Envelope {
             datacontenttype: "application/json".to_owned(),
             traceparent,
             tracestate,
+            correlationid: None,
+            replyto: None,
             data: serde_json::to_value(event)?,
         })
     }
@@ -109,11 +117,21 @@ impl Envelope {
                 envelope.specversion.chars().take(16).collect(),
             ));
         }
+        let optional = [
+            ("correlationid", &envelope.correlationid),
+            ("replyto", &envelope.replyto),
+        ];
+        let optional = optional
+            .into_iter()
+            .filter_map(|(name, value)| Some((name, value.as_ref()?)));
         for (name, value) in [
             ("id", &envelope.id),
             ("source", &envelope.source),
             ("type", &envelope.event_type),
-        ] {
+        ]
+        .into_iter()
+        .chain(optional)
+        {
             if value.is_empty() {
                 return Err(EnvelopeError::Empty(name));
             }

@@ -16,7 +16,7 @@
 //! - A command is an event with one consuming group: [`Bus::send`] fails when no group
 //!   has ever bound its type, where [`Bus::publish`] lets an event go unheard.
 
-mod consumer;
+pub(crate) mod consumer;
 mod envelope;
 mod in_process;
 mod outbox;
@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub use consumer::{
-    Consumer, ConsumerBuilder, ConsumerStats, Handler, HandlerError, Received, RetryPolicy,
+    Consumer, ConsumerBuilder, ConsumerStats, Handler, HandlerError, Received, ReplyTo, RetryPolicy,
 };
 pub use envelope::{Envelope, EnvelopeError, Event, MAX_ATTRIBUTE_BYTES, MAX_ENVELOPE_BYTES};
 pub use outbox::{Relay, RelayOptions};
@@ -81,6 +81,46 @@ impl Outgoing {
     }
 }
 
+/// The answer to a command sent with a return address ([`Bus::reply`]): whether it was
+/// done, why not, and what the sender may need from it (a reservation's id, say).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub data: serde_json::Value,
+}
+
+impl Reply {
+    /// Done, with `data` for the sender.
+    pub fn done(data: impl serde::Serialize) -> Self {
+        Self {
+            ok: true,
+            error: None,
+            data: serde_json::to_value(data).unwrap_or_default(),
+        }
+    }
+
+    /// Refused (out of stock, declined): not worth retrying.
+    pub fn refused(reason: impl std::fmt::Display) -> Self {
+        Self {
+            ok: false,
+            error: Some(reason.to_string()),
+            data: serde_json::Value::Null,
+        }
+    }
+}
+
+/// Replies are events whose type the sender chooses ([`ReplyTo`]); this one only serves
+/// to build their envelope.
+impl Event for Reply {
+    const TYPE: &'static str = "keel.reply.v1";
+    fn key(&self) -> String {
+        String::new()
+    }
+}
+
 /// A message that failed every attempt (or could not be read), kept for inspection and
 /// replay.
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -118,8 +158,6 @@ enum Transport {
 struct BusInner {
     service: String,
     transport: Transport,
-    /// Woken when a transaction that staged events commits, so the relay needs no poll.
-    outbox_ready: tokio::sync::Notify,
 }
 
 /// The event bus of one service. Cheap to clone.
@@ -160,7 +198,6 @@ impl Bus {
             inner: Arc::new(BusInner {
                 service: service.to_owned(),
                 transport,
-                outbox_ready: tokio::sync::Notify::new(),
             }),
         }
     }
@@ -212,9 +249,49 @@ impl Bus {
     /// commits, by whichever instance's [`Relay`] runs.
     pub async fn stage<E: Event>(&self, tx: &mut Tx, event: &E) -> Result<(), BusError> {
         let envelope = Envelope::new(&self.inner.service, event)?;
-        outbox::insert(tx, &envelope).await?;
-        let bus = self.clone();
-        tx.after_commit(move || bus.inner.outbox_ready.notify_one());
+        self.stage_envelope(tx, &envelope).await
+    }
+
+    /// Stages the command `command` with a return address: its handler's
+    /// [`Bus::reply`] comes back as an event of type `reply_to.event_type` carrying
+    /// `reply_to.correlation`.
+    pub async fn stage_command<E: Event>(
+        &self,
+        tx: &mut Tx,
+        command: &E,
+        reply_to: &ReplyTo,
+    ) -> Result<(), BusError> {
+        let mut envelope = Envelope::new(&self.inner.service, command)?;
+        envelope.correlationid = Some(reply_to.correlation.clone());
+        envelope.replyto = Some(reply_to.event_type.clone());
+        self.stage_envelope(tx, &envelope).await
+    }
+
+    /// Stages the reply to a command received with a return address (`received.reply`);
+    /// nothing when the sender asked for none.
+    pub async fn reply<E>(
+        &self,
+        tx: &mut Tx,
+        received: &Received<E>,
+        reply: &Reply,
+    ) -> Result<(), BusError> {
+        let Some(reply_to) = &received.reply else {
+            return Ok(());
+        };
+        let mut envelope = Envelope::new(&self.inner.service, reply)?;
+        envelope.event_type.clone_from(&reply_to.event_type);
+        envelope.subject = Some(reply_to.correlation.clone());
+        envelope.correlationid = Some(reply_to.correlation.clone());
+        self.stage_envelope(tx, &envelope).await
+    }
+
+    pub(crate) async fn stage_envelope(
+        &self,
+        tx: &mut Tx,
+        envelope: &Envelope,
+    ) -> Result<(), BusError> {
+        outbox::insert(tx, envelope).await?;
+        tx.wake_relay_after_commit();
         Ok(())
     }
 

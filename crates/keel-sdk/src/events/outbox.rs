@@ -173,7 +173,7 @@ impl Relay {
                 continue;
             }
             tokio::select! {
-                () = self.bus.inner.outbox_ready.notified() => {}
+                () = self.db.outbox_ready().notified() => {}
                 () = tokio::time::sleep(self.options.poll_interval) => {}
                 () = shutdown.wait() => {
                     if let Lead::Postgres(connection) = lead {

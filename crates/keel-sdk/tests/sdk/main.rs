@@ -10,3 +10,4 @@ mod consumer;
 mod data;
 mod events;
 mod outbox;
+mod saga;

@@ -1,0 +1,744 @@
+//! Orchestrated sagas: a sequence of steps, each a command sent over the bus and answered
+//! by a reply, each with a compensation that undoes it; on a failure or a step's timeout,
+//! the steps done so far are compensated in reverse order.
+//!
+//! Everything is durable and transactional. The saga's state lives in the orchestrator's
+//! database (`keel_sagas`, its history in `keel_saga_steps`), and every change to it is
+//! committed together with the next command, staged in the outbox. A crash at any point
+//! leaves either the old state or the new one and its command. Replies come back as events
+//! on the bus and are handled through the inbox. Timeouts are deadlines in the table,
+//! swept by whichever orchestrator instance gets there first. Transitions are guarded by
+//! a version number, so instances never both advance one saga.
+//!
+//! Commands can arrive more than once, and a compensation can be sent again after a
+//! timeout, so every participant must handle its commands idempotently (by business key:
+//! release the reservation of order X).
+//!
+//! ```ignore
+//! let saga = Saga::<Order>::new("order")
+//!     .step(Step::new("reserve", |order: &Order, _| Reserve { .. })
+//!         .compensate(|order, _| Release { .. })
+//!         .timeout(Duration::from_secs(5)))
+//!     .step(Step::new("authorize", |order, _| Authorize { .. })
+//!         .compensate(|order, results| Void { id: results["authorize"]["id"].clone() }));
+//! let orchestrator = Orchestrator::new(&bus, &db, saga);
+//! orchestrator.start(&mut tx, &order).await?;   // in the transaction that creates the order
+//! ```
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use keel_runtime::Shutdown;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use sqlx::Row;
+
+use crate::data::{Database, Tx};
+use crate::events::consumer::Dispatch;
+use crate::events::{Bus, BusError, Consumer, Envelope, Event, HandlerError, Reply};
+
+/// What earlier steps replied, by step name (their [`Reply::data`]).
+pub type Results = BTreeMap<String, serde_json::Value>;
+
+/// Makes a step's command envelope from the saga's data and the results so far.
+type Build<D> = Box<dyn Fn(&D, &Results) -> Result<Envelope, serde_json::Error> + Send + Sync>;
+
+fn build<D, C, F>(make: F) -> Build<D>
+where
+    C: Event,
+    F: Fn(&D, &Results) -> C + Send + Sync + 'static,
+{
+    // The source is set when the command is sent, from the orchestrator's bus.
+    Box::new(move |data, results| Envelope::new("saga", &make(data, results)))
+}
+
+/// One step of a saga: the command that does it, and the one that undoes it.
+pub struct Step<D> {
+    name: &'static str,
+    action: Build<D>,
+    compensation: Option<Build<D>>,
+    timeout: Duration,
+}
+
+impl<D: 'static> Step<D> {
+    /// A step named `name` (unique in its saga) that sends `action(data, results)`.
+    pub fn new<C: Event>(
+        name: &'static str,
+        action: impl Fn(&D, &Results) -> C + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            name,
+            action: build(action),
+            compensation: None,
+            timeout: Duration::from_secs(30),
+        }
+    }
+
+    /// What undoes the step once it is done, should a later step fail.
+    pub fn compensate<C: Event>(
+        mut self,
+        compensation: impl Fn(&D, &Results) -> C + Send + Sync + 'static,
+    ) -> Self {
+        self.compensation = Some(build(compensation));
+        self
+    }
+
+    /// How long the step's reply may take (30 s by default); past it the step counts as
+    /// failed. A compensation gets as long, and is sent again when it runs out.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+}
+
+/// A saga definition: a name and its steps in order.
+pub struct Saga<D> {
+    name: &'static str,
+    steps: Vec<Step<D>>,
+}
+
+impl<D: 'static> Saga<D> {
+    pub fn new(name: &'static str) -> Self {
+        Self {
+            name,
+            steps: Vec::new(),
+        }
+    }
+
+    pub fn step(mut self, step: Step<D>) -> Self {
+        self.steps.push(step);
+        self
+    }
+}
+
+/// Where a saga is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SagaStatus {
+    /// Doing its steps.
+    Running,
+    /// A step failed; undoing the steps done.
+    Compensating,
+    /// Every step done.
+    Completed,
+    /// A step failed and everything done before it was undone.
+    Compensated,
+    /// A compensation kept failing: someone must look.
+    Failed,
+}
+
+impl SagaStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Compensating => "compensating",
+            Self::Completed => "completed",
+            Self::Compensated => "compensated",
+            Self::Failed => "failed",
+        }
+    }
+
+    fn parse(text: &str) -> Option<Self> {
+        Some(match text {
+            "running" => Self::Running,
+            "compensating" => Self::Compensating,
+            "completed" => Self::Completed,
+            "compensated" => Self::Compensated,
+            "failed" => Self::Failed,
+            _ => return None,
+        })
+    }
+
+    pub fn is_final(self) -> bool {
+        matches!(self, Self::Completed | Self::Compensated | Self::Failed)
+    }
+}
+
+/// One line of a saga's history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct StepRecord {
+    pub step: String,
+    /// `action` or `compensation`.
+    pub phase: String,
+    /// `sent`, `done`, `failed`, `timed_out`, `skipped` (a step with nothing to undo).
+    pub outcome: String,
+    pub detail: Option<String>,
+    /// Unix milliseconds.
+    pub at: i64,
+}
+
+/// A saga instance as stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct SagaInstance {
+    pub id: String,
+    pub saga: String,
+    pub status: SagaStatus,
+    /// The step being done or undone (its index).
+    pub step: usize,
+    pub data: serde_json::Value,
+    pub results: Results,
+    /// Why it is compensating, compensated or failed.
+    pub error: Option<String>,
+    pub history: Vec<StepRecord>,
+}
+
+/// Why the orchestrator could not do something.
+#[derive(Debug, thiserror::Error)]
+pub enum SagaError {
+    #[error(transparent)]
+    Bus(#[from] BusError),
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("saga data: {0}")]
+    Data(#[from] serde_json::Error),
+    #[error("saga {0} has no steps")]
+    Empty(&'static str),
+}
+
+/// Compensations sent at most this many times each before the saga is marked failed.
+const MAX_COMPENSATION_SENDS: i64 = 5;
+
+/// Runs one saga definition: starts instances, handles their replies, sweeps timeouts.
+pub struct Orchestrator<D> {
+    inner: Arc<Inner<D>>,
+}
+
+impl<D> Clone for Orchestrator<D> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+struct Inner<D> {
+    bus: Bus,
+    db: Database,
+    saga: Saga<D>,
+    reply_type: String,
+}
+
+/// The row of one saga, as a transition reads and writes it.
+struct State {
+    status: SagaStatus,
+    step: usize,
+    data: serde_json::Value,
+    results: Results,
+    error: Option<String>,
+    /// Sends of the current command (compensations are sent again on timeout).
+    sends: i64,
+    version: i64,
+}
+
+/// What applying an answer did.
+#[derive(Debug, PartialEq, Eq)]
+enum Advanced {
+    Moved,
+    /// Nothing to do: a late or repeated reply, a saga already finished or moved on.
+    Nothing,
+    /// Another instance moved the saga between this one's read and write; what this
+    /// transaction wrote must be rolled back.
+    Conflict,
+}
+
+/// What came back for the awaited command.
+enum Answer {
+    Reply(Reply),
+    TimedOut,
+}
+
+impl<D> Orchestrator<D>
+where
+    D: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    pub fn new(bus: &Bus, db: &Database, saga: Saga<D>) -> Self {
+        let reply_type = format!("keel.saga.{}.reply.v1", saga.name);
+        Self {
+            inner: Arc::new(Inner {
+                bus: bus.clone(),
+                db: db.clone(),
+                saga,
+                reply_type,
+            }),
+        }
+    }
+
+    /// Starts a saga for `data` within `tx` (the transaction that records what the saga is
+    /// for); its first command leaves when `tx` commits. Returns the saga's id.
+    pub async fn start(&self, tx: &mut Tx, data: &D) -> Result<String, SagaError> {
+        let saga = &self.inner.saga;
+        if saga.steps.is_empty() {
+            return Err(SagaError::Empty(saga.name));
+        }
+        let id = uuid::Uuid::now_v7().to_string();
+        let data = serde_json::to_value(data)?;
+        let now = now_millis();
+        sqlx::query(
+            "INSERT INTO keel_sagas (id, saga, status, step, data, results, sends, deadline_at, version, created_at, updated_at) \
+             VALUES ($1, $2, $3, 0, $4, '{}', 0, NULL, 0, $5, $5)",
+        )
+        .bind(&id)
+        .bind(saga.name)
+        .bind(SagaStatus::Running.as_str())
+        .bind(data.to_string())
+        .bind(now)
+        .execute(&mut **tx)
+        .await?;
+        let mut state = State {
+            status: SagaStatus::Running,
+            step: 0,
+            data,
+            results: Results::new(),
+            error: None,
+            sends: 0,
+            version: 0,
+        };
+        self.send_current(tx, &id, &mut state).await?;
+        self.save(tx, &id, &state, 0).await?;
+        Ok(id)
+    }
+
+    /// Declares the consumer of this saga's replies in `group` (the orchestrating
+    /// service's name, usually); run it with [`Consumer::run`] beside
+    /// [`Orchestrator::sweep_timeouts`].
+    pub async fn consumer(&self, group: &str) -> Result<Consumer, BusError> {
+        let inner = &self.inner;
+        inner
+            .bus
+            .consumer(group, &inner.db)
+            .dispatch(&inner.reply_type, Box::new(self.clone()))
+            .start()
+            .await
+    }
+
+    /// Fails the steps whose reply is overdue, every `interval` until `shutdown`.
+    pub async fn sweep_timeouts(self, interval: Duration, shutdown: Shutdown) {
+        loop {
+            if let Err(error) = self.sweep_once().await {
+                tracing::warn!(%error, saga = self.inner.saga.name, "saga timeout sweep failed");
+            }
+            tokio::select! {
+                () = tokio::time::sleep(interval) => {}
+                () = shutdown.wait() => return,
+            }
+        }
+    }
+
+    /// One sweep: each overdue saga is moved on in a transaction of its own; returns how
+    /// many were.
+    pub async fn sweep_once(&self) -> Result<usize, SagaError> {
+        let overdue: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM keel_sagas WHERE saga = $1 AND deadline_at IS NOT NULL AND deadline_at <= $2 \
+             ORDER BY deadline_at LIMIT 100",
+        )
+        .bind(self.inner.saga.name)
+        .bind(now_millis())
+        .fetch_all(self.inner.db.pool())
+        .await?;
+        let mut moved = 0;
+        for id in overdue {
+            let mut tx = self.inner.db.begin().await?;
+            if self.advance(&mut tx, &id, None, Answer::TimedOut).await? == Advanced::Moved {
+                tx.commit().await?;
+                moved += 1;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// The saga `id` with its history; `None` when there is none.
+    pub async fn instance(&self, id: &str) -> Result<Option<SagaInstance>, SagaError> {
+        let pool = self.inner.db.pool();
+        let Some(row) = sqlx::query(
+            "SELECT saga, status, step, data, results, error FROM keel_sagas WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(pool)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let history = sqlx::query(
+            "SELECT step, phase, outcome, detail, at FROM keel_saga_steps WHERE saga_id = $1 ORDER BY seq",
+        )
+        .bind(id)
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok(StepRecord {
+                step: row.try_get("step")?,
+                phase: row.try_get("phase")?,
+                outcome: row.try_get("outcome")?,
+                detail: row.try_get("detail")?,
+                at: row.try_get("at")?,
+            })
+        })
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        let status: String = row.try_get("status")?;
+        Ok(Some(SagaInstance {
+            id: id.to_owned(),
+            saga: row.try_get("saga")?,
+            status: SagaStatus::parse(&status).unwrap_or(SagaStatus::Failed),
+            step: usize::try_from(row.try_get::<i64, _>("step")?).unwrap_or(0),
+            data: serde_json::from_str(&row.try_get::<String, _>("data")?)?,
+            results: serde_json::from_str(&row.try_get::<String, _>("results")?)?,
+            error: row.try_get("error")?,
+            history,
+        }))
+    }
+
+    /// The ids of this saga's instances in `status`, oldest first.
+    pub async fn list(&self, status: SagaStatus, limit: u32) -> Result<Vec<String>, SagaError> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM keel_sagas WHERE saga = $1 AND status = $2 ORDER BY created_at, id LIMIT $3",
+        )
+        .bind(self.inner.saga.name)
+        .bind(status.as_str())
+        .bind(i64::from(limit))
+        .fetch_all(self.inner.db.pool())
+        .await?)
+    }
+
+    /// Applies `answer` to saga `id`, if it is still waiting for the command that
+    /// `correlation` names (for a timeout: if it is still overdue).
+    async fn advance(
+        &self,
+        tx: &mut Tx,
+        id: &str,
+        correlation: Option<&Correlation>,
+        answer: Answer,
+    ) -> Result<Advanced, SagaError> {
+        let Some(mut state) = self.load(tx, id).await? else {
+            return Ok(Advanced::Nothing);
+        };
+        if state.status.is_final() {
+            return Ok(Advanced::Nothing);
+        }
+        let phase = phase(state.status);
+        if let Some(correlation) = correlation
+            && (correlation.step != state.step
+                || correlation.phase != phase
+                || correlation.send != state.sends)
+        {
+            return Ok(Advanced::Nothing);
+        }
+        if matches!(answer, Answer::TimedOut) {
+            // Another instance may have moved it since the sweep's select.
+            let overdue: Option<i64> =
+                sqlx::query_scalar("SELECT deadline_at FROM keel_sagas WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&mut **tx)
+                    .await?;
+            if overdue.is_none_or(|deadline| deadline > now_millis()) {
+                return Ok(Advanced::Nothing);
+            }
+        }
+        let version = state.version;
+        let step = &self.inner.saga.steps[state.step];
+        let (outcome, detail, ok, data) = match answer {
+            Answer::Reply(reply) => {
+                let outcome = if reply.ok { "done" } else { "failed" };
+                (outcome, reply.error, reply.ok, reply.data)
+            }
+            Answer::TimedOut => (
+                "timed_out",
+                Some(format!("no reply within {:?}", step.timeout)),
+                false,
+                serde_json::Value::Null,
+            ),
+        };
+        self.record(tx, id, step.name, phase, outcome, detail.as_deref())
+            .await?;
+        match (state.status, ok) {
+            (SagaStatus::Running, true) => {
+                state.results.insert(step.name.to_owned(), data);
+                if state.step + 1 == self.inner.saga.steps.len() {
+                    state.status = SagaStatus::Completed;
+                } else {
+                    state.step += 1;
+                    state.sends = 0;
+                    self.send_current(tx, id, &mut state).await?;
+                }
+            }
+            (SagaStatus::Running, false) => {
+                state.status = SagaStatus::Compensating;
+                state.error = Some(format!(
+                    "{} {outcome}: {}",
+                    step.name,
+                    detail.unwrap_or_default()
+                ));
+                self.compensate_below(tx, id, &mut state).await?;
+            }
+            (SagaStatus::Compensating, true) => {
+                self.compensate_below(tx, id, &mut state).await?;
+            }
+            (SagaStatus::Compensating, false) => {
+                if state.sends >= MAX_COMPENSATION_SENDS {
+                    state.status = SagaStatus::Failed;
+                    state.error = Some(format!(
+                        "{}; compensating {} failed {} times",
+                        state.error.take().unwrap_or_default(),
+                        step.name,
+                        state.sends
+                    ));
+                } else {
+                    self.send_current(tx, id, &mut state).await?;
+                }
+            }
+            (_, _) => return Ok(Advanced::Nothing),
+        }
+        Ok(if self.save(tx, id, &state, version).await? {
+            Advanced::Moved
+        } else {
+            Advanced::Conflict
+        })
+    }
+
+    /// Moves to the nearest step below the current one that has a compensation and sends
+    /// it; when none is left, the saga is compensated.
+    async fn compensate_below(
+        &self,
+        tx: &mut Tx,
+        id: &str,
+        state: &mut State,
+    ) -> Result<(), SagaError> {
+        let steps = &self.inner.saga.steps;
+        for index in (0..state.step).rev() {
+            if steps[index].compensation.is_some() {
+                state.step = index;
+                state.sends = 0;
+                return self.send_current(tx, id, state).await;
+            }
+            self.record(tx, id, steps[index].name, "compensation", "skipped", None)
+                .await?;
+        }
+        state.status = SagaStatus::Compensated;
+        Ok(())
+    }
+
+    /// Stages the command the saga now waits for (the current step's action or
+    /// compensation) with its correlation, and sets its deadline.
+    async fn send_current(
+        &self,
+        tx: &mut Tx,
+        id: &str,
+        state: &mut State,
+    ) -> Result<(), SagaError> {
+        let step = &self.inner.saga.steps[state.step];
+        let phase = phase(state.status);
+        let make = match state.status {
+            SagaStatus::Compensating => step.compensation.as_ref(),
+            _ => Some(&step.action),
+        };
+        let Some(make) = make else {
+            return Ok(());
+        };
+        let data: D = serde_json::from_value(state.data.clone())?;
+        let mut command = make(&data, &state.results)?;
+        state.sends += 1;
+        let correlation = Correlation {
+            saga: id.to_owned(),
+            step: state.step,
+            phase,
+            send: state.sends,
+        };
+        command.source = format!("/keel/{}", self.inner.bus.service());
+        command.correlationid = Some(correlation.to_string());
+        command.replyto = Some(self.inner.reply_type.clone());
+        self.inner.bus.stage_envelope(tx, &command).await?;
+        self.record(tx, id, step.name, phase, "sent", None).await?;
+        Ok(())
+    }
+
+    async fn load(&self, tx: &mut Tx, id: &str) -> Result<Option<State>, SagaError> {
+        let Some(row) = sqlx::query(
+            "SELECT status, step, data, results, error, sends, version FROM keel_sagas WHERE id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&mut **tx)
+        .await?
+        else {
+            return Ok(None);
+        };
+        let status: String = row.try_get("status")?;
+        Ok(Some(State {
+            status: SagaStatus::parse(&status).unwrap_or(SagaStatus::Failed),
+            step: usize::try_from(row.try_get::<i64, _>("step")?).unwrap_or(0),
+            data: serde_json::from_str(&row.try_get::<String, _>("data")?)?,
+            results: serde_json::from_str(&row.try_get::<String, _>("results")?)?,
+            error: row.try_get("error")?,
+            sends: row.try_get("sends")?,
+            version: row.try_get("version")?,
+        }))
+    }
+
+    /// Writes `state` if the row is still at `version`; false (and nothing written) when
+    /// another instance moved the saga first.
+    async fn save(
+        &self,
+        tx: &mut Tx,
+        id: &str,
+        state: &State,
+        version: i64,
+    ) -> Result<bool, SagaError> {
+        let deadline = (!state.status.is_final()).then(|| {
+            let timeout = self.inner.saga.steps[state.step].timeout;
+            now_millis().saturating_add(i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX))
+        });
+        let saved = sqlx::query(
+            "UPDATE keel_sagas SET status = $1, step = $2, results = $3, error = $4, sends = $5, \
+             deadline_at = $6, version = version + 1, updated_at = $7 WHERE id = $8 AND version = $9",
+        )
+        .bind(state.status.as_str())
+        .bind(i64::try_from(state.step).unwrap_or(i64::MAX))
+        .bind(serde_json::to_string(&state.results)?)
+        .bind(state.error.as_deref())
+        .bind(state.sends)
+        .bind(deadline)
+        .bind(now_millis())
+        .bind(id)
+        .bind(version)
+        .execute(&mut **tx)
+        .await?;
+        Ok(saved.rows_affected() == 1)
+    }
+
+    async fn record(
+        &self,
+        tx: &mut Tx,
+        id: &str,
+        step: &str,
+        phase: &str,
+        outcome: &str,
+        detail: Option<&str>,
+    ) -> Result<(), SagaError> {
+        sqlx::query(
+            "INSERT INTO keel_saga_steps (saga_id, seq, step, phase, outcome, detail, at) \
+             SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4, $5, $6 FROM keel_saga_steps WHERE saga_id = $1",
+        )
+        .bind(id)
+        .bind(step)
+        .bind(phase)
+        .bind(outcome)
+        .bind(detail)
+        .bind(now_millis())
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+}
+
+/// Replies reach the orchestrator through its consumer, inside the consumer's transaction.
+impl<D> Dispatch for Orchestrator<D>
+where
+    D: Serialize + DeserializeOwned + Send + Sync + 'static,
+{
+    fn dispatch<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+        envelope: &'a Envelope,
+        _attempt: u32,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(async move {
+            let correlation = envelope
+                .correlationid
+                .as_deref()
+                .and_then(Correlation::parse)
+                .ok_or_else(|| {
+                    HandlerError::reject("a saga reply without a usable correlation id")
+                })?;
+            let reply: Reply =
+                serde_json::from_value(envelope.data.clone()).map_err(HandlerError::reject)?;
+            let saga = correlation.saga.clone();
+            match self
+                .advance(tx, &saga, Some(&correlation), Answer::Reply(reply))
+                .await
+            {
+                Ok(Advanced::Moved | Advanced::Nothing) => Ok(()),
+                // Rolled back with the consumer's transaction, and tried again.
+                Ok(Advanced::Conflict) => Err(HandlerError::Retry(format!(
+                    "saga {saga} was moved on by another instance meanwhile"
+                ))),
+                Err(error) => Err(HandlerError::Retry(error.to_string())),
+            }
+        })
+    }
+}
+
+/// What a command's correlation id says: `<saga id>/<step>/<phase>/<send>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Correlation {
+    saga: String,
+    step: usize,
+    phase: &'static str,
+    send: i64,
+}
+
+impl std::fmt::Display for Correlation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}/{}/{}/{}",
+            self.saga, self.step, self.phase, self.send
+        )
+    }
+}
+
+impl Correlation {
+    fn parse(text: &str) -> Option<Self> {
+        let mut parts = text.rsplitn(4, '/');
+        let send = parts.next()?.parse().ok()?;
+        let phase = match parts.next()? {
+            "action" => "action",
+            "compensation" => "compensation",
+            _ => return None,
+        };
+        let step = parts.next()?.parse().ok()?;
+        let saga = parts.next()?.to_owned();
+        Some(Self {
+            saga,
+            step,
+            phase,
+            send,
+        })
+    }
+}
+
+fn phase(status: SagaStatus) -> &'static str {
+    match status {
+        SagaStatus::Compensating => "compensation",
+        _ => "action",
+    }
+}
+
+fn now_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn correlations_round_trip_and_garbage_is_refused() {
+        let correlation = Correlation {
+            saga: "0190-abc".into(),
+            step: 2,
+            phase: "compensation",
+            send: 3,
+        };
+        let text = correlation.to_string();
+        assert_eq!(text, "0190-abc/2/compensation/3");
+        assert_eq!(Correlation::parse(&text), Some(correlation));
+        for garbage in ["", "x", "a/1/sideways/1", "a/x/action/1", "a/1/action/y"] {
+            assert_eq!(Correlation::parse(garbage), None, "{garbage}");
+        }
+    }
+}

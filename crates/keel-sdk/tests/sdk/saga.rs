@@ -1,0 +1,451 @@
+//! Orchestrated sagas end to end: an orders-like orchestrator, inventory and payments
+//! participants, on both transports; compensation, timeouts, and an orchestrator killed
+//! mid-saga.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use keel_runtime::Shutdown;
+use keel_sdk::data::Database;
+use keel_sdk::events::{Bus, Event, Handler, HandlerError, Received, Reply};
+use keel_sdk::saga::{Orchestrator, Saga, SagaInstance, SagaStatus, Step};
+use keel_sdk::{Tx, sqlx};
+use keel_testkit::{ChildTest, Service, child_role, require, unique_name};
+use serde::{Deserialize, Serialize};
+
+use crate::helpers::{
+    MIGRATIONS, TestDb, Transport, backends, bus, eventually, quick_retries, rabbitmq_options,
+    transports,
+};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// What the saga is for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Order {
+    id: String,
+    amount: i64,
+}
+
+macro_rules! command {
+    ($name:ident, $type:literal) => {
+        #[derive(Debug, Clone, Serialize, Deserialize)]
+        struct $name {
+            order: String,
+            amount: i64,
+        }
+
+        impl Event for $name {
+            const TYPE: &'static str = $type;
+            fn key(&self) -> String {
+                self.order.clone()
+            }
+        }
+    };
+}
+
+command!(Reserve, "keel.test.inventory.reserve.v1");
+command!(Release, "keel.test.inventory.release.v1");
+command!(Authorize, "keel.test.payments.authorize.v1");
+command!(Void, "keel.test.payments.void.v1");
+command!(Capture, "keel.test.payments.capture.v1");
+
+fn order_saga(step_timeout: Duration) -> Saga<Order> {
+    let command = |order: &Order| (order.id.clone(), order.amount);
+    Saga::new("order")
+        .step(
+            Step::new("reserve", move |order: &Order, _| {
+                let (order, amount) = command(order);
+                Reserve { order, amount }
+            })
+            .compensate(move |order: &Order, _| {
+                let (order, amount) = command(order);
+                Release { order, amount }
+            })
+            .timeout(step_timeout),
+        )
+        .step(
+            Step::new("authorize", move |order: &Order, _| {
+                let (order, amount) = command(order);
+                Authorize { order, amount }
+            })
+            .compensate(move |order: &Order, results| Void {
+                // The authorization's own id, from the step's reply.
+                order: results["authorize"]["authorization"]
+                    .as_str()
+                    .unwrap_or(&order.id)
+                    .to_owned(),
+                amount: order.amount,
+            })
+            .timeout(step_timeout),
+        )
+        .step(
+            Step::new("capture", move |order: &Order, _| {
+                let (order, amount) = command(order);
+                Capture { order, amount }
+            })
+            .timeout(step_timeout),
+        )
+}
+
+/// The participants' behaviour and what they did, in order.
+#[derive(Clone, Default)]
+struct World {
+    log: Arc<Mutex<Vec<String>>>,
+    /// Captures are refused.
+    capture_fails: Arc<AtomicBool>,
+    /// Captures are taken but never answered.
+    capture_silent: Arc<AtomicBool>,
+    /// Authorizations wait until this is set.
+    authorize_gate: Arc<AtomicBool>,
+}
+
+impl World {
+    fn open() -> Self {
+        let world = Self::default();
+        world.authorize_gate.store(true, Ordering::SeqCst);
+        world
+    }
+
+    fn log(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+}
+
+/// A participant: does `E` (logs it) and replies as the world says.
+struct Participant {
+    bus: Bus,
+    world: World,
+}
+
+macro_rules! participate {
+    ($command:ident) => {
+        impl Handler<$command> for Participant {
+            async fn handle(
+                &self,
+                tx: &mut Tx,
+                received: Received<$command>,
+            ) -> Result<(), HandlerError> {
+                if let Some(reply) = self.act(stringify!($command), &received.event.order).await {
+                    self.bus.reply(tx, &received, &reply).await?;
+                }
+                Ok(())
+            }
+        }
+    };
+}
+
+participate!(Reserve);
+participate!(Release);
+participate!(Authorize);
+participate!(Void);
+participate!(Capture);
+
+impl Participant {
+    /// Does `command` and says what to reply (nothing, for a silent capture).
+    async fn act(&self, command: &str, order: &str) -> Option<Reply> {
+        let world = &self.world;
+        if command == "Authorize" {
+            while !world.authorize_gate.load(Ordering::SeqCst) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+        if command == "Capture" && world.capture_silent.load(Ordering::SeqCst) {
+            return None;
+        }
+        world.log.lock().unwrap().push(format!("{command} {order}"));
+        if command == "Capture" && world.capture_fails.load(Ordering::SeqCst) {
+            return Some(Reply::refused("the card was declined at capture"));
+        }
+        let authorization = format!("auth-{order}");
+        Some(Reply::done(
+            serde_json::json!({ "authorization": authorization }),
+        ))
+    }
+}
+
+/// Inventory and payments, each a consumer group with its own database.
+async fn participants(bus: &Bus, world: &World, shutdown: &Shutdown) -> Vec<TestDb> {
+    let inventory = TestDb::sqlite().await;
+    let payments = TestDb::sqlite().await;
+    let participant = || Participant {
+        bus: bus.clone(),
+        world: world.clone(),
+    };
+    let consumers = [
+        bus.consumer(&unique_name("inventory"), &inventory.db)
+            .on::<Reserve, _>(participant())
+            .on::<Release, _>(participant()),
+        bus.consumer(&unique_name("payments"), &payments.db)
+            .on::<Authorize, _>(participant())
+            .on::<Void, _>(participant())
+            .on::<Capture, _>(participant()),
+    ];
+    for (consumer, db) in consumers.into_iter().zip([&inventory.db, &payments.db]) {
+        let consumer = consumer.retry(quick_retries()).start().await.unwrap();
+        tokio::spawn(consumer.run(shutdown.clone()));
+        tokio::spawn(bus.relay(db).run(shutdown.clone()));
+    }
+    vec![inventory, payments]
+}
+
+/// Runs an orchestrator's consumer, relay and timeout sweep until `shutdown`.
+async fn orchestrate(
+    orchestrator: &Orchestrator<Order>,
+    bus: &Bus,
+    db: &Database,
+    group: &str,
+    shutdown: &Shutdown,
+) {
+    let consumer = orchestrator.consumer(group).await.unwrap();
+    tokio::spawn(consumer.run(shutdown.clone()));
+    tokio::spawn(bus.relay(db).run(shutdown.clone()));
+    tokio::spawn(
+        orchestrator
+            .clone()
+            .sweep_timeouts(Duration::from_millis(50), shutdown.clone()),
+    );
+}
+
+/// An orchestrating "orders" service on SQLite with both participants, all running on
+/// `transport` until dropped.
+struct Scene {
+    orchestrator: Orchestrator<Order>,
+    orders: TestDb,
+    shutdown: Shutdown,
+    _participants: Vec<TestDb>,
+}
+
+impl Scene {
+    async fn new(transport: Transport, world: &World, step_timeout: Duration) -> Self {
+        let bus = bus(transport, "orders").await;
+        let shutdown = Shutdown::new();
+        let participants = participants(&bus, world, &shutdown).await;
+        let orders = TestDb::sqlite().await;
+        let orchestrator = Orchestrator::new(&bus, &orders.db, order_saga(step_timeout));
+        let group = unique_name("orders");
+        orchestrate(&orchestrator, &bus, &orders.db, &group, &shutdown).await;
+        Self {
+            orchestrator,
+            orders,
+            shutdown,
+            _participants: participants,
+        }
+    }
+
+    /// Starts a saga for order `id` and waits for it to finish.
+    async fn run(&self, id: &str) -> SagaInstance {
+        let order = Order {
+            id: id.to_owned(),
+            amount: 990,
+        };
+        let saga = start(&self.orchestrator, &self.orders.db, &order).await;
+        finished(&self.orchestrator, &saga).await
+    }
+}
+
+impl Drop for Scene {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+    }
+}
+
+async fn start(orchestrator: &Orchestrator<Order>, db: &Database, order: &Order) -> String {
+    let mut tx = db.begin().await.unwrap();
+    let id = orchestrator.start(&mut tx, order).await.unwrap();
+    tx.commit().await.unwrap();
+    id
+}
+
+async fn finished(orchestrator: &Orchestrator<Order>, id: &str) -> SagaInstance {
+    eventually("the saga finishes", WAIT, || async {
+        let instance = orchestrator.instance(id).await.unwrap().unwrap();
+        instance.status.is_final()
+    })
+    .await;
+    orchestrator.instance(id).await.unwrap().unwrap()
+}
+
+/// The history as "step phase outcome" lines.
+fn history(instance: &SagaInstance) -> Vec<String> {
+    instance
+        .history
+        .iter()
+        .map(|record| format!("{} {} {}", record.step, record.phase, record.outcome))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_saga_runs_its_steps_in_order_and_completes() {
+    for transport in transports() {
+        let world = World::open();
+        let scene = Scene::new(transport, &world, WAIT).await;
+        let instance = scene.run("o-1").await;
+        assert_eq!(instance.status, SagaStatus::Completed, "{transport:?}");
+        assert_eq!(
+            history(&instance),
+            [
+                "reserve action sent",
+                "reserve action done",
+                "authorize action sent",
+                "authorize action done",
+                "capture action sent",
+                "capture action done",
+            ],
+            "{transport:?}"
+        );
+        assert_eq!(instance.results["authorize"]["authorization"], "auth-o-1");
+        assert_eq!(world.log(), ["Reserve o-1", "Authorize o-1", "Capture o-1"]);
+        assert_eq!(
+            scene
+                .orchestrator
+                .list(SagaStatus::Completed, 10)
+                .await
+                .unwrap(),
+            std::slice::from_ref(&instance.id)
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_failing_step_compensates_the_earlier_ones_in_reverse_order() {
+    for transport in transports() {
+        let world = World::open();
+        world.capture_fails.store(true, Ordering::SeqCst);
+        let scene = Scene::new(transport, &world, WAIT).await;
+        let instance = scene.run("o-2").await;
+        assert_eq!(instance.status, SagaStatus::Compensated, "{transport:?}");
+        let error = instance.error.clone().unwrap();
+        assert!(
+            error.contains("capture failed: the card was declined"),
+            "{error}"
+        );
+        assert_eq!(
+            world.log(),
+            [
+                "Reserve o-2",
+                "Authorize o-2",
+                "Capture o-2",
+                // The compensation uses what the authorize step replied.
+                "Void auth-o-2",
+                "Release o-2",
+            ],
+            "{transport:?}"
+        );
+        let history = history(&instance);
+        assert_eq!(
+            history[history.len() - 4..],
+            [
+                "authorize compensation sent",
+                "authorize compensation done",
+                "reserve compensation sent",
+                "reserve compensation done",
+            ]
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_step_without_a_reply_times_out_and_is_compensated() {
+    let world = World::open();
+    world.capture_silent.store(true, Ordering::SeqCst);
+    let scene = Scene::new(Transport::InProcess, &world, Duration::from_millis(300)).await;
+    let instance = scene.run("o-3").await;
+    assert_eq!(instance.status, SagaStatus::Compensated);
+    let lines = history(&instance);
+    assert!(
+        lines.contains(&"capture action timed_out".to_owned()),
+        "{lines:?}"
+    );
+    assert!(instance.error.unwrap().contains("capture timed_out"));
+    assert_eq!(
+        world.log(),
+        [
+            "Reserve o-3",
+            "Authorize o-3",
+            "Void auth-o-3",
+            "Release o-3"
+        ]
+    );
+}
+
+const KILLED_MID_SAGA: &str = "saga::an_orchestrator_killed_mid_saga_resumes_and_finishes";
+
+#[tokio::test]
+async fn an_orchestrator_killed_mid_saga_resumes_and_finishes() {
+    if child_role().as_deref() == Some("orchestrator") {
+        let env = |name| std::env::var(name).unwrap();
+        let db = Database::connect(&env("TEST_DB"), &MIGRATIONS)
+            .await
+            .unwrap();
+        let bus = Bus::rabbitmq("orders", rabbitmq_options(&env("TEST_EXCHANGE")))
+            .await
+            .unwrap();
+        let orchestrator = Orchestrator::new(&bus, &db, order_saga(WAIT));
+        let shutdown = Shutdown::new();
+        orchestrate(&orchestrator, &bus, &db, &env("TEST_GROUP"), &shutdown).await;
+        println!("child: orchestrating");
+        std::future::pending::<()>().await;
+    }
+    if !require(Service::RabbitMq) {
+        return;
+    }
+    for backend in backends() {
+        let bus = bus(Transport::RabbitMq, "orders").await;
+        let shutdown = Shutdown::new();
+        let world = World::open();
+        world.authorize_gate.store(false, Ordering::SeqCst);
+        let _participants = participants(&bus, &world, &shutdown).await;
+        let orders = TestDb::of(backend).await;
+        let group = unique_name("orders");
+        let orchestrator = Orchestrator::new(&bus, &orders.db, order_saga(WAIT));
+        // The reply queue exists before any reply is sent.
+        let consumer = orchestrator.consumer(&group).await.unwrap();
+
+        let order = Order {
+            id: "o-4".into(),
+            amount: 5,
+        };
+        let id = start(&orchestrator, &orders.db, &order).await;
+        let mut child = ChildTest::spawn(
+            KILLED_MID_SAGA,
+            "orchestrator",
+            &[
+                ("TEST_DB", &orders.url),
+                ("TEST_EXCHANGE", bus.exchange()),
+                ("TEST_GROUP", &group),
+            ],
+        );
+        child.wait_for("child: orchestrating", WAIT).await;
+        // The child has the saga at its second step, waiting for the authorization.
+        eventually(&format!("{backend:?}: authorize sent"), WAIT, || async {
+            let instance = orchestrator.instance(&id).await.unwrap().unwrap();
+            history(&instance).contains(&"authorize action sent".to_owned())
+        })
+        .await;
+        child.kill();
+
+        world.authorize_gate.store(true, Ordering::SeqCst);
+        tokio::spawn(consumer.run(shutdown.clone()));
+        tokio::spawn(bus.relay(&orders.db).run(shutdown.clone()));
+        let instance = finished(&orchestrator, &id).await;
+        assert_eq!(instance.status, SagaStatus::Completed, "{backend:?}");
+        assert_eq!(
+            world.log(),
+            ["Reserve o-4", "Authorize o-4", "Capture o-4"],
+            "{backend:?}: each step done once"
+        );
+        let sent = history(&instance)
+            .iter()
+            .filter(|line| line.ends_with("sent"))
+            .count();
+        assert_eq!(sent, 3, "{backend:?}: {:?}", history(&instance));
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM keel_outbox")
+            .fetch_one(orders.db.pool())
+            .await
+            .unwrap();
+        assert_eq!(rows, 0, "{backend:?}: nothing left to relay");
+        shutdown.trigger();
+    }
+}
