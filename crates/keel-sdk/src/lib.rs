@@ -2,6 +2,8 @@
 //!
 //! - [`data`]: the service's database (PostgreSQL or SQLite, one code path), migrations
 //!   run at start under a lock, transactions that carry the outbox;
+//! - [`auth`]: the verified caller as an extractor, scope and role requirements, and the
+//!   service's own client-credentials token for outgoing calls;
 //! - [`cache`]: cache-aside in two levels (in process, then Redis) with single-flight
 //!   loads, negative caching and invalidation broadcast to every instance;
 //! - [`client`]: resilient HTTP calls to another service by name (registry, balancing,
@@ -12,6 +14,7 @@
 //! - [`saga`]: orchestrated sagas whose state and commands commit together, with
 //!   compensation in reverse order, step timeouts and resumption after a crash.
 
+pub mod auth;
 pub mod cache;
 pub mod client;
 pub mod data;

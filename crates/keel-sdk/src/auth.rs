@@ -1,0 +1,299 @@
+//! Authorization in services: who is calling (the [`Caller`] extractor, from the access
+//! token the shared verifier checked), what a handler requires of them (scopes, roles),
+//! and the service's own token for its outgoing calls ([`ClientCredentials`]).
+//!
+//! ```ignore
+//! let router = Router::new()
+//!     .route("/orders", post(place))
+//!     .layer(axum::middleware::from_fn_with_state(verifier, keel_sdk::auth::authenticate));
+//!
+//! async fn place(caller: Caller, ...) -> Result<..., Denied> {
+//!     caller.require_scope("orders:write")?;
+//!     // the order belongs to caller.subject()
+//! }
+//! ```
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{FromRequestParts, Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use http::request::Parts;
+use http::{HeaderValue, StatusCode, header};
+use keel_jwt::{Principal, Verifier};
+use keel_runtime::{Problem, Secret};
+use serde::Deserialize;
+
+/// The verified caller of a request: the token's principal, and the token itself (to pass
+/// on when calling another service on the caller's behalf).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    principal: Arc<Principal>,
+    token: Arc<str>,
+}
+
+impl Caller {
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+
+    /// The token's `sub`: the user (or, for client credentials, the client).
+    pub fn subject(&self) -> &str {
+        &self.principal.subject
+    }
+
+    /// The access token as it arrived, for calls made on the caller's behalf.
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// `Ok` when the token carries `scope`; otherwise a 403 with RFC 6750's
+    /// `insufficient_scope`.
+    pub fn require_scope(&self, scope: &str) -> Result<(), Denied> {
+        if self.principal.has_scope(scope) {
+            return Ok(());
+        }
+        Err(Denied::new(
+            Problem::forbidden(format!("the token lacks the scope {scope}")),
+            &format!("Bearer error=\"insufficient_scope\", scope=\"{scope}\""),
+        ))
+    }
+
+    /// `Ok` when the token carries `role` (for this service's audience); otherwise a 403.
+    pub fn require_role(&self, role: &str) -> Result<(), Denied> {
+        if self.principal.has_role(role) {
+            return Ok(());
+        }
+        Err(Denied::new(
+            Problem::forbidden(format!("the caller lacks the role {role}")),
+            "Bearer error=\"insufficient_scope\"",
+        ))
+    }
+}
+
+/// A refusal: a problem document with its `WWW-Authenticate` challenge (boxed: it travels
+/// in `Result`s).
+#[derive(Debug)]
+pub struct Denied(Box<(Problem, HeaderValue)>);
+
+impl Denied {
+    fn new(problem: Problem, challenge: &str) -> Self {
+        let challenge =
+            HeaderValue::from_str(challenge).unwrap_or_else(|_| HeaderValue::from_static("Bearer"));
+        Self(Box::new((problem.with_source("auth"), challenge)))
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.0.0.status()
+    }
+}
+
+impl IntoResponse for Denied {
+    fn into_response(self) -> Response {
+        let (problem, challenge) = *self.0;
+        let mut response = problem.into_response();
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, challenge);
+        response
+    }
+}
+
+/// Middleware: verifies the request's bearer token, when it has one, with `verifier` and
+/// makes the [`Caller`] available to handlers. A request without a token goes on
+/// anonymous (handlers that take a `Caller` refuse it); an invalid token is refused here
+/// with 401; keys that cannot be fetched give 503.
+pub async fn authenticate(
+    State(verifier): State<Arc<Verifier>>,
+    mut request: Request,
+    next: Next,
+) -> Response {
+    let Some(authorization) = request.headers().get(header::AUTHORIZATION) else {
+        return next.run(request).await;
+    };
+    let token =
+        keel_jwt::bearer_token(authorization.to_str().unwrap_or_default()).map(Arc::<str>::from);
+    match verifier
+        .verify_authorization(authorization.as_bytes())
+        .await
+    {
+        Ok(Some(principal)) => {
+            if let Some(token) = token {
+                request.extensions_mut().insert(Caller { principal, token });
+            }
+            next.run(request).await
+        }
+        // Another scheme (Basic, say): not ours to judge.
+        Ok(None) => next.run(request).await,
+        Err(error) if error.is_unavailable() => {
+            Problem::unavailable("the authorization server's keys cannot be fetched")
+                .with_source("auth")
+                .with_retry_after(Duration::from_secs(5))
+                .into_response()
+        }
+        Err(error) => Denied::new(
+            Problem::unauthorized("the access token is not valid"),
+            &error.www_authenticate(),
+        )
+        .into_response(),
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = Denied;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Denied> {
+        parts.extensions.get::<Self>().cloned().ok_or_else(|| {
+            Denied::new(
+                Problem::unauthorized("an access token is required"),
+                "Bearer",
+            )
+        })
+    }
+}
+
+/// Why the service's own token could not be had.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("the token endpoint cannot be reached: {0}")]
+    Unreachable(String),
+    #[error("the token endpoint refused: {status} {error}")]
+    Refused { status: u16, error: String },
+    #[error("the token endpoint's answer is not a token response: {0}")]
+    Malformed(String),
+}
+
+/// The service's own access token, from the OAuth 2.0 client credentials grant: fetched
+/// on first use, kept, and fetched again before it expires (when four fifths of its life,
+/// or all but a minute, have passed). Concurrent callers share one fetch.
+pub struct ClientCredentials {
+    http: reqwest::Client,
+    token_endpoint: String,
+    client_id: String,
+    client_secret: Secret<String>,
+    scope: Option<String>,
+    cached: tokio::sync::Mutex<Option<Cached>>,
+}
+
+struct Cached {
+    token: String,
+    refresh_at: Instant,
+}
+
+#[derive(Deserialize)]
+struct TokenResponse {
+    access_token: String,
+    token_type: String,
+    expires_in: Option<u64>,
+}
+
+impl ClientCredentials {
+    pub fn new(
+        token_endpoint: &str,
+        client_id: &str,
+        client_secret: Secret<String>,
+        scope: Option<&str>,
+    ) -> Self {
+        Self {
+            http: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap_or_default(),
+            token_endpoint: token_endpoint.to_owned(),
+            client_id: client_id.to_owned(),
+            client_secret,
+            scope: scope.map(str::to_owned),
+            cached: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// A token to send now.
+    pub async fn token(&self) -> Result<String, TokenError> {
+        let mut cached = self.cached.lock().await;
+        if let Some(cached) = cached.as_ref()
+            && Instant::now() < cached.refresh_at
+        {
+            return Ok(cached.token.clone());
+        }
+        let fetched = self.fetch().await?;
+        let token = fetched.token.clone();
+        *cached = Some(fetched);
+        Ok(token)
+    }
+
+    /// Forgets the kept token (after a 401 from a service, say).
+    pub async fn forget(&self) {
+        *self.cached.lock().await = None;
+    }
+
+    async fn fetch(&self) -> Result<Cached, TokenError> {
+        let mut form = vec![("grant_type", "client_credentials")];
+        if let Some(scope) = &self.scope {
+            form.push(("scope", scope));
+        }
+        let asked = Instant::now();
+        let response = self
+            .http
+            .post(&self.token_endpoint)
+            .basic_auth(
+                form_urlencode(&self.client_id),
+                Some(form_urlencode(self.client_secret.expose())),
+            )
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(
+                url::form_urlencoded::Serializer::new(String::new())
+                    .extend_pairs(&form)
+                    .finish(),
+            )
+            .send()
+            .await
+            .map_err(|error| TokenError::Unreachable(error.to_string()))?;
+        let status = response.status();
+        let body = response
+            .bytes()
+            .await
+            .map_err(|error| TokenError::Unreachable(error.to_string()))?;
+        if !status.is_success() {
+            let error = serde_json::from_slice::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|body| body["error"].as_str().map(str::to_owned))
+                .unwrap_or_default();
+            return Err(TokenError::Refused {
+                status: status.as_u16(),
+                error,
+            });
+        }
+        let answer: TokenResponse = serde_json::from_slice(&body)
+            .map_err(|error| TokenError::Malformed(error.to_string()))?;
+        if !answer.token_type.eq_ignore_ascii_case("bearer") {
+            return Err(TokenError::Malformed(format!(
+                "token_type {:?}",
+                answer.token_type
+            )));
+        }
+        let life = Duration::from_secs(answer.expires_in.unwrap_or(60));
+        let early = (life / 5).min(Duration::from_secs(60));
+        Ok(Cached {
+            token: answer.access_token,
+            refresh_at: asked + life.saturating_sub(early),
+        })
+    }
+}
+
+/// RFC 6749 §2.3.1: client credentials in Basic authentication are form-urlencoded first.
+fn form_urlencode(value: &str) -> String {
+    url::form_urlencoded::byte_serialize(value.as_bytes()).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials_are_form_urlencoded() {
+        assert_eq!(form_urlencode("orders"), "orders");
+        assert_eq!(form_urlencode("a b:c/d%"), "a+b%3Ac%2Fd%25");
+    }
+}
