@@ -260,6 +260,20 @@ impl Database {
         })
     }
 
+    /// Forgets inbox entries (events consumers handled) older than `older_than`; returns
+    /// how many.
+    pub async fn prune_inbox(&self, older_than: std::time::Duration) -> Result<u64, sqlx::Error> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| elapsed.as_secs());
+        let cutoff = now.saturating_sub(older_than.as_secs());
+        let pruned = sqlx::query("DELETE FROM keel_inbox WHERE received_at < $1")
+            .bind(i64::try_from(cutoff).unwrap_or(i64::MAX))
+            .execute(&self.pool)
+            .await?;
+        Ok(pruned.rows_affected())
+    }
+
     /// Notified when a transaction that staged outbox rows commits.
     pub(crate) fn outbox_ready(&self) -> &Notify {
         &self.outbox_ready

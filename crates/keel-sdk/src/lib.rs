@@ -1,5 +1,6 @@
 //! Keel's service framework: what a domain service is written with.
 //!
+//! - [`service`]: the bootstrap (connections, the HTTP stack, registration, workers);
 //! - [`data`]: the service's database (PostgreSQL or SQLite, one code path), migrations
 //!   run at start under a lock, transactions that carry the outbox;
 //! - [`auth`]: the verified caller as an extractor, scope and role requirements, and the
@@ -20,8 +21,10 @@ pub mod client;
 pub mod data;
 pub mod events;
 pub mod saga;
+pub mod service;
 
 pub use data::{Database, Migrations, Tx};
 pub use events::{Bus, Event, Handler, HandlerError, Received};
+pub use service::{Service, ServiceConfig};
 /// The SQL toolkit services write their queries with, at the SDK's version.
 pub use sqlx;

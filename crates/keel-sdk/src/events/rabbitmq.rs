@@ -21,6 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
+use keel_runtime::Secret;
 use keel_runtime::Shutdown;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
@@ -30,7 +31,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
 };
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::consumer::{ConsumerCore, Outcome};
 use super::{BusError, DeadLetter, Outgoing, reconnect_delay};
@@ -48,11 +49,11 @@ const FAILED_AT: &str = "x-keel-failed-at";
 const EVENT_TYPE: &str = "x-keel-event-type";
 
 /// Where and how to reach RabbitMQ.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RabbitMqOptions {
-    /// `amqp://user:password@host:5672/%2f` (or `amqps://`).
-    pub url: String,
+    /// `amqp://user:password@host:5672/%2f` (or `amqps://`); redacted when printed.
+    pub url: Secret<String>,
     /// The topic exchange events are published to.
     pub exchange: String,
     /// Messages a consumer may hold unacknowledged. It handles one at a time; every held
@@ -72,7 +73,7 @@ pub struct RabbitMqOptions {
 impl Default for RabbitMqOptions {
     fn default() -> Self {
         Self {
-            url: "amqp://guest:guest@127.0.0.1:5672/%2f".to_owned(),
+            url: Secret::new("amqp://guest:guest@127.0.0.1:5672/%2f".to_owned()),
             exchange: "keel.events".to_owned(),
             prefetch: 2,
             queue_expiry: None,
@@ -127,7 +128,7 @@ impl RabbitMq {
     async fn open_now(&self, role: &str) -> Result<(Connection, Channel), BusError> {
         let properties = ConnectionProperties::default()
             .with_connection_name(format!("keel-{role}-{}", std::process::id()).into());
-        let connection = Connection::connect(&self.inner.options.url, properties).await?;
+        let connection = Connection::connect(self.inner.options.url.expose(), properties).await?;
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())

@@ -255,18 +255,10 @@ async fn a_caller_set_request_id_reaches_the_service() {
 
 #[tokio::test]
 async fn instances_come_and_go_with_the_registry() {
-    use keel_registry::client::{DiscoveryView, RegistryClient, ttl_registration};
+    use keel_registry::client::{DiscoveryView, ttl_registration};
 
     let shutdown = keel_runtime::Shutdown::new();
-    let config = keel_registry::RegistryConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        ..keel_registry::RegistryConfig::default()
-    };
-    let server = keel_registry::RegistryServer::build(config, &shutdown)
-        .await
-        .unwrap();
-    let registry = keel_testkit::spawn(server);
-    let registry_client = RegistryClient::new(&registry.url, None).unwrap();
+    let (_registry, registry_client) = crate::helpers::registry(&shutdown).await;
     let view = DiscoveryView::new(registry_client.clone(), &shutdown);
     let client = ServiceClient::new(
         "inventory",

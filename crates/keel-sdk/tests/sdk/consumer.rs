@@ -163,7 +163,7 @@ async fn hostile_bytes_on_the_queue_are_dead_lettered_unread() {
 async fn raw_publish(exchange: &str, routing_key: &str, bodies: &[Vec<u8>]) {
     use lapin::options::BasicPublishOptions;
     let connection = lapin::Connection::connect(
-        &keel_sdk::events::RabbitMqOptions::default().url,
+        keel_sdk::events::RabbitMqOptions::default().url.expose(),
         lapin::ConnectionProperties::default(),
     )
     .await

@@ -155,7 +155,7 @@ async fn a_silent_broker_times_publishing_out_and_the_bus_recovers() {
     }
     let proxy = keel_testkit::FaultProxy::start(keel_testkit::Service::RabbitMq.addr()).await;
     let options = keel_sdk::events::RabbitMqOptions {
-        url: format!("amqp://guest:guest@{}/%2f", proxy.addr()),
+        url: keel_runtime::Secret::new(format!("amqp://guest:guest@{}/%2f", proxy.addr())),
         timeout: Duration::from_millis(500),
         ..crate::helpers::rabbitmq_options(&keel_testkit::unique_name("keel-test"))
     };

@@ -243,3 +243,22 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A registry server on port 0 and a client of it.
+pub async fn registry(
+    shutdown: &Shutdown,
+) -> (
+    keel_testkit::TestServer,
+    keel_registry::client::RegistryClient,
+) {
+    let config = keel_registry::RegistryConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        ..keel_registry::RegistryConfig::default()
+    };
+    let server = keel_registry::RegistryServer::build(config, shutdown)
+        .await
+        .unwrap();
+    let registry = keel_testkit::spawn(server);
+    let client = keel_registry::client::RegistryClient::new(&registry.url, None).unwrap();
+    (registry, client)
+}

@@ -12,3 +12,4 @@ mod data;
 mod events;
 mod outbox;
 mod saga;
+mod service;

@@ -1,0 +1,426 @@
+//! Bootstrap: a few lines turn a service name, its migrations and an axum `Router` into a
+//! running service.
+//!
+//! ```ignore
+//! let service = Service::connect("catalog", &config, &MIGRATIONS, &shutdown).await?;
+//! let router = routes(service.db().clone(), service.bus().clone());
+//! let consumer = service.bus().consumer("catalog", service.db()).on::<..>(..).start().await?;
+//! let running = service
+//!     .http(router)
+//!     .openapi(openapi_document())
+//!     .consumer(consumer)
+//!     .bind()
+//!     .await?;
+//! running.run(shutdown).await?;
+//! ```
+//!
+//! [`Service::connect`] opens the database (created and migrated), the bus, the access-token
+//! verifier and the registry view, as configured; [`Service::bind`] adds `/health/live`,
+//! `/health/ready` (which checks the database), `/metrics` and `/openapi.json`, and binds.
+//! [`RunningService::run`] registers the instance with a TTL check it heartbeats, runs the
+//! outbox relay, the consumers and the workers beside the HTTP server, and on shutdown
+//! drains, stops them and deregisters (the deregistration is a shutdown hook, run by
+//! whoever runs the hooks: `keel up`, or a test). Several instances of one service run
+//! side by side: each registers under its own id.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use futures_util::future::BoxFuture;
+use keel_jwt::{Verifier, VerifierConfig};
+use keel_registry::client::{DiscoveryView, Registrar, RegistryClient, ttl_registration};
+use keel_runtime::http::{BindError, HttpServerConfig};
+use keel_runtime::{Health, HttpServer, Secret, Shutdown};
+use serde::{Deserialize, Serialize};
+
+use crate::data::{Database, DbError, Migrations};
+use crate::events::{Bus, BusError, Consumer, RabbitMqOptions};
+
+/// `[<service>]` of the configuration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub listen: SocketAddr,
+    /// The host other services reach this instance at; the listen address's when unset
+    /// (127.0.0.1 when that is unspecified).
+    pub advertise: Option<String>,
+    /// `postgres://…` or `sqlite://…`; `sqlite://.keel/<service>.db` when unset.
+    pub database: Option<Secret<String>>,
+    /// The registry to register with and discover from; none: neither.
+    pub registry: Option<String>,
+    /// Heartbeat interval; the instance's TTL is three of them.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    pub bus: BusConfig,
+    /// Access tokens accepted from callers (issuer and audiences); none: no verifier.
+    pub auth: Option<ServiceAuthConfig>,
+    pub http: HttpServerConfig,
+}
+
+impl Default for ServiceConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: None,
+            database: None,
+            registry: None,
+            heartbeat: Duration::from_secs(10),
+            bus: BusConfig::InProcess,
+            auth: None,
+            http: HttpServerConfig::default(),
+        }
+    }
+}
+
+/// Which event bus a service uses.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum BusConfig {
+    InProcess,
+    Rabbitmq(RabbitMqOptions),
+}
+
+/// Whose access tokens a service accepts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceAuthConfig {
+    pub issuer: String,
+    pub audiences: Vec<String>,
+}
+
+/// Why a service could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{service}: database: {error}")]
+    Database {
+        service: String,
+        #[source]
+        error: DbError,
+    },
+    #[error("{service}: event bus: {error}")]
+    Bus {
+        service: String,
+        #[source]
+        error: BusError,
+    },
+    #[error("{service}: {what}")]
+    Config { service: String, what: String },
+    #[error(transparent)]
+    Bind(#[from] BindError),
+}
+
+type Worker = Box<dyn FnOnce(Shutdown) -> BoxFuture<'static, ()> + Send>;
+
+/// A service's connections, ready for its routes and workers to use.
+pub struct Service {
+    name: String,
+    config: ServiceConfig,
+    db: Database,
+    bus: Bus,
+    verifier: Option<Arc<Verifier>>,
+    discovery: Option<DiscoveryView>,
+    registry: Option<RegistryClient>,
+    health: Health,
+    router: Router,
+    workers: Vec<(String, Worker)>,
+}
+
+impl Service {
+    /// Connects what `config` names: the database (created if missing, `migrations` run
+    /// under a lock), the bus (in process: `bus` when given, so the services of one process
+    /// share it), the verifier and the registry view.
+    pub async fn connect(
+        name: &str,
+        config: &ServiceConfig,
+        migrations: &Migrations,
+        in_process_bus: Option<&Bus>,
+        shutdown: &Shutdown,
+    ) -> Result<Self, ServiceError> {
+        let url = config.database.as_ref().map_or_else(
+            || format!("sqlite://.keel/{name}.db"),
+            |url| url.expose().clone(),
+        );
+        let db =
+            Database::connect(&url, migrations)
+                .await
+                .map_err(|error| ServiceError::Database {
+                    service: name.to_owned(),
+                    error,
+                })?;
+        let bus =
+            match &config.bus {
+                BusConfig::InProcess => in_process_bus
+                    .map_or_else(|| Bus::in_process(name), |bus| bus.for_service(name)),
+                BusConfig::Rabbitmq(options) => Bus::rabbitmq(name, options.clone())
+                    .await
+                    .map_err(|error| ServiceError::Bus {
+                        service: name.to_owned(),
+                        error,
+                    })?,
+            };
+        let config_error = |what: String| ServiceError::Config {
+            service: name.to_owned(),
+            what,
+        };
+        let verifier = match &config.auth {
+            Some(auth) => Some(Arc::new(
+                Verifier::new(VerifierConfig::new(&auth.issuer, auth.audiences.clone()))
+                    .map_err(|error| config_error(format!("auth: {error}")))?,
+            )),
+            None => None,
+        };
+        let registry = match &config.registry {
+            Some(url) => Some(
+                RegistryClient::new(url, None)
+                    .map_err(|error| config_error(format!("registry: {error}")))?,
+            ),
+            None => None,
+        };
+        let discovery = registry
+            .as_ref()
+            .map(|client| DiscoveryView::new(client.clone(), shutdown));
+        let health = Health::new();
+        let pool = db.pool().clone();
+        health.add_check("database", move || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query("SELECT 1")
+                    .execute(&pool)
+                    .await
+                    .map(drop)
+                    .map_err(|error| error.to_string())
+            }
+        });
+        let mut service = Self {
+            name: name.to_owned(),
+            config: config.clone(),
+            db,
+            bus,
+            verifier,
+            discovery,
+            registry,
+            health,
+            router: Router::new(),
+            workers: Vec::new(),
+        };
+        let relay = service.bus.relay(&service.db);
+        service = service.worker("outbox relay", move |shutdown| relay.run(shutdown));
+        let (db, pool_name) = (service.db.clone(), name.to_owned());
+        service = service.worker("housekeeping", move |shutdown| {
+            housekeeping(db, pool_name, shutdown)
+        });
+        Ok(service)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn db(&self) -> &Database {
+        &self.db
+    }
+
+    pub fn bus(&self) -> &Bus {
+        &self.bus
+    }
+
+    /// The verifier of callers' access tokens, when `auth` is configured (for
+    /// [`crate::auth::authenticate`]).
+    pub fn verifier(&self) -> Option<&Arc<Verifier>> {
+        self.verifier.as_ref()
+    }
+
+    /// The registry's live view of other services, when a registry is configured (for
+    /// [`crate::client::ServiceClient`]).
+    pub fn discovery(&self) -> Option<&DiscoveryView> {
+        self.discovery.as_ref()
+    }
+
+    /// `/health/ready` checks; add the service's own dependencies.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// The service's routes (merged with any given before).
+    pub fn http(mut self, router: Router) -> Self {
+        self.router = self.router.merge(router);
+        self
+    }
+
+    /// Serves `document` (an OpenAPI 3.1 document) at `/openapi.json`.
+    pub fn openapi(self, document: serde_json::Value) -> Self {
+        self.document("/openapi.json", document)
+    }
+
+    /// Serves a JSON document at `path` (`/asyncapi.json`, say).
+    pub fn document(self, path: &str, document: serde_json::Value) -> Self {
+        let document = Arc::new(document);
+        let router = Router::new().route(
+            path,
+            axum::routing::get(move || {
+                let document = document.clone();
+                async move { axum::Json((*document).clone()) }
+            }),
+        );
+        self.http(router)
+    }
+
+    /// Runs `consumer` beside the HTTP server.
+    pub fn consumer(self, consumer: Consumer) -> Self {
+        self.worker("consumer", move |shutdown| consumer.run(shutdown))
+    }
+
+    /// Runs `work` beside the HTTP server until shutdown. A worker that ends (or panics)
+    /// before shutdown stops the whole service: better restarted by its supervisor
+    /// (Kubernetes, `keel up`) than left running without it.
+    pub fn worker<F, Fut>(mut self, name: &str, work: F) -> Self
+    where
+        F: FnOnce(Shutdown) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        self.workers.push((
+            name.to_owned(),
+            Box::new(move |shutdown| Box::pin(work(shutdown))),
+        ));
+        self
+    }
+
+    /// Binds the listen address with the standard HTTP stack around the routes.
+    pub async fn bind(self) -> Result<RunningService, ServiceError> {
+        let server = HttpServer::bind(
+            &self.name,
+            self.config.listen,
+            self.router,
+            self.health,
+            self.config.http.clone(),
+        )
+        .await?;
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        Ok(RunningService {
+            instance_id: format!("{}-{}", self.name, &suffix[..8]),
+            name: self.name,
+            config: self.config,
+            server,
+            registry: self.registry,
+            workers: self.workers,
+        })
+    }
+}
+
+/// A bound service: [`RunningService::run`] serves, registers and runs its workers.
+pub struct RunningService {
+    name: String,
+    config: ServiceConfig,
+    server: HttpServer,
+    registry: Option<RegistryClient>,
+    workers: Vec<(String, Worker)>,
+    instance_id: String,
+}
+
+impl RunningService {
+    /// The id this instance registers under.
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    /// Serves until `shutdown`, then drains; an error when a worker stopped first.
+    pub async fn run(self, shutdown: Shutdown) -> io::Result<()> {
+        let addr = self.server.local_addr();
+        if let Some(client) = &self.registry {
+            let host = self.config.advertise.clone().unwrap_or_else(|| {
+                if addr.ip().is_unspecified() {
+                    "127.0.0.1".to_owned()
+                } else {
+                    addr.ip().to_string()
+                }
+            });
+            let registration = ttl_registration(
+                &self.name,
+                &self.instance_id,
+                &host,
+                addr.port(),
+                self.config.heartbeat * 3,
+            );
+            Registrar::spawn(
+                client.clone(),
+                registration,
+                self.config.heartbeat,
+                &shutdown,
+            );
+        }
+        let (failed, mut failures) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let mut tasks = Vec::new();
+        for (name, work) in self.workers {
+            let failed = failed.clone();
+            let worker_shutdown = shutdown.clone();
+            let task = tokio::spawn(work(worker_shutdown.clone()));
+            tasks.push(tokio::spawn(async move {
+                let ended = task.await;
+                if !worker_shutdown.is_triggered() {
+                    let how = if ended.is_err() { "panicked" } else { "ended" };
+                    let _ = failed.send(format!("worker {name} {how}"));
+                }
+            }));
+        }
+        drop(failed);
+        let stop = shutdown.clone();
+        let watchdog = async move {
+            let failure = failures.recv().await;
+            if let Some(failure) = &failure {
+                tracing::error!(%failure, "a worker stopped; stopping the service");
+                stop.trigger();
+            }
+            failure
+        };
+        let (served, failure) = tokio::join!(self.server.run(shutdown.clone()), async {
+            tokio::select! {
+                failure = watchdog => failure,
+                () = shutdown.wait() => None,
+            }
+        });
+        for task in tasks {
+            let _ = task.await;
+        }
+        served?;
+        match failure {
+            Some(failure) => Err(io::Error::other(failure)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Pool gauges every five seconds (`db_client_connections_usage{pool_name,state}`, after
+/// the OpenTelemetry semantic conventions) and the inbox pruned of entries older than a
+/// week, hourly: a redelivery that late is not expected.
+async fn housekeeping(db: Database, pool_name: String, shutdown: Shutdown) {
+    const INBOX_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+    let mut ticks: u64 = 0;
+    loop {
+        let pool = db.pool();
+        let idle = pool.num_idle() as f64;
+        let used = f64::from(pool.size()) - idle;
+        let gauge = |state: &'static str| metrics::gauge!("db_client_connections_usage", "pool_name" => pool_name.clone(), "state" => state);
+        gauge("idle").set(idle);
+        gauge("used").set(used.max(0.0));
+        if ticks.is_multiple_of(720) {
+            match db.prune_inbox(INBOX_RETENTION).await {
+                Ok(pruned) if pruned > 0 => tracing::info!(pruned, "inbox pruned"),
+                Ok(_) => {}
+                Err(error) => tracing::warn!(%error, "inbox pruning failed"),
+            }
+        }
+        ticks += 1;
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+            () = shutdown.wait() => return,
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! The bootstrap: two instances of one service side by side, registered, healthy, with
+//! their standard endpoints; deregistered on shutdown; stopped when a worker dies.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::routing::get;
+use keel_registry::client::InstancesQuery;
+use keel_runtime::{Secret, Shutdown};
+use keel_sdk::service::{RunningService, Service, ServiceConfig};
+use keel_testkit::TestSqlite;
+
+use crate::helpers::{MIGRATIONS, eventually, registry};
+
+async fn catalog(config: &ServiceConfig, shutdown: &Shutdown) -> RunningService {
+    let service = Service::connect("catalog", config, &MIGRATIONS, None, shutdown)
+        .await
+        .unwrap();
+    let router = Router::new().route("/products", get(|| async { "[]" }));
+    service
+        .http(router)
+        .openapi(serde_json::json!({"openapi": "3.1.0", "info": {"title": "catalog"}}))
+        .bind()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn instances_run_side_by_side_registered_healthy_and_leave_on_shutdown() {
+    let registry_shutdown = Shutdown::new();
+    let (_registry, registry_client) = registry(&registry_shutdown).await;
+    let file = TestSqlite::new("keel-sdk-service");
+    let config = ServiceConfig {
+        database: Some(Secret::new(file.url())),
+        registry: Some(registry_client.base_url().to_owned()),
+        heartbeat: Duration::from_secs(1),
+        ..ServiceConfig::default()
+    };
+    let shutdown = Shutdown::new();
+    let instances = [
+        catalog(&config, &shutdown).await,
+        catalog(&config, &shutdown).await,
+    ];
+    let ids: Vec<String> = instances
+        .iter()
+        .map(|i| i.instance_id().to_owned())
+        .collect();
+    assert_ne!(ids[0], ids[1]);
+    let urls: Vec<String> = instances
+        .iter()
+        .map(|i| format!("http://{}", i.local_addr()))
+        .collect();
+    let runs: Vec<_> = instances
+        .into_iter()
+        .map(|instance| tokio::spawn(instance.run(shutdown.clone())))
+        .collect();
+
+    let http = reqwest::Client::new();
+    for url in &urls {
+        let get = |path: &str| http.get(format!("{url}{path}")).send();
+        assert_eq!(get("/products").await.unwrap().text().await.unwrap(), "[]");
+        let ready = get("/health/ready").await.unwrap();
+        assert_eq!(ready.status(), 200);
+        let ready: serde_json::Value = ready.json().await.unwrap();
+        assert_eq!(ready["checks"][0]["name"], "database", "{ready}");
+        let openapi: serde_json::Value = get("/openapi.json").await.unwrap().json().await.unwrap();
+        assert_eq!(openapi["info"]["title"], "catalog");
+        assert_eq!(get("/health/live").await.unwrap().status(), 200);
+    }
+    let passing = || async {
+        let query = InstancesQuery {
+            passing: true,
+            ..InstancesQuery::default()
+        };
+        registry_client
+            .instances("catalog", &query)
+            .await
+            .map(|answer| answer.instances.len())
+            .unwrap_or(0)
+    };
+    eventually(
+        "both registered and passing",
+        Duration::from_secs(10),
+        || async { passing().await == 2 },
+    )
+    .await;
+    // The pool gauges appear once housekeeping has run.
+    let metrics = http
+        .get(format!("{}/metrics", urls[0]))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("db_client_connections_usage{pool_name=\"catalog\""),
+        "{metrics}"
+    );
+
+    shutdown.trigger();
+    for run in runs {
+        run.await.unwrap().unwrap();
+    }
+    shutdown.run_hooks(Duration::from_secs(5)).await;
+    assert_eq!(passing().await, 0, "deregistered on shutdown");
+}
+
+#[tokio::test]
+async fn a_worker_that_dies_stops_the_service() {
+    let file = TestSqlite::new("keel-sdk-service");
+    let config = ServiceConfig {
+        database: Some(Secret::new(file.url())),
+        ..ServiceConfig::default()
+    };
+    let shutdown = Shutdown::new();
+    let service = Service::connect("catalog", &config, &MIGRATIONS, None, &shutdown)
+        .await
+        .unwrap()
+        .worker("importer", |_| async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            panic!("the importer broke");
+        })
+        .bind()
+        .await
+        .unwrap();
+    let error = tokio::time::timeout(Duration::from_secs(10), service.run(shutdown.clone()))
+        .await
+        .expect("the service stops by itself")
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("worker importer panicked"),
+        "{error}"
+    );
+    assert!(shutdown.is_triggered());
+}
