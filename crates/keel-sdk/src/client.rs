@@ -68,7 +68,16 @@ pub enum CallError {
     #[error("{service}: no answer within {timeout:?}")]
     Timeout { service: String, timeout: Duration },
     #[error("{service} is unavailable: {reason}")]
-    Unavailable { service: String, reason: String },
+    Unavailable {
+        service: String,
+        reason: String,
+        /// Whether any instance was tried (false: none was known).
+        reached: bool,
+    },
+    /// The answer was larger than `max_body_bytes` (it is not retried: the call may have
+    /// done its work).
+    #[error("{service}: the answer is larger than {limit} bytes")]
+    TooLarge { service: String, limit: usize },
     #[error("{service}: the circuit is open; try again in {retry_after:?}")]
     CircuitOpen {
         service: String,
@@ -153,6 +162,18 @@ struct Inner {
     stats: StatsDirectory,
 }
 
+/// Why one exchange with an instance did not give an answer.
+enum SendError {
+    Http(reqwest::Error),
+    TooLarge,
+}
+
+impl From<reqwest::Error> for SendError {
+    fn from(error: reqwest::Error) -> Self {
+        Self::Http(error)
+    }
+}
+
 /// An endpoint set and the instance list it was built from.
 type BuiltFrom = (Arc<Vec<Instance>>, Arc<EndpointSet>);
 
@@ -172,6 +193,15 @@ impl ServiceClient {
         instances: Instances,
         options: ClientOptions,
     ) -> Result<Self, CallError> {
+        options
+            .retry
+            .validate()
+            .and_then(|()| options.breaker.validate())
+            .and_then(|()| options.outlier.validate())
+            .map_err(CallError::Request)?;
+        if options.timeout.is_zero() {
+            return Err(CallError::Request("timeout must be above zero".into()));
+        }
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .build()
@@ -257,6 +287,14 @@ impl ServiceClient {
     /// [`CallError::Upstream`].
     pub async fn call(&self, mut call: Call) -> Result<Answer, CallError> {
         let inner = &self.inner;
+        // Appended to the instance's base URL: anything but an absolute path (`@host`,
+        // `//host`) could send the request, and its token, somewhere else.
+        if !call.path.starts_with('/') || call.path.starts_with("//") {
+            return Err(CallError::Request(format!(
+                "the path must start with a single '/': {:?}",
+                call.path.chars().take(100).collect::<String>()
+            )));
+        }
         let started = Instant::now();
         let deadline = started + inner.options.timeout;
         propagate(&mut call.headers);
@@ -268,11 +306,15 @@ impl ServiceClient {
         inner.budget.deposit_at(now_nanos() / 1_000_000_000);
         let result = self.attempts(&call, deadline).await;
         let failed = match &result {
-            Ok(_) => false,
-            Err(CallError::Upstream { answer, .. }) => answer.status.is_server_error(),
-            Err(_) => true,
+            Ok(_) | Err(CallError::TooLarge { .. }) => Some(false),
+            Err(CallError::Upstream { answer, .. }) => Some(answer.status.is_server_error()),
+            // Nothing reached the service (no instance known): not its failure.
+            Err(CallError::Unavailable { reached: false, .. }) => None,
+            Err(_) => Some(true),
         };
-        permit.record(!failed, now_nanos());
+        if let Some(failed) = failed {
+            permit.record(!failed, now_nanos());
+        }
         result
     }
 
@@ -295,6 +337,8 @@ impl ServiceClient {
         let inner = &self.inner;
         let retry = &inner.options.retry;
         let idempotent = is_idempotent(&call.method);
+        // One set for the whole call: `tried` holds indexes into it.
+        let set = self.endpoints();
         let mut tried = Vec::new();
         let mut last: Option<CallError> = None;
         for attempt in 0..=retry.attempts {
@@ -308,9 +352,12 @@ impl ServiceClient {
                 }
                 tokio::time::sleep(pause).await;
             }
-            let set = self.endpoints();
             if set.is_empty() {
-                return Err(self.unavailable("no instance is registered and passing"));
+                return Err(CallError::Unavailable {
+                    service: inner.service.clone(),
+                    reason: "no instance is registered and passing".to_owned(),
+                    reached: false,
+                });
             }
             let now = now_nanos();
             let Some(index) = set.pick(&BalanceConfig::LeastRequest, None, &tried, now) else {
@@ -322,6 +369,9 @@ impl ServiceClient {
             let per_try = retry
                 .per_try_timeout
                 .map_or(remaining, |t| t.min(remaining));
+            // Cut short by the call's own deadline (time spent queueing or retrying), a
+            // timeout says nothing about the instance.
+            let cut_short = retry.per_try_timeout.is_none_or(|t| remaining < t);
             let outcome = {
                 let _in_flight = endpoint.stats.start();
                 let sent = Instant::now();
@@ -341,16 +391,25 @@ impl ServiceClient {
                     return Ok(answer);
                 }
                 // Never sent: safe to send elsewhere whatever the method.
-                Ok(Err(error)) if error.is_connect() => {
+                Ok(Err(SendError::TooLarge)) => {
+                    endpoint.stats.record_success();
+                    return Err(CallError::TooLarge {
+                        service: inner.service.clone(),
+                        limit: inner.options.max_body_bytes,
+                    });
+                }
+                Ok(Err(SendError::Http(error))) if error.is_connect() => {
                     self.failed(&set, endpoint);
                     (true, self.unavailable(&error.to_string()))
                 }
-                Ok(Err(error)) => {
+                Ok(Err(SendError::Http(error))) => {
                     self.failed(&set, endpoint);
                     (idempotent, self.unavailable(&error.to_string()))
                 }
                 Err(_elapsed) => {
-                    self.failed(&set, endpoint);
+                    if !cut_short {
+                        self.failed(&set, endpoint);
+                    }
                     let error = CallError::Timeout {
                         service: inner.service.clone(),
                         timeout: per_try,
@@ -366,9 +425,10 @@ impl ServiceClient {
         Err(last.unwrap_or_else(|| self.unavailable("every instance was tried")))
     }
 
-    async fn send(&self, endpoint: &Endpoint, call: &Call) -> Result<Answer, reqwest::Error> {
+    async fn send(&self, endpoint: &Endpoint, call: &Call) -> Result<Answer, SendError> {
         let base = endpoint.base.to_string();
         let url = format!("{}{}", base.trim_end_matches('/'), call.path);
+        let limit = self.inner.options.max_body_bytes;
         let mut response = self
             .inner
             .http
@@ -377,17 +437,18 @@ impl ServiceClient {
             .body(call.body.clone())
             .send()
             .await?;
+        if response
+            .content_length()
+            .is_some_and(|length| length > limit as u64)
+        {
+            return Err(SendError::TooLarge);
+        }
         let status = response.status();
         let headers = std::mem::take(response.headers_mut());
         let mut body = Vec::new();
         while let Some(chunk) = response.chunk().await? {
-            if body.len() + chunk.len() > self.inner.options.max_body_bytes {
-                // Too big to hold: an answer the caller cannot use, like a broken one.
-                return Ok(Answer {
-                    status: StatusCode::BAD_GATEWAY,
-                    headers,
-                    body: Bytes::from_static(b"response body too large"),
-                });
+            if body.len() + chunk.len() > limit {
+                return Err(SendError::TooLarge);
             }
             body.extend_from_slice(&chunk);
         }
@@ -420,6 +481,7 @@ impl ServiceClient {
         CallError::Unavailable {
             service: self.inner.service.clone(),
             reason: reason.to_owned(),
+            reached: true,
         }
     }
 

@@ -195,7 +195,16 @@ pub enum SagaError {
     Data(#[from] serde_json::Error),
     #[error("saga {0} has no steps")]
     Empty(&'static str),
+    #[error("saga {0:?}: a saga name is 1 to 100 characters of a-z, 0-9, '-' or '_'")]
+    Name(&'static str),
+    /// The stored saga no longer fits its definition (or was damaged): it is marked failed.
+    #[error("{0}")]
+    Definition(String),
 }
+
+/// Replies to a saga's commands are events of type `keel.saga.<name>.reply.v1`.
+pub(crate) const REPLY_PREFIX: &str = "keel.saga.";
+pub(crate) const REPLY_SUFFIX: &str = ".reply.v1";
 
 /// Compensations sent at most this many times each before the saga is marked failed.
 const MAX_COMPENSATION_SENDS: i64 = 5;
@@ -253,25 +262,35 @@ impl<D> Orchestrator<D>
 where
     D: Serialize + DeserializeOwned + Send + Sync + 'static,
 {
-    pub fn new(bus: &Bus, db: &Database, saga: Saga<D>) -> Self {
-        let reply_type = format!("keel.saga.{}.reply.v1", saga.name);
-        Self {
+    /// An orchestrator of `saga`; its name must be short lowercase ASCII (it names the
+    /// reply event type, `keel.saga.<name>.reply.v1`).
+    pub fn new(bus: &Bus, db: &Database, saga: Saga<D>) -> Result<Self, SagaError> {
+        let name = saga.name;
+        let valid = !name.is_empty()
+            && name.len() <= 100
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !valid {
+            return Err(SagaError::Name(name));
+        }
+        if saga.steps.is_empty() {
+            return Err(SagaError::Empty(name));
+        }
+        Ok(Self {
             inner: Arc::new(Inner {
+                reply_type: format!("{REPLY_PREFIX}{name}{REPLY_SUFFIX}"),
                 bus: bus.clone(),
                 db: db.clone(),
                 saga,
-                reply_type,
             }),
-        }
+        })
     }
 
     /// Starts a saga for `data` within `tx` (the transaction that records what the saga is
     /// for); its first command leaves when `tx` commits. Returns the saga's id.
     pub async fn start(&self, tx: &mut Tx, data: &D) -> Result<String, SagaError> {
         let saga = &self.inner.saga;
-        if saga.steps.is_empty() {
-            return Err(SagaError::Empty(saga.name));
-        }
         let id = uuid::Uuid::now_v7().to_string();
         let data = serde_json::to_value(data)?;
         let now = now_millis();
@@ -340,21 +359,48 @@ where
         let mut moved = 0;
         for id in overdue {
             let mut tx = self.inner.db.begin().await?;
-            if self.advance(&mut tx, &id, None, Answer::TimedOut).await? == Advanced::Moved {
-                tx.commit().await?;
-                moved += 1;
+            match self.advance(&mut tx, &id, None, Answer::TimedOut).await {
+                Ok(Advanced::Moved) => {
+                    tx.commit().await?;
+                    moved += 1;
+                }
+                Ok(Advanced::Nothing | Advanced::Conflict) => {}
+                // One saga that no longer fits its definition must not hold up the rest.
+                Err(error @ (SagaError::Definition(_) | SagaError::Data(_))) => {
+                    drop(tx);
+                    tracing::error!(saga = %id, %error, "saga cannot go on; marked failed");
+                    self.mark_failed(&id, &error.to_string()).await?;
+                }
+                Err(error) => return Err(error),
             }
         }
         Ok(moved)
+    }
+
+    /// Marks saga `id` failed, out of the sweep, for someone to look at.
+    async fn mark_failed(&self, id: &str, reason: &str) -> Result<(), SagaError> {
+        sqlx::query(
+            "UPDATE keel_sagas SET status = $1, error = $2, deadline_at = NULL, \
+             version = version + 1, updated_at = $3 WHERE id = $4 AND saga = $5",
+        )
+        .bind(SagaStatus::Failed.as_str())
+        .bind(reason)
+        .bind(now_millis())
+        .bind(id)
+        .bind(self.inner.saga.name)
+        .execute(self.inner.db.pool())
+        .await?;
+        Ok(())
     }
 
     /// The saga `id` with its history; `None` when there is none.
     pub async fn instance(&self, id: &str) -> Result<Option<SagaInstance>, SagaError> {
         let pool = self.inner.db.pool();
         let Some(row) = sqlx::query(
-            "SELECT saga, status, step, data, results, error FROM keel_sagas WHERE id = $1",
+            "SELECT saga, status, step, data, results, error FROM keel_sagas WHERE id = $1 AND saga = $2",
         )
         .bind(id)
+        .bind(self.inner.saga.name)
         .fetch_optional(pool)
         .await?
         else {
@@ -418,26 +464,35 @@ where
             return Ok(Advanced::Nothing);
         }
         let phase = phase(state.status);
-        if let Some(correlation) = correlation
-            && (correlation.step != state.step
-                || correlation.phase != phase
-                || correlation.send != state.sends)
-        {
-            return Ok(Advanced::Nothing);
-        }
-        if matches!(answer, Answer::TimedOut) {
-            // Another instance may have moved it since the sweep's select.
-            let overdue: Option<i64> =
-                sqlx::query_scalar("SELECT deadline_at FROM keel_sagas WHERE id = $1")
-                    .bind(id)
-                    .fetch_one(&mut **tx)
-                    .await?;
-            if overdue.is_none_or(|deadline| deadline > now_millis()) {
+        if let Some(correlation) = correlation {
+            let awaited = correlation.step == state.step && correlation.phase == phase;
+            // A compensation resent after a timeout may be answered by an earlier send:
+            // done is done. Anything else must answer the latest send.
+            let done_compensation =
+                phase == "compensation" && matches!(&answer, Answer::Reply(reply) if reply.ok);
+            if !awaited || (correlation.send != state.sends && !done_compensation) {
                 return Ok(Advanced::Nothing);
             }
         }
+        // Claim the row before writing anything: a concurrent transition (a reply racing
+        // the sweep, two instances) waits here and then finds the version moved.
+        let claimed = sqlx::query(
+            "UPDATE keel_sagas SET version = version WHERE id = $1 AND version = $2 \
+             AND (deadline_at IS NOT NULL AND ($3 = 0 OR deadline_at <= $4))",
+        )
+        .bind(id)
+        .bind(state.version)
+        .bind(i64::from(matches!(answer, Answer::TimedOut)))
+        .bind(now_millis())
+        .execute(&mut **tx)
+        .await?;
+        if claimed.rows_affected() != 1 {
+            // Moved on by someone else, or (for a timeout) no longer overdue.
+            return Ok(Advanced::Conflict);
+        }
         let version = state.version;
-        let step = &self.inner.saga.steps[state.step];
+        let step = self.step(state.step)?;
+        let timed_out = matches!(answer, Answer::TimedOut);
         let (outcome, detail, ok, data) = match answer {
             Answer::Reply(reply) => {
                 let outcome = if reply.ok { "done" } else { "failed" };
@@ -470,30 +525,46 @@ where
                     step.name,
                     detail.unwrap_or_default()
                 ));
-                self.compensate_below(tx, id, &mut state).await?;
+                if timed_out && step.compensation.is_some() {
+                    // Unanswered is not undone: the step may have happened after all, so
+                    // it is compensated too (participants are idempotent).
+                    state.sends = 0;
+                    self.send_current(tx, id, &mut state).await?;
+                } else {
+                    self.compensate_below(tx, id, &mut state).await?;
+                }
             }
             (SagaStatus::Compensating, true) => {
                 self.compensate_below(tx, id, &mut state).await?;
             }
-            (SagaStatus::Compensating, false) => {
-                if state.sends >= MAX_COMPENSATION_SENDS {
-                    state.status = SagaStatus::Failed;
-                    state.error = Some(format!(
-                        "{}; compensating {} failed {} times",
-                        state.error.take().unwrap_or_default(),
-                        step.name,
-                        state.sends
-                    ));
-                } else {
-                    self.send_current(tx, id, &mut state).await?;
-                }
+            (SagaStatus::Compensating, false) if state.sends >= MAX_COMPENSATION_SENDS => {
+                state.status = SagaStatus::Failed;
+                state.error = Some(format!(
+                    "{}; compensating {} failed {} times",
+                    state.error.take().unwrap_or_default(),
+                    step.name,
+                    state.sends
+                ));
             }
+            // Sent again once its deadline passes, not at once: a refusal is often a
+            // passing problem.
+            (SagaStatus::Compensating, false) if !timed_out => {}
+            (SagaStatus::Compensating, false) => self.send_current(tx, id, &mut state).await?,
             (_, _) => return Ok(Advanced::Nothing),
         }
-        Ok(if self.save(tx, id, &state, version).await? {
-            Advanced::Moved
-        } else {
-            Advanced::Conflict
+        self.save(tx, id, &state, version).await?;
+        Ok(Advanced::Moved)
+    }
+
+    /// Step `index` of the definition; an error when the stored saga points past its end
+    /// (the definition lost steps since it started).
+    fn step(&self, index: usize) -> Result<&Step<D>, SagaError> {
+        self.inner.saga.steps.get(index).ok_or_else(|| {
+            SagaError::Definition(format!(
+                "saga {} has no step {index} (it has {})",
+                self.inner.saga.name,
+                self.inner.saga.steps.len()
+            ))
         })
     }
 
@@ -527,17 +598,29 @@ where
         id: &str,
         state: &mut State,
     ) -> Result<(), SagaError> {
-        let step = &self.inner.saga.steps[state.step];
+        let step = self.step(state.step)?;
         let phase = phase(state.status);
         let make = match state.status {
             SagaStatus::Compensating => step.compensation.as_ref(),
             _ => Some(&step.action),
         };
         let Some(make) = make else {
-            return Ok(());
+            return Err(SagaError::Definition(format!(
+                "step {} of saga {} has no compensation any more",
+                step.name, self.inner.saga.name
+            )));
         };
         let data: D = serde_json::from_value(state.data.clone())?;
-        let mut command = make(&data, &state.results)?;
+        // The builder is the service's code: a panic in it must not take the sweep down.
+        let built =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| make(&data, &state.results)))
+                .map_err(|_| {
+                    SagaError::Definition(format!(
+                        "the {phase} builder of step {} panicked",
+                        step.name
+                    ))
+                })?;
+        let mut command = built?;
         state.sends += 1;
         let correlation = Correlation {
             saga: id.to_owned(),
@@ -555,18 +638,24 @@ where
 
     async fn load(&self, tx: &mut Tx, id: &str) -> Result<Option<State>, SagaError> {
         let Some(row) = sqlx::query(
-            "SELECT status, step, data, results, error, sends, version FROM keel_sagas WHERE id = $1",
+            "SELECT status, step, data, results, error, sends, version FROM keel_sagas \
+             WHERE id = $1 AND saga = $2",
         )
         .bind(id)
+        .bind(self.inner.saga.name)
         .fetch_optional(&mut **tx)
         .await?
         else {
             return Ok(None);
         };
         let status: String = row.try_get("status")?;
+        let step: i64 = row.try_get("step")?;
         Ok(Some(State {
-            status: SagaStatus::parse(&status).unwrap_or(SagaStatus::Failed),
-            step: usize::try_from(row.try_get::<i64, _>("step")?).unwrap_or(0),
+            status: SagaStatus::parse(&status).ok_or_else(|| {
+                SagaError::Definition(format!("saga {id}: unknown status {status:?}"))
+            })?,
+            step: usize::try_from(step)
+                .map_err(|_| SagaError::Definition(format!("saga {id}: step {step}")))?,
             data: serde_json::from_str(&row.try_get::<String, _>("data")?)?,
             results: serde_json::from_str(&row.try_get::<String, _>("results")?)?,
             error: row.try_get("error")?,
@@ -575,19 +664,24 @@ where
         }))
     }
 
-    /// Writes `state` if the row is still at `version`; false (and nothing written) when
-    /// another instance moved the saga first.
+    /// Writes `state` over the row, which is at `version` (claimed, or just inserted).
     async fn save(
         &self,
         tx: &mut Tx,
         id: &str,
         state: &State,
         version: i64,
-    ) -> Result<bool, SagaError> {
-        let deadline = (!state.status.is_final()).then(|| {
-            let timeout = self.inner.saga.steps[state.step].timeout;
-            now_millis().saturating_add(i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX))
-        });
+    ) -> Result<(), SagaError> {
+        let deadline = match state.status.is_final() {
+            true => None,
+            false => {
+                let timeout = self.step(state.step)?.timeout;
+                Some(
+                    now_millis()
+                        .saturating_add(i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX)),
+                )
+            }
+        };
         let saved = sqlx::query(
             "UPDATE keel_sagas SET status = $1, step = $2, results = $3, error = $4, sends = $5, \
              deadline_at = $6, version = version + 1, updated_at = $7 WHERE id = $8 AND version = $9",
@@ -603,7 +697,13 @@ where
         .bind(version)
         .execute(&mut **tx)
         .await?;
-        Ok(saved.rows_affected() == 1)
+        if saved.rows_affected() == 1 {
+            Ok(())
+        } else {
+            Err(SagaError::Definition(format!(
+                "saga {id} changed under a claimed transition"
+            )))
+        }
     }
 
     async fn record(
@@ -662,6 +762,10 @@ where
                 Ok(Advanced::Conflict) => Err(HandlerError::Retry(format!(
                     "saga {saga} was moved on by another instance meanwhile"
                 ))),
+                // The sweep marks it failed when its deadline passes.
+                Err(error @ (SagaError::Definition(_) | SagaError::Data(_))) => {
+                    Err(HandlerError::reject(error))
+                }
                 Err(error) => Err(HandlerError::Retry(error.to_string())),
             }
         })

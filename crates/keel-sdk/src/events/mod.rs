@@ -59,6 +59,8 @@ pub enum BusError {
         "consumer group name {0:?} is not valid: 1 to 100 characters of a-z, 0-9, '.', '-' or '_'"
     )]
     GroupName(String),
+    #[error("{0:?} is not a reply type (keel.saga.<name>.reply.v1)")]
+    ReplyType(String),
     #[error("consumer group {0:?} handles no event type")]
     NoHandlers(String),
 }
@@ -278,6 +280,16 @@ impl Bus {
         let Some(reply_to) = &received.reply else {
             return Ok(());
         };
+        // Whoever sends a command chooses `replyto`: only reply types may be named, never
+        // an event of this service's own.
+        let is_reply = reply_to
+            .event_type
+            .strip_prefix(crate::saga::REPLY_PREFIX)
+            .and_then(|rest| rest.strip_suffix(crate::saga::REPLY_SUFFIX))
+            .is_some_and(|name| !name.is_empty() && !name.contains('.'));
+        if !is_reply {
+            return Err(BusError::ReplyType(reply_to.event_type.clone()));
+        }
         let mut envelope = Envelope::new(&self.inner.service, reply)?;
         envelope.event_type.clone_from(&reply_to.event_type);
         envelope.subject = Some(reply_to.correlation.clone());

@@ -44,6 +44,16 @@ impl Upstream {
                 }),
             )
             .route(
+                "/big",
+                get({
+                    let hits = self.hits.clone();
+                    move || {
+                        hits.fetch_add(1, Ordering::SeqCst);
+                        async { vec![b'x'; 2 * 1024 * 1024] }
+                    }
+                }),
+            )
+            .route(
                 "/echo",
                 post(|headers: axum::http::HeaderMap| async move {
                     headers
@@ -277,17 +287,20 @@ async fn instances_come_and_go_with_the_registry() {
             ttl_registration("inventory", id, "127.0.0.1", port, Duration::from_secs(30));
         registry_client.register(&registration).await.unwrap();
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
+    crate::helpers::eventually("the view has both", Duration::from_secs(5), || async {
+        view.instances("inventory").len() == 2
+    })
+    .await;
     let work = || {
         client.call(keel_sdk::client::Call::new(
             axum::http::Method::GET,
             "/work",
         ))
     };
-    while a.hits() == 0 || b.hits() == 0 {
-        assert!(Instant::now() < deadline, "both instances get calls");
-        let _ = work().await;
+    for _ in 0..40 {
+        assert_eq!(work().await.unwrap().body, "ok");
     }
+    assert!(a.hits() > 0 && b.hits() > 0, "both instances get calls");
 
     registry_client
         .deregister("inventory", "inventory-a")
@@ -303,4 +316,29 @@ async fn instances_come_and_go_with_the_registry() {
     }
     assert_eq!(a.hits(), before, "a deregistered instance gets nothing");
     shutdown.trigger();
+}
+
+#[tokio::test]
+async fn hostile_paths_and_oversized_answers_are_refused_not_retried() {
+    let upstream = Upstream::default();
+    let client = client(
+        vec![upstream.start().await, upstream.start().await],
+        ClientOptions {
+            max_body_bytes: 1024 * 1024,
+            ..ClientOptions::default()
+        },
+    );
+    for path in ["@evil.example/x", "//evil.example/x", "work"] {
+        let error = client.get_json::<String>(path).await.unwrap_err();
+        assert!(matches!(error, CallError::Request(_)), "{path}: {error}");
+    }
+    assert_eq!(upstream.hits(), 0, "nothing was sent");
+    let error = client.get_json::<String>("/big").await.unwrap_err();
+    assert!(matches!(error, CallError::TooLarge { .. }), "{error}");
+    assert_eq!(
+        upstream.hits(),
+        1,
+        "an oversized answer is not fetched twice"
+    );
+    assert_eq!(client.circuit(), CircuitState::Closed);
 }

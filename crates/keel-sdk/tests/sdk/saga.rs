@@ -51,8 +51,17 @@ command!(Authorize, "keel.test.payments.authorize.v1");
 command!(Void, "keel.test.payments.void.v1");
 command!(Capture, "keel.test.payments.capture.v1");
 
-fn order_saga(step_timeout: Duration) -> Saga<Order> {
+/// The order saga; every step waits `WAIT` for its reply except `hasty`, which gives up
+/// after 300 ms.
+fn order_saga(hasty: Option<&str>) -> Saga<Order> {
     let command = |order: &Order| (order.id.clone(), order.amount);
+    let timeout = |step: &str| {
+        if hasty == Some(step) {
+            Duration::from_millis(300)
+        } else {
+            WAIT
+        }
+    };
     Saga::new("order")
         .step(
             Step::new("reserve", move |order: &Order, _| {
@@ -63,7 +72,7 @@ fn order_saga(step_timeout: Duration) -> Saga<Order> {
                 let (order, amount) = command(order);
                 Release { order, amount }
             })
-            .timeout(step_timeout),
+            .timeout(timeout("reserve")),
         )
         .step(
             Step::new("authorize", move |order: &Order, _| {
@@ -72,20 +81,22 @@ fn order_saga(step_timeout: Duration) -> Saga<Order> {
             })
             .compensate(move |order: &Order, results| Void {
                 // The authorization's own id, from the step's reply.
-                order: results["authorize"]["authorization"]
-                    .as_str()
+                // (Absent when the authorization timed out.)
+                order: results
+                    .get("authorize")
+                    .and_then(|reply| reply["authorization"].as_str())
                     .unwrap_or(&order.id)
                     .to_owned(),
                 amount: order.amount,
             })
-            .timeout(step_timeout),
+            .timeout(timeout("authorize")),
         )
         .step(
             Step::new("capture", move |order: &Order, _| {
                 let (order, amount) = command(order);
                 Capture { order, amount }
             })
-            .timeout(step_timeout),
+            .timeout(timeout("capture")),
         )
 }
 
@@ -218,12 +229,12 @@ struct Scene {
 }
 
 impl Scene {
-    async fn new(transport: Transport, world: &World, step_timeout: Duration) -> Self {
+    async fn new(transport: Transport, world: &World, hasty: Option<&str>) -> Self {
         let bus = bus(transport, "orders").await;
         let shutdown = Shutdown::new();
         let participants = participants(&bus, world, &shutdown).await;
         let orders = TestDb::sqlite().await;
-        let orchestrator = Orchestrator::new(&bus, &orders.db, order_saga(step_timeout));
+        let orchestrator = Orchestrator::new(&bus, &orders.db, order_saga(hasty)).unwrap();
         let group = unique_name("orders");
         orchestrate(&orchestrator, &bus, &orders.db, &group, &shutdown).await;
         Self {
@@ -280,7 +291,7 @@ fn history(instance: &SagaInstance) -> Vec<String> {
 async fn a_saga_runs_its_steps_in_order_and_completes() {
     for transport in transports() {
         let world = World::open();
-        let scene = Scene::new(transport, &world, WAIT).await;
+        let scene = Scene::new(transport, &world, None).await;
         let instance = scene.run("o-1").await;
         assert_eq!(instance.status, SagaStatus::Completed, "{transport:?}");
         assert_eq!(
@@ -313,7 +324,7 @@ async fn a_failing_step_compensates_the_earlier_ones_in_reverse_order() {
     for transport in transports() {
         let world = World::open();
         world.capture_fails.store(true, Ordering::SeqCst);
-        let scene = Scene::new(transport, &world, WAIT).await;
+        let scene = Scene::new(transport, &world, None).await;
         let instance = scene.run("o-2").await;
         assert_eq!(instance.status, SagaStatus::Compensated, "{transport:?}");
         let error = instance.error.clone().unwrap();
@@ -350,7 +361,7 @@ async fn a_failing_step_compensates_the_earlier_ones_in_reverse_order() {
 async fn a_step_without_a_reply_times_out_and_is_compensated() {
     let world = World::open();
     world.capture_silent.store(true, Ordering::SeqCst);
-    let scene = Scene::new(Transport::InProcess, &world, Duration::from_millis(300)).await;
+    let scene = Scene::new(Transport::InProcess, &world, Some("capture")).await;
     let instance = scene.run("o-3").await;
     assert_eq!(instance.status, SagaStatus::Compensated);
     let lines = history(&instance);
@@ -370,6 +381,32 @@ async fn a_step_without_a_reply_times_out_and_is_compensated() {
     );
 }
 
+#[tokio::test]
+async fn a_step_that_times_out_is_compensated_too_since_it_may_have_happened() {
+    let world = World::open();
+    world.authorize_gate.store(false, Ordering::SeqCst);
+    let scene = Scene::new(Transport::InProcess, &world, Some("authorize")).await;
+    let order = Order {
+        id: "o-5".into(),
+        amount: 5,
+    };
+    let saga = start(&scene.orchestrator, &scene.orders.db, &order).await;
+    eventually("authorize timed out", WAIT, || async {
+        let instance = scene.orchestrator.instance(&saga).await.unwrap().unwrap();
+        history(&instance).contains(&"authorize action timed_out".to_owned())
+    })
+    .await;
+    // The authorization happens after all, late; its reply changes nothing, and the
+    // compensation undoes it.
+    world.authorize_gate.store(true, Ordering::SeqCst);
+    let instance = finished(&scene.orchestrator, &saga).await;
+    assert_eq!(instance.status, SagaStatus::Compensated);
+    assert_eq!(
+        world.log(),
+        ["Reserve o-5", "Authorize o-5", "Void o-5", "Release o-5"]
+    );
+}
+
 const KILLED_MID_SAGA: &str = "saga::an_orchestrator_killed_mid_saga_resumes_and_finishes";
 
 #[tokio::test]
@@ -382,7 +419,7 @@ async fn an_orchestrator_killed_mid_saga_resumes_and_finishes() {
         let bus = Bus::rabbitmq("orders", rabbitmq_options(&env("TEST_EXCHANGE")))
             .await
             .unwrap();
-        let orchestrator = Orchestrator::new(&bus, &db, order_saga(WAIT));
+        let orchestrator = Orchestrator::new(&bus, &db, order_saga(None)).unwrap();
         let shutdown = Shutdown::new();
         orchestrate(&orchestrator, &bus, &db, &env("TEST_GROUP"), &shutdown).await;
         println!("child: orchestrating");
@@ -399,7 +436,7 @@ async fn an_orchestrator_killed_mid_saga_resumes_and_finishes() {
         let _participants = participants(&bus, &world, &shutdown).await;
         let orders = TestDb::of(backend).await;
         let group = unique_name("orders");
-        let orchestrator = Orchestrator::new(&bus, &orders.db, order_saga(WAIT));
+        let orchestrator = Orchestrator::new(&bus, &orders.db, order_saga(None)).unwrap();
         // The reply queue exists before any reply is sent.
         let consumer = orchestrator.consumer(&group).await.unwrap();
 
@@ -448,4 +485,51 @@ async fn an_orchestrator_killed_mid_saga_resumes_and_finishes() {
         assert_eq!(rows, 0, "{backend:?}: nothing left to relay");
         shutdown.trigger();
     }
+}
+
+#[tokio::test]
+async fn a_saga_that_no_longer_fits_its_definition_is_marked_failed_not_a_panic() {
+    let bus = bus(Transport::InProcess, "orders").await;
+    let orders = TestDb::sqlite().await;
+    let orchestrator = Orchestrator::new(&bus, &orders.db, order_saga(Some("reserve"))).unwrap();
+    let order = Order {
+        id: "o-6".into(),
+        amount: 5,
+    };
+    let (past_the_end, damaged) = (
+        start(&orchestrator, &orders.db, &order).await,
+        start(&orchestrator, &orders.db, &order).await,
+    );
+    // As after a deploy that dropped steps, and after someone edited a row by hand.
+    for (id, change) in [
+        (
+            &past_the_end,
+            "UPDATE keel_sagas SET step = 7 WHERE id = $1",
+        ),
+        (
+            &damaged,
+            "UPDATE keel_sagas SET status = 'sideways' WHERE id = $1",
+        ),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(change))
+            .bind(id)
+            .execute(orders.db.pool())
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    orchestrator.sweep_once().await.unwrap();
+    for id in [&past_the_end, &damaged] {
+        let instance = orchestrator.instance(id).await;
+        let status: String = sqlx::query_scalar("SELECT status FROM keel_sagas WHERE id = $1")
+            .bind(id)
+            .fetch_one(orders.db.pool())
+            .await
+            .unwrap();
+        assert_eq!(status, "failed", "{instance:?}");
+    }
+    assert!(
+        Orchestrator::new(&bus, &orders.db, Saga::<Order>::new("Order Saga")).is_err(),
+        "a name that cannot be an event type"
+    );
 }
