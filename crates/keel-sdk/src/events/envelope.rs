@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 /// An event or command the code publishes or consumes.
 ///
 /// ```ignore
-/// #[derive(Serialize, Deserialize)]
+/// #[derive(Serialize, Deserialize, JsonSchema)]
 /// struct OrderPlaced { order_id: String, total: i64 }
 ///
 /// impl Event for OrderPlaced {
@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 ///     fn key(&self) -> String { self.order_id.clone() }
 /// }
 /// ```
-pub trait Event: Serialize + DeserializeOwned + Send + Sync + 'static {
+pub trait Event:
+    Serialize + DeserializeOwned + schemars::JsonSchema + Send + Sync + 'static
+{
     /// The CloudEvents `type`, `keel.<service>.<event>.v1` by convention; a new version of
     /// an event's shape gets a new type, so old and new consumers can coexist.
     const TYPE: &'static str;
@@ -176,7 +178,7 @@ impl Envelope {
 mod tests {
     use super::*;
 
-    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    #[derive(Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
     struct Placed {
         order: String,
         total: i64,

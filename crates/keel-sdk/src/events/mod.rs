@@ -16,6 +16,7 @@
 //! - A command is an event with one consuming group: [`Bus::send`] fails when no group
 //!   has ever bound its type, where [`Bus::publish`] lets an event go unheard.
 
+pub mod asyncapi;
 pub(crate) mod consumer;
 mod envelope;
 mod in_process;
@@ -85,7 +86,7 @@ impl Outgoing {
 
 /// The answer to a command sent with a return address ([`Bus::reply`]): whether it was
 /// done, why not, and what the sender may need from it (a reservation's id, say).
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
 pub struct Reply {
     pub ok: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -149,7 +149,7 @@ pub fn run(consumer: Consumer) -> Running {
     Running { stats, shutdown }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct Deposited {
     pub account: String,
     pub seq: i64,

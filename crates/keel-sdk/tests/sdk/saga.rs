@@ -30,7 +30,7 @@ struct Order {
 
 macro_rules! command {
     ($name:ident, $type:literal) => {
-        #[derive(Debug, Clone, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
         struct $name {
             order: String,
             amount: i64,

@@ -1,0 +1,4 @@
+CREATE TABLE greetings (
+    name TEXT PRIMARY KEY,
+    times INTEGER NOT NULL
+);
