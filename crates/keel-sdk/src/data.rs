@@ -35,6 +35,14 @@ pub struct Migrations {
 }
 
 impl Migrations {
+    /// No tables of the service's own (only the SDK's: outbox, inbox, sagas).
+    pub fn none() -> Self {
+        Self {
+            postgres: Migrator::with_migrations(Vec::new()),
+            sqlite: Migrator::with_migrations(Vec::new()),
+        }
+    }
+
     fn for_backend(&self, backend: Backend) -> &Migrator {
         match backend {
             Backend::Postgres => &self.postgres,

@@ -30,13 +30,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use axum::response::{IntoResponse, Response};
 use futures_util::future::BoxFuture;
 use keel_jwt::{Verifier, VerifierConfig};
 use keel_registry::client::{DiscoveryView, Registrar, RegistryClient, ttl_registration};
 use keel_runtime::http::{BindError, HttpServerConfig};
-use keel_runtime::{Health, HttpServer, Secret, Shutdown};
+use keel_runtime::{Health, HttpServer, Problem, Secret, Shutdown};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::Caller;
 use crate::data::{Database, DbError, Migrations};
 use crate::events::{Bus, BusError, Consumer, RabbitMqOptions};
 
@@ -127,6 +129,9 @@ pub struct Service {
     health: Health,
     router: Router,
     workers: Vec<(String, Worker)>,
+    /// The consumer groups of this service's consumers, whose dead letters the admin
+    /// endpoints show.
+    groups: Vec<String>,
 }
 
 impl Service {
@@ -206,6 +211,7 @@ impl Service {
             health,
             router: Router::new(),
             workers: Vec::new(),
+            groups: Vec::new(),
         };
         let relay = service.bus.relay(&service.db);
         service = service.worker("outbox relay", move |shutdown| relay.run(shutdown));
@@ -269,8 +275,12 @@ impl Service {
         self.http(router)
     }
 
-    /// Runs `consumer` beside the HTTP server.
-    pub fn consumer(self, consumer: Consumer) -> Self {
+    /// Runs `consumer` beside the HTTP server; its dead letters appear under
+    /// `/admin/dead-letters/<group>`.
+    pub fn consumer(mut self, consumer: Consumer) -> Self {
+        if !self.groups.iter().any(|group| group == consumer.group()) {
+            self.groups.push(consumer.group().to_owned());
+        }
         self.worker("consumer", move |shutdown| consumer.run(shutdown))
     }
 
@@ -290,7 +300,13 @@ impl Service {
     }
 
     /// Binds the listen address with the standard HTTP stack around the routes.
-    pub async fn bind(self) -> Result<RunningService, ServiceError> {
+    pub async fn bind(mut self) -> Result<RunningService, ServiceError> {
+        if let Some(verifier) = self.verifier.clone() {
+            let admin = dead_letter_admin(self.bus.clone(), self.groups.clone()).layer(
+                axum::middleware::from_fn_with_state(verifier, crate::auth::authenticate),
+            );
+            self.router = self.router.merge(admin);
+        }
         let server = HttpServer::bind(
             &self.name,
             self.config.listen,
@@ -309,6 +325,62 @@ impl Service {
             workers: self.workers,
         })
     }
+}
+
+/// `GET /admin/dead-letters/{group}?limit=N` lists a group's dead letters;
+/// `POST /admin/dead-letters/{group}/replay?id=ID` replays one (or, without `id`, all).
+/// For callers with the `admin` role; only the groups of this service's consumers.
+fn dead_letter_admin(bus: Bus, groups: Vec<String>) -> Router {
+    use axum::extract::{Path, Query};
+
+    #[derive(Deserialize)]
+    struct Params {
+        limit: Option<usize>,
+        id: Option<String>,
+    }
+
+    let groups = Arc::new(groups);
+    // Why the caller may not see `group`'s dead letters, if they may not.
+    let refusal = move |caller: &Caller, group: &str| -> Option<Response> {
+        if let Err(denied) = caller.require_role("admin") {
+            return Some(denied.into_response());
+        }
+        let known = groups.iter().any(|known| known == group);
+        (!known)
+            .then(|| Problem::not_found(format!("no consumer group {group} here")).into_response())
+    };
+    let answer = |result: Result<serde_json::Value, BusError>| match result {
+        Ok(body) => axum::Json(body).into_response(),
+        Err(error) => Problem::unavailable(error.to_string()).into_response(),
+    };
+    let (list_bus, list_refusal) = (bus.clone(), refusal.clone());
+    let list = move |caller: Caller, Path(group): Path<String>, Query(params): Query<Params>| {
+        let (bus, refusal) = (list_bus.clone(), list_refusal.clone());
+        async move {
+            if let Some(refusal) = refusal(&caller, &group) {
+                return refusal;
+            }
+            let limit = params.limit.unwrap_or(100).min(1000);
+            let letters = bus.dead_letters(&group, limit).await;
+            answer(letters.map(|letters| serde_json::to_value(letters).unwrap_or_default()))
+        }
+    };
+    let replay = move |caller: Caller, Path(group): Path<String>, Query(params): Query<Params>| {
+        let (bus, refusal) = (bus.clone(), refusal.clone());
+        async move {
+            if let Some(refusal) = refusal(&caller, &group) {
+                return refusal;
+            }
+            let replayed = bus.replay_dead_letters(&group, params.id.as_deref()).await;
+            answer(replayed.map(|replayed| serde_json::json!({ "replayed": replayed })))
+        }
+    };
+    Router::new()
+        .route("/admin/dead-letters/{group}", axum::routing::get(list))
+        .route(
+            "/admin/dead-letters/{group}/replay",
+            axum::routing::post(replay),
+        )
 }
 
 /// A bound service: [`RunningService::run`] serves, registers and runs its workers.

@@ -2,6 +2,7 @@
 
 mod auth_cmd;
 mod config;
+mod events_cmd;
 mod registry_cmd;
 mod up;
 
@@ -45,6 +46,8 @@ enum Command {
     Auth(auth_cmd::AuthArgs),
     /// Print a client-credentials access token (for curl).
     Token(auth_cmd::TokenArgs),
+    /// List or replay the event bus's dead letters.
+    Events(events_cmd::EventsArgs),
     /// Print the effective configuration (secrets redacted).
     Config,
 }
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Up => up::run(config, cli.config.as_deref()).await,
             Command::Registry(args) => registry_cmd::run(args, config).await,
+            Command::Events(args) => events_cmd::run(args).await,
             Command::Gateway => {
                 let shutdown = keel_runtime::Shutdown::new();
                 let source = KeelConfig::gateway_source(cli.config.as_deref());

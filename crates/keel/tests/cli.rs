@@ -353,3 +353,87 @@ fn auth_administers_users_roles_and_clients() {
         assert!(stderr.contains(message), "{args:?}: {stderr}");
     }
 }
+
+/// An event no consumer accepts, to make dead letters of.
+#[derive(serde::Serialize, serde::Deserialize, schemars::JsonSchema)]
+struct Doomed {
+    id: String,
+}
+
+impl keel_sdk::Event for Doomed {
+    const TYPE: &'static str = "keel.test.doomed.v1";
+    fn key(&self) -> String {
+        self.id.clone()
+    }
+}
+
+struct Refuse;
+
+impl keel_sdk::Handler<Doomed> for Refuse {
+    async fn handle(
+        &self,
+        _: &mut keel_sdk::Tx,
+        _: keel_sdk::Received<Doomed>,
+    ) -> Result<(), keel_sdk::HandlerError> {
+        Err(keel_sdk::HandlerError::reject("refused by the test"))
+    }
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_and_replayed_from_the_command_line() {
+    use keel_sdk::events::{Bus, RabbitMqOptions};
+
+    if !keel_testkit::require(keel_testkit::Service::RabbitMq) {
+        return;
+    }
+    let options = RabbitMqOptions {
+        exchange: keel_testkit::unique_name("keel-cli"),
+        queue_expiry: Some(Duration::from_secs(120)),
+        ..RabbitMqOptions::default()
+    };
+    let bus = Bus::rabbitmq("cli-test", options).await.unwrap();
+    let file = TestSqlite::new("keel-cli-events");
+    let db = keel_sdk::Database::connect(&file.url(), &keel_sdk::Migrations::none())
+        .await
+        .unwrap();
+    let group = keel_testkit::unique_name("ledger");
+    let consumer = bus
+        .consumer(&group, &db)
+        .on::<Doomed, _>(Refuse)
+        .start()
+        .await
+        .unwrap();
+    let stats = consumer.stats();
+    let shutdown = keel_runtime::Shutdown::new();
+    let running = tokio::spawn(consumer.run(shutdown.clone()));
+    bus.publish(&Doomed { id: "d-1".into() }).await.unwrap();
+    for _ in 0..200 {
+        if stats
+            .dead_lettered
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    // Stopped, so that the replayed message stays on the queue to be seen there.
+    shutdown.trigger();
+    running.await.unwrap();
+
+    let cli = |args: &[&str]| {
+        let output = keel().arg("events").args(args).output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let listed = cli(&["dead-letters", "--group", &group]);
+    let letter: serde_json::Value = serde_json::from_str(listed.trim()).unwrap();
+    assert_eq!(letter["error"], "refused by the test");
+    assert_eq!(letter["event_type"], "keel.test.doomed.v1");
+    assert_eq!(cli(&["replay", "--group", &group]).trim(), "replayed 1");
+    assert!(bus.dead_letters(&group, 10).await.unwrap().is_empty());
+}

@@ -296,6 +296,11 @@ pub struct Consumer {
 }
 
 impl Consumer {
+    /// The consumer group this consumer belongs to.
+    pub fn group(&self) -> &str {
+        &self.core.group
+    }
+
     pub fn stats(&self) -> Arc<ConsumerStats> {
         self.core.stats.clone()
     }

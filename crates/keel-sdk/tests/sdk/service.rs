@@ -134,3 +134,100 @@ async fn a_worker_that_dies_stops_the_service() {
     );
     assert!(shutdown.is_triggered());
 }
+
+/// Refuses every deposit: straight to the dead letters.
+struct Refuse;
+
+impl keel_sdk::Handler<crate::helpers::Deposited> for Refuse {
+    async fn handle(
+        &self,
+        _: &mut keel_sdk::Tx,
+        _: keel_sdk::Received<crate::helpers::Deposited>,
+    ) -> Result<(), keel_sdk::HandlerError> {
+        Err(keel_sdk::HandlerError::reject("closed"))
+    }
+}
+
+#[tokio::test]
+async fn admins_list_and_replay_a_groups_dead_letters_over_http() {
+    let issuer = keel_jwt::testing::TestIssuer::start().await;
+    let file = TestSqlite::new("keel-sdk-service");
+    let config = ServiceConfig {
+        database: Some(Secret::new(file.url())),
+        auth: Some(keel_sdk::service::ServiceAuthConfig {
+            issuer: issuer.issuer().to_owned(),
+            audiences: vec![keel_jwt::testing::AUDIENCE.to_owned()],
+        }),
+        ..ServiceConfig::default()
+    };
+    let shutdown = Shutdown::new();
+    let service = Service::connect("ledger", &config, &MIGRATIONS, None, &shutdown)
+        .await
+        .unwrap();
+    let bus = service.bus().clone();
+    let consumer = bus
+        .consumer("ledger", service.db())
+        .on::<crate::helpers::Deposited, _>(Refuse)
+        .start()
+        .await
+        .unwrap();
+    let stats = consumer.stats();
+    let running = service.consumer(consumer).bind().await.unwrap();
+    let base = format!("http://{}", running.local_addr());
+    tokio::spawn(running.run(shutdown.clone()));
+    bus.publish(&crate::helpers::deposit("a", 1, 5))
+        .await
+        .unwrap();
+    eventually("dead-lettered", Duration::from_secs(5), || async {
+        stats
+            .dead_lettered
+            .load(std::sync::atomic::Ordering::Relaxed)
+            == 1
+    })
+    .await;
+
+    let admin = issuer.mint(serde_json::json!({"roles": ["admin"]}));
+    let customer = issuer.mint(serde_json::json!({"roles": ["customer"]}));
+    let http = reqwest::Client::new();
+    let list = |token: Option<&str>, group: &str| {
+        let mut request = http.get(format!("{base}/admin/dead-letters/{group}"));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        request.send()
+    };
+    assert_eq!(list(None, "ledger").await.unwrap().status(), 401);
+    assert_eq!(list(Some(&customer), "ledger").await.unwrap().status(), 403);
+    assert_eq!(list(Some(&admin), "billing").await.unwrap().status(), 404);
+    let letters: serde_json::Value = list(Some(&admin), "ledger")
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(letters[0]["error"], "closed", "{letters}");
+    let id = letters[0]["id"].as_str().unwrap().to_owned();
+
+    let replayed: serde_json::Value = http
+        .post(format!("{base}/admin/dead-letters/ledger/replay?id={id}"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(replayed["replayed"], 1);
+    eventually(
+        "refused again after the replay",
+        Duration::from_secs(5),
+        || async {
+            stats
+                .dead_lettered
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 2
+        },
+    )
+    .await;
+    shutdown.trigger();
+}

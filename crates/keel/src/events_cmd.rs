@@ -1,0 +1,62 @@
+//! `keel events`: the event bus's dead letters, listed and replayed from the command line
+//! (RabbitMQ; an in-process bus's dead letters live in its service, under
+//! `/admin/dead-letters/<group>`).
+
+use clap::{Args, Subcommand};
+use keel_runtime::Secret;
+use keel_sdk::events::{Bus, RabbitMqOptions};
+
+#[derive(Debug, Args)]
+pub struct EventsArgs {
+    #[command(subcommand)]
+    command: EventsCommand,
+    /// The broker, `amqp://user:password@host:5672/%2f` (from the environment, so the
+    /// password stays out of the process list).
+    #[arg(
+        long,
+        env = "KEEL_RABBITMQ_URL",
+        hide_env_values = true,
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    url: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum EventsCommand {
+    /// List a consumer group's dead letters, oldest first, one JSON object per line.
+    DeadLetters {
+        /// The consumer group (usually the consuming service's name).
+        #[arg(long)]
+        group: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+    },
+    /// Put a consumer group's dead letters back on its queue as first attempts.
+    Replay {
+        #[arg(long)]
+        group: String,
+        /// Only the dead letter with this envelope id (default: all of them).
+        #[arg(long)]
+        id: Option<String>,
+    },
+}
+
+pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
+    let options = RabbitMqOptions {
+        url: Secret::new(args.url),
+        ..RabbitMqOptions::default()
+    };
+    let bus = Bus::rabbitmq("keel-cli", options).await?;
+    match args.command {
+        EventsCommand::DeadLetters { group, limit } => {
+            for letter in bus.dead_letters(&group, limit).await? {
+                println!("{}", serde_json::to_string(&letter)?);
+            }
+        }
+        EventsCommand::Replay { group, id } => {
+            let replayed = bus.replay_dead_letters(&group, id.as_deref()).await?;
+            println!("replayed {replayed}");
+        }
+    }
+    Ok(())
+}
