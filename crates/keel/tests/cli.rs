@@ -389,6 +389,7 @@ async fn dead_letters_are_listed_and_replayed_from_the_command_line() {
     let options = RabbitMqOptions {
         exchange: keel_testkit::unique_name("keel-cli"),
         queue_expiry: Some(Duration::from_secs(120)),
+        auto_delete_exchange: true,
         ..RabbitMqOptions::default()
     };
     let bus = Bus::rabbitmq("cli-test", options).await.unwrap();

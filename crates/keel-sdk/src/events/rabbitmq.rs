@@ -63,6 +63,10 @@ pub struct RabbitMqOptions {
     /// default. Tests set it so that their queues do not pile up on a shared broker.
     #[serde(with = "humantime_serde")]
     pub queue_expiry: Option<Duration>,
+    /// Declares the exchange auto-delete: the broker removes it once its last binding
+    /// goes (with `queue_expiry`, when every group's queues have expired). Tests use it on
+    /// the shared broker; off by default.
+    pub auto_delete_exchange: bool,
     /// How long connecting, or a publish and its confirm, may take (a broker under a
     /// resource alarm blocks publishers); then the channel is dropped and the caller gets
     /// [`BusError::Timeout`].
@@ -77,6 +81,7 @@ impl Default for RabbitMqOptions {
             exchange: "keel.events".to_owned(),
             prefetch: 2,
             queue_expiry: None,
+            auto_delete_exchange: false,
             timeout: Duration::from_secs(10),
         }
     }
@@ -139,6 +144,7 @@ impl RabbitMq {
                 ExchangeKind::Topic,
                 ExchangeDeclareOptions {
                     durable: true,
+                    auto_delete: self.inner.options.auto_delete_exchange,
                     ..ExchangeDeclareOptions::default()
                 },
                 FieldTable::default(),

@@ -88,6 +88,7 @@ pub fn rabbitmq_options(exchange: &str) -> RabbitMqOptions {
     RabbitMqOptions {
         exchange: exchange.to_owned(),
         queue_expiry: Some(Duration::from_secs(120)),
+        auto_delete_exchange: true,
         ..RabbitMqOptions::default()
     }
 }
