@@ -10,6 +10,7 @@
 //! queue are the bulkhead. Calls carry the current `traceparent` and `x-request-id`.
 //! Failures are typed ([`CallError`]) so callers can decide what to do.
 
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -91,6 +92,13 @@ pub enum CallError {
         service: String,
         answer: Box<Answer>,
     },
+    /// A gRPC status other than OK (after any retries).
+    #[error("{service} answered {code:?}: {message}")]
+    Status {
+        service: String,
+        code: tonic::Code,
+        message: String,
+    },
     #[error("{service}: the answer is not what was expected: {reason}")]
     Decode { service: String, reason: String },
     #[error("the request cannot be built: {0}")]
@@ -160,6 +168,18 @@ struct Inner {
     breaker: Arc<CircuitBreaker>,
     budget: RetryBudget,
     stats: StatsDirectory,
+    /// gRPC channels by instance base URL.
+    channels: Mutex<std::collections::HashMap<String, tonic::transport::Channel>>,
+}
+
+/// How one attempt ended, as the retry loop judges it.
+enum Tried<T> {
+    /// The answer to return.
+    Answer(T),
+    /// The instance failed: counted against it, and tried elsewhere when `retriable`.
+    Failed { retriable: bool, error: CallError },
+    /// An error to return that says nothing against the instance.
+    Final(CallError),
 }
 
 /// Why one exchange with an instance did not give an answer.
@@ -245,6 +265,7 @@ impl ServiceClient {
                 breaker: Arc::new(CircuitBreaker::new(options.breaker.clone())),
                 options,
                 stats,
+                channels: Mutex::default(),
             }),
         })
     }
@@ -286,7 +307,6 @@ impl ServiceClient {
     /// 500 is an answer (a 4xx is the caller's to judge), 5xx after the last attempt is
     /// [`CallError::Upstream`].
     pub async fn call(&self, mut call: Call) -> Result<Answer, CallError> {
-        let inner = &self.inner;
         // Appended to the instance's base URL: anything but an absolute path (`@host`,
         // `//host`) could send the request, and its token, somewhere else.
         if !call.path.starts_with('/') || call.path.starts_with("//") {
@@ -295,19 +315,127 @@ impl ServiceClient {
                 call.path.chars().take(100).collect::<String>()
             )));
         }
-        let started = Instant::now();
-        let deadline = started + inner.options.timeout;
         propagate(&mut call.headers);
+        let idempotent = is_idempotent(&call.method);
+        let retry = &self.inner.options.retry;
+        let call = &call;
+        self.guarded(idempotent, |endpoint| async move {
+            match self.send(&endpoint, call).await {
+                Ok(answer) if answer.status.is_server_error() => Tried::Failed {
+                    retriable: idempotent && retry.retries_status(answer.status.as_u16()),
+                    error: self.upstream(answer),
+                },
+                Ok(answer) => Tried::Answer(answer),
+                Err(SendError::TooLarge) => Tried::Final(CallError::TooLarge {
+                    service: self.inner.service.clone(),
+                    limit: self.inner.options.max_body_bytes,
+                }),
+                // Never sent: safe to send elsewhere whatever the method.
+                Err(SendError::Http(error)) if error.is_connect() => Tried::Failed {
+                    retriable: true,
+                    error: self.unavailable(&error.to_string()),
+                },
+                Err(SendError::Http(error)) => Tried::Failed {
+                    retriable: idempotent,
+                    error: self.unavailable(&error.to_string()),
+                },
+            }
+        })
+        .await
+    }
+
+    /// Calls the unary gRPC method `path` (`/package.Service/Method`) with `request`, with
+    /// the same deadline, balancing, breaker and outlier detection as [`Self::call`].
+    /// Retried on another instance only when the attempt surely did nothing: the
+    /// connection failed, or the instance answered `UNAVAILABLE`. A status other than OK
+    /// is [`CallError::Status`].
+    pub async fn unary<Req, Resp>(&self, path: &str, request: Req) -> Result<Resp, CallError>
+    where
+        Req: prost::Message + Clone + Send + Sync + 'static,
+        Resp: prost::Message + Default + Send + 'static,
+    {
+        let method = path
+            .strip_prefix('/')
+            .filter(|rest| rest.split('/').count() == 2 && !rest.contains("//"))
+            .and_then(|_| http::uri::PathAndQuery::try_from(path).ok())
+            .ok_or_else(|| {
+                CallError::Request(format!(
+                    "{path:?} is not a gRPC method path (/package.Service/Method)"
+                ))
+            })?;
+        let mut headers = HeaderMap::new();
+        propagate(&mut headers);
+        let metadata = tonic::metadata::MetadataMap::from_headers(headers);
+        let (method, metadata, request) = (&method, &metadata, &request);
+        self.guarded(true, |endpoint| async move {
+            let mut grpc = tonic::client::Grpc::new(self.channel(&endpoint));
+            if let Err(error) = grpc.ready().await {
+                return Tried::Failed {
+                    retriable: true,
+                    error: self.unavailable(&error.to_string()),
+                };
+            }
+            let mut call = tonic::Request::new(request.clone());
+            *call.metadata_mut() = metadata.clone();
+            let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
+            match grpc.unary(call, method.clone(), codec).await {
+                Ok(response) => Tried::Answer(response.into_inner()),
+                Err(status) => {
+                    let error = CallError::Status {
+                        service: self.inner.service.clone(),
+                        code: status.code(),
+                        message: status.message().chars().take(1024).collect(),
+                    };
+                    match status.code() {
+                        tonic::Code::Unavailable => Tried::Failed {
+                            retriable: true,
+                            error,
+                        },
+                        // The instance's failure, not the request's.
+                        tonic::Code::Unknown
+                        | tonic::Code::Internal
+                        | tonic::Code::DataLoss
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::ResourceExhausted => Tried::Failed {
+                            retriable: false,
+                            error,
+                        },
+                        _ => Tried::Final(error),
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    /// Runs `attempt` on instances under the call's deadline, the breaker (one permit
+    /// per call) and the retry budget.
+    async fn guarded<T, F, Fut>(&self, idempotent: bool, attempt: F) -> Result<T, CallError>
+    where
+        F: FnMut(Endpoint) -> Fut,
+        Fut: Future<Output = Tried<T>>,
+    {
+        let inner = &self.inner;
+        let deadline = Instant::now() + inner.options.timeout;
         let permit = inner
             .breaker
             .acquire(deadline, now_nanos())
             .await
             .map_err(|refusal| self.refused(refusal))?;
         inner.budget.deposit_at(now_nanos() / 1_000_000_000);
-        let result = self.attempts(&call, deadline).await;
+        let result = self.attempts(idempotent, deadline, attempt).await;
         let failed = match &result {
             Ok(_) | Err(CallError::TooLarge { .. }) => Some(false),
             Err(CallError::Upstream { answer, .. }) => Some(answer.status.is_server_error()),
+            Err(CallError::Status { code, .. }) => Some(matches!(
+                code,
+                tonic::Code::Unavailable
+                    | tonic::Code::Unknown
+                    | tonic::Code::Internal
+                    | tonic::Code::DataLoss
+                    | tonic::Code::DeadlineExceeded
+                    | tonic::Code::ResourceExhausted
+            )),
             // Nothing reached the service (no instance known): not its failure.
             Err(CallError::Unavailable { reached: false, .. }) => None,
             Err(_) => Some(true),
@@ -333,20 +461,28 @@ impl ServiceClient {
         }
     }
 
-    async fn attempts(&self, call: &Call, deadline: Instant) -> Result<Answer, CallError> {
+    async fn attempts<T, F, Fut>(
+        &self,
+        idempotent: bool,
+        deadline: Instant,
+        mut attempt: F,
+    ) -> Result<T, CallError>
+    where
+        F: FnMut(Endpoint) -> Fut,
+        Fut: Future<Output = Tried<T>>,
+    {
         let inner = &self.inner;
         let retry = &inner.options.retry;
-        let idempotent = is_idempotent(&call.method);
         // One set for the whole call: `tried` holds indexes into it.
         let set = self.endpoints();
         let mut tried = Vec::new();
         let mut last: Option<CallError> = None;
-        for attempt in 0..=retry.attempts {
-            if attempt > 0 {
+        for round in 0..=retry.attempts {
+            if round > 0 {
                 if !inner.budget.withdraw() {
                     break;
                 }
-                let pause = retry.backoff(attempt);
+                let pause = retry.backoff(round);
                 if Instant::now() + pause >= deadline {
                     break;
                 }
@@ -375,36 +511,23 @@ impl ServiceClient {
             let outcome = {
                 let _in_flight = endpoint.stats.start();
                 let sent = Instant::now();
-                let outcome = tokio::time::timeout(per_try, self.send(endpoint, call)).await;
+                let outcome = tokio::time::timeout(per_try, attempt(endpoint.clone())).await;
                 endpoint.stats.observe_latency(sent.elapsed(), now_nanos());
                 outcome
             };
             // Whether another attempt may follow, and what this one leaves as the error.
             let (retriable, error) = match outcome {
-                Ok(Ok(answer)) if answer.status.is_server_error() => {
-                    self.failed(&set, endpoint);
-                    let retriable = idempotent && retry.retries_status(answer.status.as_u16());
-                    (retriable, self.upstream(answer))
-                }
-                Ok(Ok(answer)) => {
+                Ok(Tried::Answer(answer)) => {
                     endpoint.stats.record_success();
                     return Ok(answer);
                 }
-                // Never sent: safe to send elsewhere whatever the method.
-                Ok(Err(SendError::TooLarge)) => {
+                Ok(Tried::Final(error)) => {
                     endpoint.stats.record_success();
-                    return Err(CallError::TooLarge {
-                        service: inner.service.clone(),
-                        limit: inner.options.max_body_bytes,
-                    });
+                    return Err(error);
                 }
-                Ok(Err(SendError::Http(error))) if error.is_connect() => {
+                Ok(Tried::Failed { retriable, error }) => {
                     self.failed(&set, endpoint);
-                    (true, self.unavailable(&error.to_string()))
-                }
-                Ok(Err(SendError::Http(error))) => {
-                    self.failed(&set, endpoint);
-                    (idempotent, self.unavailable(&error.to_string()))
+                    (retriable, error)
                 }
                 Err(_elapsed) => {
                     if !cut_short {
@@ -423,6 +546,35 @@ impl ServiceClient {
             }
         }
         Err(last.unwrap_or_else(|| self.unavailable("every instance was tried")))
+    }
+
+    /// The instance's gRPC channel: HTTP/2, made on first use and kept (it reconnects by
+    /// itself), shared by every call to the instance.
+    fn channel(&self, endpoint: &Endpoint) -> tonic::transport::Channel {
+        let key = endpoint.base.to_string();
+        let mut channels = self
+            .inner
+            .channels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if channels.len() > 256 {
+            // Instances come and go: forget the channels of the ones no longer listed.
+            let listed: Vec<String> = self
+                .endpoints()
+                .endpoints
+                .iter()
+                .map(|e| e.base.to_string())
+                .collect();
+            channels.retain(|base, _| listed.contains(base));
+        }
+        channels
+            .entry(key)
+            .or_insert_with(|| {
+                tonic::transport::Endpoint::from(endpoint.base.clone())
+                    .connect_timeout(Duration::from_secs(2))
+                    .connect_lazy()
+            })
+            .clone()
     }
 
     async fn send(&self, endpoint: &Endpoint, call: &Call) -> Result<Answer, SendError> {

@@ -10,6 +10,7 @@ mod client;
 mod consumer;
 mod data;
 mod events;
+mod grpc;
 mod guide;
 mod outbox;
 mod saga;

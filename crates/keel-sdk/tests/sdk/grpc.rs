@@ -1,0 +1,217 @@
+//! Unary gRPC calls through the service client against real tonic servers: balancing,
+//! retries of what surely did nothing, statuses, the breaker, metadata carried on.
+
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use futures_util::future::BoxFuture;
+use keel_runtime::resilience::breaker::{BreakerConfig, CircuitState};
+use keel_sdk::client::{CallError, ClientOptions, Instances, ServiceClient};
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct PriceRequest {
+    #[prost(string, tag = "1")]
+    sku: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct PriceReply {
+    #[prost(int64, tag = "1")]
+    cents: i64,
+    #[prost(string, tag = "2")]
+    request_id: String,
+}
+
+const PRICE: &str = "/keel.test.Prices/Price";
+
+/// A `keel.test.Prices` server: answers `Price` with 1250 cents, or with `status` when
+/// set; counts calls.
+#[derive(Clone, Default)]
+struct Prices {
+    hits: Arc<AtomicUsize>,
+    status: Arc<Mutex<Option<tonic::Code>>>,
+}
+
+impl tonic::server::NamedService for Prices {
+    const NAME: &'static str = "keel.test.Prices";
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for Prices {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
+        let prices = self.clone();
+        Box::pin(async move {
+            let method = tower::service_fn(move |request: tonic::Request<PriceRequest>| {
+                let prices = prices.clone();
+                async move {
+                    prices.hits.fetch_add(1, Ordering::SeqCst);
+                    if let Some(code) = *prices.status.lock().unwrap() {
+                        return Err(tonic::Status::new(code, "as the test says"));
+                    }
+                    let request_id = request
+                        .metadata()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    assert_eq!(request.get_ref().sku, "sku-1");
+                    Ok(tonic::Response::new(PriceReply {
+                        cents: 1250,
+                        request_id,
+                    }))
+                }
+            });
+            let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+            Ok(grpc.unary(method, request).await)
+        })
+    }
+}
+
+impl Prices {
+    async fn start(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tonic::transport::Server::builder()
+            .add_service(self.clone())
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+        tokio::spawn(server);
+        format!("http://{addr}")
+    }
+
+    fn hits(&self) -> usize {
+        self.hits.load(Ordering::SeqCst)
+    }
+
+    fn answer(&self, code: Option<tonic::Code>) {
+        *self.status.lock().unwrap() = code;
+    }
+}
+
+fn request() -> PriceRequest {
+    PriceRequest {
+        sku: "sku-1".into(),
+    }
+}
+
+#[tokio::test]
+async fn unary_calls_are_balanced_and_retried_only_when_nothing_happened() {
+    let (a, b) = (Prices::default(), Prices::default());
+    let client = ServiceClient::new(
+        "catalog",
+        Instances::Static(vec![a.start().await, b.start().await]),
+        ClientOptions::default(),
+    )
+    .unwrap();
+    for _ in 0..20 {
+        let reply: PriceReply = client.unary(PRICE, request()).await.unwrap();
+        assert_eq!(reply.cents, 1250);
+    }
+    assert!(a.hits() > 0 && b.hits() > 0, "both instances serve");
+
+    // UNAVAILABLE means not done: tried on the other instance.
+    a.answer(Some(tonic::Code::Unavailable));
+    for _ in 0..10 {
+        let reply: PriceReply = client.unary(PRICE, request()).await.unwrap();
+        assert_eq!(reply.cents, 1250);
+    }
+    // INTERNAL may have done something: not sent again; NOT_FOUND is an answer.
+    let (before_a, before_b) = (a.hits(), b.hits());
+    a.answer(Some(tonic::Code::Internal));
+    b.answer(Some(tonic::Code::Internal));
+    let error = client
+        .unary::<_, PriceReply>(PRICE, request())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            CallError::Status {
+                code: tonic::Code::Internal,
+                ..
+            }
+        ),
+        "{error}"
+    );
+    assert_eq!(a.hits() + b.hits() - before_a - before_b, 1, "sent once");
+    b.answer(Some(tonic::Code::NotFound));
+    a.answer(Some(tonic::Code::NotFound));
+    let error = client
+        .unary::<_, PriceReply>(PRICE, request())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            CallError::Status {
+                code: tonic::Code::NotFound,
+                ..
+            }
+        ),
+        "{error}"
+    );
+}
+
+#[tokio::test]
+async fn a_dead_instance_is_skipped_and_a_failing_service_opens_the_circuit() {
+    let live = Prices::default();
+    let dead = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", listener.local_addr().unwrap())
+    };
+    let client = ServiceClient::new(
+        "catalog",
+        Instances::Static(vec![dead, live.start().await]),
+        ClientOptions {
+            breaker: BreakerConfig {
+                min_requests: 4,
+                ..BreakerConfig::default()
+            },
+            ..ClientOptions::default()
+        },
+    )
+    .unwrap();
+    for _ in 0..10 {
+        let reply: PriceReply = client.unary(PRICE, request()).await.unwrap();
+        assert_eq!(reply.cents, 1250);
+    }
+    assert_eq!(live.hits(), 10);
+
+    // The service fails: the failure rate over the window (10 successes above) passes a
+    // half, and the circuit opens.
+    live.answer(Some(tonic::Code::Internal));
+    for _ in 0..12 {
+        let _ = client.unary::<_, PriceReply>(PRICE, request()).await;
+    }
+    assert_eq!(client.circuit(), CircuitState::Open);
+    let error = client
+        .unary::<_, PriceReply>(PRICE, request())
+        .await
+        .unwrap_err();
+    assert!(matches!(error, CallError::CircuitOpen { .. }), "{error}");
+}
+
+#[tokio::test]
+async fn method_paths_are_checked() {
+    let client = ServiceClient::new(
+        "catalog",
+        Instances::Static(vec!["http://127.0.0.1:9".into()]),
+        ClientOptions::default(),
+    )
+    .unwrap();
+    for path in ["keel.test.Prices/Price", "/Price", "//evil/Price", "/a/b/c"] {
+        let error = client
+            .unary::<_, PriceReply>(path, request())
+            .await
+            .unwrap_err();
+        assert!(matches!(error, CallError::Request(_)), "{path}: {error}");
+    }
+}
