@@ -230,7 +230,25 @@ impl Registrar {
         let service = registration.service.clone();
         let id = registration.id.clone();
         let hook_client = client.clone();
+        let task = tokio::spawn(async move {
+            let mut registered = false;
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    // Stopping first: never a registration once shutdown has begun.
+                    biased;
+                    () = stop.wait() => return,
+                    _ = ticker.tick() => {}
+                }
+                registered = keep_registered(&client, &registration, registered).await;
+            }
+        });
+        // The heartbeat loop ends before the deregistration: a heartbeat still on its way
+        // would otherwise find the instance gone and register it again.
+        let heartbeats = task.abort_handle();
         shutdown.on_shutdown(&format!("deregister {service}/{id}"), async move {
+            heartbeats.abort();
             match hook_client.deregister(&service, &id).await {
                 Ok(()) => tracing::info!(%service, instance = %id, "deregistered"),
                 Err(error) => {
@@ -238,18 +256,7 @@ impl Registrar {
                 }
             }
         });
-        tokio::spawn(async move {
-            let mut registered = false;
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = ticker.tick() => {}
-                    () = stop.wait() => return,
-                }
-                registered = keep_registered(&client, &registration, registered).await;
-            }
-        })
+        task
     }
 }
 

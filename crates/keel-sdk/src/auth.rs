@@ -26,11 +26,20 @@ use keel_runtime::{Problem, Secret};
 use serde::Deserialize;
 
 /// The verified caller of a request: the token's principal, and the token itself (to pass
-/// on when calling another service on the caller's behalf).
-#[derive(Debug, Clone)]
+/// on when calling another service on the caller's behalf; never printed).
+#[derive(Clone)]
 pub struct Caller {
     principal: Arc<Principal>,
     token: Arc<str>,
+}
+
+impl std::fmt::Debug for Caller {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caller")
+            .field("principal", &self.principal)
+            .field("token", &keel_runtime::config::REDACTED)
+            .finish()
+    }
 }
 
 impl Caller {
@@ -179,6 +188,7 @@ pub struct ClientCredentials {
 struct Cached {
     token: String,
     refresh_at: Instant,
+    expires_at: Instant,
 }
 
 #[derive(Deserialize)]
@@ -212,15 +222,27 @@ impl ClientCredentials {
     /// A token to send now.
     pub async fn token(&self) -> Result<String, TokenError> {
         let mut cached = self.cached.lock().await;
+        let now = Instant::now();
         if let Some(cached) = cached.as_ref()
-            && Instant::now() < cached.refresh_at
+            && now < cached.refresh_at
         {
             return Ok(cached.token.clone());
         }
-        let fetched = self.fetch().await?;
-        let token = fetched.token.clone();
-        *cached = Some(fetched);
-        Ok(token)
+        match self.fetch().await {
+            Ok(fetched) => {
+                let token = fetched.token.clone();
+                *cached = Some(fetched);
+                Ok(token)
+            }
+            // An early refresh that failed: the kept token still works until it expires.
+            Err(error) => match cached.as_ref() {
+                Some(kept) if Instant::now() < kept.expires_at => {
+                    tracing::warn!(%error, "token refresh failed; using the current token");
+                    Ok(kept.token.clone())
+                }
+                _ => Err(error),
+            },
+        }
     }
 
     /// Forgets the kept token (after a 401 from a service, say).
@@ -273,11 +295,13 @@ impl ClientCredentials {
                 answer.token_type
             )));
         }
-        let life = Duration::from_secs(answer.expires_in.unwrap_or(60));
+        // Bounded: a zero lifetime would fetch on every call, a huge one overflow.
+        let life = Duration::from_secs(answer.expires_in.unwrap_or(60).clamp(5, 86_400));
         let early = (life / 5).min(Duration::from_secs(60));
         Ok(Cached {
             token: answer.access_token,
             refresh_at: asked + life.saturating_sub(early),
+            expires_at: asked + life,
         })
     }
 }

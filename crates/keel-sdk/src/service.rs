@@ -2,7 +2,7 @@
 //! running service.
 //!
 //! ```ignore
-//! let service = Service::connect("catalog", &config, &MIGRATIONS, &shutdown).await?;
+//! let service = Service::connect("catalog", &config, &MIGRATIONS, None, &shutdown).await?;
 //! let router = routes(service.db().clone(), service.bus().clone());
 //! let consumer = service.bus().consumer("catalog", service.db()).on::<..>(..).start().await?;
 //! let running = service
@@ -16,11 +16,12 @@
 //!
 //! [`Service::connect`] opens the database (created and migrated), the bus, the access-token
 //! verifier and the registry view, as configured; [`Service::bind`] adds `/health/live`,
-//! `/health/ready` (which checks the database), `/metrics` and `/openapi.json`, and binds.
-//! [`RunningService::run`] registers the instance with a TTL check it heartbeats, runs the
-//! outbox relay, the consumers and the workers beside the HTTP server, and on shutdown
-//! drains, stops them and deregisters (the deregistration is a shutdown hook, run by
-//! whoever runs the hooks: `keel up`, or a test). Several instances of one service run
+//! `/health/ready` (which checks the database), `/metrics`, and whichever documents were
+//! given (`/openapi.json`, ...), and binds. [`RunningService::run`] registers the instance
+//! with a TTL check it heartbeats, runs the outbox relay, the consumers and the workers
+//! beside the HTTP server, and on shutdown drains and stops them. The deregistration is a
+//! shutdown hook: whoever owns the shutdown runs the hooks after `run` returns, whether it
+//! returned well or not (see the greetings example). Several instances of one service run
 //! side by side: each registers under its own id.
 
 use std::future::Future;
@@ -171,6 +172,9 @@ impl Service {
             service: name.to_owned(),
             what,
         };
+        if config.heartbeat < Duration::from_millis(100) {
+            return Err(config_error("heartbeat must be at least 100ms".to_owned()));
+        }
         let verifier = match &config.auth {
             Some(auth) => Some(Arc::new(
                 Verifier::new(VerifierConfig::new(&auth.issuer, auth.audiences.clone()))
@@ -342,7 +346,12 @@ fn dead_letter_admin(bus: Bus, groups: Vec<String>) -> Router {
     let groups = Arc::new(groups);
     // Why the caller may not see `group`'s dead letters, if they may not.
     let refusal = move |caller: &Caller, group: &str| -> Option<Response> {
-        if let Err(denied) = caller.require_role("admin") {
+        // Both, as for the authorization server's own admin API: the role alone may sit
+        // in a token the admin gave some other client.
+        let allowed = caller
+            .require_scope("keel-admin")
+            .and_then(|()| caller.require_role("admin"));
+        if let Err(denied) = allowed {
             return Some(denied.into_response());
         }
         let known = groups.iter().any(|known| known == group);
@@ -405,7 +414,8 @@ impl RunningService {
 
     /// Serves until `shutdown`, then drains; an error when a worker stopped first.
     pub async fn run(self, shutdown: Shutdown) -> io::Result<()> {
-        let addr = self.server.local_addr();
+        let server = self.server;
+        let addr = server.local_addr();
         if let Some(client) = &self.registry {
             let host = self.config.advertise.clone().unwrap_or_else(|| {
                 if addr.ip().is_unspecified() {
@@ -433,7 +443,11 @@ impl RunningService {
         for (name, work) in self.workers {
             let failed = failed.clone();
             let worker_shutdown = shutdown.clone();
-            let task = tokio::spawn(work(worker_shutdown.clone()));
+            // The closure itself runs inside the task: a panic there is the worker's too.
+            let task = tokio::spawn({
+                let shutdown = worker_shutdown.clone();
+                async move { work(shutdown).await }
+            });
             tasks.push(tokio::spawn(async move {
                 let ended = task.await;
                 if !worker_shutdown.is_triggered() {
@@ -452,14 +466,18 @@ impl RunningService {
             }
             failure
         };
-        let (served, failure) = tokio::join!(self.server.run(shutdown.clone()), async {
+        let (served, failure) = tokio::join!(server.run(shutdown.clone()), async {
             tokio::select! {
                 failure = watchdog => failure,
                 () = shutdown.wait() => None,
             }
         });
-        for task in tasks {
-            let _ = task.await;
+        // Workers get the drain timeout to stop; one that ignores shutdown is aborted.
+        let drain = self.config.http.drain_timeout;
+        for mut task in tasks {
+            if tokio::time::timeout(drain, &mut task).await.is_err() {
+                task.abort();
+            }
         }
         served?;
         match failure {

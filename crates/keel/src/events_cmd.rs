@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 use keel_runtime::Secret;
 use keel_sdk::events::{Bus, RabbitMqOptions};
 
-#[derive(Debug, Args)]
+#[derive(Args)]
 pub struct EventsArgs {
     #[command(subcommand)]
     command: EventsCommand,
@@ -14,11 +14,31 @@ pub struct EventsArgs {
     /// password stays out of the process list).
     #[arg(
         long,
+        global = true,
         env = "KEEL_RABBITMQ_URL",
         hide_env_values = true,
+        hide_default_value = true,
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     url: String,
+    /// The services' exchange (only declared, as it is, to connect).
+    #[arg(
+        long,
+        global = true,
+        env = "KEEL_RABBITMQ_EXCHANGE",
+        default_value = "keel.events"
+    )]
+    exchange: String,
+}
+
+/// Never the URL: it holds the broker's password.
+impl std::fmt::Debug for EventsArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EventsArgs")
+            .field("command", &self.command)
+            .field("exchange", &self.exchange)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -44,6 +64,7 @@ enum EventsCommand {
 pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
     let options = RabbitMqOptions {
         url: Secret::new(args.url),
+        exchange: args.exchange,
         ..RabbitMqOptions::default()
     };
     let bus = Bus::rabbitmq("keel-cli", options).await?;

@@ -179,8 +179,9 @@ async fn main() -> io::Result<()> {
     shutdown.trigger_on_signals();
     let service = build(&config.greetings, &shutdown).await?;
     println!("greetings listening on http://{}", service.local_addr());
-    service.run(shutdown.clone()).await?;
+    // Hooks (deregistration) and the telemetry flush run however the service ended.
+    let result = service.run(shutdown.clone()).await;
     shutdown.run_hooks(std::time::Duration::from_secs(5)).await;
     telemetry.shutdown();
-    Ok(())
+    result
 }

@@ -50,11 +50,13 @@ impl AsyncApi {
     }
 
     fn with<E: Event>(mut self, sends: bool, receives: bool) -> Self {
-        // Nested types inlined: a `$ref` to the schema's own `$defs` would not resolve from
-        // the document's root.
-        let mut settings = schemars::generate::SchemaSettings::draft2020_12();
+        // AsyncAPI 3.0's default schema format is a superset of Draft 07. Nested types are
+        // inlined; a recursive one cannot be, and its `$ref` points at the document's own
+        // `components/schemas`, where `to_json` moves its definition.
+        let mut settings = schemars::generate::SchemaSettings::draft07();
         settings.inline_subschemas = true;
         settings.meta_schema = None;
+        settings.definitions_path = "/components/schemas".into();
         let schema = settings.into_generator().into_root_schema_for::<E>();
         let schema = serde_json::to_value(schema).unwrap_or(Value::Null);
         let entry = self.types.entry(E::TYPE).or_insert((schema, false, false));
@@ -68,9 +70,28 @@ impl AsyncApi {
         let mut channels = serde_json::Map::new();
         let mut operations = serde_json::Map::new();
         let mut messages = serde_json::Map::new();
+        let mut schemas = serde_json::Map::new();
         for (event_type, (schema, sends, receives)) in &self.types {
-            // Component keys allow letters, digits, `-` and `_` only.
-            let id = event_type.replace('.', "_");
+            // Component keys are letters, digits, `.`, `-` and `_`.
+            let id: String = event_type
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || ".-_".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            let mut schema = schema.clone();
+            if let Some(Value::Object(definitions)) = schema
+                .as_object_mut()
+                .and_then(|object| object.remove("components"))
+                .and_then(|mut components| components.get_mut("schemas").map(Value::take))
+            {
+                schemas.extend(definitions);
+            }
+            let schema = &schema;
             messages.insert(
                 id.clone(),
                 json!({
@@ -106,7 +127,7 @@ impl AsyncApi {
             "defaultContentType": "application/cloudevents+json",
             "channels": channels,
             "operations": operations,
-            "components": { "messages": messages },
+            "components": { "messages": messages, "schemas": schemas },
         })
     }
 }
@@ -169,7 +190,7 @@ mod tests {
             .to_json();
         assert_eq!(document["asyncapi"], "3.0.0");
         assert_eq!(document["info"]["title"], "orders");
-        let id = "keel_orders_order-placed_v1";
+        let id = "keel.orders.order-placed.v1";
         assert_eq!(
             document["channels"][id]["address"],
             "keel.orders.order-placed.v1"
@@ -200,5 +221,38 @@ mod tests {
             "{document}"
         );
         assert_eq!(data["description"], "An order was placed.");
+    }
+
+    /// A tree of categories: a type that refers to itself cannot be inlined.
+    #[derive(Serialize, Deserialize, schemars::JsonSchema)]
+    struct Category {
+        name: String,
+        children: Vec<Category>,
+    }
+
+    impl Event for Category {
+        const TYPE: &'static str = "keel.catalog.category-changed.v1";
+        fn key(&self) -> String {
+            self.name.clone()
+        }
+    }
+
+    #[test]
+    fn a_recursive_type_refers_to_a_definition_the_document_holds() {
+        let document = AsyncApi::new("catalog", "1.0.0")
+            .sends::<Category>()
+            .to_json();
+        let text = document.to_string();
+        let refs: Vec<&str> = text
+            .split("\"$ref\":\"#/")
+            .skip(1)
+            .map(|rest| rest.split('"').next().unwrap_or_default())
+            .collect();
+        assert!(!refs.is_empty(), "{text}");
+        for target in refs {
+            // Each reference resolves from the document's root.
+            let pointer = format!("/{target}");
+            assert!(document.pointer(&pointer).is_some(), "{target} in {text}");
+        }
     }
 }

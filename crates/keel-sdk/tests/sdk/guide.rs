@@ -87,7 +87,7 @@ async fn the_guides_example_service_works_as_the_guide_says() {
 
     let asyncapi: serde_json::Value = get_json(&http, &format!("{base}/asyncapi.json")).await;
     assert_eq!(
-        asyncapi["channels"]["keel_greetings_greeted_v1"]["address"],
+        asyncapi["channels"]["keel.greetings.greeted.v1"]["address"],
         "keel.greetings.greeted.v1"
     );
     let openapi = http

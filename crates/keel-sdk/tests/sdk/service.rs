@@ -186,8 +186,10 @@ async fn admins_list_and_replay_a_groups_dead_letters_over_http() {
     })
     .await;
 
-    let admin = issuer.mint(serde_json::json!({"roles": ["admin"]}));
-    let customer = issuer.mint(serde_json::json!({"roles": ["customer"]}));
+    let admin = issuer.mint(serde_json::json!({"scope": "keel-admin", "roles": ["admin"]}));
+    let customer = issuer.mint(serde_json::json!({"scope": "keel-admin", "roles": ["customer"]}));
+    // The role without the scope: an admin's token given to some other client.
+    let unscoped = issuer.mint(serde_json::json!({"roles": ["admin"]}));
     let http = reqwest::Client::new();
     let list = |token: Option<&str>, group: &str| {
         let mut request = http.get(format!("{base}/admin/dead-letters/{group}"));
@@ -198,6 +200,14 @@ async fn admins_list_and_replay_a_groups_dead_letters_over_http() {
     };
     assert_eq!(list(None, "ledger").await.unwrap().status(), 401);
     assert_eq!(list(Some(&customer), "ledger").await.unwrap().status(), 403);
+    assert_eq!(list(Some(&unscoped), "ledger").await.unwrap().status(), 403);
+    let replay = |token: &str| {
+        http.post(format!("{base}/admin/dead-letters/ledger/replay"))
+            .bearer_auth(token)
+            .send()
+    };
+    assert_eq!(replay(&customer).await.unwrap().status(), 403);
+    assert_eq!(replay(&unscoped).await.unwrap().status(), 403);
     assert_eq!(list(Some(&admin), "billing").await.unwrap().status(), 404);
     let letters: serde_json::Value = list(Some(&admin), "ledger")
         .await
