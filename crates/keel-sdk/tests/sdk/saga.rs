@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use keel_runtime::Shutdown;
-use keel_sdk::data::Database;
+use keel_sdk::data::{Backend, Database};
 use keel_sdk::events::{Bus, Event, Handler, HandlerError, Received, Reply};
 use keel_sdk::saga::{Orchestrator, Saga, SagaInstance, SagaStatus, Step};
 use keel_sdk::{Tx, sqlx};
@@ -230,10 +230,20 @@ struct Scene {
 
 impl Scene {
     async fn new(transport: Transport, world: &World, hasty: Option<&str>) -> Self {
+        Self::on(Backend::Sqlite, transport, world, hasty).await
+    }
+
+    /// The orchestrator's database on `backend`.
+    async fn on(
+        backend: Backend,
+        transport: Transport,
+        world: &World,
+        hasty: Option<&str>,
+    ) -> Self {
         let bus = bus(transport, "orders").await;
         let shutdown = Shutdown::new();
         let participants = participants(&bus, world, &shutdown).await;
-        let orders = TestDb::sqlite().await;
+        let orders = TestDb::of(backend).await;
         let orchestrator = Orchestrator::new(&bus, &orders.db, order_saga(hasty)).unwrap();
         let group = unique_name("orders");
         orchestrate(&orchestrator, &bus, &orders.db, &group, &shutdown).await;
@@ -278,6 +288,19 @@ async fn finished(orchestrator: &Orchestrator<Order>, id: &str) -> SagaInstance 
     orchestrator.instance(id).await.unwrap().unwrap()
 }
 
+/// Every orchestrator backend with every transport.
+fn combinations() -> Vec<(Backend, Transport)> {
+    let transports = transports();
+    backends()
+        .into_iter()
+        .flat_map(|backend| {
+            transports
+                .iter()
+                .map(move |&transport| (backend, transport))
+        })
+        .collect()
+}
+
 /// The history as "step phase outcome" lines.
 fn history(instance: &SagaInstance) -> Vec<String> {
     instance
@@ -289,11 +312,15 @@ fn history(instance: &SagaInstance) -> Vec<String> {
 
 #[tokio::test]
 async fn a_saga_runs_its_steps_in_order_and_completes() {
-    for transport in transports() {
+    for (backend, transport) in combinations() {
         let world = World::open();
-        let scene = Scene::new(transport, &world, None).await;
+        let scene = Scene::on(backend, transport, &world, None).await;
         let instance = scene.run("o-1").await;
-        assert_eq!(instance.status, SagaStatus::Completed, "{transport:?}");
+        assert_eq!(
+            instance.status,
+            SagaStatus::Completed,
+            "{backend:?} {transport:?}"
+        );
         assert_eq!(
             history(&instance),
             [
@@ -304,7 +331,7 @@ async fn a_saga_runs_its_steps_in_order_and_completes() {
                 "capture action sent",
                 "capture action done",
             ],
-            "{transport:?}"
+            "{backend:?} {transport:?}"
         );
         assert_eq!(instance.results["authorize"]["authorization"], "auth-o-1");
         assert_eq!(world.log(), ["Reserve o-1", "Authorize o-1", "Capture o-1"]);
@@ -321,12 +348,16 @@ async fn a_saga_runs_its_steps_in_order_and_completes() {
 
 #[tokio::test]
 async fn a_failing_step_compensates_the_earlier_ones_in_reverse_order() {
-    for transport in transports() {
+    for (backend, transport) in combinations() {
         let world = World::open();
         world.capture_fails.store(true, Ordering::SeqCst);
-        let scene = Scene::new(transport, &world, None).await;
+        let scene = Scene::on(backend, transport, &world, None).await;
         let instance = scene.run("o-2").await;
-        assert_eq!(instance.status, SagaStatus::Compensated, "{transport:?}");
+        assert_eq!(
+            instance.status,
+            SagaStatus::Compensated,
+            "{backend:?} {transport:?}"
+        );
         let error = instance.error.clone().unwrap();
         assert!(
             error.contains("capture failed: the card was declined"),
@@ -342,7 +373,7 @@ async fn a_failing_step_compensates_the_earlier_ones_in_reverse_order() {
                 "Void auth-o-2",
                 "Release o-2",
             ],
-            "{transport:?}"
+            "{backend:?} {transport:?}"
         );
         let history = history(&instance);
         assert_eq!(

@@ -114,7 +114,8 @@ async fn a_worker_that_dies_stops_the_service() {
         ..ServiceConfig::default()
     };
     let shutdown = Shutdown::new();
-    let service = Service::connect("catalog", &config, &MIGRATIONS, None, &shutdown)
+    // Not "catalog": the gauges are process-wide, and the test above looks for its own.
+    let service = Service::connect("importer", &config, &MIGRATIONS, None, &shutdown)
         .await
         .unwrap()
         .worker("importer", |_| async {
