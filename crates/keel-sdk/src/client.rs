@@ -172,6 +172,104 @@ struct Inner {
     channels: Mutex<std::collections::HashMap<String, tonic::transport::Channel>>,
 }
 
+/// A [`ServiceClient`] as a tonic channel; see [`ServiceClient::grpc`].
+#[derive(Clone)]
+pub struct GrpcChannel {
+    client: ServiceClient,
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for GrpcChannel {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = tonic::Status;
+    type Future = futures_util::future::BoxFuture<'static, Result<Self::Response, tonic::Status>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), tonic::Status>> {
+        // Readiness is per instance, known once one is picked.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut request: http::Request<tonic::body::Body>) -> Self::Future {
+        let client = self.client.clone();
+        Box::pin(async move {
+            use tower::ServiceExt;
+
+            let inner = &client.inner;
+            let unavailable = |error: &dyn std::fmt::Display| {
+                tonic::Status::unavailable(format!("{}: {error}", inner.service))
+            };
+            propagate(request.headers_mut());
+            let deadline = Instant::now() + inner.options.timeout;
+            let permit = inner
+                .breaker
+                .acquire(deadline, now_nanos())
+                .await
+                .map_err(|refusal| unavailable(&client.refused(refusal)))?;
+            let set = client.endpoints();
+            let Some(index) = set.pick(&BalanceConfig::LeastRequest, None, &[], now_nanos()) else {
+                return Err(unavailable(&"no instance is registered and passing"));
+            };
+            let endpoint = &set.endpoints[index];
+            let answered = {
+                let _in_flight = endpoint.stats.start();
+                let sent = Instant::now();
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                // Until the response's head: a stream may then run as long as it needs.
+                let call = client.channel(endpoint).oneshot(request);
+                let answered = tokio::time::timeout(remaining, call).await;
+                endpoint.stats.observe_latency(sent.elapsed(), now_nanos());
+                answered
+            };
+            match answered {
+                Ok(Ok(response)) => {
+                    // A status in the head is a trailers-only answer: the call is over.
+                    let code = response
+                        .headers()
+                        .get("grpc-status")
+                        .and_then(|value| value.to_str().ok()?.parse::<i32>().ok())
+                        .map(tonic::Code::from_i32);
+                    let failed = code.is_some_and(instance_failure);
+                    if failed {
+                        client.failed(&set, endpoint);
+                    } else {
+                        endpoint.stats.record_success();
+                    }
+                    permit.record(!failed, now_nanos());
+                    Ok(response.map(tonic::body::Body::new))
+                }
+                Ok(Err(error)) => {
+                    client.failed(&set, endpoint);
+                    permit.record(false, now_nanos());
+                    Err(unavailable(&error))
+                }
+                Err(_elapsed) => {
+                    client.failed(&set, endpoint);
+                    permit.record(false, now_nanos());
+                    Err(tonic::Status::deadline_exceeded(format!(
+                        "{}: no answer within {:?}",
+                        inner.service, inner.options.timeout
+                    )))
+                }
+            }
+        })
+    }
+}
+
+/// gRPC statuses that say the instance failed, not that the request was wrong.
+fn instance_failure(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Internal
+            | tonic::Code::DataLoss
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::ResourceExhausted
+    )
+}
+
 /// How one attempt ended, as the retry loop judges it.
 enum Tried<T> {
     /// The answer to return.
@@ -387,16 +485,12 @@ impl ServiceClient {
                         message: status.message().chars().take(1024).collect(),
                     };
                     match status.code() {
+                        // Not done: safe to try elsewhere.
                         tonic::Code::Unavailable => Tried::Failed {
                             retriable: true,
                             error,
                         },
-                        // The instance's failure, not the request's.
-                        tonic::Code::Unknown
-                        | tonic::Code::Internal
-                        | tonic::Code::DataLoss
-                        | tonic::Code::DeadlineExceeded
-                        | tonic::Code::ResourceExhausted => Tried::Failed {
+                        code if instance_failure(code) => Tried::Failed {
                             retriable: false,
                             error,
                         },
@@ -406,6 +500,17 @@ impl ServiceClient {
             }
         })
         .await
+    }
+
+    /// A gRPC channel to the service for tonic clients, generated ones included, and for
+    /// streaming calls: each call goes to an instance picked as for [`Self::call`], under
+    /// the breaker (a refusal, or no instance, is a `Status` of `UNAVAILABLE`), carrying
+    /// `traceparent` and `x-request-id`. A call's body may be a stream, so it is never sent
+    /// twice: retries are [`Self::unary`]'s.
+    pub fn grpc(&self) -> GrpcChannel {
+        GrpcChannel {
+            client: self.clone(),
+        }
     }
 
     /// Runs `attempt` on instances under the call's deadline, the breaker (one permit
@@ -427,15 +532,7 @@ impl ServiceClient {
         let failed = match &result {
             Ok(_) | Err(CallError::TooLarge { .. }) => Some(false),
             Err(CallError::Upstream { answer, .. }) => Some(answer.status.is_server_error()),
-            Err(CallError::Status { code, .. }) => Some(matches!(
-                code,
-                tonic::Code::Unavailable
-                    | tonic::Code::Unknown
-                    | tonic::Code::Internal
-                    | tonic::Code::DataLoss
-                    | tonic::Code::DeadlineExceeded
-                    | tonic::Code::ResourceExhausted
-            )),
+            Err(CallError::Status { code, .. }) => Some(instance_failure(*code)),
             // Nothing reached the service (no instance known): not its failure.
             Err(CallError::Unavailable { reached: false, .. }) => None,
             Err(_) => Some(true),

@@ -25,6 +25,7 @@ struct PriceReply {
 }
 
 const PRICE: &str = "/keel.test.Prices/Price";
+const TICKS: &str = "/keel.test.Prices/Ticks";
 
 /// A `keel.test.Prices` server: answers `Price` with 1250 cents, or with `status` when
 /// set; counts calls.
@@ -49,6 +50,9 @@ impl tower::Service<http::Request<tonic::body::Body>> for Prices {
 
     fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
         let prices = self.clone();
+        if request.uri().path() == TICKS {
+            return Box::pin(async move { Ok(prices.ticks(request).await) });
+        }
         Box::pin(async move {
             let method = tower::service_fn(move |request: tonic::Request<PriceRequest>| {
                 let prices = prices.clone();
@@ -77,6 +81,31 @@ impl tower::Service<http::Request<tonic::body::Body>> for Prices {
 }
 
 impl Prices {
+    /// `Ticks`: three prices in a stream (or the set status).
+    async fn ticks(
+        self,
+        request: http::Request<tonic::body::Body>,
+    ) -> http::Response<tonic::body::Body> {
+        let method = tower::service_fn(move |_: tonic::Request<PriceRequest>| {
+            let prices = self.clone();
+            async move {
+                prices.hits.fetch_add(1, Ordering::SeqCst);
+                if let Some(code) = *prices.status.lock().unwrap() {
+                    return Err(tonic::Status::new(code, "as the test says"));
+                }
+                let ticks = (1..=3).map(|cents| {
+                    Ok(PriceReply {
+                        cents,
+                        request_id: String::new(),
+                    })
+                });
+                Ok(tonic::Response::new(futures_util::stream::iter(ticks)))
+            }
+        });
+        let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::default());
+        grpc.server_streaming(method, request).await
+    }
+
     async fn start(&self) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -94,6 +123,18 @@ impl Prices {
     fn answer(&self, code: Option<tonic::Code>) {
         *self.status.lock().unwrap() = code;
     }
+}
+
+/// A client whose circuit opens after four calls, most of them failed.
+fn touchy(urls: Vec<String>) -> ServiceClient {
+    let options = ClientOptions {
+        breaker: BreakerConfig {
+            min_requests: 4,
+            ..BreakerConfig::default()
+        },
+        ..ClientOptions::default()
+    };
+    ServiceClient::new("catalog", Instances::Static(urls), options).unwrap()
 }
 
 fn request() -> PriceRequest {
@@ -167,18 +208,7 @@ async fn a_dead_instance_is_skipped_and_a_failing_service_opens_the_circuit() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         format!("http://{}", listener.local_addr().unwrap())
     };
-    let client = ServiceClient::new(
-        "catalog",
-        Instances::Static(vec![dead, live.start().await]),
-        ClientOptions {
-            breaker: BreakerConfig {
-                min_requests: 4,
-                ..BreakerConfig::default()
-            },
-            ..ClientOptions::default()
-        },
-    )
-    .unwrap();
+    let client = touchy(vec![dead, live.start().await]);
     for _ in 0..10 {
         let reply: PriceReply = client.unary(PRICE, request()).await.unwrap();
         assert_eq!(reply.cents, 1250);
@@ -214,4 +244,46 @@ async fn method_paths_are_checked() {
             .unwrap_err();
         assert!(matches!(error, CallError::Request(_)), "{path}: {error}");
     }
+}
+
+#[tokio::test]
+async fn tonic_clients_stream_through_the_channel_and_its_breaker() {
+    use futures_util::StreamExt;
+
+    let (a, b) = (Prices::default(), Prices::default());
+    let client = touchy(vec![a.start().await, b.start().await]);
+    let ticks = |client: ServiceClient| async move {
+        let mut grpc = tonic::client::Grpc::new(client.grpc());
+        grpc.ready().await.unwrap();
+        let path = http::uri::PathAndQuery::from_static(TICKS);
+        let codec = tonic_prost::ProstCodec::<PriceRequest, PriceReply>::default();
+        let stream = grpc
+            .server_streaming(tonic::Request::new(request()), path, codec)
+            .await?;
+        let replies: Vec<_> = stream.into_inner().collect().await;
+        replies
+            .into_iter()
+            .map(|reply| reply.map(|reply| reply.cents))
+            .collect::<Result<Vec<_>, _>>()
+    };
+    for _ in 0..6 {
+        assert_eq!(ticks(client.clone()).await.unwrap(), [1, 2, 3]);
+    }
+    assert!(a.hits() > 0 && b.hits() > 0, "balanced");
+
+    // Both fail: trailers-only INTERNAL answers count against the service.
+    a.answer(Some(tonic::Code::Internal));
+    b.answer(Some(tonic::Code::Internal));
+    for _ in 0..10 {
+        let status = ticks(client.clone()).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::Internal);
+        if client.circuit() == CircuitState::Open {
+            break;
+        }
+    }
+    assert_eq!(client.circuit(), CircuitState::Open);
+    let hits = a.hits() + b.hits();
+    let status = ticks(client.clone()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+    assert_eq!(a.hits() + b.hits(), hits, "an open circuit sends nothing");
 }
