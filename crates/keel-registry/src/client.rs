@@ -230,7 +230,10 @@ impl Registrar {
         let service = registration.service.clone();
         let id = registration.id.clone();
         let hook_client = client.clone();
+        // Dropped when the heartbeat loop ends.
+        let (ended, loop_ended) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
+            let _ended = ended;
             let mut registered = false;
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -244,11 +247,11 @@ impl Registrar {
                 registered = keep_registered(&client, &registration, registered).await;
             }
         });
-        // The heartbeat loop ends before the deregistration: a heartbeat still on its way
-        // would otherwise find the instance gone and register it again.
-        let heartbeats = task.abort_handle();
+        // The heartbeat loop finishes its round (it stops at the next, since shutdown has
+        // begun) before the deregistration: a registration still on its way would
+        // otherwise arrive after it and register the instance again.
         shutdown.on_shutdown(&format!("deregister {service}/{id}"), async move {
-            heartbeats.abort();
+            let _ = tokio::time::timeout(Duration::from_secs(5), loop_ended).await;
             match hook_client.deregister(&service, &id).await {
                 Ok(()) => tracing::info!(%service, instance = %id, "deregistered"),
                 Err(error) => {

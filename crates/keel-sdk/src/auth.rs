@@ -234,10 +234,13 @@ impl ClientCredentials {
                 *cached = Some(fetched);
                 Ok(token)
             }
-            // An early refresh that failed: the kept token still works until it expires.
-            Err(error) => match cached.as_ref() {
+            // An early refresh that failed: the kept token still works until it expires;
+            // the next try waits a few seconds rather than every caller trying in turn.
+            Err(error) => match cached.as_mut() {
                 Some(kept) if Instant::now() < kept.expires_at => {
                     tracing::warn!(%error, "token refresh failed; using the current token");
+                    kept.refresh_at =
+                        (Instant::now() + Duration::from_secs(5)).min(kept.expires_at);
                     Ok(kept.token.clone())
                 }
                 _ => Err(error),
@@ -295,8 +298,9 @@ impl ClientCredentials {
                 answer.token_type
             )));
         }
-        // Bounded: a zero lifetime would fetch on every call, a huge one overflow.
-        let life = Duration::from_secs(answer.expires_in.unwrap_or(60).clamp(5, 86_400));
+        // Bounded: a huge lifetime would overflow; a token is kept a day at most, and
+        // never past its own expiry (a zero lifetime is simply not kept).
+        let life = Duration::from_secs(answer.expires_in.unwrap_or(60).min(86_400));
         let early = (life / 5).min(Duration::from_secs(60));
         Ok(Cached {
             token: answer.access_token,

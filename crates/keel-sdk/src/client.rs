@@ -201,12 +201,26 @@ impl tower::Service<http::Request<tonic::body::Body>> for GrpcChannel {
                 tonic::Status::unavailable(format!("{}: {error}", inner.service))
             };
             propagate(request.headers_mut());
-            let deadline = Instant::now() + inner.options.timeout;
-            let permit = inner
-                .breaker
-                .acquire(deadline, now_nanos())
-                .await
-                .map_err(|refusal| unavailable(&client.refused(refusal)))?;
+            // The caller's own deadline when it set one (a long upload sets a long one).
+            let timeout = request
+                .headers()
+                .get("grpc-timeout")
+                .and_then(|value| grpc_timeout(value.to_str().ok()?))
+                .unwrap_or(inner.options.timeout);
+            let started = Instant::now();
+            let deadline = started + timeout;
+            let permit = match inner.breaker.acquire(deadline, now_nanos()).await {
+                Ok(permit) => permit,
+                Err(Refusal::TimedOut) => {
+                    return Err(tonic::Status::deadline_exceeded(format!(
+                        "{}: no slot within {timeout:?} (bulkhead)",
+                        inner.service
+                    )));
+                }
+                Err(refusal) => return Err(unavailable(&client.refused(refusal))),
+            };
+            // Time spent queueing for a slot is not the instance's to answer for.
+            let queued = started.elapsed() > Duration::from_millis(1);
             let set = client.endpoints();
             let Some(index) = set.pick(&BalanceConfig::LeastRequest, None, &[], now_nanos()) else {
                 return Err(unavailable(&"no instance is registered and passing"));
@@ -224,13 +238,16 @@ impl tower::Service<http::Request<tonic::body::Body>> for GrpcChannel {
             };
             match answered {
                 Ok(Ok(response)) => {
-                    // A status in the head is a trailers-only answer: the call is over.
+                    // A status in the head is a trailers-only answer: the call is over. A
+                    // head that is not HTTP 200 never came from a gRPC server (a proxy's
+                    // 502, say). A failure reported later, in the trailers, is not seen.
                     let code = response
                         .headers()
                         .get("grpc-status")
                         .and_then(|value| value.to_str().ok()?.parse::<i32>().ok())
                         .map(tonic::Code::from_i32);
-                    let failed = code.is_some_and(instance_failure);
+                    let failed = response.status() != http::StatusCode::OK
+                        || code.is_some_and(instance_failure);
                     if failed {
                         client.failed(&set, endpoint);
                     } else {
@@ -245,16 +262,33 @@ impl tower::Service<http::Request<tonic::body::Body>> for GrpcChannel {
                     Err(unavailable(&error))
                 }
                 Err(_elapsed) => {
-                    client.failed(&set, endpoint);
-                    permit.record(false, now_nanos());
+                    if !queued {
+                        client.failed(&set, endpoint);
+                    }
+                    permit.record(queued, now_nanos());
                     Err(tonic::Status::deadline_exceeded(format!(
-                        "{}: no answer within {:?}",
-                        inner.service, inner.options.timeout
+                        "{}: no answer within {timeout:?}",
+                        inner.service
                     )))
                 }
             }
         })
     }
+}
+
+/// A `grpc-timeout` header's value (`<digits><unit>`, gRPC over HTTP/2).
+fn grpc_timeout(value: &str) -> Option<Duration> {
+    let (digits, unit) = value.split_at_checked(value.len().checked_sub(1)?)?;
+    let amount: u64 = digits.parse().ok().filter(|_| digits.len() <= 8)?;
+    Some(match unit {
+        "H" => Duration::from_secs(amount.saturating_mul(3600)),
+        "M" => Duration::from_secs(amount.saturating_mul(60)),
+        "S" => Duration::from_secs(amount),
+        "m" => Duration::from_millis(amount),
+        "u" => Duration::from_micros(amount),
+        "n" => Duration::from_nanos(amount),
+        _ => return None,
+    })
 }
 
 /// gRPC statuses that say the instance failed, not that the request was wrong.
@@ -417,7 +451,7 @@ impl ServiceClient {
         let idempotent = is_idempotent(&call.method);
         let retry = &self.inner.options.retry;
         let call = &call;
-        self.guarded(idempotent, |endpoint| async move {
+        self.guarded(idempotent, |endpoint, _| async move {
             match self.send(&endpoint, call).await {
                 Ok(answer) if answer.status.is_server_error() => Tried::Failed {
                     retriable: idempotent && retry.retries_status(answer.status.as_u16()),
@@ -465,7 +499,8 @@ impl ServiceClient {
         propagate(&mut headers);
         let metadata = tonic::metadata::MetadataMap::from_headers(headers);
         let (method, metadata, request) = (&method, &metadata, &request);
-        self.guarded(true, |endpoint| async move {
+        // Not idempotent as far as anyone knows: a timed-out call may be running still.
+        self.guarded(false, |endpoint, per_try| async move {
             let mut grpc = tonic::client::Grpc::new(self.channel(&endpoint));
             if let Err(error) = grpc.ready().await {
                 return Tried::Failed {
@@ -475,6 +510,8 @@ impl ServiceClient {
             }
             let mut call = tonic::Request::new(request.clone());
             *call.metadata_mut() = metadata.clone();
+            // The instance stops too when the attempt's time is up (`grpc-timeout`).
+            call.set_timeout(per_try);
             let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
             match grpc.unary(call, method.clone(), codec).await {
                 Ok(response) => Tried::Answer(response.into_inner()),
@@ -517,7 +554,7 @@ impl ServiceClient {
     /// per call) and the retry budget.
     async fn guarded<T, F, Fut>(&self, idempotent: bool, attempt: F) -> Result<T, CallError>
     where
-        F: FnMut(Endpoint) -> Fut,
+        F: FnMut(Endpoint, Duration) -> Fut,
         Fut: Future<Output = Tried<T>>,
     {
         let inner = &self.inner;
@@ -565,7 +602,7 @@ impl ServiceClient {
         mut attempt: F,
     ) -> Result<T, CallError>
     where
-        F: FnMut(Endpoint) -> Fut,
+        F: FnMut(Endpoint, Duration) -> Fut,
         Fut: Future<Output = Tried<T>>,
     {
         let inner = &self.inner;
@@ -608,7 +645,8 @@ impl ServiceClient {
             let outcome = {
                 let _in_flight = endpoint.stats.start();
                 let sent = Instant::now();
-                let outcome = tokio::time::timeout(per_try, attempt(endpoint.clone())).await;
+                let outcome =
+                    tokio::time::timeout(per_try, attempt(endpoint.clone(), per_try)).await;
                 endpoint.stats.observe_latency(sent.elapsed(), now_nanos());
                 outcome
             };
@@ -783,5 +821,21 @@ fn propagate(headers: &mut HeaderMap) {
         && let Some(id) = keel_runtime::http::current_request_id()
     {
         headers.insert("x-request-id", id);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_are_read_in_every_unit_and_garbage_is_ignored() {
+        assert_eq!(grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(grpc_timeout("150m"), Some(Duration::from_millis(150)));
+        assert_eq!(grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        for garbage in ["", "S", "12", "1x", "-1S", "123456789S", "1.5S"] {
+            assert_eq!(grpc_timeout(garbage), None, "{garbage:?}");
+        }
     }
 }

@@ -377,19 +377,29 @@ where
         Ok(moved)
     }
 
-    /// Marks saga `id` failed, out of the sweep, for someone to look at.
+    /// Marks saga `id` failed, out of the sweep, for someone to look at; only while it is
+    /// still unfinished (or its status unknown) and overdue, so a transition that moved it
+    /// meanwhile stands.
     async fn mark_failed(&self, id: &str, reason: &str) -> Result<(), SagaError> {
-        sqlx::query(
+        let now = now_millis();
+        let mut tx = self.inner.db.begin().await?;
+        let failed = sqlx::query(
             "UPDATE keel_sagas SET status = $1, error = $2, deadline_at = NULL, \
-             version = version + 1, updated_at = $3 WHERE id = $4 AND saga = $5",
+             version = version + 1, updated_at = $3 WHERE id = $4 AND saga = $5 \
+             AND status NOT IN ('completed', 'compensated', 'failed') AND deadline_at <= $3",
         )
         .bind(SagaStatus::Failed.as_str())
         .bind(reason)
-        .bind(now_millis())
+        .bind(now)
         .bind(id)
         .bind(self.inner.saga.name)
-        .execute(self.inner.db.pool())
+        .execute(&mut *tx)
         .await?;
+        if failed.rows_affected() == 1 {
+            self.record(&mut tx, id, "-", "-", "failed", Some(reason))
+                .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 
@@ -457,6 +467,18 @@ where
         correlation: Option<&Correlation>,
         answer: Answer,
     ) -> Result<Advanced, SagaError> {
+        // Write before reading: SQLite takes its write lock now (waiting for it), where a
+        // transaction that read first would fail with SQLITE_BUSY on its first write;
+        // PostgreSQL locks the row, so concurrent transitions of one saga queue here.
+        let touched =
+            sqlx::query("UPDATE keel_sagas SET version = version WHERE id = $1 AND saga = $2")
+                .bind(id)
+                .bind(self.inner.saga.name)
+                .execute(&mut **tx)
+                .await?;
+        if touched.rows_affected() != 1 {
+            return Ok(Advanced::Nothing);
+        }
         let Some(mut state) = self.load(tx, id).await? else {
             return Ok(Advanced::Nothing);
         };

@@ -157,13 +157,18 @@ impl CircuitBreaker {
     /// until `deadline` at most.
     pub async fn acquire(self: &Arc<Self>, deadline: Instant, now: u64) -> Result<Permit, Refusal> {
         let probe = self.admit(now)?;
+        // A probe's turn is given back unless a permit takes it over: on a refusal below,
+        // a queue timeout, or the caller going away while queued.
+        let mut turn = ProbeTurn {
+            breaker: self,
+            probe,
+        };
         let slot = match Arc::clone(&self.slots).try_acquire_owned() {
             Ok(slot) => slot,
             Err(_) => {
                 {
                     let mut state = self.lock();
                     if state.pending >= self.config.max_pending {
-                        self.release_probe(&mut state, probe);
                         return Err(Refusal::Saturated);
                     }
                     state.pending += 1;
@@ -183,6 +188,7 @@ impl CircuitBreaker {
                 }
             }
         };
+        turn.probe = false;
         Ok(Permit {
             breaker: Arc::clone(self),
             probe,
@@ -276,6 +282,21 @@ impl CircuitBreaker {
 
 /// Holds a place in the breaker's queue; leaving it (even by cancellation) frees it.
 struct QueueSpot<'a>(&'a CircuitBreaker);
+
+/// A half-open probe's turn, held while its request waits for a slot.
+struct ProbeTurn<'a> {
+    breaker: &'a CircuitBreaker,
+    probe: bool,
+}
+
+impl Drop for ProbeTurn<'_> {
+    fn drop(&mut self) {
+        if self.probe {
+            let mut state = self.breaker.lock();
+            self.breaker.release_probe(&mut state, self.probe);
+        }
+    }
+}
 
 impl Drop for QueueSpot<'_> {
     fn drop(&mut self) {
@@ -392,6 +413,34 @@ mod tests {
             CircuitState::Closed,
             "the window restarted"
         );
+    }
+
+    #[tokio::test]
+    async fn a_probe_that_times_out_in_the_queue_frees_its_turn() {
+        let breaker = breaker(BreakerConfig {
+            max_concurrent: 1,
+            max_pending: 8,
+            min_requests: 1,
+            open_for: Duration::from_millis(50),
+            half_open_probes: 1,
+            ..BreakerConfig::default()
+        });
+        // An old request holds the only slot when the circuit opens.
+        let holder = breaker.acquire(later(), now_nanos()).await.unwrap();
+        breaker.record(false, false, now_nanos());
+        assert_eq!(breaker.state(), CircuitState::Open);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // The probe queues behind it and gives up.
+        let soon = Instant::now() + Duration::from_millis(20);
+        assert_eq!(
+            breaker.acquire(soon, now_nanos()).await.err(),
+            Some(Refusal::TimedOut)
+        );
+        drop(holder);
+        // Its turn is back: another probe gets through.
+        let probe = breaker.acquire(later(), now_nanos()).await.unwrap();
+        probe.record(true, now_nanos());
+        assert_eq!(breaker.state(), CircuitState::Closed);
     }
 
     #[tokio::test]
