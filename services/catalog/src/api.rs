@@ -1,0 +1,143 @@
+//! The catalog's HTTP API (JSON; errors as problem+json).
+//!
+//! - `GET /products`: the products for sale;
+//! - `GET /products/{sku}`: one product (for sale or not);
+//! - `PUT /products/{sku}`: create or replace a product (the `admin` role); 201 when new.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use keel_jwt::Verifier;
+use keel_runtime::Problem;
+use keel_sdk::auth::{Caller, authenticate};
+use keel_sdk::events::asyncapi::AsyncApi;
+use serde_json::{Value, json};
+
+use crate::domain::{Product, ProductChange, ProductError, Sku};
+use crate::events::ProductChanged;
+use crate::{Catalog, CatalogError};
+
+pub fn router(catalog: Catalog, verifier: Option<Arc<Verifier>>) -> Router {
+    let router = Router::new()
+        .route("/products", get(for_sale))
+        .route("/products/{sku}", get(product).put(put))
+        .with_state(catalog);
+    match verifier {
+        Some(verifier) => {
+            router.layer(axum::middleware::from_fn_with_state(verifier, authenticate))
+        }
+        None => router,
+    }
+}
+
+async fn for_sale(State(catalog): State<Catalog>) -> Result<Json<Vec<Product>>, Problem> {
+    Ok(Json(catalog.for_sale().await.map_err(problem)?))
+}
+
+async fn product(
+    State(catalog): State<Catalog>,
+    Path(sku): Path<String>,
+) -> Result<Json<Product>, Problem> {
+    let sku: Sku = sku.parse().map_err(invalid)?;
+    catalog
+        .product(&sku)
+        .await
+        .map_err(problem)?
+        .map(Json)
+        .ok_or_else(|| Problem::not_found(format!("no product {sku}")))
+}
+
+async fn put(
+    State(catalog): State<Catalog>,
+    caller: Caller,
+    Path(sku): Path<String>,
+    keel_runtime::extract::Json(change): keel_runtime::extract::Json<ProductChange>,
+) -> Result<Response, Response> {
+    caller
+        .require_role("admin")
+        .map_err(IntoResponse::into_response)?;
+    let sku: Sku = sku
+        .parse()
+        .map_err(|error| invalid(error).into_response())?;
+    let (product, created) = catalog
+        .put(sku, change)
+        .await
+        .map_err(|error| problem(error).into_response())?;
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(product)).into_response())
+}
+
+fn invalid(error: ProductError) -> Problem {
+    Problem::bad_request(error.to_string()).with_source("catalog")
+}
+
+fn problem(error: CatalogError) -> Problem {
+    match error {
+        CatalogError::Invalid(error) => return invalid(error),
+        error => {
+            tracing::error!(%error, "catalog operation failed");
+            Problem::unavailable("the catalog cannot answer now")
+        }
+    }
+    .with_source("catalog")
+}
+
+/// The API described for `/openapi.json` (OpenAPI 3.1).
+pub fn openapi() -> Value {
+    let product = serde_json::to_value(schemars::schema_for!(Product)).unwrap_or_default();
+    let change = serde_json::to_value(schemars::schema_for!(ProductChange)).unwrap_or_default();
+    let problem = json!({ "description": "RFC 9457 problem details", "content": { "application/problem+json": {} } });
+    let sku = json!({ "name": "sku", "in": "path", "required": true, "schema": { "type": "string", "pattern": "^[A-Z0-9](?:[A-Z0-9-]{0,30}[A-Z0-9])?$" } });
+    json!({
+        "openapi": "3.1.0",
+        "info": { "title": "catalog", "version": "1.0.0" },
+        "paths": {
+            "/products": { "get": {
+                "summary": "The products for sale",
+                "responses": { "200": { "description": "Products, by SKU", "content": { "application/json": { "schema": { "type": "array", "items": { "$ref": "#/components/schemas/Product" } } } } } },
+            } },
+            "/products/{sku}": {
+                "get": {
+                    "summary": "One product",
+                    "parameters": [sku.clone()],
+                    "responses": {
+                        "200": { "description": "The product", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Product" } } } },
+                        "404": problem.clone(),
+                    },
+                },
+                "put": {
+                    "summary": "Create or replace a product (role admin)",
+                    "parameters": [sku],
+                    "security": [{ "bearer": [] }],
+                    "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/ProductChange" } } } },
+                    "responses": {
+                        "200": { "description": "Replaced" },
+                        "201": { "description": "Created" },
+                        "400": problem.clone(),
+                        "401": problem.clone(),
+                        "403": problem,
+                    },
+                },
+            },
+        },
+        "components": {
+            "schemas": { "Product": product, "ProductChange": change },
+            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer", "bearerFormat": "JWT" } },
+        },
+    })
+}
+
+/// The events described for `/asyncapi.json`.
+pub fn asyncapi() -> Value {
+    AsyncApi::new("catalog", "1.0.0")
+        .sends::<ProductChanged>()
+        .to_json()
+}

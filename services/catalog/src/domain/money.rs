@@ -1,0 +1,179 @@
+//! Money: an amount in minor units (cents) of one currency. Never negative, never mixed
+//! across currencies, never a float.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// An ISO 4217 currency code: three uppercase ASCII letters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Currency([u8; 3]);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MoneyError {
+    #[error("a currency is three uppercase letters (ISO 4217), not {0:?}")]
+    Currency(String),
+    #[error("an amount is zero or more minor units, not {0}")]
+    Negative(i64),
+    #[error("cannot add {0} and {1}: different currencies")]
+    Mixed(Currency, Currency),
+    #[error("the amount overflows")]
+    Overflow,
+}
+
+impl FromStr for Currency {
+    type Err = MoneyError;
+
+    fn from_str(code: &str) -> Result<Self, MoneyError> {
+        match code.as_bytes() {
+            &[a, b, c] if [a, b, c].iter().all(u8::is_ascii_uppercase) => Ok(Self([a, b, c])),
+            _ => Err(MoneyError::Currency(code.chars().take(16).collect())),
+        }
+    }
+}
+
+impl Currency {
+    pub fn as_str(&self) -> &str {
+        // Three ASCII letters, checked on construction.
+        std::str::from_utf8(&self.0).unwrap_or("XXX")
+    }
+}
+
+impl fmt::Display for Currency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An amount of one currency, in its minor units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Money {
+    minor: i64,
+    currency: Currency,
+}
+
+impl Money {
+    pub fn new(minor: i64, currency: Currency) -> Result<Self, MoneyError> {
+        if minor < 0 {
+            return Err(MoneyError::Negative(minor));
+        }
+        Ok(Self { minor, currency })
+    }
+
+    pub fn minor(&self) -> i64 {
+        self.minor
+    }
+
+    pub fn currency(&self) -> Currency {
+        self.currency
+    }
+
+    /// The sum, in the same currency.
+    pub fn checked_add(self, other: Self) -> Result<Self, MoneyError> {
+        if self.currency != other.currency {
+            return Err(MoneyError::Mixed(self.currency, other.currency));
+        }
+        let minor = self
+            .minor
+            .checked_add(other.minor)
+            .ok_or(MoneyError::Overflow)?;
+        Ok(Self { minor, ..self })
+    }
+
+    /// `quantity` times this amount.
+    pub fn times(self, quantity: u32) -> Result<Self, MoneyError> {
+        let minor = self
+            .minor
+            .checked_mul(i64::from(quantity))
+            .ok_or(MoneyError::Overflow)?;
+        Ok(Self { minor, ..self })
+    }
+}
+
+/// The wire shape: `{"minor": 1250, "currency": "EUR"}`, checked when read.
+#[derive(Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+struct MoneyWire {
+    /// Minor units (cents): 1250 is 12.50.
+    minor: i64,
+    /// ISO 4217.
+    currency: String,
+}
+
+impl Serialize for Money {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        MoneyWire {
+            minor: self.minor,
+            currency: self.currency.to_string(),
+        }
+        .serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for Money {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let wire = MoneyWire::deserialize(deserializer)?;
+        let currency = wire.currency.parse().map_err(serde::de::Error::custom)?;
+        Money::new(wire.minor, currency).map_err(serde::de::Error::custom)
+    }
+}
+
+impl schemars::JsonSchema for Money {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Money".into()
+    }
+
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        MoneyWire::json_schema(generator)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn eur(minor: i64) -> Money {
+        Money::new(minor, "EUR".parse().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn currencies_are_three_uppercase_letters() {
+        assert_eq!("EUR".parse::<Currency>().unwrap().as_str(), "EUR");
+        for bad in ["eur", "EURO", "E1R", "", "€€€"] {
+            assert!(bad.parse::<Currency>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn amounts_are_never_negative_or_mixed_and_overflow_is_an_error() {
+        assert_eq!(
+            Money::new(-1, "EUR".parse().unwrap()),
+            Err(MoneyError::Negative(-1))
+        );
+        assert_eq!(eur(250).checked_add(eur(1000)).unwrap(), eur(1250));
+        let usd = Money::new(1, "USD".parse().unwrap()).unwrap();
+        assert!(matches!(
+            eur(1).checked_add(usd),
+            Err(MoneyError::Mixed(..))
+        ));
+        assert_eq!(eur(i64::MAX).checked_add(eur(1)), Err(MoneyError::Overflow));
+        assert_eq!(eur(1250).times(3).unwrap(), eur(3750));
+        assert_eq!(eur(i64::MAX).times(2), Err(MoneyError::Overflow));
+    }
+
+    #[test]
+    fn money_round_trips_as_json_and_bad_json_is_refused() {
+        let json = serde_json::to_string(&eur(1250)).unwrap();
+        assert_eq!(json, r#"{"minor":1250,"currency":"EUR"}"#);
+        assert_eq!(serde_json::from_str::<Money>(&json).unwrap(), eur(1250));
+        for bad in [
+            r#"{"minor":-5,"currency":"EUR"}"#,
+            r#"{"minor":5,"currency":"euro"}"#,
+            r#"{"minor":5.5,"currency":"EUR"}"#,
+            r#"{"minor":5,"currency":"EUR","extra":1}"#,
+        ] {
+            assert!(serde_json::from_str::<Money>(bad).is_err(), "{bad}");
+        }
+    }
+}

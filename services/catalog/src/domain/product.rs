@@ -1,0 +1,210 @@
+//! Products: a stock-keeping unit, a name, a price, and whether it is for sale.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use super::Money;
+
+/// A stock-keeping unit: 1 to 32 uppercase letters, digits and inner dashes (`MUG-01`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, schemars::JsonSchema)]
+#[serde(transparent)]
+pub struct Sku(String);
+
+/// A product's name: 1 to 200 characters, no control characters, no surrounding spaces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
+#[serde(transparent)]
+pub struct ProductName(String);
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProductError {
+    #[error("a SKU is 1 to 32 uppercase letters, digits and inner dashes, not {0:?}")]
+    Sku(String),
+    #[error("a product name is 1 to 200 characters without control characters")]
+    Name,
+    #[error(
+        "a description is at most 2000 characters without control characters (newlines allowed)"
+    )]
+    Description,
+}
+
+impl FromStr for Sku {
+    type Err = ProductError;
+
+    fn from_str(text: &str) -> Result<Self, ProductError> {
+        let bytes = text.as_bytes();
+        let valid = (1..=32).contains(&bytes.len())
+            && bytes
+                .iter()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || *b == b'-')
+            && bytes.first() != Some(&b'-')
+            && bytes.last() != Some(&b'-');
+        if valid {
+            Ok(Self(text.to_owned()))
+        } else {
+            Err(ProductError::Sku(text.chars().take(40).collect()))
+        }
+    }
+}
+
+impl Sku {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for Sku {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Sku {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl FromStr for ProductName {
+    type Err = ProductError;
+
+    fn from_str(text: &str) -> Result<Self, ProductError> {
+        let length = text.chars().count();
+        let valid = (1..=200).contains(&length)
+            && text.trim() == text
+            && !text.chars().any(char::is_control);
+        valid
+            .then(|| Self(text.to_owned()))
+            .ok_or(ProductError::Name)
+    }
+}
+
+impl ProductName {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de> Deserialize<'de> for ProductName {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        String::deserialize(deserializer)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// What an administrator sets on a product (all of it: a PUT).
+#[derive(Debug, Clone, PartialEq, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProductChange {
+    pub name: ProductName,
+    #[serde(default)]
+    pub description: String,
+    pub price: Money,
+    #[serde(default = "for_sale")]
+    pub active: bool,
+}
+
+fn for_sale() -> bool {
+    true
+}
+
+/// A product of the catalog.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct Product {
+    pub sku: Sku,
+    pub name: ProductName,
+    pub description: String,
+    pub price: Money,
+    pub active: bool,
+}
+
+impl Product {
+    /// The product `sku` as `change` describes it, when the change is valid.
+    pub fn from_change(sku: Sku, change: ProductChange) -> Result<Self, ProductError> {
+        let description_ok = change.description.chars().count() <= 2000
+            && !change
+                .description
+                .chars()
+                .any(|c| c.is_control() && c != '\n');
+        if !description_ok {
+            return Err(ProductError::Description);
+        }
+        Ok(Self {
+            sku,
+            name: change.name,
+            description: change.description,
+            price: change.price,
+            active: change.active,
+        })
+    }
+
+    /// Whether the product can be ordered.
+    pub fn for_sale(&self) -> bool {
+        self.active
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skus_are_short_uppercase_codes() {
+        for good in ["MUG-01", "A", "X9", &"Z".repeat(32)] {
+            assert!(good.parse::<Sku>().is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "mug-01",
+            "-MUG",
+            "MUG-",
+            "MUG 01",
+            "MÜG",
+            &"Z".repeat(33),
+        ] {
+            assert!(bad.parse::<Sku>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_and_descriptions_are_bounded_and_printable() {
+        assert!("Blue mug".parse::<ProductName>().is_ok());
+        for bad in ["", " padded", "tab\there", &"n".repeat(201)] {
+            assert!(bad.parse::<ProductName>().is_err(), "{bad:?}");
+        }
+        let change = |description: &str| ProductChange {
+            name: "Mug".parse().unwrap(),
+            description: description.to_owned(),
+            price: serde_json::from_str(r#"{"minor":900,"currency":"EUR"}"#).unwrap(),
+            active: true,
+        };
+        let sku: Sku = "MUG".parse().unwrap();
+        assert!(Product::from_change(sku.clone(), change("Holds tea.\nDishwasher safe.")).is_ok());
+        assert_eq!(
+            Product::from_change(sku.clone(), change("bell\u{7}")),
+            Err(ProductError::Description)
+        );
+        assert_eq!(
+            Product::from_change(sku, change(&"d".repeat(2001))),
+            Err(ProductError::Description)
+        );
+    }
+
+    #[test]
+    fn a_change_is_read_strictly() {
+        let json = r#"{"name":"Mug","price":{"minor":900,"currency":"EUR"}}"#;
+        let change: ProductChange = serde_json::from_str(json).unwrap();
+        assert!(change.active, "for sale unless said otherwise");
+        for bad in [
+            r#"{"name":"","price":{"minor":900,"currency":"EUR"}}"#,
+            r#"{"name":"Mug","price":{"minor":-1,"currency":"EUR"}}"#,
+            r#"{"name":"Mug","price":{"minor":900,"currency":"EUR"},"stock":5}"#,
+        ] {
+            assert!(serde_json::from_str::<ProductChange>(bad).is_err(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,125 @@
+//! The reference shop's catalog service: products with their prices. Anyone may read
+//! what is for sale (cached in process, and in Redis when configured); administrators
+//! create and change products, and each change is published as `ProductChanged` through
+//! the outbox.
+//!
+//! `domain` holds the rules (no I/O); `store` the SQL; `api` the HTTP surface; [`build`]
+//! puts them together on the SDK's bootstrap.
+
+pub mod api;
+pub mod domain;
+pub mod events;
+mod store;
+
+use keel_runtime::Shutdown;
+use keel_sdk::cache::{Cache, CacheOptions};
+use keel_sdk::events::Bus;
+use keel_sdk::service::{RunningService, Service, ServiceConfig, ServiceError};
+use keel_sdk::{Database, Migrations};
+
+use crate::domain::{Product, ProductChange, ProductError, Sku};
+use crate::events::ProductChanged;
+pub use crate::store::StoreError;
+
+pub static MIGRATIONS: Migrations = Migrations {
+    postgres: sqlx::migrate!("migrations/postgres"),
+    sqlite: sqlx::migrate!("migrations/sqlite"),
+};
+
+/// Why a catalog operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error(transparent)]
+    Invalid(#[from] ProductError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the change cannot be published: {0}")]
+    Bus(#[from] keel_sdk::events::BusError),
+}
+
+impl From<keel_sdk::sqlx::Error> for CatalogError {
+    fn from(error: keel_sdk::sqlx::Error) -> Self {
+        Self::Store(StoreError::Database(error))
+    }
+}
+
+/// The catalog's use cases.
+#[derive(Clone)]
+pub struct Catalog {
+    db: Database,
+    bus: Bus,
+    products: Cache<Product>,
+}
+
+impl Catalog {
+    pub fn new(db: Database, bus: Bus, products: Cache<Product>) -> Self {
+        Self { db, bus, products }
+    }
+
+    /// The product `sku`, for sale or not; read through the cache.
+    pub async fn product(&self, sku: &Sku) -> Result<Option<Product>, CatalogError> {
+        let db = self.db.clone();
+        let key = sku.to_string();
+        let found = self
+            .products
+            .get_or_load(sku.as_str(), || async move {
+                let mut connection = db.pool().acquire().await?;
+                store::get(&mut connection, &key).await
+            })
+            .await
+            .map_err(|error| match std::sync::Arc::try_unwrap(error) {
+                Ok(error) => CatalogError::Store(error),
+                Err(shared) => CatalogError::Store(StoreError::Corrupt(shared.to_string())),
+            })?;
+        Ok(found.map(|product| (*product).clone()))
+    }
+
+    /// Every product for sale.
+    pub async fn for_sale(&self) -> Result<Vec<Product>, CatalogError> {
+        let mut connection = self.db.pool().acquire().await?;
+        Ok(store::list_for_sale(&mut connection).await?)
+    }
+
+    /// Creates or replaces product `sku`; returns it and whether it is new. The change
+    /// and its `ProductChanged` event commit together; the cached copy goes after.
+    pub async fn put(
+        &self,
+        sku: Sku,
+        change: ProductChange,
+    ) -> Result<(Product, bool), CatalogError> {
+        let product = Product::from_change(sku, change)?;
+        let mut tx = self.db.begin().await?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| {
+                i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX)
+            });
+        let created = store::put(&mut tx, &product, now).await?;
+        self.bus
+            .stage(&mut tx, &ProductChanged::from(&product))
+            .await?;
+        self.products
+            .invalidate_after_commit(&mut tx, product.sku.as_str());
+        tx.commit().await?;
+        Ok((product, created))
+    }
+}
+
+/// Builds the catalog service from its configuration (in process, on `bus` when given,
+/// so that the services of one process share it).
+pub async fn build(
+    config: &ServiceConfig,
+    bus: Option<&Bus>,
+    shutdown: &Shutdown,
+) -> Result<RunningService, ServiceError> {
+    let service = Service::connect("catalog", config, &MIGRATIONS, bus, shutdown).await?;
+    let products = Cache::new("products", 1, CacheOptions::default(), None);
+    let catalog = Catalog::new(service.db().clone(), service.bus().clone(), products);
+    let router = api::router(catalog, service.verifier().cloned());
+    service
+        .http(router)
+        .openapi(api::openapi())
+        .document("/asyncapi.json", api::asyncapi())
+        .bind()
+        .await
+}

@@ -1,0 +1,84 @@
+//! Products in the catalog's database (PostgreSQL or SQLite, one code path).
+
+use keel_sdk::sqlx::{self, AnyConnection, Row, any::AnyRow};
+
+use crate::domain::{Money, Product};
+
+/// Why stored data could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("a stored product is not valid any more: {0}")]
+    Corrupt(String),
+}
+
+pub async fn get(db: &mut AnyConnection, sku: &str) -> Result<Option<Product>, StoreError> {
+    let row = sqlx::query(
+        "SELECT sku, name, description, price_minor, currency, active FROM products WHERE sku = $1",
+    )
+    .bind(sku)
+    .fetch_optional(db)
+    .await?;
+    row.as_ref().map(product).transpose()
+}
+
+/// Products for sale, by SKU.
+pub async fn list_for_sale(db: &mut AnyConnection) -> Result<Vec<Product>, StoreError> {
+    let rows = sqlx::query(
+        "SELECT sku, name, description, price_minor, currency, active FROM products \
+         WHERE active = $1 ORDER BY sku",
+    )
+    .bind(1_i64)
+    .fetch_all(db)
+    .await?;
+    rows.iter().map(product).collect()
+}
+
+/// Writes `product`; true when it is new.
+pub async fn put(db: &mut AnyConnection, product: &Product, now: i64) -> Result<bool, StoreError> {
+    let existed: Option<String> = sqlx::query_scalar("SELECT sku FROM products WHERE sku = $1")
+        .bind(product.sku.as_str())
+        .fetch_optional(&mut *db)
+        .await?;
+    sqlx::query(
+        "INSERT INTO products (sku, name, description, price_minor, currency, active, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+         ON CONFLICT (sku) DO UPDATE SET name = excluded.name, description = excluded.description, \
+         price_minor = excluded.price_minor, currency = excluded.currency, \
+         active = excluded.active, updated_at = excluded.updated_at",
+    )
+    .bind(product.sku.as_str())
+    .bind(product.name.as_str())
+    .bind(&product.description)
+    .bind(product.price.minor())
+    .bind(product.price.currency().as_str())
+    .bind(i64::from(product.active))
+    .bind(now)
+    .execute(db)
+    .await?;
+    Ok(existed.is_none())
+}
+
+fn product(row: &AnyRow) -> Result<Product, StoreError> {
+    let corrupt = |what: &dyn std::fmt::Display| StoreError::Corrupt(what.to_string());
+    let currency: String = row.try_get("currency")?;
+    let price = Money::new(
+        row.try_get("price_minor")?,
+        currency.parse().map_err(|e| corrupt(&e))?,
+    )
+    .map_err(|e| corrupt(&e))?;
+    Ok(Product {
+        sku: row
+            .try_get::<String, _>("sku")?
+            .parse()
+            .map_err(|e| corrupt(&e))?,
+        name: row
+            .try_get::<String, _>("name")?
+            .parse()
+            .map_err(|e| corrupt(&e))?,
+        description: row.try_get("description")?,
+        price,
+        active: row.try_get::<i64, _>("active")? != 0,
+    })
+}

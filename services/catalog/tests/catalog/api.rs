@@ -1,0 +1,184 @@
+//! Reading and writing products over HTTP: who may write, what is refused, what is
+//! published, on SQLite and on PostgreSQL.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use keel_catalog::events::ProductChanged;
+use keel_jwt::testing::{AUDIENCE, TestIssuer};
+use keel_runtime::{Secret, Shutdown};
+use keel_sdk::events::Bus;
+use keel_sdk::service::{ServiceAuthConfig, ServiceConfig};
+use keel_sdk::{Handler, HandlerError, Received, Tx};
+use keel_testkit::{Service, TestDatabase, TestSqlite, require};
+use serde_json::{Value, json};
+
+/// Counts the `ProductChanged` events it hears.
+#[derive(Clone, Default)]
+struct Heard(Arc<AtomicUsize>);
+
+impl Handler<ProductChanged> for Heard {
+    async fn handle(&self, _: &mut Tx, _: Received<ProductChanged>) -> Result<(), HandlerError> {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+/// The database URLs to run on: SQLite always, PostgreSQL when it answers.
+async fn databases() -> Vec<(String, Option<TestDatabase>, Option<TestSqlite>)> {
+    let file = TestSqlite::new("keel-catalog");
+    let mut databases = vec![(file.url(), None, Some(file))];
+    if require(Service::Postgres) {
+        let database = TestDatabase::create().await;
+        databases.push((database.url.clone(), Some(database), None));
+    }
+    databases
+}
+
+async fn send(request: reqwest::RequestBuilder, token: Option<&str>) -> (u16, String, Value) {
+    let request = match token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    };
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, content_type, body)
+}
+
+#[tokio::test]
+async fn admins_write_products_everyone_reads_what_is_for_sale_and_changes_are_published() {
+    let issuer = TestIssuer::start().await;
+    let admin = issuer.mint(json!({"sub": "root", "roles": ["admin"]}));
+    let customer = issuer.mint(json!({"sub": "ada", "roles": ["customer"]}));
+    for (url, _postgres, _sqlite) in databases().await {
+        let config = ServiceConfig {
+            database: Some(Secret::new(url.clone())),
+            auth: Some(ServiceAuthConfig {
+                issuer: issuer.issuer().to_owned(),
+                audiences: vec![AUDIENCE.to_owned()],
+            }),
+            ..ServiceConfig::default()
+        };
+        let shutdown = Shutdown::new();
+        let bus = Bus::in_process("test");
+        let heard = Heard::default();
+        let listener_db = keel_sdk::Database::connect(
+            &TestSqlite::new("keel-catalog-listener").url(),
+            &keel_sdk::Migrations::none(),
+        )
+        .await
+        .unwrap();
+        let consumer = bus
+            .consumer("listener", &listener_db)
+            .on::<ProductChanged, _>(heard.clone())
+            .start()
+            .await
+            .unwrap();
+        tokio::spawn(consumer.run(shutdown.clone()));
+        let service = keel_catalog::build(&config, Some(&bus), &shutdown)
+            .await
+            .unwrap();
+        let base = format!("http://{}", service.local_addr());
+        tokio::spawn(service.run(shutdown.clone()));
+        let http = reqwest::Client::new();
+        let put = |sku: &str, body: Value| http.put(format!("{base}/products/{sku}")).json(&body);
+        let mug = json!({"name": "Blue mug", "price": {"minor": 1250, "currency": "EUR"}});
+
+        assert_eq!(send(put("MUG-01", mug.clone()), None).await.0, 401, "{url}");
+        assert_eq!(
+            send(put("MUG-01", mug.clone()), Some(&customer)).await.0,
+            403
+        );
+        let (status, _, created) = send(put("MUG-01", mug.clone()), Some(&admin)).await;
+        assert_eq!(status, 201, "{created}");
+        assert_eq!(created["price"], json!({"minor": 1250, "currency": "EUR"}));
+
+        // Read (and so cached), then changed: the next read sees the change.
+        let get = |sku: &str| http.get(format!("{base}/products/{sku}"));
+        let (status, _, read) = send(get("MUG-01"), None).await;
+        assert_eq!(read["price"]["minor"], 1250, "{status} {read}");
+        let cheaper = json!({"name": "Blue mug", "price": {"minor": 990, "currency": "EUR"}});
+        assert_eq!(send(put("MUG-01", cheaper), Some(&admin)).await.0, 200);
+        let mut seen = 0;
+        for _ in 0..100 {
+            seen = send(get("MUG-01"), None).await.2["price"]["minor"]
+                .as_i64()
+                .unwrap();
+            if seen == 990 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(seen, 990, "the cached copy went with the commit");
+
+        // Withdrawn from sale: still readable by SKU, gone from the list.
+        let withdrawn =
+            json!({"name": "Old mug", "price": {"minor": 100, "currency": "EUR"}, "active": false});
+        assert_eq!(send(put("MUG-00", withdrawn), Some(&admin)).await.0, 201);
+        let (_, _, listed) = send(http.get(format!("{base}/products")), None).await;
+        let skus: Vec<&str> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["sku"].as_str().unwrap())
+            .collect();
+        assert_eq!(skus, ["MUG-01"]);
+        assert_eq!(send(get("MUG-00"), None).await.2["active"], false);
+
+        // Refused, as problems.
+        for (status, content_type, _) in [
+            send(get("mug-01"), None).await,
+            send(get("NOPE"), None).await,
+            send(
+                put(
+                    "MUG-02",
+                    json!({"name": "", "price": {"minor": 1, "currency": "EUR"}}),
+                ),
+                Some(&admin),
+            )
+            .await,
+            send(
+                put(
+                    "MUG-02",
+                    json!({"name": "Mug", "price": {"minor": -1, "currency": "EUR"}}),
+                ),
+                Some(&admin),
+            )
+            .await,
+            send(
+                put(
+                    "MUG-02",
+                    json!({"name": "Mug", "price": {"minor": 1, "currency": "EUR"}, "stock": 3}),
+                ),
+                Some(&admin),
+            )
+            .await,
+        ] {
+            assert!(matches!(status, 400 | 404), "{status}");
+            assert_eq!(content_type, "application/problem+json");
+        }
+
+        // Three changes, three events, through the outbox.
+        for _ in 0..100 {
+            if heard.0.load(Ordering::SeqCst) == 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(heard.0.load(Ordering::SeqCst), 3, "{url}");
+
+        let (status, _, openapi) = send(http.get(format!("{base}/openapi.json")), None).await;
+        assert_eq!(status, 200);
+        assert!(openapi["components"]["schemas"]["Product"].is_object());
+        let (_, _, asyncapi) = send(http.get(format!("{base}/asyncapi.json")), None).await;
+        assert!(asyncapi["channels"]["keel.catalog.product-changed.v1"].is_object());
+        shutdown.trigger();
+    }
+}
