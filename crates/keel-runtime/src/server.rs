@@ -10,7 +10,7 @@ use crate::shutdown::Shutdown;
 
 pub trait Server: Send + 'static {
     /// The component's name (`registry`, `gateway`, …).
-    fn name(&self) -> &'static str;
+    fn name(&self) -> &str;
 
     /// The address actually bound (port 0 resolved).
     fn local_addr(&self) -> SocketAddr;

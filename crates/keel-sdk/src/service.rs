@@ -44,10 +44,11 @@ use crate::data::{Database, DbError, Migrations};
 use crate::events::{Bus, BusError, Consumer, RabbitMqOptions};
 
 /// `[<service>]` of the configuration.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ServiceConfig {
-    pub listen: SocketAddr,
+    /// Unset: the service's own default port (a free one for services without).
+    pub listen: Option<SocketAddr>,
     /// The host other services reach this instance at; the listen address's when unset
     /// (127.0.0.1 when that is unspecified).
     pub advertise: Option<String>,
@@ -67,7 +68,7 @@ pub struct ServiceConfig {
 impl Default for ServiceConfig {
     fn default() -> Self {
         Self {
-            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listen: None,
             advertise: None,
             database: None,
             registry: None,
@@ -80,7 +81,7 @@ impl Default for ServiceConfig {
 }
 
 /// Which event bus a service uses.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case", deny_unknown_fields)]
 pub enum BusConfig {
     InProcess,
@@ -88,7 +89,7 @@ pub enum BusConfig {
 }
 
 /// Whose access tokens a service accepts.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceAuthConfig {
     pub issuer: String,
@@ -311,9 +312,13 @@ impl Service {
             );
             self.router = self.router.merge(admin);
         }
+        let listen = self
+            .config
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
         let server = HttpServer::bind(
             &self.name,
-            self.config.listen,
+            listen,
             self.router,
             self.health,
             self.config.http.clone(),
@@ -390,6 +395,20 @@ fn dead_letter_admin(bus: Bus, groups: Vec<String>) -> Router {
             "/admin/dead-letters/{group}/replay",
             axum::routing::post(replay),
         )
+}
+
+impl keel_runtime::Server for RunningService {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn local_addr(&self) -> SocketAddr {
+        self.server.local_addr()
+    }
+
+    fn run(self, shutdown: Shutdown) -> impl Future<Output = io::Result<()>> + Send {
+        RunningService::run(self, shutdown)
+    }
 }
 
 /// A bound service: [`RunningService::run`] serves, registers and runs its workers.

@@ -18,6 +18,8 @@ pub struct KeelConfig {
     pub registry: RegistryConfig,
     pub gateway: GatewayConfig,
     pub auth: AuthConfig,
+    /// The reference shop's catalog service (`keel up` fills in the registry and issuer).
+    pub catalog: keel_sdk::ServiceConfig,
 }
 
 /// `[runtime]`: the async runtime the process runs on.

@@ -33,6 +33,20 @@ pub async fn run(config: KeelConfig, file: Option<&Path>) -> anyhow::Result<()> 
     let gateway = GatewayServer::build_with_source(gateway_config, source, &shutdown).await?;
     let auth = AuthServer::build(config.auth, &shutdown).await?;
     let seeded = auth.admin().seed_demo().await?;
+    // The shop's services: registered with this registry (so the gateway routes
+    // /catalog/… to them), trusting this authorization server, on one in-process bus.
+    let bus = keel_sdk::Bus::in_process("keel");
+    let mut catalog_config = config.catalog;
+    catalog_config
+        .registry
+        .get_or_insert_with(|| format!("http://{}", registry.local_addr()));
+    catalog_config
+        .auth
+        .get_or_insert_with(|| keel_sdk::service::ServiceAuthConfig {
+            issuer: auth.issuer().to_owned(),
+            audiences: vec!["keel-api".to_owned()],
+        });
+    let catalog = keel_catalog::build(&catalog_config, Some(&bus), &shutdown).await?;
     let auth_what = format!(
         "authorization server: issuer {}, /.well-known/openid-configuration, /token",
         auth.issuer()
@@ -57,12 +71,18 @@ pub async fn run(config: KeelConfig, file: Option<&Path>) -> anyhow::Result<()> 
             "gateway admin API: /v1/routes, /v1/upstreams, /v1/reload (token)",
         ),
         (auth.name(), auth.local_addr(), &auth_what),
+        (
+            "catalog",
+            catalog.local_addr(),
+            "shop catalog: /products (through the gateway: /catalog/products)",
+        ),
     ]);
 
     let mut servers = JoinSet::new();
     servers.spawn(run_server(registry, shutdown.clone()));
     servers.spawn(run_server(gateway, shutdown.clone()));
     servers.spawn(run_server(auth, shutdown.clone()));
+    servers.spawn(run_server(catalog, shutdown.clone()));
     let result = supervise(servers, &shutdown).await;
     shutdown.run_hooks(HOOKS_DEADLINE).await;
     guard.shutdown();
@@ -91,7 +111,7 @@ pub async fn serve_alone<S: Server>(
 
 /// Runs a server; its name tags any error.
 pub async fn run_server<S: Server>(server: S, shutdown: Shutdown) -> anyhow::Result<()> {
-    let name = server.name();
+    let name = server.name().to_owned();
     server
         .run(shutdown)
         .await

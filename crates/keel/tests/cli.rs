@@ -15,6 +15,7 @@ fn keel() -> Command {
     command.env("KEEL_GATEWAY__LISTEN", "127.0.0.1:0");
     command.env("KEEL_GATEWAY__ADMIN_LISTEN", "127.0.0.1:0");
     command.env("KEEL_AUTH__LISTEN", "127.0.0.1:0");
+    command.env("KEEL_CATALOG__LISTEN", "127.0.0.1:0");
     command
 }
 
@@ -96,19 +97,35 @@ fn auth_key_prints_a_new_key_encryption_key() {
     assert_ne!(keys[0], keys[1]);
 }
 
+/// A plain HTTP/1.1 GET (the test is synchronous): the whole answer as text.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(addr) else {
+        return String::new();
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).unwrap();
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
+}
+
 /// A running `keel up` and the lines it printed up to its first blank line after the
 /// table (and, on a first start, after the demo credentials).
 struct Up {
     child: std::process::Child,
     printed: Vec<String>,
+    _catalog: TestSqlite,
 }
 
 impl Up {
     fn start(registry: std::net::SocketAddr, database: &TestSqlite) -> Self {
+        let catalog = TestSqlite::new("keel-cli-catalog");
         let mut child = keel()
             .arg("up")
             .env("KEEL_REGISTRY__LISTEN", registry.to_string())
             .env("KEEL_AUTH__DATABASE", database.url())
+            .env("KEEL_CATALOG__DATABASE", catalog.url())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -126,7 +143,11 @@ impl Up {
                 break;
             }
         }
-        Self { child, printed }
+        Self {
+            child,
+            printed,
+            _catalog: catalog,
+        }
     }
 
     /// The word after `key` on the line that starts with `prefix`.
@@ -190,6 +211,22 @@ fn up_serves_prints_its_table_and_stops_cleanly_on_sigterm() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(serving, "the registry answers on {addr}");
+
+    // The shop's catalog registered itself: the gateway routes /catalog/… to it.
+    let gateway = up
+        .value("gateway ", "gateway")
+        .trim_start_matches("http://")
+        .to_owned();
+    let mut answer = String::new();
+    for _ in 0..50 {
+        answer = http_get(&gateway, "/catalog/products");
+        if answer.starts_with("HTTP/1.1 200") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.ends_with("[]"), "no products yet: {answer}");
 
     // First start: demo credentials, and `keel token` turns the client's into a token.
     let client = up.value("client", "client");

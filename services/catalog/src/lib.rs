@@ -21,6 +21,10 @@ use crate::domain::{Product, ProductChange, ProductError, Sku};
 use crate::events::ProductChanged;
 pub use crate::store::StoreError;
 
+/// Where the catalog listens unless configured otherwise.
+pub const DEFAULT_LISTEN: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8101);
+
 pub static MIGRATIONS: Migrations = Migrations {
     postgres: sqlx::migrate!("migrations/postgres"),
     sqlite: sqlx::migrate!("migrations/sqlite"),
@@ -112,7 +116,9 @@ pub async fn build(
     bus: Option<&Bus>,
     shutdown: &Shutdown,
 ) -> Result<RunningService, ServiceError> {
-    let service = Service::connect("catalog", config, &MIGRATIONS, bus, shutdown).await?;
+    let mut config = config.clone();
+    config.listen.get_or_insert(DEFAULT_LISTEN);
+    let service = Service::connect("catalog", &config, &MIGRATIONS, bus, shutdown).await?;
     let products = Cache::new("products", 1, CacheOptions::default(), None);
     let catalog = Catalog::new(service.db().clone(), service.bus().clone(), products);
     let router = api::router(catalog, service.verifier().cloned());

@@ -49,7 +49,7 @@ const FAILED_AT: &str = "x-keel-failed-at";
 const EVENT_TYPE: &str = "x-keel-event-type";
 
 /// Where and how to reach RabbitMQ.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RabbitMqOptions {
     /// `amqp://user:password@host:5672/%2f` (or `amqps://`); redacted when printed.

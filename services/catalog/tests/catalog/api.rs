@@ -59,6 +59,7 @@ async fn admins_write_products_everyone_reads_what_is_for_sale_and_changes_are_p
     let customer = issuer.mint(json!({"sub": "ada", "roles": ["customer"]}));
     for (url, _postgres, _sqlite) in databases().await {
         let config = ServiceConfig {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
             database: Some(Secret::new(url.clone())),
             auth: Some(ServiceAuthConfig {
                 issuer: issuer.issuer().to_owned(),
