@@ -177,3 +177,48 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn eur(minor: i64) -> Money {
+        Money::new(minor, "EUR".parse().unwrap()).unwrap()
+    }
+
+    proptest! {
+        #[test]
+        fn addition_is_exact_commutative_and_never_negative(a in 0..i64::MAX / 2, b in 0..i64::MAX / 2) {
+            let sum = eur(a).checked_add(eur(b)).unwrap();
+            prop_assert_eq!(sum, eur(b).checked_add(eur(a)).unwrap());
+            prop_assert_eq!(sum.minor(), a + b);
+            prop_assert!(sum.minor() >= 0);
+        }
+
+        #[test]
+        fn multiplying_is_adding_over_and_over(minor in 0..1_000_000_i64, quantity in 0..50_u32) {
+            let mut sum = eur(0);
+            for _ in 0..quantity {
+                sum = sum.checked_add(eur(minor)).unwrap();
+            }
+            prop_assert_eq!(eur(minor).times(quantity).unwrap(), sum);
+        }
+
+        #[test]
+        fn any_amount_either_fits_or_is_refused(minor in any::<i64>(), quantity in any::<u32>()) {
+            match Money::new(minor, "EUR".parse().unwrap()) {
+                Ok(money) => {
+                    prop_assert!(minor >= 0);
+                    // Overflow is an error, never a wrapped or negative amount.
+                    if let Ok(product) = money.times(quantity) {
+                        prop_assert!(product.minor() >= 0);
+                        prop_assert_eq!(i128::from(product.minor()), i128::from(minor) * i128::from(quantity));
+                    }
+                }
+                Err(error) => prop_assert_eq!(error, MoneyError::Negative(minor)),
+            }
+        }
+    }
+}

@@ -208,3 +208,47 @@ mod tests {
         }
     }
 }
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #[test]
+        fn any_text_is_a_sku_only_if_it_follows_the_rules(text in "\\PC{0,40}") {
+            let valid = (1..=32).contains(&text.len())
+                && text.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-')
+                && !text.starts_with('-')
+                && !text.ends_with('-');
+            prop_assert_eq!(text.parse::<Sku>().is_ok(), valid);
+        }
+
+        #[test]
+        fn a_valid_sku_round_trips(text in "[A-Z0-9]([A-Z0-9-]{0,30}[A-Z0-9])?") {
+            let sku: Sku = text.parse().unwrap();
+            prop_assert_eq!(sku.to_string(), text.clone());
+            let json = serde_json::to_string(&sku).unwrap();
+            prop_assert_eq!(serde_json::from_str::<Sku>(&json).unwrap(), sku);
+        }
+
+        #[test]
+        fn a_product_round_trips_through_json(
+            sku in "[A-Z0-9]{1,8}",
+            name in "[a-zA-Z0-9 ]{0,20}[a-zA-Z0-9]",
+            minor in 0..i64::MAX,
+            active in any::<bool>(),
+        ) {
+            let product = Product {
+                sku: sku.parse().unwrap(),
+                name: name.trim().parse().unwrap(),
+                description: String::new(),
+                price: Money::new(minor, "EUR".parse().unwrap()).unwrap(),
+                active,
+            };
+            let json = serde_json::to_string(&product).unwrap();
+            prop_assert_eq!(serde_json::from_str::<Product>(&json).unwrap(), product);
+        }
+    }
+}
