@@ -79,7 +79,7 @@ fn invalid(error: ProductError) -> Problem {
     Problem::bad_request(error.to_string()).with_source("catalog")
 }
 
-fn problem(error: CatalogError) -> Problem {
+pub(crate) fn problem(error: CatalogError) -> Problem {
     match error {
         CatalogError::Invalid(error) => return invalid(error),
         error => {

@@ -9,6 +9,7 @@
 pub mod api;
 pub mod domain;
 pub mod events;
+pub mod grpc;
 mod store;
 
 use keel_runtime::Shutdown;
@@ -24,6 +25,9 @@ pub use crate::store::StoreError;
 /// Where the catalog listens unless configured otherwise.
 pub const DEFAULT_LISTEN: std::net::SocketAddr =
     std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8101);
+
+/// Held while a product is written.
+const PRODUCT_WRITES: keel_sdk::data::LockKey = keel_sdk::data::LockKey(0x6b65_656c_c001);
 
 pub static MIGRATIONS: Migrations = Migrations {
     postgres: sqlx::migrate!("migrations/postgres"),
@@ -93,6 +97,9 @@ impl Catalog {
     ) -> Result<(Product, bool), CatalogError> {
         let product = Product::from_change(sku, change)?;
         let mut tx = self.db.begin().await?;
+        // Writers one at a time, the lock taken before the first read: SQLite would
+        // otherwise fail a transaction that read before another committed (SQLITE_BUSY).
+        self.db.lock(&mut tx, PRODUCT_WRITES).await?;
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |elapsed| {
@@ -121,7 +128,9 @@ pub async fn build(
     let service = Service::connect("catalog", &config, &MIGRATIONS, bus, shutdown).await?;
     let products = Cache::new("products", 1, CacheOptions::default(), None);
     let catalog = Catalog::new(service.db().clone(), service.bus().clone(), products);
-    let router = api::router(catalog, service.verifier().cloned());
+    let grpc =
+        tonic::service::Routes::new(grpc::CatalogGrpc::server(catalog.clone())).into_axum_router();
+    let router = api::router(catalog, service.verifier().cloned()).merge(grpc);
     service
         .http(router)
         .openapi(api::openapi())

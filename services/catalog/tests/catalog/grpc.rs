@@ -1,0 +1,82 @@
+//! The catalog's gRPC price lookup, through the SDK's resilient client and the generated
+//! tonic client, on the same port as its JSON API.
+
+use keel_catalog::grpc::proto::PricesRequest;
+use keel_catalog::grpc::proto::catalog_client::CatalogClient;
+use keel_jwt::testing::{AUDIENCE, TestIssuer};
+use keel_runtime::{Secret, Shutdown};
+use keel_sdk::client::{ClientOptions, Instances, ServiceClient};
+use keel_sdk::service::{ServiceAuthConfig, ServiceConfig};
+use keel_testkit::TestSqlite;
+use serde_json::json;
+
+#[tokio::test]
+async fn prices_come_over_grpc_for_known_skus_and_bad_asks_are_refused() {
+    let issuer = TestIssuer::start().await;
+    let file = TestSqlite::new("keel-catalog-grpc");
+    let config = ServiceConfig {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        database: Some(Secret::new(file.url())),
+        auth: Some(ServiceAuthConfig {
+            issuer: issuer.issuer().to_owned(),
+            audiences: vec![AUDIENCE.to_owned()],
+        }),
+        ..ServiceConfig::default()
+    };
+    let shutdown = Shutdown::new();
+    let service = keel_catalog::build(&config, None, &shutdown).await.unwrap();
+    let base = format!("http://{}", service.local_addr());
+    tokio::spawn(service.run(shutdown.clone()));
+    let admin = issuer.mint(json!({"roles": ["admin"]}));
+    for (sku, minor, active) in [("MUG-01", 1250, true), ("MUG-00", 100, false)] {
+        let status = reqwest::Client::new()
+            .put(format!("{base}/products/{sku}"))
+            .bearer_auth(&admin)
+            .json(&json!({"name": "Mug", "price": {"minor": minor, "currency": "EUR"}, "active": active}))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        assert_eq!(status, 201);
+    }
+
+    let client = ServiceClient::new(
+        "catalog",
+        Instances::Static(vec![base]),
+        ClientOptions::default(),
+    )
+    .unwrap();
+    let mut catalog = CatalogClient::new(client.grpc());
+    let ask = |skus: &[&str]| PricesRequest {
+        skus: skus.iter().map(|s| (*s).to_owned()).collect(),
+    };
+    let reply = catalog
+        .prices(ask(&["MUG-01", "MUG-00", "NOPE"]))
+        .await
+        .unwrap()
+        .into_inner();
+    let prices: Vec<(String, i64, String, bool)> = reply
+        .prices
+        .into_iter()
+        .map(|p| (p.sku, p.minor, p.currency, p.for_sale))
+        .collect();
+    assert_eq!(
+        prices,
+        [
+            ("MUG-01".into(), 1250, "EUR".into(), true),
+            ("MUG-00".into(), 100, "EUR".into(), false),
+        ]
+    );
+
+    let status = catalog.prices(ask(&["mug-01"])).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    let many: Vec<String> = (0..=keel_catalog::grpc::MAX_SKUS)
+        .map(|i| format!("S{i}"))
+        .collect();
+    let status = catalog
+        .prices(PricesRequest { skus: many })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    shutdown.trigger();
+}
