@@ -26,7 +26,9 @@ pub struct CatalogGrpc {
 
 impl CatalogGrpc {
     pub fn server(catalog: Catalog) -> CatalogServer<Self> {
-        CatalogServer::new(Self { catalog })
+        // 100 SKUs of 32 bytes fit many times over; a hostile message is refused before
+        // it is decoded into memory.
+        CatalogServer::new(Self { catalog }).max_decoding_message_size(16 * 1024)
     }
 }
 
@@ -36,7 +38,10 @@ impl CatalogApi for CatalogGrpc {
         &self,
         request: Request<PricesRequest>,
     ) -> Result<Response<PricesReply>, Status> {
-        let skus = request.into_inner().skus;
+        let mut skus = request.into_inner().skus;
+        // Each SKU once, in the order asked.
+        let mut seen = std::collections::HashSet::new();
+        skus.retain(|sku| seen.insert(sku.clone()));
         if skus.len() > MAX_SKUS {
             return Err(Status::invalid_argument(format!(
                 "at most {MAX_SKUS} SKUs per call, not {}",

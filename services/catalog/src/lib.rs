@@ -1,5 +1,5 @@
 //! The reference shop's catalog service: products with their prices. Anyone may read
-//! what is for sale (cached in process, and in Redis when configured); administrators
+//! what is for sale (cached in process); administrators
 //! create and change products, and each change is published as `ProductChanged` through
 //! the outbox.
 //!
@@ -109,9 +109,9 @@ impl Catalog {
         self.bus
             .stage(&mut tx, &ProductChanged::from(&product))
             .await?;
-        self.products
-            .invalidate_after_commit(&mut tx, product.sku.as_str());
         tx.commit().await?;
+        // Once committed, and before answering: the writer's next read sees its write.
+        self.products.invalidate(product.sku.as_str()).await;
         Ok((product, created))
     }
 }
