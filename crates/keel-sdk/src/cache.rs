@@ -264,6 +264,9 @@ impl<T> Clone for Cache<T> {
 }
 
 struct CacheInner<T> {
+    /// Bumped by every invalidation (here or received): a load that began before one may
+    /// hold what the invalidation meant to drop, and must not stay cached.
+    generation: AtomicU64,
     name: String,
     version: u32,
     local: moka::future::Cache<String, Local<T>>,
@@ -278,11 +281,13 @@ impl<T: Send + Sync + 'static> Invalidate for CacheInner<T> {
             self.stats
                 .invalidations_received
                 .fetch_add(1, Ordering::Relaxed);
+            self.generation.fetch_add(1, Ordering::SeqCst);
             self.local.invalidate(key).await;
         })
     }
 
     fn drop_all(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
         self.local.invalidate_all();
     }
 }
@@ -330,6 +335,7 @@ where
             })
             .build();
         let inner = Arc::new(CacheInner {
+            generation: AtomicU64::new(0),
             name: name.to_owned(),
             version,
             local,
@@ -360,6 +366,7 @@ where
     {
         let inner = &self.inner;
         let mut fetched = false;
+        let generation = inner.generation.load(Ordering::SeqCst);
         let value = inner
             .local
             .try_get_with(key.to_owned(), async {
@@ -376,6 +383,12 @@ where
                 Ok(loaded)
             })
             .await?;
+        if fetched && inner.generation.load(Ordering::SeqCst) != generation {
+            // An invalidation came while this load ran: what it read may predate the
+            // write. This caller gets it (its read overlapped the write); nobody else does.
+            inner.local.invalidate(key).await;
+            self.redis_delete(key).await;
+        }
         if !fetched {
             inner.stats.local_hits.fetch_add(1, Ordering::Relaxed);
             self.count("local_hit");
@@ -390,6 +403,7 @@ where
 
     /// Drops `key` here, in Redis, and in every other instance's process memory.
     pub async fn invalidate(&self, key: &str) {
+        self.inner.generation.fetch_add(1, Ordering::SeqCst);
         self.inner.local.invalidate(key).await;
         let Some(redis) = &self.inner.redis else {
             return;
@@ -476,6 +490,20 @@ where
                     .set_ex::<_, _, ()>(&redis_key, bytes, seconds)
                     .await
             })
+            .await;
+        if let Err(error) = result {
+            self.redis_error(&error);
+        }
+    }
+
+    /// Deletes `key`'s Redis copy (no broadcast: for a copy this instance just wrote).
+    async fn redis_delete(&self, key: &str) {
+        let Some(redis) = &self.inner.redis else {
+            return;
+        };
+        let redis_key = self.redis_key(key);
+        let result = redis
+            .run(|mut connection| async move { connection.del::<_, i64>(&redis_key).await })
             .await;
         if let Err(error) = result {
             self.redis_error(&error);

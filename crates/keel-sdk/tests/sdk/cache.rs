@@ -272,3 +272,40 @@ async fn invalidate_after_commit_waits_for_the_commit() {
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_load_that_overlapped_an_invalidation_does_not_stay_cached() {
+    let cache = products(None);
+    let (started, go) = (
+        Arc::new(tokio::sync::Notify::new()),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let slow = {
+        let (cache, started, go) = (cache.clone(), started.clone(), go.clone());
+        tokio::spawn(async move {
+            cache
+                .get_or_load("sku-1", || async move {
+                    // Read the old price, then wait while the write commits.
+                    started.notify_one();
+                    go.notified().await;
+                    Ok::<_, std::io::Error>(Some(product(100)))
+                })
+                .await
+                .unwrap()
+        })
+    };
+    started.notified().await;
+    cache.invalidate("sku-1").await; // the write's invalidation, during the load
+    go.notify_one();
+    assert_eq!(
+        slow.await.unwrap().unwrap().price,
+        100,
+        "the overlapping read"
+    );
+    assert!(
+        !cache.holds_locally("sku-1"),
+        "not kept for the next reader"
+    );
+    let database = Database::priced(90);
+    assert_eq!(database.read(&cache, "sku-1").await.unwrap().price, 90);
+}
