@@ -7,8 +7,8 @@
 //! committed together with the next command, staged in the outbox. A crash at any point
 //! leaves either the old state or the new one and its command. Replies come back as events
 //! on the bus and are handled through the inbox. Timeouts are deadlines in the table,
-//! swept by whichever orchestrator instance gets there first. Transitions are guarded by
-//! a version number, so instances never both advance one saga.
+//! swept by whichever orchestrator instance gets there first. A transition locks the row
+//! before it reads it, so instances never both advance one saga.
 //!
 //! Commands can arrive more than once, and a compensation can be sent again after a
 //! timeout, so every participant must handle its commands idempotently (by business key:
@@ -238,6 +238,8 @@ struct State {
     error: Option<String>,
     /// Sends of the current command (compensations are sent again on timeout).
     sends: i64,
+    /// When the awaited reply is overdue (Unix ms); none once final.
+    deadline_at: Option<i64>,
     version: i64,
 }
 
@@ -247,9 +249,6 @@ enum Advanced {
     Moved,
     /// Nothing to do: a late or repeated reply, a saga already finished or moved on.
     Nothing,
-    /// Another instance moved the saga between this one's read and write; what this
-    /// transaction wrote must be rolled back.
-    Conflict,
 }
 
 /// What came back for the awaited command.
@@ -312,6 +311,7 @@ where
             results: Results::new(),
             error: None,
             sends: 0,
+            deadline_at: None,
             version: 0,
         };
         self.send_current(tx, &id, &mut state).await?;
@@ -364,7 +364,7 @@ where
                     tx.commit().await?;
                     moved += 1;
                 }
-                Ok(Advanced::Nothing | Advanced::Conflict) => {}
+                Ok(Advanced::Nothing) => {}
                 // One saga that no longer fits its definition must not hold up the rest.
                 Err(error @ (SagaError::Definition(_) | SagaError::Data(_))) => {
                     drop(tx);
@@ -496,21 +496,14 @@ where
                 return Ok(Advanced::Nothing);
             }
         }
-        // Claim the row before writing anything: a concurrent transition (a reply racing
-        // the sweep, two instances) waits here and then finds the version moved.
-        let claimed = sqlx::query(
-            "UPDATE keel_sagas SET version = version WHERE id = $1 AND version = $2 \
-             AND (deadline_at IS NOT NULL AND ($3 = 0 OR deadline_at <= $4))",
-        )
-        .bind(id)
-        .bind(state.version)
-        .bind(i64::from(matches!(answer, Answer::TimedOut)))
-        .bind(now_millis())
-        .execute(&mut **tx)
-        .await?;
-        if claimed.rows_affected() != 1 {
-            // Moved on by someone else, or (for a timeout) no longer overdue.
-            return Ok(Advanced::Conflict);
+        // A sweep's snapshot may be stale: another instance may have moved the saga on
+        // since (the row, locked above, is current now).
+        if matches!(answer, Answer::TimedOut)
+            && state
+                .deadline_at
+                .is_none_or(|deadline| deadline > now_millis())
+        {
+            return Ok(Advanced::Nothing);
         }
         let version = state.version;
         let step = self.step(state.step)?;
@@ -660,7 +653,7 @@ where
 
     async fn load(&self, tx: &mut Tx, id: &str) -> Result<Option<State>, SagaError> {
         let Some(row) = sqlx::query(
-            "SELECT status, step, data, results, error, sends, version FROM keel_sagas \
+            "SELECT status, step, data, results, error, sends, deadline_at, version FROM keel_sagas \
              WHERE id = $1 AND saga = $2",
         )
         .bind(id)
@@ -682,11 +675,13 @@ where
             results: serde_json::from_str(&row.try_get::<String, _>("results")?)?,
             error: row.try_get("error")?,
             sends: row.try_get("sends")?,
+            deadline_at: row.try_get("deadline_at")?,
             version: row.try_get("version")?,
         }))
     }
 
-    /// Writes `state` over the row, which is at `version` (claimed, or just inserted).
+    /// Writes `state` over the row, which is at `version` (locked by this transaction, or
+    /// just inserted by it).
     async fn save(
         &self,
         tx: &mut Tx,
@@ -723,7 +718,7 @@ where
             Ok(())
         } else {
             Err(SagaError::Definition(format!(
-                "saga {id} changed under a claimed transition"
+                "saga {id} changed under a locked transition"
             )))
         }
     }
@@ -780,10 +775,6 @@ where
                 .await
             {
                 Ok(Advanced::Moved | Advanced::Nothing) => Ok(()),
-                // Rolled back with the consumer's transaction, and tried again.
-                Ok(Advanced::Conflict) => Err(HandlerError::Retry(format!(
-                    "saga {saga} was moved on by another instance meanwhile"
-                ))),
                 // The sweep marks it failed when its deadline passes.
                 Err(error @ (SagaError::Definition(_) | SagaError::Data(_))) => {
                     Err(HandlerError::reject(error))
