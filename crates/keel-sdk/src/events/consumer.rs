@@ -208,8 +208,6 @@ pub(crate) enum Outcome {
     Duplicate,
     /// Failed; try again after `delay` as attempt `attempt + 1`.
     Retry { delay: Duration, error: String },
-    /// The database could not be reached: not the message's fault, not an attempt.
-    Unavailable(String),
     /// Shutting down while holding the message: give it back unhandled.
     GiveBack,
     /// Failed for good: dead-letter with `error`.
@@ -352,12 +350,13 @@ impl ConsumerCore {
         let _ = span.set_parent(envelope.trace_context());
         let mut outages = 0;
         loop {
-            let outcome = self
+            let error = match self
                 .handle(&envelope, attempt)
                 .instrument(span.clone())
-                .await;
-            let Outcome::Unavailable(error) = outcome else {
-                return self.count(outcome);
+                .await
+            {
+                Ok(outcome) => return self.count(outcome),
+                Err(Unavailable(error)) => error,
             };
             outages += 1;
             self.stats.database_waits.fetch_add(1, Ordering::Relaxed);
@@ -371,16 +370,17 @@ impl ConsumerCore {
         }
     }
 
-    async fn handle(&self, envelope: &Envelope, attempt: u32) -> Outcome {
+    /// One attempt at `envelope`; `Err` when the database could not be reached.
+    async fn handle(&self, envelope: &Envelope, attempt: u32) -> Result<Outcome, Unavailable> {
         let Some(handler) = self.handlers.get(envelope.event_type.as_str()) else {
-            return self.dead(
+            return Ok(self.dead(
                 &envelope.id,
                 &envelope.event_type,
                 format!(
                     "group {} has no handler for {}",
                     self.group, envelope.event_type
                 ),
-            );
+            ));
         };
         let attempt_work = async {
             let mut tx = self.db.begin().await.map_err(Failure::Database)?;
@@ -404,17 +404,17 @@ impl ConsumerCore {
             Ok(true)
         };
         let error = match AssertUnwindSafe(attempt_work).catch_unwind().await {
-            Ok(Ok(true)) => return Outcome::Done,
-            Ok(Ok(false)) => return Outcome::Duplicate,
+            Ok(Ok(true)) => return Ok(Outcome::Done),
+            Ok(Ok(false)) => return Ok(Outcome::Duplicate),
             Ok(Err(Failure::Database(error))) if unavailable(&error) => {
-                return Outcome::Unavailable(error.to_string());
+                return Err(Unavailable(error.to_string()));
             }
             Ok(Err(Failure::Database(error))) => HandlerError::Retry(error.to_string()),
             Ok(Err(Failure::Handler(error))) => error,
             Err(_panic) => HandlerError::Retry("the handler panicked".to_owned()),
         };
         tracing::warn!(error = error.message(), attempt, "event not handled");
-        match (&error, self.retry.delay_after(attempt)) {
+        Ok(match (&error, self.retry.delay_after(attempt)) {
             (HandlerError::Retry(message), Some(delay)) => Outcome::Retry {
                 delay,
                 error: message.clone(),
@@ -424,7 +424,7 @@ impl ConsumerCore {
                 &envelope.event_type,
                 error.message().to_owned(),
             ),
-        }
+        })
     }
 
     fn dead(&self, id: &str, event_type: &str, error: String) -> Outcome {
@@ -441,8 +441,8 @@ impl ConsumerCore {
             Outcome::Duplicate => (&self.stats.duplicates, "duplicate"),
             Outcome::Retry { .. } => (&self.stats.retried, "retried"),
             Outcome::Dead { .. } => (&self.stats.dead_lettered, "dead_lettered"),
-            // Not returned by `handle` to `count`: the hold loop in `process` takes them.
-            Outcome::Unavailable(_) | Outcome::GiveBack => return outcome,
+            // Given back unhandled: nothing to count.
+            Outcome::GiveBack => return outcome,
         };
         counter.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("keel_events_consumed_total", "group" => self.group.clone(), "outcome" => label)
@@ -450,6 +450,9 @@ impl ConsumerCore {
         outcome
     }
 }
+
+/// The database could not be reached: not the message's fault, not an attempt.
+struct Unavailable(String);
 
 /// Why an attempt failed: the handler, or the consumer's own database work around it.
 enum Failure {

@@ -109,7 +109,7 @@ impl InProcess {
                 .process(&delivery.payload, delivery.attempt, &shutdown)
                 .await
             {
-                Outcome::Done | Outcome::Duplicate | Outcome::Unavailable(_) => {}
+                Outcome::Done | Outcome::Duplicate => {}
                 Outcome::GiveBack => {
                     let _ = group.sender.send(delivery);
                     return;

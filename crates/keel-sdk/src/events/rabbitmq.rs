@@ -340,7 +340,7 @@ impl RabbitMq {
                 .unwrap_or(1)
                 .max(1);
             match core.process(&delivery.data, attempt, shutdown).await {
-                Outcome::Done | Outcome::Duplicate | Outcome::Unavailable(_) => {}
+                Outcome::Done | Outcome::Duplicate => {}
                 Outcome::GiveBack => {
                     // Unacknowledged: the broker gives it to another consumer once this
                     // connection closes.
