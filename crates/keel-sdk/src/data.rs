@@ -373,6 +373,21 @@ async fn create_postgres_database(url: &str) -> Result<(), DbError> {
     }
 }
 
+/// Now, in Unix milliseconds: how services store times in rows (an integer both
+/// backends compare and index the same way).
+pub fn unix_millis() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
+        })
+}
+
+/// Now, in Unix seconds.
+pub fn unix_seconds() -> i64 {
+    unix_millis() / 1000
+}
+
 /// The file of a SQLite URL; `None` for an in-memory database.
 pub fn sqlite_path(url: &str) -> Option<&str> {
     let rest = url.trim_start_matches("sqlite:").trim_start_matches("//");

@@ -35,7 +35,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::Row;
 
-use crate::data::{Database, Tx};
+use crate::data::{Database, Tx, unix_millis as now_millis};
 use crate::events::consumer::Dispatch;
 use crate::events::{Bus, BusError, Consumer, Envelope, Event, HandlerError, Reply};
 
@@ -829,14 +829,6 @@ fn phase(status: SagaStatus) -> &'static str {
         SagaStatus::Compensating => "compensation",
         _ => "action",
     }
-}
-
-fn now_millis() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX)
-        })
 }
 
 #[cfg(test)]

@@ -5,7 +5,8 @@
 //! - [`TestDatabase`]: a fresh PostgreSQL database per test, migrated, dropped afterwards;
 //! - [`unique_name`]: per-test Redis key prefixes, RabbitMQ names and etcd key prefixes;
 //! - [`FaultProxy`]: a TCP proxy to cut, between code under test and a shared service;
-//! - [`ChildTest`]: the test re-run as a child process, to crash it at a chosen moment.
+//! - [`ChildTest`]: the test re-run as a child process, to crash it at a chosen moment;
+//! - [`send`]: an HTTP request's status, content type and JSON body in one call.
 
 #![allow(clippy::expect_used)] // test support: a broken fixture should stop the test loudly
 
@@ -245,6 +246,30 @@ impl Drop for TestDatabase {
         });
         let _ = cleanup.join();
     }
+}
+
+// === HTTP ===
+
+/// Sends `request` (with `token` as its bearer token, if any) and returns the response's
+/// status, content type and JSON body (`Null` when it has none).
+pub async fn send(
+    request: reqwest::RequestBuilder,
+    token: Option<&str>,
+) -> (u16, String, serde_json::Value) {
+    let request = match token {
+        Some(token) => request.bearer_auth(token),
+        None => request,
+    };
+    let response = request.send().await.expect("the request is sent");
+    let status = response.status().as_u16();
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let body = response.json().await.unwrap_or(serde_json::Value::Null);
+    (status, content_type, body)
 }
 
 #[cfg(test)]

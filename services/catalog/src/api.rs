@@ -42,7 +42,9 @@ async fn product(
     State(catalog): State<Catalog>,
     Path(sku): Path<String>,
 ) -> Result<Json<Product>, Problem> {
-    let sku: Sku = sku.parse().map_err(invalid)?;
+    let sku: Sku = sku
+        .parse()
+        .map_err(|error| invalid(ProductError::from(error)))?;
     catalog
         .product(&sku)
         .await
@@ -62,7 +64,7 @@ async fn put(
         .map_err(IntoResponse::into_response)?;
     let sku: Sku = sku
         .parse()
-        .map_err(|error| invalid(error).into_response())?;
+        .map_err(|error| invalid(ProductError::from(error)).into_response())?;
     let (product, created) = catalog
         .put(sku, change)
         .await

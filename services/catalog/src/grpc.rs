@@ -50,7 +50,7 @@ impl CatalogApi for CatalogGrpc {
         }
         let mut prices = Vec::with_capacity(skus.len());
         for sku in skus {
-            let sku: Sku = sku.parse().map_err(|error: crate::domain::ProductError| {
+            let sku: Sku = sku.parse().map_err(|error: crate::domain::SkuError| {
                 Status::invalid_argument(error.to_string())
             })?;
             let product = self.catalog.product(&sku).await.map_err(|error| {

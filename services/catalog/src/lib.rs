@@ -100,12 +100,7 @@ impl Catalog {
         // Writers one at a time, the lock taken before the first read: SQLite would
         // otherwise fail a transaction that read before another committed (SQLITE_BUSY).
         self.db.lock(&mut tx, PRODUCT_WRITES).await?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| {
-                i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX)
-            });
-        let created = store::put(&mut tx, &product, now).await?;
+        let created = store::put(&mut tx, &product, keel_sdk::data::unix_seconds()).await?;
         self.bus
             .stage(&mut tx, &ProductChanged::from(&product))
             .await?;

@@ -1,8 +1,7 @@
 //! The catalog's domain: values that cannot hold an invalid state, and the rules for
-//! changing a product. No I/O here.
+//! changing a product. No I/O here. SKUs and money come from the shop's shared kernel.
 
-mod money;
 mod product;
 
-pub use money::{Currency, Money, MoneyError};
-pub use product::{Product, ProductChange, ProductError, ProductName, Sku};
+pub use keel_shop_kernel::{Currency, Money, MoneyError, Sku, SkuError};
+pub use product::{Product, ProductChange, ProductError, ProductName};

@@ -1,16 +1,10 @@
 //! Products: a stock-keeping unit, a name, a price, and whether it is for sale.
 
-use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-use super::Money;
-
-/// A stock-keeping unit: 1 to 32 uppercase letters, digits and inner dashes (`MUG-01`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, schemars::JsonSchema)]
-#[serde(transparent)]
-pub struct Sku(String);
+use keel_shop_kernel::{Money, Sku, SkuError};
 
 /// A product's name: 1 to 200 characters, no control characters, no surrounding spaces.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
@@ -19,53 +13,14 @@ pub struct ProductName(String);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ProductError {
-    #[error("a SKU is 1 to 32 uppercase letters, digits and inner dashes, not {0:?}")]
-    Sku(String),
+    #[error(transparent)]
+    Sku(#[from] SkuError),
     #[error("a product name is 1 to 200 characters without control characters")]
     Name,
     #[error(
         "a description is at most 2000 characters without control characters (newlines allowed)"
     )]
     Description,
-}
-
-impl FromStr for Sku {
-    type Err = ProductError;
-
-    fn from_str(text: &str) -> Result<Self, ProductError> {
-        let bytes = text.as_bytes();
-        let valid = (1..=32).contains(&bytes.len())
-            && bytes
-                .iter()
-                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || *b == b'-')
-            && bytes.first() != Some(&b'-')
-            && bytes.last() != Some(&b'-');
-        if valid {
-            Ok(Self(text.to_owned()))
-        } else {
-            Err(ProductError::Sku(text.chars().take(40).collect()))
-        }
-    }
-}
-
-impl Sku {
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for Sku {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl<'de> Deserialize<'de> for Sku {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer)?
-            .parse()
-            .map_err(serde::de::Error::custom)
-    }
 }
 
 impl FromStr for ProductName {
@@ -153,24 +108,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn skus_are_short_uppercase_codes() {
-        for good in ["MUG-01", "A", "X9", &"Z".repeat(32)] {
-            assert!(good.parse::<Sku>().is_ok(), "{good}");
-        }
-        for bad in [
-            "",
-            "mug-01",
-            "-MUG",
-            "MUG-",
-            "MUG 01",
-            "MÜG",
-            &"Z".repeat(33),
-        ] {
-            assert!(bad.parse::<Sku>().is_err(), "{bad}");
-        }
-    }
-
-    #[test]
     fn names_and_descriptions_are_bounded_and_printable() {
         assert!("Blue mug".parse::<ProductName>().is_ok());
         for bad in ["", " padded", "tab\there", &"n".repeat(201)] {
@@ -216,23 +153,6 @@ mod properties {
     use super::*;
 
     proptest! {
-        #[test]
-        fn any_text_is_a_sku_only_if_it_follows_the_rules(text in "\\PC{0,40}") {
-            let valid = (1..=32).contains(&text.len())
-                && text.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'-')
-                && !text.starts_with('-')
-                && !text.ends_with('-');
-            prop_assert_eq!(text.parse::<Sku>().is_ok(), valid);
-        }
-
-        #[test]
-        fn a_valid_sku_round_trips(text in "[A-Z0-9]([A-Z0-9-]{0,30}[A-Z0-9])?") {
-            let sku: Sku = text.parse().unwrap();
-            prop_assert_eq!(sku.to_string(), text.clone());
-            let json = serde_json::to_string(&sku).unwrap();
-            prop_assert_eq!(serde_json::from_str::<Sku>(&json).unwrap(), sku);
-        }
-
         #[test]
         fn a_product_round_trips_through_json(
             sku in "[A-Z0-9]{1,8}",

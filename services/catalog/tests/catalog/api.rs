@@ -11,7 +11,7 @@ use keel_runtime::{Secret, Shutdown};
 use keel_sdk::events::Bus;
 use keel_sdk::service::{ServiceAuthConfig, ServiceConfig};
 use keel_sdk::{Handler, HandlerError, Received, Tx};
-use keel_testkit::{Service, TestDatabase, TestSqlite, require};
+use keel_testkit::{Service, TestDatabase, TestSqlite, require, send};
 use serde_json::{Value, json};
 
 /// Counts the `ProductChanged` events it hears.
@@ -34,22 +34,6 @@ async fn databases() -> Vec<(String, Option<TestDatabase>, Option<TestSqlite>)> 
         databases.push((database.url.clone(), Some(database), None));
     }
     databases
-}
-
-async fn send(request: reqwest::RequestBuilder, token: Option<&str>) -> (u16, String, Value) {
-    let request = match token {
-        Some(token) => request.bearer_auth(token),
-        None => request,
-    };
-    let response = request.send().await.unwrap();
-    let status = response.status().as_u16();
-    let content_type = response
-        .headers()
-        .get("content-type")
-        .map(|v| v.to_str().unwrap().to_owned())
-        .unwrap_or_default();
-    let body = response.json().await.unwrap_or(Value::Null);
-    (status, content_type, body)
 }
 
 #[tokio::test]

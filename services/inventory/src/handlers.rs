@@ -1,0 +1,91 @@
+//! The inventory's command handlers: each does its command inside the consumer's
+//! transaction and stages the reply in it, so the answer leaves if and only if the work
+//! commits.
+
+use keel_sdk::events::{Bus, BusError, Consumer, Reply};
+use keel_sdk::service::ServiceError;
+use keel_sdk::{Database, Handler, HandlerError, Received, Tx};
+use serde_json::json;
+
+use crate::contract::{Commit, Release, Reserve};
+use crate::domain::{Command, ReservationId};
+use crate::{Inventory, Refused};
+
+/// The consumer of the inventory's commands (group `inventory`).
+pub async fn consumer(
+    inventory: &Inventory,
+    bus: &Bus,
+    db: &Database,
+) -> Result<Consumer, ServiceError> {
+    let commands = Commands {
+        inventory: inventory.clone(),
+        bus: bus.clone(),
+    };
+    bus.consumer("inventory", db)
+        .on::<Reserve, _>(commands.clone())
+        .on::<Release, _>(commands.clone())
+        .on::<Commit, _>(commands)
+        .start()
+        .await
+        .map_err(|error| ServiceError::Bus {
+            service: "inventory".to_owned(),
+            error,
+        })
+}
+
+#[derive(Clone)]
+struct Commands {
+    inventory: Inventory,
+    bus: Bus,
+}
+
+impl Commands {
+    async fn answer<E>(
+        &self,
+        tx: &mut Tx,
+        received: &Received<E>,
+        id: &ReservationId,
+        outcome: Result<(), Refused>,
+    ) -> Result<(), BusError> {
+        let reply = match outcome {
+            Ok(()) => Reply::done(json!({ "reservation": id })),
+            Err(refused) => Reply::refused(refused),
+        };
+        self.bus.reply(tx, received, &reply).await
+    }
+
+    async fn apply<E>(
+        &self,
+        tx: &mut Tx,
+        received: &Received<E>,
+        id: &ReservationId,
+        command: Command,
+    ) -> Result<(), HandlerError> {
+        let outcome = self.inventory.apply(tx, id, command).await?;
+        self.answer(tx, received, id, outcome.map(drop)).await?;
+        Ok(())
+    }
+}
+
+impl Handler<Reserve> for Commands {
+    async fn handle(&self, tx: &mut Tx, received: Received<Reserve>) -> Result<(), HandlerError> {
+        let outcome = self.inventory.reserve(tx, &received.event).await?;
+        let id = received.event.reservation.clone();
+        self.answer(tx, &received, &id, outcome).await?;
+        Ok(())
+    }
+}
+
+impl Handler<Release> for Commands {
+    async fn handle(&self, tx: &mut Tx, received: Received<Release>) -> Result<(), HandlerError> {
+        let id = received.event.reservation.clone();
+        self.apply(tx, &received, &id, Command::Release).await
+    }
+}
+
+impl Handler<Commit> for Commands {
+    async fn handle(&self, tx: &mut Tx, received: Received<Commit>) -> Result<(), HandlerError> {
+        let id = received.event.reservation.clone();
+        self.apply(tx, &received, &id, Command::Commit).await
+    }
+}
