@@ -239,8 +239,8 @@ impl Service {
         &self.bus
     }
 
-    /// The verifier of callers' access tokens, when `auth` is configured (for
-    /// [`crate::auth::authenticate`]).
+    /// The verifier of callers' access tokens, when `auth` is configured; [`Service::bind`]
+    /// puts [`crate::auth::authenticate`] with it in front of every route.
     pub fn verifier(&self) -> Option<&Arc<Verifier>> {
         self.verifier.as_ref()
     }
@@ -307,10 +307,15 @@ impl Service {
     /// Binds the listen address with the standard HTTP stack around the routes.
     pub async fn bind(mut self) -> Result<RunningService, ServiceError> {
         if let Some(verifier) = self.verifier.clone() {
-            let admin = dead_letter_admin(self.bus.clone(), self.groups.clone()).layer(
-                axum::middleware::from_fn_with_state(verifier, crate::auth::authenticate),
-            );
-            self.router = self.router.merge(admin);
+            // Every route of the service reads its caller from a verified token (none:
+            // anonymous); handlers ask for what they need with the `Caller` extractor.
+            self.router = self
+                .router
+                .merge(dead_letter_admin(self.bus.clone(), self.groups.clone()))
+                .layer(axum::middleware::from_fn_with_state(
+                    verifier,
+                    crate::auth::authenticate,
+                ));
         }
         let listen = self
             .config

@@ -3,6 +3,7 @@
 //! - [`spawn`]: start any [`Server`] (bound to port 0) and get its URL;
 //! - [`require`]: the SKIP / require logic for backing services;
 //! - [`TestDatabase`]: a fresh PostgreSQL database per test, migrated, dropped afterwards;
+//! - [`each_database`]: SQLite, and PostgreSQL when it answers, for tests of both backends;
 //! - [`unique_name`]: per-test Redis key prefixes, RabbitMQ names and etcd key prefixes;
 //! - [`FaultProxy`]: a TCP proxy to cut, between code under test and a shared service;
 //! - [`ChildTest`]: the test re-run as a child process, to crash it at a chosen moment;
@@ -246,6 +247,36 @@ impl Drop for TestDatabase {
         });
         let _ = cleanup.join();
     }
+}
+
+// === both backends ===
+
+/// A database for a test that runs on each backend; kept (dropped: deleted) for as long
+/// as the test holds it.
+pub struct EachDatabase {
+    pub url: String,
+    _postgres: Option<TestDatabase>,
+    _sqlite: Option<TestSqlite>,
+}
+
+/// A fresh SQLite database always, and a fresh PostgreSQL database when PostgreSQL
+/// answers: what a service's tests run on, one after the other.
+pub async fn each_database(prefix: &str) -> Vec<EachDatabase> {
+    let file = TestSqlite::new(prefix);
+    let mut databases = vec![EachDatabase {
+        url: file.url(),
+        _postgres: None,
+        _sqlite: Some(file),
+    }];
+    if require(Service::Postgres) {
+        let database = TestDatabase::create().await;
+        databases.push(EachDatabase {
+            url: database.url.clone(),
+            _postgres: Some(database),
+            _sqlite: None,
+        });
+    }
+    databases
 }
 
 // === HTTP ===

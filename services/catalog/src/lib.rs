@@ -125,7 +125,7 @@ pub async fn build(
     let catalog = Catalog::new(service.db().clone(), service.bus().clone(), products);
     let grpc =
         tonic::service::Routes::new(grpc::CatalogGrpc::server(catalog.clone())).into_axum_router();
-    let router = api::router(catalog, service.verifier().cloned()).merge(grpc);
+    let router = api::router(catalog).merge(grpc);
     service
         .http(router)
         .openapi(api::openapi())

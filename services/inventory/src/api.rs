@@ -4,15 +4,12 @@
 //! - `PUT /stock/{sku}`: set the count on hand, `{"on_hand": n}` (the `admin` role);
 //! - `GET /reservations/{id}`: a reservation and its lines (the `admin` role).
 
-use std::sync::Arc;
-
 use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use keel_jwt::Verifier;
 use keel_runtime::Problem;
-use keel_sdk::auth::{Caller, authenticate};
+use keel_sdk::auth::Caller;
 use keel_sdk::events::asyncapi::AsyncApi;
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -21,17 +18,11 @@ use crate::contract::{Commit, Release, Reserve, StockLevel};
 use crate::domain::{ReservationId, Sku, StockError};
 use crate::{Inventory, InventoryError, Reservation};
 
-pub fn router(inventory: Inventory, verifier: Option<Arc<Verifier>>) -> Router {
-    let router = Router::new()
+pub fn router(inventory: Inventory) -> Router {
+    Router::new()
         .route("/stock/{sku}", get(stock).put(set_on_hand))
         .route("/reservations/{id}", get(reservation))
-        .with_state(inventory);
-    match verifier {
-        Some(verifier) => {
-            router.layer(axum::middleware::from_fn_with_state(verifier, authenticate))
-        }
-        None => router,
-    }
+        .with_state(inventory)
 }
 
 /// The body of `PUT /stock/{sku}`.
@@ -104,7 +95,13 @@ async fn reservation(
 
 fn problem(error: InventoryError) -> Problem {
     tracing::error!(%error, "inventory operation failed");
-    Problem::unavailable("the inventory cannot answer now").with_source("inventory")
+    match error {
+        InventoryError::Store(crate::StoreError::Corrupt(_)) => {
+            Problem::internal("the inventory's data is damaged")
+        }
+        _ => Problem::unavailable("the inventory cannot answer now"),
+    }
+    .with_source("inventory")
 }
 
 /// The API described for `/openapi.json` (OpenAPI 3.1).

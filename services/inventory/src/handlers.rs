@@ -2,7 +2,7 @@
 //! transaction and stages the reply in it, so the answer leaves if and only if the work
 //! commits.
 
-use keel_sdk::events::{Bus, BusError, Consumer, Reply};
+use keel_sdk::events::{Bus, Consumer, Reply};
 use keel_sdk::service::ServiceError;
 use keel_sdk::{Database, Handler, HandlerError, Received, Tx};
 use serde_json::json;
@@ -46,12 +46,15 @@ impl Commands {
         received: &Received<E>,
         id: &ReservationId,
         outcome: Result<(), Refused>,
-    ) -> Result<(), BusError> {
+    ) -> Result<(), HandlerError> {
         let reply = match outcome {
             Ok(()) => Reply::done(json!({ "reservation": id })),
             Err(refused) => Reply::refused(refused),
         };
-        self.bus.reply(tx, received, &reply).await
+        self.bus
+            .reply(tx, received, &reply)
+            .await
+            .map_err(HandlerError::bus)
     }
 
     async fn apply<E>(
@@ -62,8 +65,7 @@ impl Commands {
         command: Command,
     ) -> Result<(), HandlerError> {
         let outcome = self.inventory.apply(tx, id, command).await?;
-        self.answer(tx, received, id, outcome.map(drop)).await?;
-        Ok(())
+        self.answer(tx, received, id, outcome.map(drop)).await
     }
 }
 
@@ -71,8 +73,7 @@ impl Handler<Reserve> for Commands {
     async fn handle(&self, tx: &mut Tx, received: Received<Reserve>) -> Result<(), HandlerError> {
         let outcome = self.inventory.reserve(tx, &received.event).await?;
         let id = received.event.reservation.clone();
-        self.answer(tx, &received, &id, outcome).await?;
-        Ok(())
+        self.answer(tx, &received, &id, outcome).await
     }
 }
 

@@ -15,7 +15,7 @@ mod store;
 use std::time::Duration;
 
 use keel_runtime::Shutdown;
-use keel_sdk::data::unix_seconds;
+use keel_sdk::data::unix_millis;
 use keel_sdk::events::{Bus, BusError};
 use keel_sdk::service::{RunningService, Service, ServiceConfig, ServiceError};
 use keel_sdk::{Database, Migrations, Tx};
@@ -33,8 +33,8 @@ pub const DEFAULT_HOLD: Duration = Duration::from_secs(15 * 60);
 /// The longest hold a command may ask for.
 pub const MAX_HOLD: Duration = Duration::from_secs(24 * 60 * 60);
 
-/// Held by the transactions that do not start with a write of their own (stocktakes,
-/// expiry), so that SQLite takes its write lock before they read.
+/// Held by stocktakes, one at a time: the only writes that create stock rows, which a
+/// row lock cannot guard before they exist.
 const STOCK_WRITES: keel_sdk::data::LockKey = keel_sdk::data::LockKey(0x6b65_656c_1e01);
 
 pub static MIGRATIONS: Migrations = Migrations {
@@ -61,6 +61,15 @@ impl From<keel_sdk::sqlx::Error> for InventoryError {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct Refused(pub String);
+
+/// What a command did to a reservation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// The reservation's status after it.
+    pub status: Status,
+    /// False when the command had been done already.
+    pub changed: bool,
+}
 
 /// The inventory's use cases.
 #[derive(Clone)]
@@ -116,18 +125,22 @@ impl Inventory {
         command: &Reserve,
     ) -> Result<Result<(), Refused>, InventoryError> {
         let id = &command.reservation;
-        let now = unix_seconds();
+        let now = unix_millis();
         let hold = command
             .hold_seconds
             .map_or(DEFAULT_HOLD, |seconds| Duration::from_secs(seconds.into()))
-            .min(MAX_HOLD);
-        let expires_at = now.saturating_add(i64::try_from(hold.as_secs()).unwrap_or(i64::MAX));
+            .clamp(Duration::from_secs(1), MAX_HOLD);
+        let expires_at = now.saturating_add(i64::try_from(hold.as_millis()).unwrap_or(i64::MAX));
         if !store::create_reservation(tx, id, Status::Held, expires_at, now).await? {
             let existing = store::reservation(tx, id, true)
                 .await?
                 .ok_or_else(|| StoreError::Corrupt(format!("reservation {id} vanished")))?;
+            let same = existing.lines.iter().eq(command.lines.iter());
             return Ok(match existing.status {
-                Status::Held | Status::Committed => Ok(()),
+                Status::Held | Status::Committed if same => Ok(()),
+                Status::Held | Status::Committed => Err(Refused(format!(
+                    "reservation {id} was made for other lines"
+                ))),
                 status => Err(Refused(format!(
                     "reservation {id} is {} already",
                     status.as_str()
@@ -157,8 +170,8 @@ impl Inventory {
         tx: &mut Tx,
         id: &ReservationId,
         command: Command,
-    ) -> Result<Result<Status, Refused>, InventoryError> {
-        let now = unix_seconds();
+    ) -> Result<Result<Applied, Refused>, InventoryError> {
+        let now = unix_millis();
         // Twice at most: a tombstone's insert can lose to the reservation's own, which
         // is then there to be read.
         for _ in 0..2 {
@@ -167,21 +180,38 @@ impl Inventory {
                     return Ok(Err(Refused(format!("no reservation {id}"))));
                 }
                 if store::create_reservation(tx, id, Status::Released, now, now).await? {
-                    return Ok(Ok(Status::Released));
+                    return Ok(Ok(Applied {
+                        status: Status::Released,
+                        changed: true,
+                    }));
                 }
                 continue;
             };
-            let (next, effect) = match domain::transition(reservation.status, command) {
+            // Past its time, a held reservation is expired whether or not the sweep came
+            // by: it cannot be committed any more.
+            let overdue = reservation.status == Status::Held && reservation.expires_at <= now;
+            let step = match command {
+                Command::Commit if overdue => Command::Expire,
+                command => command,
+            };
+            let (next, effect) = match domain::transition(reservation.status, step) {
                 Ok(moved) => moved,
                 Err(refused) => return Ok(Err(Refused(format!("{id}: {refused}")))),
             };
             if let Some(effect) = effect {
                 self.apply_lines(tx, &reservation.lines, effect).await?;
             }
-            if next != reservation.status {
+            let changed = next != reservation.status;
+            if changed {
                 store::set_status(tx, id, next, now).await?;
             }
-            return Ok(Ok(next));
+            if step != command {
+                return Ok(Err(Refused(format!("{id}: the reservation expired"))));
+            }
+            return Ok(Ok(Applied {
+                status: next,
+                changed,
+            }));
         }
         Err(StoreError::Corrupt(format!("reservation {id} cannot be read back")).into())
     }
@@ -206,19 +236,26 @@ impl Inventory {
     pub async fn expire_overdue(&self) -> Result<usize, InventoryError> {
         let due = {
             let mut connection = self.db.pool().acquire().await?;
-            store::overdue(&mut connection, unix_seconds(), 100).await?
+            store::overdue(&mut connection, unix_millis(), 100).await?
         };
         let mut expired = 0;
         for id in &due {
-            let mut tx = self.db.begin().await?;
-            self.db.lock(&mut tx, STOCK_WRITES).await?;
-            // Another instance may have got there first, or the saga committed it since.
-            if self.apply(&mut tx, id, Command::Expire).await? == Ok(Status::Expired) {
-                expired += 1;
+            // One reservation that cannot be expired must not keep the others held.
+            match self.expire(id).await {
+                Ok(true) => expired += 1,
+                Ok(false) => {}
+                Err(error) => tracing::warn!(%error, reservation = %id, "cannot expire"),
             }
-            tx.commit().await?;
         }
         Ok(expired)
+    }
+
+    /// Expires reservation `id`; false when another instance or the saga got there first.
+    async fn expire(&self, id: &ReservationId) -> Result<bool, InventoryError> {
+        let mut tx = self.db.begin().await?;
+        let applied = self.apply(&mut tx, id, Command::Expire).await?;
+        tx.commit().await?;
+        Ok(applied.is_ok_and(|applied| applied.changed))
     }
 
     /// Expires overdue reservations every `interval` until shutdown.
@@ -238,7 +275,7 @@ impl Inventory {
 
     /// Writes `stock` and stages its `StockLevel` event.
     async fn save(&self, tx: &mut Tx, stock: &Stock) -> Result<(), InventoryError> {
-        store::save_stock(tx, stock, unix_seconds()).await?;
+        store::save_stock(tx, stock, unix_millis()).await?;
         self.bus.stage(tx, &StockLevel::from(stock)).await?;
         Ok(())
     }
@@ -257,7 +294,7 @@ pub async fn build(
     let inventory = Inventory::new(service.db().clone(), service.bus().clone());
     let consumer = handlers::consumer(&inventory, service.bus(), service.db()).await?;
     let sweeper = inventory.clone();
-    let router = api::router(inventory, service.verifier().cloned());
+    let router = api::router(inventory);
     service
         .http(router)
         .openapi(api::openapi())

@@ -48,10 +48,14 @@ pub async fn stock(db: &mut AnyConnection, sku: &Sku) -> Result<Option<Stock>, S
 
 /// The stock of `sku`, locked for the rest of the transaction (empty when never counted).
 pub async fn locked_stock(db: &mut AnyConnection, sku: &Sku) -> Result<Stock, StoreError> {
-    sqlx::query("UPDATE stock SET updated_at = updated_at WHERE sku = $1")
+    let locked = sqlx::query("UPDATE stock SET updated_at = updated_at WHERE sku = $1")
         .bind(sku.as_str())
         .execute(&mut *db)
         .await?;
+    // Nothing locked: a row committed since would be read unlocked, so it is not read.
+    if locked.rows_affected() == 0 {
+        return Ok(Stock::empty(sku.clone()));
+    }
     Ok(stock(db, sku)
         .await?
         .unwrap_or_else(|| Stock::empty(sku.clone())))
@@ -117,7 +121,7 @@ pub async fn add_lines(
 pub struct Reservation {
     pub id: ReservationId,
     pub status: Status,
-    /// Unix seconds.
+    /// Unix milliseconds.
     pub expires_at: i64,
     /// In SKU order; none for a reservation refused or released before it was made.
     pub lines: Vec<Line>,
@@ -130,10 +134,14 @@ pub async fn reservation(
     lock: bool,
 ) -> Result<Option<Reservation>, StoreError> {
     if lock {
-        sqlx::query("UPDATE reservations SET updated_at = updated_at WHERE id = $1")
+        let locked = sqlx::query("UPDATE reservations SET updated_at = updated_at WHERE id = $1")
             .bind(id.as_str())
             .execute(&mut *db)
             .await?;
+        // Nothing locked: a row committed since would be read unlocked, so it is not read.
+        if locked.rows_affected() == 0 {
+            return Ok(None);
+        }
     }
     let Some(row) = sqlx::query("SELECT status, expires_at FROM reservations WHERE id = $1")
         .bind(id.as_str())
@@ -144,12 +152,10 @@ pub async fn reservation(
     };
     let status: String = row.try_get("status")?;
     let status = Status::parse(&status).ok_or_else(|| corrupt(format!("status {status:?}")))?;
-    let rows = sqlx::query(
-        "SELECT sku, quantity FROM reservation_lines WHERE reservation_id = $1 ORDER BY sku",
-    )
-    .bind(id.as_str())
-    .fetch_all(&mut *db)
-    .await?;
+    let rows = sqlx::query("SELECT sku, quantity FROM reservation_lines WHERE reservation_id = $1")
+        .bind(id.as_str())
+        .fetch_all(&mut *db)
+        .await?;
     let lines = rows
         .iter()
         .map(|row| {
@@ -158,7 +164,11 @@ pub async fn reservation(
                 quantity: Quantity::new(row.try_get("quantity")?).map_err(corrupt)?,
             })
         })
-        .collect::<Result<_, StoreError>>()?;
+        .collect::<Result<Vec<Line>, StoreError>>()?;
+    // Sorted here, not by the database's collation, which may not order SKUs as Rust does:
+    // rows are locked in this order, the same as a reservation's.
+    let mut lines = lines;
+    lines.sort_by(|a, b| a.sku.cmp(&b.sku));
     Ok(Some(Reservation {
         id: id.clone(),
         status,
@@ -182,7 +192,7 @@ pub async fn set_status(
     Ok(())
 }
 
-/// Held reservations whose time ran out by `now`, oldest first.
+/// Held reservations whose time ran out by `now` (Unix ms), oldest first.
 pub async fn overdue(
     db: &mut AnyConnection,
     now: i64,

@@ -57,6 +57,15 @@ impl HandlerError {
         Self::Reject(reason.to_string())
     }
 
+    /// What a bus error means in a handler: a command whose return address is not a reply
+    /// type will never be answerable (rejected); anything else may pass (retried).
+    pub fn bus(error: BusError) -> Self {
+        match error {
+            BusError::ReplyType(_) => Self::reject(error),
+            error => Self::Retry(error.to_string()),
+        }
+    }
+
     fn message(&self) -> &str {
         match self {
             Self::Retry(message) | Self::Reject(message) => message,

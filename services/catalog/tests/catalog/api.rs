@@ -11,7 +11,7 @@ use keel_runtime::{Secret, Shutdown};
 use keel_sdk::events::Bus;
 use keel_sdk::service::{ServiceAuthConfig, ServiceConfig};
 use keel_sdk::{Handler, HandlerError, Received, Tx};
-use keel_testkit::{Service, TestDatabase, TestSqlite, require, send};
+use keel_testkit::{TestSqlite, send};
 use serde_json::{Value, json};
 
 /// Counts the `ProductChanged` events it hears.
@@ -25,23 +25,13 @@ impl Handler<ProductChanged> for Heard {
     }
 }
 
-/// The database URLs to run on: SQLite always, PostgreSQL when it answers.
-async fn databases() -> Vec<(String, Option<TestDatabase>, Option<TestSqlite>)> {
-    let file = TestSqlite::new("keel-catalog");
-    let mut databases = vec![(file.url(), None, Some(file))];
-    if require(Service::Postgres) {
-        let database = TestDatabase::create().await;
-        databases.push((database.url.clone(), Some(database), None));
-    }
-    databases
-}
-
 #[tokio::test]
 async fn admins_write_products_everyone_reads_what_is_for_sale_and_changes_are_published() {
     let issuer = TestIssuer::start().await;
     let admin = issuer.mint(json!({"sub": "root", "roles": ["admin"]}));
     let customer = issuer.mint(json!({"sub": "ada", "roles": ["customer"]}));
-    for (url, _postgres, _sqlite) in databases().await {
+    for database in keel_testkit::each_database("keel-catalog").await {
+        let url = database.url.clone();
         let config = ServiceConfig {
             listen: Some("127.0.0.1:0".parse().unwrap()),
             database: Some(Secret::new(url.clone())),

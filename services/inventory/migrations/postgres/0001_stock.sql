@@ -10,7 +10,7 @@ CREATE TABLE stock (
 CREATE TABLE reservations (
     id TEXT PRIMARY KEY,
     status TEXT NOT NULL CHECK (status IN ('held', 'committed', 'released', 'expired', 'refused')),
-    -- Unix seconds; held reservations past it are expired by the sweep.
+    -- Unix ms; held reservations past it are expired by the sweep.
     expires_at BIGINT NOT NULL,
     created_at BIGINT NOT NULL,
     updated_at BIGINT NOT NULL

@@ -6,8 +6,7 @@ mod stock;
 
 pub use keel_shop_kernel::{Quantity, Sku, SkuError};
 pub use reservation::{
-    Command, Line, Lines, LinesError, MAX_LINES, ReservationId, ReservationIdError, Status,
-    TransitionError, transition,
+    Command, Line, Lines, LinesError, MAX_LINES, ReservationId, Status, TransitionError, transition,
 };
 pub use stock::{Effect, MAX_ON_HAND, Stock, StockError};
 

@@ -73,7 +73,7 @@ async fn do_apply(
         .await
         .unwrap();
     tx.commit().await.unwrap();
-    outcome
+    outcome.map(|applied| applied.status)
 }
 
 #[tokio::test]
@@ -91,6 +91,10 @@ async fn a_reservation_is_held_committed_and_returned_and_every_command_is_idemp
             Ok(()),
             "asked twice"
         );
+        // The same id for other lines is not the same reservation.
+        let other = reserve("order-1", json!([{"sku": "MUG", "quantity": 3}]), None);
+        let refused = do_reserve(&inventory, &db, &other).await.unwrap_err();
+        assert!(refused.0.contains("other lines"), "{refused}");
         assert_eq!(
             counts(&inventory, "MUG").await,
             (10, 3, 7),
@@ -184,11 +188,20 @@ async fn held_units_come_back_when_the_reservation_expires() {
     for database in databases().await {
         let (inventory, db) = stocked(&database.url, &[("MUG", 3)]).await;
         let brief = reserve("order-6", json!([{"sku": "MUG", "quantity": 2}]), Some(1));
-        let long = reserve("order-7", json!([{"sku": "MUG", "quantity": 1}]), None);
+        let late = reserve("order-8", json!([{"sku": "MUG", "quantity": 1}]), Some(1));
         do_reserve(&inventory, &db, &brief).await.unwrap();
-        do_reserve(&inventory, &db, &long).await.unwrap();
+        do_reserve(&inventory, &db, &late).await.unwrap();
         assert_eq!(inventory.expire_overdue().await.unwrap(), 0, "not yet");
-        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert_eq!(counts(&inventory, "MUG").await, (3, 3, 0));
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        // Committed after its time but before the sweep: refused, and expired there.
+        let refused = do_apply(&inventory, &db, "order-8", Command::Commit)
+            .await
+            .unwrap_err();
+        assert!(refused.0.contains("expired"), "{refused}");
+        assert_eq!(counts(&inventory, "MUG").await, (3, 2, 1));
+        let long = reserve("order-7", json!([{"sku": "MUG", "quantity": 1}]), None);
+        do_reserve(&inventory, &db, &long).await.unwrap();
         assert_eq!(inventory.expire_overdue().await.unwrap(), 1);
         assert_eq!(inventory.expire_overdue().await.unwrap(), 0, "once");
         assert_eq!(counts(&inventory, "MUG").await, (3, 1, 2));
@@ -228,5 +241,69 @@ async fn of_many_reservations_for_the_last_units_exactly_as_many_as_there_are_su
         }
         assert_eq!(won, 3, "{}", database.url);
         assert_eq!(counts(&inventory, "LAST").await, (3, 3, 0));
+    }
+}
+
+#[tokio::test]
+async fn concurrent_reservations_commits_and_releases_of_shared_skus_neither_deadlock_nor_miscount()
+{
+    for database in databases().await {
+        // Two SKUs that byte order and a natural-language collation sort differently.
+        let (inventory, db) = stocked(&database.url, &[("A-B", 100), ("AB", 100)]).await;
+        let tasks: Vec<_> = (0..16)
+            .map(|n| {
+                let (inventory, db) = (inventory.clone(), db.clone());
+                tokio::spawn(async move {
+                    let name = format!("mix-{n}");
+                    let command = reserve(
+                        &name,
+                        json!([{"sku": "AB", "quantity": 1}, {"sku": "A-B", "quantity": 2}]),
+                        None,
+                    );
+                    // Half the releases race their own reservation.
+                    let early_release = {
+                        let (inventory, db, name) = (inventory.clone(), db.clone(), name.clone());
+                        tokio::spawn(async move {
+                            if n % 2 == 0 {
+                                do_apply(&inventory, &db, &name, Command::Release)
+                                    .await
+                                    .ok();
+                            }
+                        })
+                    };
+                    let reserved = do_reserve(&inventory, &db, &command).await.is_ok();
+                    early_release.await.unwrap();
+                    // The others are committed or released after.
+                    let after = match n % 4 {
+                        1 => Some(Command::Commit),
+                        3 => Some(Command::Release),
+                        _ => None,
+                    };
+                    if let (true, Some(command)) = (reserved, after) {
+                        do_apply(&inventory, &db, &name, command).await.unwrap();
+                    }
+                })
+            })
+            .collect();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        // Whatever raced: nothing is left held, and exactly the committed units left.
+        // (Four are committed: the odd ones reserve unopposed.)
+        let mut sold = 0;
+        for n in 0..16 {
+            let stored = inventory
+                .reservation(&id(&format!("mix-{n}")))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_ne!(stored.status, Status::Held, "{n}: {stored:?}");
+            sold += u32::from(stored.status == Status::Committed);
+        }
+        assert_eq!(sold, 4);
+        let (on_hand, reserved, _) = counts(&inventory, "A-B").await;
+        assert_eq!((on_hand, reserved), (100 - 2 * sold, 0), "{}", database.url);
+        let (on_hand, reserved, _) = counts(&inventory, "AB").await;
+        assert_eq!((on_hand, reserved), (100 - sold, 0));
     }
 }

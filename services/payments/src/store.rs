@@ -1,0 +1,100 @@
+//! Payments in the payments database (PostgreSQL or SQLite, one code path). A payment's
+//! row is written (and so locked) before it is read in a transaction that changes it.
+
+use keel_sdk::sqlx::{self, AnyConnection, Row};
+use keel_shop_kernel::Money;
+
+use crate::contract::Payment;
+use crate::domain::{PaymentId, Status};
+
+/// Why stored data could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("a stored payment is not valid: {0}")]
+    Corrupt(String),
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+/// Inserts payment `id` as pending unless it exists; true when inserted. A concurrent
+/// insert of the same id waits for this transaction, so one provider call per payment.
+pub async fn claim(db: &mut AnyConnection, id: &PaymentId, now: i64) -> Result<bool, StoreError> {
+    let inserted = sqlx::query(
+        "INSERT INTO payments (id, status, created_at, updated_at) VALUES ($1, 'pending', $2, $2) \
+         ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(id.as_str())
+    .bind(now)
+    .execute(db)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+/// Payment `id`, locked for the rest of the transaction when `lock`.
+pub async fn get(
+    db: &mut AnyConnection,
+    id: &PaymentId,
+    lock: bool,
+) -> Result<Option<Payment>, StoreError> {
+    if lock {
+        let locked = sqlx::query("UPDATE payments SET updated_at = updated_at WHERE id = $1")
+            .bind(id.as_str())
+            .execute(&mut *db)
+            .await?;
+        // Nothing locked: a row committed since would be read unlocked, so it is not read.
+        if locked.rows_affected() == 0 {
+            return Ok(None);
+        }
+    }
+    let row = sqlx::query(
+        "SELECT status, amount_minor, currency, method, decline_reason FROM payments WHERE id = $1",
+    )
+    .bind(id.as_str())
+    .fetch_optional(db)
+    .await?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let status: String = row.try_get("status")?;
+    let minor: Option<i64> = row.try_get("amount_minor")?;
+    let currency: Option<String> = row.try_get("currency")?;
+    let amount = match (minor, currency) {
+        (Some(minor), Some(currency)) => {
+            Some(Money::new(minor, currency.parse().map_err(corrupt)?).map_err(corrupt)?)
+        }
+        _ => None,
+    };
+    let method: Option<String> = row.try_get("method")?;
+    Ok(Some(Payment {
+        id: id.clone(),
+        status: Status::parse(&status).ok_or_else(|| corrupt(format!("status {status:?}")))?,
+        amount,
+        method: method.map(|m| m.parse()).transpose().map_err(corrupt)?,
+        decline_reason: row.try_get("decline_reason")?,
+    }))
+}
+
+/// Writes `payment` over its row (claimed or locked by this transaction).
+pub async fn save(db: &mut AnyConnection, payment: &Payment, now: i64) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO payments (id, status, amount_minor, currency, method, decline_reason, created_at, updated_at) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $7) \
+         ON CONFLICT (id) DO UPDATE SET status = excluded.status, amount_minor = excluded.amount_minor, \
+         currency = excluded.currency, method = excluded.method, \
+         decline_reason = excluded.decline_reason, updated_at = excluded.updated_at",
+    )
+    .bind(payment.id.as_str())
+    .bind(payment.status.as_str())
+    .bind(payment.amount.map(|a| a.minor()))
+    .bind(payment.amount.map(|a| a.currency().as_str().to_owned()))
+    .bind(payment.method.as_ref().map(|m| m.as_str().to_owned()))
+    .bind(payment.decline_reason.as_deref())
+    .bind(now)
+    .execute(db)
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,192 @@
+//! The payments HTTP API: idempotency keys, declines, provider failures, voids before
+//! authorizations, and who may do what.
+
+use keel_jwt::testing::{AUDIENCE, TestIssuer};
+use keel_runtime::{Secret, Shutdown};
+use keel_sdk::events::Bus;
+use keel_sdk::service::{ServiceAuthConfig, ServiceConfig};
+use keel_testkit::send;
+use serde_json::{Value, json};
+
+use crate::{databases, provider};
+
+/// The service on `url`, on a free port, trusting `issuer`'s tokens.
+fn config(url: &str, issuer: &TestIssuer) -> ServiceConfig {
+    ServiceConfig {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        database: Some(Secret::new(url.to_owned())),
+        auth: Some(ServiceAuthConfig {
+            issuer: issuer.issuer().to_owned(),
+            audiences: vec![AUDIENCE.to_owned()],
+        }),
+        ..ServiceConfig::default()
+    }
+}
+
+#[tokio::test]
+async fn authorize_capture_and_void_with_idempotency_keys_and_every_refusal_a_problem() {
+    let issuer = TestIssuer::start().await;
+    let admin = issuer.mint(json!({"sub": "root", "roles": ["admin"]}));
+    let customer = issuer.mint(json!({"sub": "ada", "roles": ["customer"]}));
+    for database in databases().await {
+        let shutdown = Shutdown::new();
+        let config = config(&database.url, &issuer);
+        let bus = Bus::in_process("payments");
+        let service = keel_payments::build(&config, &provider(), Some(&bus), &shutdown)
+            .await
+            .unwrap();
+        let base = format!("http://{}", service.local_addr());
+        tokio::spawn(service.run(shutdown.clone()));
+        let http = reqwest::Client::new();
+        let authorize = |key: Option<&str>, body: Value| {
+            let request = http.post(format!("{base}/payments")).json(&body);
+            match key {
+                Some(key) => request.header("idempotency-key", key),
+                None => request,
+            }
+        };
+        let post = |path: &str| http.post(format!("{base}{path}"));
+        let get = |path: &str| http.get(format!("{base}{path}"));
+        let ten = json!({"amount": {"minor": 1000, "currency": "EUR"}, "method": "tok_visa"});
+
+        assert_eq!(send(authorize(Some("p-1"), ten.clone()), None).await.0, 401);
+        assert_eq!(
+            send(authorize(Some("p-1"), ten.clone()), Some(&customer))
+                .await
+                .0,
+            403
+        );
+        let (status, _, first) = send(authorize(Some("p-1"), ten.clone()), Some(&admin)).await;
+        assert_eq!(status, 201, "{first} {}", database.url);
+        assert_eq!(first["status"], "authorized");
+        assert_eq!(first["amount"], json!({"minor": 1000, "currency": "EUR"}));
+        // The same key: the same answer. The same key for something else: refused.
+        assert_eq!(
+            send(authorize(Some("p-1"), ten.clone()), Some(&admin))
+                .await
+                .2,
+            first
+        );
+        let eleven = json!({"amount": {"minor": 1100, "currency": "EUR"}, "method": "tok_visa"});
+        let (status, content_type, _) = send(authorize(Some("p-1"), eleven), Some(&admin)).await;
+        assert_eq!(
+            (status, content_type.as_str()),
+            (422, "application/problem+json")
+        );
+
+        for _ in 0..2 {
+            let (status, _, captured) = send(post("/payments/p-1/capture"), Some(&admin)).await;
+            assert_eq!(
+                (status, captured["status"].as_str()),
+                (200, Some("captured"))
+            );
+        }
+        // Voided after the capture: refunded, and never captured again.
+        let (_, _, refunded) = send(post("/payments/p-1/void"), Some(&admin)).await;
+        assert_eq!(refunded["status"], "refunded");
+        assert_eq!(
+            send(post("/payments/p-1/capture"), Some(&admin)).await.0,
+            409
+        );
+
+        // Declined, and declined again when asked again.
+        let declined =
+            json!({"amount": {"minor": 1000, "currency": "EUR"}, "method": "tok_chargeDeclined"});
+        for _ in 0..2 {
+            let (status, content_type, problem) =
+                send(authorize(Some("p-2"), declined.clone()), Some(&admin)).await;
+            assert_eq!(
+                (status, content_type.as_str()),
+                (402, "application/problem+json")
+            );
+            assert!(
+                problem["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains("card declined")
+            );
+        }
+        assert_eq!(
+            send(get("/payments/p-2"), Some(&admin)).await.2["status"],
+            "declined"
+        );
+
+        // The provider fails: 503 with Retry-After, and nothing is kept.
+        let broken =
+            json!({"amount": {"minor": 5, "currency": "EUR"}, "method": "tok_processingError"});
+        let response = authorize(Some("p-3"), broken)
+            .bearer_auth(&admin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 503);
+        assert!(response.headers().contains_key("retry-after"));
+        assert_eq!(send(get("/payments/p-3"), Some(&admin)).await.0, 404);
+
+        // Voided before it was authorized: the late authorization is refused.
+        let (status, _, tombstone) = send(post("/payments/p-4/void"), Some(&admin)).await;
+        assert_eq!(
+            (status, tombstone["status"].as_str()),
+            (200, Some("voided"))
+        );
+        assert_eq!(
+            send(authorize(Some("p-4"), ten.clone()), Some(&admin))
+                .await
+                .0,
+            409
+        );
+
+        for (expected, (status, content_type, _)) in [
+            (400, send(authorize(None, ten.clone()), Some(&admin)).await),
+            (400, send(authorize(Some("a b"), ten.clone()), Some(&admin)).await),
+            (400, send(authorize(Some("p-5"), json!({"amount": {"minor": 1, "currency": "EUR"}, "method": "4242424242424242"})), Some(&admin)).await),
+            (400, send(authorize(Some("p-5"), json!({"amount": {"minor": -1, "currency": "EUR"}, "method": "tok_visa"})), Some(&admin)).await),
+            (404, send(post("/payments/nope/capture"), Some(&admin)).await),
+            (404, send(get("/payments/nope"), Some(&admin)).await),
+            (403, send(get("/payments/p-1"), Some(&customer)).await),
+        ] {
+            assert_eq!(status, expected, "{}", database.url);
+            assert_eq!(content_type, "application/problem+json");
+        }
+        shutdown.trigger();
+    }
+}
+
+#[tokio::test]
+async fn one_key_sent_many_times_at_once_makes_one_payment() {
+    let issuer = TestIssuer::start().await;
+    let admin = issuer.mint(json!({"sub": "root", "roles": ["admin"]}));
+    for database in databases().await {
+        let shutdown = Shutdown::new();
+        let config = config(&database.url, &issuer);
+        let service = keel_payments::build(&config, &provider(), None, &shutdown)
+            .await
+            .unwrap();
+        let url = format!("http://{}/payments", service.local_addr());
+        tokio::spawn(service.run(shutdown.clone()));
+        let http = reqwest::Client::new();
+        let tasks: Vec<_> = (0..8)
+            .map(|n| {
+                // Two different bodies under one key: exactly one of them wins.
+                let minor = 100 + (n % 2);
+                let request = http.post(&url).header("idempotency-key", "same").json(
+                    &json!({"amount": {"minor": minor, "currency": "EUR"}, "method": "tok_visa"}),
+                );
+                let admin = admin.clone();
+                tokio::spawn(async move { send(request, Some(&admin)).await })
+            })
+            .collect();
+        let mut created = Vec::new();
+        let mut reused = 0;
+        for task in tasks {
+            match task.await.unwrap() {
+                (201, _, payment) => created.push(payment),
+                (422, _, _) => reused += 1,
+                other => panic!("{other:?} on {}", database.url),
+            }
+        }
+        assert_eq!((created.len(), reused), (4, 4), "{}", database.url);
+        assert!(created.windows(2).all(|pair| pair[0] == pair[1]));
+        shutdown.trigger();
+    }
+}
