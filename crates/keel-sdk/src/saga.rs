@@ -93,23 +93,73 @@ impl<D: 'static> Step<D> {
     }
 }
 
-/// A saga definition: a name and its steps in order.
+/// A saga definition: a name, its steps in order, and what to do when it ends.
 pub struct Saga<D> {
     name: &'static str,
     steps: Vec<Step<D>>,
+    on_end: Option<Box<dyn EndErased<D>>>,
 }
 
-impl<D: 'static> Saga<D> {
+impl<D: Send + 'static> Saga<D> {
     pub fn new(name: &'static str) -> Self {
         Self {
             name,
             steps: Vec::new(),
+            on_end: None,
         }
     }
 
     pub fn step(mut self, step: Step<D>) -> Self {
         self.steps.push(step);
         self
+    }
+
+    /// Runs `on_end` in the transaction that makes a saga completed, compensated or
+    /// failed (what the saga was for, an order say, gets its outcome atomically with it).
+    pub fn on_end(mut self, on_end: impl OnEnd<D>) -> Self {
+        self.on_end = Some(Box::new(on_end));
+        self
+    }
+}
+
+/// How a saga ended, as [`OnEnd`] is told.
+#[derive(Debug)]
+pub struct Ended<'a, D> {
+    pub id: &'a str,
+    pub data: D,
+    /// Completed, compensated or failed.
+    pub status: SagaStatus,
+    /// Why it was compensated or failed.
+    pub error: Option<&'a str>,
+    pub results: &'a Results,
+}
+
+/// What a saga's owner does when a saga ends ([`Saga::on_end`]), inside the transition's
+/// transaction: an error rolls the transition back, to be tried again.
+pub trait OnEnd<D>: Send + Sync + 'static {
+    fn ended(
+        &self,
+        tx: &mut Tx,
+        ended: Ended<'_, D>,
+    ) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// [`OnEnd`] with its future boxed, so that a saga can hold it.
+trait EndErased<D>: Send + Sync {
+    fn ended<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+        ended: Ended<'a, D>,
+    ) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+impl<D: Send + 'static, T: OnEnd<D>> EndErased<D> for T {
+    fn ended<'a>(
+        &'a self,
+        tx: &'a mut Tx,
+        ended: Ended<'a, D>,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        Box::pin(OnEnd::ended(self, tx, ended))
     }
 }
 
@@ -200,6 +250,9 @@ pub enum SagaError {
     /// The stored saga no longer fits its definition (or was damaged): it is marked failed.
     #[error("{0}")]
     Definition(String),
+    /// The saga's [`OnEnd`] failed: the transition is rolled back, to be tried again.
+    #[error("the saga's end could not be recorded: {0}")]
+    End(String),
 }
 
 /// Replies to a saga's commands are events of type `keel.saga.<name>.reply.v1`.
@@ -542,12 +595,15 @@ where
                 ));
                 if timed_out && step.compensation.is_some() {
                     // Unanswered is not undone: the step may have happened after all, so
-                    // it is compensated too (participants are idempotent).
+                    // it is compensated too (participants are idempotent). Its
+                    // compensation is sent but not awaited: the participant that did not
+                    // answer may stay away, and the earlier steps' compensations must not
+                    // wait for it. The command is durable (outbox, broker), so it takes
+                    // effect whenever the participant is back.
                     state.sends = 0;
                     self.send_current(tx, id, &mut state).await?;
-                } else {
-                    self.compensate_below(tx, id, &mut state).await?;
                 }
+                self.compensate_below(tx, id, &mut state).await?;
             }
             (SagaStatus::Compensating, true) => {
                 self.compensate_below(tx, id, &mut state).await?;
@@ -567,8 +623,30 @@ where
             (SagaStatus::Compensating, false) => self.send_current(tx, id, &mut state).await?,
             (_, _) => return Ok(Advanced::Nothing),
         }
+        if state.status.is_final() {
+            self.end(tx, id, &state).await?;
+        }
         self.save(tx, id, &state, version).await?;
         Ok(Advanced::Moved)
+    }
+
+    /// Tells the saga's [`OnEnd`], if it has one, how saga `id` ended.
+    async fn end(&self, tx: &mut Tx, id: &str, state: &State) -> Result<(), SagaError> {
+        let Some(on_end) = &self.inner.saga.on_end else {
+            return Ok(());
+        };
+        let ended = Ended {
+            id,
+            data: serde_json::from_value(state.data.clone())?,
+            status: state.status,
+            error: state.error.as_deref(),
+            results: &state.results,
+        };
+        on_end.ended(tx, ended).await.map_err(|error| {
+            SagaError::End(match error {
+                HandlerError::Retry(message) | HandlerError::Reject(message) => message,
+            })
+        })
     }
 
     /// Step `index` of the definition; an error when the stored saga points past its end

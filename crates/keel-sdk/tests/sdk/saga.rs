@@ -9,7 +9,7 @@ use std::time::Duration;
 use keel_runtime::Shutdown;
 use keel_sdk::data::{Backend, Database};
 use keel_sdk::events::{Bus, Event, Handler, HandlerError, Received, Reply};
-use keel_sdk::saga::{Orchestrator, Saga, SagaInstance, SagaStatus, Step};
+use keel_sdk::saga::{Ended, OnEnd, Orchestrator, Saga, SagaInstance, SagaStatus, Step};
 use keel_sdk::{Tx, sqlx};
 use keel_testkit::{ChildTest, Service, child_role, require, unique_name};
 use serde::{Deserialize, Serialize};
@@ -413,7 +413,7 @@ async fn a_step_without_a_reply_times_out_and_is_compensated() {
 }
 
 #[tokio::test]
-async fn a_step_that_times_out_is_compensated_too_since_it_may_have_happened() {
+async fn a_step_that_times_out_is_compensated_too_without_holding_up_the_earlier_steps() {
     let world = World::open();
     world.authorize_gate.store(false, Ordering::SeqCst);
     let scene = Scene::new(Transport::InProcess, &world, Some("authorize")).await;
@@ -422,20 +422,117 @@ async fn a_step_that_times_out_is_compensated_too_since_it_may_have_happened() {
         amount: 5,
     };
     let saga = start(&scene.orchestrator, &scene.orders.db, &order).await;
-    eventually("authorize timed out", WAIT, || async {
-        let instance = scene.orchestrator.instance(&saga).await.unwrap().unwrap();
-        history(&instance).contains(&"authorize action timed_out".to_owned())
-    })
-    .await;
-    // The authorization happens after all, late; its reply changes nothing, and the
-    // compensation undoes it.
-    world.authorize_gate.store(true, Ordering::SeqCst);
+    // The payments side is stuck: the saga compensates anyway. The void is sent for the
+    // authorization that may yet happen, and the reservation is released meanwhile.
     let instance = finished(&scene.orchestrator, &saga).await;
     assert_eq!(instance.status, SagaStatus::Compensated);
+    let lines = history(&instance);
+    for line in [
+        "authorize action timed_out",
+        "authorize compensation sent",
+        "reserve compensation done",
+    ] {
+        assert!(lines.contains(&line.to_owned()), "{line}: {lines:?}");
+    }
+    assert!(world.log().contains(&"Release o-5".to_owned()));
+    assert!(!world.log().contains(&"Authorize o-5".to_owned()));
+    // The authorization happens after all, late; its reply changes nothing, and the void
+    // sent for it reaches the participant too.
+    world.authorize_gate.store(true, Ordering::SeqCst);
+    eventually("the late authorization is voided", WAIT, || async {
+        let log = world.log();
+        log.contains(&"Authorize o-5".to_owned()) && log.contains(&"Void o-5".to_owned())
+    })
+    .await;
+    let after = scene.orchestrator.instance(&saga).await.unwrap().unwrap();
+    assert_eq!(after.status, SagaStatus::Compensated);
+    assert_eq!(history(&after), lines, "late replies change nothing");
+}
+
+/// An order's id, how its saga ended, and why.
+type Outcome = (String, SagaStatus, Option<String>);
+
+/// Records how sagas ended, refusing the first time it is told (as a database that was
+/// away would).
+#[derive(Clone, Default)]
+struct Outcomes {
+    ended: Arc<Mutex<Vec<Outcome>>>,
+    refused_once: Arc<AtomicBool>,
+}
+
+impl OnEnd<Order> for Outcomes {
+    async fn ended(&self, tx: &mut Tx, ended: Ended<'_, Order>) -> Result<(), HandlerError> {
+        // Inside the transition's transaction: it sees the saga's row.
+        let status: String = sqlx::query_scalar("SELECT status FROM keel_sagas WHERE id = $1")
+            .bind(ended.id)
+            .fetch_one(&mut **tx)
+            .await?;
+        assert!(!status.is_empty());
+        if !self.refused_once.swap(true, Ordering::SeqCst) {
+            return Err(HandlerError::Retry("not now".into()));
+        }
+        self.ended.lock().unwrap().push((
+            ended.data.id,
+            ended.status,
+            ended.error.map(str::to_owned),
+        ));
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn the_end_of_a_saga_is_told_once_in_its_last_transition() {
+    let world = World::open();
+    let bus = bus(Transport::InProcess, "orders").await;
+    let shutdown = Shutdown::new();
+    let _participants = participants(&bus, &world, &shutdown).await;
+    let orders = TestDb::sqlite().await;
+    let outcomes = Outcomes::default();
+    let saga = order_saga(None).on_end(outcomes.clone());
+    let orchestrator = Orchestrator::new(&bus, &orders.db, saga).unwrap();
+    orchestrate(
+        &orchestrator,
+        &bus,
+        &orders.db,
+        &unique_name("orders"),
+        &shutdown,
+    )
+    .await;
+
+    let completed = Order {
+        id: "o-7".into(),
+        amount: 5,
+    };
+    let id = start(&orchestrator, &orders.db, &completed).await;
     assert_eq!(
-        world.log(),
-        ["Reserve o-5", "Authorize o-5", "Void o-5", "Release o-5"]
+        finished(&orchestrator, &id).await.status,
+        SagaStatus::Completed
     );
+    world.capture_fails.store(true, Ordering::SeqCst);
+    let declined = Order {
+        id: "o-8".into(),
+        amount: 5,
+    };
+    let id = start(&orchestrator, &orders.db, &declined).await;
+    assert_eq!(
+        finished(&orchestrator, &id).await.status,
+        SagaStatus::Compensated
+    );
+    let ended = outcomes.ended.lock().unwrap().clone();
+    assert_eq!(ended.len(), 2, "{ended:?}");
+    assert_eq!(ended[0], ("o-7".to_owned(), SagaStatus::Completed, None));
+    assert_eq!(
+        (ended[1].0.as_str(), ended[1].1),
+        ("o-8", SagaStatus::Compensated)
+    );
+    assert!(
+        ended[1]
+            .2
+            .as_deref()
+            .unwrap()
+            .contains("declined at capture")
+    );
+    shutdown.trigger();
 }
 
 const KILLED_MID_SAGA: &str = "saga::an_orchestrator_killed_mid_saga_resumes_and_finishes";
