@@ -54,3 +54,108 @@ where
             .map_err(|rejection: QueryRejection| Problem::bad_request(rejection.body_text()))
     }
 }
+
+/// `axum::extract::Path` with a problem+json rejection (a segment that is not valid
+/// percent-encoded UTF-8, say).
+pub struct Path<T>(pub T);
+
+impl<S, T> FromRequestParts<S> for Path<T>
+where
+    T: DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Path::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Path(value)| Path(value))
+            .map_err(|rejection| Problem::bad_request(rejection.body_text()))
+    }
+}
+
+/// The request's `Idempotency-Key` (draft-ietf-httpapi-idempotency-key-header), when it
+/// has one: a Structured Field string (`"…"`) or, as many clients send it, a bare token;
+/// 1 to 255 visible ASCII characters either way. Anything else is a 400 problem.
+pub struct IdempotencyKey(pub Option<String>);
+
+/// The longest key taken.
+const MAX_IDEMPOTENCY_KEY: usize = 255;
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let Some(value) = parts.headers.get("idempotency-key") else {
+            return Ok(Self(None));
+        };
+        value
+            .to_str()
+            .ok()
+            .and_then(idempotency_key)
+            .map(|key| Self(Some(key)))
+            .ok_or_else(|| {
+                Problem::bad_request(
+                    "an Idempotency-Key is a string of 1 to 255 visible ASCII characters",
+                )
+            })
+    }
+}
+
+fn idempotency_key(text: &str) -> Option<String> {
+    let text = text.trim_matches(' ');
+    let key = match text.strip_prefix('"') {
+        // RFC 8941 sf-string: `\"` and `\\` are the only escapes; nothing may follow the
+        // closing quote (parameters are not taken).
+        Some(rest) => {
+            let mut key = String::new();
+            let mut chars = rest.chars();
+            loop {
+                match chars.next()? {
+                    '\\' => match chars.next()? {
+                        escaped @ ('"' | '\\') => key.push(escaped),
+                        _ => return None,
+                    },
+                    '"' => break,
+                    c => key.push(c),
+                }
+            }
+            if chars.next().is_some() {
+                return None;
+            }
+            key
+        }
+        None => text.to_owned(),
+    };
+    let visible = key.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+    ((1..=MAX_IDEMPOTENCY_KEY).contains(&key.len()) && visible).then_some(key)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::idempotency_key;
+
+    #[test]
+    fn idempotency_keys_are_structured_strings_or_bare_tokens() {
+        assert_eq!(
+            idempotency_key(r#""8e03978e-40d5""#).as_deref(),
+            Some("8e03978e-40d5")
+        );
+        assert_eq!(
+            idempotency_key("8e03978e-40d5").as_deref(),
+            Some("8e03978e-40d5")
+        );
+        assert_eq!(idempotency_key(r#""a\"b\\c""#).as_deref(), Some(r#"a"b\c"#));
+        for bad in [
+            r#""""#,
+            "",
+            r#""open"#,
+            r#""a";p=1"#,
+            r#""a\x""#,
+            "tab\there",
+            &"k".repeat(256),
+        ] {
+            assert_eq!(idempotency_key(bad), None, "{bad:?}");
+        }
+    }
+}

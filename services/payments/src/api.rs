@@ -11,12 +11,13 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
 use keel_runtime::Problem;
+use keel_runtime::extract::{IdempotencyKey, Json, Path};
 use keel_sdk::auth::Caller;
 use keel_sdk::events::asyncapi::AsyncApi;
 use keel_shop_kernel::Money;
@@ -106,18 +107,14 @@ where
 async fn authorize(
     State(payments): State<Payments>,
     caller: Caller,
-    headers: HeaderMap,
-    keel_runtime::extract::Json(request): keel_runtime::extract::Json<AuthorizeRequest>,
-) -> Result<(StatusCode, Json<Payment>), Response> {
+    IdempotencyKey(key): IdempotencyKey,
+    Json(request): Json<AuthorizeRequest>,
+) -> Result<(StatusCode, axum::Json<Payment>), Response> {
     caller
         .require_role("admin")
         .map_err(IntoResponse::into_response)?;
-    let key = headers
-        .get("idempotency-key")
-        .ok_or_else(|| bad_request("an Idempotency-Key header is required"))?;
+    let key = key.ok_or_else(|| bad_request("an Idempotency-Key header is required"))?;
     let id: PaymentId = key
-        .to_str()
-        .map_err(bad_request)?
         .parse()
         .map_err(|error| bad_request(format!("Idempotency-Key: {error}")))?;
     let payment = in_tx(&payments, async |tx| {
@@ -126,7 +123,7 @@ async fn authorize(
             .await
     })
     .await?;
-    Ok((StatusCode::CREATED, Json(payment)))
+    Ok((StatusCode::CREATED, axum::Json(payment)))
 }
 
 async fn settle(
@@ -134,20 +131,20 @@ async fn settle(
     caller: Caller,
     id: String,
     command: Command,
-) -> Result<Json<Payment>, Response> {
+) -> Result<axum::Json<Payment>, Response> {
     caller
         .require_role("admin")
         .map_err(IntoResponse::into_response)?;
     let id: PaymentId = id.parse().map_err(bad_request)?;
     let payment = in_tx(&payments, async |tx| payments.apply(tx, &id, command).await).await?;
-    Ok(Json(payment))
+    Ok(axum::Json(payment))
 }
 
 async fn capture(
     State(payments): State<Payments>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<Payment>, Response> {
+) -> Result<axum::Json<Payment>, Response> {
     settle(payments, caller, id, Command::Capture).await
 }
 
@@ -155,7 +152,7 @@ async fn void(
     State(payments): State<Payments>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<Payment>, Response> {
+) -> Result<axum::Json<Payment>, Response> {
     settle(payments, caller, id, Command::Void).await
 }
 
@@ -163,14 +160,14 @@ async fn payment(
     State(payments): State<Payments>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<Payment>, Response> {
+) -> Result<axum::Json<Payment>, Response> {
     caller
         .require_role("admin")
         .map_err(IntoResponse::into_response)?;
     let id: PaymentId = id.parse().map_err(bad_request)?;
     let found = payments.payment(&id).await.map_err(failed)?;
     found
-        .map(Json)
+        .map(axum::Json)
         .ok_or_else(|| source(Problem::not_found(format!("no payment {id}"))))
 }
 

@@ -76,7 +76,12 @@ impl Payments {
     }
 
     /// Authorizes `amount` on `method` as payment `id` within `tx`. Asked again, the
-    /// first answer is given again without asking the provider.
+    /// payment is answered as it is now (authorized, captured, voided or refunded; a
+    /// decline again) without asking the provider; asked for another amount or method,
+    /// or after a void that came first, refused.
+    ///
+    /// The provider is called inside `tx` (its row claimed and locked): concurrent
+    /// requests for one payment wait for the first and get its answer.
     pub async fn authorize(
         &self,
         tx: &mut Tx,
@@ -160,7 +165,7 @@ impl Payments {
                 Action::Refund => Some("refund"),
             };
             if let (Some(what), Some(method)) = (what, &payment.method) {
-                self.provider.settle(method, what).await?;
+                self.provider.settle(id, method, what).await?;
             }
             if next != payment.status {
                 payment.status = next;

@@ -13,9 +13,10 @@
 //! | `tok_processingError` | fails every time (the provider is down for it) |
 //!
 //! Any other token draws its decline from the payment's id (so one payment is always
-//! answered the same) and each call's failure at random.
+//! answered the same) and each call's failure from a generator seeded by `seed`.
 
 use std::hash::{BuildHasher, Hasher};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -61,8 +62,10 @@ impl ProviderConfig {
                 ));
             }
         }
-        if self.latency > Duration::from_secs(30) {
-            return Err("payment_provider.latency is at most 30s".to_owned());
+        // The call happens inside the payment's transaction: well below the handler's
+        // timeout and SQLite's busy timeout.
+        if self.latency > Duration::from_secs(2) {
+            return Err("payment_provider.latency is at most 2s".to_owned());
         }
         Ok(())
     }
@@ -83,6 +86,8 @@ pub struct ProviderFailure(String);
 #[derive(Debug, Clone)]
 pub struct Provider {
     config: ProviderConfig,
+    /// Draws the failures, seeded: a run can be repeated.
+    failures: Arc<Mutex<fastrand::Rng>>,
 }
 
 /// How a known test token behaves.
@@ -104,7 +109,10 @@ fn known(method: &PaymentMethod) -> Option<Known> {
 
 impl Provider {
     pub fn new(config: ProviderConfig) -> Self {
-        Self { config }
+        Self {
+            failures: Arc::new(Mutex::new(fastrand::Rng::with_seed(config.seed))),
+            config,
+        }
     }
 
     /// Asks to hold payment `id`'s amount on `method`.
@@ -124,9 +132,18 @@ impl Provider {
         })
     }
 
-    /// Captures, voids or refunds payment `id` (the provider knows its amount).
-    pub async fn settle(&self, method: &PaymentMethod, what: &str) -> Result<(), ProviderFailure> {
-        self.call(method, what).await
+    /// Captures, voids or refunds payment `id` (the provider knows its amount; `id` is
+    /// the call's idempotency key there, so a call repeated after a lost answer does
+    /// nothing twice).
+    pub async fn settle(
+        &self,
+        id: &PaymentId,
+        method: &PaymentMethod,
+        what: &str,
+    ) -> Result<(), ProviderFailure> {
+        self.call(method, what)
+            .await
+            .map_err(|failure| ProviderFailure(format!("{} ({id})", failure.0)))
     }
 
     /// Waits the latency, then fails as configured.
@@ -135,7 +152,10 @@ impl Provider {
         let fails = match known(method) {
             Some(Known::Fails) => true,
             Some(_) => false,
-            None => fastrand::f64() < self.config.failure_rate,
+            None => self
+                .failures
+                .lock()
+                .map_or(true, |mut rng| rng.f64() < self.config.failure_rate),
         };
         if fails {
             return Err(ProviderFailure(format!("{what} timed out")));
@@ -177,7 +197,7 @@ mod tests {
             always_bad.authorize(&id(1), &visa).await,
             Ok(Decision::Approved)
         );
-        assert!(always_bad.settle(&visa, "capture").await.is_ok());
+        assert!(always_bad.settle(&id(1), &visa, "capture").await.is_ok());
         let poor = "tok_chargeDeclinedInsufficientFunds".parse().unwrap();
         assert_eq!(
             provider(0.0, 0.0).authorize(&id(1), &poor).await,

@@ -36,9 +36,13 @@ impl FromStr for PaymentMethod {
 
 impl<'de> Deserialize<'de> for PaymentMethod {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        String::deserialize(deserializer)?
-            .parse()
-            .map_err(serde::de::Error::custom)
+        // Not `String::deserialize`: its error for a number quotes the number, and a
+        // card number sent by mistake must not come back in an error message (or a log).
+        let value = serde_json::Value::deserialize(deserializer)?;
+        value
+            .as_str()
+            .and_then(|text| text.parse().ok())
+            .ok_or_else(|| serde::de::Error::custom(PaymentMethodError))
     }
 }
 
@@ -135,7 +139,9 @@ pub fn transition(status: Status, command: Command) -> Result<(Status, Action), 
 }
 
 /// How an authorization asked again is answered, given the payment already stored under
-/// its id (`amount` and `method` as stored; none for a tombstone).
+/// its id (`amount` and `method` as stored; none for a tombstone): the payment as it is
+/// now, unless it was declined or voided before it was made, or the id was used for
+/// another amount or method.
 pub fn authorize_again(
     status: Status,
     stored: Option<(Money, &PaymentMethod)>,
@@ -146,12 +152,14 @@ pub fn authorize_again(
     if stored.is_some_and(|(a, m)| a != amount || m != method) {
         return Err(Refusal::KeyReused);
     }
-    match status {
-        Status::Authorized | Status::Captured => Ok(()),
-        Status::Declined => Err(Refusal::Declined(
+    match (status, stored) {
+        (Status::Declined, _) => Err(Refusal::Declined(
             decline_reason.unwrap_or("declined").to_owned(),
         )),
-        Status::Voided | Status::Refunded => Err(Refusal::Closed(status)),
+        // Voided before it was ever authorized: a tombstone, which refuses.
+        (_, None) => Err(Refusal::Closed(status)),
+        // Made: the payment as it is now.
+        (_, Some(_)) => Ok(()),
     }
 }
 
@@ -178,6 +186,9 @@ mod tests {
 
     #[test]
     fn payment_methods_are_tokens_never_card_numbers() {
+        // A card number sent as a number is refused without being repeated.
+        let error = serde_json::from_str::<PaymentMethod>("4242424242424242").unwrap_err();
+        assert!(!error.to_string().contains("4242"), "{error}");
         for good in ["tok_visa", "tok_chargeDeclined", "tok_a_1"] {
             assert!(good.parse::<PaymentMethod>().is_ok(), "{good}");
         }
@@ -224,7 +235,12 @@ mod tests {
             ),
             Err(Refusal::Declined("insufficient funds".into()))
         );
-        // Voided before it was asked for: the tombstone has no amount, and refuses.
+        // Voided after it was made: the payment as it is now. Voided before it was asked
+        // for: the tombstone has no amount, and refuses.
+        assert_eq!(
+            authorize_again(Status::Voided, stored, eur(100), &visa, None),
+            Ok(())
+        );
         assert_eq!(
             authorize_again(Status::Voided, None, eur(100), &visa, None),
             Err(Refusal::Closed(Status::Voided))

@@ -67,6 +67,13 @@ async fn authorize_capture_and_void_with_idempotency_keys_and_every_refusal_a_pr
                 .2,
             first
         );
+        // As a Structured Field string, as the draft writes it: the same key.
+        assert_eq!(
+            send(authorize(Some("\"p-1\""), ten.clone()), Some(&admin))
+                .await
+                .2,
+            first
+        );
         let eleven = json!({"amount": {"minor": 1100, "currency": "EUR"}, "method": "tok_visa"});
         let (status, content_type, _) = send(authorize(Some("p-1"), eleven), Some(&admin)).await;
         assert_eq!(
@@ -88,6 +95,9 @@ async fn authorize_capture_and_void_with_idempotency_keys_and_every_refusal_a_pr
             send(post("/payments/p-1/capture"), Some(&admin)).await.0,
             409
         );
+        // Its key again: the payment as it is now.
+        let (status, _, now) = send(authorize(Some("p-1"), ten.clone()), Some(&admin)).await;
+        assert_eq!((status, now["status"].as_str()), (201, Some("refunded")));
 
         // Declined, and declined again when asked again.
         let declined =
@@ -159,7 +169,12 @@ async fn one_key_sent_many_times_at_once_makes_one_payment() {
     for database in databases().await {
         let shutdown = Shutdown::new();
         let config = config(&database.url, &issuer);
-        let service = keel_payments::build(&config, &provider(), None, &shutdown)
+        // A slow provider, so that the requests overlap while the first is answered.
+        let slow = keel_payments::provider::ProviderConfig {
+            latency: std::time::Duration::from_millis(300),
+            ..keel_payments::provider::ProviderConfig::default()
+        };
+        let service = keel_payments::build(&config, &slow, None, &shutdown)
             .await
             .unwrap();
         let url = format!("http://{}/payments", service.local_addr());

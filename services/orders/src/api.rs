@@ -1,0 +1,181 @@
+//! The orders HTTP API (JSON; errors as problem+json).
+//!
+//! - `POST /orders` (the `customer` role): `{"lines": [{"sku", "quantity"}],
+//!   "payment_method": "tok_…"}`, optionally with an `Idempotency-Key`; 202 with the
+//!   pending order and its `Location`; the same key again 200 with that order, the same
+//!   key with another body 422;
+//! - `GET /orders`: the caller's orders, newest first;
+//! - `GET /orders/{id}`: an order and its saga's steps, for its customer or an admin
+//!   (anyone else: 404, as if there were none).
+
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use keel_runtime::Problem;
+use keel_runtime::extract::{IdempotencyKey, Path};
+use keel_sdk::auth::Caller;
+use keel_sdk::events::asyncapi::AsyncApi;
+use serde_json::{Value, json};
+
+use crate::contract::OrderChanged;
+use crate::domain::{CustomerId, CustomerIdError, OrderId};
+use crate::{Order, OrderView, Orders, OrdersError, PlaceOrder};
+
+pub fn router(orders: Orders) -> Router {
+    Router::new()
+        .route("/orders", get(mine).post(place))
+        .route("/orders/{id}", get(one))
+        .with_state(orders)
+}
+
+fn source(problem: Problem) -> Response {
+    problem.with_source("orders").into_response()
+}
+
+fn failed(error: OrdersError) -> Response {
+    let detail = error.to_string();
+    source(match error {
+        OrdersError::Pricing(_) => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "not-orderable",
+            "The order cannot be placed",
+        )
+        .with_detail(detail),
+        OrdersError::KeyReused => Problem::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "idempotency-key-reused",
+            "Idempotency key reused",
+        )
+        .with_detail(detail),
+        OrdersError::Catalog(_) => {
+            tracing::warn!(%detail, "prices unavailable");
+            Problem::unavailable("prices cannot be had now; nothing was ordered")
+        }
+        error => {
+            tracing::error!(%error, "orders operation failed");
+            Problem::unavailable("orders cannot answer now")
+        }
+    })
+}
+
+fn customer(caller: &Caller) -> Result<CustomerId, CustomerIdError> {
+    CustomerId::new(caller.subject())
+}
+
+fn forbidden(error: CustomerIdError) -> Response {
+    source(Problem::forbidden(error.to_string()))
+}
+
+async fn place(
+    State(orders): State<Orders>,
+    caller: Caller,
+    IdempotencyKey(key): IdempotencyKey,
+    keel_runtime::extract::Json(request): keel_runtime::extract::Json<PlaceOrder>,
+) -> Result<Response, Response> {
+    caller
+        .require_role("customer")
+        .map_err(IntoResponse::into_response)?;
+    let customer = customer(&caller).map_err(forbidden)?;
+    let (order, created) = orders
+        .place(&customer, &request, key.as_deref())
+        .await
+        .map_err(failed)?;
+    let status = if created {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    let mut response = (status, Json(order.clone())).into_response();
+    if let Ok(location) = HeaderValue::from_str(&format!("/orders/{}", order.id)) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    Ok(response)
+}
+
+async fn mine(State(orders): State<Orders>, caller: Caller) -> Result<Json<Vec<Order>>, Response> {
+    let customer = customer(&caller).map_err(forbidden)?;
+    Ok(Json(orders.orders_of(&customer).await.map_err(failed)?))
+}
+
+async fn one(
+    State(orders): State<Orders>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<OrderView>, Response> {
+    let viewer = customer(&caller).map_err(forbidden)?;
+    let not_found = || source(Problem::not_found(format!("no order {id}")));
+    let Ok(order_id) = id.parse::<OrderId>() else {
+        return Err(not_found());
+    };
+    let admin = caller.principal().roles.contains("admin");
+    orders
+        .order(&order_id, &viewer, admin)
+        .await
+        .map_err(failed)?
+        .map(Json)
+        .ok_or_else(not_found)
+}
+
+/// The API described for `/openapi.json` (OpenAPI 3.1).
+pub fn openapi() -> Value {
+    let order = serde_json::to_value(schemars::schema_for!(Order)).unwrap_or_default();
+    let view = serde_json::to_value(schemars::schema_for!(OrderView)).unwrap_or_default();
+    let place = serde_json::to_value(schemars::schema_for!(PlaceOrder)).unwrap_or_default();
+    let problem = json!({ "description": "RFC 9457 problem details", "content": { "application/problem+json": {} } });
+    let order_body = |description: &str| json!({ "description": description, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Order" } } } });
+    json!({
+        "openapi": "3.1.0",
+        "info": { "title": "orders", "version": "1.0.0" },
+        "paths": {
+            "/orders": {
+                "get": {
+                    "summary": "The caller's orders, newest first",
+                    "security": [{ "bearer": [] }],
+                    "responses": {
+                        "200": { "description": "Orders", "content": { "application/json": { "schema": { "type": "array", "items": { "$ref": "#/components/schemas/Order" } } } } },
+                        "401": problem.clone(),
+                    },
+                },
+                "post": {
+                    "summary": "Place an order (role customer)",
+                    "security": [{ "bearer": [] }],
+                    "parameters": [{ "name": "Idempotency-Key", "in": "header", "required": false, "schema": { "type": "string", "maxLength": 255 } }],
+                    "requestBody": { "required": true, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/PlaceOrder" } } } },
+                    "responses": {
+                        "202": order_body("Placed: pending until its saga ends"),
+                        "200": order_body("Placed before with this Idempotency-Key"),
+                        "400": problem.clone(),
+                        "401": problem.clone(),
+                        "403": problem.clone(),
+                        "422": problem.clone(),
+                        "503": problem.clone(),
+                    },
+                },
+            },
+            "/orders/{id}": { "get": {
+                "summary": "An order and its saga's steps (its customer, or an admin)",
+                "security": [{ "bearer": [] }],
+                "parameters": [{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }],
+                "responses": {
+                    "200": { "description": "The order", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/OrderView" } } } },
+                    "401": problem.clone(),
+                    "404": problem,
+                },
+            } },
+        },
+        "components": {
+            "schemas": { "Order": order, "OrderView": view, "PlaceOrder": place },
+            "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer", "bearerFormat": "JWT" } },
+        },
+    })
+}
+
+/// The events described for `/asyncapi.json` (the saga's commands are the participants'
+/// to describe).
+pub fn asyncapi() -> Value {
+    AsyncApi::new("orders", "1.0.0")
+        .sends::<OrderChanged>()
+        .to_json()
+}

@@ -1,0 +1,298 @@
+//! The reference shop's orders service: a customer places an order (priced from the
+//! catalog over gRPC), and the order saga reserves the stock, authorizes the payment,
+//! commits the reservation and captures the payment, or undoes what it did and rejects
+//! the order with the reason.
+//!
+//! `domain` holds the rules (no I/O); `placing` the saga; `prices` the catalog client;
+//! `store` the SQL; `api` the HTTP surface; [`build`] puts them together on the SDK's
+//! bootstrap.
+
+pub mod api;
+pub mod contract;
+pub mod domain;
+pub mod placing;
+mod prices;
+mod store;
+
+use std::time::Duration;
+
+use keel_inventory::domain::Lines;
+use keel_payments::domain::PaymentMethod;
+use keel_runtime::Shutdown;
+use keel_sdk::client::{ClientOptions, Instances, ServiceClient};
+use keel_sdk::data::unix_millis;
+use keel_sdk::events::{Bus, BusError};
+use keel_sdk::saga::{Orchestrator, SagaError, StepRecord};
+use keel_sdk::service::{RunningService, Service, ServiceConfig, ServiceError};
+use keel_sdk::{Database, Migrations};
+use serde::{Deserialize, Serialize};
+
+use crate::contract::OrderChanged;
+use crate::domain::{CustomerId, OrderId, PricingError, Status};
+use crate::placing::Placing;
+pub use crate::prices::CatalogError;
+pub use crate::store::{Order, StoreError};
+
+/// Where the orders service listens unless configured otherwise.
+pub const DEFAULT_LISTEN: std::net::SocketAddr =
+    std::net::SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 8104);
+
+pub static MIGRATIONS: Migrations = Migrations {
+    postgres: sqlx::migrate!("migrations/postgres"),
+    sqlite: sqlx::migrate!("migrations/sqlite"),
+};
+
+/// `[orders_settings]`: what the orders service needs beyond a service's configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OrdersOptions {
+    /// The catalog's base URLs; none: its instances from the registry.
+    pub catalog: Option<Vec<String>>,
+    /// How long each step of the order saga waits for its reply before the order is
+    /// rejected and what was done is undone.
+    #[serde(with = "humantime_serde")]
+    pub step_timeout: Duration,
+}
+
+impl Default for OrdersOptions {
+    fn default() -> Self {
+        Self {
+            catalog: None,
+            step_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What a customer sends to place an order.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PlaceOrder {
+    pub lines: Lines,
+    pub payment_method: PaymentMethod,
+}
+
+/// Why an order was not placed or read.
+#[derive(Debug, thiserror::Error)]
+pub enum OrdersError {
+    #[error(transparent)]
+    Pricing(#[from] PricingError),
+    #[error("this Idempotency-Key was used for another order")]
+    KeyReused,
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("the order saga: {0}")]
+    Saga(#[from] SagaError),
+    #[error("the order cannot be published: {0}")]
+    Bus(#[from] BusError),
+}
+
+impl From<keel_sdk::sqlx::Error> for OrdersError {
+    fn from(error: keel_sdk::sqlx::Error) -> Self {
+        Self::Store(StoreError::Database(error))
+    }
+}
+
+/// An order and how its saga went, step by step.
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
+pub struct OrderView {
+    #[serde(flatten)]
+    pub order: Order,
+    #[schemars(with = "Vec<serde_json::Value>")]
+    pub steps: Vec<StepRecord>,
+}
+
+/// The orders use cases.
+#[derive(Clone)]
+pub struct Orders {
+    db: Database,
+    bus: Bus,
+    orchestrator: Orchestrator<Placing>,
+    catalog: prices::Catalog,
+}
+
+impl Orders {
+    /// Places an order for `customer`; with `key`, the same key again gets the same
+    /// order (and another request under it is refused). Returns the order and whether it
+    /// is new.
+    pub async fn place(
+        &self,
+        customer: &CustomerId,
+        request: &PlaceOrder,
+        key: Option<&str>,
+    ) -> Result<(Order, bool), OrdersError> {
+        // What the key was used for, compared on a repeat (a canonical form, not a hash:
+        // an order is small).
+        let digest = serde_json::to_string(request).unwrap_or_default();
+        if let Some(key) = key
+            && let Some(existing) = self.by_key(customer, key).await?
+        {
+            return Self::repeat(existing, &digest);
+        }
+        let prices = self
+            .catalog
+            .prices(request.lines.iter().map(|l| &l.sku))
+            .await?;
+        let (lines, total) = domain::price(&request.lines, &prices)?;
+        let order = Order {
+            id: uuid::Uuid::now_v7()
+                .to_string()
+                .parse()
+                .map_err(|_| StoreError::Corrupt("a UUID is not a reference".into()))?,
+            customer: customer.clone(),
+            status: Status::Pending,
+            reason: None,
+            lines,
+            total,
+            payment_method: request.payment_method.to_string(),
+            created_at: unix_millis(),
+            saga_id: None,
+            request_digest: Some(digest.clone()),
+        };
+        let mut tx = self.db.begin().await?;
+        if !store::insert(&mut tx, &order, key).await? {
+            // The same key, placed concurrently: that order stands.
+            drop(tx);
+            let existing = match key {
+                Some(key) => self.by_key(customer, key).await?,
+                None => None,
+            };
+            let existing = existing.ok_or_else(|| StoreError::Corrupt("order vanished".into()))?;
+            return Self::repeat(existing, &digest);
+        }
+        let placing = Placing {
+            order: order.id.clone(),
+            customer: customer.clone(),
+            lines: request.lines.clone(),
+            total,
+            method: request.payment_method.clone(),
+        };
+        let saga = self.orchestrator.start(&mut tx, &placing).await?;
+        store::set_saga(&mut tx, &order.id, &saga).await?;
+        self.bus
+            .stage(
+                &mut tx,
+                &OrderChanged {
+                    order: order.id.clone(),
+                    customer: customer.clone(),
+                    status: Status::Pending,
+                    total,
+                    reason: None,
+                },
+            )
+            .await?;
+        tx.commit().await?;
+        Ok((
+            Order {
+                saga_id: Some(saga),
+                ..order
+            },
+            true,
+        ))
+    }
+
+    fn repeat(existing: Order, digest: &str) -> Result<(Order, bool), OrdersError> {
+        if existing.request_digest.as_deref() != Some(digest) {
+            return Err(OrdersError::KeyReused);
+        }
+        Ok((existing, false))
+    }
+
+    async fn by_key(&self, customer: &CustomerId, key: &str) -> Result<Option<Order>, OrdersError> {
+        let mut connection = self.db.pool().acquire().await?;
+        Ok(store::by_key(&mut connection, customer, key).await?)
+    }
+
+    /// Order `id` with its saga's steps, if `viewer` may see it (their own, or any for an
+    /// admin).
+    pub async fn order(
+        &self,
+        id: &OrderId,
+        viewer: &CustomerId,
+        admin: bool,
+    ) -> Result<Option<OrderView>, OrdersError> {
+        let order = {
+            let mut connection = self.db.pool().acquire().await?;
+            store::get(&mut connection, id).await?
+        };
+        let Some(order) = order.filter(|order| domain::may_see(&order.customer, viewer, admin))
+        else {
+            return Ok(None);
+        };
+        let steps = match &order.saga_id {
+            Some(saga) => self
+                .orchestrator
+                .instance(saga)
+                .await?
+                .map(|instance| instance.history)
+                .unwrap_or_default(),
+            None => Vec::new(),
+        };
+        Ok(Some(OrderView { order, steps }))
+    }
+
+    /// `customer`'s latest 100 orders, newest first.
+    pub async fn orders_of(&self, customer: &CustomerId) -> Result<Vec<Order>, OrdersError> {
+        let mut connection = self.db.pool().acquire().await?;
+        Ok(store::of_customer(&mut connection, customer, 100).await?)
+    }
+}
+
+/// Builds the orders service (in process, on `bus` when given, so that the services of
+/// one process share it).
+pub async fn build(
+    config: &ServiceConfig,
+    options: &OrdersOptions,
+    bus: Option<&Bus>,
+    shutdown: &Shutdown,
+) -> Result<RunningService, ServiceError> {
+    let mut config = config.clone();
+    config.listen.get_or_insert(DEFAULT_LISTEN);
+    let service = Service::connect("orders", &config, &MIGRATIONS, bus, shutdown).await?;
+    let misconfigured = |what: String| ServiceError::Config {
+        service: "orders".to_owned(),
+        what,
+    };
+    let instances = match (&options.catalog, service.discovery()) {
+        (Some(urls), _) => Instances::Static(urls.clone()),
+        (None, Some(view)) => Instances::Registry(view.clone()),
+        (None, None) => {
+            return Err(misconfigured(
+                "the catalog is found through the registry or orders_settings.catalog; neither is set".into(),
+            ));
+        }
+    };
+    let client = ServiceClient::new("catalog", instances, ClientOptions::default())
+        .map_err(|error| misconfigured(error.to_string()))?;
+    let orchestrator = Orchestrator::new(
+        service.bus(),
+        service.db(),
+        placing::saga(service.bus(), options.step_timeout),
+    )
+    .map_err(|error| misconfigured(error.to_string()))?;
+    let replies = orchestrator
+        .consumer("orders")
+        .await
+        .map_err(|error| ServiceError::Bus {
+            service: "orders".to_owned(),
+            error,
+        })?;
+    let orders = Orders {
+        db: service.db().clone(),
+        bus: service.bus().clone(),
+        orchestrator: orchestrator.clone(),
+        catalog: prices::Catalog::new(&client),
+    };
+    let router = api::router(orders);
+    service
+        .http(router)
+        .openapi(api::openapi())
+        .document("/asyncapi.json", api::asyncapi())
+        .consumer(replies)
+        .worker("saga-timeouts", move |shutdown| {
+            orchestrator.sweep_timeouts(Duration::from_secs(1), shutdown)
+        })
+        .bind()
+        .await
+}

@@ -1,0 +1,110 @@
+//! The order saga: reserve the stock, authorize the payment, commit the reservation,
+//! capture the payment. On a refusal or a step's timeout the done steps are undone
+//! (release, void) and the order is rejected with the reason; when the saga ends, the
+//! order is settled in the same transaction.
+
+use std::time::Duration;
+
+use keel_inventory::contract::{Commit, Release, Reserve};
+use keel_inventory::domain::Lines;
+use keel_payments::contract::{Authorize, Capture, Void};
+use keel_payments::domain::PaymentMethod;
+use keel_sdk::events::Bus;
+use keel_sdk::saga::{Ended, OnEnd, Saga, SagaStatus, Step};
+use keel_sdk::{HandlerError, Tx};
+use serde::{Deserialize, Serialize};
+
+use crate::contract::OrderChanged;
+use crate::domain::{self, CustomerId, Money, OrderId, Outcome};
+use crate::store;
+
+/// What the saga carries: everything its commands need.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Placing {
+    pub order: OrderId,
+    pub customer: CustomerId,
+    pub lines: Lines,
+    pub total: Money,
+    pub method: PaymentMethod,
+}
+
+/// How long a reservation holds while the saga runs: far longer than its steps take.
+const HOLD_SECONDS: u32 = 600;
+
+/// The saga, each step allowed `step_timeout` for its reply.
+pub fn saga(bus: &Bus, step_timeout: Duration) -> Saga<Placing> {
+    // Reservation and payment are named after the order: every command is idempotent by it.
+    Saga::new("order")
+        .step(
+            Step::new("reserve", |placing: &Placing, _| Reserve {
+                reservation: placing.order.clone(),
+                lines: placing.lines.clone(),
+                hold_seconds: Some(HOLD_SECONDS),
+            })
+            // Releases a held reservation, or restocks a committed one.
+            .compensate(|placing: &Placing, _| Release {
+                reservation: placing.order.clone(),
+            })
+            .timeout(step_timeout),
+        )
+        .step(
+            Step::new("authorize", |placing: &Placing, _| Authorize {
+                payment: placing.order.clone(),
+                amount: placing.total,
+                method: placing.method.clone(),
+            })
+            // Voids an authorization, or refunds a capture.
+            .compensate(|placing: &Placing, _| Void {
+                payment: placing.order.clone(),
+            })
+            .timeout(step_timeout),
+        )
+        .step(
+            Step::new("commit", |placing: &Placing, _| Commit {
+                reservation: placing.order.clone(),
+            })
+            .timeout(step_timeout),
+        )
+        .step(
+            Step::new("capture", |placing: &Placing, _| Capture {
+                payment: placing.order.clone(),
+            })
+            .timeout(step_timeout),
+        )
+        .on_end(Settle { bus: bus.clone() })
+}
+
+/// Settles the order when its saga ends.
+struct Settle {
+    bus: Bus,
+}
+
+impl OnEnd<Placing> for Settle {
+    async fn ended(&self, tx: &mut Tx, ended: Ended<'_, Placing>) -> Result<(), HandlerError> {
+        let outcome = match ended.status {
+            SagaStatus::Completed => Outcome::Completed,
+            _ => Outcome::Undone(ended.error.unwrap_or("the saga failed").to_owned()),
+        };
+        if ended.status == SagaStatus::Failed {
+            // Something could not be undone: the order is rejected, and someone must look.
+            tracing::error!(order = %ended.data.order, reason = ?ended.error, "order saga failed");
+        }
+        let (status, reason) = domain::settle(&outcome);
+        let placing = ended.data;
+        let now = keel_sdk::data::unix_millis();
+        if store::settle(tx, &placing.order, status, reason.as_deref(), now).await? {
+            let changed = OrderChanged {
+                order: placing.order,
+                customer: placing.customer,
+                status,
+                total: placing.total,
+                reason,
+            };
+            self.bus
+                .stage(tx, &changed)
+                .await
+                .map_err(HandlerError::bus)?;
+        }
+        Ok(())
+    }
+}

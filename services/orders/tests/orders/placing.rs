@@ -1,0 +1,185 @@
+//! Orders placed over HTTP and carried out by the saga: confirmed, declined, out of
+//! stock, payments away, idempotency keys, the last unit wanted twice, and who sees what.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::shops;
+
+fn order(lines: Value, method: &str) -> Value {
+    json!({"lines": lines, "payment_method": method})
+}
+
+#[tokio::test]
+async fn an_order_is_confirmed_declined_or_out_of_stock_and_undone_work_is_undone() {
+    for shop in shops(false, Duration::from_secs(10)).await {
+        // Confirmed: the stock is sold and the payment captured.
+        let (status, placed) = shop
+            .place(
+                &shop.ada,
+                None,
+                order(json!([{"sku": "MUG", "quantity": 2}]), "tok_visa"),
+            )
+            .await;
+        assert_eq!(status, 202, "{placed} {}", shop.backend);
+        assert_eq!(placed["status"], "pending");
+        assert_eq!(placed["total"], json!({"minor": 2500, "currency": "EUR"}));
+        let id = placed["id"].as_str().unwrap().to_owned();
+        let confirmed = shop.settled(&id).await;
+        assert_eq!(confirmed["status"], "confirmed", "{confirmed}");
+        let steps: Vec<String> = confirmed["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| format!("{} {} {}", s["step"], s["phase"], s["outcome"]).replace('"', ""))
+            .collect();
+        assert_eq!(
+            steps,
+            [
+                "reserve action sent",
+                "reserve action done",
+                "authorize action sent",
+                "authorize action done",
+                "commit action sent",
+                "commit action done",
+                "capture action sent",
+                "capture action done"
+            ]
+        );
+        assert_eq!(shop.stock("MUG").await, (3, 0));
+        assert_eq!(shop.payment(&id).await.as_deref(), Some("captured"));
+
+        // Declined by the provider: the stock held for it is released.
+        let (_, placed) = shop
+            .place(
+                &shop.ada,
+                None,
+                order(json!([{"sku": "MUG", "quantity": 1}]), "tok_chargeDeclined"),
+            )
+            .await;
+        let id = placed["id"].as_str().unwrap().to_owned();
+        let rejected = shop.settled(&id).await;
+        assert_eq!(rejected["status"], "rejected");
+        assert!(
+            rejected["reason"]
+                .as_str()
+                .unwrap()
+                .contains("card declined"),
+            "{rejected}"
+        );
+        assert_eq!(shop.stock("MUG").await, (3, 0), "released");
+        assert_eq!(shop.payment(&id).await.as_deref(), Some("declined"));
+
+        // Out of stock: nothing held, nothing charged.
+        let (_, placed) = shop
+            .place(
+                &shop.ada,
+                None,
+                order(
+                    json!([{"sku": "MUG", "quantity": 1}, {"sku": "TEA", "quantity": 2}]),
+                    "tok_visa",
+                ),
+            )
+            .await;
+        let id = placed["id"].as_str().unwrap().to_owned();
+        let rejected = shop.settled(&id).await;
+        assert_eq!(rejected["status"], "rejected");
+        assert!(
+            rejected["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with("out of stock"),
+            "{rejected}"
+        );
+        assert_eq!(shop.stock("MUG").await, (3, 0));
+        assert_eq!(shop.stock("TEA").await, (1, 0));
+        assert_eq!(shop.payment(&id).await, None);
+
+        // Not orderable at all: refused at once.
+        for (lines, method) in [
+            (json!([{"sku": "OLD", "quantity": 1}]), "tok_visa"),
+            (json!([{"sku": "NONE", "quantity": 1}]), "tok_visa"),
+        ] {
+            let (status, problem) = shop.place(&shop.ada, None, order(lines, method)).await;
+            assert_eq!(status, 422, "{problem}");
+        }
+        for body in [
+            order(json!([]), "tok_visa"),
+            order(json!([{"sku": "MUG", "quantity": 0}]), "tok_visa"),
+            order(json!([{"sku": "MUG", "quantity": 1}]), "4242424242424242"),
+            json!({"lines": [{"sku": "MUG", "quantity": 1}]}),
+        ] {
+            assert_eq!(shop.place(&shop.ada, None, body).await.0, 400);
+        }
+        // Only customers place orders.
+        let mug = order(json!([{"sku": "MUG", "quantity": 1}]), "tok_visa");
+        assert_eq!(shop.place(&shop.admin, None, mug).await.0, 403);
+    }
+}
+
+#[tokio::test]
+async fn one_idempotency_key_makes_one_order_and_customers_see_only_their_own() {
+    for shop in shops(false, Duration::from_secs(10)).await {
+        let mug = order(json!([{"sku": "MUG", "quantity": 1}]), "tok_visa");
+        let (first_status, first) = shop.place(&shop.ada, Some("k-1"), mug.clone()).await;
+        let (again_status, again) = shop.place(&shop.ada, Some("k-1"), mug.clone()).await;
+        assert_eq!((first_status, again_status), (202, 200), "{}", shop.backend);
+        assert_eq!(first["id"], again["id"]);
+        // Another customer's key is theirs: a second order.
+        let (_, bobs) = shop.place(&shop.bob, Some("k-1"), mug.clone()).await;
+        assert_ne!(bobs["id"], first["id"]);
+        // The same key for something else: refused.
+        let tea = order(json!([{"sku": "TEA", "quantity": 1}]), "tok_visa");
+        assert_eq!(shop.place(&shop.ada, Some("k-1"), tea).await.0, 422);
+
+        let id = first["id"].as_str().unwrap();
+        shop.settled(id).await;
+        shop.settled(bobs["id"].as_str().unwrap()).await;
+        assert_eq!(shop.stock("MUG").await, (3, 0), "two orders, not three");
+        assert_eq!(shop.order(&shop.ada, id).await.0, 200);
+        assert_eq!(shop.order(&shop.bob, id).await.0, 404, "not bob's");
+        assert_eq!(shop.order(&shop.admin, id).await.0, 200);
+        assert_eq!(shop.order(&shop.ada, "no-such-order").await.0, 404);
+        let (_, _, mine) = keel_testkit::send(
+            shop.http.get(format!("{}/orders", shop.orders)),
+            Some(&shop.ada),
+        )
+        .await;
+        assert_eq!(mine.as_array().unwrap().len(), 1);
+    }
+}
+
+#[tokio::test]
+async fn of_two_orders_for_the_last_unit_exactly_one_is_confirmed() {
+    for shop in shops(false, Duration::from_secs(10)).await {
+        let tea = order(json!([{"sku": "TEA", "quantity": 1}]), "tok_visa");
+        let (a, b) = tokio::join!(
+            shop.place(&shop.ada, None, tea.clone()),
+            shop.place(&shop.bob, None, tea.clone())
+        );
+        let mut confirmed = 0;
+        for (status, placed) in [a, b] {
+            assert_eq!(status, 202);
+            let settled = shop.settled(placed["id"].as_str().unwrap()).await;
+            confirmed += usize::from(settled["status"] == "confirmed");
+        }
+        assert_eq!(confirmed, 1, "{}", shop.backend);
+        assert_eq!(shop.stock("TEA").await, (0, 0));
+    }
+}
+
+#[tokio::test]
+async fn with_payments_away_the_saga_times_out_and_releases_the_stock() {
+    for shop in shops(true, Duration::from_millis(800)).await {
+        let mug = order(json!([{"sku": "MUG", "quantity": 2}]), "tok_visa");
+        let (_, placed) = shop.place(&shop.ada, None, mug).await;
+        let rejected = shop.settled(placed["id"].as_str().unwrap()).await;
+        assert_eq!(rejected["status"], "rejected", "{rejected}");
+        assert_eq!(
+            rejected["reason"], "the payment could not be made in time",
+            "{rejected}"
+        );
+        assert_eq!(shop.stock("MUG").await, (5, 0), "{}", shop.backend);
+    }
+}
