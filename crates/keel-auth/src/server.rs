@@ -437,6 +437,13 @@ impl AuthAdmin {
             })
             .await
             .map_err(|e| failed(&e))?;
+        // The demo client plays both parts of the shop's tour (`keel demo`): it stocks the
+        // shop as an admin and orders as a customer.
+        for role in ["admin", "customer"] {
+            self.grant_role(role, &Subject::Client(client.client_id.clone()))
+                .await
+                .map_err(|e| failed(&e))?;
+        }
         Ok(Some(Seeded {
             admin_password,
             customer_password,

@@ -317,13 +317,25 @@ pub async fn token(args: TokenArgs, config: KeelConfig) -> anyhow::Result<()> {
         .url
         .or(config.auth.issuer)
         .unwrap_or_else(|| format!("http://{}", config.auth.listen));
-    let mut form = vec![("grant_type", "client_credentials".to_owned())];
-    if let Some(scope) = args.scope {
+    let token = client_token(&url, &args.client, &args.secret, args.scope.as_deref()).await?;
+    println!("{token}");
+    Ok(())
+}
+
+/// A client-credentials access token from the authorization server at `url`.
+pub async fn client_token(
+    url: &str,
+    client: &str,
+    secret: &str,
+    scope: Option<&str>,
+) -> anyhow::Result<String> {
+    let mut form = vec![("grant_type", "client_credentials")];
+    if let Some(scope) = scope {
         form.push(("scope", scope));
     }
     let response = reqwest::Client::new()
         .post(format!("{}/token", url.trim_end_matches('/')))
-        .basic_auth(&args.client, Some(&args.secret))
+        .basic_auth(client, Some(secret))
         .form(&form)
         .send()
         .await
@@ -334,10 +346,7 @@ pub async fn token(args: TokenArgs, config: KeelConfig) -> anyhow::Result<()> {
         .await
         .context("the authorization server's answer is not JSON")?;
     match body.get("access_token").and_then(serde_json::Value::as_str) {
-        Some(token) if status.is_success() => {
-            println!("{token}");
-            Ok(())
-        }
+        Some(token) if status.is_success() => Ok(token.to_owned()),
         _ => bail!(
             "the authorization server refused ({status}): {} {}",
             body["error"].as_str().unwrap_or("?"),

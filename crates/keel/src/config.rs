@@ -18,8 +18,15 @@ pub struct KeelConfig {
     pub registry: RegistryConfig,
     pub gateway: GatewayConfig,
     pub auth: AuthConfig,
-    /// The reference shop's catalog service (`keel up` fills in the registry and issuer).
+    /// The reference shop's services (`keel up` fills in the registry and issuer).
     pub catalog: keel_sdk::ServiceConfig,
+    pub inventory: keel_sdk::ServiceConfig,
+    pub payments: keel_sdk::ServiceConfig,
+    /// The simulated provider payments are made with.
+    pub payment_provider: keel_payments::provider::ProviderConfig,
+    pub orders: keel_sdk::ServiceConfig,
+    /// Where orders finds the catalog, and how long the order saga's steps may take.
+    pub orders_settings: keel_orders::OrdersOptions,
 }
 
 /// `[runtime]`: the async runtime the process runs on.

@@ -2,6 +2,7 @@
 
 mod auth_cmd;
 mod config;
+mod demo_cmd;
 mod events_cmd;
 mod registry_cmd;
 mod up;
@@ -48,6 +49,8 @@ enum Command {
     Token(auth_cmd::TokenArgs),
     /// List or replay the event bus's dead letters.
     Events(events_cmd::EventsArgs),
+    /// Tour the shop on a running stack: stock it, place three orders, show how each ended.
+    Demo(demo_cmd::DemoArgs),
     /// Print the effective configuration (secrets redacted).
     Config,
 }
@@ -86,6 +89,7 @@ fn main() -> ExitCode {
             }
             Command::Auth(args) => auth_cmd::run(args, config).await,
             Command::Token(args) => auth_cmd::token(args, config).await,
+            Command::Demo(args) => demo_cmd::run(args, config).await,
             Command::Config => config.print(),
         }
     });

@@ -36,17 +36,34 @@ pub async fn run(config: KeelConfig, file: Option<&Path>) -> anyhow::Result<()> 
     // The shop's services: registered with this registry (so the gateway routes
     // /catalog/… to them), trusting this authorization server, on one in-process bus.
     let bus = keel_sdk::Bus::in_process("keel");
-    let mut catalog_config = config.catalog;
-    catalog_config
-        .registry
-        .get_or_insert_with(|| format!("http://{}", registry.local_addr()));
-    catalog_config
-        .auth
-        .get_or_insert_with(|| keel_sdk::service::ServiceAuthConfig {
-            issuer: auth.issuer().to_owned(),
-            audiences: vec!["keel-api".to_owned()],
-        });
-    let catalog = keel_catalog::build(&catalog_config, Some(&bus), &shutdown).await?;
+    let shop = |mut service: keel_sdk::ServiceConfig| {
+        service
+            .registry
+            .get_or_insert_with(|| format!("http://{}", registry.local_addr()));
+        service
+            .auth
+            .get_or_insert_with(|| keel_sdk::service::ServiceAuthConfig {
+                issuer: auth.issuer().to_owned(),
+                audiences: vec!["keel-api".to_owned()],
+            });
+        service
+    };
+    let catalog = keel_catalog::build(&shop(config.catalog), Some(&bus), &shutdown).await?;
+    let inventory = keel_inventory::build(&shop(config.inventory), Some(&bus), &shutdown).await?;
+    let payments = keel_payments::build(
+        &shop(config.payments),
+        &config.payment_provider,
+        Some(&bus),
+        &shutdown,
+    )
+    .await?;
+    let orders = keel_orders::build(
+        &shop(config.orders),
+        &config.orders_settings,
+        Some(&bus),
+        &shutdown,
+    )
+    .await?;
     let auth_what = format!(
         "authorization server: issuer {}, /.well-known/openid-configuration, /token",
         auth.issuer()
@@ -76,6 +93,21 @@ pub async fn run(config: KeelConfig, file: Option<&Path>) -> anyhow::Result<()> 
             catalog.local_addr(),
             "shop catalog: /products (through the gateway: /catalog/products)",
         ),
+        (
+            "inventory",
+            inventory.local_addr(),
+            "shop inventory: /stock/{sku} (through the gateway: /inventory/stock/{sku})",
+        ),
+        (
+            "payments",
+            payments.local_addr(),
+            "shop payments, simulated provider: /payments (through the gateway: /payments/payments)",
+        ),
+        (
+            "orders",
+            orders.local_addr(),
+            "shop orders and the order saga: /orders (through the gateway: /orders/orders)",
+        ),
     ]);
 
     let mut servers = JoinSet::new();
@@ -83,6 +115,9 @@ pub async fn run(config: KeelConfig, file: Option<&Path>) -> anyhow::Result<()> 
     servers.spawn(run_server(gateway, shutdown.clone()));
     servers.spawn(run_server(auth, shutdown.clone()));
     servers.spawn(run_server(catalog, shutdown.clone()));
+    servers.spawn(run_server(inventory, shutdown.clone()));
+    servers.spawn(run_server(payments, shutdown.clone()));
+    servers.spawn(run_server(orders, shutdown.clone()));
     let result = supervise(servers, &shutdown).await;
     shutdown.run_hooks(HOOKS_DEADLINE).await;
     guard.shutdown();
@@ -158,13 +193,14 @@ fn print_seeded(seeded: &Seeded) {
         seeded.customer_password
     );
     println!(
-        "  client {}   secret {}",
+        "  client {}   secret {}   (roles admin, customer)",
         seeded.client_id, seeded.client_secret
     );
     println!(
-        "  an access token: KEEL_CLIENT_SECRET=… keel token --client {}\n",
+        "  an access token: KEEL_CLIENT_SECRET=… keel token --client {}",
         seeded.client_id
     );
+    println!("  the shop's tour: KEEL_CLIENT_SECRET=… keel demo\n");
 }
 
 /// An id for this process's log lines and traces.

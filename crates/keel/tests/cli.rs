@@ -115,17 +115,24 @@ fn http_get(addr: &str, path: &str) -> String {
 struct Up {
     child: std::process::Child,
     printed: Vec<String>,
-    _catalog: TestSqlite,
+    /// The shop's databases: catalog, inventory, payments, orders.
+    _shop: Vec<TestSqlite>,
 }
 
 impl Up {
     fn start(registry: std::net::SocketAddr, database: &TestSqlite) -> Self {
-        let catalog = TestSqlite::new("keel-cli-catalog");
+        let shop: Vec<TestSqlite> = ["catalog", "inventory", "payments", "orders"]
+            .iter()
+            .map(|service| TestSqlite::new(&format!("keel-cli-{service}")))
+            .collect();
         let mut child = keel()
             .arg("up")
             .env("KEEL_REGISTRY__LISTEN", registry.to_string())
             .env("KEEL_AUTH__DATABASE", database.url())
-            .env("KEEL_CATALOG__DATABASE", catalog.url())
+            .env("KEEL_CATALOG__DATABASE", shop[0].url())
+            .env("KEEL_INVENTORY__DATABASE", shop[1].url())
+            .env("KEEL_PAYMENTS__DATABASE", shop[2].url())
+            .env("KEEL_ORDERS__DATABASE", shop[3].url())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -146,7 +153,7 @@ impl Up {
         Self {
             child,
             printed,
-            _catalog: catalog,
+            _shop: shop,
         }
     }
 
@@ -252,6 +259,37 @@ fn up_serves_prints_its_table_and_stops_cleanly_on_sigterm() {
         .unwrap();
     assert!(!refused.status.success());
     assert!(String::from_utf8_lossy(&refused.stderr).contains("invalid_client"));
+
+    // The shop's tour, through the gateway with the demo client's real tokens: three
+    // orders, each ending as it should, with its saga's steps.
+    let demo = keel()
+        .args([
+            "demo",
+            "--gateway",
+            &format!("http://{gateway}"),
+            "--auth",
+            &issuer,
+        ])
+        .env("KEEL_CLIENT_SECRET", &secret)
+        .output()
+        .unwrap();
+    let told = String::from_utf8_lossy(&demo.stdout);
+    assert!(
+        demo.status.success(),
+        "{told}{}",
+        String::from_utf8_lossy(&demo.stderr)
+    );
+    for expected in [
+        "a mug, paid with a card that works (tok_visa): confirmed",
+        "capture    action        done",
+        "a mug, paid with a card the provider declines (tok_chargeDeclined): rejected",
+        "reason: payment refused (declined: card declined)",
+        "reserve    compensation  done",
+        "a teapot, out of stock (tok_visa): rejected",
+        "reason: out of stock (DEMO-TEAPOT: 1 wanted, 0 available)",
+    ] {
+        assert!(told.contains(expected), "{expected:?} in {told}");
+    }
     up.stop();
 
     // The credentials are shown once: not on the next start.
