@@ -38,7 +38,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run every component in one process (embedded profile: nothing to install).
-    Up,
+    Up(up::UpArgs),
     /// Run the service registry, or inspect one.
     Registry(registry_cmd::RegistryArgs),
     /// Run the API gateway.
@@ -73,7 +73,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async move {
         match cli.command {
-            Command::Up => up::run(config, cli.config.as_deref()).await,
+            Command::Up(args) => up::run(config, cli.config.as_deref(), &args).await,
             Command::Registry(args) => registry_cmd::run(args, config).await,
             Command::Events(args) => events_cmd::run(args).await,
             Command::Gateway => {

@@ -16,7 +16,68 @@ use crate::config::KeelConfig;
 /// Time the shutdown hooks (deregistration, telemetry flush) get once servers have drained.
 const HOOKS_DEADLINE: Duration = Duration::from_secs(5);
 
-pub async fn run(config: KeelConfig, file: Option<&Path>) -> anyhow::Result<()> {
+/// The shop's services, which `--replicas` may multiply.
+const SHOP: [&str; 4] = ["catalog", "inventory", "payments", "orders"];
+
+#[derive(Debug, Default, clap::Args)]
+pub struct UpArgs {
+    /// Run several instances of a shop service, each registered (the gateway balances
+    /// them): `--replicas orders=3`; repeatable. The first keeps the configured port, the
+    /// others take free ones.
+    #[arg(long = "replicas", value_name = "SERVICE=N", value_parser = replicas)]
+    pub replicas: Vec<(String, usize)>,
+}
+
+impl UpArgs {
+    fn of(&self, service: &str) -> usize {
+        self.replicas
+            .iter()
+            .rev()
+            .find(|(name, _)| name == service)
+            .map_or(1, |(_, count)| *count)
+    }
+}
+
+fn replicas(text: &str) -> Result<(String, usize), String> {
+    let (service, count) = text
+        .split_once('=')
+        .ok_or_else(|| format!("{text:?}: SERVICE=N, as in orders=3"))?;
+    if !SHOP.contains(&service) {
+        return Err(format!("{service:?}: one of {}", SHOP.join(", ")));
+    }
+    match count.parse::<usize>() {
+        Ok(count @ 1..=16) => Ok((service.to_owned(), count)),
+        _ => Err(format!("{count:?}: 1 to 16 instances")),
+    }
+}
+
+/// Builds `count` instances of a service from `config`: the first on its configured
+/// address, the others on free ports of the same host.
+async fn instances<F>(
+    count: usize,
+    config: &keel_sdk::ServiceConfig,
+    build: F,
+) -> anyhow::Result<Vec<keel_sdk::service::RunningService>>
+where
+    F: AsyncFn(
+        &keel_sdk::ServiceConfig,
+    ) -> Result<keel_sdk::service::RunningService, keel_sdk::service::ServiceError>,
+{
+    let mut built = Vec::new();
+    for index in 0..count {
+        let mut config = config.clone();
+        if index > 0 {
+            let host = config
+                .listen
+                .map_or(std::net::IpAddr::from([127, 0, 0, 1]), |listen| listen.ip());
+            config.listen = Some(SocketAddr::new(host, 0));
+        }
+        built.push(build(&config).await?);
+    }
+    Ok(built)
+}
+
+pub async fn run(config: KeelConfig, file: Option<&Path>, args: &UpArgs) -> anyhow::Result<()> {
     let guard = telemetry::init(&config.telemetry, "keel", &instance_id())?;
     let shutdown = Shutdown::new();
     shutdown.trigger_on_signals();
@@ -48,21 +109,27 @@ pub async fn run(config: KeelConfig, file: Option<&Path>) -> anyhow::Result<()> 
             });
         service
     };
-    let catalog = keel_catalog::build(&shop(config.catalog), Some(&bus), &shutdown).await?;
-    let inventory = keel_inventory::build(&shop(config.inventory), Some(&bus), &shutdown).await?;
-    let payments = keel_payments::build(
-        &shop(config.payments),
-        &config.payment_provider,
-        Some(&bus),
-        &shutdown,
+    let catalog = instances(args.of("catalog"), &shop(config.catalog), async |config| {
+        keel_catalog::build(config, Some(&bus), &shutdown).await
+    })
+    .await?;
+    let inventory = instances(
+        args.of("inventory"),
+        &shop(config.inventory),
+        async |config| keel_inventory::build(config, Some(&bus), &shutdown).await,
     )
     .await?;
-    let orders = keel_orders::build(
-        &shop(config.orders),
-        &config.orders_settings,
-        Some(&bus),
-        &shutdown,
+    let provider = &config.payment_provider;
+    let payments = instances(
+        args.of("payments"),
+        &shop(config.payments),
+        async |config| keel_payments::build(config, provider, Some(&bus), &shutdown).await,
     )
+    .await?;
+    let settings = &config.orders_settings;
+    let orders = instances(args.of("orders"), &shop(config.orders), async |config| {
+        keel_orders::build(config, settings, Some(&bus), &shutdown).await
+    })
     .await?;
     let auth_what = format!(
         "authorization server: issuer {}, /.well-known/openid-configuration, /token",
@@ -75,49 +142,51 @@ pub async fn run(config: KeelConfig, file: Option<&Path>) -> anyhow::Result<()> 
     if let Some(seeded) = seeded {
         print_seeded(&seeded);
     }
-    print_table(&[
+    let mut rows = vec![
         (
             registry.name(),
             registry.local_addr(),
             "service registry: /v1/services, Consul /v1/health, Eureka /eureka/apps",
         ),
-        (gateway.name(), gateway.local_addr(), &gateway_what),
+        (gateway.name(), gateway.local_addr(), gateway_what.as_str()),
         (
             "gateway admin",
             gateway.admin_addr(),
             "gateway admin API: /v1/routes, /v1/upstreams, /v1/reload (token)",
         ),
-        (auth.name(), auth.local_addr(), &auth_what),
+        (auth.name(), auth.local_addr(), auth_what.as_str()),
+    ];
+    for (services, what) in [
         (
-            "catalog",
-            catalog.local_addr(),
+            &catalog,
             "shop catalog: /products (through the gateway: /catalog/products)",
         ),
         (
-            "inventory",
-            inventory.local_addr(),
+            &inventory,
             "shop inventory: /stock/{sku} (through the gateway: /inventory/stock/{sku})",
         ),
         (
-            "payments",
-            payments.local_addr(),
+            &payments,
             "shop payments, simulated provider: /payments (through the gateway: /payments/payments)",
         ),
         (
-            "orders",
-            orders.local_addr(),
+            &orders,
             "shop orders and the order saga: /orders (through the gateway: /orders/orders)",
         ),
-    ]);
+    ] {
+        for service in services {
+            rows.push((service.name(), service.local_addr(), what));
+        }
+    }
+    print_table(&rows);
 
     let mut servers = JoinSet::new();
     servers.spawn(run_server(registry, shutdown.clone()));
     servers.spawn(run_server(gateway, shutdown.clone()));
     servers.spawn(run_server(auth, shutdown.clone()));
-    servers.spawn(run_server(catalog, shutdown.clone()));
-    servers.spawn(run_server(inventory, shutdown.clone()));
-    servers.spawn(run_server(payments, shutdown.clone()));
-    servers.spawn(run_server(orders, shutdown.clone()));
+    for service in [catalog, inventory, payments, orders].into_iter().flatten() {
+        servers.spawn(run_server(service, shutdown.clone()));
+    }
     let result = supervise(servers, &shutdown).await;
     shutdown.run_hooks(HOOKS_DEADLINE).await;
     guard.shutdown();

@@ -15,7 +15,9 @@ fn keel() -> Command {
     command.env("KEEL_GATEWAY__LISTEN", "127.0.0.1:0");
     command.env("KEEL_GATEWAY__ADMIN_LISTEN", "127.0.0.1:0");
     command.env("KEEL_AUTH__LISTEN", "127.0.0.1:0");
-    command.env("KEEL_CATALOG__LISTEN", "127.0.0.1:0");
+    for service in ["CATALOG", "INVENTORY", "PAYMENTS", "ORDERS"] {
+        command.env(format!("KEEL_{service}__LISTEN"), "127.0.0.1:0");
+    }
     command
 }
 
@@ -125,14 +127,21 @@ impl Up {
             .iter()
             .map(|service| TestSqlite::new(&format!("keel-cli-{service}")))
             .collect();
-        let mut child = keel()
-            .arg("up")
+        let mut command = keel();
+        command
+            .args(["up", "--replicas", "orders=2"])
             .env("KEEL_REGISTRY__LISTEN", registry.to_string())
             .env("KEEL_AUTH__DATABASE", database.url())
             .env("KEEL_CATALOG__DATABASE", shop[0].url())
             .env("KEEL_INVENTORY__DATABASE", shop[1].url())
             .env("KEEL_PAYMENTS__DATABASE", shop[2].url())
-            .env("KEEL_ORDERS__DATABASE", shop[3].url())
+            .env("KEEL_ORDERS__DATABASE", shop[3].url());
+        Self::spawn(command, shop)
+    }
+
+    /// Runs `command` (a `keel up`) and reads its table.
+    fn spawn(mut command: Command, shop: Vec<TestSqlite>) -> Self {
+        let mut child = command
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
@@ -234,6 +243,21 @@ fn up_serves_prints_its_table_and_stops_cleanly_on_sigterm() {
     }
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("[]"), "no products yet: {answer}");
+    // `--replicas orders=2`: two instances of orders, both registered.
+    let orders_rows = table
+        .iter()
+        .filter(|line| line.trim_start().starts_with("orders "))
+        .count();
+    assert_eq!(orders_rows, 2, "{table:?}");
+    let mut registered = String::new();
+    for _ in 0..50 {
+        registered = http_get(&addr.to_string(), "/v1/services/orders");
+        if registered.matches("\"port\"").count() == 2 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(registered.matches("\"port\"").count(), 2, "{registered}");
 
     // First start: demo credentials, and `keel token` turns the client's into a token.
     let client = up.value("client", "client");
@@ -520,4 +544,132 @@ async fn dead_letters_are_listed_and_replayed_from_the_command_line() {
     assert_eq!(letter["event_type"], "keel.test.doomed.v1");
     assert_eq!(cli(&["replay", "--group", &group]).trim(), "replayed 1");
     assert!(bus.dead_letters(&group, 10).await.unwrap().is_empty());
+}
+
+/// The shop on the production profile, as an operator sets it up: PostgreSQL (a database
+/// per service, and the authorization server's), RabbitMQ for events and commands, etcd as
+/// the registry's state when the binary has it; a client made with `keel auth`, then the
+/// tour through the gateway with its real tokens.
+#[test]
+fn the_shop_runs_its_tour_on_the_production_profile() {
+    use keel_testkit::{Service, TestDatabase, require, unique_name};
+    if !require(Service::Postgres) || !require(Service::RabbitMq) {
+        return;
+    }
+    let etcd = cfg!(feature = "etcd") && require(Service::Etcd);
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    // The authorization server's, then the catalog's, inventory's, payments' and orders'.
+    let databases: Vec<TestDatabase> = runtime.block_on(async {
+        let mut databases = Vec::new();
+        for _ in 0..5 {
+            databases.push(TestDatabase::create().await);
+        }
+        databases
+    });
+    let key = keel().args(["auth", "key"]).output().unwrap();
+    let key = String::from_utf8(key.stdout).unwrap().trim().to_owned();
+    let registry = {
+        let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        free.local_addr().unwrap()
+    };
+    let exchange = unique_name("keel-prod");
+    let bus = format!(
+        r#"bus = {{ rabbitmq = {{ exchange = "{exchange}", auto_delete_exchange = true, queue_expiry = "2m" }} }}"#
+    );
+    let mut toml = format!(
+        "[registry]\nlisten = \"{registry}\"\nbackend = \"{}\"\n[registry.etcd]\nprefix = \"/{}/registry\"\n\
+         [auth]\ndatabase = \"{}\"\nkey_encryption_key = \"{key}\"\n",
+        if etcd { "etcd" } else { "memory" },
+        unique_name("keel-prod"),
+        databases[0].url,
+    );
+    for (service, database) in ["catalog", "inventory", "payments", "orders"]
+        .iter()
+        .zip(&databases[1..])
+    {
+        toml.push_str(&format!(
+            "[{service}]\ndatabase = \"{}\"\n{bus}\n",
+            database.url
+        ));
+    }
+    let file = std::env::temp_dir().join(format!("{}.toml", unique_name("keel-prod")));
+    std::fs::write(&file, toml).unwrap();
+    let config = file.to_str().unwrap();
+
+    // The operator's part: the shop's roles, and a client that plays both.
+    let admin = |args: &[&str]| {
+        let output = keel()
+            .args(["--config", config, "auth"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    admin(&["role", "add", "admin"]);
+    admin(&["role", "add", "customer"]);
+    let added = admin(&[
+        "client",
+        "add",
+        "shop-tour",
+        "--grant",
+        "client_credentials",
+    ]);
+    let secret = added
+        .lines()
+        .find_map(|line| line.strip_prefix("secret "))
+        .unwrap()
+        .to_owned();
+    admin(&["role", "grant", "admin", "--client", "shop-tour"]);
+    admin(&["role", "grant", "customer", "--client", "shop-tour"]);
+
+    let mut command = keel();
+    command.args(["--config", config, "up"]);
+    let up = Up::spawn(command, Vec::new());
+    let gateway = up.value("gateway ", "gateway");
+    let issuer = up.value("auth ", "issuer").trim_end_matches(',').to_owned();
+    // The services register in the background: the tour retries until the gateway
+    // routes to all of them.
+    let mut told = String::new();
+    let mut succeeded = false;
+    for _ in 0..30 {
+        let demo = keel()
+            .args([
+                "demo",
+                "--client",
+                "shop-tour",
+                "--gateway",
+                &gateway,
+                "--auth",
+                &issuer,
+            ])
+            .env("KEEL_CLIENT_SECRET", &secret)
+            .output()
+            .unwrap();
+        told = format!(
+            "{}{}",
+            String::from_utf8_lossy(&demo.stdout),
+            String::from_utf8_lossy(&demo.stderr)
+        );
+        if demo.status.success() {
+            succeeded = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(succeeded, "{told}");
+    for expected in [
+        "(tok_visa): confirmed",
+        "reason: payment refused (declined: card declined)",
+        "reason: out of stock (DEMO-TEAPOT: 1 wanted, 0 available)",
+    ] {
+        assert!(told.contains(expected), "{expected:?} in {told}");
+    }
+    up.stop();
+    std::fs::remove_file(&file).unwrap();
+    drop(databases);
 }
