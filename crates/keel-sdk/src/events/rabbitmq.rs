@@ -3,13 +3,14 @@
 //! Topology, per bus and per consumer group `G`:
 //! - one durable topic exchange (`keel.events` by default); a message's routing key is its
 //!   event type;
-//! - `keel.G`, a durable quorum queue bound to each type the group handles. After
+//! - `E.G` (`E` the exchange: systems sharing a broker never share queues), a durable
+//!   quorum queue bound to each type the group handles. After
 //!   [`DELIVERY_LIMIT`] deliveries without an acknowledgement (consumers crashing on the
 //!   message) the broker moves it to the dead letters itself;
-//! - `keel.G.retry.<ms>`, one durable queue per retry delay, whose messages expire after
-//!   that delay back into `keel.G` (classic queues: one TTL per queue keeps expiry in
+//! - `E.G.retry.<ms>`, one durable queue per retry delay, whose messages expire after
+//!   that delay back into `E.G` (classic queues: one TTL per queue keeps expiry in
 //!   arrival order);
-//! - `keel.G.dead`, the dead letters: a durable classic queue, which can be read and put
+//! - `E.G.dead`, the dead letters: a durable classic queue, which can be read and put
 //!   back (to list it) without a delivery limit.
 //!
 //! Publishing waits for publisher confirms; consumers acknowledge manually, after the
@@ -186,7 +187,7 @@ impl RabbitMq {
     }
 
     async fn declare_on(&self, channel: &Channel, core: &ConsumerCore) -> Result<(), BusError> {
-        let names = Names::new(&core.group);
+        let names = Names::new(&self.inner.options.exchange, &core.group);
         let durable = QueueDeclareOptions {
             durable: true,
             ..QueueDeclareOptions::default()
@@ -301,7 +302,7 @@ impl RabbitMq {
         channel
             .basic_qos(self.inner.options.prefetch, BasicQosOptions::default())
             .await?;
-        let names = Names::new(&core.group);
+        let names = Names::new(&self.inner.options.exchange, &core.group);
         let mut deliveries = channel
             .basic_consume(
                 names.main.as_str().into(),
@@ -398,7 +399,7 @@ impl RabbitMq {
         group: &str,
         limit: usize,
     ) -> Result<Vec<DeadLetter>, BusError> {
-        let names = Names::new(group);
+        let names = Names::new(&self.inner.options.exchange, group);
         let (connection, channel) = self.open("dead-letters").await?;
         let mut letters = Vec::new();
         while letters.len() < limit {
@@ -417,7 +418,7 @@ impl RabbitMq {
     /// Moves dead letters (those with envelope id `id`, or all) back to the group's queue
     /// as first attempts, each acknowledged only once its copy is confirmed.
     pub async fn replay(&self, group: &str, id: Option<&str>) -> Result<usize, BusError> {
-        let names = Names::new(group);
+        let names = Names::new(&self.inner.options.exchange, group);
         let (connection, channel) = self.open("replay").await?;
         let mut replayed = 0;
         // Each message is looked at once: skipped ones stay unacknowledged (and so out of
@@ -460,10 +461,12 @@ struct Names {
 }
 
 impl Names {
-    fn new(group: &str) -> Self {
+    /// Named after the exchange too: systems (or tests) sharing a broker, each with its
+    /// own exchange, never share a group's queues.
+    fn new(exchange: &str, group: &str) -> Self {
         Self {
-            main: format!("keel.{group}"),
-            dead: format!("keel.{group}.dead"),
+            main: format!("{exchange}.{group}"),
+            dead: format!("{exchange}.{group}.dead"),
         }
     }
 

@@ -4,6 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod consistency;
 mod placing;
 
 use std::time::Duration;
