@@ -21,7 +21,7 @@ pub struct EventsArgs {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     url: String,
-    /// The services' exchange (only declared, as it is, to connect).
+    /// The services' exchange (it must exist; the group's queues are named after it).
     #[arg(
         long,
         global = true,
@@ -65,6 +65,7 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
     let options = RabbitMqOptions {
         url: Secret::new(args.url),
         exchange: args.exchange,
+        passive_exchange: true,
         ..RabbitMqOptions::default()
     };
     let bus = Bus::rabbitmq("keel-cli", options).await?;

@@ -488,8 +488,9 @@ async fn dead_letters_are_listed_and_replayed_from_the_command_line() {
     if !keel_testkit::require(keel_testkit::Service::RabbitMq) {
         return;
     }
+    let exchange = keel_testkit::unique_name("keel-cli");
     let options = RabbitMqOptions {
-        exchange: keel_testkit::unique_name("keel-cli"),
+        exchange: exchange.clone(),
         queue_expiry: Some(Duration::from_secs(120)),
         auto_delete_exchange: true,
         ..RabbitMqOptions::default()
@@ -527,9 +528,11 @@ async fn dead_letters_are_listed_and_replayed_from_the_command_line() {
     running.await.unwrap();
 
     let cli = |args: &[&str]| {
+        // The group's queues are named after the exchange too.
         let output = keel()
             .arg("events")
             .args(args)
+            .args(["--exchange", &exchange])
             // The broker the test's own bus uses, whatever the environment says.
             .env("KEEL_RABBITMQ_URL", RabbitMqOptions::default().url.expose())
             .output()

@@ -271,9 +271,12 @@ pub async fn build(
         placing::saga(service.bus(), options.step_timeout),
     )
     .map_err(|error| misconfigured(error.to_string()))?;
+    // Replies are matched to their saga by correlation, late ones ignored: they need no
+    // order, and are handled several at once.
     let replies = orchestrator
         .consumer("orders")
         .await
+        .map(|consumer| consumer.concurrency(8))
         .map_err(|error| ServiceError::Bus {
             service: "orders".to_owned(),
             error,

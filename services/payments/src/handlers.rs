@@ -26,6 +26,9 @@ pub async fn consumer(
         .on::<Void, _>(commands)
         .start()
         .await
+        // Commands are idempotent by their business key and a saga has one in flight at a
+        // time: they need no order, and are handled several at once.
+        .map(|consumer| consumer.concurrency(8))
         .map_err(|error| ServiceError::Bus {
             service: "payments".to_owned(),
             error,

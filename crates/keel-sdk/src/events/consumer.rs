@@ -292,6 +292,7 @@ impl ConsumerBuilder {
         Ok(Consumer {
             bus: self.bus,
             core,
+            concurrency: 1,
         })
     }
 }
@@ -300,6 +301,7 @@ impl ConsumerBuilder {
 pub struct Consumer {
     bus: Bus,
     core: Arc<ConsumerCore>,
+    concurrency: usize,
 }
 
 impl Consumer {
@@ -312,13 +314,31 @@ impl Consumer {
         self.core.stats.clone()
     }
 
-    /// Takes and handles messages one at a time until `shutdown`; the message in hand is
-    /// finished first. Reconnects by itself when the broker goes away.
+    /// Handles up to `handlers` messages at once (1 by default; at most 64): that many
+    /// takers compete for the group's messages, as that many instances would (on
+    /// RabbitMQ, each on its own connection). Messages are then no longer handled in the
+    /// order they were published, so only for handlers that do not depend on it (each
+    /// idempotent by its business key, like saga participants).
+    pub fn concurrency(mut self, handlers: usize) -> Self {
+        self.concurrency = handlers.clamp(1, 64);
+        self
+    }
+
+    /// Takes and handles messages until `shutdown` (one at a time, unless
+    /// [`Consumer::concurrency`] says otherwise); the messages in hand are finished first.
+    /// Reconnects by itself when the broker goes away.
     pub async fn run(self, shutdown: Shutdown) {
-        match &self.bus.inner.transport {
-            Transport::InProcess(bus) => bus.consume(&self.core, shutdown).await,
-            Transport::RabbitMq(bus) => bus.consume(&self.core, shutdown).await,
-        }
+        let (bus, core) = (&self.bus, &self.core);
+        let takers = (0..self.concurrency).map(|_| {
+            let shutdown = shutdown.clone();
+            async move {
+                match &bus.inner.transport {
+                    Transport::InProcess(bus) => bus.consume(core, shutdown).await,
+                    Transport::RabbitMq(bus) => bus.consume(core, shutdown).await,
+                }
+            }
+        });
+        futures_util::future::join_all(takers).await;
     }
 }
 

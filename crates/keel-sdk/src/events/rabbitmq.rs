@@ -68,6 +68,9 @@ pub struct RabbitMqOptions {
     /// goes (with `queue_expiry`, when every group's queues have expired). Tests use it on
     /// the shared broker; off by default.
     pub auto_delete_exchange: bool,
+    /// Only checks that the exchange exists, never declares it: for tools that look at a
+    /// running system (`keel events`), whose exchange is the services' to define.
+    pub passive_exchange: bool,
     /// How long connecting, or a publish and its confirm, may take (a broker under a
     /// resource alarm blocks publishers); then the channel is dropped and the caller gets
     /// [`BusError::Timeout`].
@@ -83,6 +86,7 @@ impl Default for RabbitMqOptions {
             prefetch: 2,
             queue_expiry: None,
             auto_delete_exchange: false,
+            passive_exchange: false,
             timeout: Duration::from_secs(10),
         }
     }
@@ -146,6 +150,7 @@ impl RabbitMq {
                 ExchangeDeclareOptions {
                     durable: true,
                     auto_delete: self.inner.options.auto_delete_exchange,
+                    passive: self.inner.options.passive_exchange,
                     ..ExchangeDeclareOptions::default()
                 },
                 FieldTable::default(),
