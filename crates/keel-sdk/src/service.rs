@@ -40,6 +40,7 @@ use keel_runtime::{Health, HttpServer, Problem, Secret, Shutdown};
 use serde::{Deserialize, Serialize};
 
 use crate::auth::Caller;
+use crate::cache::CacheRedis;
 use crate::data::{Database, DbError, Migrations};
 use crate::events::{Bus, BusError, Consumer, RabbitMqOptions};
 
@@ -62,7 +63,29 @@ pub struct ServiceConfig {
     pub bus: BusConfig,
     /// Access tokens accepted from callers (issuer and audiences); none: no verifier.
     pub auth: Option<ServiceAuthConfig>,
+    /// Redis as the caches' second level, shared by the service's instances (and their
+    /// invalidations); none: each instance caches in its own memory only.
+    pub cache: Option<CacheConfig>,
     pub http: HttpServerConfig,
+}
+
+/// `[<service>.cache]`: Redis behind the in-process cache level.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// `redis://host:6379` (or `rediss://`); redacted when printed.
+    pub redis: Secret<String>,
+    /// Key prefix, one per deployment (several can share a Redis); the service's name when
+    /// unset.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// How long a Redis call may take before the cache does without it.
+    #[serde(default = "cache_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+}
+
+fn cache_timeout() -> Duration {
+    Duration::from_millis(250)
 }
 
 impl Default for ServiceConfig {
@@ -75,6 +98,7 @@ impl Default for ServiceConfig {
             heartbeat: Duration::from_secs(10),
             bus: BusConfig::InProcess,
             auth: None,
+            cache: None,
             http: HttpServerConfig::default(),
         }
     }
@@ -128,6 +152,7 @@ pub struct Service {
     verifier: Option<Arc<Verifier>>,
     discovery: Option<DiscoveryView>,
     registry: Option<RegistryClient>,
+    cache_redis: Option<CacheRedis>,
     health: Health,
     router: Router,
     workers: Vec<(String, Worker)>,
@@ -193,6 +218,17 @@ impl Service {
         let discovery = registry
             .as_ref()
             .map(|client| DiscoveryView::new(client.clone(), shutdown));
+        let cache_redis = match &config.cache {
+            Some(cache) => Some(
+                CacheRedis::new(
+                    cache.redis.expose(),
+                    cache.prefix.as_deref().unwrap_or(name),
+                    cache.timeout,
+                )
+                .map_err(|error| config_error(format!("cache.redis: {error}")))?,
+            ),
+            None => None,
+        };
         let health = Health::new();
         let pool = db.pool().clone();
         health.add_check("database", move || {
@@ -213,6 +249,7 @@ impl Service {
             verifier,
             discovery,
             registry,
+            cache_redis,
             health,
             router: Router::new(),
             workers: Vec::new(),
@@ -249,6 +286,12 @@ impl Service {
     /// [`crate::client::ServiceClient`]).
     pub fn discovery(&self) -> Option<&DiscoveryView> {
         self.discovery.as_ref()
+    }
+
+    /// Redis for the caches' second level, when `cache` is configured (for
+    /// [`crate::cache::Cache::new`]).
+    pub fn cache_redis(&self) -> Option<&CacheRedis> {
+        self.cache_redis.as_ref()
     }
 
     /// `/health/ready` checks; add the service's own dependencies.

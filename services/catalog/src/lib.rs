@@ -121,7 +121,14 @@ pub async fn build(
     let mut config = config.clone();
     config.listen.get_or_insert(DEFAULT_LISTEN);
     let service = Service::connect("catalog", &config, &MIGRATIONS, bus, shutdown).await?;
-    let products = Cache::new("products", 1, CacheOptions::default(), None);
+    // In process, and in Redis too when configured: shared by the instances, and a write
+    // on one drops the copies of all.
+    let products = Cache::new(
+        "products",
+        1,
+        CacheOptions::default(),
+        service.cache_redis(),
+    );
     let catalog = Catalog::new(service.db().clone(), service.bus().clone(), products);
     let grpc =
         tonic::service::Routes::new(grpc::CatalogGrpc::server(catalog.clone())).into_axum_router();

@@ -145,3 +145,69 @@ async fn admins_write_products_everyone_reads_what_is_for_sale_and_changes_are_p
         shutdown.trigger();
     }
 }
+
+/// Two catalog instances sharing Redis as the second cache level: a change written through
+/// one drops the copy the other had cached, at once (not when its own copy would expire).
+#[tokio::test]
+async fn instances_sharing_redis_see_each_others_changes_at_once() {
+    use keel_testkit::{Service, require, unique_name};
+    if !require(Service::Redis) {
+        return;
+    }
+    let issuer = TestIssuer::start().await;
+    let admin = issuer.mint(json!({"sub": "root", "roles": ["admin"]}));
+    let file = TestSqlite::new("keel-catalog-shared");
+    let config = ServiceConfig {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        database: Some(Secret::new(file.url())),
+        auth: Some(ServiceAuthConfig {
+            issuer: issuer.issuer().to_owned(),
+            audiences: vec![AUDIENCE.to_owned()],
+        }),
+        cache: Some(keel_sdk::service::CacheConfig {
+            redis: Secret::new(format!("redis://{}", Service::Redis.addr())),
+            prefix: Some(unique_name("keel-catalog")),
+            timeout: Duration::from_millis(500),
+        }),
+        ..ServiceConfig::default()
+    };
+    let shutdown = Shutdown::new();
+    let mut bases = Vec::new();
+    for _ in 0..2 {
+        let service = keel_catalog::build(&config, None, &shutdown).await.unwrap();
+        bases.push(format!("http://{}", service.local_addr()));
+        tokio::spawn(service.run(shutdown.clone()));
+    }
+    let http = reqwest::Client::new();
+    let put = |base: &str, minor: i64| {
+        http.put(format!("{base}/products/MUG"))
+            .json(&json!({"name": "Mug", "price": {"minor": minor, "currency": "EUR"}}))
+    };
+    let price = |base: String| {
+        let http = http.clone();
+        async move {
+            send(http.get(format!("{base}/products/MUG")), None).await.2["price"]["minor"].as_i64()
+        }
+    };
+    assert_eq!(send(put(&bases[0], 100), Some(&admin)).await.0, 201);
+    assert_eq!(
+        price(bases[0].clone()).await,
+        Some(100),
+        "cached by the first"
+    );
+    assert_eq!(send(put(&bases[1], 200), Some(&admin)).await.0, 200);
+    let mut seen = None;
+    for _ in 0..50 {
+        seen = price(bases[0].clone()).await;
+        if seen == Some(200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        seen,
+        Some(200),
+        "the first instance's copy went with the second's write"
+    );
+    shutdown.trigger();
+}
