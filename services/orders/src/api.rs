@@ -27,6 +27,7 @@ pub fn router(orders: Orders) -> Router {
     Router::new()
         .route("/orders", get(mine).post(place))
         .route("/orders/{id}", get(one))
+        .route("/orders/{id}/cancel", axum::routing::post(cancel))
         .with_state(orders)
 }
 
@@ -49,6 +50,7 @@ fn failed(error: OrdersError) -> Response {
             "Idempotency key reused",
         )
         .with_detail(detail),
+        OrdersError::Cancel(_) => Problem::conflict(detail),
         OrdersError::Catalog(_) => {
             tracing::warn!(%detail, "prices unavailable");
             Problem::unavailable("prices cannot be had now; nothing was ordered")
@@ -118,11 +120,55 @@ async fn one(
         .ok_or_else(not_found)
 }
 
+/// The body of `POST /orders/{id}/cancel` (optional).
+#[derive(Debug, Default, serde::Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Cancel {
+    /// Why, in the customer's words: 1 to 500 characters.
+    pub reason: Option<String>,
+}
+
+async fn cancel(
+    State(orders): State<Orders>,
+    caller: Caller,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<(StatusCode, Json<Order>), Response> {
+    // The body is optional: none, or a `Cancel`.
+    let body: Cancel = match body.is_empty() {
+        true => Cancel::default(),
+        false => serde_json::from_slice(&body)
+            .map_err(|error| source(Problem::bad_request(format!("the body: {error}"))))?,
+    };
+    let viewer = customer(&caller).map_err(forbidden)?;
+    let not_found = || source(Problem::not_found(format!("no order {id}")));
+    let Ok(order_id) = id.parse::<OrderId>() else {
+        return Err(not_found());
+    };
+    let reason = body
+        .reason
+        .unwrap_or_else(|| "cancelled by the customer".to_owned());
+    let length = reason.chars().count();
+    if !(1..=500).contains(&length) || reason.chars().any(char::is_control) {
+        return Err(source(Problem::bad_request(
+            "a reason is 1 to 500 characters without control characters",
+        )));
+    }
+    let admin = caller.principal().roles.contains("admin");
+    let order = orders
+        .cancel(&order_id, &viewer, admin, &reason)
+        .await
+        .map_err(failed)?
+        .ok_or_else(not_found)?;
+    Ok((StatusCode::ACCEPTED, Json(order)))
+}
+
 /// The API described for `/openapi.json` (OpenAPI 3.1).
 pub fn openapi() -> Value {
     let order = serde_json::to_value(schemars::schema_for!(Order)).unwrap_or_default();
     let view = serde_json::to_value(schemars::schema_for!(OrderView)).unwrap_or_default();
     let place = serde_json::to_value(schemars::schema_for!(PlaceOrder)).unwrap_or_default();
+    let cancel = serde_json::to_value(schemars::schema_for!(Cancel)).unwrap_or_default();
     let problem = json!({ "description": "RFC 9457 problem details", "content": { "application/problem+json": {} } });
     let order_body = |description: &str| json!({ "description": description, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Order" } } } });
     json!({
@@ -154,6 +200,19 @@ pub fn openapi() -> Value {
                     },
                 },
             },
+            "/orders/{id}/cancel": { "post": {
+                "summary": "Cancel a confirmed order: refunded and restocked (its customer, or an admin)",
+                "security": [{ "bearer": [] }],
+                "parameters": [{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }],
+                "requestBody": { "required": false, "content": { "application/json": { "schema": { "$ref": "#/components/schemas/Cancel" } } } },
+                "responses": {
+                    "202": order_body("Cancelling (or cancelled already)"),
+                    "400": problem.clone(),
+                    "401": problem.clone(),
+                    "404": problem.clone(),
+                    "409": problem.clone(),
+                },
+            } },
             "/orders/{id}": { "get": {
                 "summary": "An order and its saga's steps (its customer, or an admin)",
                 "security": [{ "bearer": [] }],
@@ -166,7 +225,7 @@ pub fn openapi() -> Value {
             } },
         },
         "components": {
-            "schemas": { "Order": order, "OrderView": view, "PlaceOrder": place },
+            "schemas": { "Order": order, "OrderView": view, "PlaceOrder": place, "Cancel": cancel },
             "securitySchemes": { "bearer": { "type": "http", "scheme": "bearer", "bearerFormat": "JWT" } },
         },
     })

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::contract::OrderChanged;
 use crate::domain::{CustomerId, OrderId, PricingError, Status};
-use crate::placing::Placing;
+use crate::placing::{Cancelling, Placing};
 pub use crate::prices::CatalogError;
 pub use crate::store::{Order, StoreError};
 
@@ -79,6 +79,8 @@ pub enum OrdersError {
     #[error("this Idempotency-Key was used for another order")]
     KeyReused,
     #[error(transparent)]
+    Cancel(#[from] domain::CancelError),
+    #[error(transparent)]
     Catalog(#[from] CatalogError),
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -109,6 +111,7 @@ pub struct Orders {
     db: Database,
     bus: Bus,
     orchestrator: Orchestrator<Placing>,
+    cancellations: Orchestrator<Cancelling>,
     catalog: prices::Catalog,
 }
 
@@ -232,6 +235,57 @@ impl Orders {
         Ok(Some(OrderView { order, steps }))
     }
 
+    /// Cancels order `id` for `viewer` (its customer, or an admin): a confirmed order is
+    /// refunded and restocked by the cancellation saga, cancelling meanwhile; asking again
+    /// changes nothing. `None` when the viewer may not see the order.
+    pub async fn cancel(
+        &self,
+        id: &OrderId,
+        viewer: &CustomerId,
+        admin: bool,
+        reason: &str,
+    ) -> Result<Option<Order>, OrdersError> {
+        let mut tx = self.db.begin().await?;
+        let Some(mut order) = store::get_locked(&mut tx, id)
+            .await?
+            .filter(|order| domain::may_see(&order.customer, viewer, admin))
+        else {
+            return Ok(None);
+        };
+        if !domain::cancel(order.status)? {
+            return Ok(Some(order));
+        }
+        let now = unix_millis();
+        store::advance(
+            &mut tx,
+            id,
+            Status::Confirmed,
+            Status::Cancelling,
+            Some(reason),
+            now,
+        )
+        .await?;
+        let cancelling = Cancelling {
+            order: id.clone(),
+            customer: order.customer.clone(),
+            total: order.total,
+            reason: reason.to_owned(),
+        };
+        self.cancellations.start(&mut tx, &cancelling).await?;
+        let changed = OrderChanged {
+            order: id.clone(),
+            customer: order.customer.clone(),
+            status: Status::Cancelling,
+            total: order.total,
+            reason: Some(reason.to_owned()),
+        };
+        self.bus.stage(&mut tx, &changed).await?;
+        tx.commit().await?;
+        order.status = Status::Cancelling;
+        order.reason = Some(reason.to_owned());
+        Ok(Some(order))
+    }
+
     /// `customer`'s latest 100 orders, newest first.
     pub async fn orders_of(&self, customer: &CustomerId) -> Result<Vec<Order>, OrdersError> {
         let mut connection = self.db.pool().acquire().await?;
@@ -271,20 +325,33 @@ pub async fn build(
         placing::saga(service.bus(), options.step_timeout),
     )
     .map_err(|error| misconfigured(error.to_string()))?;
+    let cancellations = Orchestrator::new(
+        service.bus(),
+        service.db(),
+        placing::cancellation(service.bus(), options.step_timeout),
+    )
+    .map_err(|error| misconfigured(error.to_string()))?;
     // Replies are matched to their saga by correlation, late ones ignored: they need no
-    // order, and are handled several at once.
+    // order, and are handled several at once. Each saga's replies have a group of their
+    // own (a group's consumer handles only the types it binds).
+    let bus_error = |error| ServiceError::Bus {
+        service: "orders".to_owned(),
+        error,
+    };
     let replies = orchestrator
         .consumer("orders")
         .await
         .map(|consumer| consumer.concurrency(8))
-        .map_err(|error| ServiceError::Bus {
-            service: "orders".to_owned(),
-            error,
-        })?;
+        .map_err(bus_error)?;
+    let cancel_replies = cancellations
+        .consumer("orders-cancel")
+        .await
+        .map_err(bus_error)?;
     let orders = Orders {
         db: service.db().clone(),
         bus: service.bus().clone(),
         orchestrator: orchestrator.clone(),
+        cancellations: cancellations.clone(),
         catalog: prices::Catalog::new(&client),
     };
     let router = api::router(orders);
@@ -293,8 +360,12 @@ pub async fn build(
         .openapi(api::openapi())
         .document("/asyncapi.json", api::asyncapi())
         .consumer(replies)
+        .consumer(cancel_replies)
         .worker("saga-timeouts", move |shutdown| {
             orchestrator.sweep_timeouts(Duration::from_secs(1), shutdown)
+        })
+        .worker("cancellation-timeouts", move |shutdown| {
+            cancellations.sweep_timeouts(Duration::from_secs(1), shutdown)
         })
         .bind()
         .await

@@ -15,7 +15,7 @@ use keel_sdk::{HandlerError, Tx};
 use serde::{Deserialize, Serialize};
 
 use crate::contract::OrderChanged;
-use crate::domain::{self, CustomerId, Money, OrderId, Outcome};
+use crate::domain::{self, CustomerId, Money, OrderId, Outcome, Status};
 use crate::store;
 
 /// What the saga carries: everything its commands need.
@@ -92,12 +92,77 @@ impl OnEnd<Placing> for Settle {
         let (status, reason) = domain::settle(&outcome);
         let placing = ended.data;
         let now = keel_sdk::data::unix_millis();
-        if store::settle(tx, &placing.order, status, reason.as_deref(), now).await? {
+        let pending = Status::Pending;
+        if store::advance(tx, &placing.order, pending, status, reason.as_deref(), now).await? {
             let changed = OrderChanged {
                 order: placing.order,
                 customer: placing.customer,
                 status,
                 total: placing.total,
+                reason,
+            };
+            self.bus
+                .stage(tx, &changed)
+                .await
+                .map_err(HandlerError::bus)?;
+        }
+        Ok(())
+    }
+}
+
+/// What the cancellation saga carries.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Cancelling {
+    pub order: OrderId,
+    pub customer: CustomerId,
+    pub total: Money,
+    pub reason: String,
+}
+
+/// The cancellation of a confirmed order: refund the payment (a void of a captured
+/// payment refunds it), then return the units to stock (a release of a committed
+/// reservation restocks it). Neither step has anything to undo: should one fail, the
+/// order is confirmed again and someone must look.
+pub fn cancellation(bus: &Bus, step_timeout: Duration) -> Saga<Cancelling> {
+    Saga::new("order-cancel")
+        .step(
+            Step::new("refund", |cancelling: &Cancelling, _| Void {
+                payment: cancelling.order.clone(),
+            })
+            .timeout(step_timeout),
+        )
+        .step(
+            Step::new("restock", |cancelling: &Cancelling, _| Release {
+                reservation: cancelling.order.clone(),
+            })
+            .timeout(step_timeout),
+        )
+        .on_end(Cancelled { bus: bus.clone() })
+}
+
+/// Settles a cancellation when its saga ends.
+struct Cancelled {
+    bus: Bus,
+}
+
+impl OnEnd<Cancelling> for Cancelled {
+    async fn ended(&self, tx: &mut Tx, ended: Ended<'_, Cancelling>) -> Result<(), HandlerError> {
+        let cancelling = ended.data;
+        let (status, reason) = match ended.status {
+            SagaStatus::Completed => (Status::Cancelled, Some(cancelling.reason)),
+            _ => {
+                tracing::error!(order = %cancelling.order, reason = ?ended.error, "order cancellation failed");
+                (Status::Confirmed, None)
+            }
+        };
+        let now = keel_sdk::data::unix_millis();
+        let from = Status::Cancelling;
+        if store::advance(tx, &cancelling.order, from, status, reason.as_deref(), now).await? {
+            let changed = OrderChanged {
+                order: cancelling.order,
+                customer: cancelling.customer,
+                status,
+                total: cancelling.total,
                 reason,
             };
             self.bus

@@ -78,24 +78,39 @@ pub async fn set_saga(db: &mut AnyConnection, id: &OrderId, saga: &str) -> Resul
     Ok(())
 }
 
-/// Settles a pending order; false when it was not pending (settled before).
-pub async fn settle(
+/// Moves order `id` from `from` to `to` with `reason`; false when it was not in `from`
+/// (moved before).
+pub async fn advance(
     db: &mut AnyConnection,
     id: &OrderId,
-    status: Status,
+    from: Status,
+    to: Status,
     reason: Option<&str>,
     now: i64,
 ) -> Result<bool, StoreError> {
-    let settled = sqlx::query(
-        "UPDATE orders SET status = $1, reason = $2, updated_at = $3 WHERE id = $4 AND status = 'pending'",
+    let moved = sqlx::query(
+        "UPDATE orders SET status = $1, reason = $2, updated_at = $3 WHERE id = $4 AND status = $5",
     )
-    .bind(status.as_str())
+    .bind(to.as_str())
     .bind(reason)
     .bind(now)
     .bind(id.as_str())
+    .bind(from.as_str())
     .execute(db)
     .await?;
-    Ok(settled.rows_affected() == 1)
+    Ok(moved.rows_affected() == 1)
+}
+
+/// Order `id`, locked for the rest of the transaction (nothing read when there is none).
+pub async fn get_locked(db: &mut AnyConnection, id: &OrderId) -> Result<Option<Order>, StoreError> {
+    let locked = sqlx::query("UPDATE orders SET updated_at = updated_at WHERE id = $1")
+        .bind(id.as_str())
+        .execute(&mut *db)
+        .await?;
+    if locked.rows_affected() == 0 {
+        return Ok(None);
+    }
+    get(db, id).await
 }
 
 const COLUMNS: &str = "id, customer, status, reason, lines, total_minor, currency, payment_method, \

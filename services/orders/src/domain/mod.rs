@@ -117,6 +117,10 @@ pub enum Status {
     /// Not placed (out of stock, declined, a step failed or timed out); whatever was done
     /// was undone.
     Rejected,
+    /// Confirmed, then called off by its customer: being refunded and restocked.
+    Cancelling,
+    /// Refunded and restocked.
+    Cancelled,
 }
 
 impl Status {
@@ -125,6 +129,8 @@ impl Status {
             Self::Pending => "pending",
             Self::Confirmed => "confirmed",
             Self::Rejected => "rejected",
+            Self::Cancelling => "cancelling",
+            Self::Cancelled => "cancelled",
         }
     }
 
@@ -133,6 +139,8 @@ impl Status {
             "pending" => Self::Pending,
             "confirmed" => Self::Confirmed,
             "rejected" => Self::Rejected,
+            "cancelling" => Self::Cancelling,
+            "cancelled" => Self::Cancelled,
             _ => return None,
         })
     }
@@ -168,6 +176,26 @@ pub fn settle(outcome: &Outcome) -> (Status, Option<String>) {
             };
             (Status::Rejected, Some(words))
         }
+    }
+}
+
+/// Why an order cannot be cancelled.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CancelError {
+    #[error("the order is still being placed: it can be cancelled once it is confirmed")]
+    Pending,
+    #[error("a rejected order has nothing to cancel")]
+    Rejected,
+}
+
+/// What asking to cancel an order in `status` does: `Ok(true)` starts the cancellation,
+/// `Ok(false)` is done already (cancelling or cancelled: asking again changes nothing).
+pub fn cancel(status: Status) -> Result<bool, CancelError> {
+    match status {
+        Status::Confirmed => Ok(true),
+        Status::Cancelling | Status::Cancelled => Ok(false),
+        Status::Pending => Err(CancelError::Pending),
+        Status::Rejected => Err(CancelError::Rejected),
     }
 }
 
@@ -267,6 +295,24 @@ mod tests {
             "authorize timed_out: no reply within 5s".into(),
         ));
         assert_eq!(reason.unwrap(), "the payment could not be made in time");
+    }
+
+    #[test]
+    fn only_a_confirmed_order_is_cancelled_and_asking_again_changes_nothing() {
+        assert_eq!(cancel(Status::Confirmed), Ok(true));
+        assert_eq!(cancel(Status::Cancelling), Ok(false));
+        assert_eq!(cancel(Status::Cancelled), Ok(false));
+        assert_eq!(cancel(Status::Pending), Err(CancelError::Pending));
+        assert_eq!(cancel(Status::Rejected), Err(CancelError::Rejected));
+        for status in [
+            Status::Pending,
+            Status::Confirmed,
+            Status::Rejected,
+            Status::Cancelling,
+            Status::Cancelled,
+        ] {
+            assert_eq!(Status::parse(status.as_str()), Some(status));
+        }
     }
 
     #[test]

@@ -174,12 +174,89 @@ async fn with_payments_away_the_saga_times_out_and_releases_the_stock() {
     for shop in shops(true, Duration::from_millis(800)).await {
         let mug = order(json!([{"sku": "MUG", "quantity": 2}]), "tok_visa");
         let (_, placed) = shop.place(&shop.ada, None, mug).await;
-        let rejected = shop.settled(placed["id"].as_str().unwrap()).await;
+        let id = placed["id"].as_str().unwrap();
+        // Still being placed (waiting for payments): not to be cancelled yet.
+        let request = shop
+            .http
+            .post(format!("{}/orders/{id}/cancel", shop.orders));
+        assert_eq!(keel_testkit::send(request, Some(&shop.ada)).await.0, 409);
+        let rejected = shop.settled(id).await;
         assert_eq!(rejected["status"], "rejected", "{rejected}");
         assert_eq!(
             rejected["reason"], "the payment could not be made in time",
             "{rejected}"
         );
         assert_eq!(shop.stock("MUG").await, (5, 0), "{}", shop.backend);
+    }
+}
+
+#[tokio::test]
+async fn a_confirmed_order_is_cancelled_refunded_and_restocked_and_nothing_else_is() {
+    for shop in shops(false, Duration::from_secs(10)).await {
+        let cancel = |id: &str, token: &str, body: Option<Value>| {
+            let mut request = shop
+                .http
+                .post(format!("{}/orders/{id}/cancel", shop.orders));
+            if let Some(body) = body {
+                request = request.json(&body);
+            }
+            let token = token.to_owned();
+            async move {
+                let (status, _, order) = keel_testkit::send(request, Some(&token)).await;
+                (status, order)
+            }
+        };
+        let (_, placed) = shop
+            .place(
+                &shop.ada,
+                None,
+                order(json!([{"sku": "MUG", "quantity": 2}]), "tok_visa"),
+            )
+            .await;
+        let id = placed["id"].as_str().unwrap().to_owned();
+        assert_eq!(shop.settled(&id).await["status"], "confirmed");
+        assert_eq!(shop.stock("MUG").await, (3, 0));
+
+        // Not bob's to cancel; a reason too long is refused.
+        assert_eq!(
+            cancel(&id, &shop.bob, None).await.0,
+            404,
+            "{}",
+            shop.backend
+        );
+        let long = json!({"reason": "x".repeat(501)});
+        assert_eq!(cancel(&id, &shop.ada, Some(long)).await.0, 400);
+        let (status, cancelling) =
+            cancel(&id, &shop.ada, Some(json!({"reason": "changed my mind"}))).await;
+        assert_eq!(status, 202, "{cancelling}");
+        assert_eq!(cancelling["status"], "cancelling");
+        let mut cancelled = Value::Null;
+        for _ in 0..400 {
+            cancelled = shop.order(&shop.ada, &id).await.1;
+            if cancelled["status"] == "cancelled" {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
+        assert_eq!(cancelled["reason"], "changed my mind");
+        assert_eq!(shop.stock("MUG").await, (5, 0), "restocked");
+        assert_eq!(shop.payment(&id).await.as_deref(), Some("refunded"));
+        // Asking again changes nothing.
+        let (status, again) = cancel(&id, &shop.ada, None).await;
+        assert_eq!((status, again["status"].as_str()), (202, Some("cancelled")));
+        assert_eq!(shop.stock("MUG").await, (5, 0));
+
+        // A rejected order has nothing to cancel.
+        let (_, declined) = shop
+            .place(
+                &shop.ada,
+                None,
+                order(json!([{"sku": "MUG", "quantity": 1}]), "tok_chargeDeclined"),
+            )
+            .await;
+        let declined = declined["id"].as_str().unwrap().to_owned();
+        assert_eq!(shop.settled(&declined).await["status"], "rejected");
+        assert_eq!(cancel(&declined, &shop.ada, None).await.0, 409);
     }
 }
