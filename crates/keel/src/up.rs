@@ -92,6 +92,8 @@ pub async fn run(config: KeelConfig, file: Option<&Path>, args: &UpArgs) -> anyh
     gateway_config.registry = format!("http://{}", registry.local_addr());
     let source = KeelConfig::gateway_source(file);
     let gateway = GatewayServer::build_with_source(gateway_config, source, &shutdown).await?;
+    // The shop's services accept the tokens this authorization server issues by default.
+    let audience = config.auth.default_audience.clone();
     let auth = AuthServer::build(config.auth, &shutdown).await?;
     let seeded = auth.admin().seed_demo().await?;
     // The shop's services: registered with this registry (so the gateway routes
@@ -105,7 +107,7 @@ pub async fn run(config: KeelConfig, file: Option<&Path>, args: &UpArgs) -> anyh
             .auth
             .get_or_insert_with(|| keel_sdk::service::ServiceAuthConfig {
                 issuer: auth.issuer().to_owned(),
-                audiences: vec!["keel-api".to_owned()],
+                audiences: vec![audience.clone()],
             });
         service
     };

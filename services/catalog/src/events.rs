@@ -12,6 +12,9 @@ pub struct ProductChanged {
     pub name: ProductName,
     pub price: Money,
     pub active: bool,
+    /// 1 for the product's first write, one more for each write after: a consumer that
+    /// hears changes out of order keeps the highest.
+    pub version: i64,
 }
 
 impl Event for ProductChanged {
@@ -21,13 +24,15 @@ impl Event for ProductChanged {
     }
 }
 
-impl From<&Product> for ProductChanged {
-    fn from(product: &Product) -> Self {
+impl ProductChanged {
+    /// `product` as written, at `version`.
+    pub fn new(product: &Product, version: i64) -> Self {
         Self {
             sku: product.sku.clone(),
             name: product.name.clone(),
             price: product.price,
             active: product.active,
+            version,
         }
     }
 }

@@ -100,14 +100,14 @@ impl Catalog {
         // Writers one at a time, the lock taken before the first read: SQLite would
         // otherwise fail a transaction that read before another committed (SQLITE_BUSY).
         self.db.lock(&mut tx, PRODUCT_WRITES).await?;
-        let created = store::put(&mut tx, &product, keel_sdk::data::unix_seconds()).await?;
+        let version = store::put(&mut tx, &product, keel_sdk::data::unix_seconds()).await?;
         self.bus
-            .stage(&mut tx, &ProductChanged::from(&product))
+            .stage(&mut tx, &ProductChanged::new(&product, version))
             .await?;
         tx.commit().await?;
         // Once committed, and before answering: the writer's next read sees its write.
         self.products.invalidate(product.sku.as_str()).await;
-        Ok((product, created))
+        Ok((product, version == 1))
     }
 }
 

@@ -23,30 +23,35 @@ pub async fn get(db: &mut AnyConnection, sku: &str) -> Result<Option<Product>, S
     row.as_ref().map(product).transpose()
 }
 
-/// Products for sale, by SKU.
+/// Products for sale, by SKU (sorted here: the database's collation may order SKUs with
+/// dashes otherwise, and both backends must answer alike).
 pub async fn list_for_sale(db: &mut AnyConnection) -> Result<Vec<Product>, StoreError> {
     let rows = sqlx::query(
         "SELECT sku, name, description, price_minor, currency, active FROM products \
-         WHERE active = $1 ORDER BY sku",
+         WHERE active = $1",
     )
     .bind(1_i64)
     .fetch_all(db)
     .await?;
-    rows.iter().map(product).collect()
+    let mut products = rows.iter().map(product).collect::<Result<Vec<_>, _>>()?;
+    products.sort_by(|a, b| a.sku.cmp(&b.sku));
+    Ok(products)
 }
 
-/// Writes `product`; true when it is new.
-pub async fn put(db: &mut AnyConnection, product: &Product, now: i64) -> Result<bool, StoreError> {
-    let existed: Option<String> = sqlx::query_scalar("SELECT sku FROM products WHERE sku = $1")
+/// Writes `product` (the caller holds the product write lock); returns its new version
+/// (1 when it is new).
+pub async fn put(db: &mut AnyConnection, product: &Product, now: i64) -> Result<i64, StoreError> {
+    let previous: Option<i64> = sqlx::query_scalar("SELECT version FROM products WHERE sku = $1")
         .bind(product.sku.as_str())
         .fetch_optional(&mut *db)
         .await?;
+    let version = previous.unwrap_or(0) + 1;
     sqlx::query(
-        "INSERT INTO products (sku, name, description, price_minor, currency, active, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7) \
+        "INSERT INTO products (sku, name, description, price_minor, currency, active, updated_at, version) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) \
          ON CONFLICT (sku) DO UPDATE SET name = excluded.name, description = excluded.description, \
          price_minor = excluded.price_minor, currency = excluded.currency, \
-         active = excluded.active, updated_at = excluded.updated_at",
+         active = excluded.active, updated_at = excluded.updated_at, version = excluded.version",
     )
     .bind(product.sku.as_str())
     .bind(product.name.as_str())
@@ -55,9 +60,10 @@ pub async fn put(db: &mut AnyConnection, product: &Product, now: i64) -> Result<
     .bind(product.price.currency().as_str())
     .bind(i64::from(product.active))
     .bind(now)
+    .bind(version)
     .execute(db)
     .await?;
-    Ok(existed.is_none())
+    Ok(version)
 }
 
 fn product(row: &AnyRow) -> Result<Product, StoreError> {

@@ -16,10 +16,19 @@ use serde_json::{Value, json};
 
 /// Counts the `ProductChanged` events it hears.
 #[derive(Clone, Default)]
-struct Heard(Arc<AtomicUsize>);
+struct Heard(Arc<AtomicUsize>, Arc<std::sync::Mutex<Vec<(String, i64)>>>);
 
 impl Handler<ProductChanged> for Heard {
-    async fn handle(&self, _: &mut Tx, _: Received<ProductChanged>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        _: &mut Tx,
+        heard: Received<ProductChanged>,
+    ) -> Result<(), HandlerError> {
+        let change = heard.event;
+        self.1
+            .lock()
+            .unwrap()
+            .push((change.sku.to_string(), change.version));
         self.0.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
@@ -136,6 +145,17 @@ async fn admins_write_products_everyone_reads_what_is_for_sale_and_changes_are_p
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         assert_eq!(heard.0.load(Ordering::SeqCst), 3, "{url}");
+        let mut versions = heard.1.lock().unwrap().clone();
+        versions.sort();
+        assert_eq!(
+            versions,
+            [
+                ("MUG-00".to_owned(), 1),
+                ("MUG-01".to_owned(), 1),
+                ("MUG-01".to_owned(), 2)
+            ],
+            "each write one version more"
+        );
 
         let (status, _, openapi) = send(http.get(format!("{base}/openapi.json")), None).await;
         assert_eq!(status, 200);
