@@ -157,7 +157,9 @@ impl Database {
             // answer 503, consumers hold their message and back off.
             .acquire_timeout(ACQUIRE_TIMEOUT)
             .max_connections(match backend {
-                Backend::Postgres => 10,
+                // Room for concurrent consumers (up to 8 takers a group), sweeps, the
+                // relay and requests beside them.
+                Backend::Postgres => 20,
                 // One writer at a time anyway; a few readers beside it (WAL).
                 Backend::Sqlite => 4,
             })

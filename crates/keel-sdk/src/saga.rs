@@ -60,6 +60,7 @@ pub struct Step<D> {
     action: Build<D>,
     compensation: Option<Build<D>>,
     timeout: Duration,
+    resend: bool,
 }
 
 impl<D: 'static> Step<D> {
@@ -73,6 +74,7 @@ impl<D: 'static> Step<D> {
             action: build(action),
             compensation: None,
             timeout: Duration::from_secs(30),
+            resend: false,
         }
     }
 
@@ -86,9 +88,18 @@ impl<D: 'static> Step<D> {
     }
 
     /// How long the step's reply may take (30 s by default); past it the step counts as
-    /// failed. A compensation gets as long, and is sent again when it runs out.
+    /// failed. A compensation gets as long, and is sent again when it runs out (each wait
+    /// twice the one before, up to 64 times the timeout).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Past its timeout the command is sent again (as a compensation is) instead of the
+    /// step failing: for a command that is idempotent and always done in the end (a
+    /// refund, say), whose participant may only be away for a while.
+    pub fn resend_on_timeout(mut self) -> Self {
+        self.resend = true;
         self
     }
 }
@@ -259,8 +270,9 @@ pub enum SagaError {
 pub(crate) const REPLY_PREFIX: &str = "keel.saga.";
 pub(crate) const REPLY_SUFFIX: &str = ".reply.v1";
 
-/// Compensations sent at most this many times each before the saga is marked failed.
-const MAX_COMPENSATION_SENDS: i64 = 5;
+/// A command sent again waits twice as long as the time before, up to this many times its
+/// step's timeout.
+const MAX_BACKOFF: i64 = 64;
 
 /// Runs one saga definition: starts instances, handles their replies, sweeps timeouts.
 pub struct Orchestrator<D> {
@@ -422,9 +434,14 @@ where
                 Err(error @ (SagaError::Definition(_) | SagaError::Data(_))) => {
                     drop(tx);
                     tracing::error!(saga = %id, %error, "saga cannot go on; marked failed");
-                    self.mark_failed(&id, &error.to_string()).await?;
+                    if let Err(error) = self.mark_failed(&id, &error.to_string()).await {
+                        tracing::warn!(saga = %id, %error, "cannot mark the saga failed");
+                    }
                 }
-                Err(error) => return Err(error),
+                // Nor must one that fails now hold up the others: it is tried next sweep.
+                Err(error) => {
+                    tracing::warn!(saga = %id, %error, "saga timeout not handled; tried again");
+                }
             }
         }
         Ok(moved)
@@ -451,6 +468,15 @@ where
         if failed.rows_affected() == 1 {
             self.record(&mut tx, id, "-", "-", "failed", Some(reason))
                 .await?;
+            // Its owner is told when the saga's data can still be read (a step index past
+            // the end, say); when it cannot, there is nothing to tell it with.
+            match self.load(&mut tx, id).await {
+                Ok(Some(state)) => self.end(&mut tx, id, &state).await?,
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::error!(saga = %id, %error, "a failed saga's owner cannot be told");
+                }
+            }
         }
         tx.commit().await?;
         Ok(())
@@ -539,13 +565,15 @@ where
             return Ok(Advanced::Nothing);
         }
         let phase = phase(state.status);
+        let step = self.step(state.step)?;
         if let Some(correlation) = correlation {
             let awaited = correlation.step == state.step && correlation.phase == phase;
-            // A compensation resent after a timeout may be answered by an earlier send:
-            // done is done. Anything else must answer the latest send.
-            let done_compensation =
-                phase == "compensation" && matches!(&answer, Answer::Reply(reply) if reply.ok);
-            if !awaited || (correlation.send != state.sends && !done_compensation) {
+            // A command resent after a timeout (a compensation, or a step that resends)
+            // may be answered by an earlier send: done is done. Anything else must answer
+            // the latest send.
+            let resent = phase == "compensation" || step.resend;
+            let done_earlier = resent && matches!(&answer, Answer::Reply(reply) if reply.ok);
+            if !awaited || (correlation.send != state.sends && !done_earlier) {
                 return Ok(Advanced::Nothing);
             }
         }
@@ -559,7 +587,6 @@ where
             return Ok(Advanced::Nothing);
         }
         let version = state.version;
-        let step = self.step(state.step)?;
         let timed_out = matches!(answer, Answer::TimedOut);
         let (outcome, detail, ok, data) = match answer {
             Answer::Reply(reply) => {
@@ -586,6 +613,9 @@ where
                     self.send_current(tx, id, &mut state).await?;
                 }
             }
+            (SagaStatus::Running, false) if timed_out && step.resend => {
+                self.send_current(tx, id, &mut state).await?;
+            }
             (SagaStatus::Running, false) => {
                 state.status = SagaStatus::Compensating;
                 state.error = Some(format!(
@@ -608,17 +638,9 @@ where
             (SagaStatus::Compensating, true) => {
                 self.compensate_below(tx, id, &mut state).await?;
             }
-            (SagaStatus::Compensating, false) if state.sends >= MAX_COMPENSATION_SENDS => {
-                state.status = SagaStatus::Failed;
-                state.error = Some(format!(
-                    "{}; compensating {} failed {} times",
-                    state.error.take().unwrap_or_default(),
-                    step.name,
-                    state.sends
-                ));
-            }
             // Sent again once its deadline passes, not at once: a refusal is often a
-            // passing problem.
+            // passing problem. Never given up on: what the saga did stays done until it is
+            // undone, however long the participant is away.
             (SagaStatus::Compensating, false) if !timed_out => {}
             (SagaStatus::Compensating, false) => self.send_current(tx, id, &mut state).await?,
             (_, _) => return Ok(Advanced::Nothing),
@@ -771,10 +793,13 @@ where
             true => None,
             false => {
                 let timeout = self.step(state.step)?.timeout;
-                Some(
-                    now_millis()
-                        .saturating_add(i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX)),
-                )
+                let timeout = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+                // The first send waits the timeout; each send after it twice the one before.
+                let backoff = 1_i64
+                    .checked_shl(u32::try_from(state.sends.saturating_sub(1)).unwrap_or(u32::MAX))
+                    .unwrap_or(MAX_BACKOFF)
+                    .clamp(1, MAX_BACKOFF);
+                Some(now_millis().saturating_add(timeout.saturating_mul(backoff)))
             }
         };
         let saved = sqlx::query(

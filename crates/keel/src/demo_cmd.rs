@@ -58,6 +58,8 @@ const TOUR: [Tour; 3] = [
 
 /// How long an order may stay pending before the tour gives up on it.
 const SETTLE_WITHIN: Duration = Duration::from_secs(60);
+/// How long the shop's services may take to be routed and ready.
+const READY_WITHIN: Duration = Duration::from_secs(30);
 
 pub async fn run(args: DemoArgs, config: KeelConfig) -> anyhow::Result<()> {
     let gateway = args
@@ -74,6 +76,11 @@ pub async fn run(args: DemoArgs, config: KeelConfig) -> anyhow::Result<()> {
         gateway: gateway.to_owned(),
         token,
     };
+
+    // A stack just started registers its services in the background.
+    for service in ["catalog", "inventory", "payments", "orders"] {
+        shop.ready(service).await?;
+    }
 
     println!("Stocking the shop (as {}, role admin):", args.client);
     for (sku, name, minor, on_hand) in [
@@ -200,6 +207,30 @@ impl Shop {
             );
         }
         Ok(answer)
+    }
+
+    /// Waits until the gateway routes to `service` and it is ready.
+    async fn ready(&self, service: &str) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + READY_WITHIN;
+        let url = format!("{}/{service}/health/ready", self.gateway);
+        loop {
+            let answer = self
+                .http
+                .get(&url)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
+            if answer.is_ok_and(|response| response.status().is_success()) {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!(
+                    "the gateway at {} does not reach a ready {service} (is `keel up` running?)",
+                    self.gateway
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Order `id` once it is no longer pending.

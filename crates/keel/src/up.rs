@@ -77,7 +77,38 @@ where
     Ok(built)
 }
 
+/// Why some replicas cannot work: instances of one service must share its database, and
+/// catalog instances their cache (or a write on one leaves the others' copies stale).
+fn check_replicas(config: &KeelConfig, args: &UpArgs) -> anyhow::Result<()> {
+    for (service, settings) in [
+        ("catalog", &config.catalog),
+        ("inventory", &config.inventory),
+        ("payments", &config.payments),
+        ("orders", &config.orders),
+    ] {
+        if args.of(service) < 2 {
+            continue;
+        }
+        let memory = settings.database.as_ref().is_some_and(|url| {
+            keel_sdk::data::sqlite_path(url.expose()).is_none()
+                && url.expose().starts_with("sqlite:")
+        });
+        if memory {
+            anyhow::bail!(
+                "--replicas {service}: an in-memory database cannot be shared by instances"
+            );
+        }
+        if service == "catalog" && settings.cache.is_none() {
+            anyhow::bail!(
+                "--replicas catalog: instances need a shared cache ([catalog.cache] redis = …), or a write on one leaves the others' cached copies stale"
+            );
+        }
+    }
+    Ok(())
+}
+
 pub async fn run(config: KeelConfig, file: Option<&Path>, args: &UpArgs) -> anyhow::Result<()> {
+    check_replicas(&config, args)?;
     let guard = telemetry::init(&config.telemetry, "keel", &instance_id())?;
     let shutdown = Shutdown::new();
     shutdown.trigger_on_signals();

@@ -90,7 +90,10 @@ async fn place(
         StatusCode::OK
     };
     let mut response = (status, Json(order.clone())).into_response();
-    if let Ok(location) = HeaderValue::from_str(&format!("/orders/{}", order.id)) {
+    // Relative to the request's own path, so that it resolves both on the service
+    // (`/orders` → `/orders/<id>`) and through the gateway (`/orders/orders` →
+    // `/orders/orders/<id>`).
+    if let Ok(location) = HeaderValue::from_str(&format!("orders/{}", order.id)) {
         response.headers_mut().insert(header::LOCATION, location);
     }
     Ok(response)

@@ -121,21 +121,24 @@ pub struct Cancelling {
 
 /// The cancellation of a confirmed order: refund the payment (a void of a captured
 /// payment refunds it), then return the units to stock (a release of a committed
-/// reservation restocks it). Neither step has anything to undo: should one fail, the
-/// order is confirmed again and someone must look.
+/// reservation restocks it). Both are idempotent and never refused, so each is sent again
+/// until it is done, however long its participant is away; the order stays cancelling
+/// meanwhile.
 pub fn cancellation(bus: &Bus, step_timeout: Duration) -> Saga<Cancelling> {
     Saga::new("order-cancel")
         .step(
             Step::new("refund", |cancelling: &Cancelling, _| Void {
                 payment: cancelling.order.clone(),
             })
-            .timeout(step_timeout),
+            .timeout(step_timeout)
+            .resend_on_timeout(),
         )
         .step(
             Step::new("restock", |cancelling: &Cancelling, _| Release {
                 reservation: cancelling.order.clone(),
             })
-            .timeout(step_timeout),
+            .timeout(step_timeout)
+            .resend_on_timeout(),
         )
         .on_end(Cancelled { bus: bus.clone() })
 }
@@ -148,13 +151,13 @@ struct Cancelled {
 impl OnEnd<Cancelling> for Cancelled {
     async fn ended(&self, tx: &mut Tx, ended: Ended<'_, Cancelling>) -> Result<(), HandlerError> {
         let cancelling = ended.data;
-        let (status, reason) = match ended.status {
-            SagaStatus::Completed => (Status::Cancelled, Some(cancelling.reason)),
-            _ => {
-                tracing::error!(order = %cancelling.order, reason = ?ended.error, "order cancellation failed");
-                (Status::Confirmed, None)
-            }
-        };
+        if ended.status != SagaStatus::Completed {
+            // Refused (or broken): the money or the units may be back already, so the
+            // order is not confirmed again; it stays cancelling for someone to look at.
+            tracing::error!(order = %cancelling.order, reason = ?ended.error, "order cancellation failed");
+            return Ok(());
+        }
+        let (status, reason) = (Status::Cancelled, Some(cancelling.reason));
         let now = keel_sdk::data::unix_millis();
         let from = Status::Cancelling;
         if store::advance(tx, &cancelling.order, from, status, reason.as_deref(), now).await? {

@@ -314,9 +314,9 @@ impl Consumer {
         self.core.stats.clone()
     }
 
-    /// Handles up to `handlers` messages at once (1 by default; at most 64): that many
-    /// takers compete for the group's messages, as that many instances would (on
-    /// RabbitMQ, each on its own connection). Messages are then no longer handled in the
+    /// Handles up to `handlers` messages at once (1 by default; at most 64; always 1 on
+    /// SQLite, which has one writer): that many takers compete for the group's messages,
+    /// as that many instances would (on RabbitMQ, each on its own connection). Messages are then no longer handled in the
     /// order they were published, so only for handlers that do not depend on it (each
     /// idempotent by its business key, like saga participants).
     pub fn concurrency(mut self, handlers: usize) -> Self {
@@ -329,7 +329,13 @@ impl Consumer {
     /// Reconnects by itself when the broker goes away.
     pub async fn run(self, shutdown: Shutdown) {
         let (bus, core) = (&self.bus, &self.core);
-        let takers = (0..self.concurrency).map(|_| {
+        // SQLite has one writer, and a handler's transaction writes first: more takers
+        // would only wait for each other while holding pooled connections.
+        let takers = match core.db.backend() {
+            crate::data::Backend::Sqlite => 1,
+            crate::data::Backend::Postgres => self.concurrency,
+        };
+        let takers = (0..takers).map(|_| {
             let shutdown = shutdown.clone();
             async move {
                 match &bus.inner.transport {

@@ -619,7 +619,12 @@ async fn an_orchestrator_killed_mid_saga_resumes_and_finishes() {
 async fn a_saga_that_no_longer_fits_its_definition_is_marked_failed_not_a_panic() {
     let bus = bus(Transport::InProcess, "orders").await;
     let orders = TestDb::sqlite().await;
-    let orchestrator = Orchestrator::new(&bus, &orders.db, order_saga(Some("reserve"))).unwrap();
+    let outcomes = Outcomes {
+        refused_once: Arc::new(AtomicBool::new(true)),
+        ..Outcomes::default()
+    };
+    let saga = order_saga(Some("reserve")).on_end(outcomes.clone());
+    let orchestrator = Orchestrator::new(&bus, &orders.db, saga).unwrap();
     let order = Order {
         id: "o-6".into(),
         amount: 5,
@@ -656,8 +661,64 @@ async fn a_saga_that_no_longer_fits_its_definition_is_marked_failed_not_a_panic(
             .unwrap();
         assert_eq!(status, "failed", "{instance:?}");
     }
+    // Their owner is told, so that what they were for does not wait for ever.
+    let ended = outcomes.ended.lock().unwrap().clone();
+    assert_eq!(ended.len(), 2, "{ended:?}");
+    assert!(
+        ended
+            .iter()
+            .all(|(_, status, _)| *status == SagaStatus::Failed)
+    );
     assert!(
         Orchestrator::new(&bus, &orders.db, Saga::<Order>::new("Order Saga")).is_err(),
         "a name that cannot be an event type"
     );
+}
+
+#[tokio::test]
+async fn a_step_that_resends_on_timeout_waits_for_its_participant_instead_of_failing() {
+    let world = World::open();
+    world.authorize_gate.store(false, Ordering::SeqCst);
+    let bus = bus(Transport::InProcess, "orders").await;
+    let shutdown = Shutdown::new();
+    let _participants = participants(&bus, &world, &shutdown).await;
+    let orders = TestDb::sqlite().await;
+    let saga = Saga::new("refund").step(
+        Step::new("authorize", |order: &Order, _| Authorize {
+            order: order.id.clone(),
+            amount: order.amount,
+        })
+        .timeout(Duration::from_millis(200))
+        .resend_on_timeout(),
+    );
+    let orchestrator = Orchestrator::new(&bus, &orders.db, saga).unwrap();
+    orchestrate(
+        &orchestrator,
+        &bus,
+        &orders.db,
+        &unique_name("orders"),
+        &shutdown,
+    )
+    .await;
+    let order = Order {
+        id: "o-9".into(),
+        amount: 5,
+    };
+    let id = start(&orchestrator, &orders.db, &order).await;
+    eventually("the command is sent again", WAIT, || async {
+        let instance = orchestrator.instance(&id).await.unwrap().unwrap();
+        let sent = history(&instance)
+            .iter()
+            .filter(|line| *line == "authorize action sent")
+            .count();
+        sent >= 2 && instance.status == SagaStatus::Running
+    })
+    .await;
+    // The participant comes back: an answer to any of the sends completes the step.
+    world.authorize_gate.store(true, Ordering::SeqCst);
+    assert_eq!(
+        finished(&orchestrator, &id).await.status,
+        SagaStatus::Completed
+    );
+    shutdown.trigger();
 }

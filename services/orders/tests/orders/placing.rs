@@ -151,6 +151,23 @@ async fn one_idempotency_key_makes_one_order_and_customers_see_only_their_own() 
 }
 
 #[tokio::test]
+async fn one_idempotency_key_sent_twice_at_once_makes_one_order() {
+    for shop in shops(false, Duration::from_secs(10)).await {
+        let mug = order(json!([{"sku": "MUG", "quantity": 1}]), "tok_visa");
+        let (a, b) = tokio::join!(
+            shop.place(&shop.ada, Some("at-once"), mug.clone()),
+            shop.place(&shop.ada, Some("at-once"), mug.clone())
+        );
+        let mut statuses = [a.0, b.0];
+        statuses.sort_unstable();
+        assert_eq!(statuses, [200, 202], "{} {} {}", a.1, b.1, shop.backend);
+        assert_eq!(a.1["id"], b.1["id"]);
+        shop.settled(a.1["id"].as_str().unwrap()).await;
+        assert_eq!(shop.stock("MUG").await, (4, 0), "one mug sold");
+    }
+}
+
+#[tokio::test]
 async fn of_two_orders_for_the_last_unit_exactly_one_is_confirmed() {
     for shop in shops(false, Duration::from_secs(10)).await {
         let tea = order(json!([{"sku": "TEA", "quantity": 1}]), "tok_visa");
@@ -179,7 +196,15 @@ async fn with_payments_away_the_saga_times_out_and_releases_the_stock() {
         let request = shop
             .http
             .post(format!("{}/orders/{id}/cancel", shop.orders));
-        assert_eq!(keel_testkit::send(request, Some(&shop.ada)).await.0, 409);
+        let (status, _, problem) = keel_testkit::send(request, Some(&shop.ada)).await;
+        assert_eq!(status, 409);
+        assert!(
+            problem["detail"]
+                .as_str()
+                .unwrap()
+                .contains("still being placed"),
+            "{problem}"
+        );
         let rejected = shop.settled(id).await;
         assert_eq!(rejected["status"], "rejected", "{rejected}");
         assert_eq!(
