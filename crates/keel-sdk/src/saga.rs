@@ -410,9 +410,13 @@ where
         }
     }
 
-    /// One sweep: each overdue saga is moved on in a transaction of its own; returns how
-    /// many were.
+    /// One sweep: each overdue saga is moved on in a transaction of its own, and each
+    /// followed-up compensation whose time ran out is sent again; returns how many sagas
+    /// were moved on.
     pub async fn sweep_once(&self) -> Result<usize, SagaError> {
+        if let Err(error) = self.sweep_followups().await {
+            tracing::warn!(%error, saga = self.inner.saga.name, "followed-up compensations not swept");
+        }
         let overdue: Vec<String> = sqlx::query_scalar(
             "SELECT id FROM keel_sagas WHERE saga = $1 AND deadline_at IS NOT NULL AND deadline_at <= $2 \
              ORDER BY deadline_at LIMIT 100",
@@ -561,6 +565,14 @@ where
         let Some(mut state) = self.load(tx, id).await? else {
             return Ok(Advanced::Nothing);
         };
+        // The answer to a compensation sent without being awaited (its step timed out,
+        // and the saga went on below it, or has ended since).
+        if let (Some(correlation), Answer::Reply(reply)) = (correlation, &answer)
+            && correlation.phase == "compensation"
+            && (state.status.is_final() || correlation.step > state.step)
+        {
+            return self.followed_up(tx, id, correlation.step, reply).await;
+        }
         if state.status.is_final() {
             return Ok(Advanced::Nothing);
         }
@@ -632,6 +644,9 @@ where
                     // effect whenever the participant is back.
                     state.sends = 0;
                     self.send_current(tx, id, &mut state).await?;
+                    // Not awaited, but not forgotten: the sweep sends it again until it is
+                    // answered done.
+                    self.follow_up(tx, id, state.step, 1, step.timeout).await?;
                 }
                 self.compensate_below(tx, id, &mut state).await?;
             }
@@ -650,6 +665,123 @@ where
         }
         self.save(tx, id, &state, version).await?;
         Ok(Advanced::Moved)
+    }
+
+    /// Remembers that step `index`'s compensation was sent (`sends` times) without being
+    /// awaited; the sweep sends it again after `timeout` (doubling) until it is done.
+    async fn follow_up(
+        &self,
+        tx: &mut Tx,
+        id: &str,
+        index: usize,
+        sends: i64,
+        timeout: Duration,
+    ) -> Result<(), SagaError> {
+        let timeout = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
+        let backoff = 1_i64
+            .checked_shl(u32::try_from(sends.saturating_sub(1)).unwrap_or(u32::MAX))
+            .unwrap_or(MAX_BACKOFF)
+            .clamp(1, MAX_BACKOFF);
+        let deadline = now_millis().saturating_add(timeout.saturating_mul(backoff));
+        sqlx::query(
+            "INSERT INTO keel_saga_followups (saga_id, saga, step, sends, deadline_at) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (saga_id, step) \
+             DO UPDATE SET sends = excluded.sends, deadline_at = excluded.deadline_at",
+        )
+        .bind(id)
+        .bind(self.inner.saga.name)
+        .bind(i64::try_from(index).unwrap_or(i64::MAX))
+        .bind(sends)
+        .bind(deadline)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+
+    /// A compensation followed up answered: done ends the follow-up; a refusal leaves it
+    /// to be sent again.
+    async fn followed_up(
+        &self,
+        tx: &mut Tx,
+        id: &str,
+        index: usize,
+        reply: &Reply,
+    ) -> Result<Advanced, SagaError> {
+        if !reply.ok {
+            return Ok(Advanced::Nothing);
+        }
+        let done = sqlx::query("DELETE FROM keel_saga_followups WHERE saga_id = $1 AND step = $2")
+            .bind(id)
+            .bind(i64::try_from(index).unwrap_or(i64::MAX))
+            .execute(&mut **tx)
+            .await?;
+        if done.rows_affected() == 0 {
+            return Ok(Advanced::Nothing);
+        }
+        let name = self.step(index)?.name;
+        self.record(tx, id, name, "compensation", "done", None)
+            .await?;
+        Ok(Advanced::Moved)
+    }
+
+    /// Sends again the followed-up compensations whose time ran out; returns how many.
+    async fn sweep_followups(&self) -> Result<usize, SagaError> {
+        let due = sqlx::query(
+            "SELECT saga_id, step FROM keel_saga_followups WHERE saga = $1 AND deadline_at <= $2 \
+             ORDER BY deadline_at LIMIT 100",
+        )
+        .bind(self.inner.saga.name)
+        .bind(now_millis())
+        .fetch_all(self.inner.db.pool())
+        .await?;
+        let mut sent = 0;
+        for row in due {
+            let id: String = row.try_get("saga_id")?;
+            let step: i64 = row.try_get("step")?;
+            match self.resend_followup(&id, step).await {
+                Ok(true) => sent += 1,
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(saga = %id, %error, "a followed-up compensation was not sent again");
+                }
+            }
+        }
+        Ok(sent)
+    }
+
+    async fn resend_followup(&self, id: &str, step: i64) -> Result<bool, SagaError> {
+        let mut tx = self.inner.db.begin().await?;
+        // The saga's row first, as every transition locks it: one at a time per saga.
+        sqlx::query("UPDATE keel_sagas SET version = version WHERE id = $1 AND saga = $2")
+            .bind(id)
+            .bind(self.inner.saga.name)
+            .execute(&mut *tx)
+            .await?;
+        let row = sqlx::query(
+            "SELECT sends, deadline_at FROM keel_saga_followups WHERE saga_id = $1 AND step = $2",
+        )
+        .bind(id)
+        .bind(step)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(false);
+        };
+        let deadline: i64 = row.try_get("deadline_at")?;
+        if deadline > now_millis() {
+            return Ok(false);
+        }
+        let (Some(state), Ok(index)) = (self.load(&mut tx, id).await?, usize::try_from(step))
+        else {
+            return Ok(false);
+        };
+        let sends = row.try_get::<i64, _>("sends")? + 1;
+        self.stage_command(&mut tx, id, index, "compensation", &state, sends)
+            .await?;
+        let timeout = self.step(index)?.timeout;
+        self.follow_up(&mut tx, id, index, sends, timeout).await?;
+        tx.commit().await?;
+        Ok(true)
     }
 
     /// Tells the saga's [`OnEnd`], if it has one, how saga `id` ended.
@@ -713,10 +845,26 @@ where
         id: &str,
         state: &mut State,
     ) -> Result<(), SagaError> {
-        let step = self.step(state.step)?;
-        let phase = phase(state.status);
-        let make = match state.status {
-            SagaStatus::Compensating => step.compensation.as_ref(),
+        state.sends += 1;
+        let (index, phase) = (state.step, phase(state.status));
+        self.stage_command(tx, id, index, phase, state, state.sends)
+            .await
+    }
+
+    /// Stages step `index`'s action or compensation (`phase`) for saga `id` as send number
+    /// `send`, and records it.
+    async fn stage_command(
+        &self,
+        tx: &mut Tx,
+        id: &str,
+        index: usize,
+        phase: &'static str,
+        state: &State,
+        send: i64,
+    ) -> Result<(), SagaError> {
+        let step = self.step(index)?;
+        let make = match phase {
+            "compensation" => step.compensation.as_ref(),
             _ => Some(&step.action),
         };
         let Some(make) = make else {
@@ -736,12 +884,11 @@ where
                     ))
                 })?;
         let mut command = built?;
-        state.sends += 1;
         let correlation = Correlation {
             saga: id.to_owned(),
-            step: state.step,
+            step: index,
             phase,
-            send: state.sends,
+            send,
         };
         command.source = format!("/keel/{}", self.inner.bus.service());
         command.correlationid = Some(correlation.to_string());

@@ -436,17 +436,51 @@ async fn a_step_that_times_out_is_compensated_too_without_holding_up_the_earlier
     }
     assert!(world.log().contains(&"Release o-5".to_owned()));
     assert!(!world.log().contains(&"Authorize o-5".to_owned()));
-    // The authorization happens after all, late; its reply changes nothing, and the void
-    // sent for it reaches the participant too.
+    // Unanswered, the void is sent again by the sweep, with growing waits.
+    eventually("the void is sent again", WAIT, || async {
+        let instance = scene.orchestrator.instance(&saga).await.unwrap().unwrap();
+        let sends = history(&instance)
+            .iter()
+            .filter(|line| *line == "authorize compensation sent")
+            .count();
+        sends >= 2
+    })
+    .await;
+    // The authorization happens after all, late; its reply changes nothing, and the voids
+    // sent for it reach the participant: the first answered ends the follow-up.
     world.authorize_gate.store(true, Ordering::SeqCst);
     eventually("the late authorization is voided", WAIT, || async {
         let log = world.log();
         log.contains(&"Authorize o-5".to_owned()) && log.contains(&"Void o-5".to_owned())
     })
     .await;
+    eventually("the follow-up ends", WAIT, || async {
+        let instance = scene.orchestrator.instance(&saga).await.unwrap().unwrap();
+        history(&instance).contains(&"authorize compensation done".to_owned())
+    })
+    .await;
     let after = scene.orchestrator.instance(&saga).await.unwrap().unwrap();
     assert_eq!(after.status, SagaStatus::Compensated);
-    assert_eq!(history(&after), lines, "late replies change nothing");
+    let done = history(&after)
+        .iter()
+        .filter(|line| *line == "authorize compensation done")
+        .count();
+    assert_eq!(done, 1, "{:?}", history(&after));
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM keel_saga_followups")
+        .fetch_one(scene.orders.db.pool())
+        .await
+        .unwrap();
+    assert_eq!(left, 0);
+    // Sends that were still on their way are answered too, and change nothing.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let last = scene.orchestrator.instance(&saga).await.unwrap().unwrap();
+    assert_eq!(
+        history(&last)
+            .iter()
+            .filter(|l| *l == "authorize compensation done")
+            .count(),
+        1
+    );
 }
 
 /// An order's id, how its saga ended, and why.
