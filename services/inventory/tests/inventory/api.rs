@@ -83,6 +83,33 @@ async fn admins_count_stock_anyone_reads_it_and_bad_counts_are_problems() {
             "unchanged"
         );
 
+        // Three held for an order: the count cannot go below them.
+        let inventory = keel_inventory::Inventory::new(
+            keel_sdk::Database::connect(&database.url, &keel_inventory::MIGRATIONS)
+                .await
+                .unwrap(),
+            bus.clone(),
+        );
+        let reserve: keel_inventory::contract::Reserve = serde_json::from_value(json!({
+            "reservation": "order-1", "lines": [{"sku": "MUG", "quantity": 3}]
+        }))
+        .unwrap();
+        let db = keel_sdk::Database::connect(&database.url, &keel_inventory::MIGRATIONS)
+            .await
+            .unwrap();
+        let mut tx = db.begin().await.unwrap();
+        inventory.reserve(&mut tx, &reserve).await.unwrap().unwrap();
+        tx.commit().await.unwrap();
+        let (status, content_type, problem) =
+            send(put("MUG", json!({"on_hand": 2})), Some(&admin)).await;
+        assert_eq!(
+            (status, content_type.as_str()),
+            (409, "application/problem+json"),
+            "{problem}"
+        );
+        let (status, _, level) = send(put("MUG", json!({"on_hand": 3})), Some(&admin)).await;
+        assert_eq!((status, level["available"].as_i64()), (200, Some(0)));
+
         let (_, _, openapi) = send(get("/openapi.json"), None).await;
         assert!(openapi["components"]["schemas"]["StockLevel"].is_object());
         let (_, _, asyncapi) = send(get("/asyncapi.json"), None).await;

@@ -205,3 +205,51 @@ async fn one_key_sent_many_times_at_once_makes_one_payment() {
         shutdown.trigger();
     }
 }
+
+#[tokio::test]
+async fn a_provider_failure_on_capture_changes_nothing_and_says_try_again() {
+    let issuer = TestIssuer::start().await;
+    let admin = issuer.mint(json!({"sub": "root", "roles": ["admin"]}));
+    for database in databases().await {
+        let shutdown = Shutdown::new();
+        // Two instances on one database: one whose provider always answers, one whose
+        // provider always fails (for tokens that are not test tokens).
+        let mut bases = Vec::new();
+        for failure_rate in [0.0, 1.0] {
+            let provider = keel_payments::provider::ProviderConfig {
+                failure_rate,
+                ..provider()
+            };
+            let service =
+                keel_payments::build(&config(&database.url, &issuer), &provider, None, &shutdown)
+                    .await
+                    .unwrap();
+            bases.push(format!("http://{}", service.local_addr()));
+            tokio::spawn(service.run(shutdown.clone()));
+        }
+        let http = reqwest::Client::new();
+        let chance = json!({"amount": {"minor": 700, "currency": "EUR"}, "method": "tok_chance"});
+        let authorize = http
+            .post(format!("{}/payments", bases[0]))
+            .header("idempotency-key", "p-7")
+            .json(&chance);
+        let (status, _, payment) = send(authorize, Some(&admin)).await;
+        assert_eq!(
+            (status, payment["status"].as_str()),
+            (201, Some("authorized")),
+            "{payment}"
+        );
+        let capture = http
+            .post(format!("{}/payments/p-7/capture", bases[1]))
+            .bearer_auth(&admin);
+        let response = capture.send().await.unwrap();
+        assert_eq!(response.status(), 503, "{}", database.url);
+        assert!(response.headers().contains_key("retry-after"));
+        let (_, _, after) =
+            send(http.get(format!("{}/payments/p-7", bases[0])), Some(&admin)).await;
+        assert_eq!(after["status"], "authorized", "nothing changed");
+        let capture = http.post(format!("{}/payments/p-7/capture", bases[0]));
+        assert_eq!(send(capture, Some(&admin)).await.2["status"], "captured");
+        shutdown.trigger();
+    }
+}
