@@ -114,7 +114,9 @@ pub async fn run(config: KeelConfig, file: Option<&Path>, args: &UpArgs) -> anyh
     shutdown.trigger_on_signals();
 
     // Bind everything before serving anything, so a taken port stops the start cleanly.
-    let registry = RegistryServer::build(config.registry, &shutdown).await?;
+    // The registry stops last, after the services have deregistered from it.
+    let registry_shutdown = Shutdown::new();
+    let registry = RegistryServer::build(config.registry, &registry_shutdown).await?;
     let routes = config.gateway.routes.len();
     // In front of everything registered, unless the configuration says otherwise.
     // The registry is in this process: the gateway follows it wherever it listens.
@@ -213,17 +215,34 @@ pub async fn run(config: KeelConfig, file: Option<&Path>, args: &UpArgs) -> anyh
     }
     print_table(&rows);
 
+    let registry = tokio::spawn({
+        let (everything, own) = (shutdown.clone(), registry_shutdown.clone());
+        async move {
+            let result = run_server(registry, own.clone()).await;
+            // A registry that stopped by itself stops the rest.
+            if !own.is_triggered() {
+                everything.trigger();
+            }
+            result
+        }
+    });
     let mut servers = JoinSet::new();
-    servers.spawn(run_server(registry, shutdown.clone()));
     servers.spawn(run_server(gateway, shutdown.clone()));
     servers.spawn(run_server(auth, shutdown.clone()));
     for service in [catalog, inventory, payments, orders].into_iter().flatten() {
         servers.spawn(run_server(service, shutdown.clone()));
     }
     let result = supervise(servers, &shutdown).await;
+    // Deregistrations among the hooks: the registry still answers them.
     shutdown.run_hooks(HOOKS_DEADLINE).await;
+    registry_shutdown.trigger();
+    let registry = registry
+        .await
+        .map_err(anyhow::Error::from)
+        .and_then(|result| result);
+    registry_shutdown.run_hooks(HOOKS_DEADLINE).await;
     guard.shutdown();
-    result
+    result.and(registry)
 }
 
 /// Runs one component alone (`keel registry`, `keel gateway`) until a signal.
