@@ -315,8 +315,8 @@ impl Consumer {
     }
 
     /// Handles up to `handlers` messages at once (1 by default; at most 64; always 1 on
-    /// SQLite, which has one writer): that many takers compete for the group's messages,
-    /// as that many instances would (on RabbitMQ, each on its own connection). Messages are then no longer handled in the
+    /// SQLite, which has one writer): as many deliveries in hand at once on RabbitMQ (one
+    /// connection, a prefetch at least as large), as many takers in process. Messages are then no longer handled in the
     /// order they were published, so only for handlers that do not depend on it (each
     /// idempotent by its business key, like saga participants).
     pub fn concurrency(mut self, handlers: usize) -> Self {
@@ -328,23 +328,20 @@ impl Consumer {
     /// [`Consumer::concurrency`] says otherwise); the messages in hand are finished first.
     /// Reconnects by itself when the broker goes away.
     pub async fn run(self, shutdown: Shutdown) {
-        let (bus, core) = (&self.bus, &self.core);
-        // SQLite has one writer, and a handler's transaction writes first: more takers
+        let core = &self.core;
+        // SQLite has one writer, and a handler's transaction writes first: more at once
         // would only wait for each other while holding pooled connections.
-        let takers = match core.db.backend() {
+        let concurrency = match core.db.backend() {
             crate::data::Backend::Sqlite => 1,
             crate::data::Backend::Postgres => self.concurrency,
         };
-        let takers = (0..takers).map(|_| {
-            let shutdown = shutdown.clone();
-            async move {
-                match &bus.inner.transport {
-                    Transport::InProcess(bus) => bus.consume(core, shutdown).await,
-                    Transport::RabbitMq(bus) => bus.consume(core, shutdown).await,
-                }
+        match &self.bus.inner.transport {
+            Transport::InProcess(bus) => {
+                let takers = (0..concurrency).map(|_| bus.consume(core, shutdown.clone()));
+                futures_util::future::join_all(takers).await;
             }
-        });
-        futures_util::future::join_all(takers).await;
+            Transport::RabbitMq(bus) => bus.consume(core, shutdown, concurrency).await,
+        }
     }
 }
 

@@ -278,11 +278,15 @@ impl RabbitMq {
         arguments
     }
 
-    /// Consumes the group's queue until `shutdown`, reconnecting after failures.
-    pub async fn consume(&self, core: &ConsumerCore, shutdown: Shutdown) {
+    /// Consumes the group's queue until `shutdown`, handling up to `concurrency` messages
+    /// at once on one connection; reconnects after failures.
+    pub async fn consume(&self, core: &ConsumerCore, shutdown: Shutdown, concurrency: usize) {
         let mut failures = 0;
         while !shutdown.is_triggered() {
-            match self.consume_once(core, &shutdown, &mut failures).await {
+            match self
+                .consume_once(core, &shutdown, &mut failures, concurrency)
+                .await
+            {
                 Ok(()) => return,
                 Err(error) => {
                     failures += 1;
@@ -301,11 +305,20 @@ impl RabbitMq {
         core: &ConsumerCore,
         shutdown: &Shutdown,
         failures: &mut u32,
+        concurrency: usize,
     ) -> Result<(), BusError> {
         let (connection, channel) = self.open("consumer").await?;
         self.declare_on(&channel, core).await?;
+        // Several messages in hand at once take as many unacknowledged deliveries, on one
+        // connection (lapin runs a thread per connection: one each would cost more in
+        // context switches than it gains).
+        let prefetch = self
+            .inner
+            .options
+            .prefetch
+            .max(u16::try_from(concurrency).unwrap_or(u16::MAX));
         channel
-            .basic_qos(self.inner.options.prefetch, BasicQosOptions::default())
+            .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
         let names = Names::new(&self.inner.options.exchange, &core.group);
         let mut deliveries = channel
@@ -326,75 +339,92 @@ impl RabbitMq {
             tokio::time::Instant::now() + redeclare_every,
             redeclare_every,
         );
+        let mut in_hand = futures_util::stream::FuturesUnordered::new();
         loop {
-            let delivery = tokio::select! {
-                delivery = deliveries.next() => delivery,
-                _ = redeclare.tick() => {
-                    self.declare_on(&channel, core).await?;
-                    continue;
+            tokio::select! {
+                Some(settled) = in_hand.next(), if !in_hand.is_empty() => {
+                    if !settled? {
+                        break;
+                    }
                 }
-                () = shutdown.wait() => {
-                    let _ = connection.close(200, "shutting down".into()).await;
-                    return Ok(());
+                delivery = deliveries.next(), if in_hand.len() < concurrency.max(1) => {
+                    let delivery = match delivery {
+                        Some(delivery) => delivery?,
+                        None => return Err(BusError::ConsumerClosed),
+                    };
+                    in_hand.push(self.settle(&channel, &names, core, delivery, shutdown));
                 }
-            };
-            let delivery = match delivery {
-                Some(delivery) => delivery?,
-                None => return Err(BusError::ConsumerClosed),
-            };
-            let attempt = header_u32(&delivery.properties, ATTEMPT)
-                .unwrap_or(1)
-                .max(1);
-            match core.process(&delivery.data, attempt, shutdown).await {
-                Outcome::Done | Outcome::Duplicate => {}
-                Outcome::GiveBack => {
-                    // Unacknowledged: the broker gives it to another consumer once this
-                    // connection closes.
-                    let _ = connection.close(200, "shutting down".into()).await;
-                    return Ok(());
-                }
-                Outcome::Retry { delay, .. } => {
-                    let properties = delivery.properties.clone().with_headers(with_header(
-                        &delivery.properties,
-                        ATTEMPT,
-                        AMQPValue::LongUInt(attempt + 1),
-                    ));
-                    self.within(to_queue(
-                        &channel,
-                        &names.retry(delay),
-                        &delivery.data,
-                        properties,
-                    ))
-                    .await?;
-                }
-                Outcome::Dead {
-                    id,
-                    event_type,
-                    error,
-                } => {
-                    let mut headers =
-                        with_header(&delivery.properties, ATTEMPT, AMQPValue::LongUInt(attempt));
-                    headers.insert(ERROR.into(), AMQPValue::LongString(truncate(&error)));
-                    headers.insert(
-                        FAILED_AT.into(),
-                        AMQPValue::LongString(
-                            humantime::format_rfc3339_millis(SystemTime::now())
-                                .to_string()
-                                .into(),
-                        ),
-                    );
-                    headers.insert(EVENT_TYPE.into(), AMQPValue::LongString(event_type.into()));
-                    let properties = delivery
-                        .properties
-                        .clone()
-                        .with_message_id(ShortString::from(id))
-                        .with_headers(headers);
-                    self.within(to_queue(&channel, &names.dead, &delivery.data, properties))
-                        .await?;
-                }
+                _ = redeclare.tick() => self.declare_on(&channel, core).await?,
+                () = shutdown.wait() => break,
             }
-            delivery.acker.ack(BasicAckOptions::default()).await?;
         }
+        // The messages in hand are finished (or given back) before the connection closes.
+        while let Some(settled) = in_hand.next().await {
+            settled?;
+        }
+        let _ = connection.close(200, "shutting down".into()).await;
+        Ok(())
+    }
+
+    /// Handles one delivery: processed, then retried, dead-lettered or acknowledged; false
+    /// when it was given back (the service is stopping: unacknowledged, the broker hands it
+    /// to another consumer once this connection closes).
+    async fn settle(
+        &self,
+        channel: &Channel,
+        names: &Names,
+        core: &ConsumerCore,
+        delivery: lapin::message::Delivery,
+        shutdown: &Shutdown,
+    ) -> Result<bool, BusError> {
+        let attempt = header_u32(&delivery.properties, ATTEMPT)
+            .unwrap_or(1)
+            .max(1);
+        match core.process(&delivery.data, attempt, shutdown).await {
+            Outcome::Done | Outcome::Duplicate => {}
+            Outcome::GiveBack => return Ok(false),
+            Outcome::Retry { delay, .. } => {
+                let properties = delivery.properties.clone().with_headers(with_header(
+                    &delivery.properties,
+                    ATTEMPT,
+                    AMQPValue::LongUInt(attempt + 1),
+                ));
+                self.within(to_queue(
+                    channel,
+                    &names.retry(delay),
+                    &delivery.data,
+                    properties,
+                ))
+                .await?;
+            }
+            Outcome::Dead {
+                id,
+                event_type,
+                error,
+            } => {
+                let mut headers =
+                    with_header(&delivery.properties, ATTEMPT, AMQPValue::LongUInt(attempt));
+                headers.insert(ERROR.into(), AMQPValue::LongString(truncate(&error)));
+                headers.insert(
+                    FAILED_AT.into(),
+                    AMQPValue::LongString(
+                        humantime::format_rfc3339_millis(SystemTime::now())
+                            .to_string()
+                            .into(),
+                    ),
+                );
+                headers.insert(EVENT_TYPE.into(), AMQPValue::LongString(event_type.into()));
+                let properties = delivery
+                    .properties
+                    .clone()
+                    .with_message_id(ShortString::from(id))
+                    .with_headers(headers);
+                self.within(to_queue(channel, &names.dead, &delivery.data, properties))
+                    .await?;
+            }
+        }
+        delivery.acker.ack(BasicAckOptions::default()).await?;
+        Ok(true)
     }
 
     /// Reads up to `limit` dead letters without taking them: they go back to the queue
