@@ -15,7 +15,7 @@ use keel_runtime::Shutdown;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::{Bus, BusError, Envelope, Event, Transport, check_group, reconnect_delay};
+use super::{Bus, BusError, Envelope, Event, Reply, Transport, check_group, reconnect_delay};
 use crate::data::{Database, Tx};
 
 /// An event as a handler receives it.
@@ -280,6 +280,7 @@ impl ConsumerBuilder {
         }
         let core = Arc::new(ConsumerCore {
             group: self.group,
+            bus: self.bus.clone(),
             db: self.db,
             handlers: self.handlers,
             retry: self.retry,
@@ -348,6 +349,8 @@ impl Consumer {
 /// The transport-independent part of a consumer.
 pub(crate) struct ConsumerCore {
     pub group: String,
+    /// Answers the commands it dead-letters (their senders need not wait for a timeout).
+    bus: Bus,
     db: Database,
     handlers: HashMap<String, Box<dyn Dispatch>>,
     pub retry: RetryPolicy,
@@ -451,12 +454,37 @@ impl ConsumerCore {
                 delay,
                 error: message.clone(),
             },
-            _ => self.dead(
-                &envelope.id,
-                &envelope.event_type,
-                error.message().to_owned(),
-            ),
+            _ => {
+                self.refuse(envelope, error.message()).await;
+                self.dead(
+                    &envelope.id,
+                    &envelope.event_type,
+                    error.message().to_owned(),
+                )
+            }
         })
+    }
+
+    /// A command about to be dead-lettered is answered "refused" when it has a return
+    /// address, so that its sender (a saga) moves on now rather than at its timeout. Best
+    /// effort: published directly, since nothing of the failed attempt commits.
+    async fn refuse(&self, envelope: &Envelope, why: &str) {
+        let (Some(correlation), Some(event_type)) = (&envelope.correlationid, &envelope.replyto)
+        else {
+            return;
+        };
+        let reply_to = ReplyTo {
+            correlation: correlation.clone(),
+            event_type: event_type.clone(),
+        };
+        let refused = Reply::refused(format!("the command was not handled: {why}"));
+        let sent = match self.bus.reply_envelope(&reply_to, &refused) {
+            Ok(reply) => self.bus.publish_envelope(&reply).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = sent {
+            tracing::warn!(%error, group = %self.group, "a dead-lettered command could not be answered");
+        }
     }
 
     fn dead(&self, id: &str, event_type: &str, error: String) -> Outcome {

@@ -281,6 +281,16 @@ impl Bus {
         let Some(reply_to) = &received.reply else {
             return Ok(());
         };
+        let envelope = self.reply_envelope(reply_to, reply)?;
+        self.stage_envelope(tx, &envelope).await
+    }
+
+    /// The envelope of `reply` to a command with return address `reply_to`.
+    pub(crate) fn reply_envelope(
+        &self,
+        reply_to: &ReplyTo,
+        reply: &Reply,
+    ) -> Result<Envelope, BusError> {
         // Whoever sends a command chooses `replyto`: only reply types may be named, never
         // an event of this service's own.
         let is_reply = reply_to
@@ -295,7 +305,7 @@ impl Bus {
         envelope.event_type.clone_from(&reply_to.event_type);
         envelope.subject = Some(reply_to.correlation.clone());
         envelope.correlationid = Some(reply_to.correlation.clone());
-        self.stage_envelope(tx, &envelope).await
+        Ok(envelope)
     }
 
     pub(crate) async fn stage_envelope(

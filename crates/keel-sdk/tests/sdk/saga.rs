@@ -756,3 +756,89 @@ async fn a_step_that_resends_on_timeout_waits_for_its_participant_instead_of_fai
     );
     shutdown.trigger();
 }
+
+/// What a participant expects: an amount that cannot be negative.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+struct Strict {
+    order: String,
+    amount: u32,
+}
+
+impl Event for Strict {
+    const TYPE: &'static str = "keel.test.strict.v1";
+    fn key(&self) -> String {
+        self.order.clone()
+    }
+}
+
+/// What a sender with an older contract sends under the same type.
+#[derive(Debug, Clone, Serialize, Deserialize, schemars::JsonSchema)]
+struct Loose {
+    order: String,
+    amount: i64,
+}
+
+impl Event for Loose {
+    const TYPE: &'static str = "keel.test.strict.v1";
+    fn key(&self) -> String {
+        self.order.clone()
+    }
+}
+
+struct Never;
+
+impl Handler<Strict> for Never {
+    async fn handle(&self, _: &mut Tx, _: Received<Strict>) -> Result<(), HandlerError> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_command_its_participant_cannot_read_is_refused_at_once_not_at_the_timeout() {
+    let bus = bus(Transport::InProcess, "orders").await;
+    let shutdown = Shutdown::new();
+    let participant = TestDb::sqlite().await;
+    let consumer = bus
+        .consumer(&unique_name("strict"), &participant.db)
+        .on::<Strict, _>(Never)
+        .start()
+        .await
+        .unwrap();
+    tokio::spawn(consumer.run(shutdown.clone()));
+    tokio::spawn(bus.relay(&participant.db).run(shutdown.clone()));
+    let orders = TestDb::sqlite().await;
+    let saga = Saga::new("loose").step(
+        Step::new("pay", |order: &Order, _| Loose {
+            order: order.id.clone(),
+            amount: -order.amount,
+        })
+        .timeout(Duration::from_secs(60)),
+    );
+    let orchestrator = Orchestrator::new(&bus, &orders.db, saga).unwrap();
+    orchestrate(
+        &orchestrator,
+        &bus,
+        &orders.db,
+        &unique_name("orders"),
+        &shutdown,
+    )
+    .await;
+    let order = Order {
+        id: "o-10".into(),
+        amount: 5,
+    };
+    let started = std::time::Instant::now();
+    let id = start(&orchestrator, &orders.db, &order).await;
+    let instance = finished(&orchestrator, &id).await;
+    assert_eq!(instance.status, SagaStatus::Compensated);
+    assert!(
+        instance.error.as_deref().unwrap().contains("not handled"),
+        "{:?}",
+        instance.error
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "answered, not timed out"
+    );
+    shutdown.trigger();
+}
