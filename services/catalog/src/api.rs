@@ -48,11 +48,15 @@ async fn put(
     State(catalog): State<Catalog>,
     caller: Caller,
     Path(sku): Path<String>,
-    keel_runtime::extract::Json(change): keel_runtime::extract::Json<ProductChange>,
+    body: Result<keel_runtime::extract::Json<ProductChange>, Problem>,
 ) -> Result<Response, Response> {
     caller
         .require_role("admin")
         .map_err(IntoResponse::into_response)?;
+    // Read after the caller is known: who may not write learns that, not what is wrong
+    // with the body.
+    let keel_runtime::extract::Json(change) =
+        body.map_err(|problem| problem.with_source("catalog").into_response())?;
     let sku: Sku = sku
         .parse()
         .map_err(|error| invalid(ProductError::from(error)).into_response())?;

@@ -53,11 +53,15 @@ async fn set_on_hand(
     State(inventory): State<Inventory>,
     caller: Caller,
     Path(text): Path<String>,
-    keel_runtime::extract::Json(count): keel_runtime::extract::Json<Count>,
+    body: Result<keel_runtime::extract::Json<Count>, Problem>,
 ) -> Result<Json<StockLevel>, Response> {
     caller
         .require_role("admin")
         .map_err(IntoResponse::into_response)?;
+    // Read after the caller is known: who may not write learns that, not what is wrong
+    // with the body.
+    let keel_runtime::extract::Json(count) =
+        body.map_err(|problem| problem.with_source("inventory").into_response())?;
     let sku: Sku = text
         .parse()
         .map_err(|error| bad_request(error).into_response())?;

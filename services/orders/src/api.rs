@@ -74,11 +74,14 @@ async fn place(
     State(orders): State<Orders>,
     caller: Caller,
     IdempotencyKey(key): IdempotencyKey,
-    keel_runtime::extract::Json(request): keel_runtime::extract::Json<PlaceOrder>,
+    body: Result<keel_runtime::extract::Json<PlaceOrder>, Problem>,
 ) -> Result<Response, Response> {
     caller
         .require_role("customer")
         .map_err(IntoResponse::into_response)?;
+    // Read after the caller is known: who may not order learns that, not what is wrong
+    // with the body.
+    let keel_runtime::extract::Json(request) = body.map_err(source)?;
     let customer = customer(&caller).map_err(forbidden)?;
     let (order, created) = orders
         .place(&customer, &request, key.as_deref())

@@ -108,11 +108,14 @@ async fn authorize(
     State(payments): State<Payments>,
     caller: Caller,
     IdempotencyKey(key): IdempotencyKey,
-    Json(request): Json<AuthorizeRequest>,
+    body: Result<Json<AuthorizeRequest>, Problem>,
 ) -> Result<(StatusCode, axum::Json<Payment>), Response> {
     caller
         .require_role("admin")
         .map_err(IntoResponse::into_response)?;
+    // Read after the caller is known: who may not pay learns that, not what is wrong with
+    // the body.
+    let Json(request) = body.map_err(source)?;
     let key = key.ok_or_else(|| bad_request("an Idempotency-Key header is required"))?;
     let id: PaymentId = key
         .parse()

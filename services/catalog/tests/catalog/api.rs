@@ -76,6 +76,14 @@ async fn admins_write_products_everyone_reads_what_is_for_sale_and_changes_are_p
         let mug = json!({"name": "Blue mug", "price": {"minor": 1250, "currency": "EUR"}});
 
         assert_eq!(send(put("MUG-01", mug.clone()), None).await.0, 401, "{url}");
+        // Who may not write is told so before anything about the body.
+        assert_eq!(send(put("MUG-01", json!({"name": ""})), None).await.0, 401);
+        assert_eq!(
+            send(put("MUG-01", json!({"name": ""})), Some(&customer))
+                .await
+                .0,
+            403
+        );
         assert_eq!(
             send(put("MUG-01", mug.clone()), Some(&customer)).await.0,
             403

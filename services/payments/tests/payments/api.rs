@@ -56,6 +56,15 @@ async fn authorize_capture_and_void_with_idempotency_keys_and_every_refusal_a_pr
                 .0,
             403
         );
+        assert_eq!(
+            send(
+                authorize(Some("p-1"), json!({"amount": 1})),
+                Some(&customer)
+            )
+            .await
+            .0,
+            403
+        );
         let (status, _, first) = send(authorize(Some("p-1"), ten.clone()), Some(&admin)).await;
         assert_eq!(status, 201, "{first} {}", database.url);
         assert_eq!(first["status"], "authorized");
