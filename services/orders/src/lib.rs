@@ -151,6 +151,7 @@ impl Orders {
             payment_method: request.payment_method.to_string(),
             created_at: unix_millis(),
             saga_id: None,
+            cancel_saga_id: None,
             request_digest: Some(digest.clone()),
         };
         let mut tx = self.db.begin().await?;
@@ -223,15 +224,18 @@ impl Orders {
         else {
             return Ok(None);
         };
-        let steps = match &order.saga_id {
-            Some(saga) => self
-                .orchestrator
-                .instance(saga)
-                .await?
-                .map(|instance| instance.history)
-                .unwrap_or_default(),
-            None => Vec::new(),
-        };
+        // Placing's steps, then the cancellation's, if any.
+        let mut steps = Vec::new();
+        if let Some(saga) = &order.saga_id
+            && let Some(instance) = self.orchestrator.instance(saga).await?
+        {
+            steps.extend(instance.history);
+        }
+        if let Some(saga) = &order.cancel_saga_id
+            && let Some(instance) = self.cancellations.instance(saga).await?
+        {
+            steps.extend(instance.history);
+        }
         Ok(Some(OrderView { order, steps }))
     }
 
@@ -271,7 +275,8 @@ impl Orders {
             total: order.total,
             reason: reason.to_owned(),
         };
-        self.cancellations.start(&mut tx, &cancelling).await?;
+        let saga = self.cancellations.start(&mut tx, &cancelling).await?;
+        store::set_cancel_saga(&mut tx, id, &saga).await?;
         let changed = OrderChanged {
             order: id.clone(),
             customer: order.customer.clone(),

@@ -33,6 +33,9 @@ pub struct Order {
     pub created_at: i64,
     #[serde(skip)]
     pub saga_id: Option<String>,
+    /// The cancellation saga, once the order is being cancelled.
+    #[serde(skip)]
+    pub cancel_saga_id: Option<String>,
     #[serde(skip)]
     pub request_digest: Option<String>,
 }
@@ -78,6 +81,19 @@ pub async fn set_saga(db: &mut AnyConnection, id: &OrderId, saga: &str) -> Resul
     Ok(())
 }
 
+pub async fn set_cancel_saga(
+    db: &mut AnyConnection,
+    id: &OrderId,
+    saga: &str,
+) -> Result<(), StoreError> {
+    sqlx::query("UPDATE orders SET cancel_saga_id = $1 WHERE id = $2")
+        .bind(saga)
+        .bind(id.as_str())
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
 /// Moves order `id` from `from` to `to` with `reason`; false when it was not in `from`
 /// (moved before).
 pub async fn advance(
@@ -114,7 +130,7 @@ pub async fn get_locked(db: &mut AnyConnection, id: &OrderId) -> Result<Option<O
 }
 
 const COLUMNS: &str = "id, customer, status, reason, lines, total_minor, currency, payment_method, \
-                       saga_id, request_digest, created_at";
+                       saga_id, cancel_saga_id, request_digest, created_at";
 
 pub async fn get(db: &mut AnyConnection, id: &OrderId) -> Result<Option<Order>, StoreError> {
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -176,6 +192,7 @@ fn order(row: &AnyRow) -> Result<Order, StoreError> {
         payment_method: row.try_get("payment_method")?,
         created_at: row.try_get("created_at")?,
         saga_id: row.try_get("saga_id")?,
+        cancel_saga_id: row.try_get("cancel_saga_id")?,
         request_digest: row.try_get("request_digest")?,
     })
 }

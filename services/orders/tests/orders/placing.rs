@@ -265,6 +265,22 @@ async fn a_confirmed_order_is_cancelled_refunded_and_restocked_and_nothing_else_
         }
         assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
         assert_eq!(cancelled["reason"], "changed my mind");
+        let steps: Vec<String> = cancelled["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| format!("{} {} {}", s["step"], s["phase"], s["outcome"]).replace('"', ""))
+            .collect();
+        assert_eq!(
+            steps[steps.len() - 4..],
+            [
+                "refund action sent",
+                "refund action done",
+                "restock action sent",
+                "restock action done"
+            ],
+            "the cancellation's steps after the placing's"
+        );
         assert_eq!(shop.stock("MUG").await, (5, 0), "restocked");
         assert_eq!(shop.payment(&id).await.as_deref(), Some("refunded"));
         // Asking again changes nothing.
