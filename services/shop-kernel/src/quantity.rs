@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, schemars::JsonSchema,
 )]
 #[serde(transparent)]
-pub struct Quantity(u32);
+pub struct Quantity(#[schemars(range(min = 1, max = 10_000))] u32);
 
 /// Why a number is not a quantity.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -62,6 +62,17 @@ mod tests {
         assert!(serde_json::from_str::<Quantity>("1.5").is_err());
         assert!(serde_json::from_str::<Quantity>("\"3\"").is_err());
         assert_eq!(serde_json::from_str::<Quantity>("3").unwrap().get(), 3);
+    }
+
+    #[test]
+    fn the_schema_states_the_bounds() {
+        let schema = serde_json::to_value(schemars::schema_for!(Quantity)).unwrap();
+        assert_eq!(
+            (schema["minimum"].as_u64(), schema["maximum"].as_u64()),
+            (Some(1), Some(10_000))
+        );
+        let sku = serde_json::to_value(schemars::schema_for!(crate::Sku)).unwrap();
+        assert!(sku["pattern"].as_str().unwrap().starts_with("^[A-Z0-9]"));
     }
 
     proptest! {

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 /// `Idempotency-Key`, `order:42`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, schemars::JsonSchema)]
 #[serde(transparent)]
-pub struct Reference(String);
+pub struct Reference(#[schemars(pattern(r"^[A-Za-z0-9._:-]{1,64}$"))] String);
 
 /// Why text is not a reference.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 /// A stock-keeping unit: 1 to 32 uppercase letters, digits and inner dashes (`MUG-01`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, schemars::JsonSchema)]
 #[serde(transparent)]
-pub struct Sku(String);
+pub struct Sku(#[schemars(pattern(r"^[A-Z0-9](?:[A-Z0-9-]{0,30}[A-Z0-9])?$"))] String);
 
 /// Why text is not a SKU.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

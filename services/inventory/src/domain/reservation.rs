@@ -28,7 +28,7 @@ pub struct Line {
 /// rows are locked in, so that two reservations never wait for each other).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(transparent)]
-pub struct Lines(Vec<Line>);
+pub struct Lines(#[schemars(length(min = 1, max = 50))] Vec<Line>);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LinesError {

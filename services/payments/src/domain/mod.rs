@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 /// [`crate::provider`]).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, schemars::JsonSchema)]
 #[serde(transparent)]
-pub struct PaymentMethod(String);
+pub struct PaymentMethod(#[schemars(pattern(r"^tok_[A-Za-z0-9_]{1,60}$"))] String);
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("a payment method is a token: tok_ and 1 to 60 letters, digits or '_'")]
