@@ -92,7 +92,53 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// CPU time (clock ticks) of the processes the shop runs on, during the measured window.
+#[derive(Debug, Default, Clone, Copy)]
+struct CpuTicks {
+    keel: u64,
+    rabbitmq: u64,
+    postgres: u64,
+    machine: u64,
+}
+
+impl CpuTicks {
+    /// Now, for keel at `keel_pid` and every `beam.smp` and `postgres` process.
+    fn now(keel_pid: u32) -> Self {
+        let ticks = |pid: u32| keel_bench::procfs::sample(pid).map_or(0, |s| s.cpu_ticks);
+        let named = |name: &str| -> u64 {
+            let Ok(entries) = std::fs::read_dir("/proc") else {
+                return 0;
+            };
+            entries
+                .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter(|pid| {
+                    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                        .is_ok_and(|comm| comm.trim() == name)
+                })
+                .map(ticks)
+                .sum()
+        };
+        Self {
+            keel: ticks(keel_pid),
+            rabbitmq: named("beam.smp"),
+            postgres: named("postgres"),
+            machine: keel_bench::procfs::machine_busy_ticks().unwrap_or(0),
+        }
+    }
+
+    fn since(self, start: Self) -> Self {
+        Self {
+            keel: self.keel.saturating_sub(start.keel),
+            rabbitmq: self.rabbitmq.saturating_sub(start.rabbitmq),
+            postgres: self.postgres.saturating_sub(start.postgres),
+            machine: self.machine.saturating_sub(start.machine),
+        }
+    }
+}
+
 struct Measured {
+    /// CPU spent in the measured window, per process group.
+    cpu: CpuTicks,
     confirmed: usize,
     rejected: usize,
     failed: usize,
@@ -269,7 +315,17 @@ async fn drive(args: &Args, up: &Up, secret: &str) -> anyhow::Result<(Measured, 
             samples
         }));
     }
+    let cpu = {
+        let keel_pid = up.child.id();
+        tokio::spawn(async move {
+            tokio::time::sleep_until(measure_from.into()).await;
+            let start = CpuTicks::now(keel_pid);
+            tokio::time::sleep_until(end.into()).await;
+            CpuTicks::now(keel_pid).since(start)
+        })
+    };
     let mut measured = Measured {
+        cpu: CpuTicks::default(),
         confirmed: 0,
         rejected: 0,
         failed: 0,
@@ -305,6 +361,7 @@ async fn drive(args: &Args, up: &Up, secret: &str) -> anyhow::Result<(Measured, 
             }
         }
     }
+    measured.cpu = cpu.await?;
     measured.seen_final = LatencySummary::of(to_final);
     measured.placing = LatencySummary::of(placing);
     Ok((measured, window))
@@ -544,6 +601,21 @@ fn report(args: &Args, measured: &Measured, pgbench: Option<f64>) {
         println!(
             "  POST /orders answered   p50 {:.1} ms   p99 {:.1} ms",
             placing.p50_ms, placing.p99_ms
+        );
+    }
+    if measured.confirmed > 0 {
+        let per_order = |ticks: u64| {
+            ticks as f64 * 1000.0
+                / keel_bench::procfs::clock_ticks_per_second() as f64
+                / measured.confirmed as f64
+        };
+        let cpu = measured.cpu;
+        println!(
+            "  CPU per confirmed order   keel {:.2} ms   RabbitMQ {:.2} ms   PostgreSQL {:.2} ms   machine {:.2} ms",
+            per_order(cpu.keel),
+            per_order(cpu.rabbitmq),
+            per_order(cpu.postgres),
+            per_order(cpu.machine)
         );
     }
     if let Some(tps) = pgbench {
