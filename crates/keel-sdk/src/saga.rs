@@ -95,9 +95,9 @@ impl<D: 'static> Step<D> {
         self
     }
 
-    /// Past its timeout the command is sent again (as a compensation is) instead of the
-    /// step failing: for a command that is idempotent and always done in the end (a
-    /// refund, say), whose participant may only be away for a while.
+    /// Past its timeout, or refused, the command is sent again (as a compensation is)
+    /// instead of the step failing: for a command that is idempotent and always done in
+    /// the end (a refund, say), whose participant may only be away or failing for a while.
     pub fn resend_on_timeout(mut self) -> Self {
         self.resend = true;
         self
@@ -186,7 +186,8 @@ pub enum SagaStatus {
     Completed,
     /// A step failed and everything done before it was undone.
     Compensated,
-    /// A compensation kept failing: someone must look.
+    /// No longer fits its definition (a step gone, data that cannot be read): marked by
+    /// the sweep for someone to look at.
     Failed,
 }
 
@@ -474,9 +475,16 @@ where
                 .await?;
             // Its owner is told when the saga's data can still be read (a step index past
             // the end, say); when it cannot, there is nothing to tell it with.
-            match self.load(&mut tx, id).await {
-                Ok(Some(state)) => self.end(&mut tx, id, &state).await?,
-                Ok(None) => {}
+            let told = match self.load(&mut tx, id).await {
+                Ok(Some(state)) => self.end(&mut tx, id, &state).await,
+                Ok(None) => Ok(()),
+                Err(error) => Err(error),
+            };
+            match told {
+                Ok(()) => {}
+                // The owner's own failure: tried again on the next sweep.
+                Err(error @ SagaError::End(_)) => return Err(error),
+                // Data that no longer fits: there is nothing to tell it with; the mark stands.
                 Err(error) => {
                     tracing::error!(saga = %id, %error, "a failed saga's owner cannot be told");
                 }
@@ -625,8 +633,12 @@ where
                     self.send_current(tx, id, &mut state).await?;
                 }
             }
-            (SagaStatus::Running, false) if timed_out && step.resend => {
-                self.send_current(tx, id, &mut state).await?;
+            // A command that is always done in the end: unanswered, it is sent again; refused
+            // (a passing problem, then), it is sent again when its deadline passes.
+            (SagaStatus::Running, false) if step.resend => {
+                if timed_out {
+                    self.send_current(tx, id, &mut state).await?;
+                }
             }
             (SagaStatus::Running, false) => {
                 state.status = SagaStatus::Compensating;

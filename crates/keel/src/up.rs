@@ -107,8 +107,27 @@ fn check_replicas(config: &KeelConfig, args: &UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Which profile `config` amounts to: embedded when everything is on SQLite and in process.
+fn profile(config: &KeelConfig) -> &'static str {
+    let sqlite = |url: Option<&str>| url.is_none_or(|url| url.starts_with("sqlite:"));
+    let embedded = sqlite(Some(config.auth.database.expose()))
+        && [
+            &config.catalog,
+            &config.inventory,
+            &config.payments,
+            &config.orders,
+        ]
+        .iter()
+        .all(|service| {
+            sqlite(service.database.as_ref().map(|url| url.expose().as_str()))
+                && service.bus == keel_sdk::service::BusConfig::InProcess
+        });
+    if embedded { "embedded" } else { "production" }
+}
+
 pub async fn run(config: KeelConfig, file: Option<&Path>, args: &UpArgs) -> anyhow::Result<()> {
     check_replicas(&config, args)?;
+    let profile = profile(&config);
     let guard = telemetry::init(&config.telemetry, "keel", &instance_id())?;
     let shutdown = Shutdown::new();
     shutdown.trigger_on_signals();
@@ -213,7 +232,7 @@ pub async fn run(config: KeelConfig, file: Option<&Path>, args: &UpArgs) -> anyh
             rows.push((service.name(), service.local_addr(), what));
         }
     }
-    print_table(&rows);
+    print_table(profile, &rows);
 
     let registry = tokio::spawn({
         let (everything, own) = (shutdown.clone(), registry_shutdown.clone());
@@ -293,8 +312,8 @@ pub async fn supervise(
     first_error.map_or(Ok(()), Err)
 }
 
-fn print_table(rows: &[(&str, SocketAddr, &str)]) {
-    println!("Keel is up (embedded profile). Ctrl-C stops it.\n");
+fn print_table(profile: &str, rows: &[(&str, SocketAddr, &str)]) {
+    println!("Keel is up ({profile} profile). Ctrl-C stops it.\n");
     println!("  {:<14} {:<24} WHAT", "COMPONENT", "URL");
     for (name, addr, what) in rows {
         println!("  {name:<14} {:<24} {what}", format!("http://{addr}"));

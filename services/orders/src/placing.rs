@@ -86,7 +86,8 @@ impl OnEnd<Placing> for Settle {
             _ => Outcome::Undone(ended.error.unwrap_or("the saga failed").to_owned()),
         };
         if ended.status == SagaStatus::Failed {
-            // Something could not be undone: the order is rejected, and someone must look.
+            // The saga no longer fits its definition (a deploy changed it): the order is
+            // rejected, and someone must look at what was done.
             tracing::error!(order = %ended.data.order, reason = ?ended.error, "order saga failed");
         }
         let (status, reason) = domain::settle(&outcome);

@@ -160,8 +160,8 @@ pub async fn build(config: &ServiceConfig, shutdown: &Shutdown) -> io::Result<Ru
         .map_err(io::Error::other)
 }
 
-/// `[greetings]` and `[telemetry]` of `keel.toml`, overridden by `KEEL_GREETINGS__…` and
-/// `KEEL_TELEMETRY__…` variables.
+/// `[greetings]` and `[telemetry]`, from `KEEL_GREETINGS__…` and `KEEL_TELEMETRY__…`
+/// variables (no file is read: `load(None)`).
 #[derive(Default, Deserialize)]
 #[serde(default)]
 struct Config {

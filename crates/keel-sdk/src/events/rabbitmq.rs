@@ -57,8 +57,9 @@ pub struct RabbitMqOptions {
     pub url: Secret<String>,
     /// The topic exchange events are published to.
     pub exchange: String,
-    /// Messages a consumer may hold unacknowledged. It handles one at a time; every held
-    /// message goes back (and counts as delivered) when its connection closes.
+    /// Messages a consumer may hold unacknowledged (at least its concurrency: one at a time
+    /// by default); every held message goes back (and counts as delivered) when its
+    /// connection closes.
     pub prefetch: u16,
     /// Deletes a group's queues once unused this long (RabbitMQ's `x-expires`); none by
     /// default. Tests set it so that their queues do not pile up on a shared broker.

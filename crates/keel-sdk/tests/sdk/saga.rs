@@ -663,7 +663,8 @@ async fn a_saga_that_no_longer_fits_its_definition_is_marked_failed_not_a_panic(
         id: "o-6".into(),
         amount: 5,
     };
-    let (past_the_end, damaged) = (
+    let (past_the_end, damaged, unreadable) = (
+        start(&orchestrator, &orders.db, &order).await,
         start(&orchestrator, &orders.db, &order).await,
         start(&orchestrator, &orders.db, &order).await,
     );
@@ -677,6 +678,10 @@ async fn a_saga_that_no_longer_fits_its_definition_is_marked_failed_not_a_panic(
             &damaged,
             "UPDATE keel_sagas SET status = 'sideways' WHERE id = $1",
         ),
+        (
+            &unreadable,
+            "UPDATE keel_sagas SET data = '\"not an order\"' WHERE id = $1",
+        ),
     ] {
         sqlx::query(sqlx::AssertSqlSafe(change))
             .bind(id)
@@ -686,7 +691,7 @@ async fn a_saga_that_no_longer_fits_its_definition_is_marked_failed_not_a_panic(
     }
     tokio::time::sleep(Duration::from_millis(400)).await;
     orchestrator.sweep_once().await.unwrap();
-    for id in [&past_the_end, &damaged] {
+    for id in [&past_the_end, &damaged, &unreadable] {
         let instance = orchestrator.instance(id).await;
         let status: String = sqlx::query_scalar("SELECT status FROM keel_sagas WHERE id = $1")
             .bind(id)
@@ -695,7 +700,8 @@ async fn a_saga_that_no_longer_fits_its_definition_is_marked_failed_not_a_panic(
             .unwrap();
         assert_eq!(status, "failed", "{instance:?}");
     }
-    // Their owner is told, so that what they were for does not wait for ever.
+    // Their owner is told, so that what they were for does not wait for ever (unless
+    // there is no reading what it was for: then the mark stands alone).
     let ended = outcomes.ended.lock().unwrap().clone();
     assert_eq!(ended.len(), 2, "{ended:?}");
     assert!(
@@ -754,6 +760,46 @@ async fn a_step_that_resends_on_timeout_waits_for_its_participant_instead_of_fai
         finished(&orchestrator, &id).await.status,
         SagaStatus::Completed
     );
+
+    // Refused for a while (a passing problem): sent again at its deadline, not failed.
+    world.capture_fails.store(true, Ordering::SeqCst);
+    let saga = Saga::new("settle").step(
+        Step::new("capture", |order: &Order, _| Capture {
+            order: order.id.clone(),
+            amount: order.amount,
+        })
+        .timeout(Duration::from_millis(200))
+        .resend_on_timeout(),
+    );
+    let settling = Orchestrator::new(&bus, &orders.db, saga).unwrap();
+    orchestrate(
+        &settling,
+        &bus,
+        &orders.db,
+        &unique_name("orders"),
+        &shutdown,
+    )
+    .await;
+    let id = {
+        let mut tx = orders.db.begin().await.unwrap();
+        let id = settling.start(&mut tx, &order).await.unwrap();
+        tx.commit().await.unwrap();
+        id
+    };
+    eventually("the refused command is sent again", WAIT, || async {
+        let instance = settling.instance(&id).await.unwrap().unwrap();
+        let refused = history(&instance)
+            .iter()
+            .filter(|line| *line == "capture action failed")
+            .count();
+        refused >= 2 && instance.status == SagaStatus::Running
+    })
+    .await;
+    world.capture_fails.store(false, Ordering::SeqCst);
+    eventually("the capture is done", WAIT, || async {
+        settling.instance(&id).await.unwrap().unwrap().status == SagaStatus::Completed
+    })
+    .await;
     shutdown.trigger();
 }
 
