@@ -163,16 +163,21 @@ pub fn settle(outcome: &Outcome) -> (Status, Option<String>) {
         Outcome::Undone(reason) => {
             let (step, detail) = reason.split_once(' ').unwrap_or((reason, ""));
             let detail = detail.trim_start_matches("failed: ").trim();
-            let words = match step {
-                "reserve" if detail.starts_with("timed_out") => {
-                    "the stock could not be checked in time".to_owned()
-                }
-                "reserve" => format!("out of stock ({detail})"),
-                "authorize" if detail.starts_with("timed_out") => {
-                    "the payment could not be made in time".to_owned()
-                }
-                "authorize" => format!("payment refused ({detail})"),
-                _ => format!("the order could not be completed ({reason})"),
+            let timed_out = detail.starts_with("timed_out");
+            // A command its participant could not handle says nothing about stock or money.
+            let unhandled = detail.starts_with("the command was not handled");
+            let words = match (step, timed_out) {
+                _ if unhandled => "the order could not be completed".to_owned(),
+                ("reserve", true) => "the stock could not be checked in time".to_owned(),
+                ("reserve", false) => format!("out of stock ({detail})"),
+                ("authorize", true) => "the payment could not be made in time".to_owned(),
+                ("authorize", false) => format!("payment refused ({detail})"),
+                ("commit", true) => "the stock could not be secured in time".to_owned(),
+                ("commit", false) => "the reserved stock could not be secured".to_owned(),
+                ("capture", true) => "the payment could not be taken in time".to_owned(),
+                ("capture", false) => "the payment could not be taken".to_owned(),
+                // The saga's own words stay in its history (GET shows it).
+                _ => "the order could not be completed".to_owned(),
             };
             (Status::Rejected, Some(words))
         }
@@ -295,6 +300,31 @@ mod tests {
             "authorize timed_out: no reply within 5s".into(),
         ));
         assert_eq!(reason.unwrap(), "the payment could not be made in time");
+        // Nothing internal reaches the customer.
+        for (saga, words) in [
+            (
+                "commit failed: o-1: the reservation expired",
+                "the reserved stock could not be secured",
+            ),
+            (
+                "capture timed_out: no reply within 10s",
+                "the payment could not be taken in time",
+            ),
+            (
+                "reserve failed: the command was not handled: bad data",
+                "the order could not be completed",
+            ),
+            (
+                "; compensating authorize failed 5 times",
+                "the order could not be completed",
+            ),
+        ] {
+            assert_eq!(
+                settle(&Outcome::Undone(saga.into())).1.unwrap(),
+                words,
+                "{saga}"
+            );
+        }
     }
 
     #[test]
