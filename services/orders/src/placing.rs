@@ -56,6 +56,7 @@ pub fn saga(bus: &Bus, step_timeout: Duration) -> Saga<Placing> {
             // Voids an authorization, or refunds a capture.
             .compensate(|placing: &Placing, _| Void {
                 payment: placing.order.clone(),
+                amount: Some(placing.total),
             })
             .timeout(step_timeout),
         )
@@ -68,6 +69,7 @@ pub fn saga(bus: &Bus, step_timeout: Duration) -> Saga<Placing> {
         .step(
             Step::new("capture", |placing: &Placing, _| Capture {
                 payment: placing.order.clone(),
+                amount: Some(placing.total),
             })
             .timeout(step_timeout),
         )
@@ -130,6 +132,7 @@ pub fn cancellation(bus: &Bus, step_timeout: Duration) -> Saga<Cancelling> {
         .step(
             Step::new("refund", |cancelling: &Cancelling, _| Void {
                 payment: cancelling.order.clone(),
+                amount: Some(cancelling.total),
             })
             .timeout(step_timeout)
             .resend_on_timeout(),

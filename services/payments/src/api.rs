@@ -69,9 +69,9 @@ fn refused(refusal: Refusal) -> Response {
         )
         .with_detail(detail),
         Refusal::Unknown(_) => Problem::not_found(detail),
-        Refusal::Closed(_) | Refusal::Transition(TransitionError::NotAuthorized(_)) => {
-            Problem::conflict(detail)
-        }
+        Refusal::Closed(_)
+        | Refusal::OtherAmount
+        | Refusal::Transition(TransitionError::NotAuthorized(_)) => Problem::conflict(detail),
     })
 }
 
@@ -139,7 +139,10 @@ async fn settle(
         .require_role("admin")
         .map_err(IntoResponse::into_response)?;
     let id: PaymentId = id.parse().map_err(bad_request)?;
-    let payment = in_tx(&payments, async |tx| payments.apply(tx, &id, command).await).await?;
+    let payment = in_tx(&payments, async |tx| {
+        payments.apply(tx, &id, command, None).await
+    })
+    .await?;
     Ok(axum::Json(payment))
 }
 

@@ -25,11 +25,15 @@ impl Event for Authorize {
     }
 }
 
-/// Take the money held. Refused unless the payment is authorized (or captured already).
+/// Take the money held. Refused unless the payment is authorized (or captured already),
+/// or when `amount` is given and is not the payment's.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Capture {
     pub payment: PaymentId,
+    /// What the sender believes the payment is for: a check against naming another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<Money>,
 }
 
 impl Event for Capture {
@@ -45,6 +49,9 @@ impl Event for Capture {
 #[serde(deny_unknown_fields)]
 pub struct Void {
     pub payment: PaymentId,
+    /// What the sender believes the payment is for: refused when it is another's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub amount: Option<Money>,
 }
 
 impl Event for Void {

@@ -75,7 +75,12 @@ impl Handler<Capture> for Commands {
     async fn handle(&self, tx: &mut Tx, received: Received<Capture>) -> Result<(), HandlerError> {
         let outcome = self
             .payments
-            .apply(tx, &received.event.payment, Command::Capture)
+            .apply(
+                tx,
+                &received.event.payment,
+                Command::Capture,
+                received.event.amount,
+            )
             .await;
         self.answer(tx, &received, outcome).await
     }
@@ -85,7 +90,12 @@ impl Handler<Void> for Commands {
     async fn handle(&self, tx: &mut Tx, received: Received<Void>) -> Result<(), HandlerError> {
         let outcome = self
             .payments
-            .apply(tx, &received.event.payment, Command::Void)
+            .apply(
+                tx,
+                &received.event.payment,
+                Command::Void,
+                received.event.amount,
+            )
             .await;
         self.answer(tx, &received, outcome).await
     }

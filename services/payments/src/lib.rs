@@ -133,6 +133,7 @@ impl Payments {
         tx: &mut Tx,
         id: &PaymentId,
         command: Command,
+        expected: Option<Money>,
     ) -> Result<Result<Payment, Refusal>, PaymentsError> {
         // Twice at most: a tombstone's insert can lose to the authorization's own claim,
         // which is then there to be read.
@@ -154,6 +155,12 @@ impl Payments {
                 }
                 continue;
             };
+            // A command naming a payment made for another amount is not this payment's.
+            if expected
+                .is_some_and(|expected| payment.amount.is_some_and(|amount| amount != expected))
+            {
+                return Ok(Err(Refusal::OtherAmount));
+            }
             let (next, action) = match domain::transition(payment.status, command) {
                 Ok(moved) => moved,
                 Err(refused) => return Ok(Err(refused.into())),

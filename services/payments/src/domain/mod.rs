@@ -176,6 +176,8 @@ pub enum Refusal {
     Transition(#[from] TransitionError),
     #[error("no payment {0}")]
     Unknown(PaymentId),
+    #[error("the payment is for another amount")]
+    OtherAmount,
 }
 
 #[cfg(test)]

@@ -62,6 +62,7 @@ fn saga() -> Saga<Order> {
             })
             .compensate(move |order: &Order, _| Void {
                 payment: payment(order),
+                amount: None,
             })
             .timeout(Duration::from_secs(2)),
         )
@@ -70,6 +71,8 @@ fn saga() -> Saga<Order> {
         }))
         .step(Step::new("capture", move |order: &Order, _| Capture {
             payment: payment(order),
+            // Another amount than the authorization's would be refused: this one is its.
+            amount: serde_json::from_str(r#"{"minor": 1999, "currency": "EUR"}"#).unwrap(),
         }))
 }
 
@@ -203,5 +206,51 @@ async fn a_saga_captures_is_declined_voids_when_a_later_step_fails_and_outlives_
             database.url
         );
         shutdown.trigger();
+    }
+}
+
+#[tokio::test]
+async fn a_command_naming_a_payment_made_for_another_amount_is_refused() {
+    use keel_payments::domain::{Command, Refusal};
+    for database in databases().await {
+        let db = Database::connect(&database.url, &keel_payments::MIGRATIONS)
+            .await
+            .unwrap();
+        let payments = keel_payments::Payments::new(
+            db.clone(),
+            Bus::in_process("payments"),
+            keel_payments::provider::Provider::new(provider()),
+        );
+        let eur = |minor: i64| {
+            serde_json::from_value(serde_json::json!({"minor": minor, "currency": "EUR"})).unwrap()
+        };
+        let id = "p-amount".parse().unwrap();
+        let mut tx = db.begin().await.unwrap();
+        payments
+            .authorize(&mut tx, &id, eur(700), &"tok_visa".parse().unwrap())
+            .await
+            .unwrap()
+            .unwrap();
+        tx.commit().await.unwrap();
+        for (command, amount, refused) in [
+            (Command::Capture, 800, true),
+            (Command::Void, 699, true),
+            (Command::Capture, 700, false),
+        ] {
+            let mut tx = db.begin().await.unwrap();
+            let outcome = payments
+                .apply(&mut tx, &id, command, Some(eur(amount)))
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            assert_eq!(
+                outcome.as_ref().err(),
+                refused.then_some(&Refusal::OtherAmount),
+                "{command:?} {amount} on {}",
+                database.url
+            );
+        }
+        let stored = payments.payment(&id).await.unwrap().unwrap();
+        assert_eq!(stored.status.as_str(), "captured");
     }
 }
