@@ -561,16 +561,7 @@ where
         // Write before reading: SQLite takes its write lock now (waiting for it), where a
         // transaction that read first would fail with SQLITE_BUSY on its first write;
         // PostgreSQL locks the row, so concurrent transitions of one saga queue here.
-        let touched =
-            sqlx::query("UPDATE keel_sagas SET version = version WHERE id = $1 AND saga = $2")
-                .bind(id)
-                .bind(self.inner.saga.name)
-                .execute(&mut **tx)
-                .await?;
-        if touched.rows_affected() != 1 {
-            return Ok(Advanced::Nothing);
-        }
-        let Some(mut state) = self.load(tx, id).await? else {
+        let Some(mut state) = self.lock(tx, id).await? else {
             return Ok(Advanced::Nothing);
         };
         // The answer to a compensation sent without being awaited (its step timed out,
@@ -910,21 +901,36 @@ where
         Ok(())
     }
 
+    /// Saga `id`, its row locked for the rest of `tx` (written and read in one statement:
+    /// a no-op update that returns the row).
+    async fn lock(&self, tx: &mut Tx, id: &str) -> Result<Option<State>, SagaError> {
+        let row = sqlx::query(
+            "UPDATE keel_sagas SET version = version WHERE id = $1 AND saga = $2 \
+             RETURNING status, step, data, results, error, sends, deadline_at, version",
+        )
+        .bind(id)
+        .bind(self.inner.saga.name)
+        .fetch_optional(&mut **tx)
+        .await?;
+        row.map(|row| Self::state(id, &row)).transpose()
+    }
+
     async fn load(&self, tx: &mut Tx, id: &str) -> Result<Option<State>, SagaError> {
-        let Some(row) = sqlx::query(
+        let row = sqlx::query(
             "SELECT status, step, data, results, error, sends, deadline_at, version FROM keel_sagas \
              WHERE id = $1 AND saga = $2",
         )
         .bind(id)
         .bind(self.inner.saga.name)
         .fetch_optional(&mut **tx)
-        .await?
-        else {
-            return Ok(None);
-        };
+        .await?;
+        row.map(|row| Self::state(id, &row)).transpose()
+    }
+
+    fn state(id: &str, row: &sqlx::any::AnyRow) -> Result<State, SagaError> {
         let status: String = row.try_get("status")?;
         let step: i64 = row.try_get("step")?;
-        Ok(Some(State {
+        Ok(State {
             status: SagaStatus::parse(&status).ok_or_else(|| {
                 SagaError::Definition(format!("saga {id}: unknown status {status:?}"))
             })?,
@@ -936,7 +942,7 @@ where
             sends: row.try_get("sends")?,
             deadline_at: row.try_get("deadline_at")?,
             version: row.try_get("version")?,
-        }))
+        })
     }
 
     /// Writes `state` over the row, which is at `version` (locked by this transaction, or
