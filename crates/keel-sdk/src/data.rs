@@ -273,12 +273,10 @@ impl Database {
     /// Forgets inbox entries (events consumers handled) older than `older_than`; returns
     /// how many.
     pub async fn prune_inbox(&self, older_than: std::time::Duration) -> Result<u64, sqlx::Error> {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| elapsed.as_secs());
-        let cutoff = now.saturating_sub(older_than.as_secs());
+        let older_than = i64::try_from(older_than.as_secs()).unwrap_or(i64::MAX);
+        let cutoff = unix_seconds().saturating_sub(older_than);
         let pruned = sqlx::query("DELETE FROM keel_inbox WHERE received_at < $1")
-            .bind(i64::try_from(cutoff).unwrap_or(i64::MAX))
+            .bind(cutoff)
             .execute(&self.pool)
             .await?;
         Ok(pruned.rows_affected())

@@ -141,6 +141,16 @@ pub enum ServiceError {
     Bind(#[from] BindError),
 }
 
+impl ServiceError {
+    /// Service `service`'s event bus failed (to connect, or to declare a consumer).
+    pub fn bus(service: &str, error: BusError) -> Self {
+        Self::Bus {
+            service: service.to_owned(),
+            error,
+        }
+    }
+}
+
 type Worker = Box<dyn FnOnce(Shutdown) -> BoxFuture<'static, ()> + Send>;
 
 /// A service's connections, ready for its routes and workers to use.
@@ -183,17 +193,14 @@ impl Service {
                     service: name.to_owned(),
                     error,
                 })?;
-        let bus =
-            match &config.bus {
-                BusConfig::InProcess => in_process_bus
-                    .map_or_else(|| Bus::in_process(name), |bus| bus.for_service(name)),
-                BusConfig::Rabbitmq(options) => Bus::rabbitmq(name, options.clone())
-                    .await
-                    .map_err(|error| ServiceError::Bus {
-                        service: name.to_owned(),
-                        error,
-                    })?,
-            };
+        let bus = match &config.bus {
+            BusConfig::InProcess => {
+                in_process_bus.map_or_else(|| Bus::in_process(name), |bus| bus.for_service(name))
+            }
+            BusConfig::Rabbitmq(options) => Bus::rabbitmq(name, options.clone())
+                .await
+                .map_err(|error| ServiceError::bus(name, error))?,
+        };
         let config_error = |what: String| ServiceError::Config {
             service: name.to_owned(),
             what,

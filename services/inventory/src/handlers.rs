@@ -30,10 +30,7 @@ pub async fn consumer(
         // Commands are idempotent by their business key and a saga has one in flight at a
         // time: they need no order, and are handled several at once.
         .map(|consumer| consumer.concurrency(8))
-        .map_err(|error| ServiceError::Bus {
-            service: "inventory".to_owned(),
-            error,
-        })
+        .map_err(|error| ServiceError::bus("inventory", error))
 }
 
 #[derive(Clone)]

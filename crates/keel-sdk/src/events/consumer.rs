@@ -542,16 +542,13 @@ fn unavailable(error: &sqlx::Error) -> bool {
 
 /// Records `event_id` as handled by `group` within `tx`; false when it already was.
 async fn inbox_insert(tx: &mut Tx, group: &str, event_id: &str) -> Result<bool, sqlx::Error> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_secs());
     let inserted = sqlx::query(
         "INSERT INTO keel_inbox (consumer_group, event_id, received_at) VALUES ($1, $2, $3) \
          ON CONFLICT (consumer_group, event_id) DO NOTHING",
     )
     .bind(group)
     .bind(event_id)
-    .bind(i64::try_from(now).unwrap_or(i64::MAX))
+    .bind(crate::data::unix_seconds())
     .execute(&mut **tx)
     .await?;
     Ok(inserted.rows_affected() == 1)

@@ -22,9 +22,6 @@ use crate::data::{Backend, Database, FileLock, Tx};
 const RELAY_LOCK: i64 = 0x6b65_656c_6f62;
 
 pub(crate) async fn insert(tx: &mut Tx, envelope: &Envelope) -> Result<(), sqlx::Error> {
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis());
     sqlx::query(
         "INSERT INTO keel_outbox (event_id, event_type, subject, envelope, created_at) \
          VALUES ($1, $2, $3, $4, $5)",
@@ -33,7 +30,7 @@ pub(crate) async fn insert(tx: &mut Tx, envelope: &Envelope) -> Result<(), sqlx:
     .bind(&envelope.event_type)
     .bind(envelope.subject.as_deref())
     .bind(String::from_utf8_lossy(&envelope.to_vec()).into_owned())
-    .bind(i64::try_from(now).unwrap_or(i64::MAX))
+    .bind(crate::data::unix_millis())
     .execute(&mut **tx)
     .await?;
     Ok(())
