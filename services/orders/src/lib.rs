@@ -24,7 +24,7 @@ use keel_sdk::data::unix_millis;
 use keel_sdk::events::{Bus, BusError};
 use keel_sdk::saga::{Orchestrator, SagaError, StepRecord};
 use keel_sdk::service::{RunningService, Service, ServiceConfig, ServiceError};
-use keel_sdk::{Database, Migrations};
+use keel_sdk::{Database, Migrations, Tx};
 use serde::{Deserialize, Serialize};
 
 use crate::contract::OrderChanged;
@@ -259,16 +259,14 @@ impl Orders {
         if !domain::cancel(order.status)? {
             return Ok(Some(order));
         }
-        let now = unix_millis();
-        store::advance(
-            &mut tx,
-            id,
-            Status::Confirmed,
-            Status::Cancelling,
-            Some(reason),
-            now,
-        )
-        .await?;
+        let changed = OrderChanged {
+            order: id.clone(),
+            customer: order.customer.clone(),
+            status: Status::Cancelling,
+            total: order.total,
+            reason: Some(reason.to_owned()),
+        };
+        move_order(&mut tx, &self.bus, Status::Confirmed, &changed).await?;
         let cancelling = Cancelling {
             order: id.clone(),
             customer: order.customer.clone(),
@@ -277,14 +275,6 @@ impl Orders {
         };
         let saga = self.cancellations.start(&mut tx, &cancelling).await?;
         store::set_cancel_saga(&mut tx, id, &saga).await?;
-        let changed = OrderChanged {
-            order: id.clone(),
-            customer: order.customer.clone(),
-            status: Status::Cancelling,
-            total: order.total,
-            reason: Some(reason.to_owned()),
-        };
-        self.bus.stage(&mut tx, &changed).await?;
         tx.commit().await?;
         order.status = Status::Cancelling;
         order.reason = Some(reason.to_owned());
@@ -296,6 +286,23 @@ impl Orders {
         let mut connection = self.db.pool().acquire().await?;
         Ok(store::of_customer(&mut connection, customer, 100).await?)
     }
+}
+
+/// Moves the order `changed` names from `from` to `changed.status` (with its reason) and
+/// stages `changed`, within `tx`; false, and nothing staged, when the order was not in
+/// `from` (moved on before).
+async fn move_order(
+    tx: &mut Tx,
+    bus: &Bus,
+    from: Status,
+    changed: &OrderChanged,
+) -> Result<bool, OrdersError> {
+    let (id, to, reason) = (&changed.order, changed.status, changed.reason.as_deref());
+    if !store::advance(tx, id, from, to, reason, unix_millis()).await? {
+        return Ok(false);
+    }
+    bus.stage(tx, changed).await?;
+    Ok(true)
 }
 
 /// Builds the orders service (in process, on `bus` when given, so that the services of
@@ -339,10 +346,7 @@ pub async fn build(
     // Replies are matched to their saga by correlation, late ones ignored: they need no
     // order, and are handled several at once. Each saga's replies have a group of their
     // own (a group's consumer handles only the types it binds).
-    let bus_error = |error| ServiceError::Bus {
-        service: "orders".to_owned(),
-        error,
-    };
+    let bus_error = |error| ServiceError::bus("orders", error);
     let replies = orchestrator
         .consumer("orders")
         .await

@@ -16,7 +16,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::contract::OrderChanged;
 use crate::domain::{self, CustomerId, Money, OrderId, Outcome, Status};
-use crate::store;
 
 /// What the saga carries: everything its commands need.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,21 +93,14 @@ impl OnEnd<Placing> for Settle {
         }
         let (status, reason) = domain::settle(&outcome);
         let placing = ended.data;
-        let now = keel_sdk::data::unix_millis();
-        let pending = Status::Pending;
-        if store::advance(tx, &placing.order, pending, status, reason.as_deref(), now).await? {
-            let changed = OrderChanged {
-                order: placing.order,
-                customer: placing.customer,
-                status,
-                total: placing.total,
-                reason,
-            };
-            self.bus
-                .stage(tx, &changed)
-                .await
-                .map_err(HandlerError::bus)?;
-        }
+        let changed = OrderChanged {
+            order: placing.order,
+            customer: placing.customer,
+            status,
+            total: placing.total,
+            reason,
+        };
+        crate::move_order(tx, &self.bus, Status::Pending, &changed).await?;
         Ok(())
     }
 }
@@ -161,22 +153,14 @@ impl OnEnd<Cancelling> for Cancelled {
             tracing::error!(order = %cancelling.order, reason = ?ended.error, "order cancellation failed");
             return Ok(());
         }
-        let (status, reason) = (Status::Cancelled, Some(cancelling.reason));
-        let now = keel_sdk::data::unix_millis();
-        let from = Status::Cancelling;
-        if store::advance(tx, &cancelling.order, from, status, reason.as_deref(), now).await? {
-            let changed = OrderChanged {
-                order: cancelling.order,
-                customer: cancelling.customer,
-                status,
-                total: cancelling.total,
-                reason,
-            };
-            self.bus
-                .stage(tx, &changed)
-                .await
-                .map_err(HandlerError::bus)?;
-        }
+        let changed = OrderChanged {
+            order: cancelling.order,
+            customer: cancelling.customer,
+            status: Status::Cancelled,
+            total: cancelling.total,
+            reason: Some(cancelling.reason),
+        };
+        crate::move_order(tx, &self.bus, Status::Cancelling, &changed).await?;
         Ok(())
     }
 }
