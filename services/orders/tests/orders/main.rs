@@ -177,14 +177,30 @@ impl Shop {
 
     /// Waits for order `id` to leave pending; returns it.
     pub async fn settled(&self, id: &str) -> Value {
+        self.until(id, |status| status != "pending").await
+    }
+
+    /// Waits for order `id` to reach a status `wanted` accepts; returns it.
+    pub async fn until(&self, id: &str, wanted: impl Fn(&str) -> bool) -> Value {
+        let mut order = Value::Null;
         for _ in 0..400 {
-            let (_, order) = self.order(&self.admin, id).await;
-            if order["status"] != "pending" {
+            order = self.order(&self.admin, id).await.1;
+            if wanted(order["status"].as_str().unwrap_or_default()) {
                 return order;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
-        panic!("order {id} still pending on {}", self.backend);
+        panic!("order {id} stays {} on {}", order["status"], self.backend);
+    }
+
+    /// `step phase outcome` of each line of order `order`'s saga history.
+    pub fn steps(order: &Value) -> Vec<String> {
+        order["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| format!("{} {} {}", s["step"], s["phase"], s["outcome"]).replace('"', ""))
+            .collect()
     }
 
     /// (on hand, reserved) of `sku`.

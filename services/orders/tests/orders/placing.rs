@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::shops;
+use crate::{Shop, shops};
 
 fn order(lines: Value, method: &str) -> Value {
     json!({"lines": lines, "payment_method": method})
@@ -28,12 +28,7 @@ async fn an_order_is_confirmed_declined_or_out_of_stock_and_undone_work_is_undon
         let id = placed["id"].as_str().unwrap().to_owned();
         let confirmed = shop.settled(&id).await;
         assert_eq!(confirmed["status"], "confirmed", "{confirmed}");
-        let steps: Vec<String> = confirmed["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| format!("{} {} {}", s["step"], s["phase"], s["outcome"]).replace('"', ""))
-            .collect();
+        let steps = Shop::steps(&confirmed);
         assert_eq!(
             steps,
             [
@@ -255,22 +250,10 @@ async fn a_confirmed_order_is_cancelled_refunded_and_restocked_and_nothing_else_
             cancel(&id, &shop.ada, Some(json!({"reason": "changed my mind"}))).await;
         assert_eq!(status, 202, "{cancelling}");
         assert_eq!(cancelling["status"], "cancelling");
-        let mut cancelled = Value::Null;
-        for _ in 0..400 {
-            cancelled = shop.order(&shop.ada, &id).await.1;
-            if cancelled["status"] == "cancelled" {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        let cancelled = shop.until(&id, |status| status == "cancelled").await;
         assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
         assert_eq!(cancelled["reason"], "changed my mind");
-        let steps: Vec<String> = cancelled["steps"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|s| format!("{} {} {}", s["step"], s["phase"], s["outcome"]).replace('"', ""))
-            .collect();
+        let steps = Shop::steps(&cancelled);
         assert_eq!(
             steps[steps.len() - 4..],
             [
