@@ -73,6 +73,29 @@ start_etcd() {
     >"$dir/etcd.log" 2>&1 </dev/null &
 }
 
+# tansu: a Kafka-protocol broker from crates.io, kept in memory (nothing on disk, as the
+# tests want). Built once with cargo install (a few minutes) when it is not on PATH.
+TANSU_VERSION=0.6.0
+start_tansu() {
+  local dir=/tmp/keel-tansu
+  mkdir -p "$dir"
+  setsid nohup tansu broker --listener-url tcp://127.0.0.1:9092 \
+    --advertised-listener-url tcp://127.0.0.1:9092 --storage-engine memory://tansu/ \
+    >"$dir/tansu.log" 2>&1 </dev/null &
+}
+
+ensure_kafka() {
+  port_open 9092 && return 0
+  export PATH="$HOME/.cargo/bin:$PATH"
+  if ! command -v tansu >/dev/null; then
+    echo "== installing tansu $TANSU_VERSION (cargo install, once)"
+    cargo install tansu --locked --version "$TANSU_VERSION" --features dynostore
+  fi
+  echo "== starting tansu (Kafka) on 127.0.0.1:9092"
+  start_tansu
+  wait_port 9092 60 "tansu (Kafka)"
+}
+
 ensure_services() {
   ensure PostgreSQL 5432 "postgresql" \
     "install PostgreSQL and run it on 127.0.0.1:5432 with trust auth for user postgres" start_postgres
@@ -82,6 +105,7 @@ ensure_services() {
     "rabbitmq-server (guest/guest on 127.0.0.1:5672)" start_rabbitmq
   ensure etcd 2379 "etcd-server" \
     "etcd --listen-client-urls http://127.0.0.1:2379 --advertise-client-urls http://127.0.0.1:2379" start_etcd
+  ensure_kafka
   # The etcd client's build script runs protoc, which needs Google's well-known types
   # (descriptor.proto, struct.proto) beside it; Debian ships those in libprotobuf-dev.
   if ! command -v protoc >/dev/null || ! [ -f /usr/include/google/protobuf/descriptor.proto ]; then

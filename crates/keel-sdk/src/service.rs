@@ -110,6 +110,8 @@ impl Default for ServiceConfig {
 pub enum BusConfig {
     InProcess,
     Rabbitmq(RabbitMqOptions),
+    #[cfg(feature = "kafka")]
+    Kafka(crate::events::KafkaOptions),
 }
 
 /// Whose access tokens a service accepts.
@@ -198,6 +200,10 @@ impl Service {
                 in_process_bus.map_or_else(|| Bus::in_process(name), |bus| bus.for_service(name))
             }
             BusConfig::Rabbitmq(options) => Bus::rabbitmq(name, options.clone())
+                .await
+                .map_err(|error| ServiceError::bus(name, error))?,
+            #[cfg(feature = "kafka")]
+            BusConfig::Kafka(options) => Bus::kafka(name, options.clone())
                 .await
                 .map_err(|error| ServiceError::bus(name, error))?,
         };

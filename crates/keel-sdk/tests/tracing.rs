@@ -1,7 +1,8 @@
-//! With traces exported, one trace runs from an HTTP call through the event bus: the
-//! envelope carries the publisher's `traceparent`, the consumer's span continues it, and
-//! the service client hands it on to the service it calls. Its own test binary, as
-//! `telemetry::init` installs the process-wide subscriber.
+//! With traces exported, one trace runs from an HTTP call through the event bus (on every
+//! transport: in process, RabbitMQ, Kafka): the envelope carries the publisher's
+//! `traceparent`, the consumer's span continues it, and the service client hands it on to
+//! the service it calls. Its own test binary, as `telemetry::init` installs the
+//! process-wide subscriber.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -53,6 +54,41 @@ impl Handler<Pinged> for Note {
     }
 }
 
+/// A request's span, continuing a caller's trace.
+fn request_span() -> tracing::Span {
+    let span = tracing::info_span!("request");
+    let parent = keel_runtime::trace_context::extract_fields(
+        Some(&format!("00-{TRACE}-00f067aa0ba902b7-01")),
+        None,
+    );
+    let _ = span.set_parent(parent);
+    span
+}
+
+/// A bus on every transport there is, each on an exchange or namespace of its own.
+async fn buses() -> Vec<Bus> {
+    use keel_testkit::{Service, require, unique_name};
+    let mut buses = vec![Bus::in_process("pinger")];
+    if require(Service::RabbitMq) {
+        let options = keel_sdk::events::RabbitMqOptions {
+            exchange: unique_name("keel-test"),
+            queue_expiry: Some(Duration::from_secs(120)),
+            auto_delete_exchange: true,
+            ..keel_sdk::events::RabbitMqOptions::default()
+        };
+        buses.push(Bus::rabbitmq("pinger", options).await.unwrap());
+    }
+    #[cfg(feature = "kafka")]
+    if require(Service::Kafka) {
+        let options = keel_sdk::events::KafkaOptions {
+            namespace: unique_name("keel-test"),
+            ..keel_sdk::events::KafkaOptions::default()
+        };
+        buses.push(Bus::kafka("pinger", options).await.unwrap());
+    }
+    buses
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_trace_runs_through_the_outbox_the_consumer_and_outgoing_calls() {
     let collector = serve(Router::new().route("/v1/traces", post(|| async { "" }))).await;
@@ -72,17 +108,40 @@ async fn one_trace_runs_through_the_outbox_the_consumer_and_outgoing_calls() {
     let db = Database::connect(&file.url(), &Migrations::none())
         .await
         .unwrap();
-    let bus = Bus::in_process("pinger");
-    let noted = Arc::new(Mutex::new(Vec::new()));
-    let consumer = bus
-        .consumer("pinged", &db)
-        .on::<Pinged, _>(Note(noted.clone()))
-        .start()
-        .await
-        .unwrap();
-    let shutdown = Shutdown::new();
-    tokio::spawn(consumer.run(shutdown.clone()));
-    tokio::spawn(bus.relay(&db).run(shutdown.clone()));
+    for bus in buses().await {
+        let what = format!("the bus on {:?}", bus.exchange());
+        let noted = Arc::new(Mutex::new(Vec::new()));
+        let consumer = bus
+            .consumer("pinged", &db)
+            .on::<Pinged, _>(Note(noted.clone()))
+            .start()
+            .await
+            .unwrap();
+        let stop = Shutdown::new();
+        tokio::spawn(consumer.run(stop.clone()));
+        tokio::spawn(bus.relay(&db).run(stop.clone()));
+        async {
+            let mut tx = db.begin().await.unwrap();
+            bus.stage(&mut tx, &Pinged { id: "p-1".into() })
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+        .instrument(request_span())
+        .await;
+        for _ in 0..400 {
+            if !noted.lock().unwrap().is_empty() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert_eq!(
+            *noted.lock().unwrap(),
+            [TRACE],
+            "{what}: the consumer continues the trace"
+        );
+        stop.trigger();
+    }
 
     let seen = Arc::new(Mutex::new(Vec::new()));
     let upstream = serve(Router::new().fallback(any({
@@ -103,41 +162,13 @@ async fn one_trace_runs_through_the_outbox_the_consumer_and_outgoing_calls() {
     )
     .unwrap();
 
-    // A request's span, continuing a caller's trace: it stages an event and calls out.
-    let span = tracing::info_span!("request");
-    let parent = keel_runtime::trace_context::extract_fields(
-        Some(&format!("00-{TRACE}-00f067aa0ba902b7-01")),
-        None,
-    );
-    let _ = span.set_parent(parent);
-    async {
-        let mut tx = db.begin().await.unwrap();
-        bus.stage(&mut tx, &Pinged { id: "p-1".into() })
-            .await
-            .unwrap();
-        tx.commit().await.unwrap();
-        client
-            .call(Call::new(http::Method::GET, "/pong"))
-            .await
-            .unwrap();
-    }
-    .instrument(span)
-    .await;
-
-    for _ in 0..200 {
-        if !noted.lock().unwrap().is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    assert_eq!(
-        *noted.lock().unwrap(),
-        [TRACE],
-        "the consumer continues the trace"
-    );
+    client
+        .call(Call::new(http::Method::GET, "/pong"))
+        .instrument(request_span())
+        .await
+        .unwrap();
     let seen = seen.lock().unwrap().clone();
     let traceparent = seen[0].clone().expect("the call carries a traceparent");
     assert!(traceparent.contains(TRACE), "{traceparent}");
-    shutdown.trigger();
     guard.shutdown();
 }

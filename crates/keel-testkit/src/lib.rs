@@ -89,6 +89,8 @@ pub enum Service {
     Redis,
     RabbitMq,
     Etcd,
+    /// A Kafka-protocol broker (tansu, started by `scripts/test`).
+    Kafka,
 }
 
 impl Service {
@@ -98,6 +100,7 @@ impl Service {
             Service::Redis => 6379,
             Service::RabbitMq => 5672,
             Service::Etcd => 2379,
+            Service::Kafka => 9092,
         };
         SocketAddr::from(([127, 0, 0, 1], port))
     }
@@ -108,6 +111,7 @@ impl Service {
             Service::Redis => "Redis",
             Service::RabbitMq => "RabbitMQ",
             Service::Etcd => "etcd",
+            Service::Kafka => "Kafka",
         }
     }
 }

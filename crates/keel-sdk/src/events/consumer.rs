@@ -289,6 +289,8 @@ impl ConsumerBuilder {
         match &self.bus.inner.transport {
             Transport::InProcess(bus) => bus.bind(&core),
             Transport::RabbitMq(bus) => bus.declare_group(&core).await?,
+            #[cfg(feature = "kafka")]
+            Transport::Kafka(bus) => bus.declare_group(&core).await?,
         }
         Ok(Consumer {
             bus: self.bus,
@@ -342,6 +344,8 @@ impl Consumer {
                 futures_util::future::join_all(takers).await;
             }
             Transport::RabbitMq(bus) => bus.consume(core, shutdown, concurrency).await,
+            #[cfg(feature = "kafka")]
+            Transport::Kafka(bus) => bus.consume(core, shutdown, concurrency).await,
         }
     }
 }

@@ -1,5 +1,5 @@
-//! Events and commands: publish/subscribe with CloudEvents envelopes over RabbitMQ or an
-//! in-process bus, behind one API ([`Bus`]).
+//! Events and commands: publish/subscribe with CloudEvents envelopes over RabbitMQ, Kafka
+//! (the `kafka` feature) or an in-process bus, behind one API ([`Bus`]).
 //!
 //! - Publishing: [`Bus::stage`] writes an event into the transactional outbox in the
 //!   caller's transaction; the [`Relay`] publishes it after commit (at least once, in
@@ -20,21 +20,28 @@ pub mod asyncapi;
 pub(crate) mod consumer;
 mod envelope;
 mod in_process;
+#[cfg(feature = "kafka")]
+mod kafka;
 mod outbox;
 mod rabbitmq;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
 pub use consumer::{
     Consumer, ConsumerBuilder, ConsumerStats, Handler, HandlerError, Received, ReplyTo, RetryPolicy,
 };
 pub use envelope::{Envelope, EnvelopeError, Event, MAX_ATTRIBUTE_BYTES, MAX_ENVELOPE_BYTES};
+#[cfg(feature = "kafka")]
+pub use kafka::KafkaOptions;
 pub use outbox::{Relay, RelayOptions};
 pub use rabbitmq::RabbitMqOptions;
 
 use crate::data::Tx;
 use in_process::InProcess;
+#[cfg(feature = "kafka")]
+use kafka::Kafka;
 use rabbitmq::RabbitMq;
 
 /// Why the bus could not do what was asked.
@@ -42,6 +49,14 @@ use rabbitmq::RabbitMq;
 pub enum BusError {
     #[error("RabbitMQ: {0}")]
     RabbitMq(#[from] lapin::Error),
+    #[cfg(feature = "kafka")]
+    #[error("Kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[cfg(feature = "kafka")]
+    #[error(
+        "Kafka namespace {0:?} is not valid: 1 to 40 characters of a-z, A-Z, 0-9, '.', '-' or '_'"
+    )]
+    Namespace(String),
     #[error("the broker did not answer within {0:?}")]
     Timeout(Duration),
     #[error("the broker closed the consumer")]
@@ -71,6 +86,8 @@ pub enum BusError {
 pub(crate) struct Outgoing {
     pub id: String,
     pub event_type: String,
+    /// The aggregate (the envelope's subject): Kafka's record key.
+    pub key: Option<String>,
     pub payload: Vec<u8>,
 }
 
@@ -79,6 +96,7 @@ impl Outgoing {
         Self {
             id: envelope.id.clone(),
             event_type: envelope.event_type.clone(),
+            key: envelope.subject.clone(),
             payload: envelope.to_vec(),
         }
     }
@@ -156,6 +174,8 @@ impl DeadLetter {
 enum Transport {
     InProcess(InProcess),
     RabbitMq(RabbitMq),
+    #[cfg(feature = "kafka")]
+    Kafka(Kafka),
 }
 
 struct BusInner {
@@ -196,6 +216,13 @@ impl Bus {
         ))
     }
 
+    /// A bus over Kafka; connects once to check that the brokers answer.
+    #[cfg(feature = "kafka")]
+    pub async fn kafka(service: &str, options: KafkaOptions) -> Result<Self, BusError> {
+        let transport = Kafka::connect(options).await?;
+        Ok(Self::with_transport(service, Transport::Kafka(transport)))
+    }
+
     fn with_transport(service: &str, transport: Transport) -> Self {
         Self {
             inner: Arc::new(BusInner {
@@ -211,6 +238,8 @@ impl Bus {
         let transport = match &self.inner.transport {
             Transport::InProcess(bus) => Transport::InProcess(bus.clone()),
             Transport::RabbitMq(bus) => Transport::RabbitMq(bus.clone()),
+            #[cfg(feature = "kafka")]
+            Transport::Kafka(bus) => Transport::Kafka(bus.clone()),
         };
         Self::with_transport(service, transport)
     }
@@ -219,11 +248,14 @@ impl Bus {
         &self.inner.service
     }
 
-    /// The exchange events are published to (RabbitMQ); empty in process.
+    /// The exchange events are published to (RabbitMQ), or the namespace of the topics
+    /// (Kafka); empty in process.
     pub fn exchange(&self) -> &str {
         match &self.inner.transport {
             Transport::InProcess(_) => "",
             Transport::RabbitMq(bus) => bus.exchange(),
+            #[cfg(feature = "kafka")]
+            Transport::Kafka(bus) => bus.namespace(),
         }
     }
 
@@ -338,6 +370,8 @@ impl Bus {
         match &self.inner.transport {
             Transport::InProcess(bus) => Ok(bus.dead_letters(group, limit)),
             Transport::RabbitMq(bus) => bus.dead_letters(group, limit).await,
+            #[cfg(feature = "kafka")]
+            Transport::Kafka(bus) => bus.dead_letters(group, limit).await,
         }
     }
 
@@ -352,6 +386,8 @@ impl Bus {
         match &self.inner.transport {
             Transport::InProcess(bus) => Ok(bus.replay(group, id)),
             Transport::RabbitMq(bus) => bus.replay(group, id).await,
+            #[cfg(feature = "kafka")]
+            Transport::Kafka(bus) => bus.replay(group, id).await,
         }
     }
 
@@ -360,6 +396,8 @@ impl Bus {
         match &self.inner.transport {
             Transport::InProcess(bus) => bus.publish(batch, mandatory)?,
             Transport::RabbitMq(bus) => bus.publish(batch, mandatory).await?,
+            #[cfg(feature = "kafka")]
+            Transport::Kafka(bus) => bus.publish(batch, mandatory).await?,
         }
         for message in batch {
             metrics::counter!("keel_events_published_total", "type" => message.event_type.clone())
@@ -369,8 +407,8 @@ impl Bus {
     }
 }
 
-/// Group names become queue names: keep them to a safe alphabet.
-fn check_group(group: &str) -> Result<(), BusError> {
+/// Group names become queue and topic names: keep them to a safe alphabet.
+pub(crate) fn check_group(group: &str) -> Result<(), BusError> {
     let valid = !group.is_empty()
         && group.len() <= 100
         && group
@@ -380,6 +418,30 @@ fn check_group(group: &str) -> Result<(), BusError> {
         Ok(())
     } else {
         Err(BusError::GroupName(group.chars().take(100).collect()))
+    }
+}
+
+/// Runs a consumer's `session` until it ends cleanly or `shutdown` comes; after a failure,
+/// waits ([`reconnect_delay`] of the failures in a row, which a session resets once it is
+/// connected) and starts another.
+pub(crate) async fn keep_consuming<Fut>(
+    group: &str,
+    shutdown: &keel_runtime::Shutdown,
+    failures: &AtomicU32,
+    mut session: impl FnMut() -> Fut,
+) where
+    Fut: std::future::Future<Output = Result<(), BusError>>,
+{
+    while !shutdown.is_triggered() {
+        let Err(error) = session().await else {
+            return;
+        };
+        let failed = failures.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::warn!(%error, group, failures = failed, "consumer lost the broker; starting again");
+        tokio::select! {
+            () = tokio::time::sleep(reconnect_delay(failed)) => {}
+            () = shutdown.wait() => return,
+        }
     }
 }
 

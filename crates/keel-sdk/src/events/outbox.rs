@@ -185,7 +185,7 @@ impl Relay {
     /// Publishes the oldest batch and deletes it; returns its size.
     async fn relay_batch(&self, lead: &mut Lead) -> Result<usize, BusError> {
         let select = sqlx::query(
-            "SELECT id, event_id, event_type, envelope FROM keel_outbox ORDER BY id LIMIT $1",
+            "SELECT id, event_id, event_type, subject, envelope FROM keel_outbox ORDER BY id LIMIT $1",
         )
         .bind(i64::from(self.options.batch_size));
         let rows = match lead {
@@ -202,6 +202,7 @@ impl Relay {
             batch.push(Outgoing {
                 id: row.try_get("event_id")?,
                 event_type: row.try_get("event_type")?,
+                key: row.try_get("subject")?,
                 payload: row.try_get::<String, _>("envelope")?.into_bytes(),
             });
         }

@@ -19,6 +19,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
 use futures_util::StreamExt;
@@ -35,7 +36,7 @@ use lapin::{
 use serde::{Deserialize, Serialize};
 
 use super::consumer::{ConsumerCore, Outcome};
-use super::{BusError, DeadLetter, Outgoing, reconnect_delay};
+use super::{BusError, DeadLetter, Outgoing, keep_consuming};
 
 /// Deliveries without an acknowledgement after which the broker dead-letters a message.
 /// Generous, since a message returned unhandled when a consumer's connection closes counts
@@ -282,30 +283,18 @@ impl RabbitMq {
     /// Consumes the group's queue until `shutdown`, handling up to `concurrency` messages
     /// at once on one connection; reconnects after failures.
     pub async fn consume(&self, core: &ConsumerCore, shutdown: Shutdown, concurrency: usize) {
-        let mut failures = 0;
-        while !shutdown.is_triggered() {
-            match self
-                .consume_once(core, &shutdown, &mut failures, concurrency)
-                .await
-            {
-                Ok(()) => return,
-                Err(error) => {
-                    failures += 1;
-                    tracing::warn!(%error, group = %core.group, failures, "consumer lost the broker; reconnecting");
-                    tokio::select! {
-                        () = tokio::time::sleep(reconnect_delay(failures)) => {}
-                        () = shutdown.wait() => return,
-                    }
-                }
-            }
-        }
+        let failures = AtomicU32::new(0);
+        keep_consuming(&core.group, &shutdown, &failures, || {
+            self.consume_once(core, &shutdown, &failures, concurrency)
+        })
+        .await;
     }
 
     async fn consume_once(
         &self,
         core: &ConsumerCore,
         shutdown: &Shutdown,
-        failures: &mut u32,
+        failures: &AtomicU32,
         concurrency: usize,
     ) -> Result<(), BusError> {
         let (connection, channel) = self.open("consumer").await?;
@@ -330,7 +319,7 @@ impl RabbitMq {
                 FieldTable::default(),
             )
             .await?;
-        *failures = 0;
+        failures.store(0, Ordering::Relaxed);
         let redeclare_every = self
             .inner
             .options

@@ -11,8 +11,8 @@ use keel_sdk::events::{Bus, Handler, HandlerError, Received};
 use keel_testkit::{ChildTest, Service, child_role, require, unique_name};
 
 use crate::helpers::{
-    Apply, Deposited, MIGRATIONS, TestDb, backends, bus, declare, deposit, effects, eventually,
-    handled_order, rabbitmq_options, record, run, transports,
+    Apply, Deposited, MIGRATIONS, TestDb, Transport, backends, brokers, bus, bus_in, declare,
+    deposit, effects, eventually, handled_order, rabbitmq_options, record, run, transports,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -211,9 +211,8 @@ async fn a_consumer_killed_between_commit_and_ack_gets_the_message_again_and_ign
         let db = Database::connect(&env("TEST_DB"), &MIGRATIONS)
             .await
             .unwrap();
-        let bus = Bus::rabbitmq("bank", rabbitmq_options(&env("TEST_EXCHANGE")))
-            .await
-            .unwrap();
+        let transport = Transport::from_name(&env("TEST_TRANSPORT"));
+        let bus = bus_in(transport, "bank", &env("TEST_EXCHANGE")).await;
         let consumer = bus
             .consumer(&env("TEST_GROUP"), &db)
             .on::<Deposited, _>(ApplyThenDie)
@@ -223,15 +222,15 @@ async fn a_consumer_killed_between_commit_and_ack_gets_the_message_again_and_ign
         consumer.run(Shutdown::new()).await;
         return;
     }
-    if !require(Service::RabbitMq) {
-        return;
-    }
-    for backend in backends() {
+    for (backend, transport) in backends().into_iter().flat_map(|backend| {
+        brokers()
+            .into_iter()
+            .map(move |transport| (backend, transport))
+    }) {
+        let what = format!("{backend:?} {transport:?}");
         let test = TestDb::of(backend).await;
         let exchange = unique_name("keel-test");
-        let bus = Bus::rabbitmq("bank", rabbitmq_options(&exchange))
-            .await
-            .unwrap();
+        let bus = bus_in(transport, "bank", &exchange).await;
         let (group, consumer) = declare(&bus, &test.db, Apply::default()).await;
         bus.publish(&deposit("a", 1, 5)).await.unwrap();
 
@@ -242,22 +241,23 @@ async fn a_consumer_killed_between_commit_and_ack_gets_the_message_again_and_ign
                 ("TEST_DB", &test.url),
                 ("TEST_EXCHANGE", &exchange),
                 ("TEST_GROUP", &group),
+                ("TEST_TRANSPORT", transport.name()),
             ],
         );
         child.wait_for("child: committed", WAIT).await;
         let status = child.wait_exit(WAIT).await;
-        assert!(!status.success(), "{backend:?}: the child crashed");
-        assert_eq!(effects(&test.db).await, (1, 1), "{backend:?}: committed");
+        assert!(!status.success(), "{what}: the child crashed");
+        assert_eq!(effects(&test.db).await, (1, 1), "{what}: committed");
 
-        // The message was never acknowledged: the broker gives it to the next consumer,
-        // whose inbox knows it.
+        // The message was never acknowledged (RabbitMQ) or its offset committed (Kafka):
+        // the broker gives it to the next consumer of the group, whose inbox knows it.
         let running = run(consumer);
-        eventually(&format!("{backend:?}: redelivered"), WAIT, || async {
+        eventually(&format!("{what}: redelivered"), WAIT, || async {
             running.stats.duplicates.load(Ordering::Relaxed) == 1
         })
         .await;
-        assert_eq!(running.stats.handled.load(Ordering::Relaxed), 0);
-        assert_eq!(effects(&test.db).await, (1, 1), "{backend:?}: once");
+        assert_eq!(running.stats.handled.load(Ordering::Relaxed), 0, "{what}");
+        assert_eq!(effects(&test.db).await, (1, 1), "{what}: once");
     }
 }
 

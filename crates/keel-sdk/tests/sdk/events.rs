@@ -7,8 +7,8 @@ use std::time::Duration;
 use keel_sdk::events::{Bus, BusError, Envelope};
 
 use crate::helpers::{
-    Apply, Deposited, TestDb, bus, declare, deposit, effects, eventually, handled_order, run,
-    transports,
+    Apply, Deposited, TestDb, Transport, bus, declare, deposit, effects, eventually, handled_order,
+    run, transports,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -53,6 +53,51 @@ async fn every_group_gets_each_event_once_and_competing_consumers_share_it() {
             .map(|running| running.stats.handled.load(Ordering::Relaxed))
             .collect();
         assert_eq!(shares.iter().sum::<u64>(), 40, "{transport:?}: {shares:?}");
+    }
+}
+
+/// How many competing consumers of one group still see each key's events in order: Kafka
+/// keeps a key in one partition, which one consumer of a group holds at a time; RabbitMQ
+/// and the in-process bus hand a queue's messages round, so only one consumer keeps order.
+fn order_keeping_consumers(transport: Transport) -> usize {
+    match transport {
+        #[cfg(feature = "kafka")]
+        Transport::Kafka => 2,
+        _ => 1,
+    }
+}
+
+#[tokio::test]
+async fn each_keys_events_are_handled_in_the_order_they_were_published() {
+    for transport in transports() {
+        let bus = bus(transport, "bank").await;
+        let test = TestDb::sqlite().await;
+        let (group, first) = declare(&bus, &test.db, Apply::default()).await;
+        let mut running = vec![run(first)];
+        for _ in 1..order_keeping_consumers(transport) {
+            let another = bus
+                .consumer(&group, &test.db)
+                .on::<Deposited, _>(Apply::default())
+                .start()
+                .await
+                .unwrap();
+            running.push(run(another));
+        }
+        // Interleaved keys, each with its own rising sequence.
+        for seq in 0..60 {
+            bus.publish(&deposit(&format!("acct-{}", seq % 3), seq, 1))
+                .await
+                .unwrap();
+        }
+        eventually(&format!("{transport:?}: 60 effects"), WAIT, || async {
+            effects(&test.db).await == (60, 60)
+        })
+        .await;
+        for key in 0..3 {
+            let order = handled_order(&test.db, &format!("acct-{key}")).await;
+            let published: Vec<i64> = (0..60).filter(|seq| seq % 3 == key).collect();
+            assert_eq!(order, published, "{transport:?}: acct-{key}");
+        }
     }
 }
 

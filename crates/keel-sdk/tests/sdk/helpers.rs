@@ -72,15 +72,50 @@ pub fn backends() -> Vec<Backend> {
 pub enum Transport {
     InProcess,
     RabbitMq,
+    #[cfg(feature = "kafka")]
+    Kafka,
 }
 
-/// The in-process bus always; RabbitMQ when it answers (or is required).
+/// The in-process bus always; RabbitMQ and (with the `kafka` feature) Kafka when they
+/// answer (or are required).
 pub fn transports() -> Vec<Transport> {
     let mut transports = vec![Transport::InProcess];
-    if require(Service::RabbitMq) {
-        transports.push(Transport::RabbitMq);
-    }
+    transports.extend(brokers());
     transports
+}
+
+/// The transports with a broker (messages outlive a process): RabbitMQ and, with the
+/// `kafka` feature, Kafka, each when it answers (or is required).
+pub fn brokers() -> Vec<Transport> {
+    let mut brokers = Vec::new();
+    if require(Service::RabbitMq) {
+        brokers.push(Transport::RabbitMq);
+    }
+    #[cfg(feature = "kafka")]
+    if require(Service::Kafka) {
+        brokers.push(Transport::Kafka);
+    }
+    brokers
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::InProcess => "in-process",
+            Self::RabbitMq => "rabbitmq",
+            #[cfg(feature = "kafka")]
+            Self::Kafka => "kafka",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Self {
+        match name {
+            "rabbitmq" => Self::RabbitMq,
+            #[cfg(feature = "kafka")]
+            "kafka" => Self::Kafka,
+            _ => Self::InProcess,
+        }
+    }
 }
 
 /// RabbitMQ options private to one test: its own exchange, queues that expire.
@@ -93,12 +128,31 @@ pub fn rabbitmq_options(exchange: &str) -> RabbitMqOptions {
     }
 }
 
+/// Kafka options private to one test: its own namespace (topics and groups).
+#[cfg(feature = "kafka")]
+pub fn kafka_options(namespace: &str) -> keel_sdk::events::KafkaOptions {
+    keel_sdk::events::KafkaOptions {
+        namespace: namespace.to_owned(),
+        partitions: 4,
+        ..keel_sdk::events::KafkaOptions::default()
+    }
+}
+
+/// A bus of `transport` on a namespace (exchange, topics) of its own.
 pub async fn bus(transport: Transport, service: &str) -> Bus {
+    bus_in(transport, service, &unique_name("keel-test")).await
+}
+
+/// A bus of `transport` on the exchange (RabbitMQ) or namespace (Kafka) `name`: how a child
+/// process joins its parent's.
+pub async fn bus_in(transport: Transport, service: &str, name: &str) -> Bus {
     match transport {
         Transport::InProcess => Bus::in_process(service),
-        Transport::RabbitMq => Bus::rabbitmq(service, rabbitmq_options(&unique_name("keel-test")))
+        Transport::RabbitMq => Bus::rabbitmq(service, rabbitmq_options(name))
             .await
             .unwrap(),
+        #[cfg(feature = "kafka")]
+        Transport::Kafka => Bus::kafka(service, kafka_options(name)).await.unwrap(),
     }
 }
 

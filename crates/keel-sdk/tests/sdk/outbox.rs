@@ -7,11 +7,11 @@ use keel_runtime::Shutdown;
 use keel_sdk::data::Database;
 use keel_sdk::events::{Bus, RelayOptions};
 use keel_sdk::sqlx;
-use keel_testkit::{ChildTest, Service, child_role, require};
+use keel_testkit::{ChildTest, child_role};
 
 use crate::helpers::{
-    Apply, MIGRATIONS, TestDb, Transport, backends, bus, declare, deposit, effects, eventually,
-    handled_order, rabbitmq_options, run, transports,
+    Apply, MIGRATIONS, TestDb, Transport, backends, brokers, bus, bus_in, declare, deposit,
+    effects, eventually, handled_order, run, transports,
 };
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -23,15 +23,16 @@ async fn outbox_rows(db: &Database) -> i64 {
         .unwrap()
 }
 
-/// The bus a child process uses: RabbitMQ on the parent's exchange, or a bus of its own
-/// (in process: the child never gets to publish on it).
+/// The bus a child process uses: the parent's transport on its exchange or namespace (in
+/// process, a bus of its own: the child never gets to publish on it).
 async fn child_bus() -> Bus {
-    match std::env::var("TEST_EXCHANGE") {
-        Ok(exchange) => Bus::rabbitmq("bank", rabbitmq_options(&exchange))
-            .await
-            .unwrap(),
-        Err(_) => Bus::in_process("bank"),
-    }
+    let env = |name| std::env::var(name).unwrap();
+    bus_in(
+        Transport::from_name(&env("TEST_TRANSPORT")),
+        "bank",
+        &env("TEST_EXCHANGE"),
+    )
+    .await
 }
 
 const CRASH_AFTER_COMMIT: &str =
@@ -65,11 +66,11 @@ async fn a_process_killed_between_commit_and_publish_loses_no_event() {
             let test = TestDb::of(backend).await;
             let bus = bus(transport, "bank").await;
             let (_, consumer) = declare(&bus, &test.db, Apply::default()).await;
-            let exchange = bus_exchange(&bus, transport);
-            let mut env = vec![("TEST_DB", test.url.as_str())];
-            if let Some(exchange) = &exchange {
-                env.push(("TEST_EXCHANGE", exchange));
-            }
+            let env = [
+                ("TEST_DB", test.url.as_str()),
+                ("TEST_EXCHANGE", bus.exchange()),
+                ("TEST_TRANSPORT", transport.name()),
+            ];
             let mut child = ChildTest::spawn(CRASH_AFTER_COMMIT, "stager", &env);
             child.wait_for("child: committed", WAIT).await;
             assert!(!child.wait_exit(WAIT).await.success());
@@ -92,11 +93,6 @@ async fn a_process_killed_between_commit_and_publish_loses_no_event() {
             .await;
         }
     }
-}
-
-/// The exchange a RabbitMQ test bus publishes to, for a child process to use the same.
-fn bus_exchange(bus: &Bus, transport: Transport) -> Option<String> {
-    (transport == Transport::RabbitMq).then(|| bus.exchange().to_owned())
 }
 
 #[tokio::test]
@@ -172,13 +168,14 @@ async fn a_relay_killed_mid_stream_loses_nothing_and_keeps_order() {
         relay.run(Shutdown::new()).await;
         return;
     }
-    if !require(Service::RabbitMq) {
-        return;
-    }
-    for backend in backends() {
-        let what = format!("{backend:?}");
+    for (backend, transport) in backends().into_iter().flat_map(|backend| {
+        brokers()
+            .into_iter()
+            .map(move |transport| (backend, transport))
+    }) {
+        let what = format!("{backend:?} {transport:?}");
         let test = TestDb::of(backend).await;
-        let bus = bus(Transport::RabbitMq, "bank").await;
+        let bus = bus(transport, "bank").await;
         let (_, consumer) = declare(&bus, &test.db, Apply::default()).await;
         let running = run(consumer);
         // Everything is committed before any relay runs; the child relays one event per
@@ -188,7 +185,11 @@ async fn a_relay_killed_mid_stream_loses_nothing_and_keeps_order() {
         let mut child = ChildTest::spawn(
             RELAY_KILLED,
             "relay",
-            &[("TEST_DB", &test.url), ("TEST_EXCHANGE", &exchange)],
+            &[
+                ("TEST_DB", &test.url),
+                ("TEST_EXCHANGE", &exchange),
+                ("TEST_TRANSPORT", transport.name()),
+            ],
         );
         child.wait_for("child: relaying", WAIT).await;
         eventually(&format!("{what}: a third relayed"), WAIT, || async {

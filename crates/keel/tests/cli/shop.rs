@@ -18,8 +18,9 @@ use serde_json::{Value, json};
 enum Profile {
     /// SQLite files and the in-process bus.
     Embedded(Vec<TestSqlite>),
-    /// PostgreSQL databases and RabbitMQ (on its own exchange).
-    Production(Vec<TestDatabase>, String),
+    /// PostgreSQL databases and a broker: RabbitMQ (on an exchange of its own) or Kafka (on
+    /// a namespace of its own).
+    Production(Vec<TestDatabase>, BusConfig),
 }
 
 impl Profile {
@@ -32,12 +33,21 @@ impl Profile {
         )
     }
 
-    async fn production() -> Self {
+    async fn production(bus: BusConfig) -> Self {
         let mut databases = Vec::new();
         for _ in 0..5 {
             databases.push(TestDatabase::create().await);
         }
-        Self::Production(databases, unique_name("keel-e2e"))
+        Self::Production(databases, bus)
+    }
+
+    fn rabbitmq() -> BusConfig {
+        BusConfig::Rabbitmq(RabbitMqOptions {
+            exchange: unique_name("keel-e2e"),
+            queue_expiry: Some(Duration::from_secs(120)),
+            auto_delete_exchange: true,
+            ..RabbitMqOptions::default()
+        })
     }
 
     /// The database of component `index` (auth, catalog, inventory, payments, orders).
@@ -51,19 +61,15 @@ impl Profile {
     fn bus(&self) -> BusConfig {
         match self {
             Self::Embedded(_) => BusConfig::InProcess,
-            Self::Production(_, exchange) => BusConfig::Rabbitmq(RabbitMqOptions {
-                exchange: exchange.clone(),
-                queue_expiry: Some(Duration::from_secs(120)),
-                auto_delete_exchange: true,
-                ..RabbitMqOptions::default()
-            }),
+            Self::Production(_, bus) => bus.clone(),
         }
     }
 
     fn name(&self) -> &'static str {
         match self {
             Self::Embedded(_) => "embedded",
-            Self::Production(..) => "production",
+            Self::Production(_, BusConfig::Rabbitmq(_)) => "production",
+            Self::Production(..) => "production with Kafka",
         }
     }
 }
@@ -435,5 +441,19 @@ async fn the_shop_through_the_gateway_on_the_production_profile() {
     if !require(Service::Postgres) || !require(Service::RabbitMq) {
         return;
     }
-    every_case_through_the_gateway(Profile::production().await).await;
+    every_case_through_the_gateway(Profile::production(Profile::rabbitmq()).await).await;
+}
+
+/// The same stack with Kafka as its bus: only the configuration differs.
+#[cfg(feature = "kafka")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shop_through_the_gateway_on_the_production_profile_with_kafka() {
+    if !require(Service::Postgres) || !require(Service::Kafka) {
+        return;
+    }
+    let bus = BusConfig::Kafka(keel_sdk::events::KafkaOptions {
+        namespace: unique_name("keel-e2e"),
+        ..keel_sdk::events::KafkaOptions::default()
+    });
+    every_case_through_the_gateway(Profile::production(bus).await).await;
 }
