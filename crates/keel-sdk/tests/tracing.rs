@@ -82,6 +82,7 @@ async fn buses() -> Vec<Bus> {
     if require(Service::Kafka) {
         let options = keel_sdk::events::KafkaOptions {
             namespace: unique_name("keel-test"),
+            fetch_wait: keel_testkit::KAFKA_FETCH_WAIT,
             ..keel_sdk::events::KafkaOptions::default()
         };
         buses.push(Bus::kafka("pinger", options).await.unwrap());

@@ -19,8 +19,10 @@ use keel_runtime::{Server, Shutdown};
 
 mod child;
 mod fault;
+mod kafka;
 pub use child::{CHILD_ROLE, ChildTest, child_role};
 pub use fault::FaultProxy;
+pub use kafka::{KAFKA_FETCH_WAIT, ProxiedKafka};
 use sqlx::Connection;
 use tokio::task::JoinHandle;
 

@@ -80,6 +80,12 @@ pub struct KafkaOptions {
     /// take; then the caller gets [`BusError::Timeout`] (or librdkafka's own error).
     #[serde(with = "humantime_serde")]
     pub timeout: Duration,
+    /// How long a consumer's fetch may wait at the broker for records (librdkafka's
+    /// `fetch.wait.max.ms`). Kafka answers a fetch as soon as a record arrives, so there
+    /// it only sets how often an idle consumer asks; a broker that waits it out (tansu
+    /// does) adds up to this much to every message's latency.
+    #[serde(with = "humantime_serde")]
+    pub fetch_wait: Duration,
     /// More librdkafka properties for every client, e.g. `"security.protocol" = "ssl"`,
     /// `"ssl.ca.location"`, or SASL's; redacted when printed.
     pub properties: BTreeMap<String, Secret<String>>,
@@ -93,6 +99,7 @@ impl Default for KafkaOptions {
             partitions: 6,
             replication_factor: -1,
             timeout: Duration::from_secs(10),
+            fetch_wait: Duration::from_millis(100),
             properties: BTreeMap::new(),
         }
     }
@@ -365,7 +372,11 @@ impl Kafka {
             // A consumer that dies gives its partitions up within seconds, not 45.
             .set("session.timeout.ms", "6000")
             .set("heartbeat.interval.ms", "1000")
-            .set("max.poll.interval.ms", max_poll_interval(core).to_string());
+            .set("max.poll.interval.ms", max_poll_interval(core).to_string())
+            .set(
+                "fetch.wait.max.ms",
+                millis(self.inner.options.fetch_wait).to_string(),
+            );
         let consumer: StreamConsumer = config.create()?;
         let mut topics: Vec<String> = core.event_types().map(|t| self.topic(t)).collect();
         topics.push(names.replay.clone());
@@ -418,9 +429,19 @@ impl Kafka {
             drop(senders);
         };
         futures_util::future::join(dispatch, work).await;
-        // What was settled is committed before the consumer leaves its group.
-        if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
-            tracing::debug!(%error, group = %core.group, "final offset commit");
+        // What was settled is committed before the consumer leaves its group, both off the
+        // async threads and bounded: with the cluster gone, librdkafka would wait for ever.
+        let group = core.group.clone();
+        let closed = blocking(self.inner.options.timeout, move || {
+            if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
+                tracing::debug!(%error, %group, "final offset commit");
+            }
+            drop(consumer);
+            Ok(())
+        })
+        .await;
+        if closed.is_err() {
+            tracing::warn!(group = %core.group, "the Kafka consumer did not close in time; left closing");
         }
         Ok(())
     }
@@ -661,15 +682,26 @@ fn client_config(options: &KafkaOptions) -> ClientConfig {
     config
 }
 
-/// Runs blocking librdkafka work (metadata, offsets) off the async threads.
+/// Runs blocking librdkafka work (metadata, offsets, closing a consumer) on a thread of its
+/// own, and waits for it up to a few `timeout`s. Not on tokio's blocking pool: a group
+/// consumer's close waits for the coordinator for as long as it takes, and a runtime waits
+/// for its blocking tasks when it shuts down; a thread left behind does not hold up the
+/// process's exit.
 async fn blocking<T: Send + 'static>(
     timeout: Duration,
     work: impl FnOnce() -> Result<T, BusError> + Send + 'static,
 ) -> Result<T, BusError> {
-    match tokio::task::spawn_blocking(work).await {
-        Ok(result) => result,
-        Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
-        Err(_cancelled) => Err(BusError::Timeout(timeout)),
+    let (done, result) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("keel-kafka".to_owned())
+        .spawn(move || {
+            let _ = done.send(work());
+        })
+        .map_err(|_| BusError::Timeout(timeout))?;
+    match tokio::time::timeout(timeout.saturating_mul(4), result).await {
+        Ok(Ok(result)) => result,
+        // Panicked (the sender dropped unsent), or still waiting for the cluster.
+        Ok(Err(_)) | Err(_) => Err(BusError::Timeout(timeout)),
     }
 }
 

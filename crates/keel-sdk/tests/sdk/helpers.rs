@@ -12,6 +12,8 @@ use keel_sdk::events::{
     RetryPolicy,
 };
 use keel_sdk::{Tx, sqlx};
+#[cfg(feature = "kafka")]
+use keel_testkit::KAFKA_FETCH_WAIT;
 use keel_testkit::{Service, TestDatabase, TestSqlite, require, unique_name};
 use serde::{Deserialize, Serialize};
 
@@ -134,6 +136,7 @@ pub fn kafka_options(namespace: &str) -> keel_sdk::events::KafkaOptions {
     keel_sdk::events::KafkaOptions {
         namespace: namespace.to_owned(),
         partitions: 4,
+        fetch_wait: KAFKA_FETCH_WAIT,
         ..keel_sdk::events::KafkaOptions::default()
     }
 }

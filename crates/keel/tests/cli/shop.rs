@@ -453,6 +453,7 @@ async fn the_shop_through_the_gateway_on_the_production_profile_with_kafka() {
     }
     let bus = BusConfig::Kafka(keel_sdk::events::KafkaOptions {
         namespace: unique_name("keel-e2e"),
+        fetch_wait: keel_testkit::KAFKA_FETCH_WAIT,
         ..keel_sdk::events::KafkaOptions::default()
     });
     every_case_through_the_gateway(Profile::production(bus).await).await;

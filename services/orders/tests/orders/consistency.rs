@@ -1,4 +1,5 @@
-//! The shop under randomized load with faults, on PostgreSQL and RabbitMQ: inventory,
+//! The shop under randomized load with faults, on PostgreSQL and RabbitMQ (and Kafka, with
+//! the `kafka` feature): inventory,
 //! payments and a second orders instance run as child processes killed (SIGKILL) and
 //! restarted mid-saga, and every broker connection is cut once. When the dust settles,
 //! every order is confirmed or rejected, stock is conserved (initial = on hand + sold),
@@ -19,30 +20,65 @@ use keel_testkit::{
 };
 use serde_json::{Value, json};
 
-const TEST: &str =
+const RABBITMQ_TEST: &str =
     "consistency::every_order_ends_and_stock_and_money_add_up_under_crashes_and_a_cut_broker";
+#[cfg(feature = "kafka")]
+const KAFKA_TEST: &str =
+    "consistency::every_order_ends_and_stock_and_money_add_up_under_crashes_and_a_cut_kafka";
 
 /// Each step may wait this long for its reply: about as long as a killed child takes to
-/// come back, so that some steps time out and are compensated.
+/// come back, so that some steps time out and are compensated. On Kafka a restarted
+/// instance gets its partitions only once the killed one's session has expired (6 s) and
+/// its group has rebalanced: the same 2 s would time out nearly every step, and no order
+/// would be confirmed, so steps wait longer there.
 const STEP_TIMEOUT: Duration = Duration::from_secs(2);
+#[cfg(feature = "kafka")]
+const KAFKA_STEP_TIMEOUT: Duration = Duration::from_secs(10);
 
 const ORDERS: usize = 40;
 
 /// (SKU, price in cents, initial stock).
 const STOCK: [(&str, i64, u32); 3] = [("MUG", 1250, 40), ("TEA", 400, 30), ("POT", 3900, 12)];
 
-fn service_config(database: &str, amqp: &str, exchange: &str) -> ServiceConfig {
+/// Where the services' bus is: the transport (`rabbitmq` or `kafka`), the broker's address
+/// (through the fault proxy) and the exchange or namespace of this run.
+#[derive(Clone)]
+struct Broker {
+    transport: String,
+    url: String,
+    exchange: String,
+    step_timeout: Duration,
+}
+
+impl Broker {
+    fn bus(&self) -> BusConfig {
+        let timeout = Duration::from_secs(3);
+        match self.transport.as_str() {
+            #[cfg(feature = "kafka")]
+            "kafka" => BusConfig::Kafka(keel_sdk::events::KafkaOptions {
+                brokers: self.url.clone(),
+                namespace: self.exchange.clone(),
+                timeout,
+                fetch_wait: keel_testkit::KAFKA_FETCH_WAIT,
+                ..keel_sdk::events::KafkaOptions::default()
+            }),
+            _ => BusConfig::Rabbitmq(RabbitMqOptions {
+                url: Secret::new(self.url.clone()),
+                exchange: self.exchange.clone(),
+                queue_expiry: Some(Duration::from_secs(300)),
+                auto_delete_exchange: true,
+                timeout,
+                ..RabbitMqOptions::default()
+            }),
+        }
+    }
+}
+
+fn service_config(database: &str, broker: &Broker) -> ServiceConfig {
     ServiceConfig {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         database: Some(Secret::new(database.to_owned())),
-        bus: BusConfig::Rabbitmq(RabbitMqOptions {
-            url: Secret::new(amqp.to_owned()),
-            exchange: exchange.to_owned(),
-            queue_expiry: Some(Duration::from_secs(300)),
-            auto_delete_exchange: true,
-            timeout: Duration::from_secs(3),
-            ..RabbitMqOptions::default()
-        }),
+        bus: broker.bus(),
         ..ServiceConfig::default()
     }
 }
@@ -60,7 +96,13 @@ fn provider() -> ProviderConfig {
 /// A child: one service instance on the parent's database and broker, until killed.
 async fn child(role: &str) {
     let env = |name: &str| std::env::var(name).unwrap();
-    let config = service_config(&env("TEST_DB"), &env("TEST_AMQP"), &env("TEST_EXCHANGE"));
+    let broker = Broker {
+        transport: env("TEST_TRANSPORT"),
+        url: env("TEST_BROKER"),
+        exchange: env("TEST_EXCHANGE"),
+        step_timeout: Duration::from_millis(env("TEST_STEP_TIMEOUT_MS").parse().unwrap()),
+    };
+    let config = service_config(&env("TEST_DB"), &broker);
     let shutdown = Shutdown::new();
     let service = match role {
         "inventory" => keel_inventory::build(&config, None, &shutdown).await,
@@ -68,7 +110,7 @@ async fn child(role: &str) {
         _ => {
             let options = OrdersOptions {
                 catalog: Some(vec![env("TEST_CATALOG")]),
-                step_timeout: STEP_TIMEOUT,
+                step_timeout: broker.step_timeout,
             };
             keel_orders::build(&config, &options, None, &shutdown).await
         }
@@ -80,14 +122,17 @@ async fn child(role: &str) {
 
 /// A child instance, spawned and then killed and spawned again on demand.
 struct Instance {
+    /// The test whose child role this is.
+    test: &'static str,
     role: &'static str,
     env: Vec<(String, String)>,
     child: Option<ChildTest>,
 }
 
 impl Instance {
-    async fn start(role: &'static str, env: Vec<(String, String)>) -> Self {
+    async fn start(test: &'static str, role: &'static str, env: Vec<(String, String)>) -> Self {
         let mut instance = Self {
+            test,
             role,
             env,
             child: None,
@@ -102,7 +147,7 @@ impl Instance {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        let mut child = ChildTest::spawn(TEST, self.role, &env);
+        let mut child = ChildTest::spawn(self.test, self.role, &env);
         child
             .wait_for("child: ready", Duration::from_secs(30))
             .await;
@@ -124,15 +169,44 @@ async fn every_order_ends_and_stock_and_money_add_up_under_crashes_and_a_cut_bro
     if !require(Service::Postgres) || !require(Service::RabbitMq) {
         return;
     }
+    let proxy = FaultProxy::start(Service::RabbitMq.addr()).await;
+    let broker = Broker {
+        transport: "rabbitmq".to_owned(),
+        url: format!("amqp://guest:guest@{}/%2f", proxy.addr()),
+        exchange: unique_name("keel-consistency"),
+        step_timeout: STEP_TIMEOUT,
+    };
+    every_order_ends(RABBITMQ_TEST, &broker, &proxy).await;
+}
+
+/// The same on Kafka: a broker of the test's own, every connection to it through the
+/// proxy (it advertises the proxy's address), so the cut drops them all.
+#[cfg(feature = "kafka")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_order_ends_and_stock_and_money_add_up_under_crashes_and_a_cut_kafka() {
+    if let Some(role) = child_role() {
+        return child(&role).await;
+    }
+    if !require(Service::Postgres) || !require(Service::Kafka) {
+        return;
+    }
+    let kafka = keel_testkit::ProxiedKafka::start().await;
+    let broker = Broker {
+        transport: "kafka".to_owned(),
+        url: kafka.brokers(),
+        exchange: unique_name("keel-consistency"),
+        step_timeout: KAFKA_STEP_TIMEOUT,
+    };
+    every_order_ends(KAFKA_TEST, &broker, &kafka.proxy).await;
+}
+
+async fn every_order_ends(test: &'static str, broker: &Broker, proxy: &FaultProxy) {
     let databases = [
         TestDatabase::create().await,
         TestDatabase::create().await,
         TestDatabase::create().await,
         TestDatabase::create().await,
     ];
-    let broker = FaultProxy::start(Service::RabbitMq.addr()).await;
-    let amqp = format!("amqp://guest:guest@{}/%2f", broker.addr());
-    let exchange = unique_name("keel-consistency");
     let issuer = TestIssuer::start().await;
     let shutdown = Shutdown::new();
     let with_auth = |database: &TestDatabase| ServiceConfig {
@@ -140,7 +214,7 @@ async fn every_order_ends_and_stock_and_money_add_up_under_crashes_and_a_cut_bro
             issuer: issuer.issuer().to_owned(),
             audiences: vec![AUDIENCE.to_owned()],
         }),
-        ..service_config(&database.url, &amqp, &exchange)
+        ..service_config(&database.url, broker)
     };
 
     // In this process, never killed: the catalog, and the orders instance customers reach.
@@ -151,7 +225,7 @@ async fn every_order_ends_and_stock_and_money_add_up_under_crashes_and_a_cut_bro
     tokio::spawn(catalog.run(shutdown.clone()));
     let options = OrdersOptions {
         catalog: Some(vec![catalog_url.clone()]),
-        step_timeout: STEP_TIMEOUT,
+        step_timeout: broker.step_timeout,
     };
     let front = keel_orders::build(&with_auth(&databases[3]), &options, None, &shutdown)
         .await
@@ -163,14 +237,19 @@ async fn every_order_ends_and_stock_and_money_add_up_under_crashes_and_a_cut_bro
     let env = |database: &TestDatabase| {
         vec![
             ("TEST_DB".to_owned(), database.url.clone()),
-            ("TEST_AMQP".to_owned(), amqp.clone()),
-            ("TEST_EXCHANGE".to_owned(), exchange.clone()),
+            ("TEST_TRANSPORT".to_owned(), broker.transport.clone()),
+            ("TEST_BROKER".to_owned(), broker.url.clone()),
+            ("TEST_EXCHANGE".to_owned(), broker.exchange.clone()),
+            (
+                "TEST_STEP_TIMEOUT_MS".to_owned(),
+                broker.step_timeout.as_millis().to_string(),
+            ),
             ("TEST_CATALOG".to_owned(), catalog_url.clone()),
         ]
     };
-    let mut inventory = Instance::start("inventory", env(&databases[1])).await;
-    let mut payments = Instance::start("payments", env(&databases[2])).await;
-    let mut orders = Instance::start("orders", env(&databases[3])).await;
+    let mut inventory = Instance::start(test, "inventory", env(&databases[1])).await;
+    let mut payments = Instance::start(test, "payments", env(&databases[2])).await;
+    let mut orders = Instance::start(test, "orders", env(&databases[3])).await;
 
     let admin = issuer.mint(json!({"sub": "root", "roles": ["admin"]}));
     let http = reqwest::Client::new();
@@ -243,9 +322,9 @@ async fn every_order_ends_and_stock_and_money_add_up_under_crashes_and_a_cut_bro
     pause(900).await;
     payments.restart().await;
     pause(300).await;
-    broker.cut();
+    proxy.cut();
     pause(1000).await;
-    broker.restore();
+    proxy.restore();
     pause(300).await;
     orders.kill();
     pause(600).await;
