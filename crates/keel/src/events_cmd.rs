@@ -1,6 +1,6 @@
 //! `keel events`: the event bus's dead letters, listed and replayed from the command line
-//! (RabbitMQ; an in-process bus's dead letters live in its service, under
-//! `/admin/dead-letters/<group>`).
+//! (RabbitMQ, or Kafka in a build with the `kafka` feature; an in-process bus's dead letters
+//! live in its service, under `/admin/dead-letters/<group>`).
 
 use clap::{Args, Subcommand};
 use keel_runtime::Secret;
@@ -21,7 +21,8 @@ pub struct EventsArgs {
         default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
     )]
     url: String,
-    /// The services' exchange (it must exist; the group's queues are named after it).
+    /// The services' exchange (it must exist; the group's queues are named after it), or
+    /// on Kafka their namespace.
     #[arg(
         long,
         global = true,
@@ -29,6 +30,10 @@ pub struct EventsArgs {
         default_value = "keel.events"
     )]
     exchange: String,
+    /// Kafka's brokers, `host:port[,…]`: given, the bus is Kafka rather than RabbitMQ.
+    #[cfg(feature = "kafka")]
+    #[arg(long, global = true, env = "KEEL_KAFKA_BROKERS")]
+    kafka: Option<String>,
 }
 
 /// Never the URL: it holds the broker's password.
@@ -62,13 +67,7 @@ enum EventsCommand {
 }
 
 pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
-    let options = RabbitMqOptions {
-        url: Secret::new(args.url),
-        exchange: args.exchange,
-        passive_exchange: true,
-        ..RabbitMqOptions::default()
-    };
-    let bus = Bus::rabbitmq("keel-cli", options).await?;
+    let bus = bus(&args).await?;
     match args.command {
         EventsCommand::DeadLetters { group, limit } => {
             for letter in bus.dead_letters(&group, limit).await? {
@@ -81,4 +80,23 @@ pub async fn run(args: EventsArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+async fn bus(args: &EventsArgs) -> anyhow::Result<Bus> {
+    #[cfg(feature = "kafka")]
+    if let Some(brokers) = &args.kafka {
+        let options = keel_sdk::events::KafkaOptions {
+            brokers: brokers.clone(),
+            namespace: args.exchange.clone(),
+            ..keel_sdk::events::KafkaOptions::default()
+        };
+        return Ok(Bus::kafka("keel-cli", options).await?);
+    }
+    let options = RabbitMqOptions {
+        url: Secret::new(args.url.clone()),
+        exchange: args.exchange.clone(),
+        passive_exchange: true,
+        ..RabbitMqOptions::default()
+    };
+    Ok(Bus::rabbitmq("keel-cli", options).await?)
 }

@@ -484,18 +484,44 @@ impl keel_sdk::Handler<Doomed> for Refuse {
 #[tokio::test]
 async fn dead_letters_are_listed_and_replayed_from_the_command_line() {
     use keel_sdk::events::{Bus, RabbitMqOptions};
+    use keel_testkit::{Service, require, unique_name};
 
-    if !keel_testkit::require(keel_testkit::Service::RabbitMq) {
-        return;
+    if require(Service::RabbitMq) {
+        let exchange = unique_name("keel-cli");
+        let options = RabbitMqOptions {
+            exchange: exchange.clone(),
+            queue_expiry: Some(Duration::from_secs(120)),
+            auto_delete_exchange: true,
+            ..RabbitMqOptions::default()
+        };
+        let bus = Bus::rabbitmq("cli-test", options).await.unwrap();
+        // The broker the test's own bus uses, whatever the environment says.
+        let url = RabbitMqOptions::default().url.expose().clone();
+        let args = ["--exchange", &exchange];
+        dead_letters_through_the_cli(&bus, &args, &[("KEEL_RABBITMQ_URL", &url)]).await;
     }
-    let exchange = keel_testkit::unique_name("keel-cli");
-    let options = RabbitMqOptions {
-        exchange: exchange.clone(),
-        queue_expiry: Some(Duration::from_secs(120)),
-        auto_delete_exchange: true,
-        ..RabbitMqOptions::default()
-    };
-    let bus = Bus::rabbitmq("cli-test", options).await.unwrap();
+    #[cfg(feature = "kafka")]
+    if require(Service::Kafka) {
+        let namespace = unique_name("keel-cli");
+        let options = keel_sdk::events::KafkaOptions {
+            namespace: namespace.clone(),
+            fetch_wait: keel_testkit::KAFKA_FETCH_WAIT,
+            ..keel_sdk::events::KafkaOptions::default()
+        };
+        let brokers = options.brokers.clone();
+        let bus = Bus::kafka("cli-test", options).await.unwrap();
+        let args = ["--exchange", &namespace, "--kafka", &brokers];
+        dead_letters_through_the_cli(&bus, &args, &[]).await;
+    }
+}
+
+/// A message dead-lettered on `bus`, listed and replayed by `keel events` with `args` (and
+/// `env`) naming the same broker.
+async fn dead_letters_through_the_cli(
+    bus: &keel_sdk::events::Bus,
+    args: &[&str],
+    env: &[(&str, &str)],
+) {
     let file = TestSqlite::new("keel-cli-events");
     let db = keel_sdk::Database::connect(&file.url(), &keel_sdk::Migrations::none())
         .await
@@ -516,7 +542,7 @@ async fn dead_letters_are_listed_and_replayed_from_the_command_line() {
             .dead_lettered
             .load(std::sync::atomic::Ordering::Relaxed)
     };
-    for _ in 0..200 {
+    for _ in 0..400 {
         if dead() == 1 {
             break;
         }
@@ -527,14 +553,12 @@ async fn dead_letters_are_listed_and_replayed_from_the_command_line() {
     shutdown.trigger();
     running.await.unwrap();
 
-    let cli = |args: &[&str]| {
-        // The group's queues are named after the exchange too.
+    let cli = |command: &[&str]| {
         let output = keel()
             .arg("events")
+            .args(command)
             .args(args)
-            .args(["--exchange", &exchange])
-            // The broker the test's own bus uses, whatever the environment says.
-            .env("KEEL_RABBITMQ_URL", RabbitMqOptions::default().url.expose())
+            .envs(env.iter().copied())
             .output()
             .unwrap();
         assert!(

@@ -54,10 +54,16 @@ const ERROR: &str = "x-keel-error";
 const FAILED_AT: &str = "x-keel-failed-at";
 const EVENT_TYPE: &str = "x-keel-event-type";
 const ID: &str = "x-keel-id";
-/// On a record of the dead-letter topic: the letters with this id before it were replayed.
+/// On a record of the dead-letter topic: the letters with this id before the offset in
+/// [`REPLAYED_BEFORE`] were replayed.
 const REPLAYED: &str = "x-keel-replayed";
+const REPLAYED_BEFORE: &str = "x-keel-replayed-before";
 /// The longest error text kept with a dead letter.
 const MAX_ERROR_BYTES: usize = 1024;
+/// The largest record the bus produces, and its topics accept: the largest envelope a
+/// consumer takes with a dead letter's headers (Kafka's default is 1,000,000 bytes, less
+/// than an envelope may be).
+const MAX_RECORD_BYTES: usize = super::MAX_ENVELOPE_BYTES + 64 * 1024;
 /// The longest namespace: with the longest event type (200 bytes) it stays within Kafka's
 /// 249-character topic names.
 const MAX_NAMESPACE: usize = 40;
@@ -135,6 +141,7 @@ impl Kafka {
             // client publishes it.
             .set("partitioner", "murmur2_random")
             .set("linger.ms", "1")
+            .set("message.max.bytes", MAX_RECORD_BYTES.to_string())
             .set("message.timeout.ms", millis(options.timeout).to_string());
         let producer: FutureProducer = producer.create()?;
         let admin: AdminClient<DefaultClientContext> = client_config(&options).create()?;
@@ -174,10 +181,16 @@ impl Kafka {
         let name = topic.to_owned();
         let exists = blocking(timeout, move || {
             let metadata = producer.client().fetch_metadata(Some(&name), timeout)?;
-            Ok(metadata
-                .topics()
-                .iter()
-                .any(|found| found.error().is_none() && !found.partitions().is_empty()))
+            let Some(found) = metadata.topics().iter().find(|found| found.name() == name) else {
+                return Ok(false);
+            };
+            match found.error().map(RDKafkaErrorCode::from) {
+                None => Ok(!found.partitions().is_empty()),
+                Some(RDKafkaErrorCode::UnknownTopicOrPartition) => Ok(false),
+                // Not allowed to see it, a broker not yet told of it, …: not "nobody
+                // listens", which would drop the event.
+                Some(code) => Err(BusError::Kafka(KafkaError::MetadataFetch(code))),
+            }
         })
         .await?;
         if exists {
@@ -301,10 +314,18 @@ impl Kafka {
             return Ok(());
         }
         let replicas = self.inner.options.replication_factor;
+        let max_record = MAX_RECORD_BYTES.to_string();
         let new: Vec<NewTopic<'_>> = missing
             .iter()
             .map(|(topic, partitions)| {
-                NewTopic::new(topic, *partitions, TopicReplication::Fixed(replicas))
+                let new = NewTopic::new(topic, *partitions, TopicReplication::Fixed(replicas))
+                    .set("max.message.bytes", &max_record);
+                // Dead letters stay until replayed, as on RabbitMQ.
+                if topic.ends_with(DEAD_SUFFIX) {
+                    new.set("retention.ms", "-1")
+                } else {
+                    new
+                }
             })
             .collect();
         let timeout = self.inner.options.timeout;
@@ -377,17 +398,20 @@ impl Kafka {
                 "fetch.wait.max.ms",
                 millis(self.inner.options.fetch_wait).to_string(),
             );
-        let consumer: StreamConsumer = config.create()?;
+        let consumer = Closing(Some(config.create()?));
         let mut topics: Vec<String> = core.event_types().map(|t| self.topic(t)).collect();
         topics.push(names.replay.clone());
         let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
 
         // A worker per concurrent message; a partition always goes to the same worker, so
-        // its messages are handled one after the other, in order.
+        // its messages are handled one after the other, in order. The dispatcher waits for
+        // a worker only when BACKLOG messages are waiting for it: it must go on polling,
+        // for librdkafka answers a rebalance only while polled, and the whole group waits
+        // for each member to answer.
         let workers = concurrency.max(1);
         let (senders, receivers): (Vec<_>, Vec<_>) = (0..workers)
-            .map(|_| tokio::sync::mpsc::channel::<OwnedMessage>(1))
+            .map(|_| tokio::sync::mpsc::channel::<OwnedMessage>(BACKLOG))
             .unzip();
         let work = futures_util::future::join_all(
             receivers
@@ -399,8 +423,9 @@ impl Kafka {
             let mut errors = 0;
             loop {
                 let message = tokio::select! {
-                    message = stream.next() => message,
+                    biased;
                     () = shutdown.wait() => break,
+                    message = stream.next() => message,
                 };
                 match message {
                     Some(Ok(message)) => {
@@ -432,11 +457,14 @@ impl Kafka {
         // What was settled is committed before the consumer leaves its group, both off the
         // async threads and bounded: with the cluster gone, librdkafka would wait for ever.
         let group = core.group.clone();
+        let consumer = consumer.take();
         let closed = blocking(self.inner.options.timeout, move || {
-            if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
-                tracing::debug!(%error, %group, "final offset commit");
+            if let Some(consumer) = consumer {
+                if let Err(error) = consumer.commit_consumer_state(CommitMode::Sync) {
+                    tracing::debug!(%error, %group, "final offset commit");
+                }
+                drop(consumer);
             }
-            drop(consumer);
             Ok(())
         })
         .await;
@@ -448,7 +476,8 @@ impl Kafka {
 
     /// Settles the messages of the partitions given to one worker, storing each one's
     /// offset once settled; stops at shutdown (a message in hand is given back: its offset
-    /// stays unstored, and it is delivered again).
+    /// stays unstored, and it is delivered again). A message of a partition taken away
+    /// meanwhile is left to its new owner.
     async fn work(
         &self,
         consumer: &StreamConsumer,
@@ -466,38 +495,52 @@ impl Kafka {
                     None => return,
                 },
             };
-            if !self.settle(names, core, &message, shutdown).await {
-                return;
-            }
-            // Fails when the partition was taken away meanwhile: its new owner gets the
-            // message again, and its inbox knows it.
-            if let Err(error) =
-                consumer.store_offset(message.topic(), message.partition(), message.offset())
-            {
-                tracing::debug!(%error, group = %core.group, "offset not stored");
+            let settled = if assigned(consumer, &message) {
+                self.settle(consumer, names, core, &message, shutdown).await
+            } else {
+                Settled::Dropped
+            };
+            match settled {
+                Settled::GivenBack => return,
+                Settled::Dropped => {}
+                // Fails when the partition was taken away meanwhile: its new owner gets
+                // the message again, and its inbox knows it.
+                Settled::Done => {
+                    if let Err(error) = consumer.store_offset(
+                        message.topic(),
+                        message.partition(),
+                        message.offset(),
+                    ) {
+                        tracing::debug!(%error, group = %core.group, "offset not stored");
+                    }
+                }
             }
         }
     }
 
-    /// Handles one message: done, or retried in place after its delay, or dead-lettered;
-    /// false when it was given back (shutdown).
+    /// Handles one message: done, or retried in place after its delay, or dead-lettered.
     async fn settle(
         &self,
+        consumer: &StreamConsumer,
         names: &Names,
         core: &ConsumerCore,
         message: &OwnedMessage,
         shutdown: &Shutdown,
-    ) -> bool {
+    ) -> Settled {
         let payload = message.payload().unwrap_or_default();
         let mut attempt = header_u32(message, ATTEMPT).unwrap_or(1).max(1);
         loop {
             match core.process(payload, attempt, shutdown).await {
-                Outcome::Done | Outcome::Duplicate => return true,
-                Outcome::GiveBack => return false,
+                Outcome::Done | Outcome::Duplicate => return Settled::Done,
+                Outcome::GiveBack => return Settled::GivenBack,
                 Outcome::Retry { delay, .. } => {
                     tokio::select! {
                         () = tokio::time::sleep(delay) => attempt += 1,
-                        () = shutdown.wait() => return false,
+                        () = shutdown.wait() => return Settled::GivenBack,
+                    }
+                    // Its new owner tries it from the first attempt.
+                    if !assigned(consumer, message) {
+                        return Settled::Dropped;
                     }
                 }
                 Outcome::Dead {
@@ -505,6 +548,9 @@ impl Kafka {
                     event_type,
                     error,
                 } => {
+                    if !assigned(consumer, message) {
+                        return Settled::Dropped;
+                    }
                     let letter = Letter {
                         id: &id,
                         event_type: &event_type,
@@ -514,13 +560,13 @@ impl Kafka {
                     let mut failures = 0;
                     loop {
                         match self.dead_letter(names, message, &letter).await {
-                            Ok(()) => return true,
+                            Ok(()) => return Settled::Done,
                             Err(error) => {
                                 failures += 1;
                                 tracing::warn!(%error, group = %core.group, "dead letter not stored; trying again");
                                 tokio::select! {
                                     () = tokio::time::sleep(reconnect_delay(failures)) => {}
-                                    () = shutdown.wait() => return false,
+                                    () = shutdown.wait() => return Settled::GivenBack,
                                 }
                             }
                         }
@@ -565,12 +611,11 @@ impl Kafka {
                 value: Some(&failed_at),
             });
         let key = message.key().map(String::from_utf8_lossy);
-        let delivery = self.produce(
-            &names.dead,
-            key.as_deref(),
-            message.payload().unwrap_or_default(),
-            headers,
-        )?;
+        // A record too large to read is kept cut to the largest readable size, so that its
+        // dead letter fits within the topic's limit with these headers.
+        let payload = message.payload().unwrap_or_default();
+        let payload = &payload[..payload.len().min(super::MAX_ENVELOPE_BYTES)];
+        let delivery = self.produce(&names.dead, key.as_deref(), payload, headers)?;
         self.delivered(vec![delivery]).await
     }
 
@@ -634,10 +679,16 @@ impl Kafka {
                 .await?;
             }
             Some(id) if !chosen.is_empty() => {
-                let headers = OwnedHeaders::new().insert(Header {
-                    key: REPLAYED,
-                    value: Some(id),
-                });
+                let end = log.end.to_string();
+                let headers = OwnedHeaders::new()
+                    .insert(Header {
+                        key: REPLAYED,
+                        value: Some(id),
+                    })
+                    .insert(Header {
+                        key: REPLAYED_BEFORE,
+                        value: Some(&end),
+                    });
                 let marker = self.produce(&names.dead, None, b"", headers)?;
                 self.delivered(vec![marker]).await?;
             }
@@ -741,6 +792,60 @@ fn start_at_end(
     Ok(())
 }
 
+/// Messages a worker may have waiting before the dispatcher waits for it: enough for its
+/// partitions to go on arriving through a message's retries (seconds at a time), while the
+/// other workers and the group's rebalances go on.
+const BACKLOG: usize = 10_000;
+
+/// What became of a message a worker took.
+enum Settled {
+    /// Handled, found handled before, or dead-lettered: its offset may be stored.
+    Done,
+    /// Given back at shutdown: delivered again later.
+    GivenBack,
+    /// Its partition was taken away: left to the new owner.
+    Dropped,
+}
+
+/// A group consumer that, dropped anywhere (a task aborted, say), closes on a thread of its
+/// own: librdkafka's close waits for the group's coordinator, which may be gone.
+struct Closing(Option<StreamConsumer>);
+
+impl Closing {
+    fn take(mut self) -> Option<StreamConsumer> {
+        self.0.take()
+    }
+}
+
+impl std::ops::Deref for Closing {
+    type Target = StreamConsumer;
+
+    fn deref(&self) -> &StreamConsumer {
+        self.0
+            .as_ref()
+            .unwrap_or_else(|| unreachable!("taken only when dropped"))
+    }
+}
+
+impl Drop for Closing {
+    fn drop(&mut self) {
+        if let Some(consumer) = self.0.take() {
+            let _ = std::thread::Builder::new()
+                .name("keel-kafka-close".to_owned())
+                .spawn(move || drop(consumer));
+        }
+    }
+}
+
+/// Whether `message`'s partition is still this consumer's.
+fn assigned(consumer: &StreamConsumer, message: &OwnedMessage) -> bool {
+    consumer.assignment().is_ok_and(|assignment| {
+        assignment
+            .find_partition(message.topic(), message.partition())
+            .is_some()
+    })
+}
+
 /// A dead letter being written.
 struct Letter<'a> {
     id: &'a str,
@@ -752,6 +857,7 @@ struct Letter<'a> {
 /// A record of the dead-letter topic.
 #[derive(Debug)]
 struct Entry {
+    offset: i64,
     id: String,
     key: Option<String>,
     payload: Vec<u8>,
@@ -809,20 +915,29 @@ fn read_dead_log(
     let mut from = TopicPartitionList::new();
     from.add_partition_offset(topic, 0, Offset::Offset(cursor))?;
     consumer.assign(&from)?;
-    let deadline = Instant::now() + timeout;
+    // However long the log, only a stall (no record for `timeout`) fails the read.
+    let mut deadline = Instant::now() + timeout;
     let mut next = cursor;
     while next < end {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(BusError::Timeout(timeout));
         }
-        let Some(record) = consumer.poll(left) else {
-            continue;
+        let record = match consumer.poll(left) {
+            None => continue,
+            Some(Err(error)) if error.rdkafka_error_code().is_some_and(transient) => continue,
+            Some(record) => record?,
         };
-        let record = record?;
+        deadline = Instant::now() + timeout;
         next = record.offset() + 1;
         if let Some(replayed) = header_text(&record, REPLAYED) {
-            log.live.retain(|entry| entry.id != replayed);
+            // Only the letters that were there when the replay read the log: one that
+            // failed again meanwhile stays.
+            let before = header_text(&record, REPLAYED_BEFORE)
+                .and_then(|end| end.parse::<i64>().ok())
+                .unwrap_or(record.offset());
+            log.live
+                .retain(|entry| entry.id != replayed || entry.offset >= before);
             continue;
         }
         log.live.push(entry(&record));
@@ -842,6 +957,7 @@ fn entry<M: Message>(record: &M) -> Entry {
         .or_else(|| envelope.map(|envelope| envelope.event_type))
         .unwrap_or_default();
     Entry {
+        offset: record.offset(),
         id,
         key: record
             .key()
@@ -853,6 +969,8 @@ fn entry<M: Message>(record: &M) -> Entry {
         payload,
     }
 }
+
+const DEAD_SUFFIX: &str = ".dead";
 
 /// The names of a consumer group's Kafka resources.
 struct Names {
@@ -868,7 +986,7 @@ impl Names {
         Self {
             group: format!("{namespace}.{group}"),
             replay: format!("{namespace}.__group.{group}.replay"),
-            dead: format!("{namespace}.__group.{group}.dead"),
+            dead: format!("{namespace}.__group.{group}{DEAD_SUFFIX}"),
             cursor: format!("{namespace}.{group}.dead-letters"),
         }
     }
@@ -896,9 +1014,12 @@ fn topic_byte(b: u8) -> bool {
 /// partitions to another: a worker holding one message through every attempt of it keeps
 /// the others waiting that long.
 fn max_poll_interval(core: &ConsumerCore) -> u64 {
-    let per_attempt = core.retry.handler_timeout + core.retry.max_delay;
+    let per_attempt = core
+        .retry
+        .handler_timeout
+        .saturating_add(core.retry.max_delay);
     let held = per_attempt.saturating_mul(core.retry.max_attempts.max(1));
-    millis(held + Duration::from_secs(60)).clamp(300_000, 86_400_000)
+    millis(held.saturating_add(Duration::from_secs(60))).clamp(300_000, 86_400_000)
 }
 
 fn header_value<'a, M: Message>(record: &'a M, name: &str) -> Option<&'a [u8]> {
@@ -927,6 +1048,17 @@ fn truncate(text: &str) -> &str {
         end -= 1;
     }
     &text[..end]
+}
+
+/// Errors a consumer passes up that pass by themselves (librdkafka retries).
+fn transient(code: RDKafkaErrorCode) -> bool {
+    matches!(
+        code,
+        RDKafkaErrorCode::BrokerTransportFailure
+            | RDKafkaErrorCode::AllBrokersDown
+            | RDKafkaErrorCode::OperationTimedOut
+            | RDKafkaErrorCode::RequestTimedOut
+    )
 }
 
 fn hash(text: &str) -> usize {

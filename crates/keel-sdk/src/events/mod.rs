@@ -79,6 +79,8 @@ pub enum BusError {
     ReplyType(String),
     #[error("consumer group {0:?} handles no event type")]
     NoHandlers(String),
+    #[error("the envelope is {0} bytes; a consumer takes at most {MAX_ENVELOPE_BYTES}")]
+    TooLarge(usize),
 }
 
 /// A message as a transport carries it: the envelope's bytes and what routes it.
@@ -87,6 +89,7 @@ pub(crate) struct Outgoing {
     pub id: String,
     pub event_type: String,
     /// The aggregate (the envelope's subject): Kafka's record key.
+    #[cfg(feature = "kafka")]
     pub key: Option<String>,
     pub payload: Vec<u8>,
 }
@@ -96,6 +99,7 @@ impl Outgoing {
         Self {
             id: envelope.id.clone(),
             event_type: envelope.event_type.clone(),
+            #[cfg(feature = "kafka")]
             key: envelope.subject.clone(),
             payload: envelope.to_vec(),
         }
@@ -345,7 +349,12 @@ impl Bus {
         tx: &mut Tx,
         envelope: &Envelope,
     ) -> Result<(), BusError> {
-        outbox::insert(tx, envelope).await?;
+        // Refused now, rather than stuck at the head of the outbox or dead-lettered unread.
+        let payload = envelope.to_vec();
+        if payload.len() > MAX_ENVELOPE_BYTES {
+            return Err(BusError::TooLarge(payload.len()));
+        }
+        outbox::insert(tx, envelope, &payload).await?;
         tx.wake_relay_after_commit();
         Ok(())
     }
@@ -393,6 +402,12 @@ impl Bus {
 
     /// Publishes `batch` in order; returns once the broker has confirmed all of it.
     async fn publish_batch(&self, batch: &[Outgoing], mandatory: bool) -> Result<(), BusError> {
+        if let Some(message) = batch
+            .iter()
+            .find(|message| message.payload.len() > MAX_ENVELOPE_BYTES)
+        {
+            return Err(BusError::TooLarge(message.payload.len()));
+        }
         match &self.inner.transport {
             Transport::InProcess(bus) => bus.publish(batch, mandatory)?,
             Transport::RabbitMq(bus) => bus.publish(batch, mandatory).await?,

@@ -21,7 +21,12 @@ use crate::data::{Backend, Database, FileLock, Tx};
 /// The relay's advisory lock (PostgreSQL): "keel" and "outbox" in ASCII, shortened.
 const RELAY_LOCK: i64 = 0x6b65_656c_6f62;
 
-pub(crate) async fn insert(tx: &mut Tx, envelope: &Envelope) -> Result<(), sqlx::Error> {
+/// Stages `envelope`, serialized as `payload`.
+pub(crate) async fn insert(
+    tx: &mut Tx,
+    envelope: &Envelope,
+    payload: &[u8],
+) -> Result<(), sqlx::Error> {
     sqlx::query(
         "INSERT INTO keel_outbox (event_id, event_type, subject, envelope, created_at) \
          VALUES ($1, $2, $3, $4, $5)",
@@ -29,7 +34,7 @@ pub(crate) async fn insert(tx: &mut Tx, envelope: &Envelope) -> Result<(), sqlx:
     .bind(&envelope.id)
     .bind(&envelope.event_type)
     .bind(envelope.subject.as_deref())
-    .bind(String::from_utf8_lossy(&envelope.to_vec()).into_owned())
+    .bind(String::from_utf8_lossy(payload).into_owned())
     .bind(crate::data::unix_millis())
     .execute(&mut **tx)
     .await?;
@@ -202,6 +207,7 @@ impl Relay {
             batch.push(Outgoing {
                 id: row.try_get("event_id")?,
                 event_type: row.try_get("event_type")?,
+                #[cfg(feature = "kafka")]
                 key: row.try_get("subject")?,
                 payload: row.try_get::<String, _>("envelope")?.into_bytes(),
             });

@@ -102,6 +102,40 @@ async fn each_keys_events_are_handled_in_the_order_they_were_published() {
 }
 
 #[tokio::test]
+async fn an_event_too_large_for_a_consumer_is_refused_when_published_or_staged() {
+    for transport in transports() {
+        let bus = bus(transport, "bank").await;
+        let test = TestDb::sqlite().await;
+        let (_, consumer) = declare(&bus, &test.db, Apply::default()).await;
+        let _running = run(consumer);
+        let huge = deposit(&"x".repeat(keel_sdk::events::MAX_ENVELOPE_BYTES), 1, 1);
+        let error = bus.publish(&huge).await.unwrap_err();
+        assert!(
+            matches!(error, BusError::TooLarge(_)),
+            "{transport:?}: {error}"
+        );
+        let mut tx = test.db.begin().await.unwrap();
+        let error = bus.stage(&mut tx, &huge).await.unwrap_err();
+        assert!(
+            matches!(error, BusError::TooLarge(_)),
+            "{transport:?}: {error}"
+        );
+        tx.commit().await.unwrap();
+        let staged: i64 = keel_sdk::sqlx::query_scalar("SELECT count(*) FROM keel_outbox")
+            .fetch_one(test.db.pool())
+            .await
+            .unwrap();
+        assert_eq!(staged, 0, "{transport:?}: nothing staged");
+        // The bus goes on with events of a fitting size.
+        bus.publish(&deposit("a", 2, 1)).await.unwrap();
+        eventually(&format!("{transport:?}: handled"), WAIT, || async {
+            effects(&test.db).await == (1, 1)
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
 async fn a_redelivered_event_changes_nothing() {
     for transport in transports() {
         let bus = bus(transport, "bank").await;
