@@ -166,6 +166,75 @@ async fn hostile_bytes_on_the_queue_are_dead_lettered_unread() {
     .await;
 }
 
+/// The same on Kafka, with hostile record headers and keys besides.
+#[cfg(feature = "kafka")]
+#[tokio::test]
+async fn hostile_records_on_a_kafka_topic_are_dead_lettered_unread() {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+
+    if !require(Service::Kafka) {
+        return;
+    }
+    let bus = bus(Transport::Kafka, "bank").await;
+    let test = TestDb::sqlite().await;
+    let (group, consumer) = declare(&bus, &test.db, Apply::default()).await;
+    let running = run(consumer);
+
+    let mut wrong_data = keel_sdk::events::Envelope::new("bank", &deposit("a", 1, 1)).unwrap();
+    wrong_data.data = serde_json::json!({"account": 7});
+    let bodies = [
+        b"\xff\xfe not json".to_vec(),
+        br#"{"specversion":"1.0"}"#.to_vec(),
+        wrong_data.to_vec(),
+    ];
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", "127.0.0.1:9092")
+        .create()
+        .unwrap();
+    let topic = format!("{}.keel.test.deposited.v1", bus.exchange());
+    for body in &bodies {
+        // An attempt header that is no number, a key that is no UTF-8.
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "x-keel-attempt",
+            value: Some(&b"\xff-1e99"[..]),
+        });
+        let record = FutureRecord::to(&topic)
+            .payload(body)
+            .key(&b"\xfe\xff"[..])
+            .headers(headers);
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .map_err(|(error, _)| error)
+            .unwrap();
+    }
+    eventually("three dead letters", WAIT, || async {
+        running.stats.dead_lettered.load(Ordering::Relaxed) == 3
+    })
+    .await;
+    let dead = bus.dead_letters(&group, 10).await.unwrap();
+    let errors: Vec<&str> = dead.iter().map(|letter| letter.error.as_str()).collect();
+    assert_eq!(errors.len(), 3, "{errors:?}");
+    assert!(
+        errors[0].starts_with("not a CloudEvents JSON envelope"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].starts_with("not a CloudEvents JSON envelope"),
+        "{errors:?}"
+    );
+    assert!(errors[2].contains("does not match its type"), "{errors:?}");
+    assert_eq!(dead[2].id, wrong_data.id);
+    assert_eq!(dead[0].attempts, 1, "{:?}", dead[0]);
+    // The consumer is still there for good messages.
+    bus.publish(&deposit("a", 2, 1)).await.unwrap();
+    eventually("a good message after the bad", WAIT, || async {
+        effects(&test.db).await == (1, 1)
+    })
+    .await;
+}
+
 async fn raw_publish(exchange: &str, routing_key: &str, bodies: &[Vec<u8>]) {
     use lapin::options::BasicPublishOptions;
     let connection = lapin::Connection::connect(
