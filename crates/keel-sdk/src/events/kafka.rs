@@ -126,7 +126,7 @@ struct Inner {
 
 impl Kafka {
     /// Checks the namespace, makes the producer and the admin client, and waits for the
-    /// cluster's metadata (the brokers answer).
+    /// cluster's id (the brokers answer).
     pub async fn connect(options: KafkaOptions) -> Result<Self, BusError> {
         let valid = !options.namespace.is_empty()
             && options.namespace.len() <= MAX_NAMESPACE
@@ -155,9 +155,13 @@ impl Kafka {
         };
         let producer = bus.inner.producer.clone();
         let timeout = bus.inner.options.timeout;
+        // The cluster's id, not its metadata: the latter lists every topic of the cluster.
         blocking(timeout, move || {
-            producer.client().fetch_metadata(None, timeout)?;
-            Ok(())
+            producer
+                .client()
+                .fetch_cluster_id(timeout)
+                .map(drop)
+                .ok_or(BusError::Timeout(timeout))
         })
         .await?;
         Ok(bus)
@@ -220,9 +224,13 @@ impl Kafka {
     /// a command (`mandatory`) is refused with [`BusError::Unroutable`].
     pub async fn publish(&self, batch: &[Outgoing], mandatory: bool) -> Result<(), BusError> {
         let mut deliveries = Vec::with_capacity(batch.len());
+        // Asked of the cluster once per batch: a relay's batch often holds many events of
+        // a type nobody listens to.
+        let mut absent: HashSet<String> = HashSet::new();
         for message in batch {
             let topic = self.topic(&message.event_type);
-            if !self.exists(&topic).await? {
+            if absent.contains(&topic) || !self.exists(&topic).await? {
+                absent.insert(topic);
                 if mandatory {
                     return Err(BusError::Unroutable(message.event_type.clone()));
                 }
@@ -639,10 +647,8 @@ impl Kafka {
             .iter()
             .filter(|entry| id.is_none_or(|id| entry.id == id))
             .collect();
-        if !chosen.is_empty() {
-            // The replay topic is the group's own: replaying never reaches other groups.
-            self.create_topics(&[(names.replay.clone(), 1)]).await?;
-        }
+        // The replay topic (declared with the group, as the dead-letter topic read above
+        // was) is the group's own: replaying never reaches other groups.
         let mut deliveries = Vec::with_capacity(chosen.len());
         for entry in &chosen {
             let headers = OwnedHeaders::new()

@@ -7,12 +7,12 @@ use std::time::Duration;
 use keel_runtime::Shutdown;
 use keel_sdk::Tx;
 use keel_sdk::data::Database;
-use keel_sdk::events::{Bus, Handler, HandlerError, Received};
+use keel_sdk::events::{Handler, HandlerError, Received};
 use keel_testkit::{ChildTest, Service, child_role, require, unique_name};
 
 use crate::helpers::{
     Apply, Deposited, MIGRATIONS, TestDb, Transport, backends, brokers, bus, bus_in, declare,
-    deposit, effects, eventually, handled_order, rabbitmq_options, record, run, transports,
+    deposit, effects, eventually, handled_order, record, run, transports,
 };
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -120,81 +120,73 @@ async fn a_rejected_event_is_dead_lettered_at_once_and_a_replay_that_fails_again
 }
 
 #[tokio::test]
-async fn hostile_bytes_on_the_queue_are_dead_lettered_unread() {
-    if !require(Service::RabbitMq) {
-        return;
-    }
-    let exchange = unique_name("keel-test");
-    let bus = Bus::rabbitmq("bank", rabbitmq_options(&exchange))
-        .await
-        .unwrap();
-    let test = TestDb::sqlite().await;
-    let (group, consumer) = declare(&bus, &test.db, Apply::default()).await;
-    let running = run(consumer);
+async fn hostile_bytes_from_the_broker_are_dead_lettered_unread() {
+    for transport in brokers() {
+        let bus = bus(transport, "bank").await;
+        let test = TestDb::sqlite().await;
+        let (group, consumer) = declare(&bus, &test.db, Apply::default()).await;
+        let running = run(consumer);
 
-    // Straight onto the exchange, past the SDK: not JSON; JSON but no envelope; an
-    // envelope whose data does not fit the type.
-    let mut wrong_data = keel_sdk::events::Envelope::new("bank", &deposit("a", 1, 1)).unwrap();
-    wrong_data.data = serde_json::json!({"account": 7});
-    let bodies = [
-        b"\xff\xfe not json".to_vec(),
-        br#"{"specversion":"1.0"}"#.to_vec(),
-        wrong_data.to_vec(),
-    ];
-    raw_publish(&exchange, "keel.test.deposited.v1", &bodies).await;
-    eventually("three dead letters", WAIT, || async {
-        running.stats.dead_lettered.load(Ordering::Relaxed) == 3
-    })
-    .await;
-    let dead = bus.dead_letters(&group, 10).await.unwrap();
-    let errors: Vec<&str> = dead.iter().map(|letter| letter.error.as_str()).collect();
-    assert!(
-        errors[0].starts_with("not a CloudEvents JSON envelope"),
-        "{errors:?}"
-    );
-    assert!(
-        errors[1].starts_with("not a CloudEvents JSON envelope"),
-        "{errors:?}"
-    );
-    assert!(errors[2].contains("does not match its type"), "{errors:?}");
-    assert_eq!(dead[2].id, wrong_data.id);
-    // The consumer is still there for good messages.
-    bus.publish(&deposit("a", 2, 1)).await.unwrap();
-    eventually("a good message after the bad", WAIT, || async {
-        effects(&test.db).await == (1, 1)
-    })
-    .await;
+        // Straight onto the broker, past the SDK: not JSON; JSON but no envelope; an
+        // envelope whose data does not fit the type.
+        let mut wrong_data = keel_sdk::events::Envelope::new("bank", &deposit("a", 1, 1)).unwrap();
+        wrong_data.data = serde_json::json!({"account": 7});
+        let bodies = [
+            b"\xff\xfe not json".to_vec(),
+            br#"{"specversion":"1.0"}"#.to_vec(),
+            wrong_data.to_vec(),
+        ];
+        match transport {
+            #[cfg(feature = "kafka")]
+            Transport::Kafka => {
+                raw_produce(bus.exchange(), "keel.test.deposited.v1", &bodies).await
+            }
+            _ => raw_publish(bus.exchange(), "keel.test.deposited.v1", &bodies).await,
+        }
+        eventually(
+            &format!("{transport:?}: three dead letters"),
+            WAIT,
+            || async { running.stats.dead_lettered.load(Ordering::Relaxed) == 3 },
+        )
+        .await;
+        let dead = bus.dead_letters(&group, 10).await.unwrap();
+        let errors: Vec<&str> = dead.iter().map(|letter| letter.error.as_str()).collect();
+        assert_eq!(errors.len(), 3, "{transport:?}: {errors:?}");
+        assert!(
+            errors[0].starts_with("not a CloudEvents JSON envelope"),
+            "{transport:?}: {errors:?}"
+        );
+        assert!(
+            errors[1].starts_with("not a CloudEvents JSON envelope"),
+            "{transport:?}: {errors:?}"
+        );
+        assert!(errors[2].contains("does not match its type"), "{errors:?}");
+        assert_eq!(dead[2].id, wrong_data.id, "{transport:?}");
+        assert_eq!(dead[0].attempts, 1, "{transport:?}: {:?}", dead[0]);
+        // The consumer is still there for good messages.
+        bus.publish(&deposit("a", 2, 1)).await.unwrap();
+        eventually(
+            &format!("{transport:?}: a good message after the bad"),
+            WAIT,
+            || async { effects(&test.db).await == (1, 1) },
+        )
+        .await;
+    }
 }
 
-/// The same on Kafka, with hostile record headers and keys besides.
+/// Produces `bodies` straight onto the type's topic of `namespace`, each with an attempt
+/// header that is no number and a key that is no UTF-8.
 #[cfg(feature = "kafka")]
-#[tokio::test]
-async fn hostile_records_on_a_kafka_topic_are_dead_lettered_unread() {
+async fn raw_produce(namespace: &str, event_type: &str, bodies: &[Vec<u8>]) {
     use rdkafka::message::{Header, OwnedHeaders};
     use rdkafka::producer::{FutureProducer, FutureRecord};
 
-    if !require(Service::Kafka) {
-        return;
-    }
-    let bus = bus(Transport::Kafka, "bank").await;
-    let test = TestDb::sqlite().await;
-    let (group, consumer) = declare(&bus, &test.db, Apply::default()).await;
-    let running = run(consumer);
-
-    let mut wrong_data = keel_sdk::events::Envelope::new("bank", &deposit("a", 1, 1)).unwrap();
-    wrong_data.data = serde_json::json!({"account": 7});
-    let bodies = [
-        b"\xff\xfe not json".to_vec(),
-        br#"{"specversion":"1.0"}"#.to_vec(),
-        wrong_data.to_vec(),
-    ];
     let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", "127.0.0.1:9092")
+        .set("bootstrap.servers", Service::Kafka.addr().to_string())
         .create()
         .unwrap();
-    let topic = format!("{}.keel.test.deposited.v1", bus.exchange());
-    for body in &bodies {
-        // An attempt header that is no number, a key that is no UTF-8.
+    let topic = format!("{namespace}.{event_type}");
+    for body in bodies {
         let headers = OwnedHeaders::new().insert(Header {
             key: "x-keel-attempt",
             value: Some(&b"\xff-1e99"[..]),
@@ -209,30 +201,6 @@ async fn hostile_records_on_a_kafka_topic_are_dead_lettered_unread() {
             .map_err(|(error, _)| error)
             .unwrap();
     }
-    eventually("three dead letters", WAIT, || async {
-        running.stats.dead_lettered.load(Ordering::Relaxed) == 3
-    })
-    .await;
-    let dead = bus.dead_letters(&group, 10).await.unwrap();
-    let errors: Vec<&str> = dead.iter().map(|letter| letter.error.as_str()).collect();
-    assert_eq!(errors.len(), 3, "{errors:?}");
-    assert!(
-        errors[0].starts_with("not a CloudEvents JSON envelope"),
-        "{errors:?}"
-    );
-    assert!(
-        errors[1].starts_with("not a CloudEvents JSON envelope"),
-        "{errors:?}"
-    );
-    assert!(errors[2].contains("does not match its type"), "{errors:?}");
-    assert_eq!(dead[2].id, wrong_data.id);
-    assert_eq!(dead[0].attempts, 1, "{:?}", dead[0]);
-    // The consumer is still there for good messages.
-    bus.publish(&deposit("a", 2, 1)).await.unwrap();
-    eventually("a good message after the bad", WAIT, || async {
-        effects(&test.db).await == (1, 1)
-    })
-    .await;
 }
 
 async fn raw_publish(exchange: &str, routing_key: &str, bodies: &[Vec<u8>]) {
