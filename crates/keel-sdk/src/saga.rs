@@ -33,7 +33,7 @@ use futures_util::future::BoxFuture;
 use keel_runtime::Shutdown;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use sqlx::Row;
+use sqlx::{AnyConnection, Row};
 
 use crate::data::{Database, Tx, unix_millis as now_millis};
 use crate::events::consumer::Dispatch;
@@ -496,13 +496,23 @@ where
 
     /// The saga `id` with its history; `None` when there is none.
     pub async fn instance(&self, id: &str) -> Result<Option<SagaInstance>, SagaError> {
-        let pool = self.inner.db.pool();
+        let mut connection = self.inner.db.pool().acquire().await?;
+        self.instance_on(&mut connection, id).await
+    }
+
+    /// [`Orchestrator::instance`] on `connection` (one the caller already holds, to read
+    /// the saga beside what it is for).
+    pub async fn instance_on(
+        &self,
+        connection: &mut AnyConnection,
+        id: &str,
+    ) -> Result<Option<SagaInstance>, SagaError> {
         let Some(row) = sqlx::query(
             "SELECT saga, status, step, data, results, error FROM keel_sagas WHERE id = $1 AND saga = $2",
         )
         .bind(id)
         .bind(self.inner.saga.name)
-        .fetch_optional(pool)
+        .fetch_optional(&mut *connection)
         .await?
         else {
             return Ok(None);
@@ -511,7 +521,7 @@ where
             "SELECT step, phase, outcome, detail, at FROM keel_saga_steps WHERE saga_id = $1 ORDER BY seq",
         )
         .bind(id)
-        .fetch_all(pool)
+        .fetch_all(&mut *connection)
         .await?
         .iter()
         .map(|row| {

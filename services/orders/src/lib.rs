@@ -216,23 +216,26 @@ impl Orders {
         viewer: &CustomerId,
         admin: bool,
     ) -> Result<Option<OrderView>, OrdersError> {
-        let order = {
-            let mut connection = self.db.pool().acquire().await?;
-            store::get(&mut connection, id).await?
-        };
-        let Some(order) = order.filter(|order| domain::may_see(&order.customer, viewer, admin))
+        // One connection for the order and its sagas: a poll is one checkout.
+        let mut connection = self.db.pool().acquire().await?;
+        let Some(order) = store::get(&mut connection, id)
+            .await?
+            .filter(|order| domain::may_see(&order.customer, viewer, admin))
         else {
             return Ok(None);
         };
         // Placing's steps, then the cancellation's, if any.
         let mut steps = Vec::new();
         if let Some(saga) = &order.saga_id
-            && let Some(instance) = self.orchestrator.instance(saga).await?
+            && let Some(instance) = self.orchestrator.instance_on(&mut connection, saga).await?
         {
             steps.extend(instance.history);
         }
         if let Some(saga) = &order.cancel_saga_id
-            && let Some(instance) = self.cancellations.instance(saga).await?
+            && let Some(instance) = self
+                .cancellations
+                .instance_on(&mut connection, saga)
+                .await?
         {
             steps.extend(instance.history);
         }

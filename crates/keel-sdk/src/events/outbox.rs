@@ -132,9 +132,9 @@ impl Relay {
             }
             tokio::time::sleep(self.options.poll_interval).await;
         };
-        let mut relayed = 0;
+        let (mut relayed, mut published) = (0, Vec::new());
         loop {
-            let batch = self.relay_batch(&mut lead).await?;
+            let batch = self.relay_batch(&mut lead, &mut published).await?;
             if batch == 0 {
                 return Ok(relayed);
             }
@@ -168,8 +168,9 @@ impl Relay {
         shutdown: &Shutdown,
         failures: &mut u32,
     ) -> Result<(), BusError> {
+        let mut published = Vec::new();
         loop {
-            let relayed = self.relay_batch(&mut lead).await?;
+            let relayed = self.relay_batch(&mut lead, &mut published).await?;
             *failures = 0;
             if relayed > 0 {
                 continue;
@@ -187,16 +188,39 @@ impl Relay {
         }
     }
 
-    /// Publishes the oldest batch and deletes it; returns its size.
-    async fn relay_batch(&self, lead: &mut Lead) -> Result<usize, BusError> {
-        let select = sqlx::query(
-            "SELECT id, event_id, event_type, subject, envelope FROM keel_outbox ORDER BY id LIMIT $1",
-        )
-        .bind(i64::from(self.options.batch_size));
-        let rows = match lead {
-            Lead::Postgres(connection) => select.fetch_all(connection).await?,
-            Lead::Sqlite { .. } => select.fetch_all(self.db.pool()).await?,
+    /// Deletes the rows the last call published (`published`, confirmed by the broker)
+    /// and publishes the oldest batch, leaving its ids in `published` for the next call,
+    /// which the caller makes at once; returns the batch's size. The delete and the
+    /// select go to the database as one round trip (one implicit transaction).
+    async fn relay_batch(
+        &self,
+        lead: &mut Lead,
+        published: &mut Vec<i64>,
+    ) -> Result<usize, BusError> {
+        let select = format!(
+            "SELECT id, event_id, event_type, subject, envelope FROM keel_outbox ORDER BY id LIMIT {}",
+            self.options.batch_size
+        );
+        // Exactly the published ids: a row with a lower id may commit after their select
+        // (ids are drawn before commit), and must stay for a later batch.
+        let sql = if published.is_empty() {
+            select
+        } else {
+            let list = published
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            format!("DELETE FROM keel_outbox WHERE id IN ({list}); {select}")
         };
+        // Integers only, read from the table or configured: never input. Not prepared
+        // (the list differs every time): the simple protocol, one round trip.
+        let query = sqlx::raw_sql(sqlx::AssertSqlSafe(sql));
+        let rows = match lead {
+            Lead::Postgres(connection) => query.fetch_all(connection).await?,
+            Lead::Sqlite { .. } => query.fetch_all(self.db.pool()).await?,
+        };
+        published.clear();
         if rows.is_empty() {
             return Ok(0);
         }
@@ -213,16 +237,7 @@ impl Relay {
             });
         }
         self.bus.publish_batch(&batch, false).await?;
-        // Exactly the published ids: a row with a lower id may commit after the select
-        // (ids are drawn before commit), and must stay for the next batch.
-        let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
-        let delete = format!("DELETE FROM keel_outbox WHERE id IN ({list})");
-        // The list is integers read from the table, never input.
-        let delete = sqlx::query(sqlx::AssertSqlSafe(delete));
-        match lead {
-            Lead::Postgres(connection) => delete.execute(connection).await?,
-            Lead::Sqlite { .. } => delete.execute(self.db.pool()).await?,
-        };
+        *published = ids;
         metrics::counter!("keel_outbox_relayed_total").increment(rows.len() as u64);
         Ok(rows.len())
     }
