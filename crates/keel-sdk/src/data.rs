@@ -23,6 +23,8 @@ use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor};
 use sqlx_core::transaction::TransactionManager;
 use tokio::sync::Notify;
 
+use crate::events::outbox::{self, Staged};
+
 /// A service's migrations, one folder per backend:
 ///
 /// ```ignore
@@ -303,6 +305,7 @@ impl Database {
         Ok(Tx {
             held,
             warm: self.warm.clone(),
+            staged: Vec::new(),
             after_commit: Vec::new(),
             outbox_ready: self.outbox_ready.clone(),
         })
@@ -342,6 +345,8 @@ impl Database {
 pub struct Tx {
     held: Held,
     warm: Arc<Warm>,
+    /// Envelopes for the outbox, written at commit.
+    staged: Vec<Staged>,
     after_commit: Vec<Box<dyn FnOnce() + Send>>,
     outbox_ready: Arc<Notify>,
 }
@@ -352,16 +357,22 @@ impl Tx {
         self.after_commit.push(Box::new(work));
     }
 
-    /// Wakes the outbox relay of this transaction's database once it commits.
-    pub(crate) fn wake_relay_after_commit(&mut self) {
-        let ready = self.outbox_ready.clone();
-        self.after_commit(move || ready.notify_one());
+    /// Stages an envelope for the outbox: written with the others just before the
+    /// commit, in one statement, and the relay woken once the commit succeeded.
+    pub(crate) fn stage(&mut self, staged: Staged) {
+        self.staged.push(staged);
     }
 
     pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+        if !self.staged.is_empty() {
+            outbox::write(&mut self.held.connection, &self.staged).await?;
+        }
         Manager::commit(&mut self.held.connection).await?;
         self.held.in_transaction = false;
         self.warm.put(self.held);
+        if !self.staged.is_empty() {
+            self.outbox_ready.notify_one();
+        }
         for work in self.after_commit {
             work();
         }

@@ -497,16 +497,6 @@ where
     /// The saga `id` with its history; `None` when there is none.
     pub async fn instance(&self, id: &str) -> Result<Option<SagaInstance>, SagaError> {
         let mut connection = self.inner.db.pool().acquire().await?;
-        self.instance_on(&mut connection, id).await
-    }
-
-    /// [`Orchestrator::instance`] on `connection` (one the caller already holds, to read
-    /// the saga beside what it is for).
-    pub async fn instance_on(
-        &self,
-        connection: &mut AnyConnection,
-        id: &str,
-    ) -> Result<Option<SagaInstance>, SagaError> {
         let Some(row) = sqlx::query(
             "SELECT saga, status, step, data, results, error FROM keel_sagas WHERE id = $1 AND saga = $2",
         )
@@ -517,7 +507,28 @@ where
         else {
             return Ok(None);
         };
-        let history = sqlx::query(
+        let history = self.history_on(&mut connection, id).await?;
+        let status: String = row.try_get("status")?;
+        Ok(Some(SagaInstance {
+            id: id.to_owned(),
+            saga: row.try_get("saga")?,
+            status: SagaStatus::parse(&status).unwrap_or(SagaStatus::Failed),
+            step: usize::try_from(row.try_get::<i64, _>("step")?).unwrap_or(0),
+            data: serde_json::from_str(&row.try_get::<String, _>("data")?)?,
+            results: serde_json::from_str(&row.try_get::<String, _>("results")?)?,
+            error: row.try_get("error")?,
+            history,
+        }))
+    }
+
+    /// Saga `id`'s history alone (empty when there is none), on `connection`: one the
+    /// caller already holds, to read it beside what the saga is for.
+    pub async fn history_on(
+        &self,
+        connection: &mut AnyConnection,
+        id: &str,
+    ) -> Result<Vec<StepRecord>, SagaError> {
+        Ok(sqlx::query(
             "SELECT step, phase, outcome, detail, at FROM keel_saga_steps WHERE saga_id = $1 ORDER BY seq",
         )
         .bind(id)
@@ -533,18 +544,7 @@ where
                 at: row.try_get("at")?,
             })
         })
-        .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        let status: String = row.try_get("status")?;
-        Ok(Some(SagaInstance {
-            id: id.to_owned(),
-            saga: row.try_get("saga")?,
-            status: SagaStatus::parse(&status).unwrap_or(SagaStatus::Failed),
-            step: usize::try_from(row.try_get::<i64, _>("step")?).unwrap_or(0),
-            data: serde_json::from_str(&row.try_get::<String, _>("data")?)?,
-            results: serde_json::from_str(&row.try_get::<String, _>("results")?)?,
-            error: row.try_get("error")?,
-            history,
-        }))
+        .collect::<Result<Vec<_>, sqlx::Error>>()?)
     }
 
     /// The ids of this saga's instances in `status`, oldest first.

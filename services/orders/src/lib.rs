@@ -226,18 +226,11 @@ impl Orders {
         };
         // Placing's steps, then the cancellation's, if any.
         let mut steps = Vec::new();
-        if let Some(saga) = &order.saga_id
-            && let Some(instance) = self.orchestrator.instance_on(&mut connection, saga).await?
-        {
-            steps.extend(instance.history);
+        if let Some(saga) = &order.saga_id {
+            steps.extend(self.orchestrator.history_on(&mut connection, saga).await?);
         }
-        if let Some(saga) = &order.cancel_saga_id
-            && let Some(instance) = self
-                .cancellations
-                .instance_on(&mut connection, saga)
-                .await?
-        {
-            steps.extend(instance.history);
+        if let Some(saga) = &order.cancel_saga_id {
+            steps.extend(self.cancellations.history_on(&mut connection, saga).await?);
         }
         Ok(Some(OrderView { order, steps }))
     }

@@ -2,10 +2,11 @@
 //! (the `kafka` feature) or an in-process bus, behind one API ([`Bus`]).
 //!
 //! - Publishing: [`Bus::stage`] writes an event into the transactional outbox in the
-//!   caller's transaction; the [`Relay`] publishes it after commit (at least once, in
-//!   outbox id order, one relay at a time however many instances run). Ids are drawn at
-//!   insert, so two transactions staging events of one aggregate keep their order only if
-//!   they are serialized on it (an update of the aggregate's row does that). [`Bus::publish`]
+//!   caller's transaction (all it staged in one statement, as it commits); the [`Relay`]
+//!   publishes it after commit (at least once, in outbox id order, one relay at a time
+//!   however many instances run). Ids are drawn inside the transaction, so two
+//!   transactions staging events of one aggregate keep their order only if they are
+//!   serialized on it (an update of the aggregate's row does that). [`Bus::publish`]
 //!   publishes at once, without the outbox.
 //! - Consuming: a [`Consumer`] belongs to a group (usually the service's name); each group
 //!   gets every event of the types it handles once, shared among the group's instances.
@@ -22,7 +23,7 @@ mod envelope;
 mod in_process;
 #[cfg(feature = "kafka")]
 mod kafka;
-mod outbox;
+pub(crate) mod outbox;
 mod rabbitmq;
 
 use std::sync::Arc;
@@ -284,8 +285,9 @@ impl Bus {
             .await
     }
 
-    /// Writes `event` into the outbox within `tx`: it is published if and only if `tx`
-    /// commits, by whichever instance's [`Relay`] runs.
+    /// Writes `event` into the outbox within `tx` (with everything else `tx` staged, as it
+    /// commits): it is published if and only if `tx` commits, by whichever instance's
+    /// [`Relay`] runs.
     pub async fn stage<E: Event>(&self, tx: &mut Tx, event: &E) -> Result<(), BusError> {
         let envelope = Envelope::new(&self.inner.service, event)?;
         self.stage_envelope(tx, &envelope).await
@@ -354,8 +356,7 @@ impl Bus {
         if payload.len() > MAX_ENVELOPE_BYTES {
             return Err(BusError::TooLarge(payload.len()));
         }
-        outbox::insert(tx, envelope, &payload).await?;
-        tx.wake_relay_after_commit();
+        tx.stage(outbox::Staged::new(envelope, &payload));
         Ok(())
     }
 

@@ -16,28 +16,75 @@ use keel_runtime::Shutdown;
 use sqlx::{AnyConnection, Row};
 
 use super::{Bus, BusError, Envelope, Outgoing, reconnect_delay};
-use crate::data::{Backend, Database, FileLock, Tx};
+use crate::data::{Backend, Database, FileLock};
 
 /// The relay's advisory lock (PostgreSQL): "keel" and "outbox" in ASCII, shortened.
 const RELAY_LOCK: i64 = 0x6b65_656c_6f62;
 
-/// Stages `envelope`, serialized as `payload`.
-pub(crate) async fn insert(
-    tx: &mut Tx,
-    envelope: &Envelope,
-    payload: &[u8],
+/// An envelope staged in a transaction: written into `keel_outbox` when the transaction
+/// commits, all of them in one statement ([`write`]).
+pub(crate) struct Staged {
+    event_id: String,
+    event_type: String,
+    subject: Option<String>,
+    envelope: String,
+}
+
+impl Staged {
+    /// `envelope`, serialized as `payload`.
+    pub(crate) fn new(envelope: &Envelope, payload: &[u8]) -> Self {
+        Self {
+            event_id: envelope.id.clone(),
+            event_type: envelope.event_type.clone(),
+            subject: envelope.subject.clone(),
+            envelope: String::from_utf8_lossy(payload).into_owned(),
+        }
+    }
+}
+
+/// Rows per `INSERT`: one statement for what a transaction usually stages, and few
+/// statement shapes for the connection's cache (past [`PREPARED_ROWS`], not prepared).
+const ROWS_PER_INSERT: usize = 32;
+const PREPARED_ROWS: usize = 4;
+
+/// Writes `staged` into the outbox within the transaction on `connection`, in staging
+/// order (ids are drawn here, while the transaction still holds its locks).
+pub(crate) async fn write(
+    connection: &mut AnyConnection,
+    staged: &[Staged],
 ) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "INSERT INTO keel_outbox (event_id, event_type, subject, envelope, created_at) \
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(&envelope.id)
-    .bind(&envelope.event_type)
-    .bind(envelope.subject.as_deref())
-    .bind(String::from_utf8_lossy(payload).into_owned())
-    .bind(crate::data::unix_millis())
-    .execute(&mut **tx)
-    .await?;
+    let created_at = crate::data::unix_millis();
+    for chunk in staged.chunks(ROWS_PER_INSERT) {
+        let rows = (0..chunk.len())
+            .map(|row| {
+                let n = row * 5;
+                format!(
+                    "(${}, ${}, ${}, ${}, ${})",
+                    n + 1,
+                    n + 2,
+                    n + 3,
+                    n + 4,
+                    n + 5
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!(
+            "INSERT INTO keel_outbox (event_id, event_type, subject, envelope, created_at) VALUES {rows}"
+        );
+        // Placeholders only: the values are bound.
+        let mut insert =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(chunk.len() <= PREPARED_ROWS);
+        for row in chunk {
+            insert = insert
+                .bind(&row.event_id)
+                .bind(&row.event_type)
+                .bind(row.subject.as_deref())
+                .bind(&row.envelope)
+                .bind(created_at);
+        }
+        insert.execute(&mut *connection).await?;
+    }
     Ok(())
 }
 

@@ -180,3 +180,70 @@ async fn a_lock_makes_read_then_write_transactions_take_turns() {
         assert_eq!(balances, [1, 2, 3, 4], "{backend:?}");
     }
 }
+
+/// The server process behind the connection `tx` holds.
+async fn backend_pid(tx: &mut keel_sdk::Tx) -> i32 {
+    sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut **tx)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_committed_transactions_connection_serves_the_next_and_goes_back_to_the_pool_unused() {
+    if !require(Service::Postgres) {
+        return;
+    }
+    let test = TestDb::postgres().await;
+    let mut first = test.db.begin().await.unwrap();
+    let pid = backend_pid(&mut first).await;
+    first.commit().await.unwrap();
+    let mut second = test.db.begin().await.unwrap();
+    assert_eq!(backend_pid(&mut second).await, pid, "the warm connection");
+    second.rollback().await.unwrap();
+    // Rolled back cleanly: warm too, out of the pool. Unused, it goes back to the pool
+    // within half a second.
+    let pool = test.db.pool();
+    assert!(pool.num_idle() < pool.size() as usize, "held warm");
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    assert_eq!(
+        pool.num_idle(),
+        pool.size() as usize,
+        "handed back to the pool"
+    );
+}
+
+#[tokio::test]
+async fn a_transaction_dropped_unfinished_or_failed_leaves_nothing_behind() {
+    for backend in backends() {
+        let test = TestDb::of(backend).await;
+        let insert = |account: &'static str| {
+            sqlx::query("INSERT INTO accounts (account, balance) VALUES ($1, 1)").bind(account)
+        };
+        // Dropped with a write in it.
+        let mut dropped = test.db.begin().await.unwrap();
+        insert("dropped").execute(&mut *dropped).await.unwrap();
+        drop(dropped);
+        // A statement failed (the transaction is aborted on PostgreSQL), then dropped.
+        let mut failed = test.db.begin().await.unwrap();
+        insert("failed").execute(&mut *failed).await.unwrap();
+        let error = sqlx::query("INSERT INTO no_such_table VALUES (1)")
+            .execute(&mut *failed)
+            .await;
+        assert!(error.is_err(), "{backend:?}");
+        drop(failed);
+        // The connections handed out next (those two, back through the pool) work, none
+        // inside an old transaction.
+        for account in ["a", "b", "c"] {
+            let mut tx = test.db.begin().await.unwrap();
+            insert(account).execute(&mut *tx).await.unwrap();
+            tx.commit().await.unwrap();
+        }
+        let accounts: Vec<String> =
+            sqlx::query_scalar("SELECT account FROM accounts ORDER BY account")
+                .fetch_all(test.db.pool())
+                .await
+                .unwrap();
+        assert_eq!(accounts, ["a", "b", "c"], "{backend:?}");
+    }
+}

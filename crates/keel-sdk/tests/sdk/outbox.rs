@@ -242,3 +242,47 @@ async fn two_relays_on_one_database_take_turns() {
         }
     }
 }
+
+#[tokio::test]
+async fn staged_events_are_written_at_commit_in_staging_order_and_not_at_all_on_rollback() {
+    let bus = bus(Transport::InProcess, "bank").await;
+    for backend in backends() {
+        let test = TestDb::of(backend).await;
+        // More than one statement's worth of rows (32), staged in one transaction.
+        let mut tx = test.db.begin().await.unwrap();
+        for seq in 1..=40 {
+            bus.stage(&mut tx, &deposit("a", seq, 1)).await.unwrap();
+        }
+        let inside: i64 = sqlx::query_scalar("SELECT count(*) FROM keel_outbox")
+            .fetch_one(&mut *tx)
+            .await
+            .unwrap();
+        assert_eq!(
+            inside, 0,
+            "{backend:?}: written when the transaction commits"
+        );
+        tx.commit().await.unwrap();
+        let envelopes: Vec<String> =
+            sqlx::query_scalar("SELECT envelope FROM keel_outbox ORDER BY id")
+                .fetch_all(test.db.pool())
+                .await
+                .unwrap();
+        let seqs: Vec<i64> = envelopes
+            .iter()
+            .map(|envelope| {
+                let envelope: serde_json::Value = serde_json::from_str(envelope).unwrap();
+                envelope["data"]["seq"].as_i64().unwrap()
+            })
+            .collect();
+        assert_eq!(seqs, (1..=40).collect::<Vec<_>>(), "{backend:?}");
+        let mut rolled_back = test.db.begin().await.unwrap();
+        bus.stage(&mut rolled_back, &deposit("b", 1, 1))
+            .await
+            .unwrap();
+        rolled_back.rollback().await.unwrap();
+        let mut dropped = test.db.begin().await.unwrap();
+        bus.stage(&mut dropped, &deposit("c", 1, 1)).await.unwrap();
+        drop(dropped);
+        assert_eq!(outbox_rows(&test.db).await, 40, "{backend:?}");
+    }
+}
