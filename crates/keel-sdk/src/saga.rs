@@ -35,7 +35,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::{AnyConnection, Row};
 
-use crate::data::{Database, Tx, unix_millis as now_millis};
+use crate::data::{Backend, Database, Tx, unix_millis as now_millis};
 use crate::events::consumer::Dispatch;
 use crate::events::{Bus, BusError, Consumer, Envelope, Event, HandlerError, Reply};
 
@@ -307,6 +307,34 @@ struct State {
     /// When the awaited reply is overdue (Unix ms); none once final.
     deadline_at: Option<i64>,
     version: i64,
+    /// History lines of the transition under way, written with the row ([`Orchestrator::save`]).
+    lines: Vec<Line>,
+}
+
+/// A line of a saga's history, about to be written.
+struct Line {
+    step: &'static str,
+    phase: &'static str,
+    outcome: &'static str,
+    detail: Option<String>,
+    at: i64,
+}
+
+impl Line {
+    fn new(
+        step: &'static str,
+        phase: &'static str,
+        outcome: &'static str,
+        detail: Option<String>,
+    ) -> Self {
+        Self {
+            step,
+            phase,
+            outcome,
+            detail,
+            at: now_millis(),
+        }
+    }
 }
 
 /// What applying an answer did.
@@ -379,6 +407,7 @@ where
             sends: 0,
             deadline_at: None,
             version: 0,
+            lines: Vec::new(),
         };
         self.send_current(tx, &id, &mut state).await?;
         self.save(tx, &id, &state, 0).await?;
@@ -471,8 +500,8 @@ where
         .execute(&mut *tx)
         .await?;
         if failed.rows_affected() == 1 {
-            self.record(&mut tx, id, "-", "-", "failed", Some(reason))
-                .await?;
+            let failed = Line::new("-", "-", "failed", Some(reason.to_owned()));
+            self.write_lines(&mut tx, id, &[failed]).await?;
             // Its owner is told when the saga's data can still be read (a step index past
             // the end, say); when it cannot, there is nothing to tell it with.
             let told = match self.load(&mut tx, id).await {
@@ -621,8 +650,9 @@ where
                 serde_json::Value::Null,
             ),
         };
-        self.record(tx, id, step.name, phase, outcome, detail.as_deref())
-            .await?;
+        state
+            .lines
+            .push(Line::new(step.name, phase, outcome, detail.clone()));
         match (state.status, ok) {
             (SagaStatus::Running, true) => {
                 state.results.insert(step.name.to_owned(), data);
@@ -731,9 +761,8 @@ where
         if done.rows_affected() == 0 {
             return Ok(Advanced::Nothing);
         }
-        let name = self.step(index)?.name;
-        self.record(tx, id, name, "compensation", "done", None)
-            .await?;
+        let done = Line::new(self.step(index)?.name, "compensation", "done", None);
+        self.write_lines(tx, id, &[done]).await?;
         Ok(Advanced::Moved)
     }
 
@@ -789,8 +818,10 @@ where
             return Ok(false);
         };
         let sends = row.try_get::<i64, _>("sends")? + 1;
-        self.stage_command(&mut tx, id, index, "compensation", &state, sends)
+        let sent = self
+            .stage_command(&mut tx, id, index, "compensation", &state, sends)
             .await?;
+        self.write_lines(&mut tx, id, &[sent]).await?;
         let timeout = self.step(index)?.timeout;
         self.follow_up(&mut tx, id, index, sends, timeout).await?;
         tx.commit().await?;
@@ -843,8 +874,8 @@ where
                 state.sends = 0;
                 return self.send_current(tx, id, state).await;
             }
-            self.record(tx, id, steps[index].name, "compensation", "skipped", None)
-                .await?;
+            let skipped = Line::new(steps[index].name, "compensation", "skipped", None);
+            state.lines.push(skipped);
         }
         state.status = SagaStatus::Compensated;
         Ok(())
@@ -860,12 +891,15 @@ where
     ) -> Result<(), SagaError> {
         state.sends += 1;
         let (index, phase) = (state.step, phase(state.status));
-        self.stage_command(tx, id, index, phase, state, state.sends)
-            .await
+        let sent = self
+            .stage_command(tx, id, index, phase, state, state.sends)
+            .await?;
+        state.lines.push(sent);
+        Ok(())
     }
 
     /// Stages step `index`'s action or compensation (`phase`) for saga `id` as send number
-    /// `send`, and records it.
+    /// `send`; returns the history line that says so.
     async fn stage_command(
         &self,
         tx: &mut Tx,
@@ -874,7 +908,7 @@ where
         phase: &'static str,
         state: &State,
         send: i64,
-    ) -> Result<(), SagaError> {
+    ) -> Result<Line, SagaError> {
         let step = self.step(index)?;
         let make = match phase {
             "compensation" => step.compensation.as_ref(),
@@ -907,8 +941,7 @@ where
         command.correlationid = Some(correlation.to_string());
         command.replyto = Some(self.inner.reply_type.clone());
         self.inner.bus.stage_envelope(tx, &command).await?;
-        self.record(tx, id, step.name, phase, "sent", None).await?;
-        Ok(())
+        Ok(Line::new(step.name, phase, "sent", None))
     }
 
     /// Saga `id`, its row locked for the rest of `tx` (written and read in one statement:
@@ -952,6 +985,7 @@ where
             sends: row.try_get("sends")?,
             deadline_at: row.try_get("deadline_at")?,
             version: row.try_get("version")?,
+            lines: Vec::new(),
         })
     }
 
@@ -977,22 +1011,68 @@ where
                 Some(now_millis().saturating_add(timeout.saturating_mul(backoff)))
             }
         };
-        let saved = sqlx::query(
-            "UPDATE keel_sagas SET status = $1, step = $2, results = $3, error = $4, sends = $5, \
-             deadline_at = $6, version = version + 1, updated_at = $7 WHERE id = $8 AND version = $9",
-        )
-        .bind(state.status.as_str())
-        .bind(i64::try_from(state.step).unwrap_or(i64::MAX))
-        .bind(serde_json::to_string(&state.results)?)
-        .bind(state.error.as_deref())
-        .bind(state.sends)
-        .bind(deadline)
-        .bind(now_millis())
-        .bind(id)
-        .bind(version)
-        .execute(&mut **tx)
-        .await?;
-        if saved.rows_affected() == 1 {
+        let update = "UPDATE keel_sagas SET status = $1, step = $2, results = $3, error = $4, \
+                      sends = $5, deadline_at = $6, version = version + 1, updated_at = $7 \
+                      WHERE id = $8 AND version = $9";
+        // PostgreSQL: the row and the transition's history lines in one statement (one
+        // round trip, not one per line and one for the row); the lines are inserted only
+        // when the row was, so as many rows as lines means saved. SQLite (no writes in
+        // `WITH`, and no network to save): one statement each.
+        let combined = self.inner.db.backend() == Backend::Postgres && !state.lines.is_empty();
+        let sql = if combined {
+            let values = (0..state.lines.len())
+                .map(|line| {
+                    let n = 10 + line * 5;
+                    format!(
+                        "({}, ${n}, ${}, ${}, ${}, ${})",
+                        line + 1,
+                        n + 1,
+                        n + 2,
+                        n + 3,
+                        n + 4
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            format!(
+                "WITH saved AS ({update} RETURNING id), \
+                 last AS (SELECT COALESCE(MAX(seq), 0) AS seq FROM keel_saga_steps WHERE saga_id = $8) \
+                 INSERT INTO keel_saga_steps (saga_id, seq, step, phase, outcome, detail, at) \
+                 SELECT saved.id, last.seq + v.n, v.step, v.phase, v.outcome, v.detail, v.at \
+                 FROM saved, last, (VALUES {values}) AS v (n, step, phase, outcome, detail, at)"
+            )
+        } else {
+            self.write_lines(tx, id, &state.lines).await?;
+            update.to_owned()
+        };
+        // Placeholders and numbers only: the values are bound.
+        let mut save = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(state.status.as_str())
+            .bind(i64::try_from(state.step).unwrap_or(i64::MAX))
+            .bind(serde_json::to_string(&state.results)?)
+            .bind(state.error.as_deref())
+            .bind(state.sends)
+            .bind(deadline)
+            .bind(now_millis())
+            .bind(id)
+            .bind(version);
+        if combined {
+            for line in &state.lines {
+                save = save
+                    .bind(line.step)
+                    .bind(line.phase)
+                    .bind(line.outcome)
+                    .bind(line.detail.as_deref())
+                    .bind(line.at);
+            }
+        }
+        let written = save.execute(&mut **tx).await?.rows_affected();
+        let expected = if combined {
+            state.lines.len() as u64
+        } else {
+            1
+        };
+        if written == expected {
             Ok(())
         } else {
             Err(SagaError::Definition(format!(
@@ -1001,27 +1081,22 @@ where
         }
     }
 
-    async fn record(
-        &self,
-        tx: &mut Tx,
-        id: &str,
-        step: &str,
-        phase: &str,
-        outcome: &str,
-        detail: Option<&str>,
-    ) -> Result<(), SagaError> {
-        sqlx::query(
-            "INSERT INTO keel_saga_steps (saga_id, seq, step, phase, outcome, detail, at) \
-             SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4, $5, $6 FROM keel_saga_steps WHERE saga_id = $1",
-        )
-        .bind(id)
-        .bind(step)
-        .bind(phase)
-        .bind(outcome)
-        .bind(detail)
-        .bind(now_millis())
-        .execute(&mut **tx)
-        .await?;
+    /// Appends `lines` to saga `id`'s history, one statement each.
+    async fn write_lines(&self, tx: &mut Tx, id: &str, lines: &[Line]) -> Result<(), SagaError> {
+        for line in lines {
+            sqlx::query(
+                "INSERT INTO keel_saga_steps (saga_id, seq, step, phase, outcome, detail, at) \
+                 SELECT $1, COALESCE(MAX(seq), 0) + 1, $2, $3, $4, $5, $6 FROM keel_saga_steps WHERE saga_id = $1",
+            )
+            .bind(id)
+            .bind(line.step)
+            .bind(line.phase)
+            .bind(line.outcome)
+            .bind(line.detail.as_deref())
+            .bind(line.at)
+            .execute(&mut **tx)
+            .await?;
+        }
         Ok(())
     }
 }
