@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use sqlx::any::{AnyPoolOptions, install_default_drivers};
 use sqlx::migrate::Migrator;
 use sqlx::pool::PoolConnection;
-use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor};
+use sqlx::{Any, AnyConnection, AnyPool, Connection, Executor, SqlSafeStr};
 use sqlx_core::transaction::TransactionManager;
 use tokio::sync::Notify;
 
@@ -293,22 +293,86 @@ impl Database {
     /// Starts a transaction, on a connection whose last transaction just ended if there
     /// is one ([`Warm`]), else on one from the pool.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
-        let mut held = match self.warm.take() {
+        let mut held = self.checkout().await?;
+        Manager::begin(&mut held.connection, None).await?;
+        held.in_transaction = true;
+        Ok(self.tx(held))
+    }
+
+    /// Starts a transaction that first records, in the inbox, `event_id` as handled by
+    /// consumer `group`; `None` (and no transaction) when it already was: a consumer's
+    /// way in, so that a redelivered message is recognized before its handler runs.
+    ///
+    /// On PostgreSQL the insert travels with `BEGIN`, one round trip for both (sqlx sends
+    /// a custom `BEGIN` in the simple protocol, which takes no parameters: the two
+    /// strings go as hexadecimal digits, decoded by the server, so no input reaches the
+    /// SQL text). A duplicate is then the unique key's violation, rolled back here.
+    pub(crate) async fn begin_claiming(
+        &self,
+        group: &str,
+        event_id: &str,
+    ) -> Result<Option<Tx>, sqlx::Error> {
+        if self.backend == Backend::Sqlite {
+            let mut tx = self.begin().await?;
+            if !inbox_insert(&mut tx, group, event_id).await? {
+                tx.rollback().await?;
+                return Ok(None);
+            }
+            return Ok(Some(tx));
+        }
+        let mut held = self.checkout().await?;
+        let begin = format!(
+            "BEGIN; INSERT INTO keel_inbox (consumer_group, event_id, received_at) VALUES ({}, {}, {})",
+            hex_text(group),
+            hex_text(event_id),
+            unix_seconds()
+        );
+        let begun = Manager::begin(
+            &mut held.connection,
+            Some(sqlx::AssertSqlSafe(begin).into_sql_str()),
+        )
+        .await;
+        match begun {
+            Ok(()) => {
+                held.in_transaction = true;
+                Ok(Some(self.tx(held)))
+            }
+            // The server holds an aborted transaction that sqlx does not count: ended here.
+            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("23505") => {
+                sqlx::raw_sql("ROLLBACK")
+                    .execute(&mut *held.connection)
+                    .await?;
+                self.warm.put(held);
+                Ok(None)
+            }
+            Err(error) => {
+                // Perhaps inside an aborted transaction too: the connection is closed
+                // rather than handed on (the server rolls back as it goes).
+                held.connection.close_on_drop();
+                Err(error)
+            }
+        }
+    }
+
+    /// A connection for a transaction: a warm one, else one from the pool.
+    async fn checkout(&self) -> Result<Held, sqlx::Error> {
+        Ok(match self.warm.take() {
             Some(held) => held,
             None => Held {
                 connection: self.pool.acquire().await?,
                 in_transaction: false,
             },
-        };
-        Manager::begin(&mut held.connection, None).await?;
-        held.in_transaction = true;
-        Ok(Tx {
+        })
+    }
+
+    fn tx(&self, held: Held) -> Tx {
+        Tx {
             held,
             warm: self.warm.clone(),
             staged: Vec::new(),
             after_commit: Vec::new(),
             outbox_ready: self.outbox_ready.clone(),
-        })
+        }
     }
 
     /// Forgets inbox entries (events consumers handled) older than `older_than`; returns
@@ -509,6 +573,33 @@ impl Warm {
         drop(connections);
         drop(stale);
     }
+}
+
+/// Records `event_id` as handled by `group` within `tx`; false when it already was.
+async fn inbox_insert(tx: &mut Tx, group: &str, event_id: &str) -> Result<bool, sqlx::Error> {
+    let inserted = sqlx::query(
+        "INSERT INTO keel_inbox (consumer_group, event_id, received_at) VALUES ($1, $2, $3) \
+         ON CONFLICT (consumer_group, event_id) DO NOTHING",
+    )
+    .bind(group)
+    .bind(event_id)
+    .bind(unix_seconds())
+    .execute(&mut **tx)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+/// `text` as a PostgreSQL expression built of hexadecimal digits only: nothing in it can
+/// end the literal.
+fn hex_text(text: &str) -> String {
+    use std::fmt::Write;
+    let mut sql = String::with_capacity(text.len() * 2 + 40);
+    sql.push_str("convert_from(decode('");
+    for byte in text.bytes() {
+        let _ = write!(sql, "{byte:02x}");
+    }
+    sql.push_str("', 'hex'), 'UTF8')");
+    sql
 }
 
 /// Creates the PostgreSQL database `url` names when it does not exist (SQLSTATE 3D000 on

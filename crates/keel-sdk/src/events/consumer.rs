@@ -422,14 +422,14 @@ impl ConsumerCore {
             ));
         };
         let attempt_work = async {
-            let mut tx = self.db.begin().await.map_err(Failure::Database)?;
-            let fresh = inbox_insert(&mut tx, &self.group, &envelope.id)
+            let Some(mut tx) = self
+                .db
+                .begin_claiming(&self.group, &envelope.id)
                 .await
-                .map_err(Failure::Database)?;
-            if !fresh {
-                tx.rollback().await.map_err(Failure::Database)?;
+                .map_err(Failure::Database)?
+            else {
                 return Ok(false);
-            }
+            };
             let timeout = self.retry.handler_timeout;
             match tokio::time::timeout(timeout, handler.dispatch(&mut tx, envelope, attempt)).await
             {
@@ -542,20 +542,6 @@ fn unavailable(error: &sqlx::Error) -> bool {
         }),
         _ => false,
     }
-}
-
-/// Records `event_id` as handled by `group` within `tx`; false when it already was.
-async fn inbox_insert(tx: &mut Tx, group: &str, event_id: &str) -> Result<bool, sqlx::Error> {
-    let inserted = sqlx::query(
-        "INSERT INTO keel_inbox (consumer_group, event_id, received_at) VALUES ($1, $2, $3) \
-         ON CONFLICT (consumer_group, event_id) DO NOTHING",
-    )
-    .bind(group)
-    .bind(event_id)
-    .bind(crate::data::unix_seconds())
-    .execute(&mut **tx)
-    .await?;
-    Ok(inserted.rows_affected() == 1)
 }
 
 #[cfg(test)]

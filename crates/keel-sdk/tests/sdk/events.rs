@@ -7,8 +7,8 @@ use std::time::Duration;
 use keel_sdk::events::{Bus, BusError, Envelope};
 
 use crate::helpers::{
-    Apply, Deposited, TestDb, Transport, bus, declare, deposit, effects, eventually, handled_order,
-    run, transports,
+    Apply, Deposited, TestDb, Transport, backends, bus, declare, deposit, effects, eventually,
+    handled_order, run, transports,
 };
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -256,4 +256,48 @@ async fn a_silent_broker_times_publishing_out_and_the_bus_recovers() {
         bus.publish(&deposit("a", 3, 1)).await.is_ok()
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_redelivered_event_is_recognized_whatever_its_id_holds() {
+    // On PostgreSQL the inbox row travels with BEGIN in the simple protocol: ids (printable
+    // ASCII, as envelopes allow) that would end a literal, escape it, or differ only after
+    // the quote must stay data.
+    let ids = [
+        "it's');DROP/**/TABLE/**/keel_inbox;--",
+        "it's');DROP/**/TABLE/**/keel_inbox;--another",
+        r"back\slash\'E'\x27'$$dollar$$",
+        "plain-id",
+    ];
+    for backend in backends() {
+        let bus = bus(Transport::InProcess, "bank").await;
+        let test = TestDb::of(backend).await;
+        let (_, consumer) = declare(&bus, &test.db, Apply::default()).await;
+        let running = run(consumer);
+        for (seq, id) in ids.iter().enumerate() {
+            let seq = i64::try_from(seq).unwrap() + 1;
+            let mut envelope = Envelope::new("bank", &deposit("a", seq, 1)).unwrap();
+            envelope.id = (*id).to_owned();
+            for _ in 0..2 {
+                bus.publish_envelope(&envelope).await.unwrap();
+            }
+        }
+        eventually(
+            &format!("{backend:?}: every duplicate seen"),
+            WAIT,
+            || async { running.stats.duplicates.load(Ordering::Relaxed) == ids.len() as u64 },
+        )
+        .await;
+        assert_eq!(effects(&test.db).await, (4, 4), "{backend:?}");
+        let recorded: Vec<String> =
+            keel_sdk::sqlx::query_scalar("SELECT event_id FROM keel_inbox ORDER BY event_id")
+                .fetch_all(test.db.pool())
+                .await
+                .unwrap();
+        let mut expected = ids.map(str::to_owned).to_vec();
+        expected.sort();
+        let mut recorded = recorded;
+        recorded.sort();
+        assert_eq!(recorded, expected, "{backend:?}: stored as sent");
+    }
 }

@@ -331,11 +331,15 @@ async fn every_order_ends(test: &'static str, broker: &Broker, proxy: &FaultProx
     orders.restart().await;
     let placed = placing.await.unwrap();
 
-    // Every order ends.
+    // Every order ends. An order caught by the faults may need its step's timeout, a
+    // compensation's, and that compensation sent again after twice as long (participants
+    // away for a crash, or a rebalance on Kafka): the wait scales with the step timeout.
+    let patience = (broker.step_timeout * 18).max(Duration::from_secs(60));
+    let looks = patience.as_millis() / 100;
     let mut ended = BTreeMap::new();
     for id in &placed {
         let mut order = Value::Null;
-        for _ in 0..600 {
+        for _ in 0..looks {
             let request = http.get(format!("{orders_url}/orders/{id}"));
             order = send(request, Some(&admin)).await.2;
             if order["status"] != "pending" {
