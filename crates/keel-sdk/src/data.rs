@@ -199,11 +199,14 @@ impl Database {
             .connect(&url)
             .await
             .map_err(DbError::Connect)?;
-        let warm = Warm::new(match backend {
-            Backend::Postgres => WARM_CONNECTIONS,
-            // No network to save, and a pool of four to leave alone.
-            Backend::Sqlite => 0,
-        });
+        let warm = Warm::new(
+            match backend {
+                Backend::Postgres => WARM_CONNECTIONS,
+                // No network to save, and a pool of four to leave alone.
+                Backend::Sqlite => 0,
+            },
+            &pool,
+        );
         let database = Self {
             pool,
             backend,
@@ -293,10 +296,28 @@ impl Database {
     /// Starts a transaction, on a connection whose last transaction just ended if there
     /// is one ([`Warm`]), else on one from the pool.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
-        let mut held = self.checkout().await?;
-        Manager::begin(&mut held.connection, None).await?;
+        let (mut held, warm) = self.checkout().await?;
+        if let Err(error) = Self::start(&mut held, None).await {
+            // A warm connection is handed out unchecked: one the server dropped meanwhile
+            // (a restart) fails here, and the transaction starts again on the pool's.
+            if !(warm && broken(&error)) {
+                return Err(error);
+            }
+            drop(held);
+            held = Held::new(self.pool.acquire().await?);
+            Self::start(&mut held, None).await?;
+        }
         held.in_transaction = true;
         Ok(self.tx(held))
+    }
+
+    /// Sends `BEGIN` (or `statement`) on `held`, in doubt until its answer is read.
+    async fn start(held: &mut Held, statement: Option<String>) -> Result<(), sqlx::Error> {
+        held.in_doubt = true;
+        let statement = statement.map(|statement| sqlx::AssertSqlSafe(statement).into_sql_str());
+        Manager::begin(&mut held.connection, statement).await?;
+        held.in_doubt = false;
+        Ok(())
     }
 
     /// Starts a transaction that first records, in the inbox, `event_id` as handled by
@@ -320,19 +341,14 @@ impl Database {
             }
             return Ok(Some(tx));
         }
-        let mut held = self.checkout().await?;
+        let (mut held, _) = self.checkout().await?;
         let begin = format!(
             "BEGIN; INSERT INTO keel_inbox (consumer_group, event_id, received_at) VALUES ({}, {}, {})",
             hex_text(group),
             hex_text(event_id),
             unix_seconds()
         );
-        let begun = Manager::begin(
-            &mut held.connection,
-            Some(sqlx::AssertSqlSafe(begin).into_sql_str()),
-        )
-        .await;
-        match begun {
+        match Self::start(&mut held, Some(begin)).await {
             Ok(()) => {
                 held.in_transaction = true;
                 Ok(Some(self.tx(held)))
@@ -342,26 +358,21 @@ impl Database {
                 sqlx::raw_sql("ROLLBACK")
                     .execute(&mut *held.connection)
                     .await?;
+                held.in_doubt = false;
                 self.warm.put(held);
                 Ok(None)
             }
-            Err(error) => {
-                // Perhaps inside an aborted transaction too: the connection is closed
-                // rather than handed on (the server rolls back as it goes).
-                held.connection.close_on_drop();
-                Err(error)
-            }
+            // Perhaps inside an aborted transaction too: left in doubt, the connection is
+            // closed rather than handed on (the server rolls back as it goes).
+            Err(error) => Err(error),
         }
     }
 
-    /// A connection for a transaction: a warm one, else one from the pool.
-    async fn checkout(&self) -> Result<Held, sqlx::Error> {
+    /// A connection for a transaction: a warm one (and true), else one from the pool.
+    async fn checkout(&self) -> Result<(Held, bool), sqlx::Error> {
         Ok(match self.warm.take() {
-            Some(held) => held,
-            None => Held {
-                connection: self.pool.acquire().await?,
-                in_transaction: false,
-            },
+            Some(held) => (held, true),
+            None => (Held::new(self.pool.acquire().await?), false),
         })
     }
 
@@ -475,11 +486,32 @@ struct Held {
     connection: PoolConnection<Any>,
     /// Begun and not yet committed or rolled back.
     in_transaction: bool,
+    /// A BEGIN (or the ROLLBACK of a refused claim) was sent and its answer not yet read:
+    /// dropped now (a cancelled future), the server may hold a transaction sqlx does not
+    /// count, which no queued rollback would end and the pool's check would not notice.
+    in_doubt: bool,
+    /// When it left the pool: back through the pool after [`WARM_LIFETIME`], so that the
+    /// pool's own lifetime rules still reach a connection a busy service keeps warm.
+    since: Instant,
+}
+
+impl Held {
+    fn new(connection: PoolConnection<Any>) -> Self {
+        Self {
+            connection,
+            in_transaction: false,
+            in_doubt: false,
+            since: Instant::now(),
+        }
+    }
 }
 
 impl Drop for Held {
     fn drop(&mut self) {
-        if self.in_transaction {
+        if self.in_doubt {
+            // Closed: the server rolls back whatever it holds as the connection goes.
+            self.connection.close_on_drop();
+        } else if self.in_transaction {
             // Queued, sent before anything else on the connection: the pool's check of a
             // returned connection flushes it.
             Manager::start_rollback(&mut self.connection);
@@ -491,6 +523,8 @@ impl Drop for Held {
 const WARM_CONNECTIONS: usize = 8;
 /// How long a connection waits in [`Warm`] before it goes back to the pool.
 const WARM_FOR: Duration = Duration::from_millis(250);
+/// How long a connection may go from transaction to transaction without the pool.
+const WARM_LIFETIME: Duration = Duration::from_secs(60);
 
 /// Connections whose transaction just committed (or rolled back) cleanly, kept out of the
 /// pool for a moment for the next transaction, newest first. sqlx's pool checks every
@@ -503,15 +537,18 @@ const WARM_FOR: Duration = Duration::from_millis(250);
 struct Warm {
     connections: Mutex<Vec<(Held, Instant)>>,
     capacity: usize,
+    /// Not parked while the pool has no connection to spare, nor once it is closed.
+    pool: AnyPool,
 }
 
 impl Warm {
     /// With a task that hands unused connections back to the pool, until the database
     /// is dropped.
-    fn new(capacity: usize) -> Arc<Self> {
+    fn new(capacity: usize, pool: &AnyPool) -> Arc<Self> {
         let warm = Arc::new(Self {
             connections: Mutex::new(Vec::with_capacity(capacity)),
             capacity,
+            pool: pool.clone(),
         });
         if capacity > 0 {
             let weak = Arc::downgrade(&warm);
@@ -552,6 +589,14 @@ impl Warm {
     }
 
     fn put(&self, held: Held) {
+        let pool = &self.pool;
+        let starved = pool.num_idle() == 0 && pool.size() >= pool.options().get_max_connections()
+            || pool.is_closed();
+        if starved || held.since.elapsed() > WARM_LIFETIME {
+            // Back to the pool.
+            drop(held);
+            return;
+        }
         let overflow = {
             let mut connections = self.lock();
             if connections.len() < self.capacity {
@@ -573,6 +618,24 @@ impl Warm {
         drop(connections);
         drop(stale);
     }
+}
+
+impl Drop for Warm {
+    fn drop(&mut self) {
+        // A pooled connection dropped goes back through a task of the pool's, which needs
+        // a runtime; without one (a tool's runtime ended first) dropping would panic, so
+        // the connections are forgotten instead: their sockets close with the process.
+        if tokio::runtime::Handle::try_current().is_err() {
+            for held in self.lock().drain(..) {
+                std::mem::forget(held);
+            }
+        }
+    }
+}
+
+/// Whether `error` says the connection itself is gone (rather than the statement failed).
+fn broken(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Io(_) | sqlx::Error::Protocol(_))
 }
 
 /// Records `event_id` as handled by `group` within `tx`; false when it already was.
