@@ -368,6 +368,17 @@ impl Database {
         }
     }
 
+    /// A connection for reads outside a transaction: a warm one if there is one, else one
+    /// from the pool. [`Checkout::release`] hands it back warm once the reads are done
+    /// (a request reading a few rows then costs no round trip of the pool's own).
+    pub async fn connection(&self) -> Result<Checkout, sqlx::Error> {
+        let (held, _) = self.checkout().await?;
+        Ok(Checkout {
+            held,
+            warm: self.warm.clone(),
+        })
+    }
+
     /// A connection for a transaction: a warm one (and true), else one from the pool.
     async fn checkout(&self) -> Result<(Held, bool), sqlx::Error> {
         Ok(match self.warm.take() {
@@ -472,6 +483,36 @@ impl std::ops::Deref for Tx {
 }
 
 impl std::ops::DerefMut for Tx {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        &mut self.held.connection
+    }
+}
+
+/// A pooled connection for reads ([`Database::connection`]); it dereferences to the
+/// connection.
+pub struct Checkout {
+    held: Held,
+    warm: Arc<Warm>,
+}
+
+impl Checkout {
+    /// Hands the connection back for the next transaction or read, warm: call it once the
+    /// reads are done. Dropped instead (an error, a cancelled request), it goes back
+    /// through the pool, which checks it.
+    pub fn release(self) {
+        self.warm.put(self.held);
+    }
+}
+
+impl std::ops::Deref for Checkout {
+    type Target = AnyConnection;
+
+    fn deref(&self) -> &AnyConnection {
+        &self.held.connection
+    }
+}
+
+impl std::ops::DerefMut for Checkout {
     fn deref_mut(&mut self) -> &mut AnyConnection {
         &mut self.held.connection
     }

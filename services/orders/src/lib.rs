@@ -204,8 +204,10 @@ impl Orders {
     }
 
     async fn by_key(&self, customer: &CustomerId, key: &str) -> Result<Option<Order>, OrdersError> {
-        let mut connection = self.db.pool().acquire().await?;
-        Ok(store::by_key(&mut connection, customer, key).await?)
+        let mut connection = self.db.connection().await?;
+        let order = store::by_key(&mut connection, customer, key).await?;
+        connection.release();
+        Ok(order)
     }
 
     /// Order `id` with its saga's steps, if `viewer` may see it (their own, or any for an
@@ -217,11 +219,12 @@ impl Orders {
         admin: bool,
     ) -> Result<Option<OrderView>, OrdersError> {
         // One connection for the order and its sagas: a poll is one checkout.
-        let mut connection = self.db.pool().acquire().await?;
+        let mut connection = self.db.connection().await?;
         let Some(order) = store::get(&mut connection, id)
             .await?
             .filter(|order| domain::may_see(&order.customer, viewer, admin))
         else {
+            connection.release();
             return Ok(None);
         };
         // Placing's steps, then the cancellation's, if any.
@@ -232,6 +235,7 @@ impl Orders {
         if let Some(saga) = &order.cancel_saga_id {
             steps.extend(self.cancellations.history_on(&mut connection, saga).await?);
         }
+        connection.release();
         Ok(Some(OrderView { order, steps }))
     }
 

@@ -198,8 +198,20 @@ async fn a_committed_transactions_connection_serves_the_next_and_goes_back_to_th
     let mut first = test.db.begin().await.unwrap();
     let pid = backend_pid(&mut first).await;
     first.commit().await.unwrap();
+    // Reads outside a transaction take it too, and hand it back warm.
+    let mut reads = test.db.connection().await.unwrap();
+    let read_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *reads)
+        .await
+        .unwrap();
+    assert_eq!(read_pid, pid, "the warm connection, for reads");
+    reads.release();
     let mut second = test.db.begin().await.unwrap();
-    assert_eq!(backend_pid(&mut second).await, pid, "the warm connection");
+    assert_eq!(
+        backend_pid(&mut second).await,
+        pid,
+        "the warm connection again"
+    );
     second.rollback().await.unwrap();
     // Rolled back cleanly: warm too, out of the pool. Unused, it goes back to the pool
     // within half a second.
