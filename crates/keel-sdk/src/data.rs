@@ -373,10 +373,14 @@ impl Database {
     /// (a request reading a few rows then costs no round trip of the pool's own).
     pub async fn connection(&self) -> Result<Checkout, sqlx::Error> {
         let (held, _) = self.checkout().await?;
-        Ok(Checkout {
+        Ok(self.checkout_of(held))
+    }
+
+    fn checkout_of(&self, held: Held) -> Checkout {
+        Checkout {
             held,
             warm: self.warm.clone(),
-        })
+        }
     }
 
     /// A connection for a transaction: a warm one (and true), else one from the pool.
@@ -389,8 +393,7 @@ impl Database {
 
     fn tx(&self, held: Held) -> Tx {
         Tx {
-            held,
-            warm: self.warm.clone(),
+            connection: self.checkout_of(held),
             staged: Vec::new(),
             after_commit: Vec::new(),
             outbox_ready: self.outbox_ready.clone(),
@@ -429,8 +432,8 @@ impl Database {
 /// back (as sqlx's transactions do: the rollback goes out before the connection's next
 /// use).
 pub struct Tx {
-    held: Held,
-    warm: Arc<Warm>,
+    /// The connection, handed back warm once the transaction ended cleanly.
+    connection: Checkout,
     /// Envelopes for the outbox, written at commit.
     staged: Vec<Staged>,
     after_commit: Vec<Box<dyn FnOnce() + Send>>,
@@ -450,12 +453,13 @@ impl Tx {
     }
 
     pub async fn commit(mut self) -> Result<(), sqlx::Error> {
+        let held = &mut self.connection.held;
         if !self.staged.is_empty() {
-            outbox::write(&mut self.held.connection, &self.staged).await?;
+            outbox::write(&mut held.connection, &self.staged).await?;
         }
-        Manager::commit(&mut self.held.connection).await?;
-        self.held.in_transaction = false;
-        self.warm.put(self.held);
+        Manager::commit(&mut held.connection).await?;
+        held.in_transaction = false;
+        self.connection.release();
         if !self.staged.is_empty() {
             self.outbox_ready.notify_one();
         }
@@ -467,9 +471,9 @@ impl Tx {
 
     /// Rolls back (dropping a `Tx` does too, a moment later).
     pub async fn rollback(mut self) -> Result<(), sqlx::Error> {
-        Manager::rollback(&mut self.held.connection).await?;
-        self.held.in_transaction = false;
-        self.warm.put(self.held);
+        Manager::rollback(&mut self.connection.held.connection).await?;
+        self.connection.held.in_transaction = false;
+        self.connection.release();
         Ok(())
     }
 }
@@ -478,18 +482,18 @@ impl std::ops::Deref for Tx {
     type Target = AnyConnection;
 
     fn deref(&self) -> &AnyConnection {
-        &self.held.connection
+        &self.connection
     }
 }
 
 impl std::ops::DerefMut for Tx {
     fn deref_mut(&mut self) -> &mut AnyConnection {
-        &mut self.held.connection
+        &mut self.connection
     }
 }
 
-/// A pooled connection for reads ([`Database::connection`]); it dereferences to the
-/// connection.
+/// A pooled connection for reads ([`Database::connection`]), and under every [`Tx`]; it
+/// dereferences to the connection.
 pub struct Checkout {
     held: Held,
     warm: Arc<Warm>,
@@ -522,7 +526,7 @@ impl std::ops::DerefMut for Checkout {
 /// that a [`Tx`] keeps its connection once it ends.
 type Manager = <Any as sqlx::Database>::TransactionManager;
 
-/// A pooled connection a [`Tx`] holds.
+/// A pooled connection a [`Checkout`] (and so a [`Tx`]) holds.
 struct Held {
     connection: PoolConnection<Any>,
     /// Begun and not yet committed or rolled back.
@@ -674,6 +678,20 @@ impl Drop for Warm {
     }
 }
 
+/// `rows` tuples of `columns` numbered placeholders, the first numbered `first`:
+/// `($3, $4), ($5, $6)` for (2, 2, 3). For multi-row `VALUES`, whose values are bound.
+pub(crate) fn value_rows(rows: usize, columns: usize, first: usize) -> String {
+    (0..rows)
+        .map(|row| {
+            let start = first + row * columns;
+            let placeholders: Vec<String> =
+                (start..start + columns).map(|n| format!("${n}")).collect();
+            format!("({})", placeholders.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Whether `error` says the connection itself is gone (rather than the statement failed).
 fn broken(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Io(_) | sqlx::Error::Protocol(_))
@@ -789,6 +807,13 @@ fn sqlite_create_url(url: &str) -> Result<String, DbError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn value_rows_number_their_placeholders_on_from_the_first() {
+        assert_eq!(value_rows(2, 2, 3), "($3, $4), ($5, $6)");
+        assert_eq!(value_rows(1, 3, 1), "($1, $2, $3)");
+        assert_eq!(value_rows(0, 5, 1), "");
+    }
 
     #[test]
     fn the_backend_comes_from_the_url() {

@@ -35,7 +35,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use sqlx::{AnyConnection, Row};
 
-use crate::data::{Backend, Database, Tx, unix_millis as now_millis};
+use crate::data::{Backend, Database, Tx, unix_millis as now_millis, value_rows};
 use crate::events::consumer::Dispatch;
 use crate::events::{Bus, BusError, Consumer, Envelope, Event, HandlerError, Reply};
 
@@ -525,7 +525,7 @@ where
 
     /// The saga `id` with its history; `None` when there is none.
     pub async fn instance(&self, id: &str) -> Result<Option<SagaInstance>, SagaError> {
-        let mut connection = self.inner.db.pool().acquire().await?;
+        let mut connection = self.inner.db.connection().await?;
         let Some(row) = sqlx::query(
             "SELECT saga, status, step, data, results, error FROM keel_sagas WHERE id = $1 AND saga = $2",
         )
@@ -534,9 +534,11 @@ where
         .fetch_optional(&mut *connection)
         .await?
         else {
+            connection.release();
             return Ok(None);
         };
         let history = self.history_on(&mut connection, id).await?;
+        connection.release();
         let status: String = row.try_get("status")?;
         Ok(Some(SagaInstance {
             id: id.to_owned(),
@@ -1020,20 +1022,7 @@ where
         // `WITH`, and no network to save): one statement each.
         let combined = self.inner.db.backend() == Backend::Postgres && !state.lines.is_empty();
         let sql = if combined {
-            let values = (0..state.lines.len())
-                .map(|line| {
-                    let n = 10 + line * 5;
-                    format!(
-                        "({}, ${n}, ${}, ${}, ${}, ${})",
-                        line + 1,
-                        n + 1,
-                        n + 2,
-                        n + 3,
-                        n + 4
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
+            let values = value_rows(state.lines.len(), 6, 10);
             format!(
                 "WITH saved AS ({update} RETURNING id), \
                  last AS (SELECT COALESCE(MAX(seq), 0) AS seq FROM keel_saga_steps WHERE saga_id = $8) \
@@ -1057,8 +1046,9 @@ where
             .bind(id)
             .bind(version);
         if combined {
-            for line in &state.lines {
+            for (n, line) in (1_i64..).zip(&state.lines) {
                 save = save
+                    .bind(n)
                     .bind(line.step)
                     .bind(line.phase)
                     .bind(line.outcome)

@@ -356,7 +356,7 @@ impl Bus {
         if payload.len() > MAX_ENVELOPE_BYTES {
             return Err(BusError::TooLarge(payload.len()));
         }
-        tx.stage(outbox::Staged::new(envelope, &payload));
+        tx.stage(outbox::Staged::new(envelope, payload));
         Ok(())
     }
 

@@ -16,7 +16,7 @@ use keel_runtime::Shutdown;
 use sqlx::{AnyConnection, Row};
 
 use super::{Bus, BusError, Envelope, Outgoing, reconnect_delay};
-use crate::data::{Backend, Database, FileLock};
+use crate::data::{Backend, Database, FileLock, value_rows};
 
 /// The relay's advisory lock (PostgreSQL): "keel" and "outbox" in ASCII, shortened.
 const RELAY_LOCK: i64 = 0x6b65_656c_6f62;
@@ -31,13 +31,14 @@ pub(crate) struct Staged {
 }
 
 impl Staged {
-    /// `envelope`, serialized as `payload`.
-    pub(crate) fn new(envelope: &Envelope, payload: &[u8]) -> Self {
+    /// `envelope`, serialized as `payload` (JSON, so UTF-8: taken as it is).
+    pub(crate) fn new(envelope: &Envelope, payload: Vec<u8>) -> Self {
         Self {
             event_id: envelope.id.clone(),
             event_type: envelope.event_type.clone(),
             subject: envelope.subject.clone(),
-            envelope: String::from_utf8_lossy(payload).into_owned(),
+            envelope: String::from_utf8(payload)
+                .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned()),
         }
     }
 }
@@ -55,20 +56,7 @@ pub(crate) async fn write(
 ) -> Result<(), sqlx::Error> {
     let created_at = crate::data::unix_millis();
     for chunk in staged.chunks(ROWS_PER_INSERT) {
-        let rows = (0..chunk.len())
-            .map(|row| {
-                let n = row * 5;
-                format!(
-                    "(${}, ${}, ${}, ${}, ${})",
-                    n + 1,
-                    n + 2,
-                    n + 3,
-                    n + 4,
-                    n + 5
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
+        let rows = value_rows(chunk.len(), 5, 1);
         let sql = format!(
             "INSERT INTO keel_outbox (event_id, event_type, subject, envelope, created_at) VALUES {rows}"
         );
