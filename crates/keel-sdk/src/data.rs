@@ -296,25 +296,36 @@ impl Database {
     /// Starts a transaction, on a connection whose last transaction just ended if there
     /// is one ([`Warm`]), else on one from the pool.
     pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
-        let (mut held, warm) = self.checkout().await?;
-        if let Err(error) = Self::start(&mut held, None).await {
-            // A warm connection is handed out unchecked: one the server dropped meanwhile
-            // (a restart) fails here, and the transaction starts again on the pool's.
-            if !(warm && broken(&error)) {
-                return Err(error);
-            }
-            drop(held);
-            held = Held::new(self.pool.acquire().await?);
-            Self::start(&mut held, None).await?;
-        }
-        held.in_transaction = true;
+        let held = self.begun(None).await.map_err(|(error, _)| error)?;
         Ok(self.tx(held))
     }
 
+    /// A connection in a transaction begun with `BEGIN` (or `statement`): a warm one if
+    /// there is one, else one from the pool. A warm connection is handed out unchecked:
+    /// one the server dropped meanwhile (a restart) fails here, and the transaction starts
+    /// again on the pool's. On failure, the connection the statement failed on comes back
+    /// with the error, still in doubt.
+    async fn begun(&self, statement: Option<&str>) -> Result<Held, (sqlx::Error, Option<Held>)> {
+        let (mut held, warm) = self.checkout().await.map_err(|error| (error, None))?;
+        if let Err(error) = Self::start(&mut held, statement).await {
+            if !(warm && broken(&error)) {
+                return Err((error, Some(held)));
+            }
+            drop(held);
+            held = Held::new(self.pool.acquire().await.map_err(|error| (error, None))?);
+            if let Err(error) = Self::start(&mut held, statement).await {
+                return Err((error, Some(held)));
+            }
+        }
+        held.in_transaction = true;
+        Ok(held)
+    }
+
     /// Sends `BEGIN` (or `statement`) on `held`, in doubt until its answer is read.
-    async fn start(held: &mut Held, statement: Option<String>) -> Result<(), sqlx::Error> {
+    async fn start(held: &mut Held, statement: Option<&str>) -> Result<(), sqlx::Error> {
         held.in_doubt = true;
-        let statement = statement.map(|statement| sqlx::AssertSqlSafe(statement).into_sql_str());
+        let statement =
+            statement.map(|statement| sqlx::AssertSqlSafe(statement.to_owned()).into_sql_str());
         Manager::begin(&mut held.connection, statement).await?;
         held.in_doubt = false;
         Ok(())
@@ -341,20 +352,18 @@ impl Database {
             }
             return Ok(Some(tx));
         }
-        let (mut held, _) = self.checkout().await?;
         let begin = format!(
             "BEGIN; INSERT INTO keel_inbox (consumer_group, event_id, received_at) VALUES ({}, {}, {})",
             hex_text(group),
             hex_text(event_id),
             unix_seconds()
         );
-        match Self::start(&mut held, Some(begin)).await {
-            Ok(()) => {
-                held.in_transaction = true;
-                Ok(Some(self.tx(held)))
-            }
+        match self.begun(Some(&begin)).await {
+            Ok(held) => Ok(Some(self.tx(held))),
             // The server holds an aborted transaction that sqlx does not count: ended here.
-            Err(sqlx::Error::Database(error)) if error.code().as_deref() == Some("23505") => {
+            Err((sqlx::Error::Database(error), Some(mut held)))
+                if error.code().as_deref() == Some("23505") =>
+            {
                 sqlx::raw_sql("ROLLBACK")
                     .execute(&mut *held.connection)
                     .await?;
@@ -364,7 +373,7 @@ impl Database {
             }
             // Perhaps inside an aborted transaction too: left in doubt, the connection is
             // closed rather than handed on (the server rolls back as it goes).
-            Err(error) => Err(error),
+            Err((error, _)) => Err(error),
         }
     }
 
@@ -383,7 +392,7 @@ impl Database {
         }
     }
 
-    /// A connection for a transaction: a warm one (and true), else one from the pool.
+    /// A connection: a warm one (and true), else one from the pool.
     async fn checkout(&self) -> Result<(Held, bool), sqlx::Error> {
         Ok(match self.warm.take() {
             Some(held) => (held, true),

@@ -289,14 +289,13 @@ async fn a_redelivered_event_is_recognized_whatever_its_id_holds() {
         )
         .await;
         assert_eq!(effects(&test.db).await, (4, 4), "{backend:?}");
-        let recorded: Vec<String> =
+        let mut recorded: Vec<String> =
             keel_sdk::sqlx::query_scalar("SELECT event_id FROM keel_inbox ORDER BY event_id")
                 .fetch_all(test.db.pool())
                 .await
                 .unwrap();
         let mut expected = ids.map(str::to_owned).to_vec();
         expected.sort();
-        let mut recorded = recorded;
         recorded.sort();
         assert_eq!(recorded, expected, "{backend:?}: stored as sent");
     }
