@@ -331,32 +331,38 @@ impl Database {
         Ok(())
     }
 
-    /// Starts a transaction that first records, in the inbox, `event_id` as handled by
-    /// consumer `group`; `None` (and no transaction) when it already was: a consumer's
-    /// way in, so that a redelivered message is recognized before its handler runs.
+    /// Starts a transaction that first records, in the inbox, each of `event_ids` as
+    /// handled by consumer `group`; `None` (and no transaction) when any of them already
+    /// was: a consumer's way in, so that a redelivered message is recognized before its
+    /// handler runs (with several, the caller takes them one at a time to see which).
     ///
     /// On PostgreSQL the insert travels with `BEGIN`, one round trip for both (sqlx sends
-    /// a custom `BEGIN` in the simple protocol, which takes no parameters: the two
-    /// strings go as hexadecimal digits, decoded by the server, so no input reaches the
-    /// SQL text). A duplicate is then the unique key's violation, rolled back here.
+    /// a custom `BEGIN` in the simple protocol, which takes no parameters: the strings go
+    /// as hexadecimal digits, decoded by the server, so no input reaches the SQL text). A
+    /// duplicate is then the unique key's violation, rolled back here.
     pub(crate) async fn begin_claiming(
         &self,
         group: &str,
-        event_id: &str,
+        event_ids: &[&str],
     ) -> Result<Option<Tx>, sqlx::Error> {
-        if self.backend == Backend::Sqlite {
+        if self.backend == Backend::Sqlite || event_ids.is_empty() {
             let mut tx = self.begin().await?;
-            if !inbox_insert(&mut tx, group, event_id).await? {
-                tx.rollback().await?;
-                return Ok(None);
+            for event_id in event_ids {
+                if !inbox_insert(&mut tx, group, event_id).await? {
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
             }
             return Ok(Some(tx));
         }
+        let (group, received_at) = (hex_text(group), unix_seconds());
+        let rows = event_ids
+            .iter()
+            .map(|event_id| format!("({group}, {}, {received_at})", hex_text(event_id)))
+            .collect::<Vec<_>>()
+            .join(", ");
         let begin = format!(
-            "BEGIN; INSERT INTO keel_inbox (consumer_group, event_id, received_at) VALUES ({}, {}, {})",
-            hex_text(group),
-            hex_text(event_id),
-            unix_seconds()
+            "BEGIN; INSERT INTO keel_inbox (consumer_group, event_id, received_at) VALUES {rows}"
         );
         match self.begun(Some(&begin)).await {
             Ok(held) => Ok(Some(self.tx(held))),

@@ -28,8 +28,11 @@ pub async fn consumer(
         .start()
         .await
         // Commands are idempotent by their business key and a saga has one in flight at a
-        // time: they need no order, and are handled several at once.
-        .map(|consumer| consumer.concurrency(8))
+        // time: they need no order, and are handled in batches, one transaction each. One
+        // batch at a time: a batch holds the stock rows it locked until it commits, and
+        // two at once could lock them in different orders (a command locks its own lines
+        // in SKU order, a batch cannot).
+        .map(|consumer| consumer.batch(16))
         .map_err(|error| ServiceError::bus("inventory", error))
 }
 

@@ -344,13 +344,14 @@ pub async fn build(
     )
     .map_err(|error| misconfigured(error.to_string()))?;
     // Replies are matched to their saga by correlation, late ones ignored: they need no
-    // order, and are handled several at once. Each saga's replies have a group of their
+    // order, and are handled several at once, in batches of one transaction each (each
+    // reply locks only its own saga and order). Each saga's replies have a group of their
     // own (a group's consumer handles only the types it binds).
     let bus_error = |error| ServiceError::bus("orders", error);
     let replies = orchestrator
         .consumer("orders")
         .await
-        .map(|consumer| consumer.concurrency(8))
+        .map(|consumer| consumer.concurrency(8).batch(4))
         .map_err(bus_error)?;
     let cancel_replies = cancellations
         .consumer("orders-cancel")

@@ -27,8 +27,10 @@ pub async fn consumer(
         .start()
         .await
         // Commands are idempotent by their business key and a saga has one in flight at a
-        // time: they need no order, and are handled several at once.
-        .map(|consumer| consumer.concurrency(8))
+        // time: they need no order, and are handled several at once, in small batches of
+        // one transaction each (small: a batch calls the provider once per command, one
+        // after the other).
+        .map(|consumer| consumer.concurrency(8).batch(4))
         .map_err(|error| ServiceError::bus("payments", error))
 }
 

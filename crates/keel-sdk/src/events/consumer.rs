@@ -296,6 +296,7 @@ impl ConsumerBuilder {
             bus: self.bus,
             core,
             concurrency: 1,
+            batch: 1,
         })
     }
 }
@@ -305,6 +306,7 @@ pub struct Consumer {
     bus: Bus,
     core: Arc<ConsumerCore>,
     concurrency: usize,
+    batch: usize,
 }
 
 impl Consumer {
@@ -327,6 +329,24 @@ impl Consumer {
         self
     }
 
+    /// On RabbitMQ, lets each of the [`Consumer::concurrency`] handlers take up to
+    /// `messages` deliveries that are waiting at once (1 by default; at most 64) and handle
+    /// them in one transaction: one `BEGIN` with their inbox rows, one outbox write, one
+    /// commit for all, which is most of a small handler's database work. If any of them
+    /// cannot be handled together (a handler fails, one was handled before), none of their
+    /// work commits and each is handled alone, as without batching. The prefetch grows to
+    /// `concurrency × messages`.
+    ///
+    /// Only for handlers that do not mind sharing a transaction: a handler that locks rows
+    /// others lock too (a stock level) holds them until the whole batch commits, and
+    /// batches running at once may lock them in different orders (PostgreSQL breaks such a
+    /// deadlock after a second, and the batch is then handled one by one): give those
+    /// consumers a concurrency of 1.
+    pub fn batch(mut self, messages: usize) -> Self {
+        self.batch = messages.clamp(1, 64);
+        self
+    }
+
     /// Takes and handles messages until `shutdown` (one at a time, unless
     /// [`Consumer::concurrency`] says otherwise); the messages in hand are finished first.
     /// Reconnects by itself when the broker goes away.
@@ -343,7 +363,7 @@ impl Consumer {
                 let takers = (0..concurrency).map(|_| bus.consume(core, shutdown.clone()));
                 futures_util::future::join_all(takers).await;
             }
-            Transport::RabbitMq(bus) => bus.consume(core, shutdown, concurrency).await,
+            Transport::RabbitMq(bus) => bus.consume(core, shutdown, concurrency, self.batch).await,
             #[cfg(feature = "kafka")]
             Transport::Kafka(bus) => bus.consume(core, shutdown, concurrency).await,
         }
@@ -376,17 +396,7 @@ impl ConsumerCore {
             Ok(envelope) => envelope,
             Err(error) => return self.count(self.dead("", "", error.to_string())),
         };
-        let span = tracing::info_span!(
-            "consume",
-            otel.kind = "consumer",
-            messaging.system = "keel",
-            messaging.consumer.group.name = %self.group,
-            messaging.message.id = %envelope.id,
-            cloudevents.event_type = %envelope.event_type,
-            attempt,
-        );
-        // No parent (a message from outside any trace) starts a new trace.
-        let _ = span.set_parent(envelope.trace_context());
+        let span = self.span(&envelope, attempt);
         let mut outages = 0;
         loop {
             let error = match self
@@ -409,6 +419,91 @@ impl ConsumerCore {
         }
     }
 
+    /// Handles several deliveries (payload and attempt each) and says what to do with each:
+    /// in one transaction when every one of them commits in it, else each alone
+    /// ([`ConsumerCore::process`]), so that one failing message costs the others only the
+    /// second try.
+    pub async fn process_all(
+        &self,
+        deliveries: &[(&[u8], u32)],
+        shutdown: &Shutdown,
+    ) -> Vec<Outcome> {
+        if deliveries.len() > 1 && self.handle_together(deliveries).await {
+            return deliveries
+                .iter()
+                .map(|_| self.count(Outcome::Done))
+                .collect();
+        }
+        let mut outcomes = Vec::with_capacity(deliveries.len());
+        for (payload, attempt) in deliveries {
+            outcomes.push(self.process(payload, *attempt, shutdown).await);
+        }
+        outcomes
+    }
+
+    /// Handles every one of `deliveries` in one transaction; false, with nothing of theirs
+    /// committed, when any of them is not for a handler, was handled before, or fails, or
+    /// the database does: what went wrong is then found and reported one by one.
+    async fn handle_together(&self, deliveries: &[(&[u8], u32)]) -> bool {
+        let mut work = Vec::with_capacity(deliveries.len());
+        for (payload, attempt) in deliveries {
+            let Ok(envelope) = Envelope::from_slice(payload) else {
+                return false;
+            };
+            let Some(handler) = self.handlers.get(envelope.event_type.as_str()) else {
+                return false;
+            };
+            let span = self.span(&envelope, *attempt);
+            work.push((envelope, handler, *attempt, span));
+        }
+        let ids: Vec<&str> = work
+            .iter()
+            .map(|(envelope, ..)| envelope.id.as_str())
+            .collect();
+        let together = async {
+            let Ok(Some(mut tx)) = self.db.begin_claiming(&self.group, &ids).await else {
+                return false;
+            };
+            for (envelope, handler, attempt, span) in &work {
+                let handled = tokio::time::timeout(
+                    self.retry.handler_timeout,
+                    handler.dispatch(&mut tx, envelope, *attempt),
+                )
+                .instrument(span.clone())
+                .await;
+                if !matches!(handled, Ok(Ok(()))) {
+                    // Dropped: rolled back.
+                    return false;
+                }
+            }
+            tx.commit().await.is_ok()
+        };
+        let committed = AssertUnwindSafe(together)
+            .catch_unwind()
+            .await
+            .unwrap_or(false);
+        if !committed {
+            tracing::debug!(group = %self.group, messages = work.len(), "a batch is handled one by one");
+        }
+        committed
+    }
+
+    /// The span a message is handled in, a child of the trace it was published in (none
+    /// starts a new trace).
+    fn span(&self, envelope: &Envelope, attempt: u32) -> tracing::Span {
+        let span = tracing::info_span!(
+            "consume",
+            otel.kind = "consumer",
+            messaging.system = "keel",
+            messaging.consumer.group.name = %self.group,
+            messaging.message.id = %envelope.id,
+            cloudevents.event_type = %envelope.event_type,
+            attempt,
+        );
+        let _ = span.set_parent(envelope.trace_context());
+        span
+    }
+
     /// One attempt at `envelope`; `Err` when the database could not be reached.
     async fn handle(&self, envelope: &Envelope, attempt: u32) -> Result<Outcome, Unavailable> {
         let Some(handler) = self.handlers.get(envelope.event_type.as_str()) else {
@@ -424,7 +519,7 @@ impl ConsumerCore {
         let attempt_work = async {
             let Some(mut tx) = self
                 .db
-                .begin_claiming(&self.group, &envelope.id)
+                .begin_claiming(&self.group, &[envelope.id.as_str()])
                 .await
                 .map_err(Failure::Database)?
             else {

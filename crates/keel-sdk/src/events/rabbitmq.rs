@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, SystemTime};
 
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use keel_runtime::Secret;
 use keel_runtime::Shutdown;
 use lapin::options::{
@@ -280,12 +280,19 @@ impl RabbitMq {
         arguments
     }
 
-    /// Consumes the group's queue until `shutdown`, handling up to `concurrency` messages
-    /// at once on one connection; reconnects after failures.
-    pub async fn consume(&self, core: &ConsumerCore, shutdown: Shutdown, concurrency: usize) {
+    /// Consumes the group's queue until `shutdown`, with up to `concurrency` handlers at
+    /// once on one connection, each taking up to `batch` waiting deliveries together;
+    /// reconnects after failures.
+    pub async fn consume(
+        &self,
+        core: &ConsumerCore,
+        shutdown: Shutdown,
+        concurrency: usize,
+        batch: usize,
+    ) {
         let failures = AtomicU32::new(0);
         keep_consuming(&core.group, &shutdown, &failures, || {
-            self.consume_once(core, &shutdown, &failures, concurrency)
+            self.consume_once(core, &shutdown, &failures, concurrency, batch)
         })
         .await;
     }
@@ -296,17 +303,19 @@ impl RabbitMq {
         shutdown: &Shutdown,
         failures: &AtomicU32,
         concurrency: usize,
+        batch: usize,
     ) -> Result<(), BusError> {
         let (connection, channel) = self.open("consumer").await?;
         self.declare_on(&channel, core).await?;
         // Several messages in hand at once take as many unacknowledged deliveries, on one
         // connection (lapin runs a thread per connection: one each would cost more in
         // context switches than it gains).
+        let (concurrency, batch) = (concurrency.max(1), batch.max(1));
         let prefetch = self
             .inner
             .options
             .prefetch
-            .max(u16::try_from(concurrency).unwrap_or(u16::MAX));
+            .max(u16::try_from(concurrency * batch).unwrap_or(u16::MAX));
         channel
             .basic_qos(prefetch, BasicQosOptions::default())
             .await?;
@@ -337,12 +346,20 @@ impl RabbitMq {
                         break;
                     }
                 }
-                delivery = deliveries.next(), if in_hand.len() < concurrency.max(1) => {
-                    let delivery = match delivery {
+                delivery = deliveries.next(), if in_hand.len() < concurrency => {
+                    let mut taken = vec![match delivery {
                         Some(delivery) => delivery?,
                         None => return Err(BusError::ConsumerClosed),
-                    };
-                    in_hand.push(self.settle(&channel, &names, core, delivery, shutdown));
+                    }];
+                    // What has arrived meanwhile goes along, without waiting for more.
+                    while taken.len() < batch {
+                        match deliveries.next().now_or_never() {
+                            Some(Some(delivery)) => taken.push(delivery?),
+                            Some(None) => return Err(BusError::ConsumerClosed),
+                            None => break,
+                        }
+                    }
+                    in_hand.push(self.settle(&channel, &names, core, taken, shutdown));
                 }
                 _ = redeclare.tick() => self.declare_on(&channel, core).await?,
                 () = shutdown.wait() => break,
@@ -356,21 +373,51 @@ impl RabbitMq {
         Ok(())
     }
 
-    /// Handles one delivery: processed, then retried, dead-lettered or acknowledged; false
-    /// when it was given back (the service is stopping: unacknowledged, the broker hands it
-    /// to another consumer once this connection closes).
+    /// Handles deliveries taken together, then retries, dead-letters or acknowledges each;
+    /// false when any was given back (the service is stopping: unacknowledged, the broker
+    /// hands it to another consumer once this connection closes).
     async fn settle(
         &self,
         channel: &Channel,
         names: &Names,
         core: &ConsumerCore,
-        delivery: lapin::message::Delivery,
+        taken: Vec<lapin::message::Delivery>,
         shutdown: &Shutdown,
     ) -> Result<bool, BusError> {
-        let attempt = header_u32(&delivery.properties, ATTEMPT)
-            .unwrap_or(1)
-            .max(1);
-        match core.process(&delivery.data, attempt, shutdown).await {
+        let attempts: Vec<u32> = taken
+            .iter()
+            .map(|delivery| {
+                header_u32(&delivery.properties, ATTEMPT)
+                    .unwrap_or(1)
+                    .max(1)
+            })
+            .collect();
+        let payloads: Vec<(&[u8], u32)> = taken
+            .iter()
+            .zip(&attempts)
+            .map(|(delivery, attempt)| (delivery.data.as_slice(), *attempt))
+            .collect();
+        let outcomes = core.process_all(&payloads, shutdown).await;
+        let mut kept = true;
+        for ((delivery, attempt), outcome) in taken.iter().zip(attempts).zip(outcomes) {
+            kept &= self
+                .conclude(channel, names, delivery, attempt, outcome)
+                .await?;
+        }
+        Ok(kept)
+    }
+
+    /// Acts on a delivery's outcome: acknowledged once handled, or once its retry or dead
+    /// letter is confirmed; false when it is given back.
+    async fn conclude(
+        &self,
+        channel: &Channel,
+        names: &Names,
+        delivery: &lapin::message::Delivery,
+        attempt: u32,
+        outcome: Outcome,
+    ) -> Result<bool, BusError> {
+        match outcome {
             Outcome::Done | Outcome::Duplicate => {}
             Outcome::GiveBack => return Ok(false),
             Outcome::Retry { delay, .. } => {

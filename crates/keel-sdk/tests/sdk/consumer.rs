@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use keel_runtime::Shutdown;
 use keel_sdk::Tx;
-use keel_sdk::data::Database;
+use keel_sdk::data::{Backend, Database};
 use keel_sdk::events::{Handler, HandlerError, Received};
 use keel_testkit::{ChildTest, Service, child_role, require, unique_name};
 
@@ -341,4 +341,93 @@ async fn a_message_waits_out_a_database_outage_without_using_up_its_attempts() {
     }
     let events = transports.len() as i64;
     assert_eq!(effects(&db).await, (events, events));
+}
+
+/// [`Apply`], and on PostgreSQL (`.1`) the transaction each deposit was recorded in.
+struct ApplyMarkingTx(Apply, bool);
+
+impl Handler<Deposited> for ApplyMarkingTx {
+    async fn handle(&self, tx: &mut Tx, deposit: Received<Deposited>) -> Result<(), HandlerError> {
+        let id = deposit.id.clone();
+        self.0.handle(tx, deposit).await?;
+        if self.1 {
+            keel_sdk::sqlx::query(
+                "INSERT INTO tx_marks (event_id, txid) VALUES ($1, txid_current())",
+            )
+            .bind(id)
+            .execute(&mut **tx)
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn waiting_messages_are_handled_in_batches_and_those_that_cannot_be_are_handled_alone() {
+    if !require(Service::RabbitMq) {
+        return;
+    }
+    for backend in backends() {
+        let test = TestDb::of(backend).await;
+        if backend == Backend::Postgres {
+            keel_sdk::sqlx::raw_sql(
+                "CREATE TABLE tx_marks (event_id TEXT PRIMARY KEY, txid BIGINT NOT NULL)",
+            )
+            .execute(test.db.pool())
+            .await
+            .unwrap();
+        }
+        let bus = bus(Transport::RabbitMq, "bank").await;
+        let handler = ApplyMarkingTx(Apply::default(), backend == Backend::Postgres);
+        let (group, consumer) = declare(&bus, &test.db, handler).await;
+        // Waiting before the consumer starts: forty good deposits, and among them a poison
+        // one (retried, then dead-lettered), bytes that are no envelope (dead-lettered at
+        // once) and a second copy of one deposit (the inbox knows it).
+        let envelope = |seq, amount| {
+            keel_sdk::events::Envelope::new("bank", &deposit("a", seq, amount)).unwrap()
+        };
+        let mut bodies: Vec<Vec<u8>> = (1..=40).map(|seq| envelope(seq, 1).to_vec()).collect();
+        bodies.insert(10, envelope(99, -5).to_vec());
+        bodies.insert(20, b"not an envelope".to_vec());
+        let copied = bodies[30].clone();
+        bodies.insert(31, copied);
+        raw_publish(bus.exchange(), "keel.test.deposited.v1", &bodies).await;
+
+        let running = run(consumer.batch(8));
+        let stats = &running.stats;
+        eventually(&format!("{backend:?}: all settled"), WAIT, || async {
+            stats.handled.load(Ordering::Relaxed) == 40
+                && stats.dead_lettered.load(Ordering::Relaxed) == 2
+        })
+        .await;
+        assert_eq!(stats.duplicates.load(Ordering::Relaxed), 1, "{backend:?}");
+        assert_eq!(stats.retried.load(Ordering::Relaxed), 2, "{backend:?}");
+        assert_eq!(effects(&test.db).await, (40, 40), "{backend:?}: each once");
+        let balance: i64 =
+            keel_sdk::sqlx::query_scalar("SELECT balance FROM accounts WHERE account = 'a'")
+                .fetch_one(test.db.pool())
+                .await
+                .unwrap();
+        assert_eq!(balance, 40, "{backend:?}");
+        let dead = bus.dead_letters(&group, 10).await.unwrap();
+        assert_eq!(dead.len(), 2, "{backend:?}: {dead:?}");
+        assert!(
+            dead.iter()
+                .any(|letter| letter.error.contains("negative amount")),
+            "{dead:?}"
+        );
+        if backend == Backend::Postgres {
+            // Forty deposits in far fewer transactions: most went in batches.
+            let (marks, transactions): (i64, i64) =
+                keel_sdk::sqlx::query_as("SELECT count(*), count(DISTINCT txid) FROM tx_marks")
+                    .fetch_one(test.db.pool())
+                    .await
+                    .unwrap();
+            assert_eq!(marks, 40);
+            assert!(
+                transactions <= 20,
+                "{transactions} transactions for 40 deposits"
+            );
+        }
+    }
 }
