@@ -42,9 +42,15 @@ struct Args {
     /// The simulated payment provider's latency per call.
     #[arg(long, default_value = "2ms", value_parser = humantime::parse_duration)]
     provider_latency: Duration,
-    /// How often a customer looks whether its order is final (each look is a request
-    /// through the gateway: the shorter, the more load besides the orders themselves).
-    /// The time to a final state is read from the orders' own rows, not from these looks.
+    /// How long a customer's look at its order may wait for it to be final
+    /// (`GET /orders/{id}?wait=`: answered as the order settles, one request per order);
+    /// 0 looks without waiting, every `--poll`.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    wait: Duration,
+    /// With `--wait 0`: how often a customer looks whether its order is final (each look
+    /// is a request through the gateway: the shorter, the more load besides the orders
+    /// themselves). The time to a final state is read from the orders' own rows, not from
+    /// these looks.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     poll: Duration,
     /// PostgreSQL (user postgres, trust authentication) for the services and pgbench.
@@ -299,7 +305,10 @@ async fn drive(args: &Args, up: &Up, secret: &str) -> anyhow::Result<(Measured, 
     let mut customers = Vec::new();
     for customer in 0..args.customers {
         let shop = shop.clone();
-        let poll = args.poll;
+        let look = Look {
+            wait: args.wait,
+            poll: args.poll,
+        };
         customers.push(tokio::spawn(async move {
             let mut rng = fastrand::Rng::with_seed(customer as u64);
             let mut samples = Vec::new();
@@ -308,7 +317,7 @@ async fn drive(args: &Args, up: &Up, secret: &str) -> anyhow::Result<(Measured, 
                 n += 1;
                 let placed_at = Instant::now();
                 let outcome = shop
-                    .order(&mut rng, &format!("c{customer}-{n}"), poll)
+                    .order(&mut rng, &format!("c{customer}-{n}"), look)
                     .await;
                 samples.push((placed_at, outcome));
             }
@@ -373,6 +382,15 @@ struct Shop {
     token: String,
 }
 
+/// How a customer looks at its order until it is final.
+#[derive(Clone, Copy)]
+struct Look {
+    /// Each look waits this long for the order to settle (`?wait=`); zero: no waiting.
+    wait: Duration,
+    /// Between looks that do not wait.
+    poll: Duration,
+}
+
 /// How one order went: its final status, the POST's latency, and the time to final.
 struct Outcome {
     confirmed: bool,
@@ -411,7 +429,7 @@ impl Shop {
         &self,
         rng: &mut fastrand::Rng,
         key: &str,
-        poll: Duration,
+        look: Look,
     ) -> anyhow::Result<Outcome> {
         let first = rng.usize(0..SKUS);
         let mut lines =
@@ -436,9 +454,16 @@ impl Shop {
         }
         let placed_in = started.elapsed();
         let id = placed["id"].as_str().context("no order id")?.to_owned();
+        let path = if look.wait.is_zero() {
+            format!("/orders/orders/{id}")
+        } else {
+            format!("/orders/orders/{id}?wait={}ms", look.wait.as_millis())
+        };
         loop {
-            tokio::time::sleep(poll).await;
-            let (status, order) = self.get(&format!("/orders/orders/{id}")).await?;
+            if look.wait.is_zero() {
+                tokio::time::sleep(look.poll).await;
+            }
+            let (status, order) = self.get(&path).await?;
             if status != 200 {
                 bail!("GET /orders/orders/{id}: {status}");
             }
@@ -593,8 +618,14 @@ fn report(args: &Args, measured: &Measured, pgbench: Option<f64>) {
     }
     if let Some(seen) = measured.seen_final {
         println!(
-            "  seen final by the customer   p50 {:.1} ms   p99 {:.1} ms (looking every {:?})",
-            seen.p50_ms, seen.p99_ms, args.poll
+            "  seen final by the customer   p50 {:.1} ms   p99 {:.1} ms ({})",
+            seen.p50_ms,
+            seen.p99_ms,
+            if args.wait.is_zero() {
+                format!("looking every {:?}", args.poll)
+            } else {
+                format!("waiting on the order up to {:?} a look", args.wait)
+            }
         );
     }
     if let Some(placing) = measured.placing {

@@ -154,7 +154,9 @@ pub async fn run(args: DemoArgs, config: KeelConfig) -> anyhow::Result<()> {
     if surprises > 0 {
         bail!("{surprises} order(s) did not end as the tour expects");
     }
-    println!("Each order ended as it should. Read one again: GET {gateway}/orders/orders/<id>");
+    println!(
+        "Each order ended as it should. Read one again: GET {gateway}/orders/orders/<id> (?wait=5s waits for a pending one to settle)"
+    );
     Ok(())
 }
 
@@ -233,14 +235,15 @@ impl Shop {
         }
     }
 
-    /// Order `id` once it is no longer pending.
+    /// Order `id` once it is no longer pending: each read waits for it to settle (`?wait=`,
+    /// answered as soon as it does).
     async fn settled(&self, id: &str) -> anyhow::Result<Value> {
         let deadline = tokio::time::Instant::now() + SETTLE_WITHIN;
         loop {
             let order = self
                 .send(
                     reqwest::Method::GET,
-                    &format!("/orders/orders/{id}"),
+                    &format!("/orders/orders/{id}?wait=5s"),
                     None,
                     None,
                 )

@@ -6,7 +6,8 @@
 //!   key with another body 422;
 //! - `GET /orders`: the caller's orders, newest first;
 //! - `GET /orders/{id}`: an order and its saga's steps, for its customer or an admin
-//!   (anyone else: 404, as if there were none).
+//!   (anyone else: 404, as if there were none); with `?wait=5s` (at most 20 s), an order
+//!   still pending or cancelling is answered once it has moved on or the wait is over.
 
 use axum::extract::State;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -14,7 +15,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use keel_runtime::Problem;
-use keel_runtime::extract::{IdempotencyKey, Path};
+use keel_runtime::extract::{IdempotencyKey, Path, Query};
 use keel_sdk::auth::Caller;
 use keel_sdk::events::asyncapi::AsyncApi;
 use serde_json::{Value, json};
@@ -107,10 +108,20 @@ async fn mine(State(orders): State<Orders>, caller: Caller) -> Result<Json<Vec<O
     Ok(Json(orders.orders_of(&customer).await.map_err(failed)?))
 }
 
+/// The query of `GET /orders/{id}`.
+#[derive(Debug, Default, serde::Deserialize)]
+struct Look {
+    /// How long to wait for an order in progress to move on (`5s`, `500ms`); none: answer
+    /// at once.
+    #[serde(default, with = "humantime_serde")]
+    wait: Option<std::time::Duration>,
+}
+
 async fn one(
     State(orders): State<Orders>,
     caller: Caller,
     Path(id): Path<String>,
+    Query(look): Query<Look>,
 ) -> Result<Json<OrderView>, Response> {
     let viewer = customer(&caller).map_err(forbidden)?;
     let not_found = || source(Problem::not_found(format!("no order {id}")));
@@ -118,12 +129,11 @@ async fn one(
         return Err(not_found());
     };
     let admin = caller.principal().roles.contains("admin");
-    orders
-        .order(&order_id, &viewer, admin)
-        .await
-        .map_err(failed)?
-        .map(Json)
-        .ok_or_else(not_found)
+    let view = match look.wait {
+        Some(wait) => orders.order_after(&order_id, &viewer, admin, wait).await,
+        None => orders.order(&order_id, &viewer, admin).await,
+    };
+    view.map_err(failed)?.map(Json).ok_or_else(not_found)
 }
 
 /// The body of `POST /orders/{id}/cancel` (optional).
@@ -222,9 +232,13 @@ pub fn openapi() -> Value {
             "/orders/{id}": { "get": {
                 "summary": "An order and its saga's steps (its customer, or an admin)",
                 "security": [{ "bearer": [] }],
-                "parameters": [{ "name": "id", "in": "path", "required": true, "schema": { "type": "string" } }],
+                "parameters": [
+                    { "name": "id", "in": "path", "required": true, "schema": { "type": "string" } },
+                    { "name": "wait", "in": "query", "required": false, "description": "Wait this long (`5s`, `500ms`; at most 20 s) for an order still pending or cancelling to move on before answering", "schema": { "type": "string" } },
+                ],
                 "responses": {
                     "200": { "description": "The order", "content": { "application/json": { "schema": { "$ref": "#/components/schemas/OrderView" } } } },
+                    "400": problem.clone(),
                     "401": problem.clone(),
                     "404": problem,
                 },

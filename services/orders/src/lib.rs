@@ -13,6 +13,7 @@ pub mod domain;
 pub mod placing;
 mod prices;
 mod store;
+mod waiting;
 
 use std::time::Duration;
 
@@ -32,6 +33,14 @@ use crate::domain::{CustomerId, OrderId, PricingError, Status};
 use crate::placing::{Cancelling, Placing};
 pub use crate::prices::CatalogError;
 pub use crate::store::{Order, StoreError};
+pub use crate::waiting::Changes;
+
+/// The longest `GET /orders/{id}?wait=` may wait (under the gateway's default route
+/// timeout of 30 s).
+pub const MAX_WAIT: Duration = Duration::from_secs(20);
+/// How often a waiting request looks at its order again, for changes committed by
+/// another instance (this instance's own wake it at once).
+const LOOK_AGAIN: Duration = Duration::from_millis(250);
 
 /// Where the orders service listens unless configured otherwise.
 pub const DEFAULT_LISTEN: std::net::SocketAddr =
@@ -113,6 +122,7 @@ pub struct Orders {
     orchestrator: Orchestrator<Placing>,
     cancellations: Orchestrator<Cancelling>,
     catalog: prices::Catalog,
+    changes: Changes,
 }
 
 impl Orders {
@@ -239,6 +249,35 @@ impl Orders {
         Ok(Some(OrderView { order, steps }))
     }
 
+    /// [`Orders::order`], but while a saga is still at work on it (pending, cancelling),
+    /// answered only once it has moved on or `wait` (at most [`MAX_WAIT`]) has passed: a
+    /// customer waits for the outcome with one request instead of polling.
+    pub async fn order_after(
+        &self,
+        id: &OrderId,
+        viewer: &CustomerId,
+        admin: bool,
+        wait: Duration,
+    ) -> Result<Option<OrderView>, OrdersError> {
+        let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        loop {
+            let watch = self.changes.watch(id);
+            let mut changed = std::pin::pin!(watch.notify().notified());
+            // Before looking: a change committed while the order is read still wakes.
+            changed.as_mut().enable();
+            let view = self.order(id, viewer, admin).await?;
+            let now = tokio::time::Instant::now();
+            match &view {
+                Some(view) if view.order.status.in_progress() && now < deadline => {}
+                _ => return Ok(view),
+            }
+            tokio::select! {
+                () = changed => {}
+                () = tokio::time::sleep(LOOK_AGAIN.min(deadline - now)) => {}
+            }
+        }
+    }
+
     /// Cancels order `id` for `viewer` (its customer, or an admin): a confirmed order is
     /// refunded and restocked by the cancellation saga, cancelling meanwhile; asking again
     /// changes nothing. `None` when the viewer may not see the order.
@@ -266,7 +305,14 @@ impl Orders {
             total: order.total,
             reason: Some(reason.to_owned()),
         };
-        move_order(&mut tx, &self.bus, Status::Confirmed, &changed).await?;
+        move_order(
+            &mut tx,
+            &self.bus,
+            &self.changes,
+            Status::Confirmed,
+            &changed,
+        )
+        .await?;
         let cancelling = Cancelling {
             order: id.clone(),
             customer: order.customer.clone(),
@@ -289,11 +335,13 @@ impl Orders {
 }
 
 /// Moves the order `changed` names from `from` to `changed.status` (with its reason) and
-/// stages `changed`, within `tx`; false, and nothing staged, when the order was not in
-/// `from` (moved on before).
+/// stages `changed`, within `tx`, waking this instance's requests waiting on the order once
+/// it commits; false, and nothing staged, when the order was not in `from` (moved on
+/// before).
 async fn move_order(
     tx: &mut Tx,
     bus: &Bus,
+    changes: &Changes,
     from: Status,
     changed: &OrderChanged,
 ) -> Result<bool, OrdersError> {
@@ -302,6 +350,8 @@ async fn move_order(
         return Ok(false);
     }
     bus.stage(tx, changed).await?;
+    let (changes, id) = (changes.clone(), id.clone());
+    tx.after_commit(move || changes.changed(&id));
     Ok(true)
 }
 
@@ -331,16 +381,17 @@ pub async fn build(
     };
     let client = ServiceClient::new("catalog", instances, ClientOptions::default())
         .map_err(|error| misconfigured(error.to_string()))?;
+    let changes = Changes::default();
     let orchestrator = Orchestrator::new(
         service.bus(),
         service.db(),
-        placing::saga(service.bus(), options.step_timeout),
+        placing::saga(service.bus(), &changes, options.step_timeout),
     )
     .map_err(|error| misconfigured(error.to_string()))?;
     let cancellations = Orchestrator::new(
         service.bus(),
         service.db(),
-        placing::cancellation(service.bus(), options.step_timeout),
+        placing::cancellation(service.bus(), &changes, options.step_timeout),
     )
     .map_err(|error| misconfigured(error.to_string()))?;
     // Replies are matched to their saga by correlation, late ones ignored: they need no
@@ -363,6 +414,7 @@ pub async fn build(
         orchestrator: orchestrator.clone(),
         cancellations: cancellations.clone(),
         catalog: prices::Catalog::new(&client),
+        changes,
     };
     let router = api::router(orders);
     service

@@ -14,6 +14,7 @@ use keel_sdk::saga::{Ended, OnEnd, Saga, SagaStatus, Step};
 use keel_sdk::{HandlerError, Tx};
 use serde::{Deserialize, Serialize};
 
+use crate::Changes;
 use crate::contract::OrderChanged;
 use crate::domain::{self, CustomerId, Money, OrderId, Outcome, Status};
 
@@ -31,7 +32,7 @@ pub struct Placing {
 const HOLD_SECONDS: u32 = 600;
 
 /// The saga, each step allowed `step_timeout` for its reply.
-pub fn saga(bus: &Bus, step_timeout: Duration) -> Saga<Placing> {
+pub fn saga(bus: &Bus, changes: &Changes, step_timeout: Duration) -> Saga<Placing> {
     // Reservation and payment are named after the order: every command is idempotent by it.
     Saga::new("order")
         .step(
@@ -72,12 +73,16 @@ pub fn saga(bus: &Bus, step_timeout: Duration) -> Saga<Placing> {
             })
             .timeout(step_timeout),
         )
-        .on_end(Settle { bus: bus.clone() })
+        .on_end(Settle {
+            bus: bus.clone(),
+            changes: changes.clone(),
+        })
 }
 
 /// Settles the order when its saga ends.
 struct Settle {
     bus: Bus,
+    changes: Changes,
 }
 
 impl OnEnd<Placing> for Settle {
@@ -100,7 +105,7 @@ impl OnEnd<Placing> for Settle {
             total: placing.total,
             reason,
         };
-        crate::move_order(tx, &self.bus, Status::Pending, &changed).await?;
+        crate::move_order(tx, &self.bus, &self.changes, Status::Pending, &changed).await?;
         Ok(())
     }
 }
@@ -119,7 +124,7 @@ pub struct Cancelling {
 /// reservation restocks it). Both are idempotent and never refused, so each is sent again
 /// until it is done, however long its participant is away; the order stays cancelling
 /// meanwhile.
-pub fn cancellation(bus: &Bus, step_timeout: Duration) -> Saga<Cancelling> {
+pub fn cancellation(bus: &Bus, changes: &Changes, step_timeout: Duration) -> Saga<Cancelling> {
     Saga::new("order-cancel")
         .step(
             Step::new("refund", |cancelling: &Cancelling, _| Void {
@@ -136,12 +141,16 @@ pub fn cancellation(bus: &Bus, step_timeout: Duration) -> Saga<Cancelling> {
             .timeout(step_timeout)
             .resend_on_timeout(),
         )
-        .on_end(Cancelled { bus: bus.clone() })
+        .on_end(Cancelled {
+            bus: bus.clone(),
+            changes: changes.clone(),
+        })
 }
 
 /// Settles a cancellation when its saga ends.
 struct Cancelled {
     bus: Bus,
+    changes: Changes,
 }
 
 impl OnEnd<Cancelling> for Cancelled {
@@ -160,7 +169,7 @@ impl OnEnd<Cancelling> for Cancelled {
             total: cancelling.total,
             reason: Some(cancelling.reason),
         };
-        crate::move_order(tx, &self.bus, Status::Cancelling, &changed).await?;
+        crate::move_order(tx, &self.bus, &self.changes, Status::Cancelling, &changed).await?;
         Ok(())
     }
 }

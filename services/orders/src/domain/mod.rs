@@ -134,6 +134,12 @@ impl Status {
         }
     }
 
+    /// A saga is still at work on the order (placing or cancelling it): it will move on
+    /// by itself.
+    pub fn in_progress(self) -> bool {
+        matches!(self, Self::Pending | Self::Cancelling)
+    }
+
     pub fn parse(text: &str) -> Option<Self> {
         Some(match text {
             "pending" => Self::Pending,
@@ -342,6 +348,9 @@ mod tests {
             Status::Cancelled,
         ] {
             assert_eq!(Status::parse(status.as_str()), Some(status));
+            // Only the statuses a saga is still working on move on by themselves.
+            let in_progress = matches!(status, Status::Pending | Status::Cancelling);
+            assert_eq!(status.in_progress(), in_progress, "{status:?}");
         }
     }
 

@@ -284,3 +284,46 @@ async fn a_confirmed_order_is_cancelled_refunded_and_restocked_and_nothing_else_
         assert_eq!(cancel(&declined, &shop.ada, None).await.0, 409);
     }
 }
+
+#[tokio::test]
+async fn a_customer_waits_for_the_outcome_with_one_request() {
+    // Payments away: the saga gives up after three seconds and rejects the order.
+    for shop in shops(true, Duration::from_secs(3)).await {
+        let mug = order(json!([{"sku": "MUG", "quantity": 1}]), "tok_visa");
+        let (_, placed) = shop.place(&shop.ada, None, mug).await;
+        let id = placed["id"].as_str().unwrap();
+        let look = |query: &str, token: &str| {
+            let request = shop.http.get(format!("{}/orders/{id}{query}", shop.orders));
+            let token = token.to_owned();
+            async move {
+                let started = std::time::Instant::now();
+                let (status, _, order) = keel_testkit::send(request, Some(&token)).await;
+                (status, order, started.elapsed())
+            }
+        };
+        // A short wait ends with the order as it is.
+        let (status, pending, took) = look("?wait=200ms", &shop.ada).await;
+        assert_eq!((status, pending["status"].as_str()), (200, Some("pending")));
+        assert!(took >= Duration::from_millis(200), "{took:?}");
+        // Another customer's order is not there to wait on; a wait that is no duration is
+        // refused.
+        let (status, _, took) = look("?wait=10s", &shop.bob).await;
+        assert_eq!(status, 404);
+        assert!(took < Duration::from_secs(5), "{took:?}");
+        let (status, problem, _) = look("?wait=soon", &shop.ada).await;
+        assert_eq!(status, 400, "{problem}");
+        // A long wait is answered when the order moves on, not when the wait is over.
+        let (status, rejected, took) = look("?wait=15s", &shop.ada).await;
+        assert_eq!(status, 200);
+        assert_eq!(
+            rejected["status"], "rejected",
+            "{} {rejected}",
+            shop.backend
+        );
+        assert!(took < Duration::from_secs(10), "{took:?}");
+        // Final already: answered at once.
+        let (status, again, took) = look("?wait=15s", &shop.ada).await;
+        assert_eq!((status, again["status"].as_str()), (200, Some("rejected")));
+        assert!(took < Duration::from_secs(5), "{took:?}");
+    }
+}
