@@ -946,17 +946,26 @@ where
         Ok(Line::new(step.name, phase, "sent", None))
     }
 
-    /// Saga `id`, its row locked for the rest of `tx` (written and read in one statement:
-    /// a no-op update that returns the row).
+    /// Saga `id`, its row locked for the rest of `tx`. On SQLite written and read in one
+    /// statement (a no-op update that returns the row), which takes the database's write
+    /// lock first; on PostgreSQL `FOR UPDATE`, a row lock without a new row version (the
+    /// saga's data and results are not copied into the WAL once more per transition).
     async fn lock(&self, tx: &mut Tx, id: &str) -> Result<Option<State>, SagaError> {
-        let row = sqlx::query(
-            "UPDATE keel_sagas SET version = version WHERE id = $1 AND saga = $2 \
-             RETURNING status, step, data, results, error, sends, deadline_at, version",
-        )
-        .bind(id)
-        .bind(self.inner.saga.name)
-        .fetch_optional(&mut **tx)
-        .await?;
+        let sql = match self.inner.db.backend() {
+            Backend::Postgres => {
+                "SELECT status, step, data, results, error, sends, deadline_at, version \
+                 FROM keel_sagas WHERE id = $1 AND saga = $2 FOR UPDATE"
+            }
+            Backend::Sqlite => {
+                "UPDATE keel_sagas SET version = version WHERE id = $1 AND saga = $2 \
+                 RETURNING status, step, data, results, error, sends, deadline_at, version"
+            }
+        };
+        let row = sqlx::query(sql)
+            .bind(id)
+            .bind(self.inner.saga.name)
+            .fetch_optional(&mut **tx)
+            .await?;
         row.map(|row| Self::state(id, &row)).transpose()
     }
 

@@ -148,11 +148,23 @@ impl Orders {
             .prices(request.lines.iter().map(|l| &l.sku))
             .await?;
         let (lines, total) = domain::price(&request.lines, &prices)?;
+        let id: OrderId = uuid::Uuid::now_v7()
+            .to_string()
+            .parse()
+            .map_err(|_| StoreError::Corrupt("a UUID is not a reference".into()))?;
+        let placing = Placing {
+            order: id.clone(),
+            customer: customer.clone(),
+            lines: request.lines.clone(),
+            total,
+            method: request.payment_method.clone(),
+        };
+        // The saga first, so that the order row is written once, with it (a repeated key
+        // below rolls both back).
+        let mut tx = self.db.begin().await?;
+        let saga = self.orchestrator.start(&mut tx, &placing).await?;
         let order = Order {
-            id: uuid::Uuid::now_v7()
-                .to_string()
-                .parse()
-                .map_err(|_| StoreError::Corrupt("a UUID is not a reference".into()))?,
+            id,
             customer: customer.clone(),
             status: Status::Pending,
             reason: None,
@@ -160,11 +172,10 @@ impl Orders {
             total,
             payment_method: request.payment_method.to_string(),
             created_at: unix_millis(),
-            saga_id: None,
+            saga_id: Some(saga),
             cancel_saga_id: None,
             request_digest: Some(digest.clone()),
         };
-        let mut tx = self.db.begin().await?;
         if !store::insert(&mut tx, &order, key).await? {
             // The same key, placed concurrently: that order stands.
             drop(tx);
@@ -175,15 +186,6 @@ impl Orders {
             let existing = existing.ok_or_else(|| StoreError::Corrupt("order vanished".into()))?;
             return Self::repeat(existing, &digest);
         }
-        let placing = Placing {
-            order: order.id.clone(),
-            customer: customer.clone(),
-            lines: request.lines.clone(),
-            total,
-            method: request.payment_method.clone(),
-        };
-        let saga = self.orchestrator.start(&mut tx, &placing).await?;
-        store::set_saga(&mut tx, &order.id, &saga).await?;
         self.bus
             .stage(
                 &mut tx,
@@ -197,13 +199,7 @@ impl Orders {
             )
             .await?;
         tx.commit().await?;
-        Ok((
-            Order {
-                saga_id: Some(saga),
-                ..order
-            },
-            true,
-        ))
+        Ok((order, true))
     }
 
     fn repeat(existing: Order, digest: &str) -> Result<(Order, bool), OrdersError> {
@@ -228,25 +224,32 @@ impl Orders {
         viewer: &CustomerId,
         admin: bool,
     ) -> Result<Option<OrderView>, OrdersError> {
-        // One connection for the order and its sagas: a poll is one checkout.
+        // One connection for the order and its sagas: a look is one checkout.
         let mut connection = self.db.connection().await?;
-        let Some(order) = store::get(&mut connection, id)
-            .await?
-            .filter(|order| domain::may_see(&order.customer, viewer, admin))
-        else {
-            connection.release();
-            return Ok(None);
+        let view = match store::get(&mut connection, id).await? {
+            Some(order) if domain::may_see(&order.customer, viewer, admin) => {
+                Some(self.view(&mut connection, order).await?)
+            }
+            _ => None,
         };
-        // Placing's steps, then the cancellation's, if any.
+        connection.release();
+        Ok(view)
+    }
+
+    /// `order` with its sagas' steps: placing's, then the cancellation's, if any.
+    async fn view(
+        &self,
+        connection: &mut sqlx::AnyConnection,
+        order: Order,
+    ) -> Result<OrderView, OrdersError> {
         let mut steps = Vec::new();
         if let Some(saga) = &order.saga_id {
-            steps.extend(self.orchestrator.history_on(&mut connection, saga).await?);
+            steps.extend(self.orchestrator.history_on(connection, saga).await?);
         }
         if let Some(saga) = &order.cancel_saga_id {
-            steps.extend(self.cancellations.history_on(&mut connection, saga).await?);
+            steps.extend(self.cancellations.history_on(connection, saga).await?);
         }
-        connection.release();
-        Ok(Some(OrderView { order, steps }))
+        Ok(OrderView { order, steps })
     }
 
     /// [`Orders::order`], but while a saga is still at work on it (pending, cancelling),
@@ -265,11 +268,22 @@ impl Orders {
             let mut changed = std::pin::pin!(watch.notify().notified());
             // Before looking: a change committed while the order is read still wakes.
             changed.as_mut().enable();
-            let view = self.order(id, viewer, admin).await?;
+            let mut connection = self.db.connection().await?;
             let now = tokio::time::Instant::now();
-            match &view {
-                Some(view) if view.order.status.in_progress() && now < deadline => {}
-                _ => return Ok(view),
+            // The steps only with the answer: a look that waits on reads the order alone.
+            let answer = match store::get(&mut connection, id).await? {
+                Some(order) if domain::may_see(&order.customer, viewer, admin) => {
+                    if order.status.in_progress() && now < deadline {
+                        None
+                    } else {
+                        Some(Some(self.view(&mut connection, order).await?))
+                    }
+                }
+                _ => Some(None),
+            };
+            connection.release();
+            if let Some(answer) = answer {
+                return Ok(answer);
             }
             tokio::select! {
                 () = changed => {}

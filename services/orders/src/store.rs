@@ -72,15 +72,6 @@ pub async fn insert(
     Ok(inserted.rows_affected() == 1)
 }
 
-pub async fn set_saga(db: &mut AnyConnection, id: &OrderId, saga: &str) -> Result<(), StoreError> {
-    sqlx::query("UPDATE orders SET saga_id = $1 WHERE id = $2")
-        .bind(saga)
-        .bind(id.as_str())
-        .execute(db)
-        .await?;
-    Ok(())
-}
-
 pub async fn set_cancel_saga(
     db: &mut AnyConnection,
     id: &OrderId,
