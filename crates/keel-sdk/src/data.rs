@@ -95,6 +95,18 @@ pub enum Backend {
     Sqlite,
 }
 
+impl Backend {
+    /// The backend `connection` talks to: for the few statements that differ (a row lock
+    /// is `SELECT … FOR UPDATE` on PostgreSQL, which SQLite does not have).
+    pub fn of(connection: &AnyConnection) -> Self {
+        if connection.backend_name() == <sqlx::Postgres as sqlx::Database>::NAME {
+            Self::Postgres
+        } else {
+            Self::Sqlite
+        }
+    }
+}
+
 impl FromStr for Backend {
     type Err = DbError;
 

@@ -1,8 +1,10 @@
 //! Stock and reservations in the inventory's database (PostgreSQL or SQLite, one code
-//! path). Rows are locked before they are read in a transaction that will write them: a
-//! no-op UPDATE takes PostgreSQL's row lock (SQLite's write lock is already held by the
-//! transaction's first write), so the domain logic runs on counts nobody else can change.
+//! path). Rows are locked before they are read in a transaction that will write them, so
+//! the domain logic runs on counts nobody else can change: `SELECT … FOR UPDATE` on
+//! PostgreSQL (a row lock, read in the same round trip); on SQLite, which has no row
+//! locks, a no-op UPDATE takes the database's write lock first.
 
+use keel_sdk::data::Backend;
 use keel_sdk::sqlx::{self, AnyConnection, Row};
 
 use crate::domain::{Line, Quantity, ReservationId, Sku, Status, Stock, StockError};
@@ -32,7 +34,20 @@ fn count(value: i64) -> Result<u32, StoreError> {
 
 /// The stock of `sku`, unlocked; none when it was never counted.
 pub async fn stock(db: &mut AnyConnection, sku: &Sku) -> Result<Option<Stock>, StoreError> {
-    let row = sqlx::query("SELECT on_hand, reserved FROM stock WHERE sku = $1")
+    read_stock(
+        db,
+        sku,
+        "SELECT on_hand, reserved FROM stock WHERE sku = $1",
+    )
+    .await
+}
+
+async fn read_stock(
+    db: &mut AnyConnection,
+    sku: &Sku,
+    sql: &'static str,
+) -> Result<Option<Stock>, StoreError> {
+    let row = sqlx::query(sql)
         .bind(sku.as_str())
         .fetch_optional(db)
         .await?;
@@ -48,17 +63,22 @@ pub async fn stock(db: &mut AnyConnection, sku: &Sku) -> Result<Option<Stock>, S
 
 /// The stock of `sku`, locked for the rest of the transaction (empty when never counted).
 pub async fn locked_stock(db: &mut AnyConnection, sku: &Sku) -> Result<Stock, StoreError> {
-    let locked = sqlx::query("UPDATE stock SET updated_at = updated_at WHERE sku = $1")
-        .bind(sku.as_str())
-        .execute(&mut *db)
-        .await?;
-    // Nothing locked: a row committed since would be read unlocked, so it is not read.
-    if locked.rows_affected() == 0 {
-        return Ok(Stock::empty(sku.clone()));
-    }
-    Ok(stock(db, sku)
-        .await?
-        .unwrap_or_else(|| Stock::empty(sku.clone())))
+    let found = if Backend::of(db) == Backend::Postgres {
+        let sql = "SELECT on_hand, reserved FROM stock WHERE sku = $1 FOR UPDATE";
+        read_stock(db, sku, sql).await?
+    } else {
+        let locked = sqlx::query("UPDATE stock SET updated_at = updated_at WHERE sku = $1")
+            .bind(sku.as_str())
+            .execute(&mut *db)
+            .await?;
+        // Nothing locked: a row committed since would be read unlocked, so it is not read.
+        if locked.rows_affected() == 0 {
+            None
+        } else {
+            stock(db, sku).await?
+        }
+    };
+    Ok(found.unwrap_or_else(|| Stock::empty(sku.clone())))
 }
 
 pub async fn save_stock(db: &mut AnyConnection, stock: &Stock, now: i64) -> Result<(), StoreError> {
@@ -133,7 +153,8 @@ pub async fn reservation(
     id: &ReservationId,
     lock: bool,
 ) -> Result<Option<Reservation>, StoreError> {
-    if lock {
+    let postgres = Backend::of(db) == Backend::Postgres;
+    if lock && !postgres {
         let locked = sqlx::query("UPDATE reservations SET updated_at = updated_at WHERE id = $1")
             .bind(id.as_str())
             .execute(&mut *db)
@@ -143,7 +164,12 @@ pub async fn reservation(
             return Ok(None);
         }
     }
-    let Some(row) = sqlx::query("SELECT status, expires_at FROM reservations WHERE id = $1")
+    let sql = if lock && postgres {
+        "SELECT status, expires_at FROM reservations WHERE id = $1 FOR UPDATE"
+    } else {
+        "SELECT status, expires_at FROM reservations WHERE id = $1"
+    };
+    let Some(row) = sqlx::query(sql)
         .bind(id.as_str())
         .fetch_optional(&mut *db)
         .await?

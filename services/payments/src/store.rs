@@ -1,6 +1,7 @@
 //! Payments in the payments database (PostgreSQL or SQLite, one code path). A payment's
 //! row is written (and so locked) before it is read in a transaction that changes it.
 
+use keel_sdk::data::Backend;
 use keel_sdk::sqlx::{self, AnyConnection, Row};
 use keel_shop_kernel::Money;
 
@@ -40,7 +41,10 @@ pub async fn get(
     id: &PaymentId,
     lock: bool,
 ) -> Result<Option<Payment>, StoreError> {
-    if lock {
+    // PostgreSQL: `FOR UPDATE`, a row lock read in the same round trip; SQLite has no row
+    // locks: a no-op update takes the database's write lock first.
+    let postgres = Backend::of(db) == Backend::Postgres;
+    if lock && !postgres {
         let locked = sqlx::query("UPDATE payments SET updated_at = updated_at WHERE id = $1")
             .bind(id.as_str())
             .execute(&mut *db)
@@ -50,12 +54,15 @@ pub async fn get(
             return Ok(None);
         }
     }
-    let row = sqlx::query(
-        "SELECT status, amount_minor, currency, method, decline_reason FROM payments WHERE id = $1",
-    )
-    .bind(id.as_str())
-    .fetch_optional(db)
-    .await?;
+    let sql = if lock && postgres {
+        "SELECT status, amount_minor, currency, method, decline_reason FROM payments WHERE id = $1 FOR UPDATE"
+    } else {
+        "SELECT status, amount_minor, currency, method, decline_reason FROM payments WHERE id = $1"
+    };
+    let row = sqlx::query(sql)
+        .bind(id.as_str())
+        .fetch_optional(db)
+        .await?;
     let Some(row) = row else {
         return Ok(None);
     };
