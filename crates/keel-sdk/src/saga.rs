@@ -599,7 +599,7 @@ where
         correlation: Option<&Correlation>,
         answer: Answer,
     ) -> Result<Advanced, SagaError> {
-        // Write before reading: SQLite takes its write lock now (waiting for it), where a
+        // Lock before reading: SQLite takes its write lock now (waiting for it), where a
         // transaction that read first would fail with SQLITE_BUSY on its first write;
         // PostgreSQL locks the row, so concurrent transitions of one saga queue here.
         let Some(mut state) = self.lock(tx, id).await? else {

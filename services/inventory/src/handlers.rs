@@ -29,9 +29,11 @@ pub async fn consumer(
         .await
         // Commands are idempotent by their business key and a saga has one in flight at a
         // time: they need no order, and are handled in batches, one transaction each. One
-        // batch at a time: a batch holds the stock rows it locked until it commits, and
-        // two at once could lock them in different orders (a command locks its own lines
-        // in SKU order, a batch cannot).
+        // batch at a time in a process: a batch holds the stock rows it locked until it
+        // commits, and two at once could lock them in different orders (a command locks
+        // its own lines in SKU order, a batch cannot). The expiry sweep, or another
+        // replica's batch, still can: PostgreSQL breaks that deadlock after a second, and
+        // the batch is handled one by one (or the sweep tries again next time).
         .map(|consumer| consumer.batch(16))
         .map_err(|error| ServiceError::bus("inventory", error))
 }

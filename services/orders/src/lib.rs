@@ -123,6 +123,8 @@ pub struct Orders {
     cancellations: Orchestrator<Cancelling>,
     catalog: prices::Catalog,
     changes: Changes,
+    /// Ends waits (`GET ?wait=`) early when the service stops, so that it drains quickly.
+    shutdown: Shutdown,
 }
 
 impl Orders {
@@ -254,7 +256,8 @@ impl Orders {
 
     /// [`Orders::order`], but while a saga is still at work on it (pending, cancelling),
     /// answered only once it has moved on or `wait` (at most [`MAX_WAIT`]) has passed: a
-    /// customer waits for the outcome with one request instead of polling.
+    /// customer waits for the outcome with one request instead of polling. A service
+    /// stopping answers its waiters at once, with the order as it is.
     pub async fn order_after(
         &self,
         id: &OrderId,
@@ -263,6 +266,7 @@ impl Orders {
         wait: Duration,
     ) -> Result<Option<OrderView>, OrdersError> {
         let deadline = tokio::time::Instant::now() + wait.min(MAX_WAIT);
+        let mut stopping = self.shutdown.is_triggered();
         loop {
             let watch = self.changes.watch(id);
             let mut changed = std::pin::pin!(watch.notify().notified());
@@ -273,7 +277,7 @@ impl Orders {
             // The steps only with the answer: a look that waits on reads the order alone.
             let answer = match store::get(&mut connection, id).await? {
                 Some(order) if domain::may_see(&order.customer, viewer, admin) => {
-                    if order.status.in_progress() && now < deadline {
+                    if order.status.in_progress() && now < deadline && !stopping {
                         None
                     } else {
                         Some(Some(self.view(&mut connection, order).await?))
@@ -288,6 +292,7 @@ impl Orders {
             tokio::select! {
                 () = changed => {}
                 () = tokio::time::sleep(LOOK_AGAIN.min(deadline - now)) => {}
+                () = self.shutdown.wait() => stopping = true,
             }
         }
     }
@@ -429,6 +434,7 @@ pub async fn build(
         cancellations: cancellations.clone(),
         catalog: prices::Catalog::new(&client),
         changes,
+        shutdown: shutdown.clone(),
     };
     let router = api::router(orders);
     service

@@ -341,7 +341,10 @@ impl Consumer {
     /// others lock too (a stock level) holds them until the whole batch commits, and
     /// batches running at once may lock them in different orders (PostgreSQL breaks such a
     /// deadlock after a second, and the batch is then handled one by one): give those
-    /// consumers a concurrency of 1.
+    /// consumers a concurrency of 1. The whole batch gets one `handler_timeout`. A handler
+    /// must never swallow a database error: PostgreSQL turns the commit of a failed
+    /// transaction into a rollback without an error, which in a batch would drop the work
+    /// of every message in it, acknowledged.
     pub fn batch(mut self, messages: usize) -> Self {
         self.batch = messages.clamp(1, 64);
         self
@@ -428,7 +431,10 @@ impl ConsumerCore {
         deliveries: &[(&[u8], u32)],
         shutdown: &Shutdown,
     ) -> Vec<Outcome> {
-        if deliveries.len() > 1 && self.handle_together(deliveries).await {
+        if deliveries.len() > 1
+            && !shutdown.is_triggered()
+            && self.handle_together(deliveries).await
+        {
             return deliveries
                 .iter()
                 .map(|_| self.count(Outcome::Done))
@@ -436,7 +442,14 @@ impl ConsumerCore {
         }
         let mut outcomes = Vec::with_capacity(deliveries.len());
         for (payload, attempt) in deliveries {
-            outcomes.push(self.process(payload, *attempt, shutdown).await);
+            // Once one is given back (stopping while the database is away), the rest are
+            // too, untried: each would wait out the outage again first.
+            let outcome = if outcomes.last() == Some(&Outcome::GiveBack) {
+                Outcome::GiveBack
+            } else {
+                self.process(payload, *attempt, shutdown).await
+            };
+            outcomes.push(outcome);
         }
         outcomes
     }
@@ -464,19 +477,23 @@ impl ConsumerCore {
             let Ok(Some(mut tx)) = self.db.begin_claiming(&self.group, &ids).await else {
                 return false;
             };
-            for (envelope, handler, attempt, span) in &work {
-                let handled = tokio::time::timeout(
-                    self.retry.handler_timeout,
-                    handler.dispatch(&mut tx, envelope, *attempt),
-                )
-                .instrument(span.clone())
-                .await;
-                if !matches!(handled, Ok(Ok(()))) {
-                    // Dropped: rolled back.
-                    return false;
+            // One handler's time for the whole batch: it holds its locks until it commits,
+            // and a handler that hangs gets its own full timeout when tried alone.
+            let handled = tokio::time::timeout(self.retry.handler_timeout, async {
+                for (envelope, handler, attempt, span) in &work {
+                    let handled = handler
+                        .dispatch(&mut tx, envelope, *attempt)
+                        .instrument(span.clone())
+                        .await;
+                    if handled.is_err() {
+                        return false;
+                    }
                 }
-            }
-            tx.commit().await.is_ok()
+                true
+            })
+            .await;
+            // Not handled: the transaction is dropped, and rolled back.
+            handled == Ok(true) && tx.commit().await.is_ok()
         };
         let committed = AssertUnwindSafe(together)
             .catch_unwind()

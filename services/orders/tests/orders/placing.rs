@@ -292,7 +292,7 @@ async fn a_customer_waits_for_the_outcome_with_one_request() {
         let mug = order(json!([{"sku": "MUG", "quantity": 1}]), "tok_visa");
         let (_, placed) = shop.place(&shop.ada, None, mug).await;
         let id = placed["id"].as_str().unwrap();
-        let look = |query: &str, token: &str| {
+        let look_at = |id: &str, query: &str, token: &str| {
             let request = shop.http.get(format!("{}/orders/{id}{query}", shop.orders));
             let token = token.to_owned();
             async move {
@@ -301,6 +301,7 @@ async fn a_customer_waits_for_the_outcome_with_one_request() {
                 (status, order, started.elapsed())
             }
         };
+        let look = |query: &str, token: &str| look_at(id, query, token);
         // A short wait ends with the order as it is.
         let (status, pending, took) = look("?wait=200ms", &shop.ada).await;
         assert_eq!((status, pending["status"].as_str()), (200, Some("pending")));
@@ -325,5 +326,20 @@ async fn a_customer_waits_for_the_outcome_with_one_request() {
         let (status, again, took) = look("?wait=15s", &shop.ada).await;
         assert_eq!((status, again["status"].as_str()), (200, Some("rejected")));
         assert!(took < Duration::from_secs(5), "{took:?}");
+
+        // The service stopping answers its waiters at once, with the order as it is.
+        let mug = order(json!([{"sku": "MUG", "quantity": 1}]), "tok_visa");
+        let (_, placed) = shop.place(&shop.ada, None, mug).await;
+        let stop = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            shop.shutdown.trigger();
+        };
+        let (answer, ()) = tokio::join!(
+            look_at(placed["id"].as_str().unwrap(), "?wait=15s", &shop.ada),
+            stop
+        );
+        let (status, pending, took) = answer;
+        assert_eq!((status, pending["status"].as_str()), (200, Some("pending")));
+        assert!(took < Duration::from_secs(2), "{took:?}");
     }
 }
