@@ -5,7 +5,7 @@
 //! from placing an order to seeing it final (p50, p99), with pgbench's TPC-B-like figure
 //! on the same PostgreSQL beside it as the ceiling.
 //!
-//!   scripts/bench shop [--duration 20s] [--customers 32] [--provider-latency 2ms]
+//!   scripts/bench shop [--duration 20s] [--customers 32] [--provider-latency 2ms] [--wait 10s]
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
