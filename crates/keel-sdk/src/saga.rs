@@ -796,11 +796,9 @@ where
     async fn resend_followup(&self, id: &str, step: i64) -> Result<bool, SagaError> {
         let mut tx = self.inner.db.begin().await?;
         // The saga's row first, as every transition locks it: one at a time per saga.
-        sqlx::query("UPDATE keel_sagas SET version = version WHERE id = $1 AND saga = $2")
-            .bind(id)
-            .bind(self.inner.saga.name)
-            .execute(&mut *tx)
-            .await?;
+        let Some(state) = self.lock(&mut tx, id).await? else {
+            return Ok(false);
+        };
         let row = sqlx::query(
             "SELECT sends, deadline_at FROM keel_saga_followups WHERE saga_id = $1 AND step = $2",
         )
@@ -815,8 +813,7 @@ where
         if deadline > now_millis() {
             return Ok(false);
         }
-        let (Some(state), Ok(index)) = (self.load(&mut tx, id).await?, usize::try_from(step))
-        else {
+        let Ok(index) = usize::try_from(step) else {
             return Ok(false);
         };
         let sends = row.try_get::<i64, _>("sends")? + 1;

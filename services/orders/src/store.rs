@@ -1,5 +1,6 @@
 //! Orders in the orders database (PostgreSQL or SQLite, one code path).
 
+use keel_sdk::data::Backend;
 use keel_sdk::sqlx::{self, AnyConnection, Row, any::AnyRow};
 
 use crate::domain::{CustomerId, Money, OrderId, PricedLine, Status};
@@ -108,8 +109,13 @@ pub async fn advance(
     Ok(moved.rows_affected() == 1)
 }
 
-/// Order `id`, locked for the rest of the transaction (nothing read when there is none).
+/// Order `id`, locked for the rest of the transaction (nothing read when there is none):
+/// `FOR UPDATE` on PostgreSQL; SQLite has no row locks, and a no-op update takes its write
+/// lock first.
 pub async fn get_locked(db: &mut AnyConnection, id: &OrderId) -> Result<Option<Order>, StoreError> {
+    if Backend::of(db) == Backend::Postgres {
+        return fetch(db, id, " FOR UPDATE").await;
+    }
     let locked = sqlx::query("UPDATE orders SET updated_at = updated_at WHERE id = $1")
         .bind(id.as_str())
         .execute(&mut *db)
@@ -124,8 +130,17 @@ const COLUMNS: &str = "id, customer, status, reason, lines, total_minor, currenc
                        saga_id, cancel_saga_id, request_digest, created_at";
 
 pub async fn get(db: &mut AnyConnection, id: &OrderId) -> Result<Option<Order>, StoreError> {
+    fetch(db, id, "").await
+}
+
+/// Order `id`, read with `lock` (a constant: nothing or ` FOR UPDATE`).
+async fn fetch(
+    db: &mut AnyConnection,
+    id: &OrderId,
+    lock: &'static str,
+) -> Result<Option<Order>, StoreError> {
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
-        "SELECT {COLUMNS} FROM orders WHERE id = $1"
+        "SELECT {COLUMNS} FROM orders WHERE id = $1{lock}"
     )))
     .bind(id.as_str())
     .fetch_optional(db)

@@ -212,6 +212,12 @@ async fn raw_publish(exchange: &str, routing_key: &str, bodies: &[Vec<u8>]) {
     .await
     .unwrap();
     let channel = connection.create_channel().await.unwrap();
+    // With confirms, each publish below is waited for until the broker has it: without,
+    // it is only queued in lapin, and closing the connection at once could lose the last.
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .unwrap();
     for body in bodies {
         channel
             .basic_publish(
@@ -385,8 +391,10 @@ async fn waiting_messages_are_handled_in_batches_and_those_that_cannot_be_are_ha
             keel_sdk::events::Envelope::new("bank", &deposit("a", seq, amount)).unwrap()
         };
         let counts = consumer.stats();
+        let pool = test.db.pool().clone();
         let settled = |handled: u64, dead: u64| {
             let stats = counts.clone();
+            let pool = pool.clone();
             let what = format!("{backend:?}: {handled} handled, {dead} dead-lettered");
             async move {
                 let deadline = tokio::time::Instant::now() + WAIT;
@@ -400,11 +408,26 @@ async fn waiting_messages_are_handled_in_batches_and_those_that_cannot_be_are_ha
                     if (now.0, now.1) == (handled, dead) {
                         return now;
                     }
-                    // What the consumer did so far, when it did not get there.
-                    assert!(
-                        tokio::time::Instant::now() < deadline,
-                        "{what}: not within {WAIT:?}; (handled, dead, duplicates, retried) = {now:?}"
-                    );
+                    // What the consumer did so far, when it did not get there, and what
+                    // the database's sessions are doing.
+                    if tokio::time::Instant::now() >= deadline {
+                        let sessions: Vec<(Option<String>, Option<String>, Option<String>)> =
+                            if postgres {
+                                keel_sdk::sqlx::query_as(
+                                    "SELECT state, wait_event, query FROM pg_stat_activity \
+                                     WHERE datname = current_database() AND pid <> pg_backend_pid()",
+                                )
+                                .fetch_all(&pool)
+                                .await
+                                .unwrap_or_default()
+                            } else {
+                                Vec::new()
+                            };
+                        panic!(
+                            "{what}: not within {WAIT:?}; (handled, dead, duplicates, retried) = {now:?}; database waits {}; sessions {sessions:?}",
+                            stats.database_waits.load(Ordering::Relaxed)
+                        );
+                    }
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             }
