@@ -95,16 +95,28 @@ pub enum Backend {
     Sqlite,
 }
 
-impl Backend {
-    /// The backend `connection` talks to: for the few statements that differ (a row lock
-    /// is `SELECT … FOR UPDATE` on PostgreSQL, which SQLite does not have).
-    pub fn of(connection: &AnyConnection) -> Self {
-        if connection.backend_name() == <sqlx::Postgres as sqlx::Database>::NAME {
-            Self::Postgres
-        } else {
-            Self::Sqlite
-        }
+/// Locks the row of `table` whose `key` column is `value` for the rest of the transaction
+/// on `connection`, before the transaction reads it and writes it: returns what the
+/// reading `SELECT` must end with, `None` when there is no row to read. PostgreSQL:
+/// `" FOR UPDATE"`, so that the read itself takes the lock (one round trip, no new row
+/// version). SQLite has no row locks: a no-op update of the key takes the database's write
+/// lock first (`""` then), and when it matched nothing the row is not to be read (one
+/// committed since would be read unlocked). `table` and `key` are names, never input.
+pub async fn lock_row(
+    connection: &mut AnyConnection,
+    table: &'static str,
+    key: &'static str,
+    value: &str,
+) -> Result<Option<&'static str>, sqlx::Error> {
+    if connection.backend_name() == <sqlx::Postgres as sqlx::Database>::NAME {
+        return Ok(Some(" FOR UPDATE"));
     }
+    let touch = format!("UPDATE {table} SET {key} = {key} WHERE {key} = $1");
+    let locked = sqlx::query(sqlx::AssertSqlSafe(touch))
+        .bind(value)
+        .execute(connection)
+        .await?;
+    Ok((locked.rows_affected() > 0).then_some(""))
 }
 
 impl FromStr for Backend {

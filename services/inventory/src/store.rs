@@ -1,10 +1,8 @@
 //! Stock and reservations in the inventory's database (PostgreSQL or SQLite, one code
-//! path). Rows are locked before they are read in a transaction that will write them, so
-//! the domain logic runs on counts nobody else can change: `SELECT … FOR UPDATE` on
-//! PostgreSQL (a row lock, read in the same round trip); on SQLite, which has no row
-//! locks, a no-op UPDATE takes the database's write lock first.
+//! path). Rows are locked ([`lock_row`]) before they are read in a transaction that will
+//! write them, so the domain logic runs on counts nobody else can change.
 
-use keel_sdk::data::Backend;
+use keel_sdk::data::lock_row;
 use keel_sdk::sqlx::{self, AnyConnection, Row};
 
 use crate::domain::{Line, Quantity, ReservationId, Sku, Status, Stock, StockError};
@@ -34,20 +32,17 @@ fn count(value: i64) -> Result<u32, StoreError> {
 
 /// The stock of `sku`, unlocked; none when it was never counted.
 pub async fn stock(db: &mut AnyConnection, sku: &Sku) -> Result<Option<Stock>, StoreError> {
-    read_stock(
-        db,
-        sku,
-        "SELECT on_hand, reserved FROM stock WHERE sku = $1",
-    )
-    .await
+    read_stock(db, sku, "").await
 }
 
+/// The stock of `sku`, read with `lock` (from [`lock_row`]).
 async fn read_stock(
     db: &mut AnyConnection,
     sku: &Sku,
-    sql: &'static str,
+    lock: &'static str,
 ) -> Result<Option<Stock>, StoreError> {
-    let row = sqlx::query(sql)
+    let sql = format!("SELECT on_hand, reserved FROM stock WHERE sku = $1{lock}");
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(sku.as_str())
         .fetch_optional(db)
         .await?;
@@ -63,20 +58,9 @@ async fn read_stock(
 
 /// The stock of `sku`, locked for the rest of the transaction (empty when never counted).
 pub async fn locked_stock(db: &mut AnyConnection, sku: &Sku) -> Result<Stock, StoreError> {
-    let found = if Backend::of(db) == Backend::Postgres {
-        let sql = "SELECT on_hand, reserved FROM stock WHERE sku = $1 FOR UPDATE";
-        read_stock(db, sku, sql).await?
-    } else {
-        let locked = sqlx::query("UPDATE stock SET updated_at = updated_at WHERE sku = $1")
-            .bind(sku.as_str())
-            .execute(&mut *db)
-            .await?;
-        // Nothing locked: a row committed since would be read unlocked, so it is not read.
-        if locked.rows_affected() == 0 {
-            None
-        } else {
-            stock(db, sku).await?
-        }
+    let found = match lock_row(db, "stock", "sku", sku.as_str()).await? {
+        Some(lock) => read_stock(db, sku, lock).await?,
+        None => None,
     };
     Ok(found.unwrap_or_else(|| Stock::empty(sku.clone())))
 }
@@ -153,23 +137,16 @@ pub async fn reservation(
     id: &ReservationId,
     lock: bool,
 ) -> Result<Option<Reservation>, StoreError> {
-    let postgres = Backend::of(db) == Backend::Postgres;
-    if lock && !postgres {
-        let locked = sqlx::query("UPDATE reservations SET updated_at = updated_at WHERE id = $1")
-            .bind(id.as_str())
-            .execute(&mut *db)
-            .await?;
-        // Nothing locked: a row committed since would be read unlocked, so it is not read.
-        if locked.rows_affected() == 0 {
-            return Ok(None);
+    let lock = if lock {
+        match lock_row(db, "reservations", "id", id.as_str()).await? {
+            Some(lock) => lock,
+            None => return Ok(None),
         }
-    }
-    let sql = if lock && postgres {
-        "SELECT status, expires_at FROM reservations WHERE id = $1 FOR UPDATE"
     } else {
-        "SELECT status, expires_at FROM reservations WHERE id = $1"
+        ""
     };
-    let Some(row) = sqlx::query(sql)
+    let sql = format!("SELECT status, expires_at FROM reservations WHERE id = $1{lock}");
+    let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id.as_str())
         .fetch_optional(&mut *db)
         .await?

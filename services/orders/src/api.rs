@@ -129,11 +129,12 @@ async fn one(
         return Err(not_found());
     };
     let admin = caller.principal().roles.contains("admin");
-    let view = match look.wait {
-        Some(wait) => orders.order_after(&order_id, &viewer, admin, wait).await,
-        None => orders.order(&order_id, &viewer, admin).await,
-    };
-    view.map_err(failed)?.map(Json).ok_or_else(not_found)
+    orders
+        .order(&order_id, &viewer, admin, look.wait.unwrap_or_default())
+        .await
+        .map_err(failed)?
+        .map(Json)
+        .ok_or_else(not_found)
 }
 
 /// The body of `POST /orders/{id}/cancel` (optional).

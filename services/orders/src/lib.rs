@@ -218,26 +218,6 @@ impl Orders {
         Ok(order)
     }
 
-    /// Order `id` with its saga's steps, if `viewer` may see it (their own, or any for an
-    /// admin).
-    pub async fn order(
-        &self,
-        id: &OrderId,
-        viewer: &CustomerId,
-        admin: bool,
-    ) -> Result<Option<OrderView>, OrdersError> {
-        // One connection for the order and its sagas: a look is one checkout.
-        let mut connection = self.db.connection().await?;
-        let view = match store::get(&mut connection, id).await? {
-            Some(order) if domain::may_see(&order.customer, viewer, admin) => {
-                Some(self.view(&mut connection, order).await?)
-            }
-            _ => None,
-        };
-        connection.release();
-        Ok(view)
-    }
-
     /// `order` with its sagas' steps: placing's, then the cancellation's, if any.
     async fn view(
         &self,
@@ -254,11 +234,12 @@ impl Orders {
         Ok(OrderView { order, steps })
     }
 
-    /// [`Orders::order`], but while a saga is still at work on it (pending, cancelling),
-    /// answered only once it has moved on or `wait` (at most [`MAX_WAIT`]) has passed: a
-    /// customer waits for the outcome with one request instead of polling. A service
-    /// stopping answers its waiters at once, with the order as it is.
-    pub async fn order_after(
+    /// Order `id` with its sagas' steps, if `viewer` may see it (their own, or any for an
+    /// admin). While a saga is still at work on it (pending, cancelling) it is answered
+    /// only once it has moved on or `wait` (at most [`MAX_WAIT`]; zero: at once) has
+    /// passed: a customer waits for the outcome with one request instead of polling. A
+    /// service stopping answers its waiters at once, with the order as it is.
+    pub async fn order(
         &self,
         id: &OrderId,
         viewer: &CustomerId,

@@ -1,6 +1,6 @@
 //! Orders in the orders database (PostgreSQL or SQLite, one code path).
 
-use keel_sdk::data::Backend;
+use keel_sdk::data::lock_row;
 use keel_sdk::sqlx::{self, AnyConnection, Row, any::AnyRow};
 
 use crate::domain::{CustomerId, Money, OrderId, PricedLine, Status};
@@ -109,21 +109,12 @@ pub async fn advance(
     Ok(moved.rows_affected() == 1)
 }
 
-/// Order `id`, locked for the rest of the transaction (nothing read when there is none):
-/// `FOR UPDATE` on PostgreSQL; SQLite has no row locks, and a no-op update takes its write
-/// lock first.
+/// Order `id`, locked for the rest of the transaction ([`lock_row`]).
 pub async fn get_locked(db: &mut AnyConnection, id: &OrderId) -> Result<Option<Order>, StoreError> {
-    if Backend::of(db) == Backend::Postgres {
-        return fetch(db, id, " FOR UPDATE").await;
+    match lock_row(db, "orders", "id", id.as_str()).await? {
+        Some(lock) => fetch(db, id, lock).await,
+        None => Ok(None),
     }
-    let locked = sqlx::query("UPDATE orders SET updated_at = updated_at WHERE id = $1")
-        .bind(id.as_str())
-        .execute(&mut *db)
-        .await?;
-    if locked.rows_affected() == 0 {
-        return Ok(None);
-    }
-    get(db, id).await
 }
 
 const COLUMNS: &str = "id, customer, status, reason, lines, total_minor, currency, payment_method, \
@@ -133,7 +124,7 @@ pub async fn get(db: &mut AnyConnection, id: &OrderId) -> Result<Option<Order>, 
     fetch(db, id, "").await
 }
 
-/// Order `id`, read with `lock` (a constant: nothing or ` FOR UPDATE`).
+/// Order `id`, read with `lock` (from [`lock_row`]).
 async fn fetch(
     db: &mut AnyConnection,
     id: &OrderId,

@@ -1,7 +1,7 @@
 //! Payments in the payments database (PostgreSQL or SQLite, one code path). A payment's
-//! row is written (and so locked) before it is read in a transaction that changes it.
+//! row is locked ([`lock_row`]) before it is read in a transaction that changes it.
 
-use keel_sdk::data::Backend;
+use keel_sdk::data::lock_row;
 use keel_sdk::sqlx::{self, AnyConnection, Row};
 use keel_shop_kernel::Money;
 
@@ -41,25 +41,18 @@ pub async fn get(
     id: &PaymentId,
     lock: bool,
 ) -> Result<Option<Payment>, StoreError> {
-    // PostgreSQL: `FOR UPDATE`, a row lock read in the same round trip; SQLite has no row
-    // locks: a no-op update takes the database's write lock first.
-    let postgres = Backend::of(db) == Backend::Postgres;
-    if lock && !postgres {
-        let locked = sqlx::query("UPDATE payments SET updated_at = updated_at WHERE id = $1")
-            .bind(id.as_str())
-            .execute(&mut *db)
-            .await?;
-        // Nothing locked: a row committed since would be read unlocked, so it is not read.
-        if locked.rows_affected() == 0 {
-            return Ok(None);
+    let lock = if lock {
+        match lock_row(db, "payments", "id", id.as_str()).await? {
+            Some(lock) => lock,
+            None => return Ok(None),
         }
-    }
-    let sql = if lock && postgres {
-        "SELECT status, amount_minor, currency, method, decline_reason FROM payments WHERE id = $1 FOR UPDATE"
     } else {
-        "SELECT status, amount_minor, currency, method, decline_reason FROM payments WHERE id = $1"
+        ""
     };
-    let row = sqlx::query(sql)
+    let sql = format!(
+        "SELECT status, amount_minor, currency, method, decline_reason FROM payments WHERE id = $1{lock}"
+    );
+    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id.as_str())
         .fetch_optional(db)
         .await?;
