@@ -140,16 +140,22 @@ impl Orders {
         // What the key was used for, compared on a repeat (a canonical form, not a hash:
         // an order is small).
         let digest = serde_json::to_string(request).unwrap_or_default();
-        if let Some(key) = key
-            && let Some(existing) = self.by_key(customer, key).await?
-        {
-            return Self::repeat(existing, &digest);
-        }
-        let prices = self
-            .catalog
-            .prices(request.lines.iter().map(|l| &l.sku))
-            .await?;
-        let (lines, total) = domain::price(&request.lines, &prices)?;
+        // A key is looked up only when the order cannot be placed under it (the insert
+        // below finds it used, or pricing fails): most keys are new, and a repeat is
+        // answered with its order even when the catalog would now refuse it (a product
+        // withdrawn since) or cannot be reached.
+        let (lines, total) = match self.price(request).await {
+            Ok(priced) => priced,
+            Err(error) => {
+                return match key {
+                    Some(key) => match self.by_key(customer, key).await? {
+                        Some(existing) => Self::repeat(existing, &digest),
+                        None => Err(error),
+                    },
+                    None => Err(error),
+                };
+            }
+        };
         let id: OrderId = uuid::Uuid::now_v7()
             .to_string()
             .parse()
@@ -202,6 +208,17 @@ impl Orders {
             .await?;
         tx.commit().await?;
         Ok((order, true))
+    }
+
+    async fn price(
+        &self,
+        request: &PlaceOrder,
+    ) -> Result<(Vec<domain::PricedLine>, domain::Money), OrdersError> {
+        let prices = self
+            .catalog
+            .prices(request.lines.iter().map(|l| &l.sku))
+            .await?;
+        Ok(domain::price(&request.lines, &prices)?)
     }
 
     fn repeat(existing: Order, digest: &str) -> Result<(Order, bool), OrdersError> {

@@ -145,9 +145,13 @@ pub async fn by_key(
     customer: &CustomerId,
     idempotency_key: &str,
 ) -> Result<Option<Order>, StoreError> {
+    // Planned afresh each time (a rare path: a repeat): a plan cached while the table was
+    // young (no statistics yet) may walk the customer's every order through
+    // `orders_by_customer` instead of taking the one row from the key's unique index.
     let row = sqlx::query(sqlx::AssertSqlSafe(format!(
         "SELECT {COLUMNS} FROM orders WHERE customer = $1 AND idempotency_key = $2"
     )))
+    .persistent(false)
     .bind(customer.as_str())
     .bind(idempotency_key)
     .fetch_optional(db)

@@ -21,6 +21,7 @@ use serde_json::{Value, json};
 pub struct Shop {
     pub http: reqwest::Client,
     pub orders: String,
+    pub catalog: String,
     pub inventory: String,
     pub payments: Option<String>,
     pub admin: String,
@@ -134,6 +135,7 @@ async fn shop(
     Shop {
         http,
         orders: orders_url,
+        catalog: catalog_url,
         inventory: inventory_url,
         payments: payments_url,
         ada: issuer.mint(json!({"sub": "ada", "roles": ["customer"]})),

@@ -142,6 +142,24 @@ async fn one_idempotency_key_makes_one_order_and_customers_see_only_their_own() 
         )
         .await;
         assert_eq!(mine.as_array().unwrap().len(), 1);
+
+        // The mug withdrawn: a new order for it is refused, but the repeat is still
+        // answered with the order its key made.
+        let withdrawn =
+            json!({"name": "MUG", "price": {"minor": 1250, "currency": "EUR"}, "active": false});
+        let put = shop
+            .http
+            .put(format!("{}/products/MUG", shop.catalog))
+            .json(&withdrawn);
+        assert_eq!(keel_testkit::send(put, Some(&shop.admin)).await.0, 200);
+        assert_eq!(shop.place(&shop.ada, Some("k-2"), mug.clone()).await.0, 422);
+        let (status, repeat) = shop.place(&shop.ada, Some("k-1"), mug).await;
+        assert_eq!(
+            (status, &repeat["id"]),
+            (200, &first["id"]),
+            "{}",
+            shop.backend
+        );
     }
 }
 
