@@ -108,14 +108,31 @@ pub async fn lock_row(
     key: &'static str,
     value: &str,
 ) -> Result<Option<&'static str>, sqlx::Error> {
+    lock_rows(connection, table, key, &[value]).await
+}
+
+/// [`lock_row`] for the rows whose `key` is one of `values`, read by one `SELECT … WHERE
+/// key IN (…) ORDER BY key` ending with what this returns (`None`: none of them is there).
+/// The `ORDER BY` matters on PostgreSQL: rows are locked in the order they are read, so
+/// transactions that lock overlapping sets this way never wait for each other in a cycle.
+pub async fn lock_rows(
+    connection: &mut AnyConnection,
+    table: &'static str,
+    key: &'static str,
+    values: &[&str],
+) -> Result<Option<&'static str>, sqlx::Error> {
     if connection.backend_name() == <sqlx::Postgres as sqlx::Database>::NAME {
         return Ok(Some(" FOR UPDATE"));
     }
-    let touch = format!("UPDATE {table} SET {key} = {key} WHERE {key} = $1");
-    let locked = sqlx::query(sqlx::AssertSqlSafe(touch))
-        .bind(value)
-        .execute(connection)
-        .await?;
+    let touch = format!(
+        "UPDATE {table} SET {key} = {key} WHERE {key} IN {}",
+        value_rows(1, values.len(), 1)
+    );
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(touch));
+    for value in values {
+        query = query.bind(*value);
+    }
+    let locked = query.execute(connection).await?;
     Ok((locked.rows_affected() > 0).then_some(""))
 }
 
@@ -718,8 +735,9 @@ impl Drop for Warm {
 }
 
 /// `rows` tuples of `columns` numbered placeholders, the first numbered `first`:
-/// `($3, $4), ($5, $6)` for (2, 2, 3). For multi-row `VALUES`, whose values are bound.
-pub(crate) fn value_rows(rows: usize, columns: usize, first: usize) -> String {
+/// `($3, $4), ($5, $6)` for (2, 2, 3). For multi-row `VALUES` (or, one row, an `IN` list),
+/// whose values are bound.
+pub fn value_rows(rows: usize, columns: usize, first: usize) -> String {
     (0..rows)
         .map(|row| {
             let start = first + row * columns;

@@ -307,7 +307,7 @@ struct State {
     /// When the awaited reply is overdue (Unix ms); none once final.
     deadline_at: Option<i64>,
     version: i64,
-    /// History lines of the transition under way, written with the row ([`Orchestrator::save`]).
+    /// History lines of the transition under way, written with the row ([`Orchestrator::write`]).
     lines: Vec<Line>,
 }
 
@@ -335,6 +335,15 @@ impl Line {
             at: now_millis(),
         }
     }
+}
+
+/// How [`Orchestrator::write`] writes a saga's row.
+#[derive(Clone, Copy)]
+enum Write {
+    /// Over the row at this version.
+    Update(i64),
+    /// A new saga of this name.
+    Insert(&'static str),
 }
 
 /// What applying an answer did.
@@ -386,18 +395,6 @@ where
         let saga = &self.inner.saga;
         let id = uuid::Uuid::now_v7().to_string();
         let data = serde_json::to_value(data)?;
-        let now = now_millis();
-        sqlx::query(
-            "INSERT INTO keel_sagas (id, saga, status, step, data, results, sends, deadline_at, version, created_at, updated_at) \
-             VALUES ($1, $2, $3, 0, $4, '{}', 0, NULL, 0, $5, $5)",
-        )
-        .bind(&id)
-        .bind(saga.name)
-        .bind(SagaStatus::Running.as_str())
-        .bind(data.to_string())
-        .bind(now)
-        .execute(&mut **tx)
-        .await?;
         let mut state = State {
             status: SagaStatus::Running,
             step: 0,
@@ -410,7 +407,9 @@ where
             lines: Vec::new(),
         };
         self.send_current(tx, &id, &mut state).await?;
-        self.save(tx, &id, &state, 0).await?;
+        // Written once, as it stands after its first send (not inserted, then updated).
+        self.write(tx, &id, &state, Write::Insert(saga.name))
+            .await?;
         Ok(id)
     }
 
@@ -708,7 +707,7 @@ where
         if state.status.is_final() {
             self.end(tx, id, &state).await?;
         }
-        self.save(tx, id, &state, version).await?;
+        self.write(tx, id, &state, Write::Update(version)).await?;
         Ok(Advanced::Moved)
     }
 
@@ -997,14 +996,14 @@ where
         })
     }
 
-    /// Writes `state` over the row, which is at `version` (locked by this transaction, or
-    /// just inserted by it).
-    async fn save(
+    /// Writes `state`, a new saga's or over the row at `version` (locked by this
+    /// transaction), with the transition's history lines.
+    async fn write(
         &self,
         tx: &mut Tx,
         id: &str,
         state: &State,
-        version: i64,
+        write: Write,
     ) -> Result<(), SagaError> {
         let deadline = match state.status.is_final() {
             true => None,
@@ -1019,18 +1018,31 @@ where
                 Some(now_millis().saturating_add(timeout.saturating_mul(backoff)))
             }
         };
-        let update = "UPDATE keel_sagas SET status = $1, step = $2, results = $3, error = $4, \
-                      sends = $5, deadline_at = $6, version = version + 1, updated_at = $7 \
-                      WHERE id = $8 AND version = $9";
+        // $1 to $8 mean the same to both; $9 is the version, or the saga's name (and $10 its
+        // data) for a new one.
+        let (head, first_line) = match write {
+            Write::Update(_) => (
+                "UPDATE keel_sagas SET status = $1, step = $2, results = $3, error = $4, \
+                 sends = $5, deadline_at = $6, version = version + 1, updated_at = $7 \
+                 WHERE id = $8 AND version = $9",
+                10,
+            ),
+            Write::Insert(_) => (
+                "INSERT INTO keel_sagas (id, saga, status, step, data, results, error, sends, \
+                 deadline_at, version, created_at, updated_at) \
+                 VALUES ($8, $9, $1, $2, $10, $3, $4, $5, $6, 0, $7, $7)",
+                11,
+            ),
+        };
         // PostgreSQL: the row and the transition's history lines in one statement (one
         // round trip, not one per line and one for the row); the lines are inserted only
         // when the row was, so as many rows as lines means saved. SQLite (no writes in
         // `WITH`, and no network to save): one statement each.
         let combined = self.inner.db.backend() == Backend::Postgres && !state.lines.is_empty();
         let sql = if combined {
-            let values = value_rows(state.lines.len(), 6, 10);
+            let values = value_rows(state.lines.len(), 6, first_line);
             format!(
-                "WITH saved AS ({update} RETURNING id), \
+                "WITH saved AS ({head} RETURNING id), \
                  last AS (SELECT COALESCE(MAX(seq), 0) AS seq FROM keel_saga_steps WHERE saga_id = $8) \
                  INSERT INTO keel_saga_steps (saga_id, seq, step, phase, outcome, detail, at) \
                  SELECT saved.id, last.seq + v.n, v.step, v.phase, v.outcome, v.detail, v.at \
@@ -1038,7 +1050,7 @@ where
             )
         } else {
             self.write_lines(tx, id, &state.lines).await?;
-            update.to_owned()
+            head.to_owned()
         };
         // Placeholders and numbers only: the values are bound.
         let mut save = sqlx::query(sqlx::AssertSqlSafe(sql))
@@ -1049,8 +1061,11 @@ where
             .bind(state.sends)
             .bind(deadline)
             .bind(now_millis())
-            .bind(id)
-            .bind(version);
+            .bind(id);
+        save = match write {
+            Write::Update(version) => save.bind(version),
+            Write::Insert(name) => save.bind(name).bind(state.data.to_string()),
+        };
         if combined {
             for (n, line) in (1_i64..).zip(&state.lines) {
                 save = save

@@ -111,7 +111,7 @@ impl Inventory {
         if let Err(refused) = stock.set_on_hand(on_hand) {
             return Ok(Err(refused));
         }
-        self.save(&mut tx, &stock).await?;
+        self.save(&mut tx, std::slice::from_ref(&stock)).await?;
         tx.commit().await?;
         Ok(Ok(stock))
     }
@@ -147,19 +147,15 @@ impl Inventory {
                 ))),
             });
         }
-        let mut stocks = Vec::new();
-        for line in command.lines.iter() {
-            stocks.push(store::locked_stock(tx, &line.sku).await?);
-        }
+        let skus: Vec<&Sku> = command.lines.iter().map(|line| &line.sku).collect();
+        let mut stocks = store::locked_stocks(tx, &skus).await?;
         if let Err(short) = domain::reserve(&mut stocks, &command.lines) {
             // Closed for good: the same reservation asked again gets the same answer.
             store::set_status(tx, id, Status::Refused, now).await?;
             return Ok(Err(Refused(short.to_string())));
         }
-        store::add_lines(tx, id, command.lines.iter()).await?;
-        for stock in &stocks {
-            self.save(tx, stock).await?;
-        }
+        store::add_lines(tx, id, command.lines.as_slice()).await?;
+        self.save(tx, &stocks).await?;
         Ok(Ok(()))
     }
 
@@ -222,14 +218,14 @@ impl Inventory {
         lines: &[Line],
         effect: Effect,
     ) -> Result<(), InventoryError> {
-        for line in lines {
-            let mut stock = store::locked_stock(tx, &line.sku).await?;
+        let skus: Vec<&Sku> = lines.iter().map(|line| &line.sku).collect();
+        let mut stocks = store::locked_stocks(tx, &skus).await?;
+        for (stock, line) in stocks.iter_mut().zip(lines) {
             stock
                 .apply(effect, line.quantity)
                 .map_err(StoreError::from)?;
-            self.save(tx, &stock).await?;
         }
-        Ok(())
+        self.save(tx, &stocks).await
     }
 
     /// Expires the held reservations whose time ran out (up to 100); returns how many.
@@ -273,10 +269,12 @@ impl Inventory {
         }
     }
 
-    /// Writes `stock` and stages its `StockLevel` event.
-    async fn save(&self, tx: &mut Tx, stock: &Stock) -> Result<(), InventoryError> {
-        store::save_stock(tx, stock, unix_millis()).await?;
-        self.bus.stage(tx, &StockLevel::from(stock)).await?;
+    /// Writes `stocks` and stages their `StockLevel` events.
+    async fn save(&self, tx: &mut Tx, stocks: &[Stock]) -> Result<(), InventoryError> {
+        store::save_stocks(tx, stocks, unix_millis()).await?;
+        for stock in stocks {
+            self.bus.stage(tx, &StockLevel::from(stock)).await?;
+        }
         Ok(())
     }
 }

@@ -2,8 +2,10 @@
 //! path). Rows are locked ([`lock_row`]) before they are read in a transaction that will
 //! write them, so the domain logic runs on counts nobody else can change.
 
-use keel_sdk::data::lock_row;
-use keel_sdk::sqlx::{self, AnyConnection, Row};
+use std::collections::BTreeMap;
+
+use keel_sdk::data::{lock_row, lock_rows, value_rows};
+use keel_sdk::sqlx::{self, AnyConnection, Row, any::AnyRow};
 
 use crate::domain::{Line, Quantity, ReservationId, Sku, Status, Stock, StockError};
 
@@ -22,6 +24,10 @@ impl From<StockError> for StoreError {
     }
 }
 
+/// Rows per statement up to which it is prepared and kept in the connection's cache (a
+/// command has one or two lines, mostly; up to 50, each count a statement of its own).
+const PREPARED_ROWS: usize = 4;
+
 fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
 }
@@ -32,51 +38,85 @@ fn count(value: i64) -> Result<u32, StoreError> {
 
 /// The stock of `sku`, unlocked; none when it was never counted.
 pub async fn stock(db: &mut AnyConnection, sku: &Sku) -> Result<Option<Stock>, StoreError> {
-    read_stock(db, sku, "").await
-}
-
-/// The stock of `sku`, read with `lock` (from [`lock_row`]).
-async fn read_stock(
-    db: &mut AnyConnection,
-    sku: &Sku,
-    lock: &'static str,
-) -> Result<Option<Stock>, StoreError> {
-    let sql = format!("SELECT on_hand, reserved FROM stock WHERE sku = $1{lock}");
-    let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+    let row = sqlx::query("SELECT sku, on_hand, reserved FROM stock WHERE sku = $1")
         .bind(sku.as_str())
         .fetch_optional(db)
         .await?;
-    row.map(|row| {
-        Ok(Stock::from_counts(
-            sku.clone(),
-            count(row.try_get("on_hand")?)?,
-            count(row.try_get("reserved")?)?,
-        )?)
-    })
-    .transpose()
+    row.as_ref().map(stock_of).transpose()
 }
 
-/// The stock of `sku`, locked for the rest of the transaction (empty when never counted).
+fn stock_of(row: &AnyRow) -> Result<Stock, StoreError> {
+    let sku: String = row.try_get("sku")?;
+    Ok(Stock::from_counts(
+        sku.parse().map_err(corrupt)?,
+        count(row.try_get("on_hand")?)?,
+        count(row.try_get("reserved")?)?,
+    )?)
+}
+
+/// The stock of each of `skus`, in their order, locked for the rest of the transaction
+/// (empty for a SKU never counted), read in one statement. Every lock of stock rows goes
+/// through here, in the database's order of `sku` ([`lock_rows`]), so that reservations
+/// never wait for each other in a cycle.
+pub async fn locked_stocks(
+    db: &mut AnyConnection,
+    skus: &[&Sku],
+) -> Result<Vec<Stock>, StoreError> {
+    let keys: Vec<&str> = skus.iter().map(|sku| sku.as_str()).collect();
+    let mut found = BTreeMap::new();
+    if let Some(lock) = lock_rows(db, "stock", "sku", &keys).await? {
+        // Placeholders only: the SKUs are bound.
+        let sql = format!(
+            "SELECT sku, on_hand, reserved FROM stock WHERE sku IN {} ORDER BY sku{lock}",
+            value_rows(1, keys.len(), 1)
+        );
+        let mut query =
+            sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(keys.len() <= PREPARED_ROWS);
+        for key in &keys {
+            query = query.bind(*key);
+        }
+        for row in query.fetch_all(&mut *db).await? {
+            let stock = stock_of(&row)?;
+            found.insert(stock.sku().clone(), stock);
+        }
+    }
+    Ok(skus
+        .iter()
+        .map(|sku| {
+            found
+                .remove(*sku)
+                .unwrap_or_else(|| Stock::empty((*sku).clone()))
+        })
+        .collect())
+}
+
+/// The stock of `sku`, locked for the rest of the transaction ([`locked_stocks`]).
 pub async fn locked_stock(db: &mut AnyConnection, sku: &Sku) -> Result<Stock, StoreError> {
-    let found = match lock_row(db, "stock", "sku", sku.as_str()).await? {
-        Some(lock) => read_stock(db, sku, lock).await?,
-        None => None,
-    };
-    Ok(found.unwrap_or_else(|| Stock::empty(sku.clone())))
+    let mut stocks = locked_stocks(db, &[sku]).await?;
+    Ok(stocks.pop().unwrap_or_else(|| Stock::empty(sku.clone())))
 }
 
-pub async fn save_stock(db: &mut AnyConnection, stock: &Stock, now: i64) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO stock (sku, on_hand, reserved, updated_at) VALUES ($1, $2, $3, $4) \
+/// Writes `stocks` (each SKU once), in one statement.
+pub async fn save_stocks(
+    db: &mut AnyConnection,
+    stocks: &[Stock],
+    now: i64,
+) -> Result<(), StoreError> {
+    let sql = format!(
+        "INSERT INTO stock (sku, on_hand, reserved, updated_at) VALUES {} \
          ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand, \
          reserved = excluded.reserved, updated_at = excluded.updated_at",
-    )
-    .bind(stock.sku().as_str())
-    .bind(i64::from(stock.on_hand()))
-    .bind(i64::from(stock.reserved()))
-    .bind(now)
-    .execute(db)
-    .await?;
+        value_rows(stocks.len(), 4, 1)
+    );
+    let mut save = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(stocks.len() <= PREPARED_ROWS);
+    for stock in stocks {
+        save = save
+            .bind(stock.sku().as_str())
+            .bind(i64::from(stock.on_hand()))
+            .bind(i64::from(stock.reserved()))
+            .bind(now);
+    }
+    save.execute(db).await?;
     Ok(())
 }
 
@@ -102,21 +142,24 @@ pub async fn create_reservation(
     Ok(inserted.rows_affected() == 1)
 }
 
+/// Writes reservation `id`'s lines, in one statement.
 pub async fn add_lines(
     db: &mut AnyConnection,
     id: &ReservationId,
-    lines: impl Iterator<Item = &Line>,
+    lines: &[Line],
 ) -> Result<(), StoreError> {
+    let sql = format!(
+        "INSERT INTO reservation_lines (reservation_id, sku, quantity) VALUES {}",
+        value_rows(lines.len(), 3, 1)
+    );
+    let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql)).persistent(lines.len() <= PREPARED_ROWS);
     for line in lines {
-        sqlx::query(
-            "INSERT INTO reservation_lines (reservation_id, sku, quantity) VALUES ($1, $2, $3)",
-        )
-        .bind(id.as_str())
-        .bind(line.sku.as_str())
-        .bind(i64::from(line.quantity.get()))
-        .execute(&mut *db)
-        .await?;
+        insert = insert
+            .bind(id.as_str())
+            .bind(line.sku.as_str())
+            .bind(i64::from(line.quantity.get()));
     }
+    insert.execute(db).await?;
     Ok(())
 }
 
@@ -169,7 +212,7 @@ pub async fn reservation(
         })
         .collect::<Result<Vec<Line>, StoreError>>()?;
     // Sorted here, not by the database's collation, which may not order SKUs as Rust does:
-    // rows are locked in this order, the same as a reservation's.
+    // in the order of a reservation's lines, to compare with a repeated command's.
     let mut lines = lines;
     lines.sort_by(|a, b| a.sku.cmp(&b.sku));
     Ok(Some(Reservation {

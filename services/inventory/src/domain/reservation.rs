@@ -24,8 +24,8 @@ pub struct Line {
     pub quantity: Quantity,
 }
 
-/// The lines of a reservation: 1 to [`MAX_LINES`], each SKU once, in SKU order (the order
-/// rows are locked in, so that two reservations never wait for each other).
+/// The lines of a reservation: 1 to [`MAX_LINES`], each SKU once, in SKU order (so that a
+/// repeated command compares equal line by line, however its lines were listed).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(transparent)]
 pub struct Lines(#[schemars(length(min = 1, max = 50))] Vec<Line>);
@@ -53,6 +53,10 @@ impl Lines {
 
     pub fn iter(&self) -> impl Iterator<Item = &Line> {
         self.0.iter()
+    }
+
+    pub fn as_slice(&self) -> &[Line] {
+        &self.0
     }
 }
 
