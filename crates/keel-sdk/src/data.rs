@@ -112,7 +112,8 @@ pub async fn lock_row(
 }
 
 /// [`lock_row`] for the rows whose `key` is one of `values`, read by one `SELECT … WHERE
-/// key IN (…) ORDER BY key` ending with what this returns (`None`: none of them is there).
+/// key IN (…) ORDER BY key` ending with what this returns (`None`: none of them is there,
+/// or no values).
 /// The `ORDER BY` matters on PostgreSQL: rows are locked in the order they are read, so
 /// transactions that lock overlapping sets this way never wait for each other in a cycle.
 pub async fn lock_rows(
@@ -121,6 +122,9 @@ pub async fn lock_rows(
     key: &'static str,
     values: &[&str],
 ) -> Result<Option<&'static str>, sqlx::Error> {
+    if values.is_empty() {
+        return Ok(None);
+    }
     if connection.backend_name() == <sqlx::Postgres as sqlx::Database>::NAME {
         return Ok(Some(" FOR UPDATE"));
     }
@@ -128,7 +132,8 @@ pub async fn lock_rows(
         "UPDATE {table} SET {key} = {key} WHERE {key} IN {}",
         value_rows(1, values.len(), 1)
     );
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(touch));
+    // Prepared (and cached on the connection) for the few usual lengths only.
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(touch)).persistent(values.len() <= 4);
     for value in values {
         query = query.bind(*value);
     }

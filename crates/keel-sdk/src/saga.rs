@@ -408,8 +408,8 @@ where
         };
         self.send_current(tx, &id, &mut state).await?;
         // Written once, as it stands after its first send (not inserted, then updated).
-        self.write(tx, &id, &state, Write::Insert(saga.name))
-            .await?;
+        let name = saga.name;
+        self.write(tx, &id, &state, Write::Insert(name)).await?;
         Ok(id)
     }
 

@@ -31,9 +31,10 @@ pub async fn consumer(
         // time: they need no order, and are handled in batches, one transaction each. One
         // batch at a time in a process: a batch holds the stock rows it locked until it
         // commits, and two at once could lock them in different orders (a command locks
-        // its own lines in one statement, in the database's order; a batch cannot). The expiry sweep, or another
-        // replica's batch, still can: PostgreSQL breaks that deadlock after a second, and
-        // the batch is handled one by one (or the sweep tries again next time).
+        // its own lines in one statement, in the database's order; a batch cannot). The
+        // expiry sweep, or another replica's batch, still can: PostgreSQL breaks that
+        // deadlock after a second, and the batch is handled one by one (or the sweep tries
+        // again next time).
         .map(|consumer| consumer.batch(16))
         .map_err(|error| ServiceError::bus("inventory", error))
 }

@@ -1,6 +1,7 @@
 //! Stock and reservations in the inventory's database (PostgreSQL or SQLite, one code
-//! path). Rows are locked ([`lock_row`]) before they are read in a transaction that will
-//! write them, so the domain logic runs on counts nobody else can change.
+//! path). Rows are locked ([`lock_row`], [`lock_rows`]) before they are read in a
+//! transaction that will write them, so the domain logic runs on counts nobody else can
+//! change.
 
 use std::collections::BTreeMap;
 
@@ -64,6 +65,7 @@ pub async fn locked_stocks(
 ) -> Result<Vec<Stock>, StoreError> {
     let keys: Vec<&str> = skus.iter().map(|sku| sku.as_str()).collect();
     let mut found = BTreeMap::new();
+    // No SKUs: nothing to read, as `lock_rows` says (`IN ()` is no SQL on PostgreSQL).
     if let Some(lock) = lock_rows(db, "stock", "sku", &keys).await? {
         // Placeholders only: the SKUs are bound.
         let sql = format!(
@@ -102,6 +104,9 @@ pub async fn save_stocks(
     stocks: &[Stock],
     now: i64,
 ) -> Result<(), StoreError> {
+    if stocks.is_empty() {
+        return Ok(());
+    }
     let sql = format!(
         "INSERT INTO stock (sku, on_hand, reserved, updated_at) VALUES {} \
          ON CONFLICT (sku) DO UPDATE SET on_hand = excluded.on_hand, \
@@ -148,6 +153,9 @@ pub async fn add_lines(
     id: &ReservationId,
     lines: &[Line],
 ) -> Result<(), StoreError> {
+    if lines.is_empty() {
+        return Ok(());
+    }
     let sql = format!(
         "INSERT INTO reservation_lines (reservation_id, sku, quantity) VALUES {}",
         value_rows(lines.len(), 3, 1)

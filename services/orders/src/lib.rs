@@ -143,7 +143,9 @@ impl Orders {
         // A key is looked up only when the order cannot be placed under it (the insert
         // below finds it used, or pricing fails): most keys are new, and a repeat is
         // answered with its order even when the catalog would now refuse it (a product
-        // withdrawn since) or cannot be reached.
+        // withdrawn since) or cannot be reached. A repeat so costs what placing does (the
+        // catalog asked, a transaction begun and rolled back): repeats are rare, new keys
+        // are every order.
         let (lines, total) = match self.price(request).await {
             Ok(priced) => priced,
             Err(error) => {
