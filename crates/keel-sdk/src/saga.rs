@@ -342,8 +342,8 @@ impl Line {
 enum Write {
     /// Over the row at this version.
     Update(i64),
-    /// A new saga of this name.
-    Insert(&'static str),
+    /// A new saga.
+    Insert,
 }
 
 /// What applying an answer did.
@@ -392,7 +392,6 @@ where
     /// Starts a saga for `data` within `tx` (the transaction that records what the saga is
     /// for); its first command leaves when `tx` commits. Returns the saga's id.
     pub async fn start(&self, tx: &mut Tx, data: &D) -> Result<String, SagaError> {
-        let saga = &self.inner.saga;
         let id = uuid::Uuid::now_v7().to_string();
         let data = serde_json::to_value(data)?;
         let mut state = State {
@@ -408,8 +407,7 @@ where
         };
         self.send_current(tx, &id, &mut state).await?;
         // Written once, as it stands after its first send (not inserted, then updated).
-        let name = saga.name;
-        self.write(tx, &id, &state, Write::Insert(name)).await?;
+        self.write(tx, &id, &state, Write::Insert).await?;
         Ok(id)
     }
 
@@ -1027,7 +1025,7 @@ where
                  WHERE id = $8 AND version = $9",
                 10,
             ),
-            Write::Insert(_) => (
+            Write::Insert => (
                 "INSERT INTO keel_sagas (id, saga, status, step, data, results, error, sends, \
                  deadline_at, version, created_at, updated_at) \
                  VALUES ($8, $9, $1, $2, $10, $3, $4, $5, $6, 0, $7, $7)",
@@ -1064,7 +1062,7 @@ where
             .bind(id);
         save = match write {
             Write::Update(version) => save.bind(version),
-            Write::Insert(name) => save.bind(name).bind(state.data.to_string()),
+            Write::Insert => save.bind(self.inner.saga.name).bind(state.data.to_string()),
         };
         if combined {
             for (n, line) in (1_i64..).zip(&state.lines) {

@@ -148,15 +148,7 @@ impl Orders {
         // are every order.
         let (lines, total) = match self.price(request).await {
             Ok(priced) => priced,
-            Err(error) => {
-                return match key {
-                    Some(key) => match self.by_key(customer, key).await? {
-                        Some(existing) => Self::repeat(existing, &digest),
-                        None => Err(error),
-                    },
-                    None => Err(error),
-                };
-            }
+            Err(error) => return self.repeat(customer, key, &digest).await?.ok_or(error),
         };
         let id: OrderId = uuid::Uuid::now_v7()
             .to_string()
@@ -189,12 +181,10 @@ impl Orders {
         if !store::insert(&mut tx, &order, key).await? {
             // The same key, placed concurrently: that order stands.
             drop(tx);
-            let existing = match key {
-                Some(key) => self.by_key(customer, key).await?,
-                None => None,
-            };
-            let existing = existing.ok_or_else(|| StoreError::Corrupt("order vanished".into()))?;
-            return Self::repeat(existing, &digest);
+            return self
+                .repeat(customer, key, &digest)
+                .await?
+                .ok_or_else(|| StoreError::Corrupt("order vanished".into()).into());
         }
         self.bus
             .stage(
@@ -223,18 +213,26 @@ impl Orders {
         Ok(domain::price(&request.lines, &prices)?)
     }
 
-    fn repeat(existing: Order, digest: &str) -> Result<(Order, bool), OrdersError> {
-        if existing.request_digest.as_deref() != Some(digest) {
-            return Err(OrdersError::KeyReused);
-        }
-        Ok((existing, false))
-    }
-
-    async fn by_key(&self, customer: &CustomerId, key: &str) -> Result<Option<Order>, OrdersError> {
+    /// What a repeat under `key` gets, when `customer` used the key: the order it made, or
+    /// a refusal when it was made for another request (`digest`).
+    async fn repeat(
+        &self,
+        customer: &CustomerId,
+        key: Option<&str>,
+        digest: &str,
+    ) -> Result<Option<(Order, bool)>, OrdersError> {
+        let Some(key) = key else {
+            return Ok(None);
+        };
         let mut connection = self.db.connection().await?;
-        let order = store::by_key(&mut connection, customer, key).await?;
+        let existing = store::by_key(&mut connection, customer, key).await?;
         connection.release();
-        Ok(order)
+        match existing {
+            Some(order) if order.request_digest.as_deref() != Some(digest) => {
+                Err(OrdersError::KeyReused)
+            }
+            existing => Ok(existing.map(|order| (order, false))),
+        }
     }
 
     /// `order` with its sagas' steps: placing's, then the cancellation's, if any.
