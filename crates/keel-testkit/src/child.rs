@@ -11,9 +11,35 @@ use tokio::sync::mpsc;
 /// The environment variable that tells a re-run test which part to play.
 pub const CHILD_ROLE: &str = "KEEL_TEST_CHILD";
 
-/// The part this process plays, when a test re-ran its binary; `None` in the parent.
+/// Set to an `EnvFilter` directive (`info,keel_sdk=debug`), it makes [`test_log`] print
+/// the logs of a test and of its children to standard error.
+pub const TEST_LOG: &str = "KEEL_TEST_LOG";
+
+/// The part this process plays, when a test re-ran its binary; `None` in the parent. A
+/// child logs as `role` when [`TEST_LOG`] is set.
 pub fn child_role() -> Option<String> {
-    std::env::var(CHILD_ROLE).ok()
+    let role = std::env::var(CHILD_ROLE).ok()?;
+    test_log(&role);
+    Some(role)
+}
+
+/// Prints this process's logs to standard error, as JSON lines naming `name` (and the process id), when [`TEST_LOG`]
+/// is set: how a long test that fails now and then is watched (children's standard error
+/// is the test's).
+pub fn test_log(name: &str) {
+    let Ok(level) = std::env::var(TEST_LOG) else {
+        return;
+    };
+    let config = keel_runtime::telemetry::TelemetryConfig {
+        log_format: keel_runtime::telemetry::LogFormat::Json,
+        log_level: level,
+        ..keel_runtime::telemetry::TelemetryConfig::default()
+    };
+    // Nothing is exported: the guard has nothing to flush, and lives as long as the process.
+    if let Ok(guard) = keel_runtime::telemetry::init(&config, name, &std::process::id().to_string())
+    {
+        std::mem::forget(guard);
+    }
 }
 
 /// A child process running one test of the current test binary; killed when dropped.

