@@ -23,9 +23,9 @@ pub fn child_role() -> Option<String> {
     Some(role)
 }
 
-/// Prints this process's logs to standard error, as JSON lines naming `name` (and the process id), when [`TEST_LOG`]
-/// is set: how a long test that fails now and then is watched (children's standard error
-/// is the test's).
+/// Prints this process's logs to standard error, as JSON lines naming `name` (and the
+/// process id), when [`TEST_LOG`] is set: how a long test that fails now and then is
+/// watched (children's standard error is the test's).
 pub fn test_log(name: &str) {
     let Ok(level) = std::env::var(TEST_LOG) else {
         return;
