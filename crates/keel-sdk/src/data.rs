@@ -513,6 +513,16 @@ impl Tx {
         self.staged.push(staged);
     }
 
+    /// How many envelopes are staged: a mark to go back to with [`Tx::unstage_to`].
+    pub(crate) fn staged(&self) -> usize {
+        self.staged.len()
+    }
+
+    /// Drops what was staged after `mark` (work given up on within the transaction).
+    pub(crate) fn unstage_to(&mut self, mark: usize) {
+        self.staged.truncate(mark);
+    }
+
     pub async fn commit(mut self) -> Result<(), sqlx::Error> {
         let held = &mut self.connection.held;
         if !self.staged.is_empty() {

@@ -8,7 +8,9 @@
 //! leaves either the old state or the new one and its command. Replies come back as events
 //! on the bus and are handled through the inbox. Timeouts are deadlines in the table,
 //! swept by whichever orchestrator instance gets there first. A transition locks the row
-//! before it reads it, so instances never both advance one saga.
+//! before it reads it, or starts from the state this instance left the saga in (cached
+//! as it committed) and writes over the row only at that version, so instances never both
+//! advance one saga.
 //!
 //! Commands can arrive more than once, and a compensation can be sent again after a
 //! timeout, so every participant must handle its commands idempotently (by business key:
@@ -25,8 +27,8 @@
 //! orchestrator.start(&mut tx, &order).await?;   // in the transaction that creates the order
 //! ```
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures_util::future::BoxFuture;
@@ -293,6 +295,49 @@ struct Inner<D> {
     db: Database,
     saga: Saga<D>,
     reply_type: String,
+    cache: Arc<Cache>,
+}
+
+/// Sagas per generation of the [`Cache`].
+const CACHED: usize = 4096;
+
+/// The committed state of the sagas this instance last moved, so that the transition a
+/// reply makes need not read its saga's row first: it starts from here and writes over
+/// the row only where it is still at the cached version ([`Orchestrator::advance`]). Two
+/// generations of at most [`CACHED`] sagas: when the newer fills, the older is dropped.
+#[derive(Default)]
+struct Cache {
+    generations: Mutex<[HashMap<String, State>; 2]>,
+}
+
+impl Cache {
+    /// Takes saga `id`'s state out: put back once the transition that uses it commits.
+    fn take(&self, id: &str) -> Option<State> {
+        let mut generations = self
+            .generations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let [newer, older] = &mut *generations;
+        newer.remove(id).or_else(|| older.remove(id))
+    }
+
+    fn put(&self, id: String, state: State) {
+        let mut generations = self
+            .generations
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let [newer, older] = &mut *generations;
+        // Two transitions of one saga may report their commits out of order.
+        let later = |cached: &State| cached.version >= state.version;
+        if newer.get(&id).is_some_and(later) || older.get(&id).is_some_and(later) {
+            return;
+        }
+        older.remove(&id);
+        if newer.len() >= CACHED {
+            *older = std::mem::take(newer);
+        }
+        newer.insert(id, state);
+    }
 }
 
 /// The row of one saga, as a transition reads and writes it.
@@ -354,6 +399,16 @@ enum Advanced {
     Nothing,
 }
 
+/// Where a transition's saga state was read.
+#[derive(Clone, Copy)]
+enum Source {
+    /// The row, locked.
+    Row,
+    /// The [`Cache`]: perhaps stale, so only a move is made from it (written only over
+    /// the row at its version); anything else is decided again from the row.
+    Cache,
+}
+
 /// What came back for the awaited command.
 enum Answer {
     Reply(Reply),
@@ -385,6 +440,7 @@ where
                 bus: bus.clone(),
                 db: db.clone(),
                 saga,
+                cache: Arc::default(),
             }),
         })
     }
@@ -407,7 +463,10 @@ where
         };
         self.send_current(tx, &id, &mut state).await?;
         // Written once, as it stands after its first send (not inserted, then updated).
-        self.write(tx, &id, &state, Write::Insert).await?;
+        if !self.write(tx, &id, &mut state, Write::Insert).await? {
+            return Err(SagaError::Definition(format!("saga {id} not written")));
+        }
+        self.remember(tx, &id, state);
         Ok(id)
     }
 
@@ -596,19 +655,54 @@ where
         correlation: Option<&Correlation>,
         answer: Answer,
     ) -> Result<Advanced, SagaError> {
+        // A reply usually finds its saga as this instance left it, in the cache: the
+        // transition starts from there, and its write, only over the row at the cached
+        // version, takes the row's lock. When the row has moved on meanwhile (another
+        // instance, a sweep), or the cached state sees nothing to do (which a stale one
+        // may wrongly see), what it staged is dropped and the row is read, locked.
+        let cached = self.inner.cache.take(id);
+        if let (Some(state), Some(_)) = (cached, correlation) {
+            let mark = tx.staged();
+            let from = Source::Cache;
+            if self
+                .transition(tx, id, state, correlation, &answer, from)
+                .await?
+                == Advanced::Moved
+            {
+                return Ok(Advanced::Moved);
+            }
+            tx.unstage_to(mark);
+        }
         // Lock before reading: SQLite takes its write lock now (waiting for it), where a
         // transaction that read first would fail with SQLITE_BUSY on its first write;
         // PostgreSQL locks the row, so concurrent transitions of one saga queue here.
-        let Some(mut state) = self.lock(tx, id).await? else {
+        let Some(state) = self.lock(tx, id).await? else {
             return Ok(Advanced::Nothing);
         };
+        self.transition(tx, id, state, correlation, &answer, Source::Row)
+            .await
+    }
+
+    /// [`Orchestrator::advance`] from `state`, read `from` the locked row or the cache.
+    async fn transition(
+        &self,
+        tx: &mut Tx,
+        id: &str,
+        mut state: State,
+        correlation: Option<&Correlation>,
+        answer: &Answer,
+        from: Source,
+    ) -> Result<Advanced, SagaError> {
         // The answer to a compensation sent without being awaited (its step timed out,
         // and the saga went on below it, or has ended since).
-        if let (Some(correlation), Answer::Reply(reply)) = (correlation, &answer)
+        if let (Some(correlation), Answer::Reply(reply)) = (correlation, answer)
             && correlation.phase == "compensation"
             && (state.status.is_final() || correlation.step > state.step)
         {
-            return self.followed_up(tx, id, correlation.step, reply).await;
+            return match from {
+                Source::Row => self.followed_up(tx, id, correlation.step, reply).await,
+                Source::Cache => Ok(Advanced::Nothing),
+            };
         }
         if state.status.is_final() {
             return Ok(Advanced::Nothing);
@@ -640,7 +734,7 @@ where
         let (outcome, detail, ok, data) = match answer {
             Answer::Reply(reply) => {
                 let outcome = if reply.ok { "done" } else { "failed" };
-                (outcome, reply.error, reply.ok, reply.data)
+                (outcome, reply.error.clone(), reply.ok, reply.data.clone())
             }
             Answer::TimedOut => (
                 "timed_out",
@@ -702,11 +796,29 @@ where
             (SagaStatus::Compensating, false) => self.send_current(tx, id, &mut state).await?,
             (_, _) => return Ok(Advanced::Nothing),
         }
+        if !self
+            .write(tx, id, &mut state, Write::Update(version))
+            .await?
+        {
+            return match from {
+                Source::Cache => Ok(Advanced::Nothing),
+                Source::Row => Err(SagaError::Definition(format!(
+                    "saga {id} changed under a locked transition"
+                ))),
+            };
+        }
         if state.status.is_final() {
             self.end(tx, id, &state).await?;
+        } else {
+            self.remember(tx, id, state);
         }
-        self.write(tx, id, &state, Write::Update(version)).await?;
         Ok(Advanced::Moved)
+    }
+
+    /// Caches `state`, just written, once `tx` commits.
+    fn remember(&self, tx: &mut Tx, id: &str, state: State) {
+        let (cache, id) = (self.inner.cache.clone(), id.to_owned());
+        tx.after_commit(move || cache.put(id, state));
     }
 
     /// Remembers that step `index`'s compensation was sent (`sends` times) without being
@@ -994,15 +1106,16 @@ where
         })
     }
 
-    /// Writes `state`, a new saga's or over the row at `version` (locked by this
-    /// transaction), with the transition's history lines.
+    /// Writes `state`, a new saga's or over the row if it is still at `version`, with the
+    /// transition's history lines; then `state` is as stored (its lines written). False,
+    /// and nothing written, when the row is at another version.
     async fn write(
         &self,
         tx: &mut Tx,
         id: &str,
-        state: &State,
+        state: &mut State,
         write: Write,
-    ) -> Result<(), SagaError> {
+    ) -> Result<bool, SagaError> {
         let deadline = match state.status.is_final() {
             true => None,
             false => {
@@ -1047,7 +1160,6 @@ where
                  FROM saved, last, (VALUES {values}) AS v (n, step, phase, outcome, detail, at)"
             )
         } else {
-            self.write_lines(tx, id, &state.lines).await?;
             head.to_owned()
         };
         // Placeholders and numbers only: the values are bound.
@@ -1081,13 +1193,18 @@ where
         } else {
             1
         };
-        if written == expected {
-            Ok(())
-        } else {
-            Err(SagaError::Definition(format!(
-                "saga {id} changed under a locked transition"
-            )))
+        if written != expected {
+            return Ok(false);
         }
+        if !combined {
+            self.write_lines(tx, id, &state.lines).await?;
+        }
+        state.lines.clear();
+        state.deadline_at = deadline;
+        if let Write::Update(version) = write {
+            state.version = version + 1;
+        }
+        Ok(true)
     }
 
     /// Appends `lines` to saga `id`'s history, one statement each.

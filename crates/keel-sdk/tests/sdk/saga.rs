@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use keel_runtime::Shutdown;
 use keel_sdk::data::{Backend, Database};
-use keel_sdk::events::{Bus, Event, Handler, HandlerError, Received, Reply};
+use keel_sdk::events::{Bus, Envelope, Event, Handler, HandlerError, Received, Reply};
 use keel_sdk::saga::{Ended, OnEnd, Orchestrator, Saga, SagaInstance, SagaStatus, Step};
 use keel_sdk::{Tx, sqlx};
 use keel_testkit::{ChildTest, Service, child_role, require, unique_name};
@@ -568,6 +568,74 @@ async fn the_end_of_a_saga_is_told_once_in_its_last_transition() {
             .unwrap()
             .contains("declined at capture")
     );
+}
+
+/// A reply to saga `id`'s command (step `step`, `phase`, send `send`), as a participant
+/// would send it.
+async fn answer(bus: &Bus, id: &str, step: usize, phase: &str, send: i64, reply: &Reply) {
+    let mut envelope = Envelope::new("test", reply).unwrap();
+    envelope.event_type = "keel.saga.order.reply.v1".into();
+    let correlation = format!("{id}/{step}/{phase}/{send}");
+    envelope.subject = Some(correlation.clone());
+    envelope.correlationid = Some(correlation);
+    bus.publish_envelope(&envelope).await.unwrap();
+}
+
+/// Waits until saga `id`'s history ends with `line`.
+async fn reached(orchestrator: &Orchestrator<Order>, id: &str, line: &str) {
+    eventually(line, WAIT, || async {
+        let instance = orchestrator.instance(id).await.unwrap().unwrap();
+        history(&instance).last().map(String::as_str) == Some(line)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_reply_finds_the_saga_moved_on_by_another_instance_since_this_one_moved_it() {
+    for backend in backends() {
+        let bus = bus(Transport::InProcess, "orders").await;
+        let orders = TestDb::of(backend).await;
+        let shutdown = Shutdown::new();
+        // Instance A handles the replies (and caches the state of the sagas it moves);
+        // instance B only sweeps, when told to.
+        let a = Orchestrator::new(&bus, &orders.db, order_saga(Some("reserve"))).unwrap();
+        let b = Orchestrator::new(&bus, &orders.db, order_saga(Some("reserve"))).unwrap();
+        let consumer = a.consumer(&unique_name("orders")).await.unwrap();
+        tokio::spawn(consumer.run(shutdown.clone()));
+        let order = Order {
+            id: "o-9".into(),
+            amount: 5,
+        };
+        let id = start(&a, &orders.db, &order).await;
+        answer(&bus, &id, 0, "action", 1, &Reply::done(())).await;
+        reached(&a, &id, "authorize action sent").await;
+        answer(&bus, &id, 1, "action", 1, &Reply::refused("declined")).await;
+        reached(&a, &id, "reserve compensation sent").await;
+
+        // The release goes unanswered past its timeout: B sends it again, so the saga's row
+        // is a version past the one A holds.
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(b.sweep_once().await.unwrap(), 1, "{backend:?}");
+        let lines = history(&a.instance(&id).await.unwrap().unwrap());
+        assert!(
+            lines.ends_with(&[
+                "reserve compensation timed_out".to_owned(),
+                "reserve compensation sent".to_owned()
+            ]),
+            "{backend:?}: {lines:?}"
+        );
+
+        // The first release is answered, to A: done is done, and the saga ends.
+        answer(&bus, &id, 0, "compensation", 1, &Reply::done(())).await;
+        let instance = finished(&a, &id).await;
+        assert_eq!(instance.status, SagaStatus::Compensated, "{backend:?}");
+        assert_eq!(
+            history(&instance).last().map(String::as_str),
+            Some("reserve compensation done"),
+            "{backend:?}"
+        );
+        shutdown.trigger();
+    }
 }
 
 const KILLED_MID_SAGA: &str = "saga::an_orchestrator_killed_mid_saga_resumes_and_finishes";
