@@ -196,37 +196,41 @@ pub async fn reservation(
     } else {
         ""
     };
-    let sql = format!("SELECT status, expires_at FROM reservations WHERE id = $1{lock}");
-    let Some(row) = sqlx::query(sqlx::AssertSqlSafe(sql))
+    // The row and its lines in one statement (one round trip); on PostgreSQL the lock is
+    // the reservation's alone (`OF r`: lines sit on the nullable side of the join).
+    let of = if lock.is_empty() { "" } else { " OF r" };
+    let sql = format!(
+        "SELECT r.status, r.expires_at, l.sku, l.quantity FROM reservations r \
+         LEFT JOIN reservation_lines l ON l.reservation_id = r.id WHERE r.id = $1{lock}{of}"
+    );
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id.as_str())
-        .fetch_optional(&mut *db)
-        .await?
-    else {
+        .fetch_all(&mut *db)
+        .await?;
+    let Some(row) = rows.first() else {
         return Ok(None);
     };
     let status: String = row.try_get("status")?;
     let status = Status::parse(&status).ok_or_else(|| corrupt(format!("status {status:?}")))?;
-    let rows = sqlx::query("SELECT sku, quantity FROM reservation_lines WHERE reservation_id = $1")
-        .bind(id.as_str())
-        .fetch_all(&mut *db)
-        .await?;
-    let lines = rows
-        .iter()
-        .map(|row| {
-            Ok(Line {
-                sku: row.try_get::<String, _>("sku")?.parse().map_err(corrupt)?,
-                quantity: Quantity::new(row.try_get("quantity")?).map_err(corrupt)?,
-            })
-        })
-        .collect::<Result<Vec<Line>, StoreError>>()?;
+    let expires_at = row.try_get("expires_at")?;
+    let mut lines = Vec::with_capacity(rows.len());
+    for row in &rows {
+        // A reservation without lines is one row whose line columns are null.
+        let Some(sku) = row.try_get::<Option<String>, _>("sku")? else {
+            continue;
+        };
+        lines.push(Line {
+            sku: sku.parse().map_err(corrupt)?,
+            quantity: Quantity::new(row.try_get("quantity")?).map_err(corrupt)?,
+        });
+    }
     // Sorted here, not by the database's collation, which may not order SKUs as Rust does:
     // in the order of a reservation's lines, to compare with a repeated command's.
-    let mut lines = lines;
     lines.sort_by(|a, b| a.sku.cmp(&b.sku));
     Ok(Some(Reservation {
         id: id.clone(),
         status,
-        expires_at: row.try_get("expires_at")?,
+        expires_at,
         lines,
     }))
 }
