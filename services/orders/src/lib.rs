@@ -34,6 +34,7 @@ use crate::placing::{Cancelling, Placing};
 pub use crate::prices::CatalogError;
 pub use crate::store::{Order, StoreError};
 pub use crate::waiting::Changes;
+use crate::waiting::Moved;
 
 /// The longest `GET /orders/{id}?wait=` may wait (under the gateway's default route
 /// timeout of 30 s).
@@ -272,25 +273,40 @@ impl Orders {
             changed.as_mut().enable();
             let mut connection = self.db.connection().await?;
             let now = tokio::time::Instant::now();
-            // The steps only with the answer: a look that waits on reads the order alone.
-            let answer = match store::get(&mut connection, id).await? {
-                Some(order) if domain::may_see(&order.customer, viewer, admin) => {
-                    if order.status.in_progress() && now < deadline && !stopping {
-                        None
-                    } else {
-                        Some(Some(self.view(&mut connection, order).await?))
-                    }
+            let order = match store::get(&mut connection, id).await? {
+                Some(order) if domain::may_see(&order.customer, viewer, admin) => order,
+                _ => {
+                    connection.release();
+                    return Ok(None);
                 }
-                _ => Some(None),
             };
-            connection.release();
-            if let Some(answer) = answer {
-                return Ok(answer);
+            // The steps only with the answer: a look that waits on reads the order alone.
+            if !order.status.in_progress() || now >= deadline || stopping {
+                let view = self.view(&mut connection, order).await?;
+                connection.release();
+                return Ok(Some(view));
             }
+            connection.release();
             tokio::select! {
                 () = changed => {}
                 () = tokio::time::sleep(LOOK_AGAIN.min(deadline - now)) => {}
                 () = self.shutdown.wait() => stopping = true,
+            }
+            // Moved on by this instance, to where it stays: what moved it says what the
+            // order would be read as, so only its steps are read for the answer.
+            if let Some(moved) = watch
+                .moved_from(order.status)
+                .filter(|moved| !moved.to.in_progress())
+            {
+                let order = Order {
+                    status: moved.to,
+                    reason: moved.reason,
+                    ..order
+                };
+                let mut connection = self.db.connection().await?;
+                let view = self.view(&mut connection, order).await?;
+                connection.release();
+                return Ok(Some(view));
             }
         }
     }
@@ -368,7 +384,12 @@ async fn move_order(
     }
     bus.stage(tx, changed).await?;
     let (changes, id) = (changes.clone(), id.clone());
-    tx.after_commit(move || changes.changed(&id));
+    let moved = Moved {
+        from,
+        to,
+        reason: reason.map(str::to_owned),
+    };
+    tx.after_commit(move || changes.changed(&id, moved));
     Ok(true)
 }
 

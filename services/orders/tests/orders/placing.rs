@@ -344,6 +344,9 @@ async fn a_customer_waits_for_the_outcome_with_one_request() {
         let (status, again, took) = look("?wait=15s", &shop.ada).await;
         assert_eq!((status, again["status"].as_str()), (200, Some("rejected")));
         assert!(took < Duration::from_secs(5), "{took:?}");
+        // The waiter was answered from what moved the order (its reason) and the saga's
+        // steps: the same as the order read afresh.
+        assert_eq!(rejected, again, "{}", shop.backend);
 
         // The service stopping answers its waiters at once, with the order as it is.
         let mug = order(json!([{"sku": "MUG", "quantity": 1}]), "tok_visa");
