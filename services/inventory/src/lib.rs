@@ -154,8 +154,8 @@ impl Inventory {
             store::set_status(tx, id, Status::Refused, now).await?;
             return Ok(Err(Refused(short.to_string())));
         }
-        store::add_lines(tx, id, command.lines.as_slice()).await?;
-        self.save(tx, &stocks).await?;
+        store::save_reservation(tx, id, command.lines.as_slice(), &stocks, unix_millis()).await?;
+        self.stage_levels(tx, &stocks).await?;
         Ok(Ok(()))
     }
 
@@ -272,6 +272,11 @@ impl Inventory {
     /// Writes `stocks` and stages their `StockLevel` events.
     async fn save(&self, tx: &mut Tx, stocks: &[Stock]) -> Result<(), InventoryError> {
         store::save_stocks(tx, stocks, unix_millis()).await?;
+        self.stage_levels(tx, stocks).await
+    }
+
+    /// Stages the `StockLevel` events of `stocks`, as written.
+    async fn stage_levels(&self, tx: &mut Tx, stocks: &[Stock]) -> Result<(), InventoryError> {
         for stock in stocks {
             self.bus.stage(tx, &StockLevel::from(stock)).await?;
         }
