@@ -154,7 +154,7 @@ impl Inventory {
             store::set_status(tx, id, Status::Refused, now).await?;
             return Ok(Err(Refused(short.to_string())));
         }
-        store::save_reservation(tx, id, command.lines.as_slice(), &stocks, unix_millis()).await?;
+        store::save_reservation(tx, id, command.lines.as_slice(), &stocks, now).await?;
         self.stage_levels(tx, &stocks).await?;
         Ok(Ok(()))
     }
