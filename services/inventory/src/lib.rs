@@ -21,7 +21,7 @@ use keel_sdk::service::{RunningService, Service, ServiceConfig, ServiceError};
 use keel_sdk::{Database, Migrations, Tx};
 
 use crate::contract::{Reserve, StockLevel};
-use crate::domain::{Command, Effect, Line, ReservationId, Sku, Status, Stock, StockError};
+use crate::domain::{Command, ReservationId, Sku, Status, Stock, StockError};
 pub use crate::store::{Reservation, StoreError};
 
 /// Where the inventory listens unless configured otherwise.
@@ -171,7 +171,7 @@ impl Inventory {
         // Twice at most: a tombstone's insert can lose to the reservation's own, which
         // is then there to be read.
         for _ in 0..2 {
-            let Some(reservation) = store::reservation(tx, id, true).await? else {
+            let Some((reservation, mut stocks)) = store::locked_reservation(tx, id).await? else {
                 if command != Command::Release {
                     return Ok(Err(Refused(format!("no reservation {id}"))));
                 }
@@ -194,13 +194,20 @@ impl Inventory {
                 Ok(moved) => moved,
                 Err(refused) => return Ok(Err(Refused(format!("{id}: {refused}")))),
             };
-            if let Some(effect) = effect {
-                self.apply_lines(tx, &reservation.lines, effect).await?;
+            match effect {
+                Some(effect) => {
+                    for (stock, line) in stocks.iter_mut().zip(&reservation.lines) {
+                        stock
+                            .apply(effect, line.quantity)
+                            .map_err(StoreError::from)?;
+                    }
+                }
+                // Read (and locked) with the reservation, but not moved: not written.
+                None => stocks.clear(),
             }
             let changed = next != reservation.status;
-            if changed {
-                store::set_status(tx, id, next, now).await?;
-            }
+            store::save_moved(tx, id, changed.then_some(next), &stocks, now).await?;
+            self.stage_levels(tx, &stocks).await?;
             if step != command {
                 return Ok(Err(Refused(format!("{id}: the reservation expired"))));
             }
@@ -210,22 +217,6 @@ impl Inventory {
             }));
         }
         Err(StoreError::Corrupt(format!("reservation {id} cannot be read back")).into())
-    }
-
-    async fn apply_lines(
-        &self,
-        tx: &mut Tx,
-        lines: &[Line],
-        effect: Effect,
-    ) -> Result<(), InventoryError> {
-        let skus: Vec<&Sku> = lines.iter().map(|line| &line.sku).collect();
-        let mut stocks = store::locked_stocks(tx, &skus).await?;
-        for (stock, line) in stocks.iter_mut().zip(lines) {
-            stock
-                .apply(effect, line.quantity)
-                .map_err(StoreError::from)?;
-        }
-        self.save(tx, &stocks).await
     }
 
     /// Expires the held reservations whose time ran out (up to 100); returns how many.

@@ -260,18 +260,14 @@ pub async fn reservation(
         return Ok(None);
     };
     let status: String = row.try_get("status")?;
-    let status = Status::parse(&status).ok_or_else(|| corrupt(format!("status {status:?}")))?;
+    let status = status_of(&status)?;
     let expires_at = row.try_get("expires_at")?;
     let mut lines = Vec::with_capacity(rows.len());
     for row in &rows {
         // A reservation without lines is one row whose line columns are null.
-        let Some(sku) = row.try_get::<Option<String>, _>("sku")? else {
-            continue;
-        };
-        lines.push(Line {
-            sku: sku.parse().map_err(corrupt)?,
-            quantity: Quantity::new(row.try_get("quantity")?).map_err(corrupt)?,
-        });
+        if row.try_get::<Option<String>, _>("sku")?.is_some() {
+            lines.push(line_of(row)?);
+        }
     }
     // Sorted here, not by the database's collation, which may not order SKUs as Rust does:
     // in the order of a reservation's lines, to compare with a repeated command's.
@@ -284,18 +280,119 @@ pub async fn reservation(
     }))
 }
 
+/// Reservation `id` and the stock of each of its lines (in the lines' order), all locked
+/// for the rest of the transaction; none when there is no reservation `id`. On PostgreSQL
+/// one statement reads and locks them all (the reservation first, then the stock rows in
+/// `sku` order, as [`locked_stocks`] does, so no cycle with a reservation being made); on
+/// SQLite, or for a reservation without lines, [`reservation`] then [`locked_stocks`].
+pub async fn locked_reservation(
+    db: &mut AnyConnection,
+    id: &ReservationId,
+) -> Result<Option<(Reservation, Vec<Stock>)>, StoreError> {
+    if db.backend_name() == <sqlx::Postgres as sqlx::Database>::NAME {
+        // Inner joins, so that `FOR UPDATE` may lock the stock rows (not on the nullable
+        // side of an outer join); `lines` counts them all, so that a line whose stock row
+        // were missing is noticed and read the general way instead of dropped.
+        let rows = sqlx::query(
+            "SELECT r.status, r.expires_at, l.sku, l.quantity, s.on_hand, s.reserved, \
+             (SELECT count(*) FROM reservation_lines c WHERE c.reservation_id = r.id) AS lines \
+             FROM reservations r JOIN reservation_lines l ON l.reservation_id = r.id \
+             JOIN stock s ON s.sku = l.sku WHERE r.id = $1 ORDER BY l.sku FOR UPDATE OF r, s",
+        )
+        .bind(id.as_str())
+        .fetch_all(&mut *db)
+        .await?;
+        if let Some(first) = rows.first()
+            && usize::try_from(first.try_get::<i64, _>("lines")?) == Ok(rows.len())
+        {
+            let status: String = first.try_get("status")?;
+            let mut pairs = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let line = line_of(row)?;
+                let stock = Stock::from_counts(
+                    line.sku.clone(),
+                    count(row.try_get("on_hand")?)?,
+                    count(row.try_get("reserved")?)?,
+                )?;
+                pairs.push((line, stock));
+            }
+            // In Rust's order of SKUs, as [`reservation`] gives the lines.
+            pairs.sort_by(|(a, _), (b, _)| a.sku.cmp(&b.sku));
+            let (lines, stocks) = pairs.into_iter().unzip();
+            let reservation = Reservation {
+                id: id.clone(),
+                status: status_of(&status)?,
+                expires_at: first.try_get("expires_at")?,
+                lines,
+            };
+            return Ok(Some((reservation, stocks)));
+        }
+    }
+    let Some(reservation) = reservation(db, id, true).await? else {
+        return Ok(None);
+    };
+    let skus: Vec<&Sku> = reservation.lines.iter().map(|line| &line.sku).collect();
+    let stocks = locked_stocks(db, &skus).await?;
+    Ok(Some((reservation, stocks)))
+}
+
+fn line_of(row: &AnyRow) -> Result<Line, StoreError> {
+    let sku: String = row.try_get("sku")?;
+    Ok(Line {
+        sku: sku.parse().map_err(corrupt)?,
+        quantity: Quantity::new(row.try_get("quantity")?).map_err(corrupt)?,
+    })
+}
+
+fn status_of(status: &str) -> Result<Status, StoreError> {
+    Status::parse(status).ok_or_else(|| corrupt(format!("status {status:?}")))
+}
+
 pub async fn set_status(
     db: &mut AnyConnection,
     id: &ReservationId,
     status: Status,
     now: i64,
 ) -> Result<(), StoreError> {
-    sqlx::query("UPDATE reservations SET status = $1, updated_at = $2 WHERE id = $3")
+    sqlx::query(SET_STATUS)
         .bind(status.as_str())
         .bind(now)
         .bind(id.as_str())
         .execute(db)
         .await?;
+    Ok(())
+}
+
+/// Placeholders `$1` to `$3`: status, time, id.
+const SET_STATUS: &str = "UPDATE reservations SET status = $1, updated_at = $2 WHERE id = $3";
+
+/// Writes reservation `id`'s new `status` (when it has one) and the `stocks` it moved: on
+/// PostgreSQL in one statement (the status update in the `WITH` of the stock rows' upsert),
+/// on SQLite in one each.
+pub async fn save_moved(
+    db: &mut AnyConnection,
+    id: &ReservationId,
+    status: Option<Status>,
+    stocks: &[Stock],
+    now: i64,
+) -> Result<(), StoreError> {
+    let Some(status) = status else {
+        return save_stocks(db, stocks, now).await;
+    };
+    if stocks.is_empty() || db.backend_name() != <sqlx::Postgres as sqlx::Database>::NAME {
+        set_status(db, id, status, now).await?;
+        return save_stocks(db, stocks, now).await;
+    }
+    let sql = format!(
+        "WITH moved AS ({SET_STATUS}) {}",
+        upsert_stocks(stocks.len(), 4)
+    );
+    let save = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .persistent(stocks.len() <= PREPARED_ROWS)
+        .bind(status.as_str())
+        .bind(now)
+        .bind(id.as_str());
+    bind_stocks(save, stocks, now).execute(db).await?;
     Ok(())
 }
 

@@ -76,15 +76,20 @@ async fn do_apply(
     outcome.map(|applied| applied.status)
 }
 
+/// Reservation `order-1`: 2 TEA and 3 MUG.
+fn tea_and_mugs() -> Reserve {
+    reserve(
+        "order-1",
+        json!([{"sku": "TEA", "quantity": 2}, {"sku": "MUG", "quantity": 3}]),
+        None,
+    )
+}
+
 #[tokio::test]
 async fn a_reservation_is_held_committed_and_returned_and_every_command_is_idempotent() {
     for database in databases().await {
         let (inventory, db) = stocked(&database.url, &[("MUG", 10), ("TEA", 5)]).await;
-        let order = reserve(
-            "order-1",
-            json!([{"sku": "TEA", "quantity": 2}, {"sku": "MUG", "quantity": 3}]),
-            None,
-        );
+        let order = tea_and_mugs();
         assert_eq!(do_reserve(&inventory, &db, &order).await, Ok(()));
         assert_eq!(
             do_reserve(&inventory, &db, &order).await,
@@ -137,6 +142,33 @@ async fn a_reservation_is_held_committed_and_returned_and_every_command_is_idemp
             .unwrap();
         assert_eq!(stored.status, Status::Released);
         assert_eq!(stored.lines.len(), 2);
+    }
+}
+
+/// A stock row gone from under a held reservation (no path of the service deletes one) is
+/// stored data gone bad: the commit fails whole, rather than committing the other lines.
+#[tokio::test]
+async fn a_commit_missing_a_lines_stock_row_fails_whole() {
+    for database in databases().await {
+        let (inventory, db) = stocked(&database.url, &[("MUG", 10), ("TEA", 5)]).await;
+        let order = tea_and_mugs();
+        assert_eq!(do_reserve(&inventory, &db, &order).await, Ok(()));
+        keel_sdk::sqlx::query("DELETE FROM stock WHERE sku = 'TEA'")
+            .execute(db.pool())
+            .await
+            .unwrap();
+        let mut tx = db.begin().await.unwrap();
+        let failed = inventory
+            .apply(&mut tx, &id("order-1"), Command::Commit)
+            .await;
+        drop(tx);
+        assert!(failed.is_err(), "{}: {failed:?}", database.url);
+        assert_eq!(
+            counts(&inventory, "MUG").await,
+            (10, 3, 7),
+            "{}",
+            database.url
+        );
     }
 }
 
