@@ -17,9 +17,10 @@
 //! handler's transaction commits, and a failed message is acknowledged only once its retry
 //! (or dead letter) is confirmed, so no failure path loses it.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use futures_util::{FutureExt, StreamExt};
@@ -39,7 +40,7 @@ use super::consumer::{ConsumerCore, Outcome};
 use super::{BusError, DeadLetter, Outgoing, keep_consuming};
 
 /// Deliveries without an acknowledgement after which the broker dead-letters a message.
-/// Generous, since a message returned unhandled when a consumer's connection closes counts
+/// Generous, since a message returned unhandled when a consumer's channel closes counts
 /// as a delivery too (hence also the small default prefetch).
 const DELIVERY_LIMIT: i64 = 20;
 /// The longest error text kept with a dead letter.
@@ -49,6 +50,34 @@ const ATTEMPT: &str = "x-keel-attempt";
 const ERROR: &str = "x-keel-error";
 const FAILED_AT: &str = "x-keel-failed-at";
 const EVENT_TYPE: &str = "x-keel-event-type";
+
+/// What a connection is for. A process shares one connection per broker for each: lapin
+/// runs a thread per connection, and a connection per publisher and per consumer (eight
+/// for the shop's four services) cost more in thread switches than their channels do on
+/// one. Publishing keeps a connection of its own because the broker blocks a publishing
+/// connection under a resource alarm, which must not stop consumers' acknowledgements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Use {
+    Publish,
+    Consume,
+}
+
+impl Use {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Publish => "publish",
+            Self::Consume => "consume",
+        }
+    }
+}
+
+/// A shared connection's slot: the connection while anyone holds a channel of it (each
+/// holder keeps an `Arc`; the last one gone closes it). Locked while connecting, so that
+/// channels opened at once wait for one connection rather than make one each.
+type Slot = Arc<tokio::sync::Mutex<Weak<Connection>>>;
+
+/// This process's shared connections, by broker URL and use.
+static SHARED: LazyLock<Mutex<HashMap<(String, Use), Slot>>> = LazyLock::new(Mutex::default);
 
 /// Where and how to reach RabbitMQ.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,7 +89,7 @@ pub struct RabbitMqOptions {
     pub exchange: String,
     /// Messages a consumer may hold unacknowledged (at least its concurrency: one at a time
     /// by default); every held message goes back (and counts as delivered) when its
-    /// connection closes.
+    /// channel closes.
     pub prefetch: u16,
     /// Deletes a group's queues once unused this long (RabbitMQ's `x-expires`); none by
     /// default. Tests set it so that their queues do not pile up on a shared broker.
@@ -102,7 +131,7 @@ pub(crate) struct RabbitMq {
 struct Inner {
     options: RabbitMqOptions,
     /// One confirming channel for publishing; replaced after any error.
-    publisher: tokio::sync::Mutex<Option<(Connection, Channel)>>,
+    publisher: tokio::sync::Mutex<Option<(Arc<Connection>, Channel)>>,
 }
 
 impl RabbitMq {
@@ -113,8 +142,8 @@ impl RabbitMq {
                 publisher: tokio::sync::Mutex::new(None),
             }),
         };
-        let (connection, channel) = bus.open("publisher").await?;
-        *bus.inner.publisher.lock().await = Some((connection, channel));
+        let opened = bus.open(Use::Publish).await?;
+        *bus.inner.publisher.lock().await = Some(opened);
         Ok(bus)
     }
 
@@ -132,15 +161,41 @@ impl RabbitMq {
             .map_err(|_| BusError::Timeout(self.inner.options.timeout))?
     }
 
-    /// A new connection with one confirming channel, and the exchange declared.
-    async fn open(&self, role: &str) -> Result<(Connection, Channel), BusError> {
-        self.within(self.open_now(role)).await
+    /// A new confirming channel, with the exchange declared, on this process's connection
+    /// for `purpose` (connected first when there is none, or it was lost). Hold the
+    /// connection while using the channel; close the channel, not the connection, when
+    /// done.
+    async fn open(&self, purpose: Use) -> Result<(Arc<Connection>, Channel), BusError> {
+        self.within(self.open_now(purpose)).await
     }
 
-    async fn open_now(&self, role: &str) -> Result<(Connection, Channel), BusError> {
-        let properties = ConnectionProperties::default()
-            .with_connection_name(format!("keel-{role}-{}", std::process::id()).into());
-        let connection = Connection::connect(self.inner.options.url.expose(), properties).await?;
+    async fn open_now(&self, purpose: Use) -> Result<(Arc<Connection>, Channel), BusError> {
+        let url = self.inner.options.url.expose();
+        let slot = {
+            let mut shared = SHARED
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            // The slots of connections gone that nobody is opening again go, so that brokers
+            // a process no longer uses (tests' fault proxies) leave nothing behind.
+            shared.retain(|_, slot| {
+                Arc::strong_count(slot) > 1
+                    || slot.try_lock().map_or(true, |held| held.strong_count() > 0)
+            });
+            Arc::clone(shared.entry((url.clone(), purpose)).or_default())
+        };
+        let mut held = slot.lock().await;
+        let connection = match held.upgrade() {
+            Some(connection) if connection.status().connected() => connection,
+            _ => {
+                let properties = ConnectionProperties::default().with_connection_name(
+                    format!("keel-{}-{}", purpose.as_str(), std::process::id()).into(),
+                );
+                let connection = Arc::new(Connection::connect(url, properties).await?);
+                *held = Arc::downgrade(&connection);
+                connection
+            }
+        };
+        drop(held);
         let channel = connection.create_channel().await?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
@@ -165,7 +220,7 @@ impl RabbitMq {
     pub async fn publish(&self, batch: &[Outgoing], mandatory: bool) -> Result<(), BusError> {
         let mut publisher = self.inner.publisher.lock().await;
         if publisher.is_none() {
-            *publisher = Some(self.open("publisher").await?);
+            *publisher = Some(self.open(Use::Publish).await?);
         }
         let Some((_, channel)) = publisher.as_ref() else {
             return Ok(());
@@ -187,9 +242,9 @@ impl RabbitMq {
 
     /// Declares the group's queues and binds its event types.
     pub async fn declare_group(&self, core: &ConsumerCore) -> Result<(), BusError> {
-        let (connection, channel) = self.open("declare").await?;
+        let (_connection, channel) = self.open(Use::Consume).await?;
         let result = self.declare_on(&channel, core).await;
-        let _ = connection.close(200, "declared".into()).await;
+        let _ = channel.close(200, "declared".into()).await;
         result
     }
 
@@ -281,8 +336,8 @@ impl RabbitMq {
     }
 
     /// Consumes the group's queue until `shutdown`, with up to `concurrency` handlers at
-    /// once on one connection, each taking up to `batch` waiting deliveries together;
-    /// reconnects after failures.
+    /// once on one channel (of the process's consuming connection, [`Use`]), each taking up
+    /// to `batch` waiting deliveries together; reconnects after failures.
     pub async fn consume(
         &self,
         core: &ConsumerCore,
@@ -305,11 +360,10 @@ impl RabbitMq {
         concurrency: usize,
         batch: usize,
     ) -> Result<(), BusError> {
-        let (connection, channel) = self.open("consumer").await?;
+        let (_connection, channel) = self.open(Use::Consume).await?;
         self.declare_on(&channel, core).await?;
         // Several messages in hand at once take as many unacknowledged deliveries, on one
-        // connection (lapin runs a thread per connection: one each would cost more in
-        // context switches than it gains).
+        // channel.
         let (concurrency, batch) = (concurrency.max(1), batch.max(1));
         let prefetch = self
             .inner
@@ -365,17 +419,17 @@ impl RabbitMq {
                 () = shutdown.wait() => break,
             }
         }
-        // The messages in hand are finished (or given back) before the connection closes.
+        // The messages in hand are finished (or given back) before the channel closes.
         while let Some(settled) = in_hand.next().await {
             settled?;
         }
-        let _ = connection.close(200, "shutting down".into()).await;
+        let _ = channel.close(200, "shutting down".into()).await;
         Ok(())
     }
 
     /// Handles deliveries taken together, then retries, dead-letters or acknowledges each;
     /// false when any was given back (the service is stopping: unacknowledged, the broker
-    /// hands it to another consumer once this connection closes).
+    /// hands it to another consumer once this channel closes).
     async fn settle(
         &self,
         channel: &Channel,
@@ -479,7 +533,7 @@ impl RabbitMq {
         limit: usize,
     ) -> Result<Vec<DeadLetter>, BusError> {
         let names = Names::new(&self.inner.options.exchange, group);
-        let (connection, channel) = self.open("dead-letters").await?;
+        let (_connection, channel) = self.open(Use::Consume).await?;
         let mut letters = Vec::new();
         while letters.len() < limit {
             let Some(message) = channel
@@ -490,7 +544,7 @@ impl RabbitMq {
             };
             letters.push(dead_letter(&message.delivery));
         }
-        let _ = connection.close(200, "listed".into()).await;
+        let _ = channel.close(200, "listed".into()).await;
         Ok(letters)
     }
 
@@ -498,7 +552,7 @@ impl RabbitMq {
     /// as first attempts, each acknowledged only once its copy is confirmed.
     pub async fn replay(&self, group: &str, id: Option<&str>) -> Result<usize, BusError> {
         let names = Names::new(&self.inner.options.exchange, group);
-        let (connection, channel) = self.open("replay").await?;
+        let (_connection, channel) = self.open(Use::Consume).await?;
         let mut replayed = 0;
         // Each message is looked at once: skipped ones stay unacknowledged (and so out of
         // the queue's ready list) until the channel closes. Only what was there at the
@@ -528,7 +582,7 @@ impl RabbitMq {
             delivery.acker.ack(BasicAckOptions::default()).await?;
             replayed += 1;
         }
-        let _ = connection.close(200, "replayed".into()).await;
+        let _ = channel.close(200, "replayed".into()).await;
         Ok(replayed)
     }
 }
