@@ -51,11 +51,13 @@ const ERROR: &str = "x-keel-error";
 const FAILED_AT: &str = "x-keel-failed-at";
 const EVENT_TYPE: &str = "x-keel-event-type";
 
-/// What a connection is for. A process shares one connection per broker for each: lapin
-/// runs a thread per connection, and a connection per publisher and per consumer (eight
-/// for the shop's four services) cost more in thread switches than their channels do on
-/// one. Publishing keeps a connection of its own because the broker blocks a publishing
-/// connection under a resource alarm, which must not stop consumers' acknowledgements.
+/// What a connection is for. A process (each tokio runtime of it) shares one connection
+/// per broker for each: lapin runs a thread per connection, and a connection per publisher
+/// and per consumer (eight for the shop's four services) cost more in thread switches than
+/// their channels do on one. Everything published (the relay's batches, and consumers'
+/// retries and dead letters) goes through the publishing connection, because the broker
+/// blocks a connection that publishes under a resource alarm, and that must not stop
+/// consumers' acknowledgements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Use {
     Publish,
@@ -76,8 +78,11 @@ impl Use {
 /// channels opened at once wait for one connection rather than make one each.
 type Slot = Arc<tokio::sync::Mutex<Weak<Connection>>>;
 
-/// This process's shared connections, by broker URL and use.
-static SHARED: LazyLock<Mutex<HashMap<(String, Use), Slot>>> = LazyLock::new(Mutex::default);
+/// This process's shared connections, by broker URL, use and runtime: lapin's work for a
+/// connection runs on the runtime that connected it, and stops with it.
+static SHARED: LazyLock<Mutex<HashMap<SlotKey, Slot>>> = LazyLock::new(Mutex::default);
+
+type SlotKey = (String, Use, Option<tokio::runtime::Id>);
 
 /// Where and how to reach RabbitMQ.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -181,7 +186,10 @@ impl RabbitMq {
                 Arc::strong_count(slot) > 1
                     || slot.try_lock().map_or(true, |held| held.strong_count() > 0)
             });
-            Arc::clone(shared.entry((url.clone(), purpose)).or_default())
+            let runtime = tokio::runtime::Handle::try_current()
+                .ok()
+                .map(|handle| handle.id());
+            Arc::clone(shared.entry((url.clone(), purpose, runtime)).or_default())
         };
         let mut held = slot.lock().await;
         let connection = match held.upgrade() {
@@ -218,21 +226,45 @@ impl RabbitMq {
 
     /// Publishes `batch` in order on the shared channel and waits for every confirm.
     pub async fn publish(&self, batch: &[Outgoing], mandatory: bool) -> Result<(), BusError> {
+        self.on_publisher(|channel| async move {
+            publish_on(&channel, &self.inner.options.exchange, batch, mandatory).await
+        })
+        .await
+    }
+
+    /// Copies a delivery to `queue` (a retry, a dead letter, a replay) on the publishing
+    /// channel ([`Use`]) and waits for the broker's confirm.
+    async fn copy_to(
+        &self,
+        queue: &str,
+        payload: &[u8],
+        properties: BasicProperties,
+    ) -> Result<(), BusError> {
+        self.on_publisher(
+            |channel| async move { to_queue(&channel, queue, payload, properties).await },
+        )
+        .await
+    }
+
+    /// `work` on this bus's publishing channel (opened first when there is none), within
+    /// the timeout; the channel is dropped after a broker error or a timeout, and the next
+    /// publish opens another.
+    async fn on_publisher<F, W>(&self, work: W) -> Result<(), BusError>
+    where
+        W: FnOnce(Channel) -> F,
+        F: Future<Output = Result<(), BusError>>,
+    {
         let mut publisher = self.inner.publisher.lock().await;
-        if publisher.is_none() {
-            *publisher = Some(self.open(Use::Publish).await?);
-        }
-        let Some((_, channel)) = publisher.as_ref() else {
-            return Ok(());
+        let channel = match publisher.as_ref() {
+            Some((_, channel)) => channel.clone(),
+            None => {
+                let opened = self.open(Use::Publish).await?;
+                let channel = opened.1.clone();
+                *publisher = Some(opened);
+                channel
+            }
         };
-        let result = self
-            .within(publish_on(
-                channel,
-                &self.inner.options.exchange,
-                batch,
-                mandatory,
-            ))
-            .await;
+        let result = self.within(work(channel)).await;
         if matches!(result, Err(BusError::RabbitMq(_) | BusError::Timeout(_))) {
             // The channel is gone or broken: open a new one next time.
             *publisher = None;
@@ -413,7 +445,7 @@ impl RabbitMq {
                             None => break,
                         }
                     }
-                    in_hand.push(self.settle(&channel, &names, core, taken, shutdown));
+                    in_hand.push(self.settle(&names, core, taken, shutdown));
                 }
                 _ = redeclare.tick() => self.declare_on(&channel, core).await?,
                 () = shutdown.wait() => break,
@@ -432,7 +464,6 @@ impl RabbitMq {
     /// hands it to another consumer once this channel closes).
     async fn settle(
         &self,
-        channel: &Channel,
         names: &Names,
         core: &ConsumerCore,
         taken: Vec<lapin::message::Delivery>,
@@ -456,9 +487,7 @@ impl RabbitMq {
         // the waiting task when it has, so one at a time costs two thread switches each.
         let concluded =
             futures_util::future::join_all(taken.iter().zip(attempts).zip(outcomes).map(
-                |((delivery, attempt), outcome)| {
-                    self.conclude(channel, names, delivery, attempt, outcome)
-                },
+                |((delivery, attempt), outcome)| self.conclude(names, delivery, attempt, outcome),
             ))
             .await;
         let mut kept = true;
@@ -472,7 +501,6 @@ impl RabbitMq {
     /// letter is confirmed; false when it is given back.
     async fn conclude(
         &self,
-        channel: &Channel,
         names: &Names,
         delivery: &lapin::message::Delivery,
         attempt: u32,
@@ -487,13 +515,8 @@ impl RabbitMq {
                     ATTEMPT,
                     AMQPValue::LongUInt(attempt + 1),
                 ));
-                self.within(to_queue(
-                    channel,
-                    &names.retry(delay),
-                    &delivery.data,
-                    properties,
-                ))
-                .await?;
+                self.copy_to(&names.retry(delay), &delivery.data, properties)
+                    .await?;
             }
             Outcome::Dead {
                 id,
@@ -517,7 +540,7 @@ impl RabbitMq {
                     .clone()
                     .with_message_id(ShortString::from(id))
                     .with_headers(headers);
-                self.within(to_queue(channel, &names.dead, &delivery.data, properties))
+                self.copy_to(&names.dead, &delivery.data, properties)
                     .await?;
             }
         }
@@ -577,7 +600,7 @@ impl RabbitMq {
                 ATTEMPT,
                 AMQPValue::LongUInt(1),
             ));
-            self.within(to_queue(&channel, &names.main, &delivery.data, properties))
+            self.copy_to(&names.main, &delivery.data, properties)
                 .await?;
             delivery.acker.ack(BasicAckOptions::default()).await?;
             replayed += 1;

@@ -258,6 +258,38 @@ async fn a_silent_broker_times_publishing_out_and_the_bus_recovers() {
     .await;
 }
 
+/// The buses of a process share their connections to a broker, but each tokio runtime has
+/// its own: lapin's work for a connection runs on the runtime that made it, so a bus kept
+/// from a runtime that has stopped must not lend its dead connection to a bus on another.
+#[test]
+fn a_bus_kept_from_a_stopped_runtime_does_not_stall_a_bus_on_another() {
+    if !keel_testkit::require(keel_testkit::Service::RabbitMq) {
+        return;
+    }
+    let options = keel_sdk::events::RabbitMqOptions {
+        timeout: Duration::from_secs(2),
+        ..crate::helpers::rabbitmq_options(&keel_testkit::unique_name("keel-test"))
+    };
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let first = runtime();
+    let kept = first.block_on(async {
+        let bus = Bus::rabbitmq("bank", options.clone()).await.unwrap();
+        bus.publish(&deposit("a", 1, 1)).await.unwrap();
+        bus
+    });
+    drop(first);
+    runtime().block_on(async {
+        let bus = Bus::rabbitmq("bank", options.clone()).await.unwrap();
+        bus.publish(&deposit("a", 2, 1)).await.unwrap();
+    });
+    drop(kept);
+}
+
 #[tokio::test]
 async fn a_redelivered_event_is_recognized_whatever_its_id_holds() {
     // On PostgreSQL the inbox row travels with BEGIN in the simple protocol: ids (printable
