@@ -2,8 +2,9 @@
 //!
 //! [`Bus::stage`](super::Bus::stage) inserts the envelope into `keel_outbox` in the
 //! caller's transaction. The relay publishes rows in id order and deletes each batch once
-//! the broker has confirmed it: a crash between the two publishes the batch again, which
-//! consumers' inboxes absorb (at least once, never lost).
+//! the broker has confirmed it, with its next look at the table (the next commit's, at the
+//! latest a poll interval later; at once when stopping): a crash before that publishes the
+//! batch again, which consumers' inboxes absorb (at least once, never lost).
 //!
 //! Only one relay per database publishes at a time, so one aggregate's events keep their
 //! commit order: on PostgreSQL the leader holds a session advisory lock on a connection of
@@ -74,6 +75,21 @@ pub(crate) async fn write(
         insert.execute(&mut *connection).await?;
     }
     Ok(())
+}
+
+/// The statement deleting the `published` rows; none when there are none. Exactly the
+/// published ids: a row with a lower id may commit after their select (ids are drawn before
+/// commit), and must stay for a later batch. Integers only, read from the table: no input.
+fn delete_published(published: &[i64]) -> Option<String> {
+    if published.is_empty() {
+        return None;
+    }
+    let list = published
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    Some(format!("DELETE FROM keel_outbox WHERE id IN ({list})"))
 }
 
 /// How the relay paces itself.
@@ -207,13 +223,24 @@ impl Relay {
         loop {
             let relayed = self.relay_batch(&mut lead, &mut published).await?;
             *failures = 0;
-            if relayed > 0 {
+            // A full batch: more may be waiting. Otherwise the batch's rows are deleted by the
+            // next look, which the next commit (or the poll interval) brings: one round trip
+            // for both, where deleting now would take one of its own.
+            if relayed >= self.options.batch_size as usize {
                 continue;
             }
             tokio::select! {
                 () = self.db.outbox_ready().notified() => {}
                 () = tokio::time::sleep(self.options.poll_interval) => {}
                 () = shutdown.wait() => {
+                    // Deleted now, or the next relay would publish them again.
+                    if let Some(delete) = delete_published(&published) {
+                        let delete = sqlx::raw_sql(sqlx::AssertSqlSafe(delete));
+                        let _ = match &mut lead {
+                            Lead::Postgres(connection) => delete.execute(connection).await,
+                            Lead::Sqlite { .. } => delete.execute(self.db.pool()).await,
+                        };
+                    }
                     if let Lead::Postgres(connection) = lead {
                         let _ = sqlx::Connection::close(connection).await;
                     }
@@ -225,8 +252,9 @@ impl Relay {
 
     /// Deletes the rows the last call published (`published`, confirmed by the broker)
     /// and publishes the oldest batch, leaving its ids in `published` for the next call,
-    /// which the caller makes at once; returns the batch's size. The delete and the
-    /// select go to the database as one round trip (one implicit transaction).
+    /// which the caller makes at once after a full batch, else at the next commit or poll;
+    /// returns the batch's size. The delete and the select go to the database as one round
+    /// trip (one implicit transaction).
     async fn relay_batch(
         &self,
         lead: &mut Lead,
@@ -236,17 +264,9 @@ impl Relay {
             "SELECT id, event_id, event_type, subject, envelope FROM keel_outbox ORDER BY id LIMIT {}",
             self.options.batch_size
         );
-        // Exactly the published ids: a row with a lower id may commit after their select
-        // (ids are drawn before commit), and must stay for a later batch.
-        let sql = if published.is_empty() {
-            select
-        } else {
-            let list = published
-                .iter()
-                .map(i64::to_string)
-                .collect::<Vec<_>>()
-                .join(",");
-            format!("DELETE FROM keel_outbox WHERE id IN ({list}); {select}")
+        let sql = match delete_published(published) {
+            Some(delete) => format!("{delete}; {select}"),
+            None => select,
         };
         // Integers only, read from the table or configured: never input. Not prepared
         // (the list differs every time): the simple protocol, one round trip.

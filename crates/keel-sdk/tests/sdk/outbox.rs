@@ -95,6 +95,40 @@ async fn a_process_killed_between_commit_and_publish_loses_no_event() {
     }
 }
 
+/// A batch's rows are deleted with the relay's next look at the table; a relay that stops
+/// deletes what it published first, or the next one would publish it again.
+#[tokio::test]
+async fn a_stopping_relay_leaves_nothing_it_published_behind() {
+    for backend in backends() {
+        for transport in transports() {
+            let test = TestDb::of(backend).await;
+            let bus = bus(transport, "bank").await;
+            let (_, consumer) = declare(&bus, &test.db, Apply::default()).await;
+            let _running = run(consumer);
+            let what = format!("{backend:?} {transport:?}");
+            // No poll within the test, and the one commit made once the relay waits for
+            // it: only the stop can delete the published row.
+            let relay = bus.relay(&test.db).options(RelayOptions {
+                poll_interval: Duration::from_secs(600),
+                ..RelayOptions::default()
+            });
+            let stop = Shutdown::new();
+            let relaying = tokio::spawn(relay.run(stop.clone()));
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut tx = test.db.begin().await.unwrap();
+            bus.stage(&mut tx, &deposit("a", 1, 5)).await.unwrap();
+            tx.commit().await.unwrap();
+            eventually(&format!("{what}: relayed and handled"), WAIT, || async {
+                effects(&test.db).await == (1, 1)
+            })
+            .await;
+            stop.trigger();
+            tokio::time::timeout(WAIT, relaying).await.unwrap().unwrap();
+            assert_eq!(outbox_rows(&test.db).await, 0, "{what}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_rolled_back_transaction_publishes_nothing() {
     for transport in transports() {
