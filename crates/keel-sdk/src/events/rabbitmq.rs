@@ -168,8 +168,9 @@ impl RabbitMq {
 
     /// A new confirming channel, with the exchange declared, on this process's connection
     /// for `purpose` (connected first when there is none, or it was lost). Hold the
-    /// connection while using the channel; close the channel, not the connection, when
-    /// done.
+    /// connection while using the channel: the channel alone keeps it open, but only a
+    /// holder of the `Arc` keeps it in its slot for others to share. Close the channel, not
+    /// the connection, when done.
     async fn open(&self, purpose: Use) -> Result<(Arc<Connection>, Channel), BusError> {
         self.within(self.open_now(purpose)).await
     }
