@@ -6,6 +6,7 @@
 //! on the same PostgreSQL beside it as the ceiling.
 //!
 //!   scripts/bench shop [--duration 20s] [--customers 32] [--provider-latency 2ms] [--wait 10s]
+//!                      [--postgres 127.0.0.1:5432 | --postgres /var/run/postgresql:5432]
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -53,7 +54,9 @@ struct Args {
     /// these looks.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     poll: Duration,
-    /// PostgreSQL (user postgres, trust authentication) for the services and pgbench.
+    /// PostgreSQL (user postgres, trust authentication) for the services and pgbench, as
+    /// host:port; a host starting with `/` is the directory of the server's Unix socket
+    /// (`/var/run/postgresql:5432`), as psql and pgbench take it.
     #[arg(long, default_value = "127.0.0.1:5432")]
     postgres: String,
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
@@ -163,7 +166,7 @@ async fn measure(
     run: &str,
     databases: &[String],
 ) -> anyhow::Result<Measured> {
-    let postgres = |database: &str| format!("postgres://postgres@{}/{database}", args.postgres);
+    let postgres = |database: &str| postgres_url(&args.postgres, database);
     let key = output(Command::new(keel).args(["auth", "key"]))?;
     let bus = format!(
         r#"bus = {{ rabbitmq = {{ url = "{}", exchange = "keel-bench-{run}", auto_delete_exchange = true, queue_expiry = "5m" }} }}"#,
@@ -567,6 +570,16 @@ fn pgbench(host: &str, port: &str, run: &str) -> anyhow::Result<f64> {
     })();
     drop_database(host, port, &database);
     result
+}
+
+/// The URL of `database` on `postgres` (host:port, the host perhaps a socket directory).
+fn postgres_url(postgres: &str, database: &str) -> String {
+    match postgres.split_once(':') {
+        Some((socket, port)) if socket.starts_with('/') => {
+            format!("postgres://postgres@localhost:{port}/{database}?host={socket}")
+        }
+        _ => format!("postgres://postgres@{postgres}/{database}"),
+    }
 }
 
 fn drop_database(host: &str, port: &str, database: &str) {

@@ -13,7 +13,7 @@ use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
 use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider};
+use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use tracing::dispatcher::WeakDispatch;
@@ -22,7 +22,7 @@ use tracing::{Dispatch, Event, Subscriber};
 use tracing_subscriber::filter::LevelFilter;
 use tracing_subscriber::fmt::format::{JsonFields, Writer};
 use tracing_subscriber::fmt::time::{FormatTime, SystemTime};
-use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields, FormattedFields, MakeWriter};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -136,6 +136,32 @@ pub fn init(
         LogFormat::Text => false,
         LogFormat::Auto => !std::io::stderr().is_terminal(),
     };
+    subscriber(tracer, filter, json, service, instance, std::io::stderr)
+        .try_init()
+        .map_err(|_| TelemetryError::AlreadyInstalled)?;
+    Ok(TelemetryGuard { provider })
+}
+
+/// The process's subscriber: OpenTelemetry spans at info and above, log lines (JSON or
+/// text, to `writer`) as `filter` says, and the handle the formatters find the dispatcher
+/// through.
+///
+/// Every layer has a filter of its own, the handle's letting nothing through (it needs the
+/// dispatcher, not the events): a layer without one counts as wanting every level, which
+/// makes the subscriber's level hint "trace", and then every `debug!` and `trace!` of every
+/// crate (hyper's, h2's, lapin's, sqlx's) asks the filters at each hit instead of being
+/// skipped by the macro's level check.
+fn subscriber<W>(
+    tracer: SdkTracer,
+    filter: EnvFilter,
+    json: bool,
+    service: &str,
+    instance: &str,
+    writer: W,
+) -> impl Subscriber + Send + Sync + for<'a> LookupSpan<'a>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
     let dispatch = DispatchHandle::default();
     let identity = Identity {
         service: service.to_owned(),
@@ -144,13 +170,13 @@ pub fn init(
     };
     let fmt_layer = if json {
         tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .fmt_fields(JsonFields::new())
             .event_format(JsonLines(identity))
             .boxed()
     } else {
         tracing_subscriber::fmt::layer()
-            .with_writer(std::io::stderr)
+            .with_writer(writer)
             .event_format(TextLines {
                 inner: tracing_subscriber::fmt::format().compact(),
                 dispatch: dispatch.clone(),
@@ -166,10 +192,7 @@ pub fn init(
                 .with_filter(LevelFilter::INFO),
         )
         .with(fmt_layer.with_filter(filter))
-        .with(dispatch)
-        .try_init()
-        .map_err(|_| TelemetryError::AlreadyInstalled)?;
-    Ok(TelemetryGuard { provider })
+        .with(dispatch.with_filter(LevelFilter::OFF))
 }
 
 /// A handle on the dispatcher the formatters run in.
@@ -357,20 +380,14 @@ mod tests {
         let buffer = Buffer::default();
         let writer = buffer.clone();
         let provider = SdkTracerProvider::builder().build();
-        let dispatch = DispatchHandle::default();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")))
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .with_writer(move || writer.clone())
-                    .fmt_fields(JsonFields::new())
-                    .event_format(JsonLines(Identity {
-                        service: "registry".into(),
-                        instance: "i-1".into(),
-                        dispatch: dispatch.clone(),
-                    })),
-            )
-            .with(dispatch);
+        let subscriber = subscriber(
+            provider.tracer("test"),
+            EnvFilter::new("info"),
+            true,
+            "registry",
+            "i-1",
+            move || writer.clone(),
+        );
         tracing::subscriber::with_default(subscriber, || {
             tracing::info!(answer = 42, "outside");
             let span = tracing::info_span!("request", route = "/v1/services");
@@ -394,5 +411,27 @@ mod tests {
             .expect("trace id inside a span");
         assert_eq!(trace_id.len(), 32);
         assert_eq!(lines[1]["span_id"].as_str().map(str::len), Some(16));
+    }
+
+    #[test]
+    fn levels_below_every_filter_are_skipped_at_the_macro() {
+        let provider = SdkTracerProvider::builder().build();
+        let with_logs = |level: &str| {
+            let filter = EnvFilter::new(level);
+            subscriber(
+                provider.tracer("test"),
+                filter,
+                true,
+                "s",
+                "i",
+                std::io::sink,
+            )
+        };
+        // Spans at info for the traces, though log lines only from warn.
+        assert_eq!(with_logs("warn").max_level_hint(), Some(LevelFilter::INFO));
+        assert_eq!(
+            with_logs("info,keel_registry=debug").max_level_hint(),
+            Some(LevelFilter::DEBUG)
+        );
     }
 }
