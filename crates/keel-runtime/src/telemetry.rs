@@ -146,11 +146,11 @@ pub fn init(
 /// text, to `writer`) as `filter` says, and the handle the formatters find the dispatcher
 /// through.
 ///
-/// Every layer has a filter of its own, the handle's letting nothing through (it needs the
-/// dispatcher, not the events): a layer without one counts as wanting every level, which
-/// makes the subscriber's level hint "trace", and then every `debug!` and `trace!` of every
-/// crate (hyper's, h2's, lapin's, sqlx's) asks the filters at each hit instead of being
-/// skipped by the macro's level check.
+/// The handle rides inside the log lines' filter: on its own, unfiltered, a layer counts as
+/// wanting every level (the level hint becomes "trace", and every `debug!` and `trace!` of
+/// every crate asks the filters at each hit instead of being skipped by the macro's level
+/// check); with a filter of its own that refuses everything, its "never" turns the others'
+/// "always" into "sometimes" (every enabled callsite asks the filters at each hit).
 fn subscriber<W>(
     tracer: SdkTracer,
     filter: EnvFilter,
@@ -173,6 +173,7 @@ where
             .with_writer(writer)
             .fmt_fields(JsonFields::new())
             .event_format(JsonLines(identity))
+            .and_then(dispatch)
             .boxed()
     } else {
         tracing_subscriber::fmt::layer()
@@ -181,6 +182,7 @@ where
                 inner: tracing_subscriber::fmt::format().compact(),
                 dispatch: dispatch.clone(),
             })
+            .and_then(dispatch)
             .boxed()
     };
     // The log level filters log lines only: traces keep every span at info and above, so a
@@ -192,7 +194,6 @@ where
                 .with_filter(LevelFilter::INFO),
         )
         .with(fmt_layer.with_filter(filter))
-        .with(dispatch.with_filter(LevelFilter::OFF))
 }
 
 /// A handle on the dispatcher the formatters run in.
@@ -433,5 +434,25 @@ mod tests {
             with_logs("info,keel_registry=debug").max_level_hint(),
             Some(LevelFilter::DEBUG)
         );
+    }
+
+    #[test]
+    fn enabled_callsites_do_not_ask_the_filters_at_each_hit() {
+        let provider = SdkTracerProvider::builder().build();
+        let filter = EnvFilter::new("info");
+        let dispatch = Dispatch::new(subscriber(
+            provider.tracer("test"),
+            filter,
+            true,
+            "s",
+            "i",
+            std::io::sink,
+        ));
+        let info = tracing::dispatcher::with_default(&dispatch, || {
+            tracing::info_span!("probe").metadata()
+        })
+        .expect("an enabled span has its metadata");
+        // "Sometimes" would make every hit ask every filter again.
+        assert!(dispatch.register_callsite(info).is_always());
     }
 }
