@@ -414,40 +414,25 @@ mod tests {
         assert_eq!(lines[1]["span_id"].as_str().map(str::len), Some(16));
     }
 
+    /// The process's subscriber with log lines from `level`, written nowhere.
+    fn silent(level: &str) -> impl Subscriber + Send + Sync {
+        let provider = SdkTracerProvider::builder().build();
+        let filter = EnvFilter::new(level);
+        let tracer = provider.tracer("test");
+        subscriber(tracer, filter, true, "s", "i", std::io::sink)
+    }
+
     #[test]
     fn levels_below_every_filter_are_skipped_at_the_macro() {
-        let provider = SdkTracerProvider::builder().build();
-        let with_logs = |level: &str| {
-            let filter = EnvFilter::new(level);
-            subscriber(
-                provider.tracer("test"),
-                filter,
-                true,
-                "s",
-                "i",
-                std::io::sink,
-            )
-        };
         // Spans at info for the traces, though log lines only from warn.
-        assert_eq!(with_logs("warn").max_level_hint(), Some(LevelFilter::INFO));
-        assert_eq!(
-            with_logs("info,keel_registry=debug").max_level_hint(),
-            Some(LevelFilter::DEBUG)
-        );
+        let hint = |level: &str| silent(level).max_level_hint();
+        assert_eq!(hint("warn"), Some(LevelFilter::INFO));
+        assert_eq!(hint("info,keel_registry=debug"), Some(LevelFilter::DEBUG));
     }
 
     #[test]
     fn enabled_callsites_do_not_ask_the_filters_at_each_hit() {
-        let provider = SdkTracerProvider::builder().build();
-        let filter = EnvFilter::new("info");
-        let dispatch = Dispatch::new(subscriber(
-            provider.tracer("test"),
-            filter,
-            true,
-            "s",
-            "i",
-            std::io::sink,
-        ));
+        let dispatch = Dispatch::new(silent("info"));
         let info = tracing::dispatcher::with_default(&dispatch, || {
             tracing::info_span!("probe").metadata()
         })
