@@ -3,7 +3,8 @@
 //!
 //! - `POST /payments` with an `Idempotency-Key` header (the payment's id) and
 //!   `{"amount": …, "method": "tok_…"}`: authorize; the same key again gets the same
-//!   answer, the same key with another body 422;
+//!   answer, the same key with another body 422, the same key while the first request is
+//!   still being answered 409 with `Retry-After` (no transaction waits on the provider);
 //! - `POST /payments/{id}/capture`, `POST /payments/{id}/void`: idempotent;
 //! - `GET /payments/{id}`.
 //!
@@ -69,6 +70,9 @@ fn refused(refusal: Refusal) -> Response {
         )
         .with_detail(detail),
         Refusal::Unknown(_) => Problem::not_found(detail),
+        // As draft-ietf-httpapi-idempotency-key-header says of a request retried while the
+        // first is still being processed.
+        Refusal::InProgress => Problem::conflict(detail).with_retry_after(Duration::from_secs(1)),
         Refusal::Closed(_)
         | Refusal::OtherAmount
         | Refusal::Transition(TransitionError::NotAuthorized(_)) => Problem::conflict(detail),
@@ -120,12 +124,11 @@ async fn authorize(
     let id: PaymentId = key
         .parse()
         .map_err(|error| bad_request(format!("Idempotency-Key: {error}")))?;
-    let payment = in_tx(&payments, async |tx| {
-        payments
-            .authorize(tx, &id, request.amount, &request.method)
-            .await
-    })
-    .await?;
+    let payment = payments
+        .authorize_now(&id, request.amount, &request.method)
+        .await
+        .map_err(failed)?
+        .map_err(refused)?;
     Ok((StatusCode::CREATED, axum::Json(payment)))
 }
 

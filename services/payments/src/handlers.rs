@@ -49,6 +49,10 @@ impl Commands {
     ) -> Result<(), HandlerError> {
         let reply = match outcome? {
             Ok(payment) => Reply::done(&payment),
+            // An HTTP request is asking the provider under this id: its answer will do.
+            Err(Refusal::InProgress) => {
+                return Err(HandlerError::Retry(Refusal::InProgress.to_string()));
+            }
             Err(refused) => Reply::refused(refused),
         };
         self.bus

@@ -24,6 +24,12 @@ use crate::contract::Payment;
 use crate::domain::{Action, Command, PaymentId, PaymentMethod, Refusal, Status};
 use crate::provider::{Decision, Provider, ProviderConfig, ProviderFailure};
 pub use crate::store::StoreError;
+use crate::store::Stored;
+
+/// How long an HTTP request's claim on a payment id stands before another request with
+/// the same key may take it over (its owner presumably gone): well beyond the provider's
+/// longest call (its latency is at most 2 s).
+const CLAIM_STANDS: i64 = 10;
 
 /// Where the payments service listens unless configured otherwise.
 pub const DEFAULT_LISTEN: std::net::SocketAddr =
@@ -69,19 +75,22 @@ impl Payments {
         &self.db
     }
 
-    /// Payment `id`, as stored.
+    /// Payment `id`, as stored (none while its authorization is still being asked).
     pub async fn payment(&self, id: &PaymentId) -> Result<Option<Payment>, PaymentsError> {
         let mut connection = self.db.pool().acquire().await?;
-        Ok(store::get(&mut connection, id, false).await?)
+        Ok(match store::get(&mut connection, id, false).await? {
+            Some(Stored::Payment(payment)) => Some(payment),
+            Some(Stored::Claimed { .. }) | None => None,
+        })
     }
 
-    /// Authorizes `amount` on `method` as payment `id` within `tx`. Asked again, the
-    /// payment is answered as it is now (authorized, captured, voided or refunded; a
-    /// decline again) without asking the provider; asked for another amount or method,
-    /// or after a void that came first, refused.
+    /// Authorizes `amount` on `method` as payment `id` within `tx` (a command's). Asked
+    /// again, the payment is answered as it is now (authorized, captured, voided or
+    /// refunded; a decline again) without asking the provider; asked for another amount or
+    /// method, or after a void that came first, refused.
     ///
     /// The provider is called inside `tx` (its row claimed and locked): concurrent
-    /// requests for one payment wait for the first and get its answer.
+    /// commands for one payment wait for the first and get its answer.
     pub async fn authorize(
         &self,
         tx: &mut Tx,
@@ -91,39 +100,79 @@ impl Payments {
     ) -> Result<Result<Payment, Refusal>, PaymentsError> {
         let now = unix_seconds();
         if !store::claim(tx, id, now).await? {
-            let stored = store::get(tx, id, true)
-                .await?
-                .ok_or_else(|| StoreError::Corrupt(format!("payment {id} vanished")))?;
-            let previous = stored.amount.zip(stored.method.as_ref());
-            return Ok(domain::authorize_again(
-                stored.status,
-                previous,
-                amount,
-                method,
-                stored.decline_reason.as_deref(),
-            )
-            .map(|()| stored));
+            return Ok(match store::get(tx, id, true).await? {
+                Some(Stored::Payment(stored)) => again(stored, amount, method),
+                Some(Stored::Claimed { .. }) => Err(Refusal::InProgress),
+                None => return Err(vanished(id)),
+            });
         }
         // A failure here rolls the claim back with the transaction: nothing happened.
         let decision = self.provider.authorize(id, method).await?;
-        let (status, decline_reason) = match decision {
-            Decision::Approved => (Status::Authorized, None),
-            Decision::Declined(reason) => (Status::Declined, Some(reason)),
-        };
-        let payment = Payment {
-            id: id.clone(),
-            status,
-            amount: Some(amount),
-            method: Some(method.clone()),
-            decline_reason,
-        };
+        let payment = decided(id, amount, method, decision);
         self.save(tx, &payment).await?;
-        Ok(match payment.status {
-            Status::Declined => Err(Refusal::Declined(
-                payment.decline_reason.clone().unwrap_or_default(),
-            )),
-            _ => Ok(payment),
-        })
+        Ok(outcome(payment))
+    }
+
+    /// Authorizes `amount` on `method` as payment `id` for an HTTP request, answering as
+    /// [`Payments::authorize`] does, but holding no transaction while the provider is asked:
+    /// the claim (with the amount and method) is committed first, so that a concurrent
+    /// request with the same id is told at once (in progress, or another body) instead of
+    /// waiting. A claim left by a request that died mid-call is taken over once it is
+    /// `CLAIM_STANDS` old; a provider failure gives the claim up (nothing was done).
+    pub async fn authorize_now(
+        &self,
+        id: &PaymentId,
+        amount: Money,
+        method: &PaymentMethod,
+    ) -> Result<Result<Payment, Refusal>, PaymentsError> {
+        let now = unix_seconds();
+        let mut tx = self.db.begin().await?;
+        if !store::claim_for(&mut tx, id, amount, method, now).await? {
+            match store::get(&mut tx, id, false).await? {
+                Some(Stored::Payment(stored)) => return Ok(again(stored, amount, method)),
+                Some(Stored::Claimed {
+                    amount: claimed,
+                    method: by,
+                    since,
+                }) => {
+                    if claimed != Some(amount) || by.as_ref() != Some(method) {
+                        return Ok(Err(Refusal::KeyReused));
+                    }
+                    if now - since < CLAIM_STANDS
+                        || !store::take_over(&mut tx, id, since, now).await?
+                    {
+                        return Ok(Err(Refusal::InProgress));
+                    }
+                }
+                // Given up between the two statements: its owner's provider failed.
+                None => return Ok(Err(Refusal::InProgress)),
+            }
+        }
+        tx.commit().await?;
+        let decision = match self.provider.authorize(id, method).await {
+            Ok(decision) => decision,
+            Err(failure) => {
+                if let Err(error) = self.release(id, now).await {
+                    tracing::warn!(%id, %error, "a failed authorization's claim stays until it is taken over");
+                }
+                return Err(failure.into());
+            }
+        };
+        let mut tx = self.db.begin().await?;
+        let answer = match store::get(&mut tx, id, true).await? {
+            // Ours, or taken over by a request that has not answered yet, or given up by
+            // one whose provider call failed after taking it over: the decision is kept
+            // either way (the provider, asked twice with one id, decides once).
+            Some(Stored::Claimed { .. }) | None => {
+                let payment = decided(id, amount, method, decision);
+                self.save(&mut tx, &payment).await?;
+                outcome(payment)
+            }
+            // Taken over by a request that answered first.
+            Some(Stored::Payment(stored)) => again(stored, amount, method),
+        };
+        tx.commit().await?;
+        Ok(answer)
     }
 
     /// Captures or voids payment `id` within `tx`. A void of a payment not authorized yet
@@ -138,7 +187,11 @@ impl Payments {
         // Twice at most: a tombstone's insert can lose to the authorization's own claim,
         // which is then there to be read.
         for _ in 0..2 {
-            let Some(mut payment) = store::get(tx, id, true).await? else {
+            let row = store::get(tx, id, true).await?;
+            if let Some(Stored::Claimed { .. }) = row {
+                return Ok(Err(Refusal::InProgress));
+            }
+            let Some(Stored::Payment(mut payment)) = row else {
                 if command == Command::Capture {
                     return Ok(Err(Refusal::Unknown(id.clone())));
                 }
@@ -183,12 +236,60 @@ impl Payments {
         Err(StoreError::Corrupt(format!("payment {id} cannot be read back")).into())
     }
 
+    /// Gives up the claim on `id` made at `since`.
+    async fn release(&self, id: &PaymentId, since: i64) -> Result<(), PaymentsError> {
+        let mut connection = self.db.pool().acquire().await?;
+        Ok(store::release(&mut connection, id, since).await?)
+    }
+
     /// Writes `payment` and stages its event.
     async fn save(&self, tx: &mut Tx, payment: &Payment) -> Result<(), PaymentsError> {
         store::save(tx, payment, unix_seconds()).await?;
         self.bus.stage(tx, payment).await?;
         Ok(())
     }
+}
+
+/// The payment the provider's `decision` makes.
+fn decided(id: &PaymentId, amount: Money, method: &PaymentMethod, decision: Decision) -> Payment {
+    let (status, decline_reason) = match decision {
+        Decision::Approved => (Status::Authorized, None),
+        Decision::Declined(reason) => (Status::Declined, Some(reason)),
+    };
+    Payment {
+        id: id.clone(),
+        status,
+        amount: Some(amount),
+        method: Some(method.clone()),
+        decline_reason,
+    }
+}
+
+/// A new payment as an answer: declined is a refusal.
+fn outcome(payment: Payment) -> Result<Payment, Refusal> {
+    match payment.status {
+        Status::Declined => Err(Refusal::Declined(
+            payment.decline_reason.clone().unwrap_or_default(),
+        )),
+        _ => Ok(payment),
+    }
+}
+
+/// An authorization asked again of the payment `stored` under its id.
+fn again(stored: Payment, amount: Money, method: &PaymentMethod) -> Result<Payment, Refusal> {
+    let previous = stored.amount.zip(stored.method.as_ref());
+    domain::authorize_again(
+        stored.status,
+        previous,
+        amount,
+        method,
+        stored.decline_reason.as_deref(),
+    )
+    .map(|()| stored)
+}
+
+fn vanished(id: &PaymentId) -> PaymentsError {
+    StoreError::Corrupt(format!("payment {id} vanished")).into()
 }
 
 /// Builds the payments service from its configuration and its provider's (in process, on

@@ -1,12 +1,30 @@
 //! Payments in the payments database (PostgreSQL or SQLite, one code path). A payment's
 //! row is locked ([`lock_row`]) before it is read in a transaction that changes it.
+//!
+//! A row `pending` is a claim: inside a command's transaction while it asks the provider
+//! (never committed so), or committed by an HTTP request before it asks ([`claim_for`]),
+//! which then holds no transaction during the call (the first migration's comment, "never
+//! committed", predates that; migrations are not edited once applied).
 
 use keel_sdk::data::lock_row;
 use keel_sdk::sqlx::{self, AnyConnection, Row};
 use keel_shop_kernel::Money;
 
 use crate::contract::Payment;
-use crate::domain::{PaymentId, Status};
+use crate::domain::{PaymentId, PaymentMethod, Status};
+
+/// A payment's row: a claim whose authorization is still being asked of the provider (an
+/// HTTP request's, committed before the call), or a payment.
+#[derive(Debug)]
+pub enum Stored {
+    Claimed {
+        amount: Option<Money>,
+        method: Option<PaymentMethod>,
+        /// When it was claimed (or taken over), Unix seconds: its owner's mark.
+        since: i64,
+    },
+    Payment(Payment),
+}
 
 /// Why stored data could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -35,12 +53,63 @@ pub async fn claim(db: &mut AnyConnection, id: &PaymentId, now: i64) -> Result<b
     Ok(inserted.rows_affected() == 1)
 }
 
-/// Payment `id`, locked for the rest of the transaction when `lock`.
+/// Inserts payment `id` as pending for `amount` on `method` unless it exists, to be
+/// committed before the provider is asked; true when inserted.
+pub async fn claim_for(
+    db: &mut AnyConnection,
+    id: &PaymentId,
+    amount: Money,
+    method: &PaymentMethod,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let inserted = sqlx::query(
+        "INSERT INTO payments (id, status, amount_minor, currency, method, created_at, updated_at) \
+         VALUES ($1, 'pending', $2, $3, $4, $5, $5) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(id.as_str())
+    .bind(amount.minor())
+    .bind(amount.currency().as_str().to_owned())
+    .bind(method.as_str().to_owned())
+    .bind(now)
+    .execute(db)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+/// Takes over the claim of payment `id` made at `since` (its owner gone); true when taken.
+pub async fn take_over(
+    db: &mut AnyConnection,
+    id: &PaymentId,
+    since: i64,
+    now: i64,
+) -> Result<bool, StoreError> {
+    let taken = sqlx::query(
+        "UPDATE payments SET updated_at = $3 WHERE id = $1 AND status = 'pending' AND updated_at = $2",
+    )
+    .bind(id.as_str())
+    .bind(since)
+    .bind(now)
+    .execute(db)
+    .await?;
+    Ok(taken.rows_affected() == 1)
+}
+
+/// Gives up the claim of payment `id` made at `since`, unless another took it over.
+pub async fn release(db: &mut AnyConnection, id: &PaymentId, since: i64) -> Result<(), StoreError> {
+    sqlx::query("DELETE FROM payments WHERE id = $1 AND status = 'pending' AND updated_at = $2")
+        .bind(id.as_str())
+        .bind(since)
+        .execute(db)
+        .await?;
+    Ok(())
+}
+
+/// Payment `id`'s row, locked for the rest of the transaction when `lock`.
 pub async fn get(
     db: &mut AnyConnection,
     id: &PaymentId,
     lock: bool,
-) -> Result<Option<Payment>, StoreError> {
+) -> Result<Option<Stored>, StoreError> {
     let lock = if lock {
         match lock_row(db, "payments", "id", id.as_str()).await? {
             Some(lock) => lock,
@@ -50,7 +119,7 @@ pub async fn get(
         ""
     };
     let sql = format!(
-        "SELECT status, amount_minor, currency, method, decline_reason FROM payments WHERE id = $1{lock}"
+        "SELECT status, amount_minor, currency, method, decline_reason, updated_at FROM payments WHERE id = $1{lock}"
     );
     let row = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(id.as_str())
@@ -69,13 +138,21 @@ pub async fn get(
         _ => None,
     };
     let method: Option<String> = row.try_get("method")?;
-    Ok(Some(Payment {
+    let method = method.map(|m| m.parse()).transpose().map_err(corrupt)?;
+    if status == "pending" {
+        return Ok(Some(Stored::Claimed {
+            amount,
+            method,
+            since: row.try_get("updated_at")?,
+        }));
+    }
+    Ok(Some(Stored::Payment(Payment {
         id: id.clone(),
         status: Status::parse(&status).ok_or_else(|| corrupt(format!("status {status:?}")))?,
         amount,
-        method: method.map(|m| m.parse()).transpose().map_err(corrupt)?,
+        method,
         decline_reason: row.try_get("decline_reason")?,
-    }))
+    })))
 }
 
 /// Writes `payment` over its row (claimed or locked by this transaction).

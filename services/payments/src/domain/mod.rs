@@ -178,6 +178,10 @@ pub enum Refusal {
     Unknown(PaymentId),
     #[error("the payment is for another amount")]
     OtherAmount,
+    /// Its authorization is being asked of the provider by another request: ask again
+    /// shortly.
+    #[error("this payment's authorization is in progress; ask again shortly")]
+    InProgress,
 }
 
 #[cfg(test)]

@@ -171,46 +171,163 @@ async fn authorize_capture_and_void_with_idempotency_keys_and_every_refusal_a_pr
     }
 }
 
+/// The answer's status, whether it said when to ask again (`Retry-After`), and its body.
+async fn asked(request: reqwest::RequestBuilder, token: &str) -> (u16, bool, Value) {
+    let response = request.bearer_auth(token).send().await.unwrap();
+    let status = response.status().as_u16();
+    let retry_after = response.headers().contains_key("retry-after");
+    (
+        status,
+        retry_after,
+        response.json().await.unwrap_or(Value::Null),
+    )
+}
+
+/// The service on the database at `url` with `provider`, running until `shutdown`: its
+/// `/payments` URL.
+async fn running(
+    url: &str,
+    issuer: &TestIssuer,
+    provider: &keel_payments::provider::ProviderConfig,
+    shutdown: &Shutdown,
+) -> String {
+    let service = keel_payments::build(&config(url, issuer), provider, None, shutdown)
+        .await
+        .unwrap();
+    let payments = format!("http://{}/payments", service.local_addr());
+    tokio::spawn(service.run(shutdown.clone()));
+    payments
+}
+
 #[tokio::test]
-async fn one_key_sent_many_times_at_once_makes_one_payment() {
+async fn one_key_sent_many_times_at_once_makes_one_payment_and_the_others_are_told_at_once() {
     let issuer = TestIssuer::start().await;
     let admin = issuer.mint(json!({"sub": "root", "roles": ["admin"]}));
     for database in databases().await {
         let shutdown = Shutdown::new();
-        let config = config(&database.url, &issuer);
         // A slow provider, so that the requests overlap while the first is answered.
         let slow = keel_payments::provider::ProviderConfig {
             latency: std::time::Duration::from_millis(300),
             ..keel_payments::provider::ProviderConfig::default()
         };
-        let service = keel_payments::build(&config, &slow, None, &shutdown)
-            .await
-            .unwrap();
-        let url = format!("http://{}/payments", service.local_addr());
-        tokio::spawn(service.run(shutdown.clone()));
+        let url = running(&database.url, &issuer, &slow, &shutdown).await;
         let http = reqwest::Client::new();
+        let body = |minor: u64| json!({"amount": {"minor": minor, "currency": "EUR"}, "method": "tok_visa"});
         let tasks: Vec<_> = (0..8)
             .map(|n| {
-                // Two different bodies under one key: exactly one of them wins.
+                // Two different bodies under one key: exactly one request wins.
                 let minor = 100 + (n % 2);
-                let request = http.post(&url).header("idempotency-key", "same").json(
-                    &json!({"amount": {"minor": minor, "currency": "EUR"}, "method": "tok_visa"}),
-                );
+                let request = http
+                    .post(&url)
+                    .header("idempotency-key", "same")
+                    .json(&body(minor));
                 let admin = admin.clone();
-                tokio::spawn(async move { send(request, Some(&admin)).await })
+                tokio::spawn(async move { (minor, asked(request, &admin).await) })
             })
             .collect();
         let mut created = Vec::new();
-        let mut reused = 0;
+        let mut answers = Vec::new();
         for task in tasks {
-            match task.await.unwrap() {
-                (201, _, payment) => created.push(payment),
-                (422, _, _) => reused += 1,
-                other => panic!("{other:?} on {}", database.url),
+            let (minor, (status, retry_after, answer)) = task.await.unwrap();
+            if status == 201 {
+                created.push((minor, answer));
+            } else {
+                answers.push((minor, status, retry_after));
             }
         }
-        assert_eq!((created.len(), reused), (4, 4), "{}", database.url);
-        assert!(created.windows(2).all(|pair| pair[0] == pair[1]));
+        assert_eq!(created.len(), 1, "{answers:?} on {}", database.url);
+        let (won, payment) = &created[0];
+        for (minor, status, retry_after) in &answers {
+            if minor == won {
+                // The same request while the first is still answered: in progress.
+                assert_eq!((*status, *retry_after), (409, true), "{}", database.url);
+            } else {
+                assert_eq!(*status, 422, "another body under the key");
+            }
+        }
+        // Asked again once answered: the same payment.
+        let again = http
+            .post(&url)
+            .header("idempotency-key", "same")
+            .json(&body(*won));
+        let (status, _, repeated) = asked(again, &admin).await;
+        assert_eq!((status, &repeated), (201, payment), "{}", database.url);
+        shutdown.trigger();
+    }
+}
+
+#[tokio::test]
+async fn a_claim_left_by_a_request_that_died_is_taken_over_once_it_is_old() {
+    let issuer = TestIssuer::start().await;
+    let admin = issuer.mint(json!({"sub": "root", "roles": ["admin"]}));
+    for database in databases().await {
+        let shutdown = Shutdown::new();
+        let url = running(&database.url, &issuer, &provider(), &shutdown).await;
+        // Claims as a request leaves them when it dies between its claim and its answer:
+        // one a minute old, one just made.
+        let db = keel_sdk::Database::connect(&database.url, &keel_payments::MIGRATIONS)
+            .await
+            .unwrap();
+        let now = keel_sdk::data::unix_seconds();
+        for (id, since) in [("old", now - 60), ("fresh", now)] {
+            keel_sdk::sqlx::query(
+                "INSERT INTO payments (id, status, amount_minor, currency, method, created_at, updated_at) \
+                 VALUES ($1, 'pending', 500, 'EUR', 'tok_visa', $2, $2)",
+            )
+            .bind(id)
+            .bind(since)
+            .execute(db.pool())
+            .await
+            .unwrap();
+        }
+        let http = reqwest::Client::new();
+        let post = |key: &str, minor: u64| {
+            http.post(&url)
+                .header("idempotency-key", key)
+                .json(&json!({"amount": {"minor": minor, "currency": "EUR"}, "method": "tok_visa"}))
+        };
+        let (status, _, payment) = asked(post("old", 500), &admin).await;
+        assert_eq!(
+            (status, payment["status"].as_str()),
+            (201, Some("authorized")),
+            "{payment} on {}",
+            database.url
+        );
+        let (status, retry_after, _) = asked(post("fresh", 500), &admin).await;
+        assert_eq!((status, retry_after), (409, true));
+        assert_eq!(asked(post("fresh", 501), &admin).await.0, 422);
+        // Not made yet, so not found.
+        let look = http.get(format!("{url}/fresh"));
+        assert_eq!(asked(look, &admin).await.0, 404);
+        shutdown.trigger();
+    }
+}
+
+#[tokio::test]
+async fn a_provider_failure_on_authorize_keeps_nothing_not_even_the_claim() {
+    let issuer = TestIssuer::start().await;
+    let admin = issuer.mint(json!({"sub": "root", "roles": ["admin"]}));
+    for database in databases().await {
+        let shutdown = Shutdown::new();
+        let url = running(&database.url, &issuer, &provider(), &shutdown).await;
+        let http = reqwest::Client::new();
+        let post = |method: &str| {
+            http.post(&url)
+                .header("idempotency-key", "p-9")
+                .json(&json!({"amount": {"minor": 900, "currency": "EUR"}, "method": method}))
+        };
+        for _ in 0..2 {
+            // Failing again, not "in progress": the first failure gave its claim up.
+            let (status, retry_after, _) = asked(post("tok_processingError"), &admin).await;
+            assert_eq!((status, retry_after), (503, true));
+        }
+        assert_eq!(asked(http.get(format!("{url}/p-9")), &admin).await.0, 404);
+        // The key is free for another method.
+        let (status, _, payment) = asked(post("tok_visa"), &admin).await;
+        assert_eq!(
+            (status, payment["status"].as_str()),
+            (201, Some("authorized"))
+        );
         shutdown.trigger();
     }
 }
