@@ -4,8 +4,10 @@
 //! - `POST /payments` with an `Idempotency-Key` header (the payment's id) and
 //!   `{"amount": …, "method": "tok_…"}`: authorize; the same key again gets the same
 //!   answer, the same key with another body 422, the same key while the first request is
-//!   still being answered 409 with `Retry-After` (no transaction waits on the provider);
-//! - `POST /payments/{id}/capture`, `POST /payments/{id}/void`: idempotent;
+//!   still being answered 409 with `Retry-After` (the request's claim on the id is
+//!   committed before the provider is asked, so others are not kept waiting on it);
+//! - `POST /payments/{id}/capture`, `POST /payments/{id}/void`: idempotent; 409 with
+//!   `Retry-After` while the payment's authorization is being asked;
 //! - `GET /payments/{id}`.
 //!
 //! A decline is 402, a provider failure 503 with `Retry-After` (nothing was done).

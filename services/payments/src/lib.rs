@@ -24,7 +24,7 @@ use crate::contract::Payment;
 use crate::domain::{Action, Command, PaymentId, PaymentMethod, Refusal, Status};
 use crate::provider::{Decision, Provider, ProviderConfig, ProviderFailure};
 pub use crate::store::StoreError;
-use crate::store::Stored;
+use crate::store::{Claim, Stored};
 
 /// How long an HTTP request's claim on a payment id stands before another request with
 /// the same key may take it over (its owner presumably gone): well beyond the provider's
@@ -50,6 +50,9 @@ pub enum PaymentsError {
     /// Nothing was done: worth asking again later.
     #[error(transparent)]
     Provider(#[from] ProviderFailure),
+    /// The work was stopped before it finished (the runtime shutting down).
+    #[error("stopped before it finished: {0}")]
+    Interrupted(String),
 }
 
 impl From<keel_sdk::sqlx::Error> for PaymentsError {
@@ -80,7 +83,7 @@ impl Payments {
         let mut connection = self.db.pool().acquire().await?;
         Ok(match store::get(&mut connection, id, false).await? {
             Some(Stored::Payment(payment)) => Some(payment),
-            Some(Stored::Claimed { .. }) | None => None,
+            Some(Stored::Claimed(_)) | None => None,
         })
     }
 
@@ -90,7 +93,9 @@ impl Payments {
     /// method, or after a void that came first, refused.
     ///
     /// The provider is called inside `tx` (its row claimed and locked): concurrent
-    /// commands for one payment wait for the first and get its answer.
+    /// commands for one payment wait for the first and get its answer. An HTTP request's
+    /// claim on the id (see [`Payments::authorize_now`]) is waited out (in progress), or
+    /// taken over once it stands too long.
     pub async fn authorize(
         &self,
         tx: &mut Tx,
@@ -100,25 +105,29 @@ impl Payments {
     ) -> Result<Result<Payment, Refusal>, PaymentsError> {
         let now = unix_seconds();
         if !store::claim(tx, id, now).await? {
-            return Ok(match store::get(tx, id, true).await? {
-                Some(Stored::Payment(stored)) => again(stored, amount, method),
-                Some(Stored::Claimed { .. }) => Err(Refusal::InProgress),
+            match store::get(tx, id, true).await? {
+                Some(Stored::Payment(stored)) => return Ok(again(stored, amount, method)),
+                Some(Stored::Claimed(claim)) => {
+                    if let Some(refused) = take_over(tx, id, claim, amount, method, now).await? {
+                        return Ok(Err(refused));
+                    }
+                }
                 None => return Err(vanished(id)),
-            });
+            }
         }
         // A failure here rolls the claim back with the transaction: nothing happened.
         let decision = self.provider.authorize(id, method).await?;
-        let payment = decided(id, amount, method, decision);
-        self.save(tx, &payment).await?;
-        Ok(outcome(payment))
+        self.record(tx, id, amount, method, decision).await
     }
 
     /// Authorizes `amount` on `method` as payment `id` for an HTTP request, answering as
-    /// [`Payments::authorize`] does, but holding no transaction while the provider is asked:
-    /// the claim (with the amount and method) is committed first, so that a concurrent
-    /// request with the same id is told at once (in progress, or another body) instead of
-    /// waiting. A claim left by a request that died mid-call is taken over once it is
-    /// `CLAIM_STANDS` old; a provider failure gives the claim up (nothing was done).
+    /// [`Payments::authorize`] does, but holding no transaction of its own while the
+    /// provider is asked: the claim (with the amount and method) is committed first, so
+    /// that a concurrent request with the same id is told at once (in progress, or another
+    /// body) instead of waiting for the provider. (A command holding the id's row still
+    /// makes the request wait for its transaction.) A claim left by a request that died
+    /// mid-call is taken over by the same request again once it is `CLAIM_STANDS` old; a
+    /// provider failure gives the claim up (nothing was done).
     pub async fn authorize_now(
         &self,
         id: &PaymentId,
@@ -126,53 +135,102 @@ impl Payments {
         method: &PaymentMethod,
     ) -> Result<Result<Payment, Refusal>, PaymentsError> {
         let now = unix_seconds();
-        let mut tx = self.db.begin().await?;
-        if !store::claim_for(&mut tx, id, amount, method, now).await? {
-            match store::get(&mut tx, id, false).await? {
-                Some(Stored::Payment(stored)) => return Ok(again(stored, amount, method)),
-                Some(Stored::Claimed {
-                    amount: claimed,
-                    method: by,
-                    since,
-                }) => {
-                    if claimed != Some(amount) || by.as_ref() != Some(method) {
-                        return Ok(Err(Refusal::KeyReused));
-                    }
-                    if now - since < CLAIM_STANDS
-                        || !store::take_over(&mut tx, id, since, now).await?
-                    {
-                        return Ok(Err(Refusal::InProgress));
-                    }
-                }
-                // Given up between the two statements: its owner's provider failed.
-                None => return Ok(Err(Refusal::InProgress)),
-            }
+        if let Some(answer) = self.claim_now(id, amount, method, now).await? {
+            return Ok(answer);
         }
-        tx.commit().await?;
+        // Claimed: the call and its decision's save go on even if the request is dropped
+        // (its client gone), so that only a crash leaves a claim behind.
+        let payments = self.clone();
+        let (id, method) = (id.clone(), method.clone());
+        match tokio::spawn(async move { payments.decide(&id, amount, &method, now).await }).await {
+            Ok(answer) => answer,
+            Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
+            Err(error) => Err(PaymentsError::Interrupted(error.to_string())),
+        }
+    }
+
+    /// Claims `id` for `amount` on `method` and commits the claim: `None` when claimed (or
+    /// taken over), else the answer for the request.
+    async fn claim_now(
+        &self,
+        id: &PaymentId,
+        amount: Money,
+        method: &PaymentMethod,
+        now: i64,
+    ) -> Result<Option<Result<Payment, Refusal>>, PaymentsError> {
+        // Twice at most: a claim given up between the insert and the read frees the id.
+        for _ in 0..2 {
+            let mut tx = self.db.begin().await?;
+            if !store::claim_for(&mut tx, id, amount, method, now).await? {
+                let refused = match store::get(&mut tx, id, false).await? {
+                    Some(Stored::Payment(stored)) => {
+                        return Ok(Some(again(stored, amount, method)));
+                    }
+                    Some(Stored::Claimed(claim)) => {
+                        take_over(&mut tx, id, claim, amount, method, now).await?
+                    }
+                    None => continue,
+                };
+                if let Some(refused) = refused {
+                    return Ok(Some(Err(refused)));
+                }
+            }
+            tx.commit().await?;
+            return Ok(None);
+        }
+        Ok(Some(Err(Refusal::InProgress)))
+    }
+
+    /// Asks the provider for `id`, claimed at `since`, and keeps its decision.
+    async fn decide(
+        &self,
+        id: &PaymentId,
+        amount: Money,
+        method: &PaymentMethod,
+        since: i64,
+    ) -> Result<Result<Payment, Refusal>, PaymentsError> {
         let decision = match self.provider.authorize(id, method).await {
             Ok(decision) => decision,
             Err(failure) => {
-                if let Err(error) = self.release(id, now).await {
+                if let Err(error) = self.release(id, since).await {
                     tracing::warn!(%id, %error, "a failed authorization's claim stays until it is taken over");
                 }
                 return Err(failure.into());
             }
         };
         let mut tx = self.db.begin().await?;
-        let answer = match store::get(&mut tx, id, true).await? {
-            // Ours, or taken over by a request that has not answered yet, or given up by
-            // one whose provider call failed after taking it over: the decision is kept
-            // either way (the provider, asked twice with one id, decides once).
-            Some(Stored::Claimed { .. }) | None => {
-                let payment = decided(id, amount, method, decision);
-                self.save(&mut tx, &payment).await?;
-                outcome(payment)
+        // The id freed meanwhile (the claim taken over by a request whose provider call
+        // failed): claimed again, now with the decision.
+        let answer = if store::claim_for(&mut tx, id, amount, method, unix_seconds()).await? {
+            self.record(&mut tx, id, amount, method, decision).await?
+        } else {
+            match store::get(&mut tx, id, true).await? {
+                // Ours, or another request's for the same payment that has not answered
+                // yet: the provider, asked twice with one id, decides once.
+                Some(Stored::Claimed(claim)) if claim.is_for(amount, method) => {
+                    self.record(&mut tx, id, amount, method, decision).await?
+                }
+                Some(Stored::Claimed(_)) => Err(Refusal::KeyReused),
+                Some(Stored::Payment(stored)) => again(stored, amount, method),
+                None => return Err(vanished(id)),
             }
-            // Taken over by a request that answered first.
-            Some(Stored::Payment(stored)) => again(stored, amount, method),
         };
         tx.commit().await?;
         Ok(answer)
+    }
+
+    /// Writes the payment the provider's `decision` makes, with its event: the answer.
+    async fn record(
+        &self,
+        tx: &mut Tx,
+        id: &PaymentId,
+        amount: Money,
+        method: &PaymentMethod,
+        decision: Decision,
+    ) -> Result<Result<Payment, Refusal>, PaymentsError> {
+        let payment = decided(id, amount, method, decision);
+        self.save(tx, &payment).await?;
+        Ok(outcome(payment))
     }
 
     /// Captures or voids payment `id` within `tx`. A void of a payment not authorized yet
@@ -188,7 +246,7 @@ impl Payments {
         // which is then there to be read.
         for _ in 0..2 {
             let row = store::get(tx, id, true).await?;
-            if let Some(Stored::Claimed { .. }) = row {
+            if let Some(Stored::Claimed(_)) = row {
                 return Ok(Err(Refusal::InProgress));
             }
             let Some(Stored::Payment(mut payment)) = row else {
@@ -286,6 +344,26 @@ fn again(stored: Payment, amount: Money, method: &PaymentMethod) -> Result<Payme
         stored.decline_reason.as_deref(),
     )
     .map(|()| stored)
+}
+
+/// What a request for `amount` on `method` makes of another's claim on `id` (its amount,
+/// method and time): `None` when it took the claim over (its owner presumably gone), else
+/// the refusal (another body; or in progress).
+async fn take_over(
+    tx: &mut Tx,
+    id: &PaymentId,
+    claim: Claim,
+    amount: Money,
+    method: &PaymentMethod,
+    now: i64,
+) -> Result<Option<Refusal>, PaymentsError> {
+    if !claim.is_for(amount, method) {
+        return Ok(Some(Refusal::KeyReused));
+    }
+    if now - claim.since < CLAIM_STANDS || !store::take_over(tx, id, claim.since, now).await? {
+        return Ok(Some(Refusal::InProgress));
+    }
+    Ok(None)
 }
 
 fn vanished(id: &PaymentId) -> PaymentsError {

@@ -17,13 +17,24 @@ use crate::domain::{PaymentId, PaymentMethod, Status};
 /// HTTP request's, committed before the call), or a payment.
 #[derive(Debug)]
 pub enum Stored {
-    Claimed {
-        amount: Option<Money>,
-        method: Option<PaymentMethod>,
-        /// When it was claimed (or taken over), Unix seconds: its owner's mark.
-        since: i64,
-    },
+    Claimed(Claim),
     Payment(Payment),
+}
+
+/// A claim on a payment id, as committed by the request that made it.
+#[derive(Debug)]
+pub struct Claim {
+    pub amount: Option<Money>,
+    pub method: Option<PaymentMethod>,
+    /// When it was claimed (or taken over), Unix seconds: its owner's mark.
+    pub since: i64,
+}
+
+impl Claim {
+    /// Whether it was made for `amount` on `method`.
+    pub fn is_for(&self, amount: Money, method: &PaymentMethod) -> bool {
+        self.amount == Some(amount) && self.method.as_ref() == Some(method)
+    }
 }
 
 /// Why stored data could not be used.
@@ -40,7 +51,9 @@ fn corrupt(what: impl std::fmt::Display) -> StoreError {
 }
 
 /// Inserts payment `id` as pending unless it exists; true when inserted. A concurrent
-/// insert of the same id waits for this transaction, so one provider call per payment.
+/// insert of the same id waits for this transaction, so commands make one provider call per
+/// payment (an HTTP request taking over a claim it believes abandoned may make a second,
+/// which the provider, idempotent by id, answers alike).
 pub async fn claim(db: &mut AnyConnection, id: &PaymentId, now: i64) -> Result<bool, StoreError> {
     let inserted = sqlx::query(
         "INSERT INTO payments (id, status, created_at, updated_at) VALUES ($1, 'pending', $2, $2) \
@@ -140,11 +153,11 @@ pub async fn get(
     let method: Option<String> = row.try_get("method")?;
     let method = method.map(|m| m.parse()).transpose().map_err(corrupt)?;
     if status == "pending" {
-        return Ok(Some(Stored::Claimed {
+        return Ok(Some(Stored::Claimed(Claim {
             amount,
             method,
             since: row.try_get("updated_at")?,
-        }));
+        })));
     }
     Ok(Some(Stored::Payment(Payment {
         id: id.clone(),

@@ -13,7 +13,7 @@ use keel_sdk::{Database, Handler, HandlerError, Migrations, Received, Tx};
 use keel_testkit::{TestSqlite, unique_name};
 use serde::{Deserialize, Serialize};
 
-use crate::{databases, provider};
+use crate::{databases, leave_claim, payments_on, provider};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Order {
@@ -213,14 +213,7 @@ async fn a_saga_captures_is_declined_voids_when_a_later_step_fails_and_outlives_
 async fn a_command_naming_a_payment_made_for_another_amount_is_refused() {
     use keel_payments::domain::{Command, Refusal};
     for database in databases().await {
-        let db = Database::connect(&database.url, &keel_payments::MIGRATIONS)
-            .await
-            .unwrap();
-        let payments = keel_payments::Payments::new(
-            db.clone(),
-            Bus::in_process("payments"),
-            keel_payments::provider::Provider::new(provider()),
-        );
+        let (db, payments) = payments_on(&database.url).await;
         let eur = |minor: i64| {
             serde_json::from_value(serde_json::json!({"minor": minor, "currency": "EUR"})).unwrap()
         };
@@ -252,5 +245,36 @@ async fn a_command_naming_a_payment_made_for_another_amount_is_refused() {
         }
         let stored = payments.payment(&id).await.unwrap().unwrap();
         assert_eq!(stored.status.as_str(), "captured");
+    }
+}
+
+#[tokio::test]
+async fn a_command_meeting_a_requests_claim_waits_for_it_or_takes_it_over_once_old() {
+    use keel_payments::domain::Refusal;
+    for database in databases().await {
+        let (db, payments) = payments_on(&database.url).await;
+        // Claims an HTTP request commits before it asks the provider: one just made, one
+        // left a minute ago by a request that died.
+        let now = keel_sdk::data::unix_seconds();
+        leave_claim(&db, "p-fresh", now).await;
+        leave_claim(&db, "p-old", now - 60).await;
+        let eur = |minor: i64| {
+            serde_json::from_value(serde_json::json!({"minor": minor, "currency": "EUR"})).unwrap()
+        };
+        let visa = "tok_visa".parse().unwrap();
+        for (id, minor, expected) in [
+            ("p-fresh", 300, Err(Refusal::InProgress)),
+            ("p-old", 301, Err(Refusal::KeyReused)),
+            ("p-old", 300, Ok("authorized")),
+        ] {
+            let mut tx = db.begin().await.unwrap();
+            let outcome = payments
+                .authorize(&mut tx, &id.parse().unwrap(), eur(minor), &visa)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+            let outcome = outcome.map(|payment| payment.status.as_str());
+            assert_eq!(outcome, expected, "{id} {minor} on {}", database.url);
+        }
     }
 }

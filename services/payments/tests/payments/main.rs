@@ -22,3 +22,30 @@ pub fn provider() -> ProviderConfig {
         ..ProviderConfig::default()
     }
 }
+
+/// A claim on `id` for 3.00 EUR on `tok_visa` made at `since`, as an HTTP request commits
+/// it before it asks the provider (and leaves it when it dies before its answer).
+pub async fn leave_claim(db: &keel_sdk::Database, id: &str, since: i64) {
+    keel_sdk::sqlx::query(
+        "INSERT INTO payments (id, status, amount_minor, currency, method, created_at, updated_at) \
+         VALUES ($1, 'pending', 300, 'EUR', 'tok_visa', $2, $2)",
+    )
+    .bind(id)
+    .bind(since)
+    .execute(db.pool())
+    .await
+    .unwrap();
+}
+
+/// The payments use cases on the database at `url`, with an in-process bus.
+pub async fn payments_on(url: &str) -> (keel_sdk::Database, keel_payments::Payments) {
+    let db = keel_sdk::Database::connect(url, &keel_payments::MIGRATIONS)
+        .await
+        .unwrap();
+    let payments = keel_payments::Payments::new(
+        db.clone(),
+        keel_sdk::events::Bus::in_process("payments"),
+        keel_payments::provider::Provider::new(provider()),
+    );
+    (db, payments)
+}
