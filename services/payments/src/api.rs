@@ -89,7 +89,10 @@ fn failed(error: PaymentsError) -> Response {
         ),
         error => {
             tracing::error!(%error, "payment operation failed");
-            source(Problem::unavailable("payments cannot answer now"))
+            source(
+                Problem::unavailable("payments cannot answer now")
+                    .with_retry_after(Duration::from_secs(1)),
+            )
         }
     }
 }

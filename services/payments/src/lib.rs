@@ -112,7 +112,8 @@ impl Payments {
                         return Ok(Err(refused));
                     }
                 }
-                None => return Err(vanished(id)),
+                // A request's claim given up between the insert and the read: try again.
+                None => return Ok(Err(Refusal::InProgress)),
             }
         }
         // A failure here rolls the claim back with the transaction: nothing happened.
@@ -139,7 +140,9 @@ impl Payments {
             return Ok(answer);
         }
         // Claimed: the call and its decision's save go on even if the request is dropped
-        // (its client gone), so that only a crash leaves a claim behind.
+        // (its client gone). A claim left anyway (a crash, a save that failed) is finished
+        // by whatever meets it once it is old: this request again, a command, a capture or
+        // a void.
         let payments = self.clone();
         let (id, method) = (id.clone(), method.clone());
         match tokio::spawn(async move { payments.decide(&id, amount, &method, now).await }).await {
@@ -198,25 +201,29 @@ impl Payments {
                 return Err(failure.into());
             }
         };
-        let mut tx = self.db.begin().await?;
-        // The id freed meanwhile (the claim taken over by a request whose provider call
-        // failed): claimed again, now with the decision.
-        let answer = if store::claim_for(&mut tx, id, amount, method, unix_seconds()).await? {
-            self.record(&mut tx, id, amount, method, decision).await?
-        } else {
-            match store::get(&mut tx, id, true).await? {
-                // Ours, or another request's for the same payment that has not answered
-                // yet: the provider, asked twice with one id, decides once.
-                Some(Stored::Claimed(claim)) if claim.is_for(amount, method) => {
-                    self.record(&mut tx, id, amount, method, decision).await?
+        // Twice at most: a claim given up between the insert and the read frees the id.
+        for _ in 0..2 {
+            let mut tx = self.db.begin().await?;
+            // The id freed meanwhile (the claim taken over by a request whose provider
+            // call failed): claimed again, now with the decision.
+            let answer = if store::claim_for(&mut tx, id, amount, method, unix_seconds()).await? {
+                self.record(&mut tx, id, amount, method, decision).await?
+            } else {
+                match store::get(&mut tx, id, true).await? {
+                    // Ours, or another request's for the same payment that has not answered
+                    // yet: the provider, asked twice with one id, decides once.
+                    Some(Stored::Claimed(claim)) if claim.is_for(amount, method) => {
+                        self.record(&mut tx, id, amount, method, decision).await?
+                    }
+                    Some(Stored::Claimed(_)) => Err(Refusal::KeyReused),
+                    Some(Stored::Payment(stored)) => again(stored, amount, method),
+                    None => continue,
                 }
-                Some(Stored::Claimed(_)) => Err(Refusal::KeyReused),
-                Some(Stored::Payment(stored)) => again(stored, amount, method),
-                None => return Err(vanished(id)),
-            }
-        };
-        tx.commit().await?;
-        Ok(answer)
+            };
+            tx.commit().await?;
+            return Ok(answer);
+        }
+        Err(vanished(id))
     }
 
     /// Writes the payment the provider's `decision` makes, with its event: the answer.
@@ -242,12 +249,15 @@ impl Payments {
         command: Command,
         expected: Option<Money>,
     ) -> Result<Result<Payment, Refusal>, PaymentsError> {
-        // Twice at most: a tombstone's insert can lose to the authorization's own claim,
-        // which is then there to be read.
-        for _ in 0..2 {
+        // Three times at most: an old claim is finished first, and a tombstone's insert can
+        // lose to the authorization's own claim, which is then there to be read.
+        for _ in 0..3 {
             let row = store::get(tx, id, true).await?;
-            if let Some(Stored::Claimed(_)) = row {
-                return Ok(Err(Refusal::InProgress));
+            if let Some(Stored::Claimed(claim)) = row {
+                if let Some(refused) = self.finish(tx, id, claim).await? {
+                    return Ok(Err(refused));
+                }
+                continue;
             }
             let Some(Stored::Payment(mut payment)) = row else {
                 if command == Command::Capture {
@@ -292,6 +302,27 @@ impl Payments {
             return Ok(Ok(payment));
         }
         Err(StoreError::Corrupt(format!("payment {id} cannot be read back")).into())
+    }
+
+    /// Finishes a request's claim on `id` that stands too long (its request presumably
+    /// gone): asks the provider what the request asked (it answers a payment id as it did
+    /// before) and keeps the decision; an answer in progress while the claim is young.
+    async fn finish(
+        &self,
+        tx: &mut Tx,
+        id: &PaymentId,
+        claim: Claim,
+    ) -> Result<Option<Refusal>, PaymentsError> {
+        let (Some(amount), Some(method)) = (claim.amount, claim.method.clone()) else {
+            return Ok(Some(Refusal::InProgress));
+        };
+        if let Some(refused) = take_over(tx, id, claim, amount, &method, unix_seconds()).await? {
+            return Ok(Some(refused));
+        }
+        let decision = self.provider.authorize(id, &method).await?;
+        // A decline is kept too: the command then meets a declined payment.
+        let _ = self.record(tx, id, amount, &method, decision).await?;
+        Ok(None)
     }
 
     /// Gives up the claim on `id` made at `since`.

@@ -207,7 +207,7 @@ async fn one_key_sent_many_times_at_once_makes_one_payment_and_the_others_are_to
         let shutdown = Shutdown::new();
         // A slow provider, so that the requests overlap while the first is answered.
         let slow = keel_payments::provider::ProviderConfig {
-            latency: std::time::Duration::from_secs(1),
+            latency: std::time::Duration::from_secs(2),
             ..keel_payments::provider::ProviderConfig::default()
         };
         let url = running(&database.url, &issuer, &slow, &shutdown).await;
@@ -280,6 +280,7 @@ async fn a_claim_left_by_a_request_that_died_is_taken_over_once_it_is_old() {
         let now = keel_sdk::data::unix_seconds();
         leave_claim(&db, "old", now - 60).await;
         leave_claim(&db, "fresh", now).await;
+        leave_claim(&db, "abandoned", now - 60).await;
         let http = reqwest::Client::new();
         let post = |key: &str, minor: u64| {
             http.post(&url)
@@ -304,6 +305,19 @@ async fn a_claim_left_by_a_request_that_died_is_taken_over_once_it_is_old() {
             let (status, retry_after, _) = asked(request, &admin).await;
             assert_eq!((status, retry_after), (409, true), "{settle}");
         }
+        // An old claim met by a void: its authorization finished first, then voided.
+        let void = http.post(format!("{url}/abandoned/void"));
+        let (status, _, voided) = asked(void, &admin).await;
+        assert_eq!(
+            (
+                status,
+                voided["status"].as_str(),
+                voided["amount"]["minor"].as_u64()
+            ),
+            (200, Some("voided"), Some(300)),
+            "{voided} on {}",
+            database.url
+        );
         shutdown.trigger();
     }
 }
