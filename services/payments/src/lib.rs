@@ -104,7 +104,7 @@ impl Payments {
         method: &PaymentMethod,
     ) -> Result<Result<Payment, Refusal>, PaymentsError> {
         let now = unix_seconds();
-        if !store::claim(tx, id, now).await? {
+        if !store::claim(tx, id, None, now).await? {
             match store::get(tx, id, true).await? {
                 Some(Stored::Payment(stored)) => return Ok(again(stored, amount, method)),
                 Some(Stored::Claimed(claim)) => {
@@ -164,7 +164,7 @@ impl Payments {
         // Twice at most: a claim given up between the insert and the read frees the id.
         for _ in 0..2 {
             let mut tx = self.db.begin().await?;
-            if !store::claim_for(&mut tx, id, amount, method, now).await? {
+            if !store::claim(&mut tx, id, Some((amount, method)), now).await? {
                 let refused = match store::get(&mut tx, id, false).await? {
                     Some(Stored::Payment(stored)) => {
                         return Ok(Some(again(stored, amount, method)));
@@ -206,20 +206,21 @@ impl Payments {
             let mut tx = self.db.begin().await?;
             // The id freed meanwhile (the claim taken over by a request whose provider
             // call failed): claimed again, now with the decision.
-            let answer = if store::claim_for(&mut tx, id, amount, method, unix_seconds()).await? {
-                self.record(&mut tx, id, amount, method, decision).await?
-            } else {
-                match store::get(&mut tx, id, true).await? {
-                    // Ours, or another request's for the same payment that has not answered
-                    // yet: the provider, asked twice with one id, decides once.
-                    Some(Stored::Claimed(claim)) if claim.is_for(amount, method) => {
-                        self.record(&mut tx, id, amount, method, decision).await?
+            let answer =
+                if store::claim(&mut tx, id, Some((amount, method)), unix_seconds()).await? {
+                    self.record(&mut tx, id, amount, method, decision).await?
+                } else {
+                    match store::get(&mut tx, id, true).await? {
+                        // Ours, or another request's for the same payment that has not answered
+                        // yet: the provider, asked twice with one id, decides once.
+                        Some(Stored::Claimed(claim)) if claim.is_for(amount, method) => {
+                            self.record(&mut tx, id, amount, method, decision).await?
+                        }
+                        Some(Stored::Claimed(_)) => Err(Refusal::KeyReused),
+                        Some(Stored::Payment(stored)) => again(stored, amount, method),
+                        None => continue,
                     }
-                    Some(Stored::Claimed(_)) => Err(Refusal::KeyReused),
-                    Some(Stored::Payment(stored)) => again(stored, amount, method),
-                    None => continue,
-                }
-            };
+                };
             tx.commit().await?;
             return Ok(answer);
         }
@@ -263,7 +264,7 @@ impl Payments {
                 if command == Command::Capture {
                     return Ok(Err(Refusal::Unknown(id.clone())));
                 }
-                if store::claim(tx, id, unix_seconds()).await? {
+                if store::claim(tx, id, None, unix_seconds()).await? {
                     let tombstone = Payment {
                         id: id.clone(),
                         status: Status::Voided,

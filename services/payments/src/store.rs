@@ -2,7 +2,7 @@
 //! row is locked ([`lock_row`]) before it is read in a transaction that changes it.
 //!
 //! A row `pending` is a claim: inside a command's transaction while it asks the provider
-//! (never committed so), or committed by an HTTP request before it asks ([`claim_for`]),
+//! (never committed so), or committed by an HTTP request before it asks ([`claim`] with a body),
 //! which then holds no transaction during the call (the first migration's comment, "never
 //! committed", predates that; migrations are not edited once applied).
 
@@ -50,29 +50,16 @@ fn corrupt(what: impl std::fmt::Display) -> StoreError {
     StoreError::Corrupt(what.to_string())
 }
 
-/// Inserts payment `id` as pending unless it exists; true when inserted. A concurrent
-/// insert of the same id waits for this transaction, so commands make one provider call per
-/// payment (an HTTP request taking over a claim it believes abandoned may make a second,
-/// which the provider, idempotent by id, answers alike).
-pub async fn claim(db: &mut AnyConnection, id: &PaymentId, now: i64) -> Result<bool, StoreError> {
-    let inserted = sqlx::query(
-        "INSERT INTO payments (id, status, created_at, updated_at) VALUES ($1, 'pending', $2, $2) \
-         ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(id.as_str())
-    .bind(now)
-    .execute(db)
-    .await?;
-    Ok(inserted.rows_affected() == 1)
-}
-
-/// Inserts payment `id` as pending for `amount` on `method` unless it exists, to be
-/// committed before the provider is asked; true when inserted.
-pub async fn claim_for(
+/// Inserts payment `id` as pending unless it exists; true when inserted. A command's
+/// claim has no `body` and is never committed: a concurrent insert of the same id waits for
+/// its transaction, so commands make one provider call per payment. An HTTP request's claim
+/// carries the amount and method it was made for and is committed before the provider is
+/// asked (a request taking over a claim it believes abandoned may make a second call, which
+/// the provider, idempotent by id, answers alike).
+pub async fn claim(
     db: &mut AnyConnection,
     id: &PaymentId,
-    amount: Money,
-    method: &PaymentMethod,
+    body: Option<(Money, &PaymentMethod)>,
     now: i64,
 ) -> Result<bool, StoreError> {
     let inserted = sqlx::query(
@@ -80,9 +67,9 @@ pub async fn claim_for(
          VALUES ($1, 'pending', $2, $3, $4, $5, $5) ON CONFLICT (id) DO NOTHING",
     )
     .bind(id.as_str())
-    .bind(amount.minor())
-    .bind(amount.currency().as_str().to_owned())
-    .bind(method.as_str().to_owned())
+    .bind(body.map(|(amount, _)| amount.minor()))
+    .bind(body.map(|(amount, _)| amount.currency().as_str().to_owned()))
+    .bind(body.map(|(_, method)| method.as_str().to_owned()))
     .bind(now)
     .execute(db)
     .await?;
