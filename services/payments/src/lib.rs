@@ -19,6 +19,7 @@ use keel_sdk::events::{Bus, BusError};
 use keel_sdk::service::{RunningService, Service, ServiceConfig, ServiceError};
 use keel_sdk::{Database, Migrations, Tx};
 use keel_shop_kernel::Money;
+use tokio_util::task::TaskTracker;
 
 use crate::contract::Payment;
 use crate::domain::{Action, Command, PaymentId, PaymentMethod, Refusal, Status};
@@ -67,11 +68,28 @@ pub struct Payments {
     db: Database,
     bus: Bus,
     provider: Provider,
+    /// The provider calls (and their saves) of HTTP requests, which go on when their
+    /// request is dropped: waited for at shutdown.
+    in_flight: TaskTracker,
 }
 
 impl Payments {
     pub fn new(db: Database, bus: Bus, provider: Provider) -> Self {
-        Self { db, bus, provider }
+        Self {
+            db,
+            bus,
+            provider,
+            in_flight: TaskTracker::new(),
+        }
+    }
+
+    /// Completes once every authorization in flight has been decided and saved (or has
+    /// failed), so that stopping the process leaves no claim behind that a request, still
+    /// waiting on its provider when its client went away, would have finished.
+    /// Authorizations started meanwhile are waited for too.
+    pub async fn settled(&self) {
+        self.in_flight.close();
+        self.in_flight.wait().await;
     }
 
     pub fn db(&self) -> &Database {
@@ -140,12 +158,15 @@ impl Payments {
             return Ok(answer);
         }
         // Claimed: the call and its decision's save go on even if the request is dropped
-        // (its client gone). A claim left anyway (a crash, a save that failed) is finished
-        // by whatever meets it once it is old: this request again, a command, a capture or
-        // a void.
+        // (its client gone), and shutdown waits for them (`settled`). A claim left anyway
+        // (a crash, a save that failed) is finished by whatever meets it once it is old:
+        // this request again, a command, a capture or a void.
         let payments = self.clone();
         let (id, method) = (id.clone(), method.clone());
-        match tokio::spawn(async move { payments.decide(&id, amount, &method, now).await }).await {
+        let decided = self
+            .in_flight
+            .spawn(async move { payments.decide(&id, amount, &method, now).await });
+        match decided.await {
             Ok(answer) => answer,
             Err(error) if error.is_panic() => std::panic::resume_unwind(error.into_panic()),
             Err(error) => Err(PaymentsError::Interrupted(error.to_string())),
@@ -422,6 +443,10 @@ pub async fn build(
         service.bus().clone(),
         Provider::new(provider.clone()),
     );
+    shutdown.on_shutdown("payments: authorizations in flight", {
+        let payments = payments.clone();
+        async move { payments.settled().await }
+    });
     let consumer = handlers::consumer(&payments, service.bus(), service.db()).await?;
     let router = api::router(payments);
     service

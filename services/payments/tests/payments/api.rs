@@ -8,7 +8,7 @@ use keel_sdk::service::{ServiceAuthConfig, ServiceConfig};
 use keel_testkit::send;
 use serde_json::{Value, json};
 
-use crate::{databases, leave_claim, provider};
+use crate::{databases, leave_claim, payments_on, provider};
 
 /// The service on `url`, on a free port, trusting `issuer`'s tokens.
 fn config(url: &str, issuer: &TestIssuer) -> ServiceConfig {
@@ -199,6 +199,14 @@ async fn running(
     payments
 }
 
+/// A provider taking `seconds` to answer.
+fn slow(seconds: u64) -> keel_payments::provider::ProviderConfig {
+    keel_payments::provider::ProviderConfig {
+        latency: std::time::Duration::from_secs(seconds),
+        ..keel_payments::provider::ProviderConfig::default()
+    }
+}
+
 #[tokio::test]
 async fn one_key_sent_many_times_at_once_makes_one_payment_and_the_others_are_told_at_once() {
     let issuer = TestIssuer::start().await;
@@ -206,11 +214,7 @@ async fn one_key_sent_many_times_at_once_makes_one_payment_and_the_others_are_to
     for database in databases().await {
         let shutdown = Shutdown::new();
         // A slow provider, so that the requests overlap while the first is answered.
-        let slow = keel_payments::provider::ProviderConfig {
-            latency: std::time::Duration::from_secs(2),
-            ..keel_payments::provider::ProviderConfig::default()
-        };
-        let url = running(&database.url, &issuer, &slow, &shutdown).await;
+        let url = running(&database.url, &issuer, &slow(2), &shutdown).await;
         let http = reqwest::Client::new();
         let body = |minor: u64| json!({"amount": {"minor": minor, "currency": "EUR"}, "method": "tok_visa"});
         let tasks: Vec<_> = (0..8)
@@ -319,6 +323,40 @@ async fn a_claim_left_by_a_request_that_died_is_taken_over_once_it_is_old() {
             database.url
         );
         shutdown.trigger();
+    }
+}
+
+#[tokio::test]
+async fn an_authorization_whose_client_went_away_is_decided_before_shutdown_ends() {
+    let issuer = TestIssuer::start().await;
+    let admin = issuer.mint(json!({"sub": "root", "roles": ["admin"]}));
+    for database in databases().await {
+        let shutdown = Shutdown::new();
+        let url = running(&database.url, &issuer, &slow(1), &shutdown).await;
+        // The client gives up while the provider is asked: its request is dropped.
+        let impatient = reqwest::Client::builder()
+            .timeout(std::time::Duration::from_millis(300))
+            .build()
+            .unwrap();
+        let sent = impatient
+            .post(&url)
+            .header("idempotency-key", "gone")
+            .json(&json!({"amount": {"minor": 700, "currency": "EUR"}, "method": "tok_visa"}))
+            .bearer_auth(&admin)
+            .send()
+            .await;
+        assert!(sent.is_err_and(|error| error.is_timeout()));
+        shutdown.trigger();
+        shutdown.run_hooks(std::time::Duration::from_secs(5)).await;
+        // Once the hooks are done the decision is kept, not a claim to be taken over later.
+        let (_db, payments) = payments_on(&database.url).await;
+        let payment = payments.payment(&"gone".parse().unwrap()).await.unwrap();
+        assert_eq!(
+            payment.map(|payment| payment.status.as_str().to_owned()),
+            Some("authorized".to_owned()),
+            "{}",
+            database.url
+        );
     }
 }
 
