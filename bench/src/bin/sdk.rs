@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use clap::Parser;
+use keel_bench::postgres_url;
 use keel_bench::stats::LatencySummary;
 use keel_runtime::Shutdown;
 use keel_sdk::events::{Bus, Event, Handler, HandlerError, RabbitMqOptions, Received};
@@ -46,7 +47,8 @@ struct Args {
     /// Comma-separated: rabbitmq, kafka, in-process.
     #[arg(long, default_value = "rabbitmq,kafka", value_delimiter = ',')]
     transports: Vec<String>,
-    /// PostgreSQL (user postgres, trust authentication) for the consumers' databases.
+    /// PostgreSQL (user postgres, trust authentication) for the consumers' databases, as
+    /// host:port; a host starting with `/` is the directory of its Unix socket.
     #[arg(long, default_value = "127.0.0.1:5432")]
     postgres: String,
     #[arg(long, default_value = "amqp://guest:guest@127.0.0.1:5672/%2f")]
@@ -147,7 +149,7 @@ async fn main() -> anyhow::Result<()> {
 async fn measure(args: &Args, transport: &str) -> anyhow::Result<Measured> {
     let run = format!("{:x}", now_us() % 0xffff_ffff);
     let name = format!("keel_bench_sdk_{}_{run}", transport.replace('-', "_"));
-    let url = format!("postgres://postgres@{}/{name}", args.postgres);
+    let url = postgres_url(&args.postgres, &name);
     let db = Database::connect(&url, &Migrations::none())
         .await
         .with_context(|| format!("the database {name}"))?;
@@ -310,7 +312,7 @@ async fn latency(args: &Args, bus: &Bus, note: &Note) -> anyhow::Result<Option<L
 }
 
 async fn drop_database(postgres: &str, name: &str) {
-    let url = format!("postgres://postgres@{postgres}/postgres");
+    let url = postgres_url(postgres, "postgres");
     if let Ok(mut connection) = sqlx::PgConnection::connect(&url).await {
         let drop = format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)");
         // The name is ours, made of hex digits and underscores.

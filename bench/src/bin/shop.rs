@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
+use keel_bench::postgres_url;
 use keel_bench::stats::LatencySummary;
 use serde_json::{Value, json};
 
@@ -570,16 +571,6 @@ fn pgbench(host: &str, port: &str, run: &str) -> anyhow::Result<f64> {
     })();
     drop_database(host, port, &database);
     result
-}
-
-/// The URL of `database` on `postgres` (host:port, the host perhaps a socket directory).
-fn postgres_url(postgres: &str, database: &str) -> String {
-    match postgres.split_once(':') {
-        Some((socket, port)) if socket.starts_with('/') => {
-            format!("postgres://postgres@localhost:{port}/{database}?host={socket}")
-        }
-        _ => format!("postgres://postgres@{postgres}/{database}"),
-    }
 }
 
 fn drop_database(host: &str, port: &str, database: &str) {
