@@ -15,6 +15,7 @@ mod forward;
 mod h1;
 mod h1_server;
 pub mod listener;
+mod path;
 pub mod proxy;
 pub mod ratelimit;
 pub mod route;

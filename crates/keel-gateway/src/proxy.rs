@@ -742,6 +742,10 @@ impl Proxy {
         let (mut parts, body) = request.into_parts();
         // Claims headers are the gateway's to set; a client's copies never pass.
         crate::auth::strip_claim_headers(&mut parts.headers);
+        // Routed, and forwarded, as the upstream will read the path.
+        if let Err(problem) = canonical_target(&mut parts.uri) {
+            return unmatched(*problem);
+        }
         let preflight = preflight_method(&parts.method, &parts.headers);
         let host = if self.table.needs_host() {
             parts
@@ -954,6 +958,28 @@ impl Proxy {
             }
         }
     }
+}
+
+/// Makes `uri`'s path canonical ([`crate::path`]), keeping its query.
+fn canonical_target(uri: &mut Uri) -> Result<(), Box<Problem>> {
+    let refused = |why: &str| Box::new(Problem::bad_request(why));
+    let path = match crate::path::canonical(uri.path()) {
+        Ok(std::borrow::Cow::Borrowed(_)) => return Ok(()),
+        Ok(std::borrow::Cow::Owned(path)) => path,
+        Err(why) => return Err(refused(&why.to_string())),
+    };
+    let target = match uri.query() {
+        Some(query) => format!("{path}?{query}"),
+        None => path,
+    };
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.path_and_query = Some(
+        target
+            .parse()
+            .map_err(|_| refused("the request target cannot be forwarded"))?,
+    );
+    *uri = Uri::from_parts(parts).map_err(|_| refused("the request target cannot be forwarded"))?;
+    Ok(())
 }
 
 fn rate_limited(route: &str, limit: &RouteLimit, decision: &Decision) -> Response {

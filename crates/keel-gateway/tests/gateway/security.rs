@@ -20,7 +20,7 @@ use keel_testkit::{FaultProxy, Service};
 use reqwest::Method;
 use serde_json::{Value, json};
 
-use crate::support::{Running, Upstream, route_to, test_config};
+use crate::support::{Running, Upstream, exchange, route_to, test_config};
 
 /// The claim headers the gateway forwards; the upstreams here echo them.
 const CLAIM_HEADERS: &[&str] = &[
@@ -216,6 +216,69 @@ async fn a_missing_token_is_challenged_and_a_valid_one_forwards_its_claims() {
         assert!(body.contains(expected), "{expected} in {body}");
     }
     assert_eq!(upstream.hits(), 1);
+}
+
+#[tokio::test]
+async fn a_path_reaches_the_route_the_upstream_will_read_it_as() {
+    let issuer = TestIssuer::start().await;
+    let upstream = Upstream::start("app");
+    // The admin API behind a token, everything else of the same upstream open: a path
+    // that the upstream reads as /admin/... must meet the admin route's policy.
+    let gateway = start_with_auth(
+        &issuer,
+        vec![
+            authenticated(on("admin", "/admin", &upstream), &[], &["admin"]),
+            on("public", "/", &upstream),
+        ],
+    )
+    .await;
+    let addr = gateway.proxy.addr.to_string();
+    let get = |target: &str, token: Option<&str>| {
+        let authorization = token.map_or(String::new(), |token| {
+            format!("authorization: Bearer {token}\r\n")
+        });
+        format!("GET {target} HTTP/1.1\r\nhost: x\r\n{authorization}connection: close\r\n\r\n")
+    };
+    for disguised in [
+        "/%61dmin/users",
+        "/%61%64min/users",
+        "/public/../admin/users",
+        "/public/%2e%2e/admin/users",
+        "/public/%2E./admin/users",
+        "//admin/users",
+        "/./admin//users",
+    ] {
+        let (answer, _) = exchange(&addr, get(disguised, None).as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 401"), "{disguised}: {answer}");
+    }
+    assert_eq!(upstream.hits(), 0);
+    // With a token the route's own answer, and the upstream is sent the canonical path.
+    let admin = issuer.mint(json!({"roles": ["admin"]}));
+    let (answer, _) = exchange(
+        &addr,
+        get("/public/%2e%2e/%61dmin//users", Some(&admin)).as_bytes(),
+    )
+    .await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains("app GET /admin/users "), "{answer}");
+    let (answer, _) = exchange(&addr, get("/docs/./a%7e%c3%a9/?q=%2F..", None).as_bytes()).await;
+    assert!(
+        answer.contains("app GET /docs/a~%C3%A9/?q=%2F.. "),
+        "{answer}"
+    );
+    // What could be read two ways is refused, never forwarded.
+    for ambiguous in [
+        "/admin%2Fusers",
+        "/public%2f..%2fadmin",
+        "/a%5Cb",
+        "/a%00",
+        "/a%g1",
+    ] {
+        let (answer, _) = exchange(&addr, get(ambiguous, None).as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 400"), "{ambiguous}: {answer}");
+        assert!(answer.contains("application/problem+json"), "{answer}");
+    }
+    assert_eq!(upstream.hits(), 2);
 }
 
 #[tokio::test]
