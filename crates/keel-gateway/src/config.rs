@@ -40,7 +40,9 @@ pub struct GatewayConfig {
     pub upstream: UpstreamClientConfig,
     /// Requests no route matches go to the registry service named by their first path
     /// segment, with that segment stripped (`/orders/42` → service `orders`, `/42`), as
-    /// Spring Cloud Gateway's discovery locator. Unset: on under `keel up`, off otherwise.
+    /// Spring Cloud Gateway's discovery locator. A service that a configured route reaches
+    /// (`service = …`) gets no discovered route: it is reached only as configured, with
+    /// that route's policy. Unset: on under `keel up`, off otherwise.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub discovery_routes: Option<bool>,
     /// How access tokens are verified (the authorization server's issuer and this

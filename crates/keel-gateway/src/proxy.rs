@@ -511,6 +511,8 @@ pub struct Proxy {
     unmatched: Served,
     /// Routes made on demand for registry services (see [`Proxy::discovered`]).
     discovered: RwLock<HashMap<String, Arc<RouteEntry>>>,
+    /// The services configured routes reach: never discovered.
+    configured_services: std::collections::HashSet<String>,
     routes: Vec<GatewayRouteConfig>,
     pub(crate) shared: Arc<Shared>,
 }
@@ -577,6 +579,7 @@ impl Proxy {
                 metrics: Arc::new(RouteMetrics::new(keel_runtime::metrics::UNMATCHED_ROUTE)),
             },
             discovered: RwLock::default(),
+            configured_services: routes.iter().filter_map(|r| r.service.clone()).collect(),
             routes: routes.to_vec(),
             shared,
         })
@@ -823,13 +826,19 @@ impl Proxy {
 
     /// The route to a registry service named by the path's first segment, when discovery
     /// routes are on and the registry has that service: `/orders/42` → `orders`, `/42`.
-    /// Routes are made once per service and kept for this generation.
+    /// Routes are made once per service and kept for this generation. A service that a
+    /// configured route reaches is reached only through its configured routes, whose
+    /// policy (tokens, scopes, roles, rate limits) a discovered route, open to anyone,
+    /// would otherwise get around.
     fn discovered(&self, path: &str) -> Option<Arc<RouteEntry>> {
         if !self.shared.discovery_routes {
             return None;
         }
         let service = path.strip_prefix('/')?.split('/').next()?;
-        if service.is_empty() || !self.shared.discovery.knows(service) {
+        if service.is_empty()
+            || self.configured_services.contains(service)
+            || !self.shared.discovery.knows(service)
+        {
             return None;
         }
         if let Some(entry) = self

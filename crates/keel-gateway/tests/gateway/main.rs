@@ -300,40 +300,60 @@ async fn discovery_routes_reach_every_registered_service_by_name() {
     let shutdown = Shutdown::new();
     let (registry, client) = start_registry(&shutdown).await;
     let catalog = upstream("catalog-1").await;
+    let orders = upstream("orders-1").await;
     let pinned = upstream("pinned").await;
+    // A service with a configured route is reached only through it (its policy).
+    let orders_api = GatewayRouteConfig {
+        service: Some("orders".into()),
+        strip_prefix: Some("/api/orders".into()),
+        ..route("orders-api", "/api/orders", Vec::new())
+    };
     let config = GatewayConfig {
         registry: registry.url.clone(),
         discovery_routes: Some(true),
         // A configured route wins over the discovered one.
-        ..support::test_config(vec![route("pinned", "/catalog/pinned", vec![pinned])])
+        ..support::test_config(vec![
+            route("pinned", "/catalog/pinned", vec![pinned]),
+            orders_api,
+        ])
     };
     let gateway = keel_testkit::spawn(GatewayServer::build(config, &shutdown).await.unwrap());
 
     let (status, _, _) = get(&format!("{}/catalog/items/1", gateway.url)).await;
     assert_eq!(status, StatusCode::NOT_FOUND, "not registered yet");
 
-    let port: u16 = catalog.rsplit(':').next().unwrap().parse().unwrap();
-    client
-        .register(&ttl_registration(
-            "catalog",
-            "catalog-1",
-            "127.0.0.1",
-            port,
-            Duration::from_secs(30),
-        ))
-        .await
-        .unwrap();
-    let mut served = None;
-    for _ in 0..60 {
-        let (status, body, _) = get(&format!("{}/catalog/items/1?x=2", gateway.url)).await;
-        if status == StatusCode::OK {
-            served = Some(body);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    for (service, url) in [("catalog", &catalog), ("orders", &orders)] {
+        let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+        client
+            .register(&ttl_registration(
+                service,
+                &format!("{service}-1"),
+                "127.0.0.1",
+                port,
+                Duration::from_secs(30),
+            ))
+            .await
+            .unwrap();
     }
-    let body = served.expect("the registered service becomes reachable");
+    let reached = |path: &'static str| {
+        let url = format!("{}{path}", gateway.url);
+        async move {
+            for _ in 0..60 {
+                let (status, body, _) = get(&url).await;
+                if status == StatusCode::OK {
+                    return body;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("{path} never reached");
+        }
+    };
+    let body = reached("/catalog/items/1?x=2").await;
     assert!(body.starts_with("catalog-1 GET /items/1?x=2"), "{body}");
+    let body = reached("/api/orders/items/1").await;
+    assert!(body.starts_with("orders-1 GET /items/1"), "{body}");
+    let (status, _, _) = get(&format!("{}/orders/items/1", gateway.url)).await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "orders is not discovered");
     let (_, body, _) = get(&format!("{}/catalog/pinned/x", gateway.url)).await;
     assert!(body.starts_with("pinned "), "{body}");
     let (status, _, _) = get(&format!("{}/unknown-service/x", gateway.url)).await;
