@@ -155,7 +155,10 @@ impl Forward {
             .outgoing(parts, body, params, arrival.client, claims)
             .map_err(|problem| *problem)?;
         if let Some(body) = unread {
-            outgoing.replay = Some(self.read_whole(body).await?);
+            // Within the route's time: a client that announced a body and sends it slowly
+            // (or never) holds nothing of the upstream's, and is told it was too slow.
+            let read = tokio::time::timeout_at(deadline.into(), self.read_whole(body)).await;
+            outgoing.replay = Some(read.map_err(|_| self.body_too_slow())??);
         }
 
         // The arrival, in `now_nanos`: the breaker admits and the deadline counts from it.
@@ -644,6 +647,19 @@ impl Forward {
             .with_retry_after(Duration::from_secs(1)),
             Refusal::TimedOut => self.timed_out("waited for a free slot"),
         }
+    }
+
+    fn body_too_slow(&self) -> Problem {
+        Problem::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body-too-slow",
+            "Request body too slow",
+        )
+        .with_detail(format!(
+            "route {:?}: the request's body did not arrive within its {} ms",
+            self.route,
+            self.timeout.as_millis()
+        ))
     }
 
     fn too_large(&self) -> Problem {

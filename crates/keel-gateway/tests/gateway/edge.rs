@@ -359,6 +359,33 @@ async fn slow_clients_are_cut_off() {
 }
 
 #[tokio::test]
+async fn a_body_that_does_not_come_is_cut_at_the_routes_time() {
+    let upstream = Upstream::start("u");
+    let route = keel_gateway::config::GatewayRouteConfig {
+        timeout: Duration::from_millis(300),
+        ..route_to("r", &[&upstream])
+    };
+    let (gateway, _) = start(test_config(vec![route])).await;
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    // A small body announced, then not (all) sent: read whole for retries, within the
+    // route's time, never for ever.
+    for announced in [
+        &b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\nExpect: 100-continue\r\n\r\n"[..],
+        b"POST / HTTP/1.0\r\nContent-Length: 10\r\n\r\nabc",
+    ] {
+        let (answer, waited) = exchange(&addr, announced).await;
+        assert!(answer.contains(" 408 "), "{answer}");
+        assert!(answer.contains("body-too-slow"), "{answer}");
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+    }
+    assert_eq!(upstream.hits(), 0);
+    assert_eq!(
+        reqwest::get(&gateway.url).await.unwrap().status(),
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
 async fn oversized_and_numerous_headers_get_431() {
     let (gateway, upstream) = limited_gateway(ClientLimitsConfig {
         max_header_bytes: 16 * 1024,
