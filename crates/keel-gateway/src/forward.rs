@@ -684,7 +684,11 @@ impl Forward {
     }
 }
 
-/// The protocol a request asks to switch to (`connection: upgrade` with `upgrade: …`).
+/// The protocol a request asks to switch to (`connection: upgrade` with `upgrade: …`),
+/// when it is WebSocket. Any other (`h2c` above all) is not asked of the upstream: a
+/// switched connection is spliced as raw bytes, so an upstream that agreed would take
+/// requests for any path on it, past the gateway's routes and their policy ("h2c
+/// smuggling"). As Envoy's `upgrade_configs`, which know `websocket` alone by default.
 fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
     let asks = headers
         .get_all(header::CONNECTION)
@@ -692,8 +696,12 @@ fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
-    asks.then(|| headers.get(header::UPGRADE).cloned())
-        .flatten()
+    let protocol = headers.get(header::UPGRADE).filter(|_| asks)?;
+    protocol
+        .as_bytes()
+        .trim_ascii()
+        .eq_ignore_ascii_case(b"websocket")
+        .then(|| protocol.clone())
 }
 
 /// Copies bytes both ways between an upgraded client connection and the upstream's until

@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use crate::support::{Upstream, route_to, start_gateway};
+use crate::support::{Upstream, exchange, route_to, start_gateway};
 
 type Frames = BoxBody<Bytes, Infallible>;
 
@@ -320,6 +320,27 @@ async fn a_plain_request_is_never_upgraded_by_accident() {
     // header stops at the gateway and nothing asks the upstream to switch.
     let body = response.text().await.unwrap();
     assert!(!body.contains("upgrade="), "{body}");
+}
+
+#[tokio::test]
+async fn only_websocket_upgrades_are_asked_of_the_upstream() {
+    let upstream = Upstream::start_echoing("u", &["upgrade", "connection", "http2-settings"]);
+    let gateway = start_gateway(vec![route_to("r", &[&upstream])]).await;
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    // h2c (or anything but WebSocket) would be spliced as raw bytes once the upstream
+    // agreed, carrying requests for any path past the routes: asked as a plain request.
+    for protocol in ["h2c", "tls/1.2", "websocket, h2c"] {
+        let request = format!(
+            "GET /x HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings, close\r\n\
+             Upgrade: {protocol}\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"
+        );
+        let (answer, _) = exchange(&addr, request.as_bytes()).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{protocol}: {answer}");
+        assert!(answer.contains("u GET /x "), "{answer}");
+        for passed in ["upgrade=", "connection=", "http2-settings="] {
+            assert!(!answer.contains(passed), "{protocol}: {answer}");
+        }
+    }
 }
 
 /// The headers the gateway puts on every answer (the request id, a limited route's
