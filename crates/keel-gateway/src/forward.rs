@@ -342,6 +342,9 @@ impl Forward {
         if seen.hop_by_hop {
             strip_hop_by_hop(headers);
         }
+        if parts.version == http::Version::HTTP_2 {
+            join_cookie_crumbs(headers);
+        }
         if seen.te_trailers {
             // gRPC needs `te: trailers` end to end; it is the one TE value worth passing.
             headers.insert(header::TE, HeaderValue::from_static("trailers"));
@@ -702,6 +705,26 @@ fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
         .trim_ascii()
         .eq_ignore_ascii_case(b"websocket")
         .then(|| protocol.clone())
+}
+
+/// HTTP/2 clients may split `cookie` into one field per cookie; RFC 9113 §8.2.3 has them
+/// joined with `; ` before the request goes on over HTTP/1.1, where servers read one
+/// `cookie` field (and many take only the first).
+fn join_cookie_crumbs(headers: &mut HeaderMap) {
+    let crumbs = headers.get_all(header::COOKIE);
+    if crumbs.iter().nth(1).is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for crumb in crumbs {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(crumb.as_bytes());
+    }
+    if let Ok(joined) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, joined);
+    }
 }
 
 /// Copies bytes both ways between an upgraded client connection and the upstream's until

@@ -133,7 +133,9 @@ pub(crate) struct ConnectionRate {
 impl ConnectionRate {
     fn new(per_second: u32) -> Option<Self> {
         (per_second > 0).then(|| {
-            let interval = 1_000_000 / u64::from(per_second).max(1);
+            // In microseconds; at least one, so that a rate above a million a second
+            // (no limit, in effect) divides nothing by zero.
+            let interval = (1_000_000 / u64::from(per_second)).max(1);
             Self {
                 interval,
                 tolerance: interval * u64::from(per_second),
@@ -344,5 +346,21 @@ pub(crate) fn redirect_to_https(request: &Request<Body>, port: u16) -> Response 
         Err(_) => Problem::bad_request("the request cannot be redirected to HTTPS")
             .with_source(SOURCE)
             .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_rate_admits_its_burst_and_no_more_whatever_its_size() {
+        let at = Instant::now();
+        let rate = ConnectionRate::new(10).expect("a rate");
+        assert_eq!((0..20).filter(|_| rate.admit(at)).count(), 10);
+        // Above a million a second the interval would round to zero.
+        let rate = ConnectionRate::new(u32::MAX).expect("a rate");
+        assert!((0..1_000).all(|_| rate.admit(at)));
+        assert!(ConnectionRate::new(0).is_none());
     }
 }

@@ -20,7 +20,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{Upstream, exchange, route_to, test_config};
+use crate::support::{Upstream, exchange, h2_client, route_to, test_config};
 
 /// A self-signed certificate for `hosts`, written to files.
 struct CertFiles {
@@ -243,12 +243,7 @@ async fn http2_is_negotiated_by_alpn_and_spoken_with_prior_knowledge() {
 
     // h2c with prior knowledge on the plain port.
     let addr = gateway.url.trim_start_matches("http://").to_owned();
-    let tcp = TcpStream::connect(&addr).await.unwrap();
-    let (mut sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let mut sender = h2_client(&gateway.url).await;
     let response = sender
         .send_request(
             Request::get(format!("http://{addr}/h2c"))
@@ -356,6 +351,27 @@ async fn slow_clients_are_cut_off() {
         reqwest::get(&gateway.url).await.unwrap().status(),
         StatusCode::OK
     );
+}
+
+#[tokio::test]
+async fn cookies_split_over_http2_reach_an_http1_upstream_as_one_field() {
+    let upstream = Upstream::start_echoing("u", &["cookie"]);
+    let (gateway, _) = start(test_config(vec![route_to("r", &[&upstream])])).await;
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    let mut sender = h2_client(&gateway.url).await;
+    let response = sender
+        .send_request(
+            Request::get(format!("http://{addr}/c"))
+                .header("cookie", "a=1")
+                .header("cookie", "b=2")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains(" cookie=a=1; b=2 "), "{body}");
 }
 
 #[tokio::test]

@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
-use crate::support::{Upstream, exchange, route_to, start_gateway};
+use crate::support::{Upstream, exchange, h2_client, route_to, start_gateway};
 
 type Frames = BoxBody<Bytes, Infallible>;
 
@@ -108,19 +108,6 @@ async fn grpc_upstream() -> String {
     format!("http://{addr}")
 }
 
-/// An HTTP/2 (prior knowledge) connection to the gateway.
-async fn h2_client(gateway: &str) -> hyper::client::conn::http2::SendRequest<Frames> {
-    let tcp = TcpStream::connect(gateway.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    let (sender, connection) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-            .await
-            .unwrap();
-    tokio::spawn(connection);
-    sender
-}
-
 fn grpc_request(gateway: &str, method: &str, body: Frames) -> Request<Frames> {
     Request::post(format!("{gateway}/echo.Echo/{method}"))
         .header("content-type", "application/grpc")
@@ -140,7 +127,7 @@ async fn grpc_gateway() -> TestServer {
 #[tokio::test]
 async fn grpc_unary_keeps_its_trailers() {
     let gateway = grpc_gateway().await;
-    let mut client = h2_client(&gateway.url).await;
+    let mut client = h2_client::<Frames>(&gateway.url).await;
     let body = http_body_util::Full::new(grpc_message(b"ping"))
         .map_err(|never| match never {})
         .boxed();
@@ -163,7 +150,7 @@ async fn grpc_unary_keeps_its_trailers() {
 #[tokio::test]
 async fn server_streams_arrive_message_by_message() {
     let gateway = grpc_gateway().await;
-    let mut client = h2_client(&gateway.url).await;
+    let mut client = h2_client::<Frames>(&gateway.url).await;
     let started = Instant::now();
     let response = client
         .send_request(grpc_request(&gateway.url, "Stream", Empty::new().boxed()))
@@ -189,7 +176,7 @@ async fn server_streams_arrive_message_by_message() {
 #[tokio::test]
 async fn bidirectional_streams_flow_both_ways_without_buffering() {
     let gateway = grpc_gateway().await;
-    let mut client = h2_client(&gateway.url).await;
+    let mut client = h2_client::<Frames>(&gateway.url).await;
     let (sender, body) = channel_body();
     let response = client
         .send_request(grpc_request(&gateway.url, "Bidi", body))
@@ -222,7 +209,7 @@ async fn gateway_errors_reach_grpc_clients_as_grpc_statuses() {
     route.upstreams = vec![UpstreamConfig::Url(dead)];
     route.upstream_protocol = UpstreamProtocol::H2c;
     let gateway = start_gateway(vec![route]).await;
-    let mut client = h2_client(&gateway.url).await;
+    let mut client = h2_client::<Frames>(&gateway.url).await;
     for (path, code) in [("/echo.Echo/Unary", "14"), ("/other.Svc/Call", "12")] {
         let request = Request::post(format!("{}{path}", gateway.url))
             .header("content-type", "application/grpc")
@@ -407,7 +394,7 @@ async fn the_gateways_own_answer_headers_replace_the_upstreams() {
         assert_eq!(response.status(), StatusCode::OK);
         check(response.headers(), limited);
 
-        let mut client = h2_client(&gateway.url).await;
+        let mut client = h2_client::<Frames>(&gateway.url).await;
         let request = Request::get(format!("{}{path}", gateway.url))
             .body(Empty::new().map_err(|never| match never {}).boxed())
             .unwrap();

@@ -299,3 +299,23 @@ pub async fn scripted_upstream(answer: fn(&str) -> (Vec<u8>, After)) -> Scripted
         closed,
     }
 }
+
+/// An HTTP/2 (prior knowledge) connection to the gateway at `url`.
+pub async fn h2_client<B>(url: &str) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: http_body::Body + Unpin + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(url.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    sender
+}
