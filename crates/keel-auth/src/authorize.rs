@@ -63,6 +63,8 @@ pub(crate) enum Prompt {
     Login,
     /// `prompt=consent`: ask again even with a stored consent.
     Consent,
+    /// `prompt=login consent`: both.
+    LoginAndConsent,
 }
 
 /// Why a request cannot proceed.
@@ -137,7 +139,15 @@ impl AuthorizationRequest {
         let Some(client_id) = get("client_id") else {
             return Err(page("The request names no client (client_id)."));
         };
-        if repeated.as_deref() == Some("client_id") || repeated.as_deref() == Some("redirect_uri") {
+        // Checked whatever else repeats first: where the browser would be sent is
+        // ambiguous, so the refusal is a page, never a redirect (RFC 6749 §4.1.2.1).
+        let given = |name: &str| {
+            pairs
+                .iter()
+                .filter(|(n, v)| n == name && !v.is_empty())
+                .count()
+        };
+        if given("client_id") > 1 || given("redirect_uri") > 1 {
             return Err(page("The request repeats client_id or redirect_uri."));
         }
         let client = match state.clients.find(&client_id).await {
@@ -278,10 +288,10 @@ impl AuthorizationRequest {
             [] => Prompt::Default,
             ["none"] => Prompt::None,
             values if values.iter().all(|v| matches!(*v, "login" | "consent")) => {
-                if values.contains(&"login") {
-                    Prompt::Login
-                } else {
-                    Prompt::Consent
+                match (values.contains(&"login"), values.contains(&"consent")) {
+                    (true, true) => Prompt::LoginAndConsent,
+                    (true, false) => Prompt::Login,
+                    _ => Prompt::Consent,
                 }
             }
             _ => {
@@ -467,7 +477,7 @@ pub(crate) async fn authorize(
         Err(refusal) => return refusal.into_response(&state.issuer),
     };
     let session = match request.prompt {
-        Prompt::Login => None,
+        Prompt::Login | Prompt::LoginAndConsent => None,
         _ => session_user(&state, &headers).await,
     };
     // max_age (OIDC Core §3.1.2.1): an older sign-in must be repeated.
@@ -514,7 +524,7 @@ async fn continue_signed_in(
         return response;
     }
     let consented = match request.prompt {
-        Prompt::Consent => false,
+        Prompt::Consent | Prompt::LoginAndConsent => false,
         _ => has_consent(state, &user.user_id, &request).await,
     };
     if !consented {
@@ -957,9 +967,11 @@ fn locked_message(seconds: i64) -> String {
 
 /// The request once the user has just signed in: `prompt=login` and `max_age` are met.
 fn request_without_login_prompt(mut request: AuthorizationRequest) -> AuthorizationRequest {
-    if request.prompt == Prompt::Login {
-        request.prompt = Prompt::Default;
-    }
+    request.prompt = match request.prompt {
+        Prompt::Login => Prompt::Default,
+        Prompt::LoginAndConsent => Prompt::Consent,
+        other => other,
+    };
     request.max_age = None;
     request
 }

@@ -168,6 +168,27 @@ async fn prompts_and_max_age_are_honoured() {
         .get(&authorize_query(&[("prompt", "consent")]))
         .await;
     assert!(ask.body.contains("wants access"));
+    // prompt=login consent: both, signing in again and then asked again.
+    let both = authorize_query(&[("prompt", "login consent")]);
+    let sign_in = flow.browser.get(&both).await;
+    assert!(
+        sign_in.body.contains("Sign in to continue"),
+        "{}",
+        sign_in.body
+    );
+    flow.consent_page(&both).await;
+    // A repeated redirect URI is refused on a page, whatever else repeats before it.
+    let ambiguous = format!(
+        "{}&state=st-2&redirect_uri=https%3A%2F%2Fevil.example%2Fcb",
+        authorize_query(&[])
+    );
+    let page = flow.browser.get(&ambiguous).await;
+    assert_eq!(
+        (page.status, page.location.as_deref()),
+        (400, None),
+        "{}",
+        page.body
+    );
     for (name, value) in [
         ("prompt", "none login"),
         ("prompt", "sometimes"),
