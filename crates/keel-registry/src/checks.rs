@@ -3,8 +3,9 @@
 use tokio::net::TcpStream;
 use tokio::task::AbortHandle;
 
+use crate::catalog::CatalogError;
 use crate::model::{CheckKind, Status};
-use crate::registry::WeakRegistry;
+use crate::registry::{RegistryError, WeakRegistry};
 
 /// Starts probing `check_id` every interval until aborted or the registry is dropped.
 pub(crate) fn spawn_probe(
@@ -26,13 +27,19 @@ pub(crate) fn spawn_probe(
             let Some(registry) = registry.upgrade() else {
                 return;
             };
-            if registry
+            match registry
                 .update_check(&check_id, status, Some(output))
                 .await
-                .is_err()
             {
+                Ok(_) => {}
                 // The check is gone (instance deregistered between tick and report).
-                return;
+                Err(RegistryError::Catalog(CatalogError::NotFound(_))) => return,
+                // The shared backend failed this write (etcd electing a leader, a lost
+                // compare-and-swap race): the next tick reports again. Stopping here would
+                // leave the check at its last status, passing for good.
+                Err(error) => {
+                    tracing::warn!(check = %check_id, %error, "a probe's result was not recorded; probing on");
+                }
             }
         }
     })

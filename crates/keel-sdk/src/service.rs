@@ -57,6 +57,9 @@ pub struct ServiceConfig {
     pub database: Option<Secret<String>>,
     /// The registry to register with and discover from; none: neither.
     pub registry: Option<String>,
+    /// The registry's ACL token (its `acl_token`), sent with registrations, heartbeats
+    /// and deregistrations; reads need none. `keel up` passes its own registry's.
+    pub registry_token: Option<Secret<String>>,
     /// Heartbeat interval; the instance's TTL is three of them.
     #[serde(with = "humantime_serde")]
     pub heartbeat: Duration,
@@ -95,6 +98,7 @@ impl Default for ServiceConfig {
             advertise: None,
             database: None,
             registry: None,
+            registry_token: None,
             heartbeat: Duration::from_secs(10),
             bus: BusConfig::InProcess,
             auth: None,
@@ -223,7 +227,7 @@ impl Service {
         };
         let registry = match &config.registry {
             Some(url) => Some(
-                RegistryClient::new(url, None)
+                RegistryClient::new(url, config.registry_token.clone())
                     .map_err(|error| config_error(format!("registry: {error}")))?,
             ),
             None => None,

@@ -135,6 +135,7 @@ pub async fn run(config: KeelConfig, file: Option<&Path>, args: &UpArgs) -> anyh
     // Bind everything before serving anything, so a taken port stops the start cleanly.
     // The registry stops last, after the services have deregistered from it.
     let registry_shutdown = Shutdown::new();
+    let registry_token = config.registry.acl_token.clone();
     let registry = RegistryServer::build(config.registry, &registry_shutdown).await?;
     let routes = config.gateway.routes.len();
     // In front of everything registered, unless the configuration says otherwise.
@@ -152,9 +153,10 @@ pub async fn run(config: KeelConfig, file: Option<&Path>, args: &UpArgs) -> anyh
     // /catalog/… to them), trusting this authorization server, on one in-process bus.
     let bus = keel_sdk::Bus::in_process("keel");
     let shop = |mut service: keel_sdk::ServiceConfig| {
-        service
-            .registry
-            .get_or_insert_with(|| format!("http://{}", registry.local_addr()));
+        if service.registry.is_none() {
+            service.registry = Some(format!("http://{}", registry.local_addr()));
+            service.registry_token.clone_from(&registry_token);
+        }
         service
             .auth
             .get_or_insert_with(|| keel_sdk::service::ServiceAuthConfig {

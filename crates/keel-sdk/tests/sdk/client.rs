@@ -268,7 +268,7 @@ async fn instances_come_and_go_with_the_registry() {
     use keel_registry::client::{DiscoveryView, ttl_registration};
 
     let shutdown = keel_runtime::Shutdown::new();
-    let (_registry, registry_client) = crate::helpers::registry(&shutdown).await;
+    let (_registry, registry_client) = crate::helpers::registry(&shutdown, None).await;
     let view = DiscoveryView::new(registry_client.clone(), &shutdown);
     let client = ServiceClient::new(
         "inventory",

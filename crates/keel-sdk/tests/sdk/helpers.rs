@@ -305,18 +305,21 @@ where
 /// A registry server on port 0 and a client of it.
 pub async fn registry(
     shutdown: &Shutdown,
+    acl_token: Option<&str>,
 ) -> (
     keel_testkit::TestServer,
     keel_registry::client::RegistryClient,
 ) {
+    let acl_token = acl_token.map(|token| keel_runtime::Secret::new(token.to_owned()));
     let config = keel_registry::RegistryConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
+        acl_token: acl_token.clone(),
         ..keel_registry::RegistryConfig::default()
     };
     let server = keel_registry::RegistryServer::build(config, shutdown)
         .await
         .unwrap();
     let registry = keel_testkit::spawn(server);
-    let client = keel_registry::client::RegistryClient::new(&registry.url, None).unwrap();
+    let client = keel_registry::client::RegistryClient::new(&registry.url, acl_token).unwrap();
     (registry, client)
 }

@@ -1,5 +1,6 @@
-//! The bootstrap: two instances of one service side by side, registered, healthy, with
-//! their standard endpoints; deregistered on shutdown; stopped when a worker dies.
+//! The bootstrap: two instances of one service side by side, registered (with the
+//! registry's ACL token), healthy, with their standard endpoints; deregistered on
+//! shutdown; stopped when a worker dies.
 
 use std::time::Duration;
 
@@ -28,11 +29,13 @@ async fn catalog(config: &ServiceConfig, shutdown: &Shutdown) -> RunningService 
 #[tokio::test]
 async fn instances_run_side_by_side_registered_healthy_and_leave_on_shutdown() {
     let registry_shutdown = Shutdown::new();
-    let (_registry, registry_client) = registry(&registry_shutdown).await;
+    // A registry that takes writes with its ACL token only.
+    let (_registry, registry_client) = registry(&registry_shutdown, Some("acl-s3cret")).await;
     let file = TestSqlite::new("keel-sdk-service");
     let config = ServiceConfig {
         database: Some(Secret::new(file.url())),
         registry: Some(registry_client.base_url().to_owned()),
+        registry_token: Some(Secret::new("acl-s3cret".to_owned())),
         heartbeat: Duration::from_secs(1),
         ..ServiceConfig::default()
     };
