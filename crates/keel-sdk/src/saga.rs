@@ -735,6 +735,9 @@ where
         }
         let version = state.version;
         let timed_out = matches!(answer, Answer::TimedOut);
+        // Neither done nor refused: the command may still take effect (it is late, or its
+        // dead letter is replayed), so the step is undone as well as those before it.
+        let maybe_done = timed_out || matches!(&answer, Answer::Reply(reply) if reply.unhandled);
         let (outcome, detail, ok, data) = match answer {
             Answer::Reply(reply) => {
                 let outcome = if reply.ok { "done" } else { "failed" };
@@ -775,9 +778,10 @@ where
                     step.name,
                     detail.unwrap_or_default()
                 ));
-                if timed_out && step.compensation.is_some() {
-                    // Unanswered is not undone: the step may have happened after all, so
-                    // it is compensated too (participants are idempotent). Its
+                if maybe_done && step.compensation.is_some() {
+                    // Unanswered (or dead-lettered) is not undone: the step may happen
+                    // after all, so it is compensated too (participants are idempotent,
+                    // and one that meets the undoing first refuses the command later). Its
                     // compensation is sent but not awaited: the participant that did not
                     // answer may stay away, and the earlier steps' compensations must not
                     // wait for it. The command is durable (outbox, broker), so it takes

@@ -593,7 +593,7 @@ impl ConsumerCore {
             correlation: correlation.clone(),
             event_type: event_type.clone(),
         };
-        let refused = Reply::refused(format!("the command was not handled: {why}"));
+        let refused = Reply::dead_lettered(why);
         let sent = match self.bus.reply_envelope(&reply_to, &refused) {
             Ok(reply) => self.bus.publish_envelope(&reply).await,
             Err(error) => Err(error),

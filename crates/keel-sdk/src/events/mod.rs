@@ -116,6 +116,11 @@ pub struct Reply {
     pub error: Option<String>,
     #[serde(default)]
     pub data: serde_json::Value,
+    /// Not refused by the participant but never handled (failed every attempt, or could
+    /// not be read): dead-lettered, so it may still be done when its dead letter is
+    /// replayed. A saga undoes such a step as it does one that timed out.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub unhandled: bool,
 }
 
 impl Reply {
@@ -125,6 +130,7 @@ impl Reply {
             ok: true,
             error: None,
             data: serde_json::to_value(data).unwrap_or_default(),
+            unhandled: false,
         }
     }
 
@@ -134,6 +140,16 @@ impl Reply {
             ok: false,
             error: Some(reason.to_string()),
             data: serde_json::Value::Null,
+            unhandled: false,
+        }
+    }
+
+    /// Not handled, and dead-lettered (its `unhandled` set): the consumer's answer for
+    /// its participant.
+    pub(crate) fn dead_lettered(reason: impl std::fmt::Display) -> Self {
+        Self {
+            unhandled: true,
+            ..Self::refused(format!("the command was not handled: {reason}"))
         }
     }
 }

@@ -893,13 +893,18 @@ impl Handler<Strict> for Never {
 }
 
 #[tokio::test]
-async fn a_command_its_participant_cannot_read_is_refused_at_once_not_at_the_timeout() {
+async fn a_command_its_participant_cannot_read_is_answered_at_once_and_undone_too() {
     let bus = bus(Transport::InProcess, "orders").await;
     let shutdown = Shutdown::new();
     let participant = TestDb::sqlite().await;
+    let world = World::open();
     let consumer = bus
         .consumer(&unique_name("strict"), &participant.db)
         .on::<Strict, _>(Never)
+        .on::<Void, _>(Participant {
+            bus: bus.clone(),
+            world: world.clone(),
+        })
         .start()
         .await
         .unwrap();
@@ -910,6 +915,10 @@ async fn a_command_its_participant_cannot_read_is_refused_at_once_not_at_the_tim
         Step::new("pay", |order: &Order, _| Loose {
             order: order.id.clone(),
             amount: -order.amount,
+        })
+        .compensate(|order: &Order, _| Void {
+            order: order.id.clone(),
+            amount: order.amount,
         })
         .timeout(Duration::from_secs(60)),
     );
@@ -940,5 +949,14 @@ async fn a_command_its_participant_cannot_read_is_refused_at_once_not_at_the_tim
         "answered: {lines:?}"
     );
     assert!(!lines.contains(&"pay action timed_out".to_owned()));
+    // Dead-lettered, not refused: a replay could still do it, so it is undone too.
+    assert!(
+        lines.contains(&"pay compensation sent".to_owned()),
+        "{lines:?}"
+    );
+    eventually("the payment is voided", WAIT, || async {
+        world.log().contains(&"Void o-10".to_owned())
+    })
+    .await;
     shutdown.trigger();
 }
