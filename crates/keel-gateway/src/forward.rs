@@ -2,7 +2,10 @@
 //! retries on other instances, outlier detection, and the upstream response's way back.
 
 use std::error::Error as _;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -125,6 +128,8 @@ struct Outgoing {
     replay: Option<Bytes>,
     /// Otherwise the streaming body, for the first attempt only.
     stream: Option<Body>,
+    /// Set once the streaming body has been read to its end.
+    streamed: Option<Arc<AtomicBool>>,
     /// The client connection's upgrade (WebSocket and the like), when it asked for one.
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
@@ -409,12 +414,22 @@ impl Forward {
             body,
             usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
         );
+        let mut streamed = None;
         let (replay, stream, unread) = if empty {
             (Some(Bytes::new()), None, None)
         } else if small && self.retry.attempts > 0 {
             (None, None, Some(limited))
         } else {
-            (None, Some(Body::new(limited)), None)
+            let done = Arc::new(AtomicBool::new(false));
+            streamed = Some(Arc::clone(&done));
+            (
+                None,
+                Some(Body::new(Tracked {
+                    body: limited,
+                    done,
+                })),
+                None,
+            )
         };
         let outgoing = Outgoing {
             method: parts.method,
@@ -423,6 +438,7 @@ impl Forward {
             added,
             replay,
             stream,
+            streamed,
             upgrade,
         };
         Ok((outgoing, unread))
@@ -502,6 +518,19 @@ impl Forward {
             Ok(response) => {
                 endpoint.stats.observe_latency(took, ended);
                 Outcome::Answered(response)
+            }
+            // Still sending the client's body: the client is slow, not the instance.
+            Err(UpstreamError::TimedOut)
+                if outgoing
+                    .streamed
+                    .as_ref()
+                    .is_some_and(|done| !done.load(Ordering::Acquire)) =>
+            {
+                let response = self
+                    .body_too_slow()
+                    .with_source(crate::proxy::SOURCE)
+                    .into_response();
+                return Outcome::Answered(response);
             }
             Err(UpstreamError::TimedOut) => {
                 let limit = if per_try {
@@ -705,6 +734,37 @@ fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
         .trim_ascii()
         .eq_ignore_ascii_case(b"websocket")
         .then(|| protocol.clone())
+}
+
+/// A streamed request body that says when it has been read to its end, so that a
+/// timeout while it is still coming is put down to the client.
+struct Tracked {
+    body: Limited<Body>,
+    done: Arc<AtomicBool>,
+}
+
+impl http_body::Body for Tracked {
+    type Data = Bytes;
+    type Error = <Limited<Body> as http_body::Body>::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.body.is_end_stream() {
+            self.done.store(true, Ordering::Release);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// HTTP/2 clients may split `cookie` into one field per cookie; RFC 9113 §8.2.3 has them

@@ -375,7 +375,7 @@ async fn cookies_split_over_http2_reach_an_http1_upstream_as_one_field() {
 }
 
 #[tokio::test]
-async fn a_body_that_does_not_come_is_cut_at_the_routes_time() {
+async fn a_body_that_does_not_come_is_cut_at_the_routes_time_as_the_clients_fault() {
     let upstream = Upstream::start("u");
     let route = keel_gateway::config::GatewayRouteConfig {
         timeout: Duration::from_millis(300),
@@ -395,6 +395,15 @@ async fn a_body_that_does_not_come_is_cut_at_the_routes_time() {
         assert!(waited < Duration::from_secs(5), "{waited:?}");
     }
     assert_eq!(upstream.hits(), 0);
+    // A large body streams on to the upstream; when it stalls, the route's time runs out
+    // while it is still coming: the client's fault (408), not the instance's (504).
+    for _ in 0..3 {
+        let stalled = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n\r\nabc";
+        let (answer, waited) = exchange(&addr, stalled).await;
+        assert!(answer.contains(" 408 "), "{answer}");
+        assert!(answer.contains("body-too-slow"), "{answer}");
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+    }
     assert_eq!(
         reqwest::get(&gateway.url).await.unwrap().status(),
         StatusCode::OK
