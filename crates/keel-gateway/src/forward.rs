@@ -128,8 +128,8 @@ struct Outgoing {
     replay: Option<Bytes>,
     /// Otherwise the streaming body, for the first attempt only.
     stream: Option<Body>,
-    /// Set once the streaming body has been read to its end.
-    streamed: Option<Arc<AtomicBool>>,
+    /// Whether the streaming body's reader is waiting on the client ([`Tracked`]).
+    awaited: Option<Arc<AtomicBool>>,
     /// The client connection's upgrade (WebSocket and the like), when it asked for one.
     upgrade: Option<hyper::upgrade::OnUpgrade>,
 }
@@ -414,19 +414,19 @@ impl Forward {
             body,
             usize::try_from(self.max_body_bytes).unwrap_or(usize::MAX),
         );
-        let mut streamed = None;
+        let mut awaited = None;
         let (replay, stream, unread) = if empty {
             (Some(Bytes::new()), None, None)
         } else if small && self.retry.attempts > 0 {
             (None, None, Some(limited))
         } else {
-            let done = Arc::new(AtomicBool::new(false));
-            streamed = Some(Arc::clone(&done));
+            let waiting = Arc::new(AtomicBool::new(false));
+            awaited = Some(Arc::clone(&waiting));
             (
                 None,
                 Some(Body::new(Tracked {
                     body: limited,
-                    done,
+                    awaited: waiting,
                 })),
                 None,
             )
@@ -438,7 +438,7 @@ impl Forward {
             added,
             replay,
             stream,
-            streamed,
+            awaited,
             upgrade,
         };
         Ok((outgoing, unread))
@@ -519,12 +519,14 @@ impl Forward {
                 endpoint.stats.observe_latency(took, ended);
                 Outcome::Answered(response)
             }
-            // Still sending the client's body: the client is slow, not the instance.
+            // Waiting on the client's body when time ran out: the client is slow, not
+            // the instance (an instance that does not take the body, or cannot be
+            // reached, leaves it unasked, and is the one that timed out).
             Err(UpstreamError::TimedOut)
                 if outgoing
-                    .streamed
+                    .awaited
                     .as_ref()
-                    .is_some_and(|done| !done.load(Ordering::Acquire)) =>
+                    .is_some_and(|waiting| waiting.load(Ordering::Acquire)) =>
             {
                 let response = self
                     .body_too_slow()
@@ -736,11 +738,13 @@ fn requested_upgrade(headers: &HeaderMap) -> Option<HeaderValue> {
         .then(|| protocol.clone())
 }
 
-/// A streamed request body that says when it has been read to its end, so that a
-/// timeout while it is still coming is put down to the client.
+/// A streamed request body that says whether its reader is waiting on the client, so
+/// that a timeout then is put down to the client.
 struct Tracked {
     body: Limited<Body>,
-    done: Arc<AtomicBool>,
+    /// Asked for a frame the client has not sent yet (not: never asked, the last frame
+    /// came when asked, or read to its end).
+    awaited: Arc<AtomicBool>,
 }
 
 impl http_body::Body for Tracked {
@@ -752,9 +756,7 @@ impl http_body::Body for Tracked {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if matches!(polled, Poll::Ready(None)) || self.body.is_end_stream() {
-            self.done.store(true, Ordering::Release);
-        }
+        self.awaited.store(polled.is_pending(), Ordering::Release);
         polled
     }
 

@@ -8,8 +8,11 @@
 //! characters are decoded (RFC 3986 §6.2.2.2) and other escapes' hex digits upper-cased
 //! (§6.2.2.1), dot segments are removed after that (§5.2.4, so `%2e%2e` is one), and runs
 //! of slashes become one. What cannot be made canonical without guessing how the upstream
-//! reads it is refused: an encoded `/` or `\`, a backslash, an encoded control character,
-//! a broken escape. The canonical path is what goes upstream. The query is left alone.
+//! reads it is refused: an encoded `/` or `\`, a backslash, a `;` (path parameters, which
+//! Tomcat and Spring drop from a segment before matching, so `/admin;x/users` is
+//! `/admin/users` and `/x/..;/admin` is `/admin` to them; refused by Spring Security's
+//! firewall too), an encoded control character, a broken escape. The canonical path is
+//! what goes upstream. The query is left alone.
 
 use std::borrow::Cow;
 
@@ -22,6 +25,10 @@ pub enum PathRefused {
     EncodedSeparator,
     #[error("the path has a backslash")]
     Backslash,
+    #[error(
+        "the path has a ';' (path parameters), which upstreams read in different ways (Tomcat drops them: /admin;x is /admin, /..;/ is /../)"
+    )]
+    Semicolon,
     #[error("the path has an encoded control character")]
     Control,
     #[error("the path has a % not followed by two hexadecimal digits")]
@@ -44,6 +51,7 @@ fn needs_work(path: &[u8]) -> Result<bool, PathRefused> {
     for (at, &byte) in path.iter().enumerate() {
         match byte {
             b'\\' => return Err(PathRefused::Backslash),
+            b';' => return Err(PathRefused::Semicolon),
             // An escape is canonical when it must stay one, in upper-case hex.
             b'%' => {
                 let kept = match path.get(at + 1..at + 3) {
@@ -205,6 +213,8 @@ mod tests {
             ("/a%2fb", PathRefused::EncodedSeparator),
             ("/a%5cb", PathRefused::EncodedSeparator),
             ("/a\\b", PathRefused::Backslash),
+            ("/admin;x/users", PathRefused::Semicolon),
+            ("/public/..;/admin", PathRefused::Semicolon),
             ("/a%00b", PathRefused::Control),
             ("/a%0A", PathRefused::Control),
             ("/a%7f", PathRefused::Control),

@@ -296,11 +296,19 @@ fn compile(config: &RouteConfig) -> Result<CompiledRoute, String> {
     })
 }
 
+/// `path` when it starts with `/` and is canonical: requests are matched once their own
+/// paths are made canonical ([`crate::path`]), so a route written otherwise could never
+/// match.
 fn absolute<'a>(field: &str, path: &'a str) -> Result<&'a str, String> {
-    if path.starts_with('/') {
-        Ok(path)
-    } else {
-        Err(format!("{field} {path:?} must start with '/'"))
+    if !path.starts_with('/') {
+        return Err(format!("{field} {path:?} must start with '/'"));
+    }
+    match crate::path::canonical(path) {
+        Ok(std::borrow::Cow::Borrowed(_)) => Ok(path),
+        Ok(std::borrow::Cow::Owned(canonical)) => Err(format!(
+            "{field} {path:?} is matched against canonical paths only: write {canonical:?}"
+        )),
+        Err(refused) => Err(format!("{field} {path:?}: {refused}")),
     }
 }
 
@@ -730,6 +738,28 @@ mod tests {
                     ..Default::default()
                 },
                 "one of",
+            ),
+            // Requests are matched on canonical paths: these could never match.
+            (
+                MatchConfig {
+                    path_prefix: Some("/%61dmin".into()),
+                    ..Default::default()
+                },
+                "write \"/admin\"",
+            ),
+            (
+                MatchConfig {
+                    path: Some("/a//b".into()),
+                    ..Default::default()
+                },
+                "write \"/a/b\"",
+            ),
+            (
+                MatchConfig {
+                    path_template: Some("/a;v=1/{id}".into()),
+                    ..Default::default()
+                },
+                "';'",
             ),
         ];
         for (matches, needle) in cases {

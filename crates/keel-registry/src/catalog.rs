@@ -297,7 +297,10 @@ impl Catalog {
         let mut changes = Changes::default();
         for check_id in ttl_checks {
             let status = status.unwrap_or(Status::Passing);
-            changes.merge(self.update_check(&check_id, status, output.clone(), now)?.1);
+            // The heartbeat's note, or none: as Consul's pass, a heartbeat without one
+            // clears what the check said before ("TTL expired" on a revived check).
+            let output = Some(output.clone().unwrap_or_default());
+            changes.merge(self.update_check(&check_id, status, output, now)?.1);
         }
         let instance = self
             .entry_mut(&service, id)
@@ -843,6 +846,7 @@ mod tests {
             .heartbeat("web-1", None, None, t0 + Duration::from_secs(20))
             .expect("revive");
         assert_eq!(instance.status, Status::Passing);
+        assert_eq!(instance.checks[0].output, "", "no longer says it expired");
         assert!(catalog.service_index("web") > index);
         assert!(!changes.services.is_empty());
     }

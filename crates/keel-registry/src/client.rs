@@ -214,12 +214,15 @@ async fn checked(
 // === impl Registrar ===
 
 /// Keeps one instance registered: registers at start, heartbeats, re-registers when the
-/// registry has forgotten it, and deregisters when the shutdown signal fires.
+/// registry has forgotten it, and deregisters as soon as the shutdown signal fires.
 pub struct Registrar;
 
 impl Registrar {
     /// Starts keeping `registration` registered, heartbeating every `interval` (a third of
-    /// the TTL is customary). Deregistration is added to `shutdown`'s hooks.
+    /// the TTL is customary). When `shutdown` fires the instance is deregistered at once,
+    /// while its servers drain, so that callers stop picking it before it stops
+    /// accepting (a Consul or Eureka client deregisters first too); `shutdown`'s hooks
+    /// wait for that deregistration.
     pub fn spawn(
         client: RegistryClient,
         registration: Registration,
@@ -227,10 +230,8 @@ impl Registrar {
         shutdown: &Shutdown,
     ) -> tokio::task::JoinHandle<()> {
         let stop = shutdown.clone();
-        let service = registration.service.clone();
-        let id = registration.id.clone();
-        let hook_client = client.clone();
-        // Dropped when the heartbeat loop ends.
+        let (service, id) = (registration.service.clone(), registration.id.clone());
+        // Dropped when the deregistration is done (or given up).
         let (ended, loop_ended) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             let _ended = ended;
@@ -241,23 +242,25 @@ impl Registrar {
                 tokio::select! {
                     // Stopping first: never a registration once shutdown has begun.
                     biased;
-                    () = stop.wait() => return,
+                    () = stop.wait() => break,
                     _ = ticker.tick() => {}
                 }
                 registered = keep_registered(&client, &registration, registered).await;
             }
-        });
-        // The heartbeat loop finishes its round (it stops at the next, since shutdown has
-        // begun) before the deregistration: a registration still on its way would
-        // otherwise arrive after it and register the instance again.
-        shutdown.on_shutdown(&format!("deregister {service}/{id}"), async move {
-            let _ = tokio::time::timeout(Duration::from_secs(5), loop_ended).await;
-            match hook_client.deregister(&service, &id).await {
-                Ok(()) => tracing::info!(%service, instance = %id, "deregistered"),
-                Err(error) => {
+            // After the last round, which may have been a registration on its way: it
+            // would otherwise arrive after the deregistration and register it again.
+            let (service, id) = (&registration.service, &registration.id);
+            match tokio::time::timeout(Duration::from_secs(5), client.deregister(service, id)).await
+            {
+                Ok(Ok(())) => tracing::info!(%service, instance = %id, "deregistered"),
+                Ok(Err(error)) => {
                     tracing::warn!(%service, instance = %id, %error, "deregistration failed")
                 }
+                Err(_) => tracing::warn!(%service, instance = %id, "deregistration timed out"),
             }
+        });
+        shutdown.on_shutdown(&format!("deregister {service}/{id}"), async move {
+            let _ = tokio::time::timeout(Duration::from_secs(10), loop_ended).await;
         });
         task
     }

@@ -193,7 +193,7 @@ pub async fn run(config: KeelConfig, file: Option<&Path>, args: &UpArgs) -> anyh
     );
 
     let gateway_what = format!(
-        "API gateway: {routes} configured route(s), then /<service>/… for every registered service"
+        "API gateway: {routes} configured route(s), then /<service>/… for every registered service no configured route reaches"
     );
     if let Some(seeded) = seeded {
         print_seeded(&seeded);

@@ -13,6 +13,8 @@ mod handlers;
 pub mod provider;
 mod store;
 
+use std::time::Duration;
+
 use keel_runtime::Shutdown;
 use keel_sdk::data::unix_seconds;
 use keel_sdk::events::{Bus, BusError};
@@ -443,9 +445,18 @@ pub async fn build(
         service.bus().clone(),
         Provider::new(provider.clone()),
     );
+    // Bounded on its own (the provider answers within 2 s): the hooks after it share
+    // what is left of the deadline.
     shutdown.on_shutdown("payments: authorizations in flight", {
         let payments = payments.clone();
-        async move { payments.settled().await }
+        async move {
+            let settled = tokio::time::timeout(Duration::from_secs(3), payments.settled());
+            if settled.await.is_err() {
+                tracing::warn!(
+                    "authorizations still in flight at shutdown stay claimed until taken over"
+                );
+            }
+        }
     });
     let consumer = handlers::consumer(&payments, service.bus(), service.db()).await?;
     let router = api::router(payments);

@@ -408,6 +408,17 @@ async fn a_body_that_does_not_come_is_cut_at_the_routes_time_as_the_clients_faul
         reqwest::get(&gateway.url).await.unwrap().status(),
         StatusCode::OK
     );
+    // The whole body sent, and the instance slow to answer: the instance's 504.
+    upstream.set(crate::support::Behaviour {
+        delay: Duration::from_secs(2),
+        ..crate::support::Behaviour::default()
+    });
+    let mut whole =
+        b"POST / HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 100000\r\n\r\n"
+            .to_vec();
+    whole.resize(whole.len() + 100_000, b'x');
+    let (answer, _) = exchange(&addr, &whole).await;
+    assert!(answer.starts_with("HTTP/1.1 504"), "{answer}");
 }
 
 #[tokio::test]

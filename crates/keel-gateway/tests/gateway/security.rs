@@ -273,6 +273,8 @@ async fn a_path_reaches_the_route_the_upstream_will_read_it_as() {
         "/a%5Cb",
         "/a%00",
         "/a%g1",
+        "/admin;x/users",
+        "/public/..;/admin/users",
     ] {
         let (answer, _) = exchange(&addr, get(ambiguous, None).as_bytes()).await;
         assert!(answer.starts_with("HTTP/1.1 400"), "{ambiguous}: {answer}");

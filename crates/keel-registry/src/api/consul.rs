@@ -10,12 +10,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, Path, State};
+use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use http::{HeaderMap, HeaderValue};
 use keel_runtime::Problem;
-use keel_runtime::extract::{Json, Query};
+use keel_runtime::extract::{Json, Path, Query};
 use serde::{Deserialize, Serialize};
 
 use super::{ApiError, ApiState, block, flag};
@@ -104,6 +104,16 @@ fn duration(field: &str, text: Option<&str>) -> Result<Option<Duration>, ApiErro
         .transpose()
 }
 
+/// Consul's rules for `DeregisterCriticalServiceAfter`: zero is unset, and anything
+/// shorter than a minute a minute, so that a TTL check, which starts critical, is not
+/// reaped before its first pass.
+fn reaped_after(after: Option<Duration>) -> Option<Duration> {
+    const SHORTEST: Duration = Duration::from_secs(60);
+    after
+        .filter(|after| !after.is_zero())
+        .map(|after| after.max(SHORTEST))
+}
+
 impl ConsulCheck {
     fn into_spec(self) -> Result<CheckSpec, ApiError> {
         let initial_status = match self.status.as_deref() {
@@ -124,10 +134,10 @@ impl ConsulCheck {
             tcp: self.tcp.filter(|v| !v.is_empty()),
             interval: duration("Interval", self.interval.as_deref())?,
             timeout: duration("Timeout", self.timeout.as_deref())?,
-            deregister_after: duration(
+            deregister_after: reaped_after(duration(
                 "DeregisterCriticalServiceAfter",
                 self.deregister_critical_service_after.as_deref(),
-            )?,
+            )?),
             initial_status,
         })
     }
@@ -589,4 +599,24 @@ async fn health_service(
 /// Some clients probe the leader before anything else; Keel always has one.
 async fn status_leader(State(_state): State<ApiState>) -> Response {
     axum::Json("127.0.0.1:8300").into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deregister_critical_after_is_unset_at_zero_and_a_minute_at_least() {
+        let check = |after: &str| {
+            let check: ConsulCheck = serde_json::from_value(serde_json::json!({
+                "TTL": "10s",
+                "DeregisterCriticalServiceAfter": after,
+            }))
+            .unwrap();
+            check.into_spec().ok().unwrap().deregister_after
+        };
+        assert_eq!(check("0s"), None);
+        assert_eq!(check("5s"), Some(Duration::from_secs(60)));
+        assert_eq!(check("90m"), Some(Duration::from_secs(90 * 60)));
+    }
 }

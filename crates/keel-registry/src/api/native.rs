@@ -5,14 +5,14 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use futures_util::Stream;
 use http::{HeaderMap, HeaderValue, StatusCode};
 use keel_runtime::Problem;
-use keel_runtime::extract::{Json, Query};
+use keel_runtime::extract::{Json, Path, Query};
 use serde::Deserialize;
 
 use super::{ApiError, ApiState, block, flag};

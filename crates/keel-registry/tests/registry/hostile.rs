@@ -172,3 +172,22 @@ async fn garbage_on_the_socket_does_not_hurt_the_server() {
     let (status, _, _) = get_json(&format!("{}/health/live", registry.url)).await;
     assert_eq!(status, StatusCode::OK);
 }
+
+#[tokio::test]
+async fn a_path_segment_that_is_not_utf8_is_a_problem_on_every_api() {
+    let registry = spawn_registry().await;
+    let http = reqwest::Client::new();
+    for path in [
+        "/v1/services/%FF",
+        "/v1/agent/service/deregister/%FF",
+        "/eureka/apps/%FF",
+    ] {
+        let request = if path.contains("deregister") {
+            http.put(format!("{}{path}", registry.url))
+        } else {
+            http.get(format!("{}{path}", registry.url))
+        };
+        let response = request.send().await.unwrap();
+        assert_problem(response, StatusCode::BAD_REQUEST).await;
+    }
+}

@@ -102,6 +102,14 @@ async fn instances_run_side_by_side_registered_healthy_and_leave_on_shutdown() {
     );
 
     shutdown.trigger();
+    // Deregistered as the drain begins, not after it: callers stop picking an instance
+    // before it stops accepting.
+    eventually(
+        "deregistered before the hooks run",
+        Duration::from_secs(5),
+        || async { passing().await == 0 },
+    )
+    .await;
     for run in runs {
         run.await.unwrap().unwrap();
     }

@@ -21,14 +21,14 @@ mod status;
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{Path, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, put};
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, StatusCode};
 use keel_runtime::Problem;
-use keel_runtime::extract::Query;
+use keel_runtime::extract::{Path, Query};
 use serde::Deserialize;
 
 use self::codec::{Doc, Format};
