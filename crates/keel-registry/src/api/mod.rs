@@ -123,15 +123,17 @@ impl ApiState {
 }
 
 /// Holds a read until the index passes `index` — `service`'s, or the whole catalog's when
-/// `service` is `None` — or the wait ends, or the server shuts down. Without an index the
-/// read answers at once.
+/// `service` is `None` — or the wait ends, or the server shuts down. Without an index, or
+/// with 0 (a client's first read, or its first after an error), the read answers at once
+/// and takes no watch slot: clients starting up must not be refused while the slots are
+/// held by others' watches.
 pub async fn block(
     state: &ApiState,
     service: Option<&str>,
     index: Option<u64>,
     wait: Option<&str>,
 ) -> Result<(), ApiError> {
-    let Some(index) = index else {
+    let Some(index) = index.filter(|&index| index != 0) else {
         return Ok(());
     };
     let wait = parse_wait(wait)?;

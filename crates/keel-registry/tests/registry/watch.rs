@@ -192,6 +192,9 @@ async fn watches_beyond_the_limit_get_429() {
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert!(headers.contains_key("retry-after"));
     assert!(body["detail"].as_str().unwrap().contains("at most 1"));
+    // A first read (index 0) does not block, so it needs no slot.
+    let (status, _, _) = get_json(&format!("{}/v1/services/orders?index=0", registry.url)).await;
+    assert_eq!(status, StatusCode::OK);
     holder.abort();
 }
 
