@@ -841,20 +841,21 @@ pub(crate) async fn sign_in(
         ));
     }
     let found = state.users.find_for_login(username).await.ok().flatten();
-    if let Some(until) = found
+    if found
         .as_ref()
         .and_then(|(user, _)| user.locked_until)
-        .filter(|until| *until > now)
+        .is_some_and(|until| until > now)
     {
+        // Answered as a wrong password is, after as long (a hash checked), as Keycloak's
+        // brute-force protection does: an answer of its own would tell that the username
+        // exists (an unknown one is never locked). The audit trail says why.
+        let _ = state.hashing.verify(password, None).await;
         let event = failed("account locked");
         state
             .audit
             .record(now, EventKind::LoginFailed, false, event)
             .await;
-        return Err(SignInRefusal::new(
-            StatusCode::FORBIDDEN,
-            &locked_message(until - now),
-        ));
+        return Err(wrong_credentials());
     }
     let matched = state
         .hashing
@@ -903,7 +904,8 @@ pub(crate) async fn sign_in(
             .record(now, EventKind::LoginFailed, false, event)
             .await;
         return Err(match (locked, second_factor_failed) {
-            (Some(until), _) => {
+            // The password was right: telling this user of the lock tells nothing more.
+            (Some(until), true) => {
                 SignInRefusal::new(StatusCode::FORBIDDEN, &locked_message(until - now))
             }
             (None, true) => SignInRefusal {
@@ -911,9 +913,7 @@ pub(crate) async fn sign_in(
                 message: "Wrong or already used code. Enter the current one.".to_owned(),
                 ask_code: true,
             },
-            (None, false) => {
-                SignInRefusal::new(StatusCode::UNAUTHORIZED, "Wrong username or password.")
-            }
+            (_, false) => wrong_credentials(),
         });
     };
     if let Err(error) = state.users.record_success(&user.user_id).await {
@@ -954,6 +954,11 @@ pub(crate) async fn sign_in(
         cookie,
         at: now,
     })
+}
+
+/// A wrong username or password, or a locked account: one answer for all three.
+fn wrong_credentials() -> SignInRefusal {
+    SignInRefusal::new(StatusCode::UNAUTHORIZED, "Wrong username or password.")
 }
 
 /// What a locked account's sign-in page says.
