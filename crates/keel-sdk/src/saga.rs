@@ -277,6 +277,10 @@ pub(crate) const REPLY_SUFFIX: &str = ".reply.v1";
 /// step's timeout.
 const MAX_BACKOFF: i64 = 64;
 
+/// How long an overdue saga (or followed-up compensation) that could not be handled waits
+/// before the sweep tries it again.
+const RETRY_LATER: Duration = Duration::from_secs(5);
+
 /// Runs one saga definition: starts instances, handles their replies, sweeps timeouts.
 pub struct Orchestrator<D> {
     inner: Arc<Inner<D>>,
@@ -532,9 +536,14 @@ where
                         tracing::warn!(saga = %id, %error, "cannot mark the saga failed");
                     }
                 }
-                // Nor must one that fails now hold up the others: it is tried next sweep.
+                // Nor must one that fails now hold up the others: it is tried again later,
+                // behind them (each sweep takes the longest overdue first, so sagas failing
+                // for good would otherwise fill every sweep).
                 Err(error) => {
-                    tracing::warn!(saga = %id, %error, "saga timeout not handled; tried again");
+                    drop(tx);
+                    tracing::warn!(saga = %id, %error, "saga timeout not handled; tried again later");
+                    let later = "UPDATE keel_sagas SET deadline_at = $1 WHERE id = $2 AND deadline_at <= $3";
+                    self.put_off(later, &id, None).await;
                 }
             }
         }
@@ -885,6 +894,20 @@ where
         Ok(Advanced::Moved)
     }
 
+    /// Moves an overdue row that failed to be handled `RETRY_LATER` on (`update` binds the
+    /// new deadline, the saga's id, now, and `step` when given), best effort.
+    async fn put_off(&self, update: &'static str, id: &str, step: Option<i64>) {
+        let now = now_millis();
+        let later = now.saturating_add(i64::try_from(RETRY_LATER.as_millis()).unwrap_or(i64::MAX));
+        let mut query = sqlx::query(update).bind(later).bind(id).bind(now);
+        if let Some(step) = step {
+            query = query.bind(step);
+        }
+        if let Err(error) = query.execute(self.inner.db.pool()).await {
+            tracing::warn!(saga = %id, %error, "an overdue saga could not be put off");
+        }
+    }
+
     /// Sends again the followed-up compensations whose time ran out; returns how many.
     async fn sweep_followups(&self) -> Result<usize, SagaError> {
         let due = sqlx::query(
@@ -904,6 +927,9 @@ where
                 Ok(false) => {}
                 Err(error) => {
                     tracing::warn!(saga = %id, %error, "a followed-up compensation was not sent again");
+                    let later = "UPDATE keel_saga_followups SET deadline_at = $1 \
+                                 WHERE saga_id = $2 AND deadline_at <= $3 AND step = $4";
+                    self.put_off(later, &id, Some(step)).await;
                 }
             }
         }

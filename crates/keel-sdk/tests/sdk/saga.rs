@@ -960,3 +960,52 @@ async fn a_command_its_participant_cannot_read_is_answered_at_once_and_undone_to
     .await;
     shutdown.trigger();
 }
+
+/// Fails, for good, the end of every saga whose order id starts with "bad".
+struct BrokenForSome;
+
+impl OnEnd<Order> for BrokenForSome {
+    async fn ended(&self, _: &mut Tx, ended: Ended<'_, Order>) -> Result<(), HandlerError> {
+        if ended.data.id.starts_with("bad") {
+            return Err(HandlerError::Retry("the order's row is broken".into()));
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn sagas_failing_for_good_do_not_hold_up_the_timeouts_of_the_others() {
+    let bus = bus(Transport::InProcess, "orders").await;
+    let orders = TestDb::sqlite().await;
+    // One step that no one answers, overdue at once.
+    let saga = Saga::new("starved")
+        .step(
+            Step::new("pay", |order: &Order, _| Authorize {
+                order: order.id.clone(),
+                amount: order.amount,
+            })
+            .timeout(Duration::from_millis(1)),
+        )
+        .on_end(BrokenForSome);
+    let orchestrator = Orchestrator::new(&bus, &orders.db, saga).unwrap();
+    // As many sagas as one sweep takes, overdue before the good one, and failing for good.
+    for n in 0..100 {
+        let order = Order {
+            id: format!("bad-{n}"),
+            amount: 1,
+        };
+        start(&orchestrator, &orders.db, &order).await;
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let order = Order {
+        id: "good".into(),
+        amount: 1,
+    };
+    let good = start(&orchestrator, &orders.db, &order).await;
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for _ in 0..2 {
+        orchestrator.sweep_once().await.unwrap();
+    }
+    let instance = orchestrator.instance(&good).await.unwrap().unwrap();
+    assert_eq!(instance.status, SagaStatus::Compensated);
+}
