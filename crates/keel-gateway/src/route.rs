@@ -196,7 +196,10 @@ fn normalise_host(host: &str) -> String {
         }
         _ => host,
     };
-    without_port.to_ascii_lowercase()
+    // A fully qualified name (`api.example.com.`) is the same host (RFC 1034 §3.1), as
+    // Envoy's `strip_trailing_host_dot` takes it.
+    let name = without_port.strip_suffix('.').unwrap_or(without_port);
+    name.to_ascii_lowercase()
 }
 
 fn compile(config: &RouteConfig) -> Result<CompiledRoute, String> {
@@ -602,7 +605,7 @@ mod tests {
     }
 
     #[test]
-    fn hosts_match_exactly_or_by_wildcard_ignoring_case_and_port() {
+    fn hosts_match_exactly_or_by_wildcard_ignoring_case_port_and_a_final_dot() {
         let table = RouteTable::build(&[
             route(
                 "exact",
@@ -627,6 +630,9 @@ mod tests {
             find(&table, &Method::GET, Some(host), "/", &HeaderMap::new()).map(|m| m.route)
         };
         assert_eq!(by_host("API.example.com:8080"), Some("exact"));
+        assert_eq!(by_host("api.example.com."), Some("exact"), "fully qualified");
+        assert_eq!(by_host("api.example.com.:443"), Some("exact"));
+        assert_eq!(by_host("shop.example.com."), Some("wild"));
         assert_eq!(by_host("shop.example.com"), Some("wild"));
         assert_eq!(by_host("a.b.example.com"), Some("wild"));
         assert_eq!(
