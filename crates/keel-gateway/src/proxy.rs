@@ -750,12 +750,15 @@ impl Proxy {
             return unmatched(*problem);
         }
         let preflight = preflight_method(&parts.method, &parts.headers);
+        // The target's authority first: HTTP/2's `:authority`, or an absolute-form target,
+        // which the `Host` field yields to (RFC 9113 §8.3.1, RFC 9112 §3.2.2).
         let host = if self.table.needs_host() {
-            parts
-                .headers
-                .get(http::header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .or_else(|| parts.uri.authority().map(|a| a.as_str()))
+            parts.uri.authority().map(|a| a.as_str()).or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|v| v.to_str().ok())
+            })
         } else {
             None
         };

@@ -630,7 +630,11 @@ mod tests {
             find(&table, &Method::GET, Some(host), "/", &HeaderMap::new()).map(|m| m.route)
         };
         assert_eq!(by_host("API.example.com:8080"), Some("exact"));
-        assert_eq!(by_host("api.example.com."), Some("exact"), "fully qualified");
+        assert_eq!(
+            by_host("api.example.com."),
+            Some("exact"),
+            "fully qualified"
+        );
         assert_eq!(by_host("api.example.com.:443"), Some("exact"));
         assert_eq!(by_host("shop.example.com."), Some("wild"));
         assert_eq!(by_host("shop.example.com"), Some("wild"));

@@ -354,6 +354,39 @@ async fn slow_clients_are_cut_off() {
 }
 
 #[tokio::test]
+async fn the_targets_authority_wins_over_a_host_field_that_differs() {
+    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    let on_host = |name: &str, upstream: &Upstream| keel_gateway::config::GatewayRouteConfig {
+        matches: keel_gateway::route::MatchConfig {
+            host: Some(format!("{name}.test")),
+            ..keel_gateway::route::MatchConfig::default()
+        },
+        ..route_to(name, &[upstream])
+    };
+    let (gateway, _) = start(test_config(vec![on_host("a", &a), on_host("b", &b)])).await;
+    // HTTP/2: `:authority` says a.test, a stray `host` field b.test.
+    let mut sender = h2_client(&gateway.url).await;
+    let response = sender
+        .send_request(
+            Request::get("http://a.test/x")
+                .header("host", "b.test")
+                .body(Body::empty())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-upstream"], "a");
+    // HTTP/1.1 absolute form: the target's authority, not `Host`.
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    let (answer, _) = exchange(
+        &addr,
+        b"GET http://a.test/x HTTP/1.1\r\nHost: b.test\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(answer.contains("x-upstream: a"), "{answer}");
+}
+
+#[tokio::test]
 async fn cookies_split_over_http2_reach_an_http1_upstream_as_one_field() {
     let upstream = Upstream::start_echoing("u", &["cookie"]);
     let (gateway, _) = start(test_config(vec![route_to("r", &[&upstream])])).await;
