@@ -382,10 +382,16 @@ impl Forward {
             headers.remove(X_FORWARDED_HOST);
             headers.remove(X_FORWARDED_PROTO);
         }
-        let forwarded_host = if seen.host {
+        let host_field = if seen.host {
             headers.remove(header::HOST)
         } else {
             None
+        };
+        // The host the client asked for, as routing took it: the target's authority
+        // (HTTP/2's `:authority`, an absolute-form target) before the `Host` field.
+        let forwarded_host = match parts.uri.authority() {
+            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+            None => host_field,
         };
         let proto = if client.secure { "https" } else { "http" };
         let added = Added {

@@ -355,7 +355,10 @@ async fn slow_clients_are_cut_off() {
 
 #[tokio::test]
 async fn the_targets_authority_wins_over_a_host_field_that_differs() {
-    let (a, b) = (Upstream::start("a"), Upstream::start("b"));
+    let (a, b) = (
+        Upstream::start_echoing("a", &["x-forwarded-host"]),
+        Upstream::start("b"),
+    );
     let on_host = |name: &str, upstream: &Upstream| keel_gateway::config::GatewayRouteConfig {
         matches: keel_gateway::route::MatchConfig {
             host: Some(format!("{name}.test")),
@@ -376,6 +379,10 @@ async fn the_targets_authority_wins_over_a_host_field_that_differs() {
         .await
         .unwrap();
     assert_eq!(response.headers()["x-upstream"], "a");
+    // And the upstream is told the host the client asked for.
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let body = String::from_utf8_lossy(&body);
+    assert!(body.contains(" x-forwarded-host=a.test "), "{body}");
     // HTTP/1.1 absolute form: the target's authority, not `Host`.
     let addr = gateway.url.trim_start_matches("http://").to_owned();
     let (answer, _) = exchange(
