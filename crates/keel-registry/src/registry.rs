@@ -373,7 +373,16 @@ impl Registry {
             let watchers = lock(&self.inner.watchers);
             for (service, index) in &changes.services {
                 if let Some(sender) = watchers.get(service) {
-                    sender.send_replace(*index);
+                    // Never back: two writes may be applied in the other order than their
+                    // indexes (the catalog's lock is released before this), and a watcher
+                    // that read the later index must not be held by the earlier one.
+                    sender.send_if_modified(|current| {
+                        let newer = *index > *current;
+                        if newer {
+                            *current = *index;
+                        }
+                        newer
+                    });
                 }
             }
         }
@@ -606,4 +615,26 @@ fn describe_metrics() {
         "keel_registry_watch_latency_seconds",
         "Time from a change to a watcher being answered."
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_services_watch_index_never_steps_back() {
+        let registry = Registry::new(RegistryLimits::default());
+        let mut watcher = registry.subscribe("orders");
+        let changes = |index: u64| Changes {
+            services: [("orders".to_owned(), index)].into(),
+            ..Changes::default()
+        };
+        registry.apply(changes(11));
+        // An earlier write, applied after the later one.
+        registry.apply(changes(10));
+        assert_eq!(*watcher.borrow_and_update(), 11);
+        registry.apply(changes(12));
+        assert!(watcher.has_changed().unwrap());
+        assert_eq!(*watcher.borrow_and_update(), 12);
+    }
 }
