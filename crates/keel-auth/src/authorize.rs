@@ -162,6 +162,7 @@ impl AuthorizationRequest {
             }
         };
         let given = get("redirect_uri");
+        let asks_openid = get("scope").is_some_and(|scope| scope.split(' ').any(|s| s == "openid"));
         let redirect_uri = match (&given, client.redirect_uris.as_slice()) {
             (Some(uri), registered) if registered.iter().any(|r| r == uri) => uri.clone(),
             (Some(_), _) => {
@@ -169,7 +170,9 @@ impl AuthorizationRequest {
                     "The redirect URI is not registered for this application.",
                 ));
             }
-            (None, [only]) => only.clone(),
+            // OAuth lets a client with one registered URI leave it out (RFC 6749
+            // §3.1.2.3); an OpenID Connect request must name it (OIDC Core §3.1.2.1).
+            (None, [only]) if !asks_openid => only.clone(),
             (None, _) => return Err(page("The request must name its redirect URI.")),
         };
         let client_state = get("state");

@@ -187,6 +187,21 @@ async fn prompts_and_max_age_are_honoured() {
         "{}&state=st-2&redirect_uri=https%3A%2F%2Fevil.example%2Fcb",
         authorize_query(&[])
     );
+    // OpenID Connect requests name their redirect URI; plain OAuth ones may leave out
+    // the client's only one.
+    let unnamed = flow
+        .browser
+        .get(&authorize_query(&[("redirect_uri", "")]))
+        .await;
+    assert_eq!((unnamed.status, unnamed.location.as_deref()), (400, None));
+    let plain = flow
+        .browser
+        .get(&authorize_query(&[
+            ("redirect_uri", ""),
+            ("scope", "orders:read"),
+        ]))
+        .await;
+    assert_ne!(plain.status, 400, "{}", plain.body);
     let page = flow.browser.get(&ambiguous).await;
     assert_eq!(
         (page.status, page.location.as_deref()),
