@@ -115,6 +115,14 @@ fn redirect_to(uri: &str, pairs: &[(&str, String)]) -> Response {
     response
 }
 
+/// The non-empty values of parameter `name` (an empty one counts as absent, RFC 6749 §3.1).
+fn values_of<'a>(pairs: &'a [(String, String)], name: &'a str) -> impl Iterator<Item = &'a String> {
+    pairs
+        .iter()
+        .filter(move |(n, v)| n == name && !v.is_empty())
+        .map(|(_, v)| v)
+}
+
 impl AuthorizationRequest {
     /// Parses and checks `query` (an authorization request's query string).
     pub(crate) async fn validate(state: &AppState, query: &str) -> Result<Self, Refusal> {
@@ -130,24 +138,14 @@ impl AuthorizationRequest {
             .filter(|(_, value)| !value.is_empty())
             .find(|(name, _)| !seen.insert(name.as_str()))
             .map(|(name, _)| name.clone());
-        let get = |name: &str| {
-            pairs
-                .iter()
-                .find(|(n, v)| n == name && !v.is_empty())
-                .map(|(_, v)| v.clone())
-        };
+        let get = |name: &str| values_of(&pairs, name).next().cloned();
         let Some(client_id) = get("client_id") else {
             return Err(page("The request names no client (client_id)."));
         };
         // Checked whatever else repeats first: where the browser would be sent is
         // ambiguous, so the refusal is a page, never a redirect (RFC 6749 §4.1.2.1).
-        let given = |name: &str| {
-            pairs
-                .iter()
-                .filter(|(n, v)| n == name && !v.is_empty())
-                .count()
-        };
-        if given("client_id") > 1 || given("redirect_uri") > 1 {
+        let twice = |name: &str| values_of(&pairs, name).nth(1).is_some();
+        if twice("client_id") || twice("redirect_uri") {
             return Err(page("The request repeats client_id or redirect_uri."));
         }
         let client = match state.clients.find(&client_id).await {

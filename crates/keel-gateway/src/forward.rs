@@ -325,17 +325,7 @@ impl Forward {
             (std::borrow::Cow::Borrowed(same), Some(original)) if same == original.path() => {
                 original.clone()
             }
-            (path, _) => {
-                let target = match parts.uri.query() {
-                    Some(query) => format!("{path}?{query}"),
-                    None => path.into_owned(),
-                };
-                target.parse().map_err(|_| {
-                    Box::new(Problem::bad_request(
-                        "the request target cannot be forwarded",
-                    ))
-                })?
-            }
+            (path, _) => crate::path::with_query(&path, parts.uri.query())?,
         };
 
         let headers = &mut parts.headers;

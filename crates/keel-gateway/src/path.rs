@@ -45,6 +45,26 @@ pub fn canonical(path: &str) -> Result<Cow<'_, str>, PathRefused> {
     Ok(Cow::Owned(remove_dot_segments(&decoded)))
 }
 
+/// The request target of `path` with `query`: what a rewritten or canonical path goes
+/// upstream as.
+pub(crate) fn with_query(
+    path: &str,
+    query: Option<&str>,
+) -> Result<http::uri::PathAndQuery, Box<keel_runtime::Problem>> {
+    let target = match query {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_owned(),
+    };
+    http::uri::PathAndQuery::try_from(target).map_err(|_| unforwardable())
+}
+
+/// A request target that cannot be put back together (400).
+pub(crate) fn unforwardable() -> Box<keel_runtime::Problem> {
+    Box::new(keel_runtime::Problem::bad_request(
+        "the request target cannot be forwarded",
+    ))
+}
+
 /// Whether anything in `path` is to be decoded, removed or merged.
 fn needs_work(path: &[u8]) -> Result<bool, PathRefused> {
     let mut work = false;

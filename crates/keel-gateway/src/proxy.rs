@@ -974,23 +974,15 @@ impl Proxy {
 
 /// Makes `uri`'s path canonical ([`crate::path`]), keeping its query.
 fn canonical_target(uri: &mut Uri) -> Result<(), Box<Problem>> {
-    let refused = |why: &str| Box::new(Problem::bad_request(why));
     let path = match crate::path::canonical(uri.path()) {
         Ok(std::borrow::Cow::Borrowed(_)) => return Ok(()),
         Ok(std::borrow::Cow::Owned(path)) => path,
-        Err(why) => return Err(refused(&why.to_string())),
+        Err(why) => return Err(Box::new(Problem::bad_request(why.to_string()))),
     };
-    let target = match uri.query() {
-        Some(query) => format!("{path}?{query}"),
-        None => path,
-    };
+    let target = crate::path::with_query(&path, uri.query())?;
     let mut parts = std::mem::take(uri).into_parts();
-    parts.path_and_query = Some(
-        target
-            .parse()
-            .map_err(|_| refused("the request target cannot be forwarded"))?,
-    );
-    *uri = Uri::from_parts(parts).map_err(|_| refused("the request target cannot be forwarded"))?;
+    parts.path_and_query = Some(target);
+    *uri = Uri::from_parts(parts).map_err(|_| crate::path::unforwardable())?;
     Ok(())
 }
 

@@ -542,8 +542,7 @@ where
                 Err(error) => {
                     drop(tx);
                     tracing::warn!(saga = %id, %error, "saga timeout not handled; tried again later");
-                    let later = "UPDATE keel_sagas SET deadline_at = $1 WHERE id = $2 AND deadline_at <= $3";
-                    self.put_off(later, &id, None).await;
+                    self.put_off(&id, None).await;
                 }
             }
         }
@@ -894,9 +893,16 @@ where
         Ok(Advanced::Moved)
     }
 
-    /// Moves an overdue row that failed to be handled `RETRY_LATER` on (`update` binds the
-    /// new deadline, the saga's id, now, and `step` when given), best effort.
-    async fn put_off(&self, update: &'static str, id: &str, step: Option<i64>) {
+    /// Moves overdue saga `id` (or its followed-up compensation of `step`), which failed
+    /// to be handled, `RETRY_LATER` on; best effort.
+    async fn put_off(&self, id: &str, step: Option<i64>) {
+        let update = match step {
+            None => "UPDATE keel_sagas SET deadline_at = $1 WHERE id = $2 AND deadline_at <= $3",
+            Some(_) => {
+                "UPDATE keel_saga_followups SET deadline_at = $1 \
+                 WHERE saga_id = $2 AND deadline_at <= $3 AND step = $4"
+            }
+        };
         let now = now_millis();
         let later = now.saturating_add(i64::try_from(RETRY_LATER.as_millis()).unwrap_or(i64::MAX));
         let mut query = sqlx::query(update).bind(later).bind(id).bind(now);
@@ -927,9 +933,7 @@ where
                 Ok(false) => {}
                 Err(error) => {
                     tracing::warn!(saga = %id, %error, "a followed-up compensation was not sent again");
-                    let later = "UPDATE keel_saga_followups SET deadline_at = $1 \
-                                 WHERE saga_id = $2 AND deadline_at <= $3 AND step = $4";
-                    self.put_off(later, &id, Some(step)).await;
+                    self.put_off(&id, Some(step)).await;
                 }
             }
         }
