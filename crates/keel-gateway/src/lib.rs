@@ -19,6 +19,7 @@ mod path;
 pub mod proxy;
 pub mod ratelimit;
 pub mod route;
+mod send_timeout;
 pub mod server;
 mod timer;
 pub mod tls;

@@ -1,7 +1,8 @@
 //! The client-facing listeners: accept, (TLS,) HTTP/1.1 or HTTP/2 per connection, and the
 //! limits that keep hostile clients from exhausting the gateway — connection count, header
-//! size and count, slow headers (slowloris), HTTP/2 streams, and a request rate per
-//! connection. Served with hyper directly (no router), since every request is the proxy's.
+//! size and count, slow headers (slowloris), clients that stop reading, HTTP/2 streams,
+//! and a request rate per connection. Served with hyper directly (no router), since every
+//! request is the proxy's.
 
 use std::convert::Infallible;
 use std::io;
@@ -28,6 +29,7 @@ use crate::endpoint::nanos_at;
 use crate::h1_server::{self, Ended};
 use crate::proxy::{Arrival, ClientInfo, SOURCE};
 use crate::ratelimit::gcra;
+use crate::send_timeout::SendTimeout;
 use crate::server::Gateway;
 use crate::tls::Tls;
 
@@ -49,6 +51,11 @@ pub struct ClientLimitsConfig {
     pub header_read_timeout: Duration,
     #[serde(with = "humantime_serde")]
     pub tls_handshake_timeout: Duration,
+    /// How long a write to a client may wait for the client to read (NGINX's
+    /// `send_timeout`): a client that stops reading a response is cut off after it, and
+    /// the upstream connection the response came from is freed.
+    #[serde(with = "humantime_serde")]
+    pub send_timeout: Duration,
     /// Concurrent HTTP/2 streams per connection.
     pub max_concurrent_streams: u32,
     /// Requests per second one connection may send (bursts of the same size); 429 and the
@@ -64,6 +71,7 @@ impl Default for ClientLimitsConfig {
             max_headers: HYPER_MAX_HEADERS,
             header_read_timeout: Duration::from_secs(30),
             tls_handshake_timeout: Duration::from_secs(10),
+            send_timeout: Duration::from_secs(60),
             max_concurrent_streams: 256,
             max_requests_per_second_per_connection: 10_000,
         }
@@ -82,7 +90,10 @@ impl ClientLimitsConfig {
         if self.max_connections == 0 || self.max_headers == 0 {
             return Err("gateway.limits: max_connections and max_headers must be above 0".into());
         }
-        if self.header_read_timeout.is_zero() || self.tls_handshake_timeout.is_zero() {
+        if self.header_read_timeout.is_zero()
+            || self.tls_handshake_timeout.is_zero()
+            || self.send_timeout.is_zero()
+        {
             return Err("gateway.limits: timeouts must be above zero".into());
         }
         Ok(())
@@ -198,6 +209,8 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        // Under TLS, so that it watches the bytes on the wire.
+        let stream = SendTimeout::new(stream, limits.send_timeout);
         let tls = match &mode {
             Mode::Proxy { tls: Some(tls) } => Some(Arc::clone(tls)),
             _ => None,

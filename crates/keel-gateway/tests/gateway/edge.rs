@@ -2,6 +2,7 @@
 //! limits that stand between hostile clients and the gateway.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -10,6 +11,7 @@ use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use keel_gateway::GatewayServer;
+use keel_gateway::config::UpstreamConfig;
 use keel_gateway::listener::ClientLimitsConfig;
 use keel_gateway::tls::{CertificateConfig, TlsConfig};
 use keel_runtime::Shutdown;
@@ -351,6 +353,96 @@ async fn slow_clients_are_cut_off() {
         reqwest::get(&gateway.url).await.unwrap().status(),
         StatusCode::OK
     );
+}
+
+/// Counts, when dropped, a response body its upstream gave up.
+struct GivenUp(Arc<AtomicUsize>);
+
+impl Drop for GivenUp {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// An upstream answering every request with a body that never ends, and the count of such
+/// bodies given up (their connection closed by the gateway).
+async fn endless_upstream() -> (String, Arc<AtomicUsize>) {
+    let given_up = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&given_up);
+    let app = axum::Router::new().fallback(move || {
+        let guard = GivenUp(Arc::clone(&counter));
+        async move {
+            let chunk = axum::body::Bytes::from(vec![b'x'; 64 * 1024]);
+            Body::from_stream(futures_util::stream::repeat_with(move || {
+                let _ = &guard;
+                Ok::<_, std::convert::Infallible>(chunk.clone())
+            }))
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (url, given_up)
+}
+
+/// Waits up to 10 s for `count` to reach `want`.
+async fn reaches(count: &AtomicUsize, want: usize) -> bool {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(10) {
+        if count.load(Ordering::SeqCst) >= want {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_and_its_upstream_freed() {
+    let (url, given_up) = endless_upstream().await;
+    let mut route = route_to("r", &[]);
+    route.upstreams = vec![UpstreamConfig::Url(url)];
+    let mut config = test_config(vec![route]);
+    config.limits.send_timeout = Duration::from_millis(500);
+    let (gateway, _) = start(config).await;
+    let addr = gateway.url.trim_start_matches("http://").to_owned();
+    let request = b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    // A client that keeps reading is served for longer than the timeout, although the
+    // gateway's writes wait on it between its reads (the upstream is far faster).
+    let mut steady = TcpStream::connect(&addr).await.unwrap();
+    steady.write_all(request).await.unwrap();
+    let mut chunk = vec![0; 8 << 20];
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(2) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let read = steady.read(&mut chunk).await.unwrap();
+        assert!(
+            read > 0,
+            "a reading client is cut off after {:?}",
+            started.elapsed()
+        );
+    }
+    assert_eq!(given_up.load(Ordering::SeqCst), 0);
+    drop(steady);
+    assert!(
+        reaches(&given_up, 1).await,
+        "a closed client frees its upstream"
+    );
+
+    // One that stops reading is cut off, and the upstream's response given up.
+    let mut stalled = TcpStream::connect(&addr).await.unwrap();
+    stalled.write_all(request).await.unwrap();
+    assert!(
+        reaches(&given_up, 2).await,
+        "a client that reads nothing holds its upstream"
+    );
+    // What was already on its way still arrives; then the connection ends.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        while stalled.read(&mut chunk).await.is_ok_and(|n| n > 0) {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the stalled connection is still open");
 }
 
 #[tokio::test]
