@@ -7,12 +7,12 @@
 //! §4.1.2.1); every other error goes back to the client's redirect URI with `state` and
 //! `iss` (RFC 9207).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, RawQuery, State};
+use axum::extract::{RawQuery, State};
 use axum::response::{IntoResponse, Redirect, Response};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -27,7 +27,7 @@ use crate::error::ErrorCode;
 use crate::html;
 use crate::rbac::Subject;
 use crate::scope::Scopes;
-use crate::server::AppState;
+use crate::server::{AppState, ClientAddr};
 use crate::token::Params;
 use crate::users::User;
 
@@ -705,7 +705,7 @@ async fn posted_request(
 /// `POST /login`.
 pub(crate) async fn login(
     State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientAddr(peer): ClientAddr,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -719,7 +719,7 @@ pub(crate) async fn login(
     let csrf = form.get("csrf").unwrap_or_default();
     let signed_in = sign_in(
         &state,
-        peer.ip(),
+        peer,
         username,
         password,
         form.get("otp"),

@@ -3,7 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use keel_runtime::{HttpServerConfig, Secret};
+use keel_runtime::{HttpServerConfig, Secret, TrustedProxies};
 use serde::{Deserialize, Serialize};
 
 use crate::keys::SigningAlg;
@@ -49,6 +49,12 @@ pub struct AuthConfig {
     pub key_publish_lead: Duration,
     /// Brute-force protection of the sign-in page.
     pub lockout: LockoutConfig,
+    /// Reverse proxies in front of the server (`["10.0.0.0/8"]`, `["127.0.0.1"]`): from
+    /// them, the client's address is the one their `X-Forwarded-For` names, for the
+    /// per-address sign-in limit and the audit trail. Empty (the default), the connection's
+    /// peer is the client, and the header is ignored: behind a proxy left out of this list,
+    /// every client shares the proxy's address and its sign-in limit.
+    pub trusted_proxies: TrustedProxies,
     /// `aud` of access tokens for clients registered without audiences.
     pub default_audience: String,
     /// Largest accepted request body.
@@ -71,6 +77,7 @@ impl Default for AuthConfig {
             refresh_reuse_grace: Duration::from_secs(10),
             key_publish_lead: Duration::from_secs(15 * 60),
             lockout: LockoutConfig::default(),
+            trusted_proxies: TrustedProxies::default(),
             default_audience: "keel-api".to_owned(),
             max_body_bytes: 64 * 1024,
             http: HttpServerConfig::default(),

@@ -3,13 +3,12 @@
 //! verification page (signing in there), and the device polls the token endpoint until
 //! the grant is approved, denied or expired.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{Query, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde::Deserialize;
@@ -27,7 +26,7 @@ use crate::error::{ErrorCode, OAuthError};
 use crate::html::{self, escape};
 use crate::rbac::Subject;
 use crate::scope::Scopes;
-use crate::server::AppState;
+use crate::server::{AppState, ClientAddr};
 use crate::token::{Params, client_request, granted_scopes, server_error};
 
 /// What the page says of a code that is not pending (unknown, expired, answered).
@@ -74,13 +73,12 @@ fn normalize_user_code(typed: &str) -> String {
 /// `POST /device_authorization` (RFC 8628 §3.1-3.2).
 pub(crate) async fn device_authorization(
     State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientAddr(peer): ClientAddr,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
-        let (client, params) =
-            client_request(&state, &headers, body, &peer.ip().to_string()).await?;
+        let (client, params) = client_request(&state, &headers, body, &peer.to_string()).await?;
         if !client.may_use(GrantType::DeviceCode) {
             return Err(OAuthError::new(
                 ErrorCode::UnauthorizedClient,
@@ -256,7 +254,7 @@ pub(crate) async fn page(
 /// device whose user code the form carries.
 pub(crate) async fn post(
     State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientAddr(peer): ClientAddr,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -287,7 +285,7 @@ pub(crate) async fn post(
             return forbidden();
         }
         let password = form.get("password").unwrap_or_default();
-        return match sign_in(&state, peer.ip(), username, password, form.get("otp"), None).await {
+        return match sign_in(&state, peer, username, password, form.get("otp"), None).await {
             Ok(signed_in) => {
                 let page = approval_page(
                     &state,
@@ -318,7 +316,7 @@ pub(crate) async fn post(
         return forbidden();
     }
     let now = state.clock.now();
-    if state.address_failures.blocked(peer.ip(), now) {
+    if state.address_failures.blocked(peer, now) {
         return html::error_page(
             StatusCode::TOO_MANY_REQUESTS,
             "Too many wrong codes from your network. Try again later.",
@@ -327,7 +325,7 @@ pub(crate) async fn post(
     let approve = form.get("decision") == Some("allow");
     let pending = pending_device(&state, &user_code).await;
     let Some((client, scopes)) = pending else {
-        state.address_failures.record(peer.ip(), now);
+        state.address_failures.record(peer, now);
         return approval_page(&state, session, &user.username, "", Some(INVALID_CODE)).await;
     };
     // The user's roles decide the guarded scopes, as in the code flow.
@@ -367,7 +365,7 @@ pub(crate) async fn post(
     let event = Event {
         subject: Some(&user.user_id),
         client_id: Some(&client.client_id),
-        ip: Some(peer.ip().to_string()),
+        ip: Some(peer.to_string()),
         detail: Some(format!(
             "device {}",
             if approve { "approved" } else { "denied" }

@@ -1,13 +1,12 @@
 //! What the server says about its own tokens: introspection (RFC 7662), revocation
 //! (RFC 7009) and userinfo (OpenID Connect Core §5.3).
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
 use http::{HeaderMap, HeaderValue, StatusCode, header};
 use serde_json::{Value, json};
@@ -17,7 +16,7 @@ use crate::audit::{Event, EventKind};
 use crate::clients::{AuthMethod, Client};
 use crate::crypto::sha256;
 use crate::error::OAuthError;
-use crate::server::AppState;
+use crate::server::{AppState, ClientAddr};
 use crate::token::{client_request, end_grant, server_error};
 use crate::users::User;
 
@@ -192,13 +191,12 @@ fn may_introspect(caller: &Client, live: &Live) -> bool {
 /// that is not live, or not known, is exactly `{"active": false}`.
 pub(crate) async fn introspect(
     State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientAddr(peer): ClientAddr,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let result = async {
-        let (client, params) =
-            client_request(&state, &headers, body, &peer.ip().to_string()).await?;
+        let (client, params) = client_request(&state, &headers, body, &peer.to_string()).await?;
         if client.auth_method == AuthMethod::None {
             return Err(OAuthError::invalid_client(
                 "public clients may not introspect",
@@ -251,11 +249,11 @@ pub(crate) async fn introspect(
 /// changes.
 pub(crate) async fn revoke(
     State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientAddr(peer): ClientAddr,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let ip = peer.ip().to_string();
+    let ip = peer.to_string();
     let result = async {
         let (client, params) = client_request(&state, &headers, body, &ip).await?;
         let token = params.require("token")?;

@@ -1,13 +1,14 @@
 //! The authorization server: startup contract, shared state, routes.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts};
 use axum::routing::{get, post};
+use http::request::Parts;
 use keel_runtime::http::{BindError, bind_listener};
 use keel_runtime::{Health, HttpServer, Server, Shutdown};
 use serde_json::json;
@@ -85,6 +86,27 @@ pub(crate) struct AppState {
     pub(crate) audit: Audit,
     pub(crate) clock: Clock,
     pub(crate) address_failures: AddressFailures,
+}
+
+/// The address a request came from, for the sign-in limits and the audit trail: the
+/// connection's peer, or, from one of `auth.trusted_proxies`, the client they forwarded.
+pub(crate) struct ClientAddr(pub(crate) IpAddr);
+
+impl FromRequestParts<Arc<AppState>> for ClientAddr {
+    type Rejection = <ConnectInfo<SocketAddr> as FromRequestParts<Arc<AppState>>>::Rejection;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<AppState>,
+    ) -> Result<Self, Self::Rejection> {
+        let ConnectInfo(peer) = ConnectInfo::<SocketAddr>::from_request_parts(parts, state).await?;
+        Ok(Self(
+            state
+                .config
+                .trusted_proxies
+                .client(peer.ip(), &parts.headers),
+        ))
+    }
 }
 
 /// An access token as issued.

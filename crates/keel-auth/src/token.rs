@@ -2,13 +2,12 @@
 //! grants.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::State;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, State};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -24,7 +23,7 @@ use crate::device;
 use crate::error::{ErrorCode, OAuthError};
 use crate::rbac::Subject;
 use crate::scope::Scopes;
-use crate::server::{AppState, IdTokenClaims};
+use crate::server::{AppState, ClientAddr, IdTokenClaims};
 use sqlx::Row;
 
 /// A token request's parameters. RFC 6749 §3.2: form-encoded, each parameter at most
@@ -285,7 +284,7 @@ pub(crate) async fn client_request(
 /// `POST /token`.
 pub(crate) async fn token(
     State(state): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ClientAddr(peer): ClientAddr,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -293,7 +292,7 @@ pub(crate) async fn token(
         return OAuthError::invalid_request("the body is too large or could not be read")
             .into_response();
     };
-    match handle(&state, &headers, &body, &peer.ip().to_string()).await {
+    match handle(&state, &headers, &body, &peer.to_string()).await {
         Ok(body) => {
             let mut response = Json(body).into_response();
             let headers = response.headers_mut();

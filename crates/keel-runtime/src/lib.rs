@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod extract;
+pub mod forwarded;
 pub mod health;
 pub mod http;
 pub mod metrics;
@@ -18,6 +19,7 @@ pub mod telemetry;
 pub mod trace_context;
 
 pub use config::{ConfigError, Secret};
+pub use forwarded::TrustedProxies;
 pub use health::Health;
 pub use http::{HttpServer, HttpServerConfig};
 pub use problem::Problem;

@@ -8,6 +8,8 @@ pub struct Browser {
     http: reqwest::Client,
     base: String,
     pub cookies: HashMap<String, String>,
+    /// Sent as `X-Forwarded-For`, as a proxy in front of the server would.
+    pub forwarded_for: Option<String>,
 }
 
 /// A page or redirect the browser got.
@@ -59,6 +61,7 @@ impl Browser {
                 .unwrap(),
             base: base.to_owned(),
             cookies: HashMap::new(),
+            forwarded_for: None,
         }
     }
 
@@ -87,11 +90,18 @@ impl Browser {
         }
     }
 
+    /// `request` with the cookies and `X-Forwarded-For`, if any.
+    fn with_headers(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        let request = request.header("cookie", self.cookie_header());
+        match &self.forwarded_for {
+            Some(address) => request.header("x-forwarded-for", address),
+            None => request,
+        }
+    }
+
     pub async fn get(&mut self, path_and_query: &str) -> Page {
         let response = self
-            .http
-            .get(format!("{}{path_and_query}", self.base))
-            .header("cookie", self.cookie_header())
+            .with_headers(self.http.get(format!("{}{path_and_query}", self.base)))
             .send()
             .await
             .unwrap();
@@ -100,9 +110,7 @@ impl Browser {
 
     pub async fn post(&mut self, path: &str, form: &[(&str, &str)]) -> Page {
         let response = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .header("cookie", self.cookie_header())
+            .with_headers(self.http.post(format!("{}{path}", self.base)))
             .form(form)
             .send()
             .await

@@ -56,30 +56,62 @@ async fn repeated_wrong_passwords_lock_the_account_for_a_growing_while() {
     }
 }
 
+/// One address failing on many accounts is slowed down; behind a trusted proxy, the address
+/// is the client's.
 #[tokio::test]
 async fn one_address_failing_on_many_accounts_is_slowed_down() {
-    let store = sqlite();
-    let app = spawn_with(&store, |c| c.lockout.per_address = 3).await;
-    let mut browser = Browser::new(&app.server.url);
-    app.admin
-        .create_client(new_client(
-            "spa",
-            AuthMethod::None,
-            &[REDIRECT],
-            &[GrantType::AuthorizationCode],
-            "openid",
-        ))
-        .await
-        .unwrap();
-    let login = browser.get(&authorize_query(&[("scope", "openid")])).await;
-    let (csrf, request) = (login.field("csrf"), login.field("request"));
-    for user in ["u1", "u2", "u3"] {
-        let page = log_in(&mut browser, user, "wrong password", &csrf, &request).await;
-        assert_eq!(page.status, 401);
+    for trusted in [false, true] {
+        let store = sqlite();
+        let app = spawn_with(&store, |c| {
+            c.lockout.per_address = 3;
+            if trusted {
+                c.trusted_proxies = serde_json::from_str(r#"["127.0.0.1"]"#).unwrap();
+            }
+        })
+        .await;
+        let mut browser = Browser::new(&app.server.url);
+        app.admin
+            .create_client(new_client(
+                "spa",
+                AuthMethod::None,
+                &[REDIRECT],
+                &[GrantType::AuthorizationCode],
+                "openid",
+            ))
+            .await
+            .unwrap();
+        let login = browser.get(&authorize_query(&[("scope", "openid")])).await;
+        let (csrf, request) = (login.field("csrf"), login.field("request"));
+        browser.forwarded_for = Some("203.0.113.1".into());
+        for user in ["u1", "u2", "u3"] {
+            let page = log_in(&mut browser, user, "wrong password", &csrf, &request).await;
+            assert_eq!(page.status, 401);
+        }
+        let page = log_in(&mut browser, "u4", "wrong password", &csrf, &request).await;
+        assert_eq!(page.status, 429);
+        assert!(page.body.contains("Too many failed sign-ins"));
+        // Another client behind the proxy still signs in; without the proxy trusted, a
+        // client cannot get a fresh count by writing another address in the header.
+        browser.forwarded_for = Some("203.0.113.2".into());
+        let page = log_in(&mut browser, "u5", "wrong password", &csrf, &request).await;
+        assert_eq!(
+            page.status,
+            if trusted { 401 } else { 429 },
+            "trusted: {trusted}"
+        );
+        let failures = app.admin.audit_events(50).await.unwrap();
+        let addresses: std::collections::BTreeSet<_> = failures
+            .iter()
+            .filter(|e| e.kind == "login_failed")
+            .filter_map(|e| e.ip.as_deref())
+            .collect();
+        let expected: &[&str] = if trusted {
+            &["203.0.113.1", "203.0.113.2"]
+        } else {
+            &["127.0.0.1"]
+        };
+        assert_eq!(addresses.into_iter().collect::<Vec<_>>(), expected);
     }
-    let page = log_in(&mut browser, "u4", "wrong password", &csrf, &request).await;
-    assert_eq!(page.status, 429);
-    assert!(page.body.contains("Too many failed sign-ins"));
 }
 
 #[tokio::test]
