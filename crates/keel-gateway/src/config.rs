@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use keel_runtime::{HttpServerConfig, Secret};
+use keel_runtime::{HttpServerConfig, Secret, TrustedProxies};
 use serde::{Deserialize, Serialize};
 
 use keel_jwt::VerifierConfig;
@@ -56,6 +56,12 @@ pub struct GatewayConfig {
     pub tls: Option<TlsConfig>,
     /// What one client may take: connections, header sizes, slow clients, request rate.
     pub limits: ClientLimitsConfig,
+    /// Reverse proxies (load balancers) in front of the gateway, as addresses or networks
+    /// (`["10.0.0.0/8"]`): from them, the client's address — for rate limits keyed by
+    /// `client_ip` and hashing by `client_ip` — is the one their `X-Forwarded-For` names,
+    /// read from the right past trusted hops (NGINX's `set_real_ip_from` with
+    /// `real_ip_recursive`). Empty: the connection's peer is the client.
+    pub trusted_proxies: TrustedProxies,
     pub access_log: AccessLogConfig,
     pub routes: Vec<GatewayRouteConfig>,
     pub http: HttpServerConfig,
@@ -75,6 +81,7 @@ impl Default for GatewayConfig {
             rate_limit: RateLimitBackendConfig::default(),
             tls: None,
             limits: ClientLimitsConfig::default(),
+            trusted_proxies: TrustedProxies::default(),
             access_log: AccessLogConfig::default(),
             routes: Vec::new(),
             http: HttpServerConfig::default(),

@@ -154,7 +154,7 @@ impl Forward {
         claims: Option<Arc<ClaimHeaders>>,
     ) -> Result<(Response, Attempts), Problem> {
         let started = arrival.received;
-        let peer = Some(arrival.client.peer);
+        let client_ip = arrival.client.address(&parts.headers);
         let deadline = started + self.timeout;
         let (mut outgoing, unread) = self
             .outgoing(parts, body, params, arrival.client, claims)
@@ -191,7 +191,7 @@ impl Forward {
             BalanceConfig::Hash(key) => key.hash(
                 &outgoing.headers,
                 |name| outgoing.added.get(name),
-                peer.map(|p| p.ip()),
+                Some(client_ip),
             ),
             _ => None,
         };

@@ -191,6 +191,7 @@ pub async fn serve(
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let limits = Arc::new(limits);
+    let proxies = Arc::new(gateway.trusted_proxies().clone());
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -219,7 +220,7 @@ pub async fn serve(
             gateway: Arc::clone(&gateway),
             mode: mode.clone(),
             rate: ConnectionRate::new(limits.max_requests_per_second_per_connection),
-            client: ClientInfo::new(peer, tls.is_some()),
+            client: ClientInfo::new(peer, tls.is_some(), &proxies),
             limits: Arc::clone(&limits),
             shutdown: shutdown.clone(),
         });

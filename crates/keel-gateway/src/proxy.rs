@@ -9,13 +9,14 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::Request;
 use axum::response::{IntoResponse, Response};
+use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
 use http::{StatusCode, Uri};
 use hyper_util::client::legacy::Client;
@@ -24,8 +25,8 @@ use hyper_util::rt::TokioExecutor;
 use keel_jwt::Verifier;
 use keel_registry::client::DiscoveryView;
 use keel_registry::model::{Instance, validate_service_name};
-use keel_runtime::Problem;
 use keel_runtime::http::REQUEST_ID;
+use keel_runtime::{Problem, TrustedProxies};
 use serde::Serialize;
 
 use crate::auth::{Requirement, RouteAuthConfig};
@@ -53,16 +54,39 @@ pub struct ClientInfo {
     /// The peer's IP address as a header value (`x-forwarded-for`), formatted once per
     /// connection.
     pub ip_header: HeaderValue,
+    /// The trusted proxies, when the peer is one of them: the client is then the address
+    /// they forwarded for, read from each request.
+    proxies: Option<Arc<TrustedProxies>>,
 }
 
 impl ClientInfo {
-    pub fn new(peer: SocketAddr, secure: bool) -> Self {
+    pub fn new(peer: SocketAddr, secure: bool, proxies: &Arc<TrustedProxies>) -> Self {
         let ip_header = HeaderValue::from_str(&peer.ip().to_string())
             .unwrap_or_else(|_| HeaderValue::from_static("unknown"));
         Self {
             peer,
             secure,
             ip_header,
+            proxies: proxies.trusts(peer.ip()).then(|| Arc::clone(proxies)),
+        }
+    }
+
+    /// The client's address: the peer's, or behind a trusted proxy the one it forwarded
+    /// for.
+    pub(crate) fn address(&self, headers: &HeaderMap) -> IpAddr {
+        match &self.proxies {
+            None => self.peer.ip(),
+            Some(proxies) => proxies.client(self.peer.ip(), headers),
+        }
+    }
+
+    /// [`address`](Self::address) as text: without a proxy, the one formatted for the
+    /// connection.
+    pub(crate) fn address_value(&self, headers: &HeaderMap) -> HeaderValue {
+        match &self.proxies {
+            None => self.ip_header.clone(),
+            Some(_) => HeaderValue::from_str(&self.address(headers).to_string())
+                .unwrap_or_else(|_| self.ip_header.clone()),
         }
     }
 }
@@ -897,10 +921,12 @@ impl Proxy {
         };
         let decision = match &entry.policy.rate_limit {
             Some(limit) => {
-                let client_ip = arrival.client.ip_header.to_str().ok();
-                let key = limit
-                    .config
-                    .key_of(&parts.headers, authorized.as_ref(), client_ip);
+                let client_ip = arrival.client.address_value(&parts.headers);
+                let key = limit.config.key_of(
+                    &parts.headers,
+                    authorized.as_ref(),
+                    client_ip.to_str().ok(),
+                );
                 match self
                     .rate_limit(route, limit, &key, arrival.received)
                     .await?

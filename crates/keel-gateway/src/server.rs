@@ -17,7 +17,7 @@ use axum::body::Body;
 use axum::response::Response;
 use http::HeaderValue;
 use keel_runtime::http::{BindError, bind_listener};
-use keel_runtime::{Health, HttpServer, Server, Shutdown};
+use keel_runtime::{Health, HttpServer, Server, Shutdown, TrustedProxies};
 use opentelemetry::trace::TraceContextExt;
 use serde::Serialize;
 use tokio::net::TcpListener;
@@ -98,6 +98,11 @@ pub enum ChangeError {
 }
 
 impl Gateway {
+    /// The reverse proxies whose `X-Forwarded-For` names the client.
+    pub(crate) fn trusted_proxies(&self) -> &TrustedProxies {
+        &self.running.trusted_proxies
+    }
+
     /// Serves one client request: request id, span, the current generation, metrics,
     /// access log. The headers the gateway puts on every answer come beside it: a server
     /// writes them or inserts them ([`Stamp`]).
@@ -115,7 +120,7 @@ impl Gateway {
         let logged = self.access_log.as_ref().map(|_| {
             (
                 request.uri().path_and_query().cloned(),
-                arrival.client.ip_header.clone(),
+                arrival.client.address_value(request.headers()),
             )
         });
         // A span per request only when spans leave the process; otherwise the client's
@@ -253,6 +258,10 @@ impl Gateway {
             ("rate_limit", running.rate_limit != config.rate_limit),
             ("tls", running.tls != config.tls),
             ("limits", running.limits != config.limits),
+            (
+                "trusted_proxies",
+                running.trusted_proxies != config.trusted_proxies,
+            ),
             ("access_log", running.access_log != config.access_log),
             ("http", running.http != config.http),
         ]

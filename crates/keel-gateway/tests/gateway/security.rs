@@ -860,6 +860,43 @@ async fn each_api_key_has_its_own_bucket() {
 }
 
 #[tokio::test]
+async fn behind_a_trusted_proxy_each_client_ip_has_its_own_bucket() {
+    for trusted in [false, true] {
+        let upstream = Upstream::start("u");
+        let route = limited(route_to("r", &[&upstream]), RateKey::ClientIp, 2, 0.01);
+        let mut config = test_config(vec![route]);
+        if trusted {
+            config.trusted_proxies =
+                keel_runtime::TrustedProxies::try_from(vec!["127.0.0.0/8".to_owned()]).unwrap();
+        }
+        let running = start(config).await;
+        let client = reqwest::Client::new();
+        let statuses = |forwarded_for: &'static str| {
+            let (client, url) = (client.clone(), running.proxy.url.clone());
+            async move {
+                let mut statuses = Vec::new();
+                for _ in 0..3 {
+                    let request = client.get(&url).header("x-forwarded-for", forwarded_for);
+                    statuses.push(request.send().await.unwrap().status().as_u16());
+                }
+                statuses
+            }
+        };
+        assert_eq!(statuses("203.0.113.1").await, [200, 200, 429]);
+        if trusted {
+            // Each client behind the proxy counts on its own...
+            assert_eq!(statuses("203.0.113.2").await, [200, 200, 429]);
+            // ...and what a client writes before the address the proxy vouches for is
+            // not believed.
+            assert_eq!(statuses("198.51.100.9, 203.0.113.1").await, [429, 429, 429]);
+        } else {
+            // Not trusted, the header is the client's own word: one bucket, the peer's.
+            assert_eq!(statuses("203.0.113.2").await, [429, 429, 429]);
+        }
+    }
+}
+
+#[tokio::test]
 async fn each_subject_has_its_own_bucket() {
     let issuer = TestIssuer::start().await;
     let upstream = Upstream::start("u");
