@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
-mod sync;
+pub(crate) mod sync;
 
 use crate::model::{
     CheckKind, CheckState, Instance, Registration, ServiceInstances, ServiceList, ServiceSummary,

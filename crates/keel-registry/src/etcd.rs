@@ -225,29 +225,68 @@ impl EtcdStore {
 
     /// Deletes an instance and its TTL keys.
     pub(crate) async fn delete(&self, id: &str) -> Result<(), RegistryError> {
-        let checks: Vec<String> = {
+        let ops = {
             let mirror = self.mirror();
             let (record, _) = mirror
                 .records
                 .get(id)
                 .ok_or_else(|| CatalogError::NotFound(format!("no instance {id:?}")))?;
-            record.checks.iter().map(|check| check.id.clone()).collect()
+            self.delete_ops(record)
         };
-        let mut ops = vec![TxnOp::delete(self.key(&format!("instances/{id}")), None)];
-        ops.extend(
-            checks
-                .iter()
-                .map(|check| TxnOp::delete(self.key(&format!("ttl/{check}")), None)),
-        );
-        let response = self
-            .client
-            .kv_client()
-            .txn(Txn::new().and_then(ops))
+        self.run_delete(Txn::new().and_then(ops)).await?;
+        Ok(())
+    }
+
+    /// Deletes an instance the sweep found overdue, unless it changed since this replica
+    /// saw it: a write to its record (an active check's status), or a TTL key that was gone
+    /// and is back (a heartbeat through another replica revived the check). Whether it was
+    /// deleted; when not, the next sweep judges it again.
+    pub(crate) async fn evict(&self, id: &str) -> Result<bool, RegistryError> {
+        let (compares, ops) = {
+            let mirror = self.mirror();
+            let Some((record, revision)) = mirror.records.get(id) else {
+                return Ok(false);
+            };
+            let mut compares = vec![Compare::mod_revision(
+                self.key(&format!("instances/{id}")),
+                CompareOp::Equal,
+                *revision,
+            )];
+            compares.extend(
+                Catalog::ttl_checks(record)
+                    .into_iter()
+                    .filter(|(check, _)| !mirror.ttl.contains_key(check))
+                    .map(|(check, _)| {
+                        Compare::version(self.key(&format!("ttl/{check}")), CompareOp::Equal, 0)
+                    }),
+            );
+            (compares, self.delete_ops(record))
+        };
+        self.run_delete(Txn::new().when(compares).and_then(ops))
             .await
-            .map_err(etcd_error)?;
+    }
+
+    /// The deletes of an instance's record and its TTL keys.
+    fn delete_ops(&self, record: &Instance) -> Vec<TxnOp> {
+        let mut ops = vec![TxnOp::delete(
+            self.key(&format!("instances/{}", record.id)),
+            None,
+        )];
+        ops.extend(
+            record
+                .checks
+                .iter()
+                .map(|check| TxnOp::delete(self.key(&format!("ttl/{}", check.id)), None)),
+        );
+        ops
+    }
+
+    /// Runs a deleting transaction and waits to see it; whether its comparisons held.
+    async fn run_delete(&self, txn: Txn) -> Result<bool, RegistryError> {
+        let response = self.client.kv_client().txn(txn).await.map_err(etcd_error)?;
         self.wait_applied(response.header().map_or(0, |h| h.revision()))
             .await;
-        Ok(())
+        Ok(response.succeeded())
     }
 
     /// Renews the TTL key of `check_id`: keeps its lease alive, or attaches the key to a
@@ -612,6 +651,71 @@ fn rendezvous(replica: &str, check_id: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use etcd_client::DeleteOptions;
+
+    use crate::catalog::sync::tests::computed;
+
+    /// Stores `instance`'s record as a replica would; its revision.
+    async fn put_instance(store: &EtcdStore, instance: &Instance) -> i64 {
+        let record = serde_json::to_vec(instance).unwrap();
+        let key = store.key(&format!("instances/{}", instance.id));
+        let put = store
+            .client
+            .kv_client()
+            .put(key, record, None)
+            .await
+            .unwrap();
+        put.header().unwrap().revision()
+    }
+
+    #[tokio::test]
+    async fn an_eviction_leaves_an_instance_revived_since_the_sweep_looked() {
+        if !keel_testkit::require(keel_testkit::Service::Etcd) {
+            return;
+        }
+        let config = EtcdConfig {
+            prefix: format!("/{}", keel_testkit::unique_name("keel-test-evict")),
+            ..EtcdConfig::default()
+        };
+        // No watch runs: the mirror holds what the test puts in it, as a replica's
+        // would between another replica's write and its event.
+        let store = EtcdStore::connect(&config).await.unwrap();
+        store.applied.send_replace(u64::MAX);
+        let instance = computed("web-1");
+        let check = instance.checks[0].id.clone();
+        let mut kv = store.client.kv_client();
+        let revision = put_instance(&store, &instance).await;
+        // Seen with its TTL key gone: overdue, once its deadline passed.
+        store.mirror().put_record(instance, revision);
+        // Meanwhile a heartbeat through another replica brought the key back.
+        kv.put(store.key(&format!("ttl/{check}")), "", None)
+            .await
+            .unwrap();
+        assert!(!store.evict("web-1").await.unwrap());
+        let stored = kv.get(store.key("instances/web-1"), None).await.unwrap();
+        assert_eq!(stored.kvs().len(), 1, "the revived instance is kept");
+
+        // Expired again (as seen): evicted, with its TTL key.
+        kv.delete(store.key(&format!("ttl/{check}")), None)
+            .await
+            .unwrap();
+        assert!(store.evict("web-1").await.unwrap());
+        let left = kv
+            .get(store.key(""), Some(GetOptions::new().with_prefix()))
+            .await
+            .unwrap();
+        assert!(left.kvs().is_empty(), "{:?}", left.kvs());
+
+        // A record changed since it was seen is not deleted either.
+        let instance = computed("web-2");
+        let revision = put_instance(&store, &instance).await;
+        store.mirror().put_record(instance.clone(), revision);
+        put_instance(&store, &instance).await;
+        assert!(!store.evict("web-2").await.unwrap());
+        kv.delete(store.key(""), Some(DeleteOptions::new().with_prefix()))
+            .await
+            .unwrap();
+    }
 
     #[test]
     fn rendezvous_spreads_checks_and_moves_only_the_dead_replicas_share() {

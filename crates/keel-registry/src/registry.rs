@@ -208,6 +208,16 @@ impl Registry {
         Ok(())
     }
 
+    /// Removes an instance the sweep found overdue; false when a shared backend found it
+    /// changed since (revived through another replica).
+    async fn evict(&self, id: &str) -> Result<bool, RegistryError> {
+        match &self.inner.backend {
+            Backend::Memory => self.deregister(id).await.map(|()| true),
+            #[cfg(feature = "etcd")]
+            Backend::Etcd(store) => store.evict(id).await,
+        }
+    }
+
     /// Renews an instance's TTL checks, optionally with a status and output.
     pub async fn heartbeat(
         &self,
@@ -303,7 +313,8 @@ impl Registry {
 
     /// Expires TTLs and evicts long-critical instances; the server runs this periodically.
     /// With a shared backend, etcd's leases expire TTLs and this replica deletes overdue
-    /// instances from the store (any replica may; a delete is idempotent).
+    /// instances from the store (any replica may; the delete holds only if the instance is
+    /// still as this replica saw it).
     pub async fn sweep(&self) {
         let now = Instant::now();
         let (sweep, overdue, counts) = {
@@ -323,7 +334,7 @@ impl Registry {
             tracing::info!(%service, instance = %id, "instance evicted after its deregister-after deadline");
         }
         for id in overdue {
-            if self.deregister(&id).await.is_ok() {
+            if let Ok(true) = self.evict(&id).await {
                 tracing::info!(instance = %id, "instance evicted after its deregister-after deadline");
                 evicted += 1;
             }

@@ -234,7 +234,7 @@ impl Catalog {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
@@ -263,7 +263,8 @@ mod tests {
         }
     }
 
-    fn computed(id: &str) -> Instance {
+    /// Instance `id` of service `web`, with a TTL check that is deregistered after 30 s.
+    pub(crate) fn computed(id: &str) -> Instance {
         let now = Instant::now();
         let mut scratch = Catalog::scratch(None, now);
         scratch
