@@ -355,14 +355,21 @@ impl Forward {
             None => None,
         };
         let forwarded_for = if seen.forwarded_for {
-            let before = headers.remove(X_FORWARDED_FOR);
-            // A chain that is not text is replaced, not extended.
-            match before.as_ref().and_then(|v| v.to_str().ok()) {
-                Some(before) => {
-                    HeaderValue::from_str(&format!("{before}, {}", client.peer.ip())).ok()
+            // Every field of the chain in order, as bytes, then the peer: a proxy in front
+            // may have added a field of its own rather than extend the client's, and what
+            // follows an entry that is not text still counts. Dropping either would let
+            // the client's own entries pass for the proxy's to whoever reads the chain
+            // from the right.
+            let mut chain = Vec::with_capacity(64);
+            for value in headers.get_all(X_FORWARDED_FOR) {
+                if !value.is_empty() {
+                    chain.extend_from_slice(value.as_bytes());
+                    chain.extend_from_slice(b", ");
                 }
-                None => Some(client.ip_header.clone()),
             }
+            headers.remove(X_FORWARDED_FOR);
+            chain.extend_from_slice(client.ip_header.as_bytes());
+            HeaderValue::from_bytes(&chain).ok()
         } else {
             // The connection's own formatted address, shared by its requests.
             Some(client.ip_header.clone())

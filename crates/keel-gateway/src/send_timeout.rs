@@ -118,7 +118,9 @@ mod tests {
 
     use super::*;
 
-    const LIMIT: Duration = Duration::from_millis(200);
+    /// Long against the readers' pace (20 times it), so that a stalled test thread on a
+    /// loaded machine cannot pass for a reader that stopped.
+    const LIMIT: Duration = Duration::from_secs(1);
 
     #[tokio::test]
     async fn a_write_the_reader_never_takes_fails_after_the_limit() {
@@ -139,15 +141,15 @@ mod tests {
             let mut got = Vec::new();
             let mut chunk = [0; 512];
             loop {
-                tokio::time::sleep(LIMIT / 4).await;
+                tokio::time::sleep(LIMIT / 20).await;
                 match far.read(&mut chunk).await.unwrap() {
                     0 => return got,
                     n => got.extend_from_slice(&chunk[..n]),
                 }
             }
         });
-        // 16 reads of 512 bytes, LIMIT / 4 apart: twice the limit in all.
-        let sent: Vec<u8> = (0..8192u32).map(|i| i as u8).collect();
+        // 32 reads of 512 bytes, LIMIT / 20 apart: 1.6 times the limit in all.
+        let sent: Vec<u8> = (0..16384u32).map(|i| i as u8).collect();
         near.write_all(&sent).await.unwrap();
         near.shutdown().await.unwrap();
         drop(near);

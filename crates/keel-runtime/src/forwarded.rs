@@ -8,7 +8,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
 
 use http::HeaderMap;
-use ipnet::IpNet;
+use ipnet::{IpNet, Ipv4Net};
 use serde::{Deserialize, Serialize};
 
 /// Addresses and networks of the reverse proxies in front of a server (`"10.0.0.0/8"`,
@@ -67,10 +67,24 @@ impl TryFrom<Vec<String>> for TrustedProxies {
             .map(|entry| {
                 IpNet::from_str(entry)
                     .or_else(|_| IpAddr::from_str(entry).map(IpNet::from))
+                    .map(canonical)
                     .map_err(|_| format!("{entry:?} is not an IP address or network (10.0.0.0/8)"))
             })
             .collect::<Result<_, _>>()
             .map(Self)
+    }
+}
+
+/// `net` as addresses are compared with it: an IPv4-mapped IPv6 network as the IPv4 one
+/// (addresses are made canonical the same way).
+fn canonical(net: IpNet) -> IpNet {
+    match net {
+        IpNet::V6(v6) if v6.prefix_len() >= 96 => v6
+            .addr()
+            .to_ipv4_mapped()
+            .and_then(|v4| Ipv4Net::new(v4, v6.prefix_len() - 96).ok())
+            .map_or(net, IpNet::V4),
+        _ => net,
     }
 }
 
@@ -145,10 +159,15 @@ mod tests {
         assert_eq!(trusted.client(ip("10.0.0.9"), &headers), ip("10.0.0.5"));
         let headers = forwarded(&[" 203.0.113.7:4711 ", "[2001:db8::1]:80"]);
         assert_eq!(trusted.client(ip("10.0.0.9"), &headers), ip("2001:db8::1"));
-        // IPv4 peers on an IPv6 socket are matched as IPv4.
+        // IPv4 peers on an IPv6 socket are matched as IPv4, and so are networks written
+        // as IPv4-mapped IPv6 ones.
         let mapped = ip("::ffff:10.0.0.9");
+        let client = forwarded(&["203.0.113.7"]);
+        assert_eq!(trusted.client(mapped, &client), ip("203.0.113.7"));
+        let written_mapped = proxies(&["::ffff:10.0.0.0/104"]);
+        assert_eq!(written_mapped.client(mapped, &client), ip("203.0.113.7"));
         assert_eq!(
-            trusted.client(mapped, &forwarded(&["203.0.113.7"])),
+            written_mapped.client(ip("10.0.0.9"), &client),
             ip("203.0.113.7")
         );
     }

@@ -403,7 +403,9 @@ async fn a_client_that_stops_reading_is_cut_off_and_its_upstream_freed() {
     let mut route = route_to("r", &[]);
     route.upstreams = vec![UpstreamConfig::Url(url)];
     let mut config = test_config(vec![route]);
-    config.limits.send_timeout = Duration::from_millis(500);
+    // 20 times the steady reader's pace below, so that a stalled test thread on a loaded
+    // machine cannot pass for a reader that stopped.
+    config.limits.send_timeout = Duration::from_secs(2);
     let (gateway, _) = start(config).await;
     let addr = gateway.url.trim_start_matches("http://").to_owned();
     let request = b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n";
@@ -414,7 +416,7 @@ async fn a_client_that_stops_reading_is_cut_off_and_its_upstream_freed() {
     steady.write_all(request).await.unwrap();
     let mut chunk = vec![0; 8 << 20];
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(2) {
+    while started.elapsed() < Duration::from_secs(3) {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let read = steady.read(&mut chunk).await.unwrap();
         assert!(

@@ -1317,7 +1317,10 @@ async fn added_headers_reach_every_kind_of_upstream_once() {
     let token = issuer.mint(json!({"roles": ["viewer"]}));
     let client = reqwest::Client::new();
     let large = "x".repeat(100 * 1024);
-    let forwarded = "x-forwarded-for=203.0.113.7, 127.0.0.1 x-forwarded-host=shop.example";
+    // Each field of the client's chain is kept (a proxy in front may add its own), the
+    // peer appended.
+    let forwarded =
+        "x-forwarded-for=203.0.113.7, 198.51.100.2, 127.0.0.1 x-forwarded-host=shop.example";
     let claims = "x-keel-subject=user-1 x-keel-roles=viewer";
     for (path, body, expected) in [
         (
@@ -1338,7 +1341,7 @@ async fn added_headers_reach_every_kind_of_upstream_once() {
         (
             "/ruled/x",
             "small",
-            "/ruled/x x-forwarded-for=203.0.113.7, 127.0.0.1 \
+            "/ruled/x x-forwarded-for=203.0.113.7, 198.51.100.2, 127.0.0.1 \
              x-forwarded-proto=http,added x-keel-subject=user-1 x-keel-roles=set-by-route \
              body=small"
                 .to_owned(),
@@ -1349,6 +1352,7 @@ async fn added_headers_reach_every_kind_of_upstream_once() {
             .bearer_auth(&token)
             .header("host", "shop.example")
             .header("x-forwarded-for", "203.0.113.7")
+            .header("x-forwarded-for", "198.51.100.2")
             .header("x-forwarded-host", "forged.example")
             .header("x-forwarded-proto", "gopher")
             .header("x-keel-roles", "forged")
