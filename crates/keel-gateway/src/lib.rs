@@ -21,6 +21,7 @@ pub mod ratelimit;
 pub mod route;
 mod send_timeout;
 pub mod server;
+mod stall;
 mod timer;
 pub mod tls;
 mod upstream;

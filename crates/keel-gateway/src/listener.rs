@@ -7,7 +7,7 @@
 use std::convert::Infallible;
 use std::io;
 use std::pin::pin;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -31,6 +31,7 @@ use crate::proxy::{Arrival, ClientInfo, SOURCE};
 use crate::ratelimit::gcra;
 use crate::send_timeout::SendTimeout;
 use crate::server::Gateway;
+use crate::stall::StallWatch;
 use crate::tls::Tls;
 
 /// `[gateway.limits]`: what one client may take.
@@ -53,7 +54,9 @@ pub struct ClientLimitsConfig {
     pub tls_handshake_timeout: Duration,
     /// How long a write to a client may wait for the client to read (NGINX's
     /// `send_timeout`): a client that stops reading a response is cut off after it, and
-    /// the upstream connection the response came from is freed.
+    /// the upstream connection the response came from is freed. On HTTP/2, also how long
+    /// a response may wait for the client to grant it flow-control window; past it, the
+    /// stream is reset and its upstream freed.
     #[serde(with = "humantime_serde")]
     pub send_timeout: Duration,
     /// Concurrent HTTP/2 streams per connection.
@@ -291,8 +294,11 @@ async fn serve_with_hyper<I>(
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    // Made at the connection's first HTTP/2 request: HTTP/1.1 has the send timeout.
+    let stalls = Arc::new(OnceLock::new());
     let service = service_fn(move |request: Request<Incoming>| {
         let state = Arc::clone(&state);
+        let stalls = Arc::clone(&stalls);
         async move {
             let arrival = Arrival {
                 client: &state.client,
@@ -307,8 +313,14 @@ where
             Ok(match state.mode {
                 Mode::RedirectToHttps { port } => redirect_to_https(&request, port),
                 Mode::Proxy { .. } => {
+                    let http2 = request.version() == http::Version::HTTP_2;
                     let (mut response, stamp) = state.gateway.handle(request, arrival).await;
                     stamp.insert_into(response.headers_mut());
+                    if http2 {
+                        let stalls =
+                            stalls.get_or_init(|| StallWatch::start(state.limits.send_timeout));
+                        response = response.map(|body| stalls.watch(body));
+                    }
                     response
                 }
             })

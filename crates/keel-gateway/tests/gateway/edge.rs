@@ -397,16 +397,22 @@ async fn reaches(count: &AtomicUsize, want: usize) -> bool {
     false
 }
 
-#[tokio::test]
-async fn a_client_that_stops_reading_is_cut_off_and_its_upstream_freed() {
+/// A gateway in front of [`endless_upstream`] with a send timeout of 2 s (20 times the
+/// pace of the tests' readers, so that a stalled test thread on a loaded machine cannot
+/// pass for a client that stopped), and the count of bodies the upstream gave up.
+async fn endless_gateway() -> (TestServer, Arc<AtomicUsize>) {
     let (url, given_up) = endless_upstream().await;
     let mut route = route_to("r", &[]);
     route.upstreams = vec![UpstreamConfig::Url(url)];
     let mut config = test_config(vec![route]);
-    // 20 times the steady reader's pace below, so that a stalled test thread on a loaded
-    // machine cannot pass for a reader that stopped.
     config.limits.send_timeout = Duration::from_secs(2);
     let (gateway, _) = start(config).await;
+    (gateway, given_up)
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_and_its_upstream_freed() {
+    let (gateway, given_up) = endless_gateway().await;
     let addr = gateway.url.trim_start_matches("http://").to_owned();
     let request = b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n";
 
@@ -445,6 +451,56 @@ async fn a_client_that_stops_reading_is_cut_off_and_its_upstream_freed() {
     })
     .await;
     assert!(ended.is_ok(), "the stalled connection is still open");
+}
+
+#[tokio::test]
+async fn an_http2_client_that_stops_taking_a_stream_has_its_upstream_freed() {
+    let (gateway, given_up) = endless_gateway().await;
+    let mut sender = h2_client(&gateway.url).await;
+    let get = || {
+        Request::get(format!("{}/stream", gateway.url))
+            .body(Body::empty())
+            .unwrap()
+    };
+    // Two streams on one connection: one read, pausing now and then; one never read, so
+    // the client grants it no window (its socket is read all along).
+    let mut read = sender.send_request(get()).await.unwrap().into_body();
+    let mut unread = sender.send_request(get()).await.unwrap().into_body();
+    let started = Instant::now();
+    let mut taken = 0usize;
+    while given_up.load(Ordering::SeqCst) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "a stream its client takes nothing of holds its upstream"
+        );
+        let frame = read
+            .frame()
+            .await
+            .expect("the read stream goes on")
+            .unwrap();
+        taken += frame.data_ref().map_or(0, |data| data.len());
+        if taken >= 1 << 20 {
+            taken = 0;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    // Only the unread stream was given up, and it ends with an error once read.
+    for _ in 0..64 {
+        assert!(read.frame().await.unwrap().is_ok());
+    }
+    assert_eq!(given_up.load(Ordering::SeqCst), 1);
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match unread.frame().await {
+                Some(Ok(_)) => {}
+                Some(Err(_)) => return,
+                None => panic!("the given-up stream ended as if complete"),
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the given-up stream is still open");
 }
 
 #[tokio::test]
