@@ -433,4 +433,23 @@ mod tests {
         );
         assert!(!text.contains("/items/77"));
     }
+
+    #[tokio::test]
+    async fn invented_methods_share_one_metrics_label() {
+        for method in ["BREW", "WHEN", "GET"] {
+            let request = Request::builder()
+                .method(method)
+                .uri("/items/78")
+                .body(Body::empty())
+                .expect("request");
+            let _ = app().oneshot(request).await.expect("response");
+        }
+        let text = metrics::render();
+        let methods = |name: &str| {
+            text.lines()
+                .any(|line| line.contains(&format!("http_request_method=\"{name}\"")))
+        };
+        assert!(methods("_OTHER") && methods("GET"), "{text}");
+        assert!(!methods("BREW") && !methods("WHEN"), "{text}");
+    }
 }

@@ -12,6 +12,7 @@ use std::time::Instant;
 use axum::extract::{MatchedPath, Request};
 use axum::middleware::Next;
 use axum::response::Response;
+use http::Method;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// The histogram buckets (seconds) of every `*_seconds` metric: OpenTelemetry's default
@@ -187,16 +188,33 @@ fn render_bucketed(text: &mut String) {
 /// hostile paths cannot grow the label set.
 pub const UNMATCHED_ROUTE: &str = "unmatched";
 
+/// The method as a label: the standard ones by name, any other `_OTHER` (OpenTelemetry's
+/// HTTP conventions), so that invented methods cannot grow the label set.
+fn method_label(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "_OTHER",
+    }
+}
+
 /// Records request duration and in-flight requests by method, route template and status.
 pub async fn http_metrics(request: Request, next: Next) -> Response {
-    let method = request.method().as_str().to_owned();
+    let method = method_label(request.method());
     let route = request.extensions().get::<MatchedPath>().map_or_else(
         || UNMATCHED_ROUTE.to_owned(),
         |path| path.as_str().to_owned(),
     );
     let in_flight = InFlight::start(metrics::gauge!(
         "http_server_active_requests",
-        "http_request_method" => method.clone()
+        "http_request_method" => method
     ));
     let started = Instant::now();
     let response = next.run(request).await;

@@ -78,8 +78,9 @@ pub struct ServiceConfig {
 pub struct CacheConfig {
     /// `redis://host:6379` (or `rediss://`); redacted when printed.
     pub redis: Secret<String>,
-    /// Key prefix, one per deployment (several can share a Redis); the service's name when
-    /// unset.
+    /// Key prefix, one per deployment (several can share a Redis); keys and the
+    /// invalidation channel are under it and then the service's name, so services' caches
+    /// never meet, whatever their caches are called.
     #[serde(default)]
     pub prefix: Option<String>,
     /// How long a Redis call may take before the cache does without it.
@@ -239,7 +240,7 @@ impl Service {
             Some(cache) => Some(
                 CacheRedis::new(
                     cache.redis.expose(),
-                    cache.prefix.as_deref().unwrap_or(name),
+                    &format!("{}{name}:", cache.prefix.as_deref().unwrap_or_default()),
                     cache.timeout,
                 )
                 .map_err(|error| config_error(format!("cache.redis: {error}")))?,

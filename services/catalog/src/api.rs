@@ -4,12 +4,13 @@
 //! - `GET /products/{sku}`: one product (for sale or not);
 //! - `PUT /products/{sku}`: create or replace a product (the `admin` role); 201 when new.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use keel_runtime::Problem;
+use keel_runtime::extract::Path;
 use keel_sdk::auth::Caller;
 use keel_sdk::events::asyncapi::AsyncApi;
 use serde_json::{Value, json};

@@ -4,11 +4,12 @@
 //! - `PUT /stock/{sku}`: set the count on hand, `{"on_hand": n}` (the `admin` role);
 //! - `GET /reservations/{id}`: a reservation and its lines (the `admin` role).
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use keel_runtime::Problem;
+use keel_runtime::extract::Path;
 use keel_sdk::auth::Caller;
 use keel_sdk::events::asyncapi::AsyncApi;
 use serde::Deserialize;

@@ -253,3 +253,42 @@ async fn admins_list_and_replay_a_groups_dead_letters_over_http() {
     .await;
     shutdown.trigger();
 }
+
+#[tokio::test]
+async fn services_sharing_a_redis_prefix_keep_their_caches_apart() {
+    use keel_sdk::cache::{Cache, CacheOptions};
+    use keel_testkit::{Service as Backing, require, unique_name};
+    if !require(Backing::Redis) {
+        return;
+    }
+    let file = TestSqlite::new("keel-sdk-service");
+    // One deployment's prefix for both, as an operator would write it once.
+    let config = ServiceConfig {
+        database: Some(Secret::new(file.url())),
+        cache: Some(keel_sdk::service::CacheConfig {
+            redis: Secret::new(format!("redis://{}", Backing::Redis.addr())),
+            prefix: Some(format!("{}:", unique_name("keel-deployment"))),
+            timeout: Duration::from_millis(500),
+        }),
+        ..ServiceConfig::default()
+    };
+    let shutdown = Shutdown::new();
+    let mut seen = Vec::new();
+    for name in ["shelf", "till"] {
+        let service = Service::connect(name, &config, &MIGRATIONS, None, &shutdown)
+            .await
+            .unwrap();
+        // The same cache name and version in both services, holding different things.
+        let cache: Cache<String> =
+            Cache::new("items", 1, CacheOptions::default(), service.cache_redis());
+        let value = cache
+            .get_or_load("42", || async {
+                Ok::<_, std::convert::Infallible>(Some(format!("{name}'s item")))
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        seen.push((*value).clone());
+    }
+    assert_eq!(seen, ["shelf's item", "till's item"]);
+}

@@ -127,6 +127,8 @@ async fn admins_write_products_everyone_reads_what_is_for_sale_and_changes_are_p
         // Refused, as problems, each with its own status.
         for (expected, (status, content_type, _)) in [
             (400, send(get("mug-01"), None).await),
+            // A path that does not decode to text.
+            (400, send(get("%FF"), None).await),
             (404, send(get("NOPE"), None).await),
             (
                 400,

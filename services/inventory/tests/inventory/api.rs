@@ -54,6 +54,8 @@ async fn admins_count_stock_anyone_reads_it_and_bad_counts_are_problems() {
         for (expected, (status, content_type, _)) in [
             (404, send(get("/stock/NONE"), None).await),
             (400, send(get("/stock/mug"), None).await),
+            // A path that does not decode to text.
+            (400, send(get("/stock/%C3"), None).await),
             (
                 400,
                 send(put("MUG", json!({"on_hand": -1})), Some(&admin)).await,
