@@ -565,13 +565,15 @@ impl ServiceClient {
             .await
             .map_err(|refusal| self.refused(refusal))?;
         inner.budget.deposit_at(now_nanos() / 1_000_000_000);
-        let result = self.attempts(idempotent, deadline, attempt).await;
+        let (result, blamed) = self.attempts(idempotent, deadline, attempt).await;
         let failed = match &result {
             Ok(_) | Err(CallError::TooLarge { .. }) => Some(false),
             Err(CallError::Upstream { answer, .. }) => Some(answer.status.is_server_error()),
             Err(CallError::Status { code, .. }) => Some(instance_failure(*code)),
-            // Nothing reached the service (no instance known): not its failure.
+            // Nothing reached the service (no instance known), or the call's own deadline
+            // cut its only tries short (time spent queueing): not the service's failure.
             Err(CallError::Unavailable { reached: false, .. }) => None,
+            Err(CallError::Timeout { .. }) if !blamed => None,
             Err(_) => Some(true),
         };
         if let Some(failed) = failed {
@@ -595,12 +597,14 @@ impl ServiceClient {
         }
     }
 
+    /// The call's outcome, and whether any try failed as the instance's fault (a timeout
+    /// cut short by the call's deadline is not).
     async fn attempts<T, F, Fut>(
         &self,
         idempotent: bool,
         deadline: Instant,
         mut attempt: F,
-    ) -> Result<T, CallError>
+    ) -> (Result<T, CallError>, bool)
     where
         F: FnMut(Endpoint, Duration) -> Fut,
         Fut: Future<Output = Tried<T>>,
@@ -611,9 +615,11 @@ impl ServiceClient {
         let set = self.endpoints();
         let mut tried = Vec::new();
         let mut last: Option<CallError> = None;
+        let mut blamed = false;
         for round in 0..=retry.attempts {
             if round > 0 {
-                if !inner.budget.withdraw() {
+                // No instance left to try: neither a token of the budget nor a pause.
+                if tried.len() >= set.endpoints.len() || !inner.budget.withdraw() {
                     break;
                 }
                 let pause = retry.backoff(round);
@@ -623,11 +629,12 @@ impl ServiceClient {
                 tokio::time::sleep(pause).await;
             }
             if set.is_empty() {
-                return Err(CallError::Unavailable {
+                let error = CallError::Unavailable {
                     service: inner.service.clone(),
                     reason: "no instance is registered and passing".to_owned(),
                     reached: false,
-                });
+                };
+                return (Err(error), blamed);
             }
             let now = now_nanos();
             let Some(index) = set.pick(&BalanceConfig::LeastRequest, None, &tried, now) else {
@@ -639,9 +646,14 @@ impl ServiceClient {
             let per_try = retry
                 .per_try_timeout
                 .map_or(remaining, |t| t.min(remaining));
-            // Cut short by the call's own deadline (time spent queueing or retrying), a
-            // timeout says nothing about the instance.
-            let cut_short = retry.per_try_timeout.is_none_or(|t| remaining < t);
+            // A try whose time was cut short by the call's own deadline (time spent
+            // queueing for a slot, or on earlier tries) says nothing about the instance
+            // when it times out; one given its whole time (the per-try timeout, else the
+            // call's; a tenth spared for the call's own work on a busy machine) does.
+            let full = retry
+                .per_try_timeout
+                .map_or(inner.options.timeout, |t| t.min(inner.options.timeout));
+            let cut_short = per_try < full.mul_f64(0.9);
             let outcome = {
                 let _in_flight = endpoint.stats.start();
                 let sent = Instant::now();
@@ -654,19 +666,21 @@ impl ServiceClient {
             let (retriable, error) = match outcome {
                 Ok(Tried::Answer(answer)) => {
                     endpoint.stats.record_success();
-                    return Ok(answer);
+                    return (Ok(answer), blamed);
                 }
                 Ok(Tried::Final(error)) => {
                     endpoint.stats.record_success();
-                    return Err(error);
+                    return (Err(error), blamed);
                 }
                 Ok(Tried::Failed { retriable, error }) => {
                     self.failed(&set, endpoint);
+                    blamed = true;
                     (retriable, error)
                 }
                 Err(_elapsed) => {
                     if !cut_short {
                         self.failed(&set, endpoint);
+                        blamed = true;
                     }
                     let error = CallError::Timeout {
                         service: inner.service.clone(),
@@ -680,7 +694,8 @@ impl ServiceClient {
                 break;
             }
         }
-        Err(last.unwrap_or_else(|| self.unavailable("every instance was tried")))
+        let error = last.unwrap_or_else(|| self.unavailable("every instance was tried"));
+        (Err(error), blamed)
     }
 
     /// The instance's gRPC channel: HTTP/2, made on first use and kept (it reconnects by

@@ -229,6 +229,43 @@ async fn timeouts_are_typed_and_kept() {
 }
 
 #[tokio::test]
+async fn a_timeout_counts_against_the_circuit_only_when_the_try_had_its_whole_time() {
+    let upstream = Upstream::default();
+    let client = client(
+        vec![upstream.start().await],
+        ClientOptions {
+            timeout: Duration::from_secs(1),
+            retry: no_retries(),
+            breaker: BreakerConfig {
+                max_concurrent: 1,
+                max_pending: 4,
+                min_requests: 2,
+                failure_rate: 0.5,
+                ..BreakerConfig::default()
+            },
+            ..ClientOptions::default()
+        },
+    );
+    // The first call holds the one slot until it times out, a second waits for the slot
+    // half its time and then times out too, in the little time left.
+    let first = {
+        let client = client.clone();
+        tokio::spawn(async move { client.get_json::<String>("/slow").await })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = client.get_json::<String>("/slow").await.unwrap_err();
+    assert!(matches!(second, CallError::Timeout { .. }), "{second}");
+    let first = first.await.unwrap().unwrap_err();
+    assert!(matches!(first, CallError::Timeout { .. }), "{first}");
+    // One failure of two needed: the queued call's timeout was not the service's.
+    assert_eq!(client.circuit(), CircuitState::Closed);
+    // A call given its whole time that gets no answer is.
+    let third = client.get_json::<String>("/slow").await.unwrap_err();
+    assert!(matches!(third, CallError::Timeout { .. }), "{third}");
+    assert_eq!(client.circuit(), CircuitState::Open);
+}
+
+#[tokio::test]
 async fn the_bulkhead_refuses_calls_beyond_its_slots_and_queue() {
     let upstream = Upstream::default();
     let client = client(
