@@ -102,7 +102,19 @@ struct RedisInner {
     caches: Mutex<HashMap<String, Weak<dyn Invalidate>>>,
     /// Whether the invalidation subscription is live.
     subscribed: AtomicBool,
+    /// Writes a load's copy unless an invalidation landed since the load began.
+    fill: redis::Script,
 }
+
+/// KEYS[1] the value, KEYS[2] its fence (the count of the key's invalidations); ARGV[1]
+/// the fence the load saw (`""` none), ARGV[2] the value, ARGV[3] its life in seconds.
+const FILL_SCRIPT: &str = r"
+if (redis.call('GET', KEYS[2]) or '') == ARGV[1] then
+  redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+  return 1
+end
+return 0
+";
 
 impl CacheRedis {
     /// Redis at `url`, keys under `prefix` (a per-deployment or per-test namespace).
@@ -118,6 +130,7 @@ impl CacheRedis {
                 timeout,
                 caches: Mutex::new(HashMap::new()),
                 subscribed: AtomicBool::new(false),
+                fill: redis::Script::new(FILL_SCRIPT),
             }),
         };
         tokio::spawn(subscribe(Arc::downgrade(&redis.inner)));
@@ -292,6 +305,23 @@ impl<T: Send + Sync + 'static> Invalidate for CacheInner<T> {
     }
 }
 
+/// What the Redis level held for a key when a load began.
+struct RedisRead<T> {
+    /// `Some(Some(v))` a value, `Some(None)` a cached absence, `None` nothing usable
+    /// (missing, undecodable, or Redis unavailable).
+    found: Option<Local<T>>,
+    /// The key's fence then (`""` when it had none): the load's copy is written to Redis
+    /// only while it stands. `None` when Redis did not answer: nothing is written.
+    fence: Option<String>,
+}
+
+impl<T> RedisRead<T> {
+    const NOTHING: Self = Self {
+        found: None,
+        fence: None,
+    };
+}
+
 /// The in-process life of an entry: `local_ttl` for values, `negative_ttl` (at most
 /// `local_ttl`) for absences, each with jitter.
 struct LocalExpiry {
@@ -371,7 +401,8 @@ where
             .local
             .try_get_with(key.to_owned(), async {
                 fetched = true;
-                if let Some(found) = self.redis_get(key).await {
+                let read = self.redis_get(key).await;
+                if let Some(found) = read.found {
                     inner.stats.redis_hits.fetch_add(1, Ordering::Relaxed);
                     self.count("redis_hit");
                     return Ok(found);
@@ -379,7 +410,9 @@ where
                 inner.stats.loads.fetch_add(1, Ordering::Relaxed);
                 self.count("miss");
                 let loaded = load().await?.map(Arc::new);
-                self.redis_set(key, loaded.as_deref()).await;
+                if let Some(fence) = &read.fence {
+                    self.redis_set(key, loaded.as_deref(), fence).await;
+                }
                 Ok(loaded)
             })
             .await?;
@@ -409,12 +442,29 @@ where
             return;
         };
         let redis_key = self.redis_key(key);
+        let fence_key = self.fence_key(key);
+        // The fence outlives any load that may have begun before it moved.
+        let fence_life = (self.inner.options.ttl * 2)
+            .max(Duration::from_secs(60))
+            .as_secs();
         let message = format!("{}\n{key}", self.inner.name);
         let channel = redis.channel();
+        // At once: a load that read before this and writes after it finds the fence moved
+        // whether or not this message has reached its instance yet.
         let result = redis
             .run(|mut connection| async move {
-                connection.del::<_, i64>(&redis_key).await?;
-                connection.publish::<_, _, i64>(&channel, &message).await
+                redis::pipe()
+                    .atomic()
+                    .incr(&fence_key, 1)
+                    .ignore()
+                    .expire(&fence_key, i64::try_from(fence_life).unwrap_or(i64::MAX))
+                    .ignore()
+                    .del(&redis_key)
+                    .ignore()
+                    .publish(&channel, &message)
+                    .ignore()
+                    .query_async::<()>(&mut connection)
+                    .await
             })
             .await;
         if let Err(error) = result {
@@ -433,43 +483,60 @@ where
         });
     }
 
+    /// `key`'s value in Redis.
     fn redis_key(&self, key: &str) -> String {
+        self.redis_name("cache", key)
+    }
+
+    /// The count of `key`'s invalidations, under a name no cache key can take.
+    fn fence_key(&self, key: &str) -> String {
+        self.redis_name("cache-fence", key)
+    }
+
+    /// `<prefix><kind>:<cache name>:v<version>:<key>`.
+    fn redis_name(&self, kind: &str, key: &str) -> String {
         let prefix = self
             .inner
             .redis
             .as_ref()
             .map_or("", |redis| redis.inner.prefix.as_str());
         format!(
-            "{prefix}cache:{}:v{}:{key}",
+            "{prefix}{kind}:{}:v{}:{key}",
             self.inner.name, self.inner.version
         )
     }
 
-    /// The Redis level's answer: `Some(Some(v))` a value, `Some(None)` a cached absence,
-    /// `None` nothing usable (missing, undecodable, or Redis unavailable).
-    async fn redis_get(&self, key: &str) -> Option<Local<T>> {
-        let redis = self.inner.redis.as_ref()?;
-        let redis_key = self.redis_key(key);
-        let bytes: Option<Vec<u8>> = match redis
-            .run(|mut connection| async move { connection.get(&redis_key).await })
+    /// The Redis level's answer, and its fence for the load that may follow.
+    async fn redis_get(&self, key: &str) -> RedisRead<T> {
+        let Some(redis) = &self.inner.redis else {
+            return RedisRead::NOTHING;
+        };
+        let keys = [self.redis_key(key), self.fence_key(key)];
+        let read: (Option<Vec<u8>>, Option<String>) = match redis
+            .run(|mut connection| async move { connection.mget(&keys).await })
             .await
         {
-            Ok(bytes) => bytes,
+            Ok(read) => read,
             Err(error) => {
                 self.redis_error(&error);
-                return None;
+                return RedisRead::NOTHING;
             }
         };
-        match bytes?.split_first() {
+        let found = match read.0.as_deref().and_then(<[u8]>::split_first) {
             Some((b'-', _)) => Some(None),
             Some((b'+', json)) => serde_json::from_slice(json)
                 .ok()
                 .map(|value| Some(Arc::new(value))),
             _ => None,
+        };
+        RedisRead {
+            found,
+            fence: Some(read.1.unwrap_or_default()),
         }
     }
 
-    async fn redis_set(&self, key: &str, value: Option<&T>) {
+    /// Writes a load's copy, unless `key`'s fence moved from what the load saw.
+    async fn redis_set(&self, key: &str, value: Option<&T>, fence: &str) {
         let Some(redis) = &self.inner.redis else {
             return;
         };
@@ -483,13 +550,14 @@ where
             None => (b"-".to_vec(), self.inner.options.negative_ttl),
         };
         let seconds = jittered(ttl, self.inner.options.jitter).as_secs().max(1);
-        let redis_key = self.redis_key(key);
+        let mut fill = redis.inner.fill.prepare_invoke();
+        fill.key(self.redis_key(key))
+            .key(self.fence_key(key))
+            .arg(fence)
+            .arg(bytes)
+            .arg(seconds);
         let result = redis
-            .run(|mut connection| async move {
-                connection
-                    .set_ex::<_, _, ()>(&redis_key, bytes, seconds)
-                    .await
-            })
+            .run(|mut connection| async move { fill.invoke_async::<i64>(&mut connection).await })
             .await;
         if let Err(error) = result {
             self.redis_error(&error);
@@ -529,6 +597,62 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_load_overtaken_by_an_invalidation_leaves_nothing_in_redis_though_its_message_is_late()
+     {
+        use keel_testkit::{Service, require, unique_name};
+        if !require(Service::Redis) {
+            return;
+        }
+        let url = format!("redis://{}", Service::Redis.addr());
+        let prefix = format!("{}:", unique_name("keel-cache-fence"));
+        let redis = CacheRedis::new(&url, &prefix, Duration::from_millis(500)).unwrap();
+        let cache: Cache<String> = Cache::new("prices", 1, CacheOptions::default(), Some(&redis));
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let loading = {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                let load = || async move {
+                    wait.await.unwrap();
+                    Ok::<_, std::convert::Infallible>(Some("old price".to_owned()))
+                };
+                cache.get_or_load("mug", load).await
+            })
+        };
+        while cache.inner.stats.loads.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        // A peer's invalidation lands in Redis while the load runs; its message has not
+        // reached this instance when the load writes back.
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut peer = ConnectionManager::new(client).await.unwrap();
+        redis::pipe()
+            .atomic()
+            .incr(cache.fence_key("mug"), 1)
+            .ignore()
+            .del(cache.redis_key("mug"))
+            .ignore()
+            .query_async::<()>(&mut peer)
+            .await
+            .unwrap();
+        go.send(()).unwrap();
+        let loaded = loading.await.unwrap().unwrap();
+        assert_eq!(loaded.as_deref().map(String::as_str), Some("old price"));
+        let left: Option<Vec<u8>> = peer.get(cache.redis_key("mug")).await.unwrap();
+        assert_eq!(left, None, "the overtaken load's copy reached Redis");
+
+        // A load that began after the invalidation fills Redis as ever.
+        let other: Cache<String> = Cache::new("prices", 1, CacheOptions::default(), Some(&redis));
+        let load = || async { Ok::<_, std::convert::Infallible>(Some("new price".to_owned())) };
+        other.get_or_load("mug", load).await.unwrap();
+        let stored: Option<Vec<u8>> = peer.get(cache.redis_key("mug")).await.unwrap();
+        assert_eq!(stored.as_deref(), Some(b"+\"new price\"".as_slice()));
+        let _: () = peer
+            .del(&[cache.redis_key("mug"), cache.fence_key("mug")])
+            .await
+            .unwrap();
+    }
 
     #[test]
     fn jitter_only_lengthens_and_stays_within_its_share() {
