@@ -106,6 +106,10 @@ struct RedisInner {
     fill: redis::Script,
 }
 
+/// Background attempts of an invalidation Redis did not take (from 100 ms apart, growing
+/// to 5 s: about a minute in all).
+const INVALIDATION_RETRIES: u32 = 16;
+
 /// KEYS[1] the value, KEYS[2] its fence (the count of the key's invalidations); ARGV[1]
 /// the fence the load saw (`""` none), ARGV[2] the value, ARGV[3] its life in seconds.
 const FILL_SCRIPT: &str = r"
@@ -434,12 +438,37 @@ where
         self.inner.local.contains_key(key)
     }
 
-    /// Drops `key` here, in Redis, and in every other instance's process memory.
+    /// Drops `key` here, in Redis, and in every other instance's process memory. When
+    /// Redis cannot take it now, it is tried again in the background until it lands (Redis
+    /// and the other instances keep the old copy until then), for about a minute.
     pub async fn invalidate(&self, key: &str) {
         self.inner.generation.fetch_add(1, Ordering::SeqCst);
         self.inner.local.invalidate(key).await;
-        let Some(redis) = &self.inner.redis else {
+        if self.inner.redis.is_none() {
             return;
+        }
+        let Err(error) = self.invalidate_in_redis(key).await else {
+            return;
+        };
+        self.redis_error(&error);
+        let cache = self.clone();
+        let key = key.to_owned();
+        tokio::spawn(async move {
+            for failures in 1..=INVALIDATION_RETRIES {
+                tokio::time::sleep(reconnect_delay(failures)).await;
+                match cache.invalidate_in_redis(&key).await {
+                    Ok(()) => return,
+                    Err(error) => cache.redis_error(&error),
+                }
+            }
+            tracing::warn!(cache = %cache.inner.name, "an invalidation never reached Redis; its copy there lives out its ttl");
+        });
+    }
+
+    /// The Redis half of [`Self::invalidate`].
+    async fn invalidate_in_redis(&self, key: &str) -> Result<(), String> {
+        let Some(redis) = &self.inner.redis else {
+            return Ok(());
         };
         let redis_key = self.redis_key(key);
         let fence_key = self.fence_key(key);
@@ -451,7 +480,7 @@ where
         let channel = redis.channel();
         // At once: a load that read before this and writes after it finds the fence moved
         // whether or not this message has reached its instance yet.
-        let result = redis
+        redis
             .run(|mut connection| async move {
                 redis::pipe()
                     .atomic()
@@ -466,11 +495,7 @@ where
                     .query_async::<()>(&mut connection)
                     .await
             })
-            .await;
-        if let Err(error) = result {
-            // Other instances keep their copy until `local_ttl` runs out.
-            self.redis_error(&error);
-        }
+            .await
     }
 
     /// Invalidates `key` once `tx` commits (never when it rolls back): the write is

@@ -250,6 +250,52 @@ async fn with_redis_cut_off_requests_are_still_served_and_counted() {
 }
 
 #[tokio::test]
+async fn an_invalidation_redis_missed_lands_once_redis_is_back() {
+    let Some(prefix) = redis_prefix() else { return };
+    let proxy = FaultProxy::start(Service::Redis.addr()).await;
+    let redis = redis_level(&format!("redis://{}", proxy.addr()), &prefix);
+    subscribed(&redis).await;
+    let cache = products(Some(&redis));
+    Database::priced(42).read(&cache, "sku-1").await;
+    let client = redis::Client::open(REDIS_URL).unwrap();
+    let mut connection = client.get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{prefix}cache:products:v1:sku-1");
+    let stored = |mut connection: redis::aio::MultiplexedConnection| {
+        let key = key.clone();
+        async move {
+            redis::cmd("EXISTS")
+                .arg(&key)
+                .query_async::<bool>(&mut connection)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(stored(connection.clone()).await);
+
+    // The price changes while Redis is out of reach: the invalidation cannot land.
+    proxy.cut();
+    let errors = cache.stats().redis_errors.load(Ordering::Relaxed);
+    cache.invalidate("sku-1").await;
+    assert!(cache.stats().redis_errors.load(Ordering::Relaxed) > errors);
+    assert!(
+        stored(connection.clone()).await,
+        "the old copy is still there"
+    );
+    // Back, it lands by itself: no instance reads the old price from Redis for its ttl.
+    proxy.restore();
+    eventually("the invalidation lands", Duration::from_secs(15), || {
+        let connection = connection.clone();
+        async { !stored(connection).await }
+    })
+    .await;
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{prefix}cache-fence:products:v1:sku-1"))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
 async fn invalidate_after_commit_waits_for_the_commit() {
     let test = TestDb::sqlite().await;
     let cache = products(None);
