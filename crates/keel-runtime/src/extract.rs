@@ -27,13 +27,17 @@ where
 }
 
 fn json_problem(rejection: &JsonRejection) -> Problem {
-    let status = rejection.status();
+    body_problem(rejection.status(), rejection.body_text())
+}
+
+/// A request body axum refused (its status and text), as a problem: 413 for an oversized
+/// one, 400 for anything else.
+pub fn body_problem(status: http::StatusCode, text: String) -> Problem {
     if status == http::StatusCode::PAYLOAD_TOO_LARGE {
-        Problem::new(status, "payload-too-large", "Payload too large")
-            .with_detail(rejection.body_text())
+        Problem::new(status, "payload-too-large", "Payload too large").with_detail(text)
     } else {
         // Unsupported media type and syntax errors are all a bad request from the client.
-        Problem::bad_request(rejection.body_text())
+        Problem::bad_request(text)
     }
 }
 

@@ -149,8 +149,14 @@ async fn cancel(
     State(orders): State<Orders>,
     caller: Caller,
     Path(id): Path<String>,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<(StatusCode, Json<Order>), Response> {
+    let body = body.map_err(|rejection| {
+        source(keel_runtime::extract::body_problem(
+            rejection.status(),
+            rejection.body_text(),
+        ))
+    })?;
     // The body is optional: none, or a `Cancel`.
     let body: Cancel = match body.is_empty() {
         true => Cancel::default(),
