@@ -163,7 +163,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 }
 
 /// Why the service's own token could not be had.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum TokenError {
     #[error("the token endpoint cannot be reached: {0}")]
     Unreachable(String),
@@ -175,14 +175,26 @@ pub enum TokenError {
 
 /// The service's own access token, from the OAuth 2.0 client credentials grant: fetched
 /// on first use, kept, and fetched again before it expires (when four fifths of its life,
-/// or all but a minute, have passed). Concurrent callers share one fetch.
+/// or all but a minute, have passed). Concurrent callers share one fetch, and a failed
+/// fetch: the callers that waited for it, and those that come within [`FAILURE_KEPT`], get
+/// its error rather than each trying in turn (each up to the 10 s timeout).
 pub struct ClientCredentials {
     http: reqwest::Client,
     token_endpoint: String,
     client_id: String,
     client_secret: Secret<String>,
     scope: Option<String>,
-    cached: tokio::sync::Mutex<Option<Cached>>,
+    state: tokio::sync::Mutex<TokenState>,
+}
+
+/// How long a failed fetch is the answer before the next is tried.
+pub const FAILURE_KEPT: Duration = Duration::from_secs(2);
+
+#[derive(Default)]
+struct TokenState {
+    cached: Option<Cached>,
+    /// The last fetch's failure, and when it came.
+    failed: Option<(Instant, TokenError)>,
 }
 
 struct Cached {
@@ -215,42 +227,53 @@ impl ClientCredentials {
             client_id: client_id.to_owned(),
             client_secret,
             scope: scope.map(str::to_owned),
-            cached: tokio::sync::Mutex::new(None),
+            state: tokio::sync::Mutex::default(),
         }
     }
 
     /// A token to send now.
     pub async fn token(&self) -> Result<String, TokenError> {
-        let mut cached = self.cached.lock().await;
+        let mut state = self.state.lock().await;
         let now = Instant::now();
-        if let Some(cached) = cached.as_ref()
+        if let Some(cached) = state.cached.as_ref()
             && now < cached.refresh_at
         {
             return Ok(cached.token.clone());
         }
+        if let Some((at, error)) = &state.failed
+            && now < *at + FAILURE_KEPT
+        {
+            return Err(error.clone());
+        }
         match self.fetch().await {
             Ok(fetched) => {
                 let token = fetched.token.clone();
-                *cached = Some(fetched);
+                *state = TokenState {
+                    cached: Some(fetched),
+                    failed: None,
+                };
                 Ok(token)
             }
             // An early refresh that failed: the kept token still works until it expires;
             // the next try waits a few seconds rather than every caller trying in turn.
-            Err(error) => match cached.as_mut() {
+            Err(error) => match state.cached.as_mut() {
                 Some(kept) if Instant::now() < kept.expires_at => {
                     tracing::warn!(%error, "token refresh failed; using the current token");
                     kept.refresh_at =
                         (Instant::now() + Duration::from_secs(5)).min(kept.expires_at);
                     Ok(kept.token.clone())
                 }
-                _ => Err(error),
+                _ => {
+                    state.failed = Some((Instant::now(), error.clone()));
+                    Err(error)
+                }
             },
         }
     }
 
-    /// Forgets the kept token (after a 401 from a service, say).
+    /// Forgets the kept token, and a failure (after a 401 from a service, say).
     pub async fn forget(&self) {
-        *self.cached.lock().await = None;
+        *self.state.lock().await = TokenState::default();
     }
 
     async fn fetch(&self) -> Result<Cached, TokenError> {
@@ -258,6 +281,11 @@ impl ClientCredentials {
         if let Some(scope) = &self.scope {
             form.push(("scope", scope));
         }
+        // Made before the request: the serializer is not `Send`, and held across the
+        // await it made `token()` a future no spawned task could run.
+        let body = url::form_urlencoded::Serializer::new(String::new())
+            .extend_pairs(&form)
+            .finish();
         let asked = Instant::now();
         let response = self
             .http
@@ -267,11 +295,7 @@ impl ClientCredentials {
                 Some(form_urlencode(self.client_secret.expose())),
             )
             .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .body(
-                url::form_urlencoded::Serializer::new(String::new())
-                    .extend_pairs(&form)
-                    .finish(),
-            )
+            .body(body)
             .send()
             .await
             .map_err(|error| TokenError::Unreachable(error.to_string()))?;

@@ -3,13 +3,15 @@
 //! authorization server, accepted by another service.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use axum::Router;
-use axum::routing::get;
+use axum::routing::{get, post};
 use keel_jwt::testing::TestIssuer;
 use keel_jwt::{Verifier, VerifierConfig};
 use keel_runtime::{Secret, Shutdown};
-use keel_sdk::auth::{Caller, ClientCredentials, Denied, TokenError, authenticate};
+use keel_sdk::auth::{Caller, ClientCredentials, Denied, FAILURE_KEPT, TokenError, authenticate};
 use keel_sdk::client::{Call, ClientOptions, Instances, ServiceClient};
 use serde_json::json;
 
@@ -185,4 +187,52 @@ async fn a_service_calls_another_with_its_own_client_credentials_token() {
         matches!(&error, TokenError::Refused { status: 401, error } if error == "invalid_client"),
         "{error}"
     );
+}
+
+#[tokio::test]
+async fn a_failed_token_fetch_answers_its_waiters_rather_than_one_fetch_each() {
+    let asked = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&asked);
+    let router = Router::new().route(
+        "/token",
+        post(move || {
+            let counter = Arc::clone(&counter);
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                (http::StatusCode::SERVICE_UNAVAILABLE, "down")
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}/token", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    let credentials = Arc::new(ClientCredentials::new(
+        &endpoint,
+        "orders-service",
+        Secret::new("s3cret".to_owned()),
+        None,
+    ));
+    let callers: Vec<_> = (0..5)
+        .map(|_| {
+            let credentials = Arc::clone(&credentials);
+            tokio::spawn(async move { credentials.token().await })
+        })
+        .collect();
+    for caller in callers {
+        let error = caller.await.unwrap().unwrap_err();
+        assert!(
+            matches!(error, TokenError::Refused { status: 503, .. }),
+            "{error}"
+        );
+    }
+    assert_eq!(
+        asked.load(Ordering::SeqCst),
+        1,
+        "one fetch for five callers"
+    );
+    // A while later, the next caller tries again.
+    tokio::time::sleep(FAILURE_KEPT).await;
+    assert!(credentials.token().await.is_err());
+    assert_eq!(asked.load(Ordering::SeqCst), 2);
 }
