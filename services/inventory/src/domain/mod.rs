@@ -178,6 +178,15 @@ mod tests {
             stock.apply(Effect::Unreserve, one),
             Err(StockError::Inconsistent { .. })
         ));
-        assert!(Stock::from_counts(sku, 1, 2).is_err());
+        assert!(Stock::from_counts(sku.clone(), 1, 2).is_err());
+
+        // Returned units are taken back even above what a stocktake may count, and such
+        // a count reads back.
+        let mut full = Stock::empty(sku.clone());
+        full.set_on_hand(MAX_ON_HAND).unwrap();
+        full.apply(Effect::Restock, Quantity::new(5).unwrap())
+            .unwrap();
+        assert_eq!(full.on_hand(), MAX_ON_HAND + 5);
+        assert_eq!(Stock::from_counts(sku, MAX_ON_HAND + 5, 0), Ok(full));
     }
 }

@@ -3,7 +3,9 @@
 
 use keel_shop_kernel::{Quantity, Sku};
 
-/// The most units of one SKU the shop keeps count of.
+/// The most units of one SKU a stocktake may count. Units sold and then returned (a
+/// cancelled order's restock) may take the count above it: refusing them would leave the
+/// cancellation half done, its refund made and its restock retried for ever.
 pub const MAX_ON_HAND: u32 = 1_000_000_000;
 
 /// Units of one SKU.
@@ -47,7 +49,7 @@ impl Stock {
 
     /// Stock as stored; refused when the counts break the invariant.
     pub fn from_counts(sku: Sku, on_hand: u32, reserved: u32) -> Result<Self, StockError> {
-        if reserved > on_hand || on_hand > MAX_ON_HAND {
+        if reserved > on_hand {
             return Err(StockError::Inconsistent {
                 sku,
                 on_hand,
@@ -115,12 +117,7 @@ impl Stock {
                 self.on_hand.checked_sub(units),
                 self.reserved.checked_sub(units),
             ),
-            Effect::Restock => (
-                self.on_hand
-                    .checked_add(units)
-                    .filter(|n| *n <= MAX_ON_HAND),
-                Some(self.reserved),
-            ),
+            Effect::Restock => (self.on_hand.checked_add(units), Some(self.reserved)),
         };
         match (on_hand, reserved) {
             (Some(on_hand), Some(reserved)) if reserved <= on_hand => {
