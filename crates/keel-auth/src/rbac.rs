@@ -78,7 +78,10 @@ impl Holdings {
         self.roles.iter().map(|(name, _)| name.clone()).collect()
     }
 
-    /// The role names for a token whose audiences are `audiences`.
+    /// The role names for a token whose audiences are `audiences`: the roles without an
+    /// audience, and those for an audience when it is the token's only one. The claim is
+    /// flat, so in a token for several audiences a role for one of them would read as a
+    /// role at all of them (`admin` for orders passing for `admin` at payments).
     pub fn roles_for(&self, audiences: &[&str]) -> Vec<String> {
         let names: BTreeSet<&str> = self
             .roles
@@ -86,7 +89,7 @@ impl Holdings {
             .filter(|(_, audience)| {
                 audience
                     .as_deref()
-                    .is_none_or(|audience| audiences.contains(&audience))
+                    .is_none_or(|audience| audiences == [audience])
             })
             .map(|(name, _)| name.as_str())
             .collect();
@@ -311,10 +314,8 @@ mod tests {
         };
         assert_eq!(holdings.roles_for(&["orders"]), ["admin", "customer"]);
         assert_eq!(holdings.roles_for(&["keel-api"]), ["customer"]);
-        assert_eq!(
-            holdings.roles_for(&["orders", "payments"]),
-            ["admin", "auditor", "customer"]
-        );
+        // For several audiences, only the roles for none: orders' admin is not payments'.
+        assert_eq!(holdings.roles_for(&["orders", "payments"]), ["customer"]);
     }
 
     #[test]
