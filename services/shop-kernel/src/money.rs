@@ -6,13 +6,36 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// An ISO 4217 currency code: three uppercase ASCII letters.
+/// An ISO 4217 currency code of a currency in use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Currency([u8; 3]);
 
+/// ISO 4217's codes in use (the list of 2025), sorted for a binary search; of the `X`
+/// codes only the currencies (XAF, XCD, XCG, XOF, XPF): precious metals, the test code
+/// and "no currency" are nothing a shop is paid in.
+const ISO_4217: &[[u8; 3]] = &[
+    *b"AED", *b"AFN", *b"ALL", *b"AMD", *b"ANG", *b"AOA", *b"ARS", *b"AUD", *b"AWG", *b"AZN",
+    *b"BAM", *b"BBD", *b"BDT", *b"BGN", *b"BHD", *b"BIF", *b"BMD", *b"BND", *b"BOB", *b"BOV",
+    *b"BRL", *b"BSD", *b"BTN", *b"BWP", *b"BYN", *b"BZD", *b"CAD", *b"CDF", *b"CHE", *b"CHF",
+    *b"CHW", *b"CLF", *b"CLP", *b"CNY", *b"COP", *b"COU", *b"CRC", *b"CUP", *b"CVE", *b"CZK",
+    *b"DJF", *b"DKK", *b"DOP", *b"DZD", *b"EGP", *b"ERN", *b"ETB", *b"EUR", *b"FJD", *b"FKP",
+    *b"GBP", *b"GEL", *b"GHS", *b"GIP", *b"GMD", *b"GNF", *b"GTQ", *b"GYD", *b"HKD", *b"HNL",
+    *b"HTG", *b"HUF", *b"IDR", *b"ILS", *b"INR", *b"IQD", *b"IRR", *b"ISK", *b"JMD", *b"JOD",
+    *b"JPY", *b"KES", *b"KGS", *b"KHR", *b"KMF", *b"KPW", *b"KRW", *b"KWD", *b"KYD", *b"KZT",
+    *b"LAK", *b"LBP", *b"LKR", *b"LRD", *b"LSL", *b"LYD", *b"MAD", *b"MDL", *b"MGA", *b"MKD",
+    *b"MMK", *b"MNT", *b"MOP", *b"MRU", *b"MUR", *b"MVR", *b"MWK", *b"MXN", *b"MXV", *b"MYR",
+    *b"MZN", *b"NAD", *b"NGN", *b"NIO", *b"NOK", *b"NPR", *b"NZD", *b"OMR", *b"PAB", *b"PEN",
+    *b"PGK", *b"PHP", *b"PKR", *b"PLN", *b"PYG", *b"QAR", *b"RON", *b"RSD", *b"RUB", *b"RWF",
+    *b"SAR", *b"SBD", *b"SCR", *b"SDG", *b"SEK", *b"SGD", *b"SHP", *b"SLE", *b"SLL", *b"SOS",
+    *b"SRD", *b"SSP", *b"STN", *b"SVC", *b"SYP", *b"SZL", *b"THB", *b"TJS", *b"TMT", *b"TND",
+    *b"TOP", *b"TRY", *b"TTD", *b"TWD", *b"TZS", *b"UAH", *b"UGX", *b"USD", *b"USN", *b"UYI",
+    *b"UYU", *b"UYW", *b"UZS", *b"VED", *b"VES", *b"VND", *b"VUV", *b"WST", *b"XAF", *b"XCD",
+    *b"XCG", *b"XOF", *b"XPF", *b"YER", *b"ZAR", *b"ZMW", *b"ZWG",
+];
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MoneyError {
-    #[error("a currency is three uppercase letters (ISO 4217), not {0:?}")]
+    #[error("a currency is an ISO 4217 code in use (EUR, USD, …), not {0:?}")]
     Currency(String),
     #[error("an amount is zero or more minor units, not {0}")]
     Negative(i64),
@@ -27,7 +50,7 @@ impl FromStr for Currency {
 
     fn from_str(code: &str) -> Result<Self, MoneyError> {
         match code.as_bytes() {
-            &[a, b, c] if [a, b, c].iter().all(u8::is_ascii_uppercase) => Ok(Self([a, b, c])),
+            &[a, b, c] if ISO_4217.binary_search(&[a, b, c]).is_ok() => Ok(Self([a, b, c])),
             _ => Err(MoneyError::Currency(code.chars().take(16).collect())),
         }
     }
@@ -163,6 +186,14 @@ mod tests {
     }
 
     #[test]
+    fn the_currency_table_is_sorted_for_its_search() {
+        assert!(ISO_4217.windows(2).all(|pair| pair[0] < pair[1]));
+        for code in ["EUR", "USD", "JPY", "XOF", "CLF"] {
+            assert_eq!(code.parse::<Currency>().unwrap().as_str(), code);
+        }
+    }
+
+    #[test]
     fn money_round_trips_as_json_and_bad_json_is_refused() {
         let json = serde_json::to_string(&eur(1250)).unwrap();
         assert_eq!(json, r#"{"minor":1250,"currency":"EUR"}"#);
@@ -170,6 +201,8 @@ mod tests {
         for bad in [
             r#"{"minor":-5,"currency":"EUR"}"#,
             r#"{"minor":5,"currency":"euro"}"#,
+            r#"{"minor":5,"currency":"ZZZ"}"#,
+            r#"{"minor":5,"currency":"XTS"}"#,
             r#"{"minor":5.5,"currency":"EUR"}"#,
             r#"{"minor":5,"currency":"EUR","extra":1}"#,
         ] {
