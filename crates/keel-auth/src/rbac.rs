@@ -2,7 +2,7 @@
 //! unlocks, groups of users, and bindings of roles to users, groups and clients.
 //!
 //! What it decides for a token: its `roles` claim (the subject's roles, directly or
-//! through groups, whose audience is one of the token's or none), and which of the asked
+//! through groups, with no audience, or for the token's one audience), and which of the asked
 //! scopes are granted (a scope some role maps is granted only to holders of such a role).
 
 use std::collections::BTreeSet;

@@ -137,7 +137,15 @@ fn idempotency_key(text: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
-    use super::idempotency_key;
+    use super::{body_problem, idempotency_key};
+
+    #[test]
+    fn refused_bodies_are_413_when_too_large_else_400() {
+        let large = body_problem(http::StatusCode::PAYLOAD_TOO_LARGE, "length limit".into());
+        assert_eq!(large.status(), http::StatusCode::PAYLOAD_TOO_LARGE);
+        let bad = body_problem(http::StatusCode::UNSUPPORTED_MEDIA_TYPE, "no type".into());
+        assert_eq!(bad.status(), http::StatusCode::BAD_REQUEST);
+    }
 
     #[test]
     fn idempotency_keys_are_structured_strings_or_bare_tokens() {

@@ -219,13 +219,15 @@ impl tower::Service<http::Request<tonic::body::Body>> for GrpcChannel {
                 }
                 Err(refusal) => return Err(unavailable(&client.refused(refusal))),
             };
-            // Time spent queueing for a slot is not the instance's to answer for.
+            // Time spent queueing for a slot is not the instance's to answer for, unless
+            // it has not answered since its last failure (see `attempts`).
             let queued = started.elapsed() > Duration::from_millis(1);
             let set = client.endpoints();
             let Some(index) = set.pick(&BalanceConfig::LeastRequest, None, &[], now_nanos()) else {
                 return Err(unavailable(&"no instance is registered and passing"));
             };
             let endpoint = &set.endpoints[index];
+            let queued = queued && !endpoint.stats.failing();
             let answered = {
                 let _in_flight = endpoint.stats.start();
                 let sent = Instant::now();
@@ -647,13 +649,16 @@ impl ServiceClient {
                 .per_try_timeout
                 .map_or(remaining, |t| t.min(remaining));
             // A try whose time was cut short by the call's own deadline (time spent
-            // queueing for a slot, or on earlier tries) says nothing about the instance
-            // when it times out; one given its whole time (the per-try timeout, else the
-            // call's; a tenth spared for the call's own work on a busy machine) does.
+            // queueing for a slot, or on earlier tries) says nothing about an instance
+            // that answers others when it times out (overloaded, not broken); one given
+            // its whole time (the per-try timeout, else the call's; a tenth spared for the
+            // call's own work on a busy machine) does, and so does any try at an instance
+            // that has not answered since its last failure (hung: behind a small bulkhead
+            // every later call is one that queued).
             let full = retry
                 .per_try_timeout
                 .map_or(inner.options.timeout, |t| t.min(inner.options.timeout));
-            let cut_short = per_try < full.mul_f64(0.9);
+            let cut_short = per_try < full.mul_f64(0.9) && !endpoint.stats.failing();
             let outcome = {
                 let _in_flight = endpoint.stats.start();
                 let sent = Instant::now();

@@ -131,6 +131,11 @@ impl EndpointStats {
             .total
     }
 
+    /// Whether its last recorded outcome was a failure: it has not answered since.
+    pub fn failing(&self) -> bool {
+        self.consecutive_failures.load(Ordering::Relaxed) != 0
+    }
+
     pub fn record_success(&self) {
         if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
             self.consecutive_failures.store(0, Ordering::Relaxed);

@@ -13,7 +13,7 @@ use keel_runtime::resilience::retry::RetryConfig;
 use keel_sdk::client::{CallError, ClientOptions, Instances, ServiceClient};
 
 /// An upstream instance: `/work` answers 200 "ok" or, while `failing`, 503; `/slow` takes
-/// two seconds; `/echo` returns the request's `x-request-id`. Counts requests.
+/// two seconds; `/busy` answers `"ok"` (JSON) after 800 ms; `/echo` returns the request's `x-request-id`. Counts requests.
 #[derive(Clone, Default)]
 struct Upstream {
     failing: Arc<AtomicBool>,
@@ -41,6 +41,13 @@ impl Upstream {
                 get(|| async {
                     tokio::time::sleep(Duration::from_secs(2)).await;
                     "late"
+                }),
+            )
+            .route(
+                "/busy",
+                get(|| async {
+                    tokio::time::sleep(Duration::from_millis(800)).await;
+                    axum::Json("ok")
                 }),
             )
             .route(
@@ -228,40 +235,65 @@ async fn timeouts_are_typed_and_kept() {
     );
 }
 
-#[tokio::test]
-async fn a_timeout_counts_against_the_circuit_only_when_the_try_had_its_whole_time() {
-    let upstream = Upstream::default();
-    let client = client(
-        vec![upstream.start().await],
+/// A client of one instance with one slot and a queue, whose circuit opens at half of at
+/// least `min_requests` calls failing.
+fn one_slot(url: String, min_requests: u32) -> ServiceClient {
+    client(
+        vec![url],
         ClientOptions {
             timeout: Duration::from_secs(1),
             retry: no_retries(),
             breaker: BreakerConfig {
                 max_concurrent: 1,
-                max_pending: 4,
-                min_requests: 2,
+                max_pending: 8,
+                min_requests,
                 failure_rate: 0.5,
                 ..BreakerConfig::default()
             },
             ..ClientOptions::default()
         },
-    );
-    // The first call holds the one slot until it times out, a second waits for the slot
-    // half its time and then times out too, in the little time left.
+    )
+}
+
+#[tokio::test]
+async fn a_timeout_after_queueing_at_an_instance_that_answers_does_not_count() {
+    let upstream = Upstream::default();
+    let client = one_slot(upstream.start().await, 2);
+    // Overloaded, not broken: the first call holds the one slot 800 ms and is answered; a
+    // second waits for the slot and times out in the little time left.
     let first = {
         let client = client.clone();
-        tokio::spawn(async move { client.get_json::<String>("/slow").await })
+        tokio::spawn(async move { client.get_json::<String>("/busy").await })
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let second = client.get_json::<String>("/slow").await.unwrap_err();
+    let second = client.get_json::<String>("/busy").await.unwrap_err();
     assert!(matches!(second, CallError::Timeout { .. }), "{second}");
-    let first = first.await.unwrap().unwrap_err();
-    assert!(matches!(first, CallError::Timeout { .. }), "{first}");
-    // One failure of two needed: the queued call's timeout was not the service's.
+    assert_eq!(first.await.unwrap().unwrap(), "ok");
+    // One call recorded, a success: the queued call's timeout was not the service's.
     assert_eq!(client.circuit(), CircuitState::Closed);
     // A call given its whole time that gets no answer is.
     let third = client.get_json::<String>("/slow").await.unwrap_err();
     assert!(matches!(third, CallError::Timeout { .. }), "{third}");
+    assert_eq!(client.circuit(), CircuitState::Open);
+}
+
+#[tokio::test]
+async fn a_hung_instance_behind_a_small_bulkhead_still_opens_the_circuit() {
+    let upstream = Upstream::default();
+    let client = one_slot(upstream.start().await, 3);
+    // Every call but the first waits for the one slot, and all time out: once the instance
+    // has failed and not answered since, a queued call's timeout is its too.
+    let mut calls = Vec::new();
+    for _ in 0..4 {
+        let client = client.clone();
+        calls.push(tokio::spawn(async move {
+            client.get_json::<String>("/slow").await
+        }));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    for call in calls {
+        assert!(call.await.unwrap().is_err());
+    }
     assert_eq!(client.circuit(), CircuitState::Open);
 }
 
