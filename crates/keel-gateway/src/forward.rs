@@ -20,7 +20,7 @@ use keel_runtime::Problem;
 use smallvec::SmallVec;
 
 use crate::auth::ClaimHeaders;
-use crate::balance::{BalanceConfig, EndpointSet};
+use crate::balance::{BalanceConfig, EndpointSet, HashKeyConfig};
 use crate::breaker::Refusal;
 use crate::config::UpstreamProtocol;
 use crate::endpoint::{instant_at, nanos, nanos_at, now_nanos};
@@ -154,7 +154,10 @@ impl Forward {
         claims: Option<Arc<ClaimHeaders>>,
     ) -> Result<(Response, Attempts), Problem> {
         let started = arrival.received;
-        let client_ip = arrival.client.address(&parts.headers);
+        // Read before the forwarding headers are taken out of the map, and only for a
+        // route that hashes by it (behind trusted proxies it is a walk of the chain).
+        let client_ip = matches!(self.balance, BalanceConfig::Hash(HashKeyConfig::ClientIp))
+            .then(|| arrival.client.address(&parts.headers));
         let deadline = started + self.timeout;
         let (mut outgoing, unread) = self
             .outgoing(parts, body, params, arrival.client, claims)
@@ -191,7 +194,7 @@ impl Forward {
             BalanceConfig::Hash(key) => key.hash(
                 &outgoing.headers,
                 |name| outgoing.added.get(name),
-                Some(client_ip),
+                client_ip,
             ),
             _ => None,
         };

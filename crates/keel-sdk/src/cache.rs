@@ -422,9 +422,10 @@ where
             .await?;
         if fetched && inner.generation.load(Ordering::SeqCst) != generation {
             // An invalidation came while this load ran: what it read may predate the
-            // write. This caller gets it (its read overlapped the write); nobody else does.
+            // write. This caller gets it (its read overlapped the write); nobody else does:
+            // not from process memory, and not from Redis, where the invalidation's fence
+            // kept the copy out or its DEL, coming after, removed it.
             inner.local.invalidate(key).await;
-            self.redis_delete(key).await;
         }
         if !fetched {
             inner.stats.local_hits.fetch_add(1, Ordering::Relaxed);
@@ -444,9 +445,6 @@ where
     pub async fn invalidate(&self, key: &str) {
         self.inner.generation.fetch_add(1, Ordering::SeqCst);
         self.inner.local.invalidate(key).await;
-        if self.inner.redis.is_none() {
-            return;
-        }
         let Err(error) = self.invalidate_in_redis(key).await else {
             return;
         };
@@ -583,20 +581,6 @@ where
             .arg(seconds);
         let result = redis
             .run(|mut connection| async move { fill.invoke_async::<i64>(&mut connection).await })
-            .await;
-        if let Err(error) = result {
-            self.redis_error(&error);
-        }
-    }
-
-    /// Deletes `key`'s Redis copy (no broadcast: for a copy this instance just wrote).
-    async fn redis_delete(&self, key: &str) {
-        let Some(redis) = &self.inner.redis else {
-            return;
-        };
-        let redis_key = self.redis_key(key);
-        let result = redis
-            .run(|mut connection| async move { connection.del::<_, i64>(&redis_key).await })
             .await;
         if let Err(error) = result {
             self.redis_error(&error);
