@@ -554,7 +554,16 @@ async fn restrict_to_roles(
 ) -> Result<(), Response> {
     let holder = Subject::User(user.user_id.clone());
     let permitted = match state.rbac.holdings(&holder).await {
-        Ok(holdings) => state.rbac.permitted(&request.scopes, &holdings).await,
+        Ok(holdings) => {
+            state
+                .rbac
+                .permitted(
+                    &request.scopes,
+                    &holdings,
+                    &state.audiences(&request.client),
+                )
+                .await
+        }
         Err(error) => Err(error),
     };
     match permitted {

@@ -333,7 +333,7 @@ pub(crate) async fn post(
     let scopes = match state.rbac.holdings(&holder).await {
         Ok(holdings) => state
             .rbac
-            .permitted(&scopes, &holdings)
+            .permitted(&scopes, &holdings, &state.audiences(&client))
             .await
             .unwrap_or_default(),
         Err(_) => Scopes::default(),

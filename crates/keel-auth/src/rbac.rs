@@ -3,7 +3,8 @@
 //!
 //! What it decides for a token: its `roles` claim (the subject's roles, directly or
 //! through groups, with no audience, or for the token's one audience), and which of the asked
-//! scopes are granted (a scope some role maps is granted only to holders of such a role).
+//! scopes are granted (a scope some role maps is granted only to holders of such a role that
+//! counts in the token: one with no audience, or for the token's one audience).
 
 use std::collections::BTreeSet;
 
@@ -68,8 +69,14 @@ impl From<sqlx::Error> for RbacError {
 pub struct Holdings {
     /// (role, audience) pairs.
     roles: Vec<(String, Option<String>)>,
-    /// Scopes the roles unlock.
-    unlocked: BTreeSet<String>,
+    /// (scope, audience of the role unlocking it) pairs.
+    unlocked: BTreeSet<(String, Option<String>)>,
+}
+
+/// Whether a role for `audience` counts in a token for `audiences`: a role with no
+/// audience always, one for an audience only when that is the token's only one.
+fn counts_in(audience: Option<&str>, audiences: &[&str]) -> bool {
+    audience.is_none_or(|audience| audiences == [audience])
 }
 
 impl Holdings {
@@ -86,14 +93,19 @@ impl Holdings {
         let names: BTreeSet<&str> = self
             .roles
             .iter()
-            .filter(|(_, audience)| {
-                audience
-                    .as_deref()
-                    .is_none_or(|audience| audiences == [audience])
-            })
+            .filter(|(_, audience)| counts_in(audience.as_deref(), audiences))
             .map(|(name, _)| name.as_str())
             .collect();
         names.into_iter().map(str::to_owned).collect()
+    }
+
+    /// Whether a role counting in a token for `audiences` (as for `roles_for`) unlocks
+    /// `scope`: a role held for another audience unlocks nothing here, or a token for
+    /// catalog could carry a scope only orders' administrators hold.
+    fn unlocks(&self, scope: &str, audiences: &[&str]) -> bool {
+        self.unlocked.iter().any(|(unlocked, audience)| {
+            unlocked == scope && counts_in(audience.as_deref(), audiences)
+        })
     }
 }
 
@@ -268,23 +280,26 @@ impl Rbac {
                 .roles
                 .push((row.try_get("name")?, row.try_get("audience")?));
         }
-        for (role, _) in &holdings.roles {
+        for (role, audience) in &holdings.roles {
             let scopes: Vec<String> =
                 sqlx::query_scalar("SELECT scope FROM role_scopes WHERE role = $1")
                     .bind(role)
                     .fetch_all(self.db.pool())
                     .await?;
-            holdings.unlocked.extend(scopes);
+            holdings
+                .unlocked
+                .extend(scopes.into_iter().map(|scope| (scope, audience.clone())));
         }
         Ok(holdings)
     }
 
-    /// The scopes of `asked` that `holdings` may be granted: those no role maps, and
-    /// those its roles unlock.
+    /// The scopes of `asked` that `holdings` may be granted in a token for `audiences`:
+    /// those no role maps, and those its roles counting in such a token unlock.
     pub async fn permitted(
         &self,
         asked: &Scopes,
         holdings: &Holdings,
+        audiences: &[&str],
     ) -> Result<Scopes, RbacError> {
         let restricted: Vec<String> = sqlx::query_scalar("SELECT DISTINCT scope FROM role_scopes")
             .fetch_all(self.db.pool())
@@ -292,7 +307,7 @@ impl Rbac {
         Ok(asked
             .iter()
             .filter(|scope| {
-                !restricted.iter().any(|r| r == scope) || holdings.unlocked.contains(*scope)
+                !restricted.iter().any(|r| r == scope) || holdings.unlocks(scope, audiences)
             })
             .collect())
     }
@@ -316,6 +331,25 @@ mod tests {
         assert_eq!(holdings.roles_for(&["keel-api"]), ["customer"]);
         // For several audiences, only the roles for none: orders' admin is not payments'.
         assert_eq!(holdings.roles_for(&["orders", "payments"]), ["customer"]);
+    }
+
+    #[test]
+    fn scopes_are_unlocked_by_the_roles_that_count_in_the_token() {
+        let holdings = Holdings {
+            roles: vec![
+                ("admin".into(), Some("orders".into())),
+                ("customer".into(), None),
+            ],
+            unlocked: BTreeSet::from([
+                ("orders:write".into(), Some("orders".into())),
+                ("orders:read".into(), None),
+            ]),
+        };
+        assert!(holdings.unlocks("orders:write", &["orders"]));
+        assert!(!holdings.unlocks("orders:write", &["catalog"]));
+        assert!(!holdings.unlocks("orders:write", &["orders", "payments"]));
+        assert!(holdings.unlocks("orders:read", &["orders", "payments"]));
+        assert!(!holdings.unlocks("payments:write", &["orders"]));
     }
 
     #[test]

@@ -173,6 +173,14 @@ impl AppState {
         })
     }
 
+    /// The audiences of the access tokens issued to `client`: its own, or the default.
+    pub(crate) fn audiences<'a>(&'a self, client: &'a Client) -> Vec<&'a str> {
+        match client.audiences.as_slice() {
+            [] => vec![self.config.default_audience.as_str()],
+            many => many.iter().map(String::as_str).collect(),
+        }
+    }
+
     /// A JWT access token (RFC 9068) for `subject`, issued to `client` with `scopes` and
     /// the roles of `holdings` meant for the token's audience.
     /// Its `jti` is recorded with the grant it belongs to (`family`), so that
@@ -190,10 +198,7 @@ impl AppState {
         let expires_in = client
             .access_token_ttl
             .unwrap_or_else(|| self.config.access_token_ttl_seconds());
-        let audiences: Vec<&str> = match client.audiences.as_slice() {
-            [] => vec![self.config.default_audience.as_str()],
-            many => many.iter().map(String::as_str).collect(),
-        };
+        let audiences = self.audiences(client);
         let audience = match audiences.as_slice() {
             [one] => json!(one),
             many => json!(many),
@@ -330,13 +335,11 @@ impl AuthServer {
         };
         let state = Arc::new(AppState::open(config, issuer, clock, true).await?);
         let router = router(Arc::clone(&state));
-        let http = HttpServer::from_listener(
-            "auth",
-            listener,
-            router,
-            Health::new(),
-            state.config.http.clone(),
-        );
+        // Not ready without its database: every sign-in and token needs it.
+        let health = Health::new();
+        state.db.add_ready_check(&health);
+        let http =
+            HttpServer::from_listener("auth", listener, router, health, state.config.http.clone());
         Ok(Self { http, state })
     }
 

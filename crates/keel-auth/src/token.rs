@@ -376,7 +376,7 @@ async fn client_credentials(
         .map_err(server_error)?;
     let scopes = state
         .rbac
-        .permitted(&scopes, &holdings)
+        .permitted(&scopes, &holdings, &state.audiences(client))
         .await
         .map_err(server_error)?;
     let issued = state
@@ -739,7 +739,7 @@ async fn refresh_token(
     let holdings = state.rbac.holdings(&holder).await.map_err(server_error)?;
     let scopes = state
         .rbac
-        .permitted(&scopes, &holdings)
+        .permitted(&scopes, &holdings, &state.audiences(client))
         .await
         .map_err(server_error)?;
     let issued = state

@@ -130,7 +130,7 @@ impl Gateway {
                 .headers()
                 .get(TRACEPARENT)
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.get(3..35))
+                .and_then(keel_runtime::trace_context::trace_id)
                 .map(str::to_owned)
         });
         let span = if keel_runtime::telemetry::exporting_traces() {

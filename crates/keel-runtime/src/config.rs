@@ -110,14 +110,26 @@ fn describe(figment: &Figment, errors: figment::Error) -> ConfigError {
         .into_iter()
         .map(|error| {
             let key = error.path.join(".");
+            // What the key holds, with every string that may be a credential redacted:
+            // the value printed and serde's message (which repeats a refused string) alike.
+            let mut secrets = Vec::new();
             let value = if key.is_empty() {
                 None
             } else {
-                figment.find_value(&key).ok().map(|value| match value {
-                    figment::value::Value::String(_, s) => format!("{s:?}"),
-                    other => serde_json::to_string(&other).unwrap_or_else(|_| "?".into()),
+                figment.find_value(&key).ok().map(|value| {
+                    let value = redacted(&key, value, &mut secrets);
+                    match value {
+                        Value::String(_, s) => format!("{s:?}"),
+                        other => serde_json::to_string(&other).unwrap_or_else(|_| "?".into()),
+                    }
                 })
             };
+            let mut kind = error.kind.to_string();
+            for secret in &secrets {
+                kind = kind
+                    .replace(&format!("{secret:?}"), REDACTED)
+                    .replace(secret.as_str(), REDACTED);
+            }
             let source = error
                 .metadata
                 .as_ref()
@@ -127,18 +139,61 @@ fn describe(figment: &Figment, errors: figment::Error) -> ConfigError {
                 })
                 .unwrap_or_default();
             match (key.is_empty(), value) {
-                (true, _) => format!("invalid configuration: {}{source}", error.kind),
-                (false, Some(value)) => format!(
-                    "invalid configuration key `{key}` = {value}{source}: {}",
-                    error.kind
-                ),
-                (false, None) => {
-                    format!("invalid configuration key `{key}`{source}: {}", error.kind)
+                (true, _) => format!("invalid configuration: {kind}{source}"),
+                (false, Some(value)) => {
+                    format!("invalid configuration key `{key}` = {value}{source}: {kind}")
                 }
+                (false, None) => format!("invalid configuration key `{key}`{source}: {kind}"),
             }
         })
         .collect();
     ConfigError(lines.join("\n"))
+}
+
+/// `value` (found at `key`) with every string that may be a credential replaced by
+/// [`REDACTED`], each such string added to `secrets`. A configuration error is printed
+/// before the configuration is typed, so [`Secret`] cannot hide these yet.
+fn redacted(key: &str, value: Value, secrets: &mut Vec<String>) -> Value {
+    match value {
+        Value::String(tag, text) if may_be_secret(key, &text) => {
+            secrets.push(text);
+            Value::String(tag, REDACTED.to_owned())
+        }
+        Value::Dict(tag, dict) => Value::Dict(
+            tag,
+            dict.into_iter()
+                .map(|(name, value)| {
+                    let value = redacted(&name, value, secrets);
+                    (name, value)
+                })
+                .collect(),
+        ),
+        Value::Array(tag, values) => Value::Array(
+            tag,
+            values
+                .into_iter()
+                .map(|value| redacted(key, value, secrets))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+/// Whether the string `text` at `key` may be a credential: the value of a key named like
+/// one (`password`, `client_secret`, `admin_token`, `key_encryption_key`, …), or a URL
+/// carrying a user and password or a `password=` parameter (database, broker and Redis
+/// URLs).
+fn may_be_secret(key: &str, text: &str) -> bool {
+    let name = key.rsplit('.').next().unwrap_or(key).to_ascii_lowercase();
+    let named = ["password", "secret", "token", "key"]
+        .iter()
+        .any(|word| name.contains(word));
+    let authority = text
+        .split_once("://")
+        .map(|(_, rest)| rest.split(['/', '?', '#']).next().unwrap_or(rest));
+    named
+        || authority.is_some_and(|authority| authority.contains('@'))
+        || text.contains("password=")
 }
 
 /// Renders a configuration as TOML for `keel config`; [`Secret`] values print redacted.
@@ -289,6 +344,73 @@ mod tests {
         let text = error.to_string();
         assert!(text.contains("server.listen"), "{text}");
         assert!(text.contains("not-an-address"), "{text}");
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Connections {
+        #[serde(rename = "bus")]
+        _bus: Bus,
+        #[serde(default, rename = "admin")]
+        _admin: Option<Admin>,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum Bus {
+        InProcess,
+    }
+
+    #[derive(Debug, Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Admin {
+        #[serde(rename = "port")]
+        _port: u16,
+    }
+
+    #[test]
+    fn errors_never_print_what_may_be_a_credential() {
+        // serde repeats a refused string in its message ("unknown variant `…`").
+        let error = from_toml::<Connections>("bus = \"amqp://app:S3cret@mq:5672/%2f\"\n")
+            .expect_err("not a variant");
+        let text = error.to_string();
+        assert!(!text.contains("S3cret"), "{text}");
+        assert!(text.contains("`bus`") && text.contains(REDACTED), "{text}");
+
+        // A wrong key beside a secret prints its table with the secret redacted.
+        let error = from_toml::<Connections>(
+            "bus = \"in_process\"\n[admin]\nport = 1\nadmin_token = \"hunter2\"\n",
+        )
+        .expect_err("unknown key");
+        let text = error.to_string();
+        assert!(!text.contains("hunter2"), "{text}");
+        assert!(text.contains("admin_token"), "{text}");
+
+        // A value that is no credential still prints, to say what was wrong.
+        let error =
+            from_toml::<Connections>("bus = \"kafka://broker:9092\"\n").expect_err("not a variant");
+        assert!(error.to_string().contains("kafka://broker:9092"), "{error}");
+    }
+
+    #[test]
+    fn credentials_are_told_by_key_name_or_url() {
+        for (key, text) in [
+            ("auth.key_encryption_key", "abc"),
+            ("gateway.admin_token", "abc"),
+            ("db.password", "abc"),
+            ("catalog.bus", "amqp://app:pw@mq/%2f"),
+            ("cache", "redis://:pw@r:6379/0"),
+            ("database", "postgres://db/shop?password=pw"),
+        ] {
+            assert!(may_be_secret(key, text), "{key} = {text}");
+        }
+        for (key, text) in [
+            ("server.listen", "127.0.0.1:80"),
+            ("catalog.bus", "amqp://mq:5672/%2f"),
+            ("routes.upstream", "http://svc/a@b"),
+        ] {
+            assert!(!may_be_secret(key, text), "{key} = {text}");
+        }
     }
 
     #[test]

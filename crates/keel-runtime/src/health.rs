@@ -1,10 +1,12 @@
 //! Liveness and readiness: `/health/live` answers while the process runs; `/health/ready`
-//! runs every registered dependency check and answers 503 when any fails.
+//! runs every registered dependency check and answers 503 when any fails. Its answer is
+//! reused for a second, and callers meanwhile wait for the round under way: the endpoint
+//! needs no token, so a flood of probes must not become a flood of database queries.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::State;
@@ -19,13 +21,19 @@ type CheckFn = Arc<dyn Fn() -> CheckFuture + Send + Sync>;
 /// How long one readiness check may take before it counts as failed.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// How long a readiness answer is reused.
+const ANSWER_KEPT: Duration = Duration::from_secs(1);
+
 /// The dependency checks behind `/health/ready`.
 #[derive(Clone, Default)]
 pub struct Health {
     checks: Arc<RwLock<Vec<(String, CheckFn)>>>,
+    /// The last answer and when its round ended; locked for a whole round, so that
+    /// concurrent callers share it.
+    last: Arc<tokio::sync::Mutex<Option<(Instant, bool, ReadyReport)>>>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 struct CheckReport {
     name: String,
     status: &'static str,
@@ -33,7 +41,7 @@ struct CheckReport {
     error: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 struct ReadyReport {
     status: &'static str,
     checks: Vec<CheckReport>,
@@ -57,7 +65,20 @@ impl Health {
             .push((name.to_owned(), check));
     }
 
+    /// The last round's answer while it is fresh, else a new round's.
     async fn ready(&self) -> (bool, ReadyReport) {
+        let mut last = self.last.lock().await;
+        if let Some((at, ok, report)) = last.as_ref()
+            && at.elapsed() < ANSWER_KEPT
+        {
+            return (*ok, report.clone());
+        }
+        let (ok, report) = self.check_all().await;
+        *last = Some((Instant::now(), ok, report.clone()));
+        (ok, report)
+    }
+
+    async fn check_all(&self) -> (bool, ReadyReport) {
         let checks: Vec<(String, CheckFn)> = self
             .checks
             .read()
@@ -117,5 +138,30 @@ mod tests {
         assert_eq!(broker.error.as_deref(), Some("connection refused"));
         let (ok, _) = Health::new().ready().await;
         assert!(ok, "no checks means ready");
+    }
+
+    #[tokio::test]
+    async fn concurrent_and_close_callers_share_one_round_of_checks() {
+        let health = Health::new();
+        let rounds = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = Arc::clone(&rounds);
+        health.add_check("database", move || {
+            let counted = Arc::clone(&counted);
+            async move {
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                Ok(())
+            }
+        });
+        let answers = join_all((0..50).map(|_| health.ready())).await;
+        assert!(answers.iter().all(|(ok, _)| *ok));
+        assert_eq!(rounds.load(std::sync::atomic::Ordering::SeqCst), 1);
+        tokio::time::sleep(ANSWER_KEPT).await;
+        health.ready().await;
+        assert_eq!(
+            rounds.load(std::sync::atomic::Ordering::SeqCst),
+            2,
+            "checked again once the answer is old"
+        );
     }
 }

@@ -3,17 +3,25 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{MatchedPath, Request};
+use axum::extract::{ConnectInfo, MatchedPath, Request};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use http::{HeaderValue, header::HeaderName};
+use http::{HeaderValue, StatusCode, header::HeaderName};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
 use opentelemetry::trace::TraceContextExt;
 use serde::{Deserialize, Serialize};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
 use tracing::Instrument;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -35,14 +43,76 @@ pub struct HttpServerConfig {
     /// How long in-flight requests may take to finish once shutdown starts.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// Time to receive a request's headers, which is also how long a kept-alive HTTP/1.1
+    /// connection may sit idle between requests: a client that sends its headers a byte at
+    /// a time (slowloris) or opens connections and sends nothing is cut off after it.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Open connections; beyond it new ones are closed at once, so that clients cannot
+    /// take every file descriptor of the process (`keel up` runs every component in one).
+    pub max_connections: usize,
 }
 
 impl Default for HttpServerConfig {
     fn default() -> Self {
         Self {
             drain_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(30),
+            max_connections: 1024,
         }
     }
+}
+
+impl HttpServerConfig {
+    /// hyper's connection settings for HTTP/2 (`true`) or HTTP/1.1: HTTP/1.1 with the
+    /// header timeout, HTTP/2 with pings on the same period (an idle connection whose
+    /// peer is gone is closed). One protocol each: which one is told by [`speaks_http2`],
+    /// since hyper's own detection waits for the first bytes for ever.
+    fn builder(&self, http2: bool) -> auto::Builder<TokioExecutor> {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(self.header_read_timeout);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(self.header_read_timeout))
+            .keep_alive_timeout(Duration::from_secs(20));
+        if http2 {
+            builder.http2_only()
+        } else {
+            builder.http1_only()
+        }
+    }
+}
+
+/// HTTP/2's connection preface (RFC 9113 §3.4), which a client speaking it with prior
+/// knowledge (h2c, gRPC) sends first.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the client on `stream` speaks HTTP/2, from its first bytes (left unread for
+/// hyper); `None` when it closes, or sends too little to tell within `within`.
+async fn speaks_http2(stream: &TcpStream, within: Duration) -> Option<bool> {
+    let mut first = [0u8; H2_PREFACE.len()];
+    let tell = async {
+        loop {
+            let read = stream.peek(&mut first).await.ok()?;
+            if read == 0 {
+                return None;
+            }
+            if first[..read] != H2_PREFACE[..read] {
+                return Some(false);
+            }
+            if read == H2_PREFACE.len() {
+                return Some(true);
+            }
+            // Part of the preface: the rest is still to come (peeking again at once would
+            // only see the same bytes).
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+    tokio::time::timeout(within, tell).await.ok().flatten()
 }
 
 /// Why a server could not start listening.
@@ -130,24 +200,63 @@ impl HttpServer {
     pub async fn run(self, shutdown: Shutdown) -> io::Result<()> {
         let addr = self.local_addr();
         tracing::info!(component = %self.component, %addr, "listening");
-        let serve = axum::serve(
-            self.listener,
-            self.router
-                .into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(shutdown.signalled());
+        // hyper directly rather than `axum::serve`, which sets no timer: without one a
+        // connection that never finishes its headers, or sits idle, is held for ever.
+        let builders = Arc::new([self.config.builder(false), self.config.builder(true)]);
+        let within = self.config.header_read_timeout;
+        let slots = Arc::new(Semaphore::new(self.config.max_connections));
+        let graceful = GracefulShutdown::new();
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    // Out of file descriptors and the like: pause rather than spin.
+                    Err(error) => {
+                        tracing::warn!(component = %self.component, %error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = shutdown.wait() => break,
+            };
+            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                ::metrics::counter!("keel_http_connections_refused_total").increment(1);
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let router = self.router.clone();
+            let service = service_fn(move |mut request: http::Request<Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                router.clone().oneshot(request)
+            });
+            let builders = Arc::clone(&builders);
+            let watcher = graceful.watcher();
+            let stop = shutdown.signalled();
+            tokio::spawn(async move {
+                let _slot = slot;
+                let http2 = tokio::select! {
+                    http2 = speaks_http2(&stream, within) => http2,
+                    () = stop => None,
+                };
+                let Some(http2) = http2 else {
+                    return;
+                };
+                let connection = builders[usize::from(http2)]
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service);
+                if let Err(error) = watcher.watch(connection.into_owned()).await {
+                    tracing::debug!(%peer, %error, "connection ended with an error");
+                }
+            });
+        }
+        drop(self.listener);
         let drain = self.config.drain_timeout;
-        let deadline = async {
-            shutdown.wait().await;
-            tokio::time::sleep(drain).await;
-        };
         tokio::select! {
-            result = serve => result,
-            () = deadline => {
+            () = graceful.shutdown() => {}
+            () = tokio::time::sleep(drain) => {
                 tracing::warn!(component = %self.component, ?drain, "drain deadline passed with requests still open");
-                Ok(())
             }
         }
+        Ok(())
     }
 }
 
@@ -163,6 +272,8 @@ fn stack(router: Router, health: Health) -> Router {
         .route("/metrics", get(|| async { metrics::render() }));
     router
         .merge(standard)
+        // After the merge: it reaches only the routes there are by then.
+        .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
         .layer(middleware::from_fn(metrics::http_metrics))
         .layer(middleware::from_fn(trace_span))
@@ -172,6 +283,21 @@ fn stack(router: Router, health: Health) -> Router {
 async fn not_found(request: Request) -> Response {
     Problem::not_found(format!(
         "no route for {} {}",
+        request.method(),
+        request.uri().path()
+    ))
+    .into_response()
+}
+
+/// A path served, with another method (axum adds `Allow`).
+async fn method_not_allowed(request: Request) -> Response {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "Method not allowed",
+    )
+    .with_detail(format!(
+        "{} is not allowed on {}",
         request.method(),
         request.uri().path()
     ))
@@ -410,6 +536,27 @@ mod tests {
             crate::problem::CONTENT_TYPE
         );
         assert!(response.headers().contains_key("x-request-id"));
+    }
+
+    #[tokio::test]
+    async fn a_known_path_with_another_method_is_problem_json_405() {
+        for path in ["/items/1", "/health/live"] {
+            let response = app()
+                .oneshot(Request::post(path).body(Body::empty()).expect("request"))
+                .await
+                .expect("response");
+            assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED, "{path}");
+            assert_eq!(
+                response.headers()["content-type"],
+                crate::problem::CONTENT_TYPE
+            );
+            assert!(
+                response.headers()["allow"]
+                    .to_str()
+                    .expect("ascii")
+                    .contains("GET")
+            );
+        }
     }
 
     #[tokio::test]

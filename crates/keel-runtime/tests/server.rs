@@ -1,4 +1,5 @@
-//! The HTTP server stack over a real socket: drain on shutdown, trace context propagation.
+//! The HTTP server stack over a real socket: drain on shutdown, limits on slow and idle
+//! clients and on connections, trace context propagation.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -9,24 +10,34 @@ use axum::Router;
 use axum::routing::get;
 use keel_runtime::{Health, HttpServer, HttpServerConfig, Shutdown};
 use opentelemetry::trace::TracerProvider as _;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 use tracing_subscriber::layer::SubscriberExt;
 
-async fn serve(
-    router: Router,
-    drain: Duration,
-) -> (
+type Served = (
     SocketAddr,
     Shutdown,
     tokio::task::JoinHandle<std::io::Result<()>>,
-) {
+);
+
+async fn serve(router: Router, drain: Duration) -> Served {
+    serve_with(
+        router,
+        HttpServerConfig {
+            drain_timeout: drain,
+            ..HttpServerConfig::default()
+        },
+    )
+    .await
+}
+
+async fn serve_with(router: Router, config: HttpServerConfig) -> Served {
     let server = HttpServer::bind(
         "test",
         "127.0.0.1:0".parse().unwrap(),
         router,
         Health::new(),
-        HttpServerConfig {
-            drain_timeout: drain,
-        },
+        config,
     )
     .await
     .unwrap();
@@ -85,6 +96,150 @@ async fn the_drain_deadline_cuts_requests_that_never_finish() {
         "waited for the deadline ({took:?})"
     );
     assert!(took < Duration::from_secs(3), "but not longer ({took:?})");
+}
+
+/// How long the server takes to close `stream` (reading whatever it sends first), or
+/// `None` if it keeps it open for `patience`.
+async fn closed_within(stream: &mut TcpStream, patience: Duration) -> Option<Duration> {
+    let started = Instant::now();
+    let mut buffer = [0u8; 4096];
+    tokio::time::timeout(patience, async {
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return started.elapsed(),
+                Ok(_) => {}
+            }
+        }
+    })
+    .await
+    .ok()
+}
+
+fn hello() -> Router {
+    Router::new().route("/hello", get(|| async { "hello" }))
+}
+
+#[tokio::test]
+async fn slow_and_idle_clients_are_cut_off_after_the_header_timeout() {
+    let (addr, shutdown, handle) = serve_with(
+        hello(),
+        HttpServerConfig {
+            header_read_timeout: Duration::from_millis(500),
+            ..HttpServerConfig::default()
+        },
+    )
+    .await;
+    // Slowloris: headers begun, never finished, a byte now and then.
+    let mut slow = TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let trickle = tokio::spawn({
+        let mut writer = TcpStream::connect(addr).await.unwrap();
+        async move {
+            writer.write_all(b"GET /hello HTTP/1.1\r\n").await.unwrap();
+            let started = Instant::now();
+            for _ in 0..40 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if writer.write_all(b"X-A: b\r\n").await.is_err() {
+                    return Some(started.elapsed());
+                }
+            }
+            None
+        }
+    });
+    // Connected and silent.
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    // Part of HTTP/2's preface, then nothing.
+    let mut preface = TcpStream::connect(addr).await.unwrap();
+    preface.write_all(b"PRI * HTTP/2.0\r\n").await.unwrap();
+    // Kept alive after a request, then idle.
+    let mut idle = TcpStream::connect(addr).await.unwrap();
+    idle.write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+
+    for (name, stream) in [
+        ("slow", &mut slow),
+        ("silent", &mut silent),
+        ("preface", &mut preface),
+        ("idle", &mut idle),
+    ] {
+        let closed = closed_within(stream, Duration::from_secs(5)).await;
+        let closed = closed.unwrap_or_else(|| panic!("{name}: still open after 5 s"));
+        assert!(
+            closed < Duration::from_secs(3),
+            "{name}: closed after {closed:?}"
+        );
+    }
+    let cut = trickle
+        .await
+        .unwrap()
+        .expect("a trickling client is cut off");
+    assert!(cut < Duration::from_secs(3), "trickle cut after {cut:?}");
+
+    // A client that sends its request in time is served.
+    let body = reqwest::get(format!("http://{addr}/hello"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body, "hello");
+    shutdown.trigger();
+    handle.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn connections_beyond_the_limit_are_closed_and_the_held_ones_served() {
+    let (addr, shutdown, handle) = serve_with(
+        hello(),
+        HttpServerConfig {
+            max_connections: 2,
+            ..HttpServerConfig::default()
+        },
+    )
+    .await;
+    let mut held = [
+        TcpStream::connect(addr).await.unwrap(),
+        TcpStream::connect(addr).await.unwrap(),
+    ];
+    // Each held connection answers, so both are the server's before the third comes.
+    for stream in &mut held {
+        stream
+            .write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buffer = [0u8; 1024];
+        let read = stream.read(&mut buffer).await.unwrap();
+        assert!(buffer[..read].starts_with(b"HTTP/1.1 200"));
+    }
+    let mut third = TcpStream::connect(addr).await.unwrap();
+    let _ = third
+        .write_all(b"GET /hello HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let mut buffer = [0u8; 1024];
+    let read = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buffer))
+        .await
+        .expect("closed at once, not left hanging");
+    assert!(matches!(read, Ok(0) | Err(_)), "the third is not served");
+
+    // The held connections close; a freed slot takes a new one.
+    drop(held);
+    let served = async {
+        loop {
+            if let Ok(response) = reqwest::get(format!("http://{addr}/hello")).await {
+                return response.text().await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    let body = tokio::time::timeout(Duration::from_secs(5), served)
+        .await
+        .expect("a freed slot takes a new connection");
+    assert_eq!(body, "hello");
+    shutdown.trigger();
+    handle.await.unwrap().unwrap();
 }
 
 #[test]

@@ -482,6 +482,21 @@ impl Database {
         &self.pool
     }
 
+    /// Adds this database to `health`'s readiness checks, as `database`: a `SELECT 1`.
+    pub fn add_ready_check(&self, health: &keel_runtime::Health) {
+        let pool = self.pool.clone();
+        health.add_check("database", move || {
+            let pool = pool.clone();
+            async move {
+                sqlx::query("SELECT 1")
+                    .execute(&pool)
+                    .await
+                    .map(drop)
+                    .map_err(|error| error.to_string())
+            }
+        });
+    }
+
     pub fn backend(&self) -> Backend {
         self.backend
     }

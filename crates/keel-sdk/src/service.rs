@@ -248,17 +248,7 @@ impl Service {
             None => None,
         };
         let health = Health::new();
-        let pool = db.pool().clone();
-        health.add_check("database", move || {
-            let pool = pool.clone();
-            async move {
-                sqlx::query("SELECT 1")
-                    .execute(&pool)
-                    .await
-                    .map(drop)
-                    .map_err(|error| error.to_string())
-            }
-        });
+        db.add_ready_check(&health);
         let mut service = Self {
             name: name.to_owned(),
             config: config.clone(),

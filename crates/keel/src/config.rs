@@ -41,11 +41,24 @@ pub struct RuntimeConfig {
 
 impl RuntimeConfig {
     pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
-        let threads = self.worker_threads.or_else(|| {
-            std::env::var("TOKIO_WORKER_THREADS")
-                .ok()
-                .and_then(|v| v.parse().ok())
-        });
+        let threads = match self.worker_threads {
+            Some(threads) => Some(threads),
+            // tokio reads it again and panics on what it cannot use: refused here first.
+            None => match std::env::var("TOKIO_WORKER_THREADS") {
+                Ok(value) => match value.trim().parse::<usize>() {
+                    Ok(threads) if threads > 0 => Some(threads),
+                    _ => {
+                        return Err(std::io::Error::new(
+                            std::io::ErrorKind::InvalidInput,
+                            format!(
+                                "TOKIO_WORKER_THREADS={value:?} is not a number of threads above 0"
+                            ),
+                        ));
+                    }
+                },
+                Err(_) => None,
+            },
+        };
         match threads {
             Some(1) => tokio::runtime::Builder::new_current_thread()
                 .enable_all()

@@ -56,6 +56,32 @@ fn a_bad_configuration_value_stops_the_start_with_key_and_value() {
 }
 
 #[test]
+fn an_unusable_worker_thread_count_is_an_error_not_a_panic() {
+    let output = keel()
+        .arg("config")
+        .env("TOKIO_WORKER_THREADS", "many")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("TOKIO_WORKER_THREADS=\"many\""), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn a_configuration_error_never_prints_a_password() {
+    let output = keel()
+        .arg("config")
+        .env("KEEL_CATALOG__BUS", "amqp://app:very-secret-pw@mq:5672/%2f")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("catalog.bus"), "{stderr}");
+    assert!(!stderr.contains("very-secret"), "{stderr}");
+}
+
+#[test]
 fn config_prints_the_effective_configuration_with_secrets_redacted() {
     let output = keel()
         .arg("config")

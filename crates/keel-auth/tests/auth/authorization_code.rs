@@ -43,7 +43,7 @@ pub async fn flow(store: &Store) -> Flow {
             auth_method: AuthMethod::None,
             redirect_uris: vec![REDIRECT.into()],
             grant_types: vec![GrantType::AuthorizationCode, GrantType::RefreshToken],
-            scopes: "openid profile email orders:read orders:write".into(),
+            scopes: "openid profile email orders:read orders:write payments:read".into(),
             audiences: vec![],
             signing_alg: None,
             access_token_ttl: None,

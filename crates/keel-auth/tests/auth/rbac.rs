@@ -8,8 +8,8 @@ use crate::authorization_code::{
 use crate::browser::Browser;
 use crate::helpers::*;
 
-/// Alice is staff (the group holds `admin`, which unlocks `orders:write`); Bob holds
-/// nothing.
+/// Alice is staff (the group holds `admin`, which unlocks `orders:write`) and an auditor
+/// of payments (a role for that audience, unlocking `payments:read`); Bob holds nothing.
 pub async fn staffed(store: &Store) -> (Flow, String) {
     let flow = flow(store).await;
     let admin = &flow.app.admin;
@@ -18,7 +18,12 @@ pub async fn staffed(store: &Store) -> (Flow, String) {
         .await
         .unwrap();
     admin
-        .create_role("auditor", Some("payments"), "reads payments", "")
+        .create_role(
+            "auditor",
+            Some("payments"),
+            "reads payments",
+            "payments:read",
+        )
         .await
         .unwrap();
     admin.create_group("staff").await.unwrap();
@@ -70,10 +75,16 @@ pub async fn tokens_for(flow: &Flow, username: &str, scope: &str) -> Token {
 async fn a_guarded_scope_goes_only_to_its_roles_holders_and_roles_follow_the_audience() {
     for store in stores().await {
         let (flow, _) = staffed(&store).await;
-        let alice = tokens_for(&flow, "alice", "openid orders:read orders:write").await;
+        let alice = tokens_for(
+            &flow,
+            "alice",
+            "openid orders:read orders:write payments:read",
+        )
+        .await;
+        // `auditor` is for the payments audience, not this token's (keel-api): neither the
+        // role nor the scope it unlocks is in the token.
         assert_eq!(alice.body["scope"], "openid orders:read orders:write");
         let access = claims(alice.body["access_token"].as_str().unwrap());
-        // `auditor` is for the payments audience, not this token's (keel-api).
         assert_eq!(access["roles"], serde_json::json!(["admin"]));
 
         let bob = tokens_for(&flow, "bob", "openid orders:read orders:write").await;
