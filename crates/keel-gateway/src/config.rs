@@ -95,7 +95,8 @@ impl Default for GatewayConfig {
 pub struct UpstreamClientConfig {
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
-    /// How long an unused pooled connection is kept.
+    /// How long an unused pooled connection is kept: below the upstreams' own idle
+    /// timeout (Keel's services: 75 s), so that the gateway, not the upstream, closes it.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     pub max_idle_per_host: usize,
@@ -105,7 +106,8 @@ impl Default for UpstreamClientConfig {
     fn default() -> Self {
         Self {
             connect_timeout: Duration::from_secs(2),
-            idle_timeout: Duration::from_secs(90),
+            // NGINX's upstream keepalive_timeout.
+            idle_timeout: Duration::from_secs(60),
             max_idle_per_host: 256,
         }
     }

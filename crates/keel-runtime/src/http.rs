@@ -44,8 +44,11 @@ pub struct HttpServerConfig {
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
     /// Time to receive a request's headers, which is also how long a kept-alive HTTP/1.1
-    /// connection may sit idle between requests: a client that sends its headers a byte at
-    /// a time (slowloris) or opens connections and sends nothing is cut off after it.
+    /// connection may sit idle between requests (hyper has one clock for both): a client
+    /// that sends its headers a byte at a time (slowloris) or opens connections and sends
+    /// nothing is cut off after it. Keep it above the idle timeout of the pools that call
+    /// this server (the gateway's and the SDK client's, 60 s), or a pooled connection can
+    /// be reused just as it is closed.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// Open connections; beyond it new ones are closed at once, so that clients cannot
@@ -57,7 +60,8 @@ impl Default for HttpServerConfig {
     fn default() -> Self {
         Self {
             drain_timeout: Duration::from_secs(10),
-            header_read_timeout: Duration::from_secs(30),
+            // NGINX's keepalive_timeout.
+            header_read_timeout: Duration::from_secs(75),
             max_connections: 1024,
         }
     }

@@ -25,6 +25,9 @@ use keel_runtime::resilience::retry::{RetryBudget, RetryConfig, is_idempotent};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+/// How long an unused pooled connection is kept.
+const POOL_IDLE: Duration = Duration::from_secs(60);
+
 /// How a client calls one service.
 #[derive(Debug, Clone)]
 pub struct ClientOptions {
@@ -358,6 +361,9 @@ impl ServiceClient {
         }
         let http = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
+            // Below Keel's servers' idle timeout (75 s): the pool closes its connections
+            // before a server does, so none is reused just as the server closes it.
+            .pool_idle_timeout(POOL_IDLE)
             .build()
             .map_err(|error| CallError::Request(error.to_string()))?;
         let stats = StatsDirectory::default();
