@@ -9,7 +9,6 @@ use keel_auth::crypto::Secrets;
 use keel_auth::{
     AuthAdmin, AuthMethod, AuthServer, GrantType, NewClient, NewUser, SigningAlg, Subject,
 };
-use keel_runtime::Shutdown;
 
 use crate::config::KeelConfig;
 use crate::up::serve_alone;
@@ -129,9 +128,10 @@ enum ClientCommand {
 pub async fn run(args: AuthArgs, config: KeelConfig) -> anyhow::Result<()> {
     let command = args.command.unwrap_or(AuthCommand::Serve);
     if let AuthCommand::Serve = command {
-        let shutdown = Shutdown::new();
-        let server = AuthServer::build(config.auth, &shutdown).await?;
-        return serve_alone(&config.telemetry, shutdown, server).await;
+        return serve_alone(&config.telemetry, "auth", async |shutdown| {
+            Ok(AuthServer::build(config.auth, shutdown).await?)
+        })
+        .await;
     }
     if let AuthCommand::Key = command {
         println!("{}", Secrets::generate_key());

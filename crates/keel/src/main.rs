@@ -77,15 +77,16 @@ fn main() -> ExitCode {
             Command::Registry(args) => registry_cmd::run(args, config).await,
             Command::Events(args) => events_cmd::run(args).await,
             Command::Gateway => {
-                let shutdown = keel_runtime::Shutdown::new();
                 let source = KeelConfig::gateway_source(cli.config.as_deref());
-                let server = keel_gateway::GatewayServer::build_with_source(
-                    config.gateway,
-                    source,
-                    &shutdown,
-                )
-                .await?;
-                up::serve_alone(&config.telemetry, shutdown, server).await
+                up::serve_alone(&config.telemetry, "gateway", async |shutdown| {
+                    Ok(keel_gateway::GatewayServer::build_with_source(
+                        config.gateway,
+                        source,
+                        shutdown,
+                    )
+                    .await?)
+                })
+                .await
             }
             Command::Auth(args) => auth_cmd::run(args, config).await,
             Command::Token(args) => auth_cmd::token(args, config).await,

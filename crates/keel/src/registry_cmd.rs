@@ -3,7 +3,6 @@
 use clap::{Args, Subcommand};
 use keel_registry::RegistryServer;
 use keel_registry::client::{InstancesQuery, RegistryClient};
-use keel_runtime::Shutdown;
 
 use crate::config::KeelConfig;
 use crate::up::serve_alone;
@@ -37,9 +36,10 @@ pub async fn run(args: RegistryArgs, config: KeelConfig) -> anyhow::Result<()> {
 }
 
 async fn serve(config: KeelConfig) -> anyhow::Result<()> {
-    let shutdown = Shutdown::new();
-    let server = RegistryServer::build(config.registry, &shutdown).await?;
-    serve_alone(&config.telemetry, shutdown, server).await
+    serve_alone(&config.telemetry, "registry", async |shutdown| {
+        Ok(RegistryServer::build(config.registry, shutdown).await?)
+    })
+    .await
 }
 
 async fn list(url: &str) -> anyhow::Result<()> {

@@ -266,22 +266,26 @@ pub async fn run(config: KeelConfig, file: Option<&Path>, args: &UpArgs) -> anyh
     result.and(registry)
 }
 
-/// Runs one component alone (`keel registry`, `keel gateway`) until a signal.
+/// Builds and runs one component alone (`keel registry`, `keel gateway`, `keel auth`)
+/// until a signal. Logging starts first, so that what the build warns of is seen.
 pub async fn serve_alone<S: Server>(
     telemetry_config: &telemetry::TelemetryConfig,
-    shutdown: Shutdown,
-    server: S,
+    name: &str,
+    build: impl AsyncFnOnce(&Shutdown) -> anyhow::Result<S>,
 ) -> anyhow::Result<()> {
-    let guard = telemetry::init(
-        telemetry_config,
-        &format!("keel-{}", server.name()),
-        &instance_id(),
-    )?;
+    let guard = telemetry::init(telemetry_config, &format!("keel-{name}"), &instance_id())?;
+    let shutdown = Shutdown::new();
     shutdown.trigger_on_signals();
-    let mut servers = JoinSet::new();
-    servers.spawn(run_server(server, shutdown.clone()));
-    let result = supervise(servers, &shutdown).await;
-    shutdown.run_hooks(HOOKS_DEADLINE).await;
+    let result = match build(&shutdown).await {
+        Ok(server) => {
+            let mut servers = JoinSet::new();
+            servers.spawn(run_server(server, shutdown.clone()));
+            let result = supervise(servers, &shutdown).await;
+            shutdown.run_hooks(HOOKS_DEADLINE).await;
+            result
+        }
+        Err(error) => Err(error),
+    };
     guard.shutdown();
     result
 }

@@ -228,6 +228,45 @@ impl Up {
 }
 
 #[test]
+fn a_component_run_alone_logs_what_its_start_warns_of() {
+    let database = TestSqlite::new("keel-cli-auth-alone");
+    let mut child = keel()
+        .arg("auth")
+        .env("KEEL_AUTH__DATABASE", database.url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The log lines.
+    let stderr = child.stderr.take().unwrap();
+    let (lines, read) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen = Vec::new();
+    while let Ok(line) = read.recv_timeout(Duration::from_secs(30)) {
+        let listening = line.contains("listening");
+        seen.push(line);
+        if listening {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen.iter().any(|l| l.contains("listening")), "{seen:?}");
+    // Made while the server was built, before it listened.
+    assert!(
+        seen.iter()
+            .any(|l| l.contains("generated a key encryption key")),
+        "{seen:?}"
+    );
+}
+
+#[test]
 fn up_serves_prints_its_table_and_stops_cleanly_on_sigterm() {
     let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = free.local_addr().unwrap();
