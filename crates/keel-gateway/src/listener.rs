@@ -18,12 +18,12 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::server::graceful::Watcher;
+use keel_runtime::http::{ConnectionLimits, accept_connections};
 use keel_runtime::{Problem, Shutdown};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 
 use crate::endpoint::nanos_at;
 use crate::h1_server::{self, Ended};
@@ -191,77 +191,61 @@ pub async fn serve(
     shutdown: Shutdown,
 ) -> io::Result<()> {
     let builder = Arc::new(limits.builder());
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    let connections = ConnectionLimits {
+        max_connections: limits.max_connections,
+        refused_metric: "keel_gateway_connections_refused_total",
+        drain,
+    };
     let limits = Arc::new(limits);
     let proxies = Arc::new(gateway.trusted_proxies().clone());
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                // Out of file descriptors and the like: pause rather than spin.
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = shutdown.wait() => break,
-        };
-        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-            metrics::counter!("keel_gateway_connections_refused_total").increment(1);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        // Under TLS, so that it watches the bytes on the wire.
-        let stream = SendTimeout::new(stream, limits.send_timeout);
-        let tls = match &mode {
-            Mode::Proxy { tls: Some(tls) } => Some(Arc::clone(tls)),
-            _ => None,
-        };
-        let state = Arc::new(ConnState {
-            gateway: Arc::clone(&gateway),
-            mode: mode.clone(),
-            rate: ConnectionRate::new(limits.max_requests_per_second_per_connection),
-            client: ClientInfo::new(peer, tls.is_some(), &proxies),
-            limits: Arc::clone(&limits),
-            shutdown: shutdown.clone(),
-        });
-        let builder = Arc::clone(&builder);
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let result = match tls {
-                Some(tls) => {
-                    let handshake = state.limits.tls_handshake_timeout;
-                    let accepted =
-                        tokio::time::timeout(handshake, tls.acceptor.accept(stream)).await;
-                    let Ok(Ok(stream)) = accepted else {
-                        return;
-                    };
-                    if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
-                        serve_with_hyper(stream, &builder, watcher, state).await
-                    } else {
-                        serve_connection(stream, &builder, watcher, state).await
-                    }
-                }
-                None => serve_connection(stream, &builder, watcher, state).await,
-            };
-            if let Err(error) = result {
-                tracing::debug!(%peer, %error, "client connection ended with an error");
-            }
-        });
-    }
-    drop(listener);
     // Every connection task holds a watcher until it ends, whoever serves it: hyper's
     // connections finish their requests and close, ours close after their current
     // request (or at once when idle), and the drain waits for all of them.
-    tokio::select! {
-        () = graceful.shutdown() => {}
-        () = tokio::time::sleep(drain) => {
-            tracing::warn!(?drain, "drain deadline passed with client connections still open");
-        }
-    }
+    accept_connections(
+        "gateway",
+        listener,
+        &connections,
+        &shutdown,
+        |stream, peer, watcher| {
+            // Under TLS, so that it watches the bytes on the wire.
+            let stream = SendTimeout::new(stream, limits.send_timeout);
+            let tls = match &mode {
+                Mode::Proxy { tls: Some(tls) } => Some(Arc::clone(tls)),
+                _ => None,
+            };
+            let state = Arc::new(ConnState {
+                gateway: Arc::clone(&gateway),
+                mode: mode.clone(),
+                rate: ConnectionRate::new(limits.max_requests_per_second_per_connection),
+                client: ClientInfo::new(peer, tls.is_some(), &proxies),
+                limits: Arc::clone(&limits),
+                shutdown: shutdown.clone(),
+            });
+            let builder = Arc::clone(&builder);
+            async move {
+                let result = match tls {
+                    Some(tls) => {
+                        let handshake = state.limits.tls_handshake_timeout;
+                        let accepted =
+                            tokio::time::timeout(handshake, tls.acceptor.accept(stream)).await;
+                        let Ok(Ok(stream)) = accepted else {
+                            return;
+                        };
+                        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+                            serve_with_hyper(stream, &builder, watcher, state).await
+                        } else {
+                            serve_connection(stream, &builder, watcher, state).await
+                        }
+                    }
+                    None => serve_connection(stream, &builder, watcher, state).await,
+                };
+                if let Err(error) = result {
+                    tracing::debug!(%peer, %error, "client connection ended with an error");
+                }
+            }
+        },
+    )
+    .await;
     Ok(())
 }
 

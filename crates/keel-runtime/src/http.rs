@@ -1,6 +1,7 @@
 //! The HTTP server every Keel component runs: one stack of cross-cutting layers, the
 //! standard endpoints, port 0 for tests, graceful drain on shutdown.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -16,7 +17,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use opentelemetry::trace::TraceContextExt;
 use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, TcpStream};
@@ -208,59 +209,103 @@ impl HttpServer {
         // connection that never finishes its headers, or sits idle, is held for ever.
         let builders = Arc::new([self.config.builder(false), self.config.builder(true)]);
         let within = self.config.header_read_timeout;
-        let slots = Arc::new(Semaphore::new(self.config.max_connections));
-        let graceful = GracefulShutdown::new();
-        loop {
-            let (stream, peer) = tokio::select! {
-                accepted = self.listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    // Out of file descriptors and the like: pause rather than spin.
-                    Err(error) => {
-                        tracing::warn!(component = %self.component, %error, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
+        let router = self.router;
+        let limits = ConnectionLimits {
+            max_connections: self.config.max_connections,
+            refused_metric: "keel_http_connections_refused_total",
+            drain: self.config.drain_timeout,
+        };
+        accept_connections(
+            &self.component,
+            self.listener,
+            &limits,
+            &shutdown,
+            |stream, peer, watcher| {
+                let router = router.clone();
+                let service = service_fn(move |mut request: http::Request<Incoming>| {
+                    request.extensions_mut().insert(ConnectInfo(peer));
+                    router.clone().oneshot(request)
+                });
+                let builders = Arc::clone(&builders);
+                let stop = shutdown.signalled();
+                async move {
+                    let http2 = tokio::select! {
+                        http2 = speaks_http2(&stream, within) => http2,
+                        () = stop => None,
+                    };
+                    let Some(http2) = http2 else {
+                        return;
+                    };
+                    let connection = builders[usize::from(http2)]
+                        .serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    if let Err(error) = watcher.watch(connection.into_owned()).await {
+                        tracing::debug!(%peer, %error, "connection ended with an error");
                     }
-                },
-                () = shutdown.wait() => break,
-            };
-            let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                ::metrics::counter!("keel_http_connections_refused_total").increment(1);
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let router = self.router.clone();
-            let service = service_fn(move |mut request: http::Request<Incoming>| {
-                request.extensions_mut().insert(ConnectInfo(peer));
-                router.clone().oneshot(request)
-            });
-            let builders = Arc::clone(&builders);
-            let watcher = graceful.watcher();
-            let stop = shutdown.signalled();
-            tokio::spawn(async move {
-                let _slot = slot;
-                let http2 = tokio::select! {
-                    http2 = speaks_http2(&stream, within) => http2,
-                    () = stop => None,
-                };
-                let Some(http2) = http2 else {
-                    return;
-                };
-                let connection = builders[usize::from(http2)]
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service);
-                if let Err(error) = watcher.watch(connection.into_owned()).await {
-                    tracing::debug!(%peer, %error, "connection ended with an error");
                 }
-            });
-        }
-        drop(self.listener);
-        let drain = self.config.drain_timeout;
-        tokio::select! {
-            () = graceful.shutdown() => {}
-            () = tokio::time::sleep(drain) => {
-                tracing::warn!(component = %self.component, ?drain, "drain deadline passed with requests still open");
-            }
-        }
+            },
+        )
+        .await;
         Ok(())
+    }
+}
+
+/// How many connections a listener keeps open and how long it drains them.
+pub struct ConnectionLimits {
+    /// Open connections; beyond it new ones are closed at once.
+    pub max_connections: usize,
+    /// The counter of connections closed for the limit.
+    pub refused_metric: &'static str,
+    /// How long open connections may take to finish once shutdown starts.
+    pub drain: Duration,
+}
+
+/// Accepts on `listener` until `shutdown`, each connection (`TCP_NODELAY` set) handed to
+/// `serve` with a watcher of the drain, at most `limits.max_connections` at once; then
+/// stops listening and waits up to `limits.drain` for every watcher to be dropped. The
+/// accept loop of every Keel listener (the gateway's and each server's).
+pub async fn accept_connections<Serve, Served>(
+    component: &str,
+    listener: TcpListener,
+    limits: &ConnectionLimits,
+    shutdown: &Shutdown,
+    mut serve: Serve,
+) where
+    Serve: FnMut(TcpStream, SocketAddr, Watcher) -> Served,
+    Served: Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                // Out of file descriptors and the like: pause rather than spin.
+                Err(error) => {
+                    tracing::warn!(component, %error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.wait() => break,
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            ::metrics::counter!(limits.refused_metric).increment(1);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let served = serve(stream, peer, graceful.watcher());
+        tokio::spawn(async move {
+            let _slot = slot;
+            served.await;
+        });
+    }
+    drop(listener);
+    let drain = limits.drain;
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(drain) => {
+            tracing::warn!(component, ?drain, "drain deadline passed with connections still open");
+        }
     }
 }
 

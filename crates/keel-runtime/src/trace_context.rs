@@ -4,9 +4,11 @@
 //! The W3C format is Keel's convention everywhere, so the propagator is fixed here rather
 //! than read from a global that tests would have to install.
 
+use std::borrow::Cow;
+
 use http::HeaderMap;
 use http::header::{HeaderName, HeaderValue};
-use opentelemetry::propagation::{Injector, TextMapPropagator};
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
@@ -20,16 +22,20 @@ pub fn extract(headers: &HeaderMap) -> opentelemetry::Context {
         (Some(one), None) => one.to_str().ok(),
         _ => None,
     };
-    let tracestate: Vec<&str> = headers
+    let mut states = headers
         .get_all("tracestate")
         .iter()
-        .filter_map(|value| value.to_str().ok())
-        .collect();
-    let tracestate = tracestate.join(",");
-    extract_fields(
-        traceparent,
-        Some(tracestate.as_str()).filter(|s| !s.is_empty()),
-    )
+        .filter_map(|value| value.to_str().ok());
+    // Borrowed when there is one, as nearly always (this runs for every request served).
+    let tracestate = match (states.next(), states.next()) {
+        (Some(one), None) => Some(Cow::Borrowed(one)),
+        (Some(first), Some(second)) => {
+            let rest: Vec<&str> = [first, second].into_iter().chain(states).collect();
+            Some(Cow::Owned(rest.join(",")))
+        }
+        (None, _) => None,
+    };
+    extract_fields(traceparent, tracestate.as_deref())
 }
 
 /// The trace id of a `traceparent` of the W3C form.
@@ -65,13 +71,38 @@ pub fn extract_fields(
     traceparent: Option<&str>,
     tracestate: Option<&str>,
 ) -> opentelemetry::Context {
-    let traceparent = traceparent.filter(|traceparent| well_formed(traceparent));
-    let fields: std::collections::HashMap<String, String> =
-        [("traceparent", traceparent), ("tracestate", tracestate)]
-            .into_iter()
-            .filter_map(|(name, value)| Some((name.to_owned(), value?.to_owned())))
-            .collect();
+    let fields = Fields {
+        traceparent: traceparent.filter(|traceparent| well_formed(traceparent)),
+        // None for an empty one (W3C Trace Context §3.3.1.1).
+        tracestate: tracestate.filter(|state| !state.is_empty()),
+    };
     TraceContextPropagator::new().extract(&fields)
+}
+
+/// The two fields a context is read from, borrowed from where they came.
+struct Fields<'a> {
+    traceparent: Option<&'a str>,
+    tracestate: Option<&'a str>,
+}
+
+impl Extractor for Fields<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        match key {
+            "traceparent" => self.traceparent,
+            "tracestate" => self.tracestate,
+            _ => None,
+        }
+    }
+
+    fn keys(&self) -> Vec<&str> {
+        [
+            ("traceparent", self.traceparent),
+            ("tracestate", self.tracestate),
+        ]
+        .into_iter()
+        .filter_map(|(key, value)| value.map(|_| key))
+        .collect()
+    }
 }
 
 /// Whether `traceparent` has the W3C form (§3.2.2) the propagator's own parse does not
