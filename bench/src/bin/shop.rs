@@ -254,7 +254,7 @@ fn settle_times(
 }
 
 async fn drive(args: &Args, up: &Up, secret: &str) -> anyhow::Result<(Measured, Window)> {
-    let http = reqwest::Client::builder()
+    let http = keel_runtime::http_client::builder()
         .pool_max_idle_per_host(args.customers)
         .build()?;
     let token: Value = http

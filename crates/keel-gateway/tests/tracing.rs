@@ -83,7 +83,7 @@ async fn each_request_gets_a_span_that_continues_the_trace_upstream() {
     );
 
     let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     client
         .get(format!("{}/x", gateway.url))
         .header("traceparent", caller)

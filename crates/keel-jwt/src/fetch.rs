@@ -13,12 +13,10 @@ const MAX_BODY_BYTES: usize = 256 * 1024;
 /// configuration and metadata, never anything from a token.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum FetchError {
-    #[error("GET {url}: {source}")]
-    Http {
-        url: String,
-        #[source]
-        source: reqwest::Error,
-    },
+    /// `cause` is the whole chain: reqwest's own text says only that sending failed, its
+    /// sources why (refused, timed out, a certificate no trusted CA signed).
+    #[error("GET {url}: {cause}")]
+    Http { url: String, cause: String },
     #[error("GET {url}: HTTP {status}")]
     Status { url: String, status: StatusCode },
     #[error("GET {url}: response larger than {MAX_BODY_BYTES} bytes")]
@@ -121,9 +119,9 @@ pub(crate) async fn fetch_jwks(
 }
 
 async fn get(http: &reqwest::Client, url: &str) -> Result<Vec<u8>, FetchError> {
-    let http_error = |source| FetchError::Http {
+    let http_error = |error: reqwest::Error| FetchError::Http {
         url: url.to_owned(),
-        source,
+        cause: keel_runtime::http_client::error_chain(&error),
     };
     let mut response = http
         .get(url)

@@ -33,6 +33,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use jsonwebtoken::EncodingKey;
+use keel_testkit::tls::{TestCa, TlsFront};
 use serde_json::{Map, Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -161,6 +162,8 @@ pub struct TestIssuer {
     next_jti: AtomicU64,
     shutdown: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<()>>,
+    /// The TLS front of an issuer started with [`TestIssuer::start_https`].
+    front: Option<TlsFront>,
 }
 
 impl TestIssuer {
@@ -171,13 +174,32 @@ impl TestIssuer {
 
     /// Starts publishing exactly `keys`, signing with the first.
     pub async fn start_with_keys(keys: &[TestKey]) -> Self {
+        Self::serve(keys, None).await
+    }
+
+    /// Starts behind a TLS front whose certificate `ca` signed: the issuer is
+    /// `https://localhost:<port>`, and its metadata and keys are only reached over HTTPS
+    /// by a client that trusts `ca`.
+    pub async fn start_https(ca: &TestCa) -> Self {
+        let mut front = TlsFront::bind(ca).await;
+        let mut issuer = Self::serve(
+            &[TestKey::Rsa1, TestKey::Ec1, TestKey::Ed1],
+            Some(front.url()),
+        )
+        .await;
+        front.relay_to(issuer.addr);
+        issuer.front = Some(front);
+        issuer
+    }
+
+    async fn serve(keys: &[TestKey], issuer: Option<String>) -> Self {
         let signing = *keys.first().expect("at least one key");
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("bound address");
         let shared = Shared {
-            issuer: format!("http://{addr}"),
+            issuer: issuer.unwrap_or_else(|| format!("http://{addr}")),
             state: Arc::new(Mutex::new(IssuerState {
                 published: keys.to_vec(),
                 signing,
@@ -213,14 +235,17 @@ impl TestIssuer {
             next_jti: AtomicU64::new(1),
             shutdown: Some(shutdown),
             server: Some(server),
+            front: None,
         }
     }
 
-    /// The issuer identifier, `http://127.0.0.1:<port>` (no trailing slash).
+    /// The issuer identifier, `http://127.0.0.1:<port>` (`https://localhost:<port>` for
+    /// [`start_https`](Self::start_https); no trailing slash).
     pub fn issuer(&self) -> &str {
         &self.shared.issuer
     }
 
+    /// Where it listens for plain HTTP (behind the TLS front, if it has one).
     pub fn addr(&self) -> SocketAddr {
         self.addr
     }
@@ -340,6 +365,7 @@ impl TestIssuer {
     /// Stops serving: closes the listener and open connections, so later fetches are
     /// refused.
     pub async fn stop(&mut self) {
+        self.front = None;
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }

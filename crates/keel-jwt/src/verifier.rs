@@ -95,7 +95,7 @@ impl Verifier {
     /// Validates the configuration; fetches nothing yet.
     pub fn new(config: VerifierConfig) -> Result<Self, ConfigError> {
         config.validate()?;
-        let http = reqwest::Client::builder()
+        let http = keel_runtime::http_client::builder()
             .timeout(config.fetch_timeout)
             .connect_timeout(config.fetch_timeout)
             .build()

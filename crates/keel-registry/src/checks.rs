@@ -100,7 +100,7 @@ mod tests {
             interval: Duration::from_secs(1),
             timeout: Duration::from_secs(1),
         };
-        let client = reqwest::Client::new();
+        let client = keel_runtime::http_client::builder().build().unwrap();
         assert_eq!(probe(&client, &kind).await.0, Status::Passing);
         drop(listener);
         assert_eq!(probe(&client, &kind).await.0, Status::Critical);

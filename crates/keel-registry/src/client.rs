@@ -63,7 +63,7 @@ impl RegistryClient {
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(ClientError::InvalidUrl(base_url.to_owned()));
         }
-        let http = reqwest::Client::builder()
+        let http = keel_runtime::http_client::builder()
             .connect_timeout(Duration::from_secs(2))
             .build()
             .map_err(ClientError::Unreachable)?;

@@ -143,7 +143,7 @@ impl Registry {
                 probes: Mutex::new(HashMap::new()),
                 open_watches: AtomicUsize::new(0),
                 limits,
-                http: reqwest::Client::builder()
+                http: keel_runtime::http_client::builder()
                     .redirect(reqwest::redirect::Policy::none())
                     .default_headers(probe_headers)
                     .build()

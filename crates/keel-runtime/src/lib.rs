@@ -3,13 +3,16 @@
 //! A Keel server is built from a typed configuration ([`config`]), reports through
 //! [`telemetry`] (logs and traces) and [`metrics`], serves HTTP through [`http::HttpServer`]
 //! (request ids, trace context, metrics, `/health/*`, `/metrics`), answers errors with
-//! [`problem::Problem`], and stops on a [`shutdown::Shutdown`].
+//! [`problem::Problem`], and stops on a [`shutdown::Shutdown`]. Whatever it calls over HTTP,
+//! it calls with a client from [`http_client`] (HTTPS with the system's and the configured
+//! roots).
 
 pub mod config;
 pub mod extract;
 pub mod forwarded;
 pub mod health;
 pub mod http;
+pub mod http_client;
 pub mod metrics;
 pub mod problem;
 pub mod resilience;

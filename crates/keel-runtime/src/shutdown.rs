@@ -52,13 +52,20 @@ impl Shutdown {
         }
     }
 
-    /// Fires the signal on SIGTERM or SIGINT (Ctrl-C).
+    /// Fires the signal on SIGTERM or SIGINT (Ctrl-C). A second one ends the process at
+    /// once with status 130, without waiting for the drain and the hooks (a stop that hangs
+    /// on a stuck request can still be cut short, as Docker's and Kubernetes' second stop
+    /// does).
     pub fn trigger_on_signals(&self) {
         let this = self.clone();
         tokio::spawn(async move {
-            wait_for_signal().await;
-            tracing::info!("shutdown signal received, draining");
+            let mut signals = Signals::new();
+            signals.next().await;
+            tracing::info!("shutdown signal received, draining (a second signal stops at once)");
             this.trigger();
+            signals.next().await;
+            tracing::warn!("second shutdown signal: exiting without waiting for the drain");
+            std::process::exit(130);
         });
     }
 
@@ -82,26 +89,53 @@ impl Shutdown {
     }
 }
 
-async fn wait_for_signal() {
+/// SIGTERM and SIGINT, registered once, so that a second signal sent while the first is
+/// handled is not missed.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the process");
-                let _ = tokio::signal::ctrl_c().await;
-            }
+    streams: Vec<tokio::signal::unix::Signal>,
+}
+
+impl Signals {
+    fn new() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let streams = [SignalKind::terminate(), SignalKind::interrupt()]
+                .into_iter()
+                .filter_map(|kind| {
+                    signal(kind)
+                        .inspect_err(|error| {
+                            tracing::warn!(%error, signal = ?kind, "cannot listen for this signal");
+                        })
+                        .ok()
+                })
+                .collect();
+            Self { streams }
+        }
+        #[cfg(not(unix))]
+        {
+            Self {}
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// The next signal; never, when none could be listened for.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        {
+            if self.streams.is_empty() {
+                std::future::pending::<()>().await;
+            }
+            let waits = self
+                .streams
+                .iter_mut()
+                .map(|stream| Box::pin(stream.recv()));
+            futures_util::future::select_all(waits).await;
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 

@@ -10,7 +10,7 @@ use std::io::IsTerminal;
 use std::sync::{Arc, OnceLock};
 
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{Sampler, SdkTracer, SdkTracerProvider};
@@ -85,6 +85,9 @@ impl TelemetryGuard {
     }
 }
 
+/// How long one export may take (the OTLP exporter's default, `OTEL_EXPORTER_OTLP_TIMEOUT`).
+const OTLP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 static EXPORTING_TRACES: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// Whether spans leave the process (an OTLP endpoint is configured). Hot paths that only
@@ -119,8 +122,20 @@ pub fn init(
     if let Some(endpoint) = &config.otlp_endpoint {
         EXPORTING_TRACES.store(true, std::sync::atomic::Ordering::Relaxed);
         let url = format!("{}/v1/traces", endpoint.trim_end_matches('/'));
+        // The exporter's own client would be reqwest's default one, which has no crypto
+        // provider and none of the configured roots. Built on a thread of its own, as
+        // reqwest's blocking client cannot be made on an async runtime's thread.
+        let client = std::thread::spawn(|| {
+            crate::http_client::blocking_builder()
+                .timeout(OTLP_TIMEOUT)
+                .build()
+        })
+        .join()
+        .map_err(|_| TelemetryError::Exporter(url.clone(), "its HTTP client panicked".into()))?
+        .map_err(|error| TelemetryError::Exporter(url.clone(), error.to_string()))?;
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
+            .with_http_client(client)
             .with_endpoint(url.clone())
             .build()
             .map_err(|error| TelemetryError::Exporter(url, error.to_string()))?;

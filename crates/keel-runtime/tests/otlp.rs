@@ -11,12 +11,12 @@ use axum::extract::State;
 use axum::routing::post;
 use http::HeaderMap;
 use keel_runtime::telemetry::{self, LogFormat, TelemetryConfig};
+use keel_testkit::tls::{TestCa, TlsFront};
 
 type Received = Arc<Mutex<Vec<(String, usize)>>>;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_are_exported_to_the_configured_collector() {
-    // A collector endpoint that records what it is sent.
+/// A collector endpoint that records what it is sent: (content type, body size) per POST.
+async fn collector() -> (std::net::SocketAddr, Received) {
     let received: Received = Arc::default();
     let app = Router::new()
         .route(
@@ -37,11 +37,15 @@ async fn spans_are_exported_to_the_configured_collector() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, received)
+}
 
+/// Starts telemetry exporting to `endpoint`, records a span and flushes it.
+async fn export_one_span(endpoint: String) {
     let config = TelemetryConfig {
         log_format: LogFormat::Json,
         log_level: "warn".into(),
-        otlp_endpoint: Some(format!("http://{addr}")),
+        otlp_endpoint: Some(endpoint),
         sample_ratio: 1.0,
     };
     let guard = telemetry::init(&config, "otlp-test", "i-1").unwrap();
@@ -54,9 +58,32 @@ async fn spans_are_exported_to_the_configured_collector() {
     tokio::task::spawn_blocking(move || guard.shutdown())
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_to_the_configured_collector() {
+    let (addr, received) = collector().await;
+    export_one_span(format!("http://{addr}")).await;
     let received = received.lock().unwrap().clone();
     assert!(!received.is_empty(), "the collector received the spans");
     let (kind, size) = &received[0];
     assert_eq!(kind, "application/x-protobuf");
     assert!(*size > 0);
+}
+
+/// A collector behind HTTPS, with a certificate from a CA the process was told to trust.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_https_collector_whose_ca_is_trusted() {
+    let (addr, received) = collector().await;
+    let ca = TestCa::new();
+    let mut front = TlsFront::bind(&ca).await;
+    front.relay_to(addr);
+    keel_runtime::http_client::trust_pem(ca.pem().as_bytes()).unwrap();
+    export_one_span(front.url()).await;
+    let received = received.lock().unwrap().clone();
+    assert!(
+        !received.is_empty(),
+        "the collector received the spans over HTTPS"
+    );
+    assert_eq!(received[0].0, "application/x-protobuf");
 }

@@ -58,7 +58,9 @@ async fn shutdown_drains_in_flight_requests_and_stops_accepting() {
     );
     let (addr, shutdown, handle) = serve(router, Duration::from_secs(5)).await;
     let in_flight = tokio::spawn(async move {
-        reqwest::get(format!("http://{addr}/slow"))
+        keel_testkit::http()
+            .get(format!("http://{addr}/slow"))
+            .send()
             .await
             .unwrap()
             .text()
@@ -73,7 +75,7 @@ async fn shutdown_drains_in_flight_requests_and_stops_accepting() {
         "the in-flight request completes"
     );
     handle.await.unwrap().unwrap();
-    let refused = reqwest::Client::new()
+    let refused = keel_testkit::http()
         .get(format!("http://{addr}/slow"))
         .timeout(Duration::from_secs(1))
         .send()
@@ -85,7 +87,12 @@ async fn shutdown_drains_in_flight_requests_and_stops_accepting() {
 async fn the_drain_deadline_cuts_requests_that_never_finish() {
     let router = Router::new().route("/stuck", get(std::future::pending::<&'static str>));
     let (addr, shutdown, handle) = serve(router, Duration::from_millis(300)).await;
-    tokio::spawn(async move { reqwest::get(format!("http://{addr}/stuck")).await });
+    tokio::spawn(async move {
+        keel_testkit::http()
+            .get(format!("http://{addr}/stuck"))
+            .send()
+            .await
+    });
     tokio::time::sleep(Duration::from_millis(100)).await;
     let started = Instant::now();
     shutdown.trigger();
@@ -179,7 +186,9 @@ async fn slow_and_idle_clients_are_cut_off_after_the_header_timeout() {
     assert!(cut < Duration::from_secs(3), "trickle cut after {cut:?}");
 
     // A client that sends its request in time is served.
-    let body = reqwest::get(format!("http://{addr}/hello"))
+    let body = keel_testkit::http()
+        .get(format!("http://{addr}/hello"))
+        .send()
         .await
         .unwrap()
         .text()
@@ -228,7 +237,11 @@ async fn connections_beyond_the_limit_are_closed_and_the_held_ones_served() {
     drop(held);
     let served = async {
         loop {
-            if let Ok(response) = reqwest::get(format!("http://{addr}/hello")).await {
+            if let Ok(response) = keel_testkit::http()
+                .get(format!("http://{addr}/hello"))
+                .send()
+                .await
+            {
                 return response.text().await.unwrap();
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -268,7 +281,7 @@ fn incoming_traceparent_becomes_the_request_span_parent() {
             }),
         );
         let (addr, shutdown, handle) = serve(router, Duration::from_secs(1)).await;
-        let client = reqwest::Client::new();
+        let client = keel_testkit::http();
         let traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let outgoing = client
             .get(format!("http://{addr}/echo"))

@@ -218,7 +218,7 @@ impl ClientCredentials {
         scope: Option<&str>,
     ) -> Self {
         Self {
-            http: reqwest::Client::builder()
+            http: keel_runtime::http_client::builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .timeout(Duration::from_secs(10))
                 .build()

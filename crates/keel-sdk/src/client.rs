@@ -359,7 +359,7 @@ impl ServiceClient {
         if options.timeout.is_zero() {
             return Err(CallError::Request("timeout must be above zero".into()));
         }
-        let http = reqwest::Client::builder()
+        let http = keel_runtime::http_client::builder()
             .redirect(reqwest::redirect::Policy::none())
             // Below Keel's servers' idle timeout (75 s): the pool closes its connections
             // before a server does, so none is reused just as the server closes it.

@@ -7,7 +7,9 @@
 //! - [`unique_name`]: per-test Redis key prefixes, RabbitMQ names and etcd key prefixes;
 //! - [`FaultProxy`]: a TCP proxy to cut, between code under test and a shared service;
 //! - [`ChildTest`]: the test re-run as a child process, to crash it at a chosen moment;
-//! - [`send`]: an HTTP request's status, content type and JSON body in one call.
+//! - [`http`]: an HTTP client made as Keel's are; [`send`]: a request's status, content
+//!   type and JSON body in one call;
+//! - [`tls`]: a private CA and a TLS front, to reach any test server over HTTPS.
 
 #![allow(clippy::expect_used)] // test support: a broken fixture should stop the test loudly
 
@@ -20,6 +22,7 @@ use keel_runtime::{Server, Shutdown};
 mod child;
 mod fault;
 mod kafka;
+pub mod tls;
 pub use child::{CHILD_ROLE, ChildTest, TEST_LOG, child_role, test_log};
 pub use fault::FaultProxy;
 pub use kafka::{KAFKA_FETCH_WAIT, ProxiedKafka};
@@ -286,6 +289,14 @@ pub async fn each_database(prefix: &str) -> Vec<EachDatabase> {
 }
 
 // === HTTP ===
+
+/// An HTTP client with reqwest's defaults, built as every Keel client is
+/// (`keel_runtime::http_client`: the TLS crypto provider, the trusted roots).
+pub fn http() -> reqwest::Client {
+    keel_runtime::http_client::builder()
+        .build()
+        .expect("a client with default settings builds")
+}
 
 /// Sends `request` (with `token` as its bearer token, if any) and returns the response's
 /// status, content type and JSON body (`Null` when it has none).

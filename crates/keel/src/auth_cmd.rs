@@ -333,7 +333,8 @@ pub async fn client_token(
     if let Some(scope) = scope {
         form.push(("scope", scope));
     }
-    let response = reqwest::Client::new()
+    let response = keel_runtime::http_client::builder()
+        .build()?
         .post(format!("{}/token", url.trim_end_matches('/')))
         .basic_auth(client, Some(secret))
         .form(&form)

@@ -1,6 +1,6 @@
 //! The whole configuration: one section per component, plus telemetry.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use keel_auth::AuthConfig;
 use keel_gateway::GatewayConfig;
@@ -37,6 +37,11 @@ pub struct RuntimeConfig {
     /// one, the process runs on a single-threaded event loop (as an NGINX worker does),
     /// which saves the work-stealing scheduler's cross-thread handoffs.
     pub worker_threads: Option<usize>,
+    /// A PEM file of certificate authorities trusted, beside the system's roots, by every
+    /// HTTPS client the process makes (the issuer's metadata and keys, the registry,
+    /// services, the trace collector): a private CA's certificate. `SSL_CERT_FILE` instead
+    /// replaces the system's roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl RuntimeConfig {

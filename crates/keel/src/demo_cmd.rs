@@ -72,7 +72,7 @@ pub async fn run(args: DemoArgs, config: KeelConfig) -> anyhow::Result<()> {
         .unwrap_or_else(|| format!("http://{}", config.auth.listen));
     let token = crate::auth_cmd::client_token(&auth, &args.client, &args.secret, None).await?;
     let shop = Shop {
-        http: reqwest::Client::new(),
+        http: keel_runtime::http_client::builder().build()?,
         gateway: gateway.to_owned(),
         token,
     };

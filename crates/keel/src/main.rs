@@ -64,6 +64,12 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(path) = &config.runtime.ca_file
+        && let Err(error) = keel_runtime::http_client::trust_ca_file(path)
+    {
+        eprintln!("error: runtime.ca_file: {error}");
+        return ExitCode::from(2);
+    }
     let runtime = match config.runtime.build() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -107,6 +107,57 @@ fn check_replicas(config: &KeelConfig, args: &UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Two components given one port would meet at the second bind as "address in use",
+/// worded as if another process held it: refused here first, naming both keys. Port 0
+/// (a free port each) never clashes; an unspecified address (`0.0.0.0`) clashes with every
+/// address on its port.
+fn check_ports(config: &KeelConfig) -> anyhow::Result<()> {
+    let mut listens = vec![
+        ("registry.listen", config.registry.listen),
+        ("gateway.listen", config.gateway.listen),
+        ("gateway.admin_listen", config.gateway.admin_listen),
+        ("auth.listen", config.auth.listen),
+    ];
+    if let Some(tls) = &config.gateway.tls {
+        listens.push(("gateway.tls.listen", tls.listen));
+    }
+    for (key, service, default) in [
+        (
+            "catalog.listen",
+            &config.catalog,
+            keel_catalog::DEFAULT_LISTEN,
+        ),
+        (
+            "inventory.listen",
+            &config.inventory,
+            keel_inventory::DEFAULT_LISTEN,
+        ),
+        (
+            "payments.listen",
+            &config.payments,
+            keel_payments::DEFAULT_LISTEN,
+        ),
+        ("orders.listen", &config.orders, keel_orders::DEFAULT_LISTEN),
+    ] {
+        listens.push((key, service.listen.unwrap_or(default)));
+    }
+    for (index, (key, addr)) in listens.iter().enumerate() {
+        let clash = listens[..index].iter().find(|(_, other)| {
+            addr.port() != 0
+                && other.port() == addr.port()
+                && (other.ip() == addr.ip()
+                    || other.ip().is_unspecified()
+                    || addr.ip().is_unspecified())
+        });
+        if let Some((other_key, other)) = clash {
+            anyhow::bail!(
+                "{other_key} ({other}) and {key} ({addr}) share a port: give each component its own"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Which profile `config` amounts to: embedded when everything is on SQLite and in process.
 fn profile(config: &KeelConfig) -> &'static str {
     let sqlite = |url: Option<&str>| url.is_none_or(|url| url.starts_with("sqlite:"));
@@ -127,6 +178,7 @@ fn profile(config: &KeelConfig) -> &'static str {
 
 pub async fn run(config: KeelConfig, file: Option<&Path>, args: &UpArgs) -> anyhow::Result<()> {
     check_replicas(&config, args)?;
+    check_ports(&config)?;
     let profile = profile(&config);
     let guard = telemetry::init(&config.telemetry, "keel", &instance_id())?;
     let shutdown = Shutdown::new();

@@ -9,7 +9,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use keel_jwt::testing::{AUDIENCE, TestIssuer};
 use keel_testkit::TestSqlite;
+use keel_testkit::tls::TestCa;
 
 fn keel() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_keel"));
@@ -39,6 +41,23 @@ fn up_exits_non_zero_naming_the_taken_port() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains(&addr.to_string()), "{stderr}");
     assert!(stderr.contains("in use"), "{stderr}");
+}
+
+#[test]
+fn up_refuses_one_port_for_two_components_naming_both() {
+    let output = keel()
+        .arg("up")
+        .env("KEEL_AUTH__LISTEN", "127.0.0.1:18399")
+        .env("KEEL_ORDERS__LISTEN", "0.0.0.0:18399")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("auth.listen (127.0.0.1:18399) and orders.listen (0.0.0.0:18399)"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("another process"), "{stderr}");
 }
 
 #[test]
@@ -237,16 +256,7 @@ fn a_component_run_alone_logs_what_its_start_warns_of() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // The log lines.
-    let stderr = child.stderr.take().unwrap();
-    let (lines, read) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if lines.send(line).is_err() {
-                return;
-            }
-        }
-    });
+    let read = log_lines(child.stderr.take().unwrap());
     let mut seen = Vec::new();
     while let Ok(line) = read.recv_timeout(Duration::from_secs(30)) {
         let listening = line.contains("listening");
@@ -263,6 +273,221 @@ fn a_component_run_alone_logs_what_its_start_warns_of() {
         seen.iter()
             .any(|l| l.contains("generated a key encryption key")),
         "{seen:?}"
+    );
+}
+
+/// `[runtime] ca_file`: the gateway fetches an `https` issuer's keys, its certificate
+/// signed by a private CA, only when that CA is configured; without it tokens cannot be
+/// checked (503), and the log says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_calls_trust_the_configured_ca() {
+    let ca = TestCa::new();
+    let issuer = TestIssuer::start_https(&ca).await;
+    let dir = std::env::temp_dir().join(keel_testkit::unique_name("keel-cli-ca"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let config = dir.join("keel.toml");
+    // The route leads to the issuer's own plain port: any upstream answering will do.
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[gateway.auth]
+issuer = "{}"
+audiences = ["{AUDIENCE}"]
+
+[[gateway.routes]]
+name = "keys"
+match = {{ path_prefix = "/" }}
+upstreams = ["http://{}"]
+auth = {{ require = "authenticated" }}
+"#,
+            issuer.issuer(),
+            issuer.addr()
+        ),
+    )
+    .unwrap();
+    let token = issuer.mint(serde_json::json!({}));
+    let client = keel_testkit::http();
+
+    for trusted in [true, false] {
+        let mut command = keel();
+        if trusted {
+            command.env("KEEL_RUNTIME__CA_FILE", &ca_file);
+        }
+        let GatewayChild {
+            child: mut gateway,
+            mut log,
+            lines,
+            addr: listening,
+        } = start_gateway(command, &config);
+        let response = client
+            .get(format!("http://{listening}/jwks.json"))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let _ = gateway.kill();
+        let _ = gateway.wait();
+        log.extend(lines.iter());
+        if trusted {
+            assert_eq!(status, 200, "{log:?}");
+        } else {
+            assert_eq!(status, 503, "{log:?}");
+            assert!(
+                log.iter()
+                    .any(|line| line.contains("signing keys unavailable")
+                        && line.contains("certificate")),
+                "{log:?}"
+            );
+        }
+    }
+    // The metadata was read by the trusting gateway only (the other's handshake failed).
+    assert_eq!(issuer.metadata_fetch_count(), 1);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A `keel gateway` child: its JSON log lines read so far (up to "listening"), those still
+/// to come, and the address it listens on.
+struct GatewayChild {
+    child: std::process::Child,
+    log: Vec<String>,
+    lines: std::sync::mpsc::Receiver<String>,
+    addr: String,
+}
+
+/// Runs `command` as `keel --config <config> gateway` until it listens.
+fn start_gateway(mut command: Command, config: &std::path::Path) -> GatewayChild {
+    let mut child = command
+        .arg("--config")
+        .arg(config)
+        .arg("gateway")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let lines = log_lines(child.stderr.take().unwrap());
+    let mut log = Vec::new();
+    while let Ok(line) = lines.recv_timeout(Duration::from_secs(30)) {
+        let parsed: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        log.push(line);
+        if parsed["message"] == "gateway listening"
+            && let Some(addr) = parsed["addr"].as_str()
+        {
+            let addr = addr.to_owned();
+            return GatewayChild {
+                child,
+                log,
+                lines,
+                addr,
+            };
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("the gateway did not listen: {log:?}");
+}
+
+fn signal(child: &std::process::Child, name: &str) {
+    let sent = Command::new("kill")
+        .args([name, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
+/// The first SIGTERM waits for the drain (here a request an upstream never answers,
+/// within the 10 s drain timeout); a second one ends the process at once.
+#[test]
+fn a_second_signal_stops_without_waiting_for_the_drain() {
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    let (accepted, upstream_saw) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in upstream.incoming() {
+            held.push(stream);
+            let _ = accepted.send(());
+        }
+    });
+    let dir = std::env::temp_dir().join(keel_testkit::unique_name("keel-cli-signals"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("keel.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[gateway.routes]]\nname = \"held\"\nmatch = {{ path_prefix = \"/\" }}\nupstreams = [\"http://{upstream_addr}\"]\n"
+        ),
+    )
+    .unwrap();
+    let GatewayChild {
+        child: mut gateway,
+        mut log,
+        lines,
+        addr: listening,
+    } = start_gateway(keel(), &config);
+    std::thread::spawn(move || http_get(&listening, "/held"));
+    upstream_saw
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the request reached the upstream");
+
+    signal(&gateway, "-TERM");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        gateway.try_wait().unwrap().is_none(),
+        "draining the held request"
+    );
+    let second = std::time::Instant::now();
+    signal(&gateway, "-TERM");
+    let mut status = None;
+    while second.elapsed() < Duration::from_secs(5) {
+        if let Some(exit) = gateway.try_wait().unwrap() {
+            status = Some(exit);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let Some(status) = status else {
+        let _ = gateway.kill();
+        panic!("still running 5 s after the second signal");
+    };
+    assert_eq!(status.code(), Some(130));
+    log.extend(lines.iter());
+    assert!(
+        log.iter()
+            .any(|line| line.contains("second shutdown signal")),
+        "{log:?}"
+    );
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// A child's stderr, line by line, as it comes.
+fn log_lines(stderr: std::process::ChildStderr) -> std::sync::mpsc::Receiver<String> {
+    let (lines, read) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    read
+}
+
+#[test]
+fn a_ca_file_without_a_certificate_stops_the_start() {
+    let output = keel()
+        .arg("config")
+        .env("KEEL_RUNTIME__CA_FILE", "/nonexistent/ca.pem")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("runtime.ca_file") && stderr.contains("/nonexistent/ca.pem"),
+        "{stderr}"
     );
 }
 

@@ -469,7 +469,7 @@ fn has_key(toml: &str, table: &str, key: &str) -> bool {
 /// Polls `GET /` until the target answers `200` with the upstream's body, so a target that
 /// cannot reach the upstream (and would answer fast 502s) is never measured.
 async fn wait_until_proxying(started: &mut Started) -> anyhow::Result<()> {
-    let client = reqwest::Client::builder()
+    let client = keel_runtime::http_client::builder()
         .timeout(Duration::from_secs(2))
         .pool_max_idle_per_host(0)
         .build()?;

@@ -150,7 +150,7 @@ impl RegistryProcess {
             .stderr(Stdio::inherit())
             .spawn()
             .with_context(|| format!("cannot start {} registry", keel.display()))?;
-        let admin = reqwest::Client::builder()
+        let admin = keel_runtime::http_client::builder()
             .timeout(Duration::from_secs(10))
             .build()?;
         let mut process = Self {

@@ -54,7 +54,7 @@ fn unescape(text: &str) -> String {
 impl Browser {
     pub fn new(base: &str) -> Self {
         Self {
-            http: reqwest::Client::builder()
+            http: keel_runtime::http_client::builder()
                 .redirect(reqwest::redirect::Policy::none())
                 .timeout(Duration::from_secs(30))
                 .build()

@@ -83,7 +83,7 @@ async fn the_gateway_enforces_scopes_and_roles_of_this_servers_tokens() {
             .await
             .unwrap(),
     );
-    let http = reqwest::Client::builder()
+    let http = keel_runtime::http_client::builder()
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap();

@@ -157,7 +157,7 @@ pub async fn spawn_with(store: &Store, configure: impl FnOnce(&mut AuthConfig)) 
     App {
         server: keel_testkit::spawn(server),
         admin,
-        http: reqwest::Client::builder()
+        http: keel_runtime::http_client::builder()
             .timeout(Duration::from_secs(30))
             .build()
             .unwrap(),

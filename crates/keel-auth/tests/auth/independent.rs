@@ -16,7 +16,7 @@ use crate::helpers::*;
 
 /// The crates' HTTP client, over the workspace's reqwest.
 async fn http(request: oauth2::HttpRequest) -> Result<oauth2::HttpResponse, reqwest::Error> {
-    let client = reqwest::Client::builder()
+    let client = keel_runtime::http_client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()?;
     let (parts, body) = request.into_parts();

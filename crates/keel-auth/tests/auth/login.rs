@@ -141,7 +141,7 @@ async fn consent_forms_are_bound_to_the_session_and_the_request() {
         stranger.cookies.remove("keel_session");
         assert_eq!(decide(&mut stranger, &consent, "allow").await.status, 403);
         // A post from another site is refused whatever it carries.
-        let cross_site = reqwest::Client::new()
+        let cross_site = keel_testkit::http()
             .post(flow.app.url("/consent"))
             .header("origin", "https://evil.example")
             .header(

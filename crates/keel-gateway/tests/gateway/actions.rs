@@ -18,7 +18,7 @@ fn templated(name: &str, template: &str) -> GatewayRouteConfig {
 }
 
 fn no_redirects() -> reqwest::Client {
-    reqwest::Client::builder()
+    keel_runtime::http_client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap()
@@ -31,7 +31,9 @@ async fn paths_are_rewritten_from_template_parameters() {
     route.upstreams = route_to("x", &[&upstream]).upstreams;
     route.rewrite = Some("/v2/items/{id}/{rest}".into());
     let gateway = start_gateway(vec![route]).await;
-    let body = reqwest::get(format!("{}/shop/42/items/a/b?x=1", gateway.url))
+    let body = keel_testkit::http()
+        .get(format!("{}/shop/42/items/a/b?x=1", gateway.url))
+        .send()
         .await
         .unwrap()
         .text()
@@ -68,7 +70,7 @@ async fn bodies_over_the_limit_are_refused_whether_sized_or_streamed() {
     route.max_body_bytes = 1024;
     route.retry.buffer_bytes = 0;
     let gateway = start_gateway(vec![route]).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
 
     let response = client
         .post(&gateway.url)

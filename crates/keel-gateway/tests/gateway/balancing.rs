@@ -32,7 +32,7 @@ async fn weighted_round_robin_honours_weights() {
         },
     ];
     let gateway = start_gateway(vec![route]).await;
-    let tally = tally(&reqwest::Client::new(), &gateway.url, 40).await;
+    let tally = tally(&keel_testkit::http(), &gateway.url, 40).await;
     assert_eq!(tally["a"], 30, "{tally:?}");
     assert_eq!(tally["b"], 10, "{tally:?}");
 }
@@ -43,7 +43,7 @@ async fn hashing_by_header_keeps_each_user_on_one_instance() {
     let mut route = route_to("sticky", &upstreams.iter().collect::<Vec<_>>());
     route.balance = BalanceConfig::Hash(HashKeyConfig::Header("x-user".into()));
     let gateway = start_gateway(vec![route]).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     let mut used = HashSet::new();
     for user in 0..20 {
         let mut owners = HashSet::new();
@@ -72,7 +72,7 @@ async fn least_request_steers_away_from_a_slow_instance() {
     let mut route = route_to("p2c", &[&fast, &slow]);
     route.balance = BalanceConfig::LeastRequest;
     let gateway = start_gateway(vec![route]).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     // Concurrent load, so requests in flight pile up on the slow instance.
     let mut tasks = Vec::new();
     for _ in 0..8 {

@@ -22,7 +22,7 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{Upstream, exchange, h2_client, route_to, test_config};
+use crate::support::{Upstream, exchange, get_status, h2_client, route_to, test_config};
 
 /// A self-signed certificate for `hosts`, written to files.
 struct CertFiles {
@@ -268,7 +268,7 @@ async fn plain_http_can_redirect_to_https() {
         redirect_http: true,
     });
     let (gateway, tls) = start(config).await;
-    let response = reqwest::Client::builder()
+    let response = keel_runtime::http_client::builder()
         .redirect(reqwest::redirect::Policy::none())
         .build()
         .unwrap()
@@ -349,10 +349,7 @@ async fn slow_clients_are_cut_off() {
     assert_eq!(upstream.hits(), 0);
 
     // Ordinary clients are still served.
-    assert_eq!(
-        reqwest::get(&gateway.url).await.unwrap().status(),
-        StatusCode::OK
-    );
+    assert_eq!(get_status(&gateway.url).await, StatusCode::OK);
 }
 
 /// Counts, when dropped, a response body its upstream gave up.
@@ -594,10 +591,7 @@ async fn a_body_that_does_not_come_is_cut_at_the_routes_time_as_the_clients_faul
         assert!(answer.contains("body-too-slow"), "{answer}");
         assert!(waited < Duration::from_secs(5), "{waited:?}");
     }
-    assert_eq!(
-        reqwest::get(&gateway.url).await.unwrap().status(),
-        StatusCode::OK
-    );
+    assert_eq!(get_status(&gateway.url).await, StatusCode::OK);
     // The whole body sent, and the instance slow to answer: the instance's 504.
     upstream.set(crate::support::Behaviour {
         delay: Duration::from_secs(2),
@@ -661,10 +655,7 @@ async fn garbage_never_hurts_the_gateway() {
     )
     .await;
     assert!(!answer.starts_with("HTTP/1.1 2") && waited < Duration::from_secs(5));
-    assert_eq!(
-        reqwest::get(&gateway.url).await.unwrap().status(),
-        StatusCode::OK
-    );
+    assert_eq!(get_status(&gateway.url).await, StatusCode::OK);
 }
 
 #[tokio::test]
@@ -713,10 +704,7 @@ async fn a_connection_sending_too_fast_is_refused_and_closed() {
     }
     assert_eq!(statuses, [200, 200, 200, 200, 200, 429]);
     // Other connections are not affected.
-    assert_eq!(
-        reqwest::get(&gateway.url).await.unwrap().status(),
-        StatusCode::OK
-    );
+    assert_eq!(get_status(&gateway.url).await, StatusCode::OK);
 }
 
 #[tokio::test]

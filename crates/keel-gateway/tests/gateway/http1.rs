@@ -230,7 +230,7 @@ async fn every_upstream_framing_reaches_the_client_intact() {
     let upstream = scripted_upstream(framings).await;
     let accepted = upstream.accepted;
     let gateway = gateway_to(upstream.url).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     let get = |path: &str| client.get(format!("{}{path}", gateway.url)).send();
 
     let response = get("/chunked").await.unwrap();
@@ -310,7 +310,7 @@ async fn upstreams_breaking_the_protocol_get_502_or_a_cut_body() {
     route.upstreams = vec![UpstreamConfig::Url(scripted_upstream(broken).await.url)];
     route.retry.attempts = 0;
     let gateway = start_gateway(vec![route]).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     for path in ["/garbage", "/bad-length", "/two-lengths", "/silent"] {
         let response = client
             .get(format!("{}{path}", gateway.url))

@@ -77,7 +77,7 @@ async fn gateway(routes: Vec<GatewayRouteConfig>) -> TestServer {
 }
 
 async fn get(url: &str) -> (StatusCode, String, http::HeaderMap) {
-    let response = reqwest::get(url).await.unwrap();
+    let response = keel_testkit::http().get(url).send().await.unwrap();
     let status = response.status();
     let headers = response.headers().clone();
     (status, response.text().await.unwrap(), headers)
@@ -92,7 +92,7 @@ async fn routes_strip_prefixes_and_take_upstreams_in_turn() {
     orders.strip_prefix = Some("/api".into());
     let gateway = gateway(vec![route("legacy", "/", vec![legacy]), orders]).await;
 
-    let response = reqwest::Client::new()
+    let response = keel_testkit::http()
         .get(format!("{}/api/orders/42?full=1", gateway.url))
         .header(
             "traceparent",
@@ -259,7 +259,7 @@ async fn header_actions_change_requests_and_responses() {
         add: Default::default(),
     };
     let gateway = gateway(vec![routed]).await;
-    let response = reqwest::Client::new()
+    let response = keel_testkit::http()
         .get(format!("{}/x", gateway.url))
         .header("x-internal", "leak")
         .header("x-tenant", "forged")
@@ -379,7 +379,9 @@ async fn metrics_count_per_route_and_upstream() {
         get(&format!("{}/x", gateway.url)).await;
     }
     get(&format!("{}/dead", gateway.url)).await;
-    let metrics = reqwest::get(format!("{admin}/metrics"))
+    let metrics = keel_testkit::http()
+        .get(format!("{admin}/metrics"))
+        .send()
         .await
         .unwrap()
         .text()
@@ -433,7 +435,7 @@ async fn the_access_log_has_one_json_line_per_request() {
             .await
             .unwrap(),
     );
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     client
         .get(format!("{}/a/b?secret=1", gateway.url))
         .header("x-request-id", "req-42")

@@ -31,7 +31,7 @@ async fn upstream_connections_are_kept_alive_and_reused() {
     let mut route = route_to("r", &[]);
     route.upstreams = vec![UpstreamConfig::Url(url)];
     let gateway = start_gateway(vec![route]).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     for n in 0..20 {
         let response = client
             .post(&gateway.url)
@@ -52,7 +52,7 @@ async fn a_connection_closed_while_pooled_costs_no_request() {
     route.upstreams = vec![UpstreamConfig::Url(url)];
     route.retry.attempts = 0;
     let gateway = start_gateway(vec![route]).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     for n in 0..4 {
         // Not idempotent and no retries: only the pool can save it.
         let response = client
@@ -87,7 +87,7 @@ async fn idle_connections_of_a_host_no_longer_used_are_closed() {
             .await
             .unwrap(),
     );
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     client
         .get(format!("{}/gone", gateway.url))
         .send()

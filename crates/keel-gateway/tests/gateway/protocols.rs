@@ -296,7 +296,7 @@ async fn websocket_upgrades_pass_through_and_echo() {
 async fn a_plain_request_is_never_upgraded_by_accident() {
     let upstream = Upstream::start_echoing("u", &["upgrade", "connection"]);
     let gateway = start_gateway(vec![route_to("r", &[&upstream])]).await;
-    let response = reqwest::Client::new()
+    let response = keel_testkit::http()
         .get(&gateway.url)
         .header("upgrade", "websocket")
         .send()
@@ -388,7 +388,9 @@ async fn the_gateways_own_answer_headers_replace_the_upstreams() {
         }
     };
     for (path, limited) in [("/limited/x", true), ("/x", false)] {
-        let response = reqwest::get(format!("{}{path}", gateway.url))
+        let response = keel_testkit::http()
+            .get(format!("{}{path}", gateway.url))
+            .send()
             .await
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK);

@@ -54,13 +54,13 @@ fn routes_toml(name: &str, upstream: &Upstream) -> String {
 }
 
 fn admin(running: &Watched, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-    reqwest::Client::new()
+    keel_testkit::http()
         .request(method, format!("{}{path}", running.gateway.admin))
         .bearer_auth(TOKEN)
 }
 
 async fn who(url: &str) -> String {
-    served_by(reqwest::get(url).await.unwrap()).await
+    served_by(keel_testkit::http().get(url).send().await.unwrap()).await
 }
 
 async fn eventually_served_by(url: &str, expected: &str) {
@@ -77,7 +77,7 @@ async fn eventually_served_by(url: &str, expected: &str) {
 async fn the_admin_api_requires_its_token() {
     let up = Upstream::start("a");
     let running = start(&routes_toml("main", &up)).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     let url = format!("{}/v1/routes", running.gateway.admin);
     let missing = client.get(&url).send().await.unwrap();
     assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
@@ -288,7 +288,7 @@ async fn reloads_under_load_drop_nothing() {
     let (a, b) = (Upstream::start("a"), Upstream::start("b"));
     let running = start(&routes_toml("main", &a)).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     let mut load = Vec::new();
     for _ in 0..6 {
         let (client, url, stop) = (

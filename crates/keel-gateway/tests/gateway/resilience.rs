@@ -26,7 +26,7 @@ async fn idempotent_requests_are_retried_on_another_instance() {
     let (bad, good) = (Upstream::start("bad"), Upstream::start("good"));
     bad.set(failing(503));
     let gateway = start_gateway(vec![without_ejection(route_to("r", &[&bad, &good]))]).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     for _ in 0..10 {
         let response = client.get(&gateway.url).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::OK);
@@ -52,7 +52,7 @@ async fn a_connection_failure_is_retried_whatever_the_method() {
     let mut route = without_ejection(route_to("r", &[&live]));
     route.upstreams.insert(0, UpstreamConfig::Url(dead));
     let gateway = start_gateway(vec![route]).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     for n in 0..6 {
         let response = client
             .post(&gateway.url)
@@ -72,7 +72,7 @@ async fn an_instance_killed_under_load_costs_no_idempotent_request() {
     let mut victim = Upstream::start("victim");
     let others = [Upstream::start("a"), Upstream::start("b")];
     let gateway = start_gateway(vec![route_to("r", &[&victim, &others[0], &others[1]])]).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     let mut tasks = Vec::new();
     for _ in 0..8 {
         let (client, url) = (client.clone(), gateway.url.clone());
@@ -113,7 +113,7 @@ async fn failing_instances_are_ejected_and_readmitted() {
     route.outlier.consecutive_failures = 3;
     route.outlier.base_ejection = Duration::from_millis(400);
     let gateway = start_gateway(vec![route]).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     for _ in 0..30 {
         client.get(&gateway.url).send().await.unwrap();
     }
@@ -138,7 +138,7 @@ async fn no_more_than_the_allowed_share_is_ejected() {
     route.outlier.max_ejected_percent = 50;
     route.circuit_breaker.min_requests = 1_000;
     let gateway = start_gateway(vec![route]).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     for _ in 0..20 {
         let response = client.get(&gateway.url).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
@@ -165,7 +165,7 @@ async fn the_circuit_opens_on_failures_and_closes_after_probes() {
     route.circuit_breaker.open_for = Duration::from_millis(300);
     route.circuit_breaker.half_open_probes = 1;
     let gateway = start_gateway(vec![route]).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     for _ in 0..5 {
         let response = client.get(&gateway.url).send().await.unwrap();
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
@@ -201,7 +201,7 @@ async fn concurrency_beyond_the_limit_and_queue_is_refused() {
     route.circuit_breaker.max_concurrent = 1;
     route.circuit_breaker.max_pending = 0;
     let gateway = start_gateway(vec![route]).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     let first = tokio::spawn({
         let (client, url) = (client.clone(), gateway.url.clone());
         async move { client.get(&url).send().await.unwrap().status() }
@@ -225,7 +225,7 @@ async fn the_retry_budget_caps_retries_when_everything_fails() {
     route.retry.backoff_base = Duration::from_millis(1);
     route.retry.backoff_max = Duration::from_millis(1);
     let gateway = start_gateway(vec![route]).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     for _ in 0..30 {
         client.get(&gateway.url).send().await.unwrap();
     }
@@ -244,7 +244,7 @@ async fn a_stalled_attempt_times_out_and_moves_on() {
     let mut route = without_ejection(route_to("r", &[&stalled, &quick]));
     route.retry.per_try_timeout = Some(Duration::from_millis(200));
     let gateway = start_gateway(vec![route]).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     for _ in 0..4 {
         let started = Instant::now();
         let response = client.get(&gateway.url).send().await.unwrap();

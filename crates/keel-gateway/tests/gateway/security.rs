@@ -182,7 +182,7 @@ async fn a_missing_token_is_challenged_and_a_valid_one_forwards_its_claims() {
     )
     .await;
     let url = format!("{}/orders/1", gateway.proxy.url);
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
 
     for request in [
         client.get(&url),
@@ -295,7 +295,7 @@ async fn client_supplied_claim_headers_never_reach_the_upstream() {
         ],
     )
     .await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     let forged = |request: reqwest::RequestBuilder| {
         request
             .header("x-keel-subject", "admin")
@@ -387,7 +387,7 @@ async fn invalid_tokens_are_refused_with_invalid_token() {
         vec![authenticated(route_to("r", &[&upstream]), &[], &[])],
     )
     .await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     let now = now();
     let cases = [
         (
@@ -488,7 +488,7 @@ async fn a_rotated_key_is_accepted_after_one_key_refetch() {
         vec![authenticated(route_to("r", &[&upstream]), &[], &[])],
     )
     .await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     let call = |token: String| client.get(&gateway.proxy.url).bearer_auth(token).send();
 
     let old = issuer.mint(json!({}));
@@ -546,7 +546,7 @@ async fn scopes_must_all_be_held_and_one_role_suffices() {
         ],
     )
     .await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     let call = |path: &str, claims: Value| {
         client
             .get(format!("{}{path}", gateway.proxy.url))
@@ -605,7 +605,7 @@ async fn unavailable_signing_keys_mean_503_not_401() {
         vec![authenticated(route_to("r", &[&upstream]), &[], &[])],
     )
     .await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     let token = issuer.mint(json!({}));
 
     let response = client
@@ -663,7 +663,7 @@ async fn cors_preflights_are_answered_at_the_gateway() {
     ]))
     .await;
     let url = |path: &str| format!("{}{path}", running.proxy.url);
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     let preflight = |path: &str, origin: &str, method: &str, headers: &str| {
         client
             .request(Method::OPTIONS, url(path))
@@ -758,7 +758,7 @@ async fn a_preflight_needs_no_token_and_refusals_carry_cors_headers() {
     let upstream = Upstream::start("u");
     let route = with_cors(authenticated(route_to("r", &[&upstream]), &[], &[]));
     let gateway = start_with_auth(&issuer, vec![route]).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
 
     let response = client
         .request(Method::OPTIONS, format!("{}/orders", gateway.proxy.url))
@@ -797,7 +797,7 @@ async fn a_burst_passes_then_429_with_retry_after_and_ratelimit_headers() {
     let upstream = Upstream::start("u");
     let route = limited(route_to("r", &[&upstream]), RateKey::ClientIp, 3, 1.0);
     let running = start(test_config(vec![route])).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
 
     let mut remaining = Vec::new();
     for _ in 0..3 {
@@ -836,7 +836,7 @@ async fn each_api_key_has_its_own_bucket() {
         0.01,
     );
     let running = start(test_config(vec![route])).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     let statuses = |key: Option<&'static str>| {
         let (client, url) = (client.clone(), running.proxy.url.clone());
         async move {
@@ -870,7 +870,7 @@ async fn behind_a_trusted_proxy_each_client_ip_has_its_own_bucket() {
                 keel_runtime::TrustedProxies::try_from(vec!["127.0.0.0/8".to_owned()]).unwrap();
         }
         let running = start(config).await;
-        let client = reqwest::Client::new();
+        let client = keel_testkit::http();
         let statuses = |forwarded_for: &'static str| {
             let (client, url) = (client.clone(), running.proxy.url.clone());
             async move {
@@ -907,7 +907,7 @@ async fn each_subject_has_its_own_bucket() {
         0.01,
     );
     let gateway = start_with_auth(&issuer, vec![route]).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     let status = |subject: &str| {
         // A fresh token each time: the bucket belongs to the subject, not the token.
         let token = issuer.mint(json!({"sub": subject}));
@@ -935,7 +935,7 @@ async fn a_limit_keyed_by_a_claim_header_counts_by_the_verified_claim() {
         0.01,
     );
     let gateway = start_with_auth(&issuer, vec![route]).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     let status = |subject: &str, forged: &str| {
         let token = issuer.mint(json!({"sub": subject}));
         let request = client
@@ -978,7 +978,7 @@ async fn a_shared_limit_is_one_bucket_across_gateway_instances() {
         ..test_config(vec![route])
     };
     let (a, b) = (start(config.clone()).await, start(config).await);
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
 
     let mut remaining = Vec::new();
     let mut refused = [0, 0];
@@ -1110,7 +1110,7 @@ async fn when_redis_is_unreachable_the_failure_policy_decides() {
     else {
         return;
     };
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     let counted = |status: StatusCode, headers: &HeaderMap| {
         status == StatusCode::OK && number(headers, "ratelimit-limit") == Some(1_000)
     };
@@ -1250,7 +1250,7 @@ async fn a_silent_redis_is_caught_by_the_timeout() {
     else {
         return;
     };
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     for gateway in [&open, &closed] {
         let response = client.get(&gateway.proxy.url).send().await.unwrap();
         assert_eq!(number(response.headers(), "ratelimit-limit"), Some(1_000));
@@ -1315,7 +1315,7 @@ async fn added_headers_reach_every_kind_of_upstream_once() {
     )
     .await;
     let token = issuer.mint(json!({"roles": ["viewer"]}));
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     let large = "x".repeat(100 * 1024);
     // Each field of the client's chain is kept (a proxy in front may add its own), the
     // peer appended.
@@ -1407,7 +1407,7 @@ async fn hashing_by_a_claim_header_keeps_a_subject_on_one_instance() {
     );
     route.balance = BalanceConfig::Hash(HashKeyConfig::Header("x-keel-subject".into()));
     let gateway = start_with_auth(&issuer, vec![route]).await;
-    let client = reqwest::Client::new();
+    let client = keel_testkit::http();
     let mut owners = std::collections::HashSet::new();
     for subject in 0..12 {
         let token = issuer.mint(json!({ "sub": format!("user-{subject}") }));

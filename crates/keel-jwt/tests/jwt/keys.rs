@@ -2,6 +2,7 @@
 
 use keel_jwt::VerifyError;
 use keel_jwt::testing::{MintOptions, TestKey};
+use keel_testkit::tls::TestCa;
 use serde_json::json;
 
 use super::*;
@@ -318,4 +319,31 @@ async fn refresh_warms_the_cache() {
     assert_eq!(issuer.fetch_count(), 1);
     verifier.verify(&issuer.mint(json!({}))).await.unwrap();
     assert_eq!(issuer.fetch_count(), 1);
+}
+
+/// An `https` issuer: metadata and keys come over TLS, checked against the system's roots
+/// and the CAs the process was told to trust; an issuer whose certificate no trusted CA
+/// signed gives no keys (no request gets past the handshake).
+#[tokio::test]
+async fn an_https_issuer_is_reached_when_its_ca_is_trusted_and_only_then() {
+    let ca = TestCa::new();
+    let issuer = TestIssuer::start_https(&ca).await;
+    let stranger = TestIssuer::start_https(&TestCa::new()).await;
+    keel_runtime::http_client::trust_pem(ca.pem().as_bytes()).unwrap();
+    assert!(issuer.issuer().starts_with("https://localhost:"));
+
+    let token = issuer.mint(json!({}));
+    verifier(&issuer).verify(&token).await.unwrap();
+    assert_eq!(
+        (issuer.metadata_fetch_count(), issuer.fetch_count()),
+        (1, 1)
+    );
+
+    let token = stranger.mint(json!({}));
+    let error = assert_rejected!(verifier(&stranger), token, VerifyError::KeysUnavailable(_));
+    assert!(error.is_unavailable());
+    assert_eq!(
+        (stranger.metadata_fetch_count(), stranger.fetch_count()),
+        (0, 0)
+    );
 }

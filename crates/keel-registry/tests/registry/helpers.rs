@@ -31,7 +31,7 @@ pub async fn spawn_registry() -> TestServer {
 }
 
 pub fn http() -> reqwest::Client {
-    reqwest::Client::builder()
+    keel_runtime::http_client::builder()
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap()

@@ -176,7 +176,7 @@ async fn garbage_on_the_socket_does_not_hurt_the_server() {
 #[tokio::test]
 async fn a_path_segment_that_is_not_utf8_is_a_problem_on_every_api() {
     let registry = spawn_registry().await;
-    let http = reqwest::Client::new();
+    let http = keel_testkit::http();
     for path in [
         "/v1/services/%FF",
         "/v1/agent/service/deregister/%FF",

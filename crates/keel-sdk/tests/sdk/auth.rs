@@ -49,7 +49,7 @@ async fn service(verifier: Verifier) -> String {
 }
 
 async fn get_with(url: &str, token: Option<&str>) -> (u16, String, String) {
-    let mut request = reqwest::Client::new().get(url);
+    let mut request = keel_testkit::http().get(url);
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }

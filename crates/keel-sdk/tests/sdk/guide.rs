@@ -36,7 +36,7 @@ async fn the_guides_example_service_works_as_the_guide_says() {
     let service = greetings::build(&config, &shutdown).await.unwrap();
     let base = format!("http://{}", service.local_addr());
     let running = tokio::spawn(service.run(shutdown.clone()));
-    let http = reqwest::Client::new();
+    let http = keel_testkit::http();
 
     for times in 1..=2 {
         let greeting: serde_json::Value = greet(&http, &base, "Ada").await.json().await.unwrap();

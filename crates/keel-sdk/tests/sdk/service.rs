@@ -58,7 +58,7 @@ async fn instances_run_side_by_side_registered_healthy_and_leave_on_shutdown() {
         .map(|instance| tokio::spawn(instance.run(shutdown.clone())))
         .collect();
 
-    let http = reqwest::Client::new();
+    let http = keel_testkit::http();
     for url in &urls {
         let get = |path: &str| http.get(format!("{url}{path}")).send();
         assert_eq!(get("/products").await.unwrap().text().await.unwrap(), "[]");
@@ -202,7 +202,7 @@ async fn admins_list_and_replay_a_groups_dead_letters_over_http() {
     let customer = issuer.mint(serde_json::json!({"scope": "keel-admin", "roles": ["customer"]}));
     // The role without the scope: an admin's token given to some other client.
     let unscoped = issuer.mint(serde_json::json!({"roles": ["admin"]}));
-    let http = reqwest::Client::new();
+    let http = keel_testkit::http();
     let list = |token: Option<&str>, group: &str| {
         let mut request = http.get(format!("{base}/admin/dead-letters/{group}"));
         if let Some(token) = token {

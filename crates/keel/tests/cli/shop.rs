@@ -148,7 +148,7 @@ async fn stack(profile: Profile) -> Stack {
     for role in ["admin", "customer"] {
         admin_api.create_role(role, None, role, "").await.unwrap();
     }
-    let http = reqwest::Client::new();
+    let http = keel_testkit::http();
     let mut tokens = Vec::new();
     for (name, role) in [
         ("shop-admin", "admin"),

@@ -71,7 +71,7 @@ async fn admins_write_products_everyone_reads_what_is_for_sale_and_changes_are_p
             .unwrap();
         let base = format!("http://{}", service.local_addr());
         tokio::spawn(service.run(shutdown.clone()));
-        let http = reqwest::Client::new();
+        let http = keel_testkit::http();
         let put = |sku: &str, body: Value| http.put(format!("{base}/products/{sku}")).json(&body);
         let mug = json!({"name": "Blue mug", "price": {"minor": 1250, "currency": "EUR"}});
 
@@ -208,7 +208,7 @@ async fn instances_sharing_redis_see_each_others_changes_at_once() {
         bases.push(format!("http://{}", service.local_addr()));
         tokio::spawn(service.run(shutdown.clone()));
     }
-    let http = reqwest::Client::new();
+    let http = keel_testkit::http();
     let put = |base: &str, minor: i64| {
         http.put(format!("{base}/products/MUG"))
             .json(&json!({"name": "Mug", "price": {"minor": minor, "currency": "EUR"}}))

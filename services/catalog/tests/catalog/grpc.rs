@@ -29,7 +29,7 @@ async fn prices_come_over_grpc_for_known_skus_and_bad_asks_are_refused() {
     tokio::spawn(service.run(shutdown.clone()));
     let admin = issuer.mint(json!({"roles": ["admin"]}));
     for (sku, minor, active) in [("MUG-01", 1250, true), ("MUG-00", 100, false)] {
-        let status = reqwest::Client::new()
+        let status = keel_testkit::http()
             .put(format!("{base}/products/{sku}"))
             .bearer_auth(&admin)
             .json(&json!({"name": "Mug", "price": {"minor": minor, "currency": "EUR"}, "active": active}))

@@ -31,7 +31,7 @@ async fn admins_count_stock_anyone_reads_it_and_bad_counts_are_problems() {
             .unwrap();
         let base = format!("http://{}", service.local_addr());
         tokio::spawn(service.run(shutdown.clone()));
-        let http = reqwest::Client::new();
+        let http = keel_testkit::http();
         let put = |sku: &str, body: Value| http.put(format!("{base}/stock/{sku}")).json(&body);
         let get = |path: &str| http.get(format!("{base}{path}"));
 

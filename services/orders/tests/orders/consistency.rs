@@ -264,7 +264,7 @@ async fn every_order_ends(test: &'static str, broker: &Broker, proxy: &FaultProx
     let mut orders = Instance::start(test, "orders", env(&databases[3])).await;
 
     let admin = issuer.mint(json!({"sub": "root", "roles": ["admin"]}));
-    let http = reqwest::Client::new();
+    let http = keel_testkit::http();
     let stock_db = keel_inventory::Inventory::new(
         keel_sdk::Database::connect(&databases[1].url, &keel_inventory::MIGRATIONS)
             .await

@@ -115,7 +115,7 @@ async fn shop(
     tokio::spawn(orders.run(shutdown.clone()));
 
     let admin = issuer.mint(json!({"sub": "root", "roles": ["admin"]}));
-    let http = reqwest::Client::new();
+    let http = keel_testkit::http();
     for (sku, minor, active, on_hand) in [
         ("MUG", 1250, true, 5),
         ("TEA", 400, true, 1),

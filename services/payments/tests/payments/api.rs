@@ -37,7 +37,7 @@ async fn authorize_capture_and_void_with_idempotency_keys_and_every_refusal_a_pr
             .unwrap();
         let base = format!("http://{}", service.local_addr());
         tokio::spawn(service.run(shutdown.clone()));
-        let http = reqwest::Client::new();
+        let http = keel_testkit::http();
         let authorize = |key: Option<&str>, body: Value| {
             let request = http.post(format!("{base}/payments")).json(&body);
             match key {
@@ -215,7 +215,7 @@ async fn one_key_sent_many_times_at_once_makes_one_payment_and_the_others_are_to
         let shutdown = Shutdown::new();
         // A slow provider, so that the requests overlap while the first is answered.
         let url = running(&database.url, &issuer, &slow(2), &shutdown).await;
-        let http = reqwest::Client::new();
+        let http = keel_testkit::http();
         let body = |minor: u64| json!({"amount": {"minor": minor, "currency": "EUR"}, "method": "tok_visa"});
         let tasks: Vec<_> = (0..8)
             .map(|n| {
@@ -285,7 +285,7 @@ async fn a_claim_left_by_a_request_that_died_is_taken_over_once_it_is_old() {
         leave_claim(&db, "old", now - 60).await;
         leave_claim(&db, "fresh", now).await;
         leave_claim(&db, "abandoned", now - 60).await;
-        let http = reqwest::Client::new();
+        let http = keel_testkit::http();
         let post = |key: &str, minor: u64| {
             http.post(&url)
                 .header("idempotency-key", key)
@@ -334,7 +334,7 @@ async fn an_authorization_whose_client_went_away_is_decided_before_shutdown_ends
         let shutdown = Shutdown::new();
         let url = running(&database.url, &issuer, &slow(1), &shutdown).await;
         // The client gives up while the provider is asked: its request is dropped.
-        let impatient = reqwest::Client::builder()
+        let impatient = keel_runtime::http_client::builder()
             .timeout(std::time::Duration::from_millis(300))
             .build()
             .unwrap();
@@ -367,7 +367,7 @@ async fn a_provider_failure_on_authorize_keeps_nothing_not_even_the_claim() {
     for database in databases().await {
         let shutdown = Shutdown::new();
         let url = running(&database.url, &issuer, &provider(), &shutdown).await;
-        let http = reqwest::Client::new();
+        let http = keel_testkit::http();
         let post = |method: &str| {
             http.post(&url)
                 .header("idempotency-key", "p-9")
@@ -410,7 +410,7 @@ async fn a_provider_failure_on_capture_changes_nothing_and_says_try_again() {
             bases.push(format!("http://{}", service.local_addr()));
             tokio::spawn(service.run(shutdown.clone()));
         }
-        let http = reqwest::Client::new();
+        let http = keel_testkit::http();
         let chance = json!({"amount": {"minor": 700, "currency": "EUR"}, "method": "tok_chance"});
         let authorize = http
             .post(format!("{}/payments", bases[0]))

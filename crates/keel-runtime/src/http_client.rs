@@ -1,0 +1,165 @@
+//! Outbound HTTP: every client Keel builds (metadata and JWKS fetches, the registry client
+//! and its HTTP checks, calls between services, token requests, trace export, the CLI)
+//! starts from [`builder`] or [`blocking_builder`], so that all of them speak HTTPS alike:
+//!
+//! - rustls on ring, the one crypto library of the workspace. reqwest is built without a
+//!   provider of its own and takes the process's default (it panics at every client build
+//!   when there is none), so the builders install ring as that default first, unless the
+//!   program installed one before;
+//! - the system's roots (`/etc/ssl/certs`; `SSL_CERT_FILE` and `SSL_CERT_DIR` as OpenSSL
+//!   reads them), plus the certificate authorities added with [`trust_ca_file`]
+//!   (`[runtime] ca_file` of `keel`): a private CA that signs internal services'
+//!   certificates, without replacing the public roots.
+//!
+//! clippy's `disallowed-methods` (clippy.toml) keeps `reqwest::Client::new`, `builder` and
+//! `reqwest::get` out of the rest of the workspace, tests included.
+
+use std::path::Path;
+use std::sync::{Once, PoisonError, RwLock};
+
+/// Roots trusted beyond the system's, added by [`trust_pem`] and [`trust_ca_file`].
+static EXTRA_ROOTS: RwLock<Vec<reqwest::Certificate>> = RwLock::new(Vec::new());
+
+/// A client builder with the crypto provider installed and the extra roots trusted.
+#[allow(clippy::disallowed_methods)] // the one place reqwest clients are started
+pub fn builder() -> reqwest::ClientBuilder {
+    install_crypto_provider();
+    extra_roots()
+        .into_iter()
+        .fold(reqwest::Client::builder(), |builder, root| {
+            builder.add_root_certificate(root)
+        })
+}
+
+/// The same for reqwest's blocking client (what the OTLP exporter sends with, from a
+/// thread of its own).
+#[allow(clippy::disallowed_methods)]
+pub fn blocking_builder() -> reqwest::blocking::ClientBuilder {
+    install_crypto_provider();
+    extra_roots()
+        .into_iter()
+        .fold(reqwest::blocking::Client::builder(), |builder, root| {
+            builder.add_root_certificate(root)
+        })
+}
+
+/// Makes ring the process's rustls provider, once; a provider the program installed
+/// before is kept (rustls refuses a second).
+pub fn install_crypto_provider() {
+    static INSTALL: Once = Once::new();
+    INSTALL.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// An error and its sources, `: `-joined, each said once: what to log about a failed
+/// call (reqwest's own text is "error sending request for url (…)"; the reason, such as a
+/// refused connection or an untrusted certificate, is in its sources).
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    for cause in std::iter::successors(error.source(), |cause| cause.source()) {
+        let cause = cause.to_string();
+        if !text.contains(&cause) {
+            text.push_str(": ");
+            text.push_str(&cause);
+        }
+    }
+    text
+}
+
+fn extra_roots() -> Vec<reqwest::Certificate> {
+    EXTRA_ROOTS
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    #[error("cannot read the CA file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the CA file {path} holds no usable PEM certificate{detail}")]
+    NoCertificate { path: String, detail: String },
+}
+
+/// Trusts every certificate of a PEM bundle as a root for clients built from now on.
+/// Returns how many were added; a file without one is an error (a key file given by
+/// mistake would otherwise leave the CA silently untrusted).
+pub fn trust_ca_file(path: &Path) -> Result<usize, TrustError> {
+    let pem = std::fs::read(path).map_err(|source| TrustError::Read {
+        path: path.display().to_string(),
+        source,
+    })?;
+    trust_pem(&pem).map_err(|detail| TrustError::NoCertificate {
+        path: path.display().to_string(),
+        detail,
+    })
+}
+
+/// [`trust_ca_file`] for PEM text in memory; the error says what was wrong with it.
+pub fn trust_pem(pem: &[u8]) -> Result<usize, String> {
+    let roots = reqwest::Certificate::from_pem_bundle(pem).map_err(|error| format!(": {error}"))?;
+    if roots.is_empty() {
+        return Err(String::new());
+    }
+    let added = roots.len();
+    EXTRA_ROOTS
+        .write()
+        .unwrap_or_else(PoisonError::into_inner)
+        .extend(roots);
+    Ok(added)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_without_a_certificate_is_refused_and_trusts_nothing() {
+        let dir = std::env::temp_dir().join(format!("keel-trust-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = dir.join("key.pem");
+        std::fs::write(
+            &key,
+            "-----BEGIN PRIVATE KEY-----\nMC4CAQAwBQYDK2VwBCIEIA==\n-----END PRIVATE KEY-----\n",
+        )
+        .unwrap();
+        let error = trust_ca_file(&key).unwrap_err().to_string();
+        assert!(
+            error.contains("key.pem") && error.contains("no usable PEM certificate"),
+            "{error}"
+        );
+        let missing = trust_ca_file(&dir.join("absent.pem"))
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("cannot read the CA file"), "{missing}");
+        assert!(extra_roots().is_empty());
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn an_error_chain_names_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("error sending request")]
+        struct Outer(#[source] std::io::Error);
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(
+            error_chain(&Outer(refused)),
+            "error sending request: refused"
+        );
+        let error = std::io::Error::other(Outer(std::io::Error::other("x")));
+        // io::Error's text is its inner error's, whose source is then said once.
+        assert_eq!(error_chain(&error), "error sending request: x");
+    }
+
+    #[test]
+    fn clients_build_without_a_provider_installed_by_the_program() {
+        // reqwest without a crypto provider of its own panics here unless one is installed.
+        let client = builder().build();
+        assert!(client.is_ok());
+    }
+}

@@ -1,0 +1,133 @@
+//! HTTPS for tests: a private certificate authority and a TLS front that puts any
+//! plain-HTTP test server behind `https://localhost:<port>`, with a certificate that CA
+//! signed. Clients trust it only when told to (`keel_runtime::http_client::trust_pem`,
+//! `[runtime] ca_file`), as with an internal CA in production.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+/// A certificate authority of the test's own.
+pub struct TestCa {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl TestCa {
+    pub fn new() -> Self {
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Keel test CA");
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        let key = KeyPair::generate().expect("an ECDSA key");
+        let issuer = CertifiedIssuer::self_signed(params, key).expect("a self-signed CA");
+        Self { issuer }
+    }
+
+    /// The CA's certificate, PEM: what a client is told to trust.
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// A TLS acceptor presenting a certificate for `localhost` and `127.0.0.1`, signed by
+    /// this CA.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        let mut params = CertificateParams::new(["localhost".to_owned(), "127.0.0.1".to_owned()])
+            .expect("valid names");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let key = KeyPair::generate().expect("an ECDSA key");
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("a certificate signed by the CA");
+        let chain = vec![cert.der().clone(), CertificateDer::clone(self.issuer.der())];
+        let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .expect("TLS 1.2 and 1.3")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("the certificate matches its key");
+        TlsAcceptor::from(Arc::new(config))
+    }
+}
+
+impl Default for TestCa {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Terminates TLS on a port of its own and relays each connection's bytes to a plain
+/// backend. Bound first ([`TlsFront::bind`]) so that its URL is known before the backend
+/// starts (an issuer names itself by it); relays once [`TlsFront::relay_to`] is called.
+/// Stops when dropped.
+pub struct TlsFront {
+    listener: Option<TcpListener>,
+    addr: SocketAddr,
+    acceptor: TlsAcceptor,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TlsFront {
+    pub async fn bind(ca: &TestCa) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind 127.0.0.1:0");
+        let addr = listener.local_addr().expect("bound address");
+        Self {
+            listener: Some(listener),
+            addr,
+            acceptor: ca.acceptor(),
+            task: None,
+        }
+    }
+
+    /// `https://localhost:<port>`.
+    pub fn url(&self) -> String {
+        format!("https://localhost:{}", self.addr.port())
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Starts relaying to `backend`. Connections whose handshake fails (a client that
+    /// does not trust the CA) are dropped.
+    pub fn relay_to(&mut self, backend: SocketAddr) {
+        let listener = self.listener.take().expect("relay_to is called once");
+        let acceptor = self.acceptor.clone();
+        self.task = Some(tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut client) = acceptor.accept(client).await else {
+                        return;
+                    };
+                    let Ok(mut server) = TcpStream::connect(backend).await else {
+                        return;
+                    };
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                });
+            }
+        }));
+    }
+}
+
+impl Drop for TlsFront {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
