@@ -19,7 +19,8 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::Watcher;
-use keel_runtime::http::{ConnectionLimits, accept_connections};
+use keel_runtime::HttpServerConfig;
+use keel_runtime::http::{ConnectionLimits, accept_connections, accepting_until};
 use keel_runtime::{Problem, Shutdown};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -181,21 +182,26 @@ pub(crate) struct ConnState {
     pub(crate) shutdown: Shutdown,
 }
 
-/// Serves `listener` until `shutdown`, then drains open connections for up to `drain`.
+/// Serves `listener` until `shutdown` and `http.shutdown_delay` after it, then drains
+/// open connections for up to `http.drain_timeout`. From the signal on, HTTP/1.1
+/// connections close after their current request, as Envoy's drain does, so that clients
+/// reconnect (elsewhere, once the instance has left the balancers); new ones are still
+/// served during the delay.
 pub async fn serve(
     listener: TcpListener,
     mode: Mode,
     gateway: Arc<Gateway>,
     limits: ClientLimitsConfig,
-    drain: Duration,
+    http: &HttpServerConfig,
     shutdown: Shutdown,
 ) -> io::Result<()> {
     let builder = Arc::new(limits.builder());
     let connections = ConnectionLimits {
         max_connections: limits.max_connections,
         refused_metric: "keel_gateway_connections_refused_total",
-        drain,
+        drain: http.drain_timeout,
     };
+    let accepting = accepting_until("gateway", &shutdown, http.shutdown_delay);
     let limits = Arc::new(limits);
     let proxies = Arc::new(gateway.trusted_proxies().clone());
     // Every connection task holds a watcher until it ends, whoever serves it: hyper's
@@ -205,7 +211,7 @@ pub async fn serve(
         "gateway",
         listener,
         &connections,
-        &shutdown,
+        &accepting,
         |stream, peer, watcher| {
             // Under TLS, so that it watches the bytes on the wire.
             let stream = SendTimeout::new(stream, limits.send_timeout);

@@ -449,7 +449,6 @@ impl Server for GatewayServer {
         if !config.watch_interval.is_zero() {
             tokio::spawn(Arc::clone(&self.gateway).watch(config.watch_interval, shutdown.clone()));
         }
-        let drain = config.http.drain_timeout;
         let limits = config.limits.clone();
         let plain_mode = match (&self.secure, &config.tls) {
             (Some((listener, _)), Some(tls)) if tls.redirect_http => Mode::RedirectToHttps {
@@ -465,7 +464,7 @@ impl Server for GatewayServer {
             plain_mode,
             Arc::clone(&self.gateway),
             limits.clone(),
-            drain,
+            &config.http,
             shutdown.clone(),
         );
         let secure = async {
@@ -481,7 +480,7 @@ impl Server for GatewayServer {
                 Mode::Proxy { tls: Some(tls) },
                 Arc::clone(&self.gateway),
                 limits,
-                drain,
+                &config.http,
                 shutdown.clone(),
             )
             .await

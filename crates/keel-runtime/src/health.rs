@@ -2,10 +2,12 @@
 //! runs every registered dependency check and answers 503 when any fails. Its answer is
 //! reused for a second, and callers meanwhile wait for the round under way: the endpoint
 //! needs no token, so a flood of probes must not become a flood of database queries.
+//! Once the server's stop signal fires it answers 503 `draining` (see
+//! `HttpServerConfig::shutdown_delay`).
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::Json;
@@ -14,6 +16,8 @@ use axum::response::{IntoResponse, Response};
 use futures_util::future::join_all;
 use http::StatusCode;
 use serde::Serialize;
+
+use crate::shutdown::Shutdown;
 
 type CheckFuture = Pin<Box<dyn Future<Output = Result<(), String>> + Send>>;
 type CheckFn = Arc<dyn Fn() -> CheckFuture + Send + Sync>;
@@ -31,6 +35,8 @@ pub struct Health {
     /// The last answer and when its round ended; locked for a whole round, so that
     /// concurrent callers share it.
     last: Arc<tokio::sync::Mutex<Option<(Instant, bool, ReadyReport)>>>,
+    /// The stop signal of the server answering: once it fires, not ready (`draining`).
+    stopping: Arc<OnceLock<Shutdown>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -63,6 +69,17 @@ impl Health {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .push((name.to_owned(), check));
+    }
+
+    /// Answers `draining` (503) once `shutdown` fires, without running the checks: the
+    /// instance is going away, whatever its dependencies say. The first signal followed
+    /// counts.
+    pub fn follow(&self, shutdown: &Shutdown) {
+        let _ = self.stopping.set(shutdown.clone());
+    }
+
+    fn draining(&self) -> bool {
+        self.stopping.get().is_some_and(Shutdown::is_triggered)
     }
 
     /// The last round's answer while it is fresh, else a new round's.
@@ -110,6 +127,13 @@ pub(crate) async fn live() -> Response {
 }
 
 pub(crate) async fn ready(State(health): State<Health>) -> Response {
+    if health.draining() {
+        let report = ReadyReport {
+            status: "draining",
+            checks: Vec::new(),
+        };
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(report)).into_response();
+    }
     let (ok, report) = health.ready().await;
     let status = if ok {
         StatusCode::OK

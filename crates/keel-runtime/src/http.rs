@@ -44,6 +44,14 @@ pub struct HttpServerConfig {
     /// How long in-flight requests may take to finish once shutdown starts.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// How long the server goes on accepting and serving after the stop signal, while
+    /// `/health/ready` answers 503 `draining` (and the instance is deregistered), before it
+    /// stops accepting and drains: the time load balancers and Kubernetes, which drops a
+    /// pod from its endpoints only after signalling it, take to stop sending (a preStop
+    /// sleep's job). None by default (a development stop is immediate); 5-10 s behind a
+    /// load balancer.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_delay: Duration,
     /// Time to receive a request's headers, which is also how long a kept-alive HTTP/1.1
     /// connection may sit idle between requests (hyper has one clock for both): a client
     /// that sends its headers a byte at a time (slowloris) or opens connections and sends
@@ -61,6 +69,7 @@ impl Default for HttpServerConfig {
     fn default() -> Self {
         Self {
             drain_timeout: Duration::from_secs(10),
+            shutdown_delay: Duration::ZERO,
             // NGINX's keepalive_timeout.
             header_read_timeout: Duration::from_secs(75),
             max_connections: 1024,
@@ -158,6 +167,7 @@ pub struct HttpServer {
     component: String,
     listener: TcpListener,
     router: Router,
+    health: Health,
     config: HttpServerConfig,
 }
 
@@ -189,7 +199,8 @@ impl HttpServer {
         Self {
             component: component.to_owned(),
             listener,
-            router: stack(router, health),
+            router: stack(router, health.clone()),
+            health,
             config,
         }
     }
@@ -200,11 +211,14 @@ impl HttpServer {
             .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
     }
 
-    /// Serves until `shutdown` fires, then stops accepting and drains in-flight requests
+    /// Serves until `shutdown` fires and the shutdown delay has passed (readiness
+    /// answering `draining` meanwhile), then stops accepting and drains in-flight requests
     /// for up to the drain timeout.
     pub async fn run(self, shutdown: Shutdown) -> io::Result<()> {
         let addr = self.local_addr();
         tracing::info!(component = %self.component, %addr, "listening");
+        self.health.follow(&shutdown);
+        let shutdown = accepting_until(&self.component, &shutdown, self.config.shutdown_delay);
         // hyper directly rather than `axum::serve`, which sets no timer: without one a
         // connection that never finishes its headers, or sits idle, is held for ever.
         let builders = Arc::new([self.config.builder(false), self.config.builder(true)]);
@@ -247,6 +261,23 @@ impl HttpServer {
         .await;
         Ok(())
     }
+}
+
+/// The signal to stop accepting: `shutdown`'s, `delay` after it (itself when there is no
+/// delay). What is already open is not told to close before then either.
+pub fn accepting_until(component: &str, shutdown: &Shutdown, delay: Duration) -> Shutdown {
+    if delay.is_zero() {
+        return shutdown.clone();
+    }
+    let closing = Shutdown::new();
+    let (component, shutdown, signal) = (component.to_owned(), shutdown.clone(), closing.clone());
+    tokio::spawn(async move {
+        shutdown.wait().await;
+        tracing::info!(%component, ?delay, "draining: serving on, readiness 503, until the delay is over");
+        tokio::time::sleep(delay).await;
+        signal.trigger();
+    });
+    closing
 }
 
 /// How many connections a listener keeps open and how long it drains them.

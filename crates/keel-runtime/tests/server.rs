@@ -83,6 +83,63 @@ async fn shutdown_drains_in_flight_requests_and_stops_accepting() {
     assert!(refused.is_err(), "no longer accepting");
 }
 
+/// With a shutdown delay, a stopping server says `draining` on `/health/ready` and goes
+/// on serving, new connections too, until the delay is over; only then does it stop
+/// accepting.
+#[tokio::test]
+async fn a_stopping_server_answers_draining_and_serves_through_its_delay() {
+    let router = Router::new().route("/work", get(|| async { "done" }));
+    let delay = Duration::from_millis(800);
+    let (addr, shutdown, handle) = serve_with(
+        router,
+        HttpServerConfig {
+            shutdown_delay: delay,
+            ..HttpServerConfig::default()
+        },
+    )
+    .await;
+    let ready = |client: reqwest::Client| async move {
+        let response = client
+            .get(format!("http://{addr}/health/ready"))
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body: serde_json::Value = response.json().await.unwrap();
+        (
+            status,
+            body["status"].as_str().unwrap_or_default().to_owned(),
+        )
+    };
+    assert_eq!(ready(keel_testkit::http()).await, (200, "up".to_owned()));
+
+    let started = Instant::now();
+    shutdown.trigger();
+    assert_eq!(
+        ready(keel_testkit::http()).await,
+        (503, "draining".to_owned())
+    );
+    let fresh = keel_testkit::http()
+        .get(format!("http://{addr}/work"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(fresh.text().await.unwrap(), "done");
+    assert!(started.elapsed() < delay, "answered within the delay");
+
+    handle.await.unwrap().unwrap();
+    assert!(
+        started.elapsed() >= delay,
+        "accepting until the delay was over"
+    );
+    let refused = keel_testkit::http()
+        .get(format!("http://{addr}/work"))
+        .timeout(Duration::from_secs(1))
+        .send()
+        .await;
+    assert!(refused.is_err(), "no longer accepting");
+}
+
 #[tokio::test]
 async fn the_drain_deadline_cuts_requests_that_never_finish() {
     let router = Router::new().route("/stuck", get(std::future::pending::<&'static str>));

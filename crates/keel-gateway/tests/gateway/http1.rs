@@ -10,7 +10,12 @@ use keel_gateway::config::UpstreamConfig;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{After, Upstream, exchange, route_to, scripted_upstream, start_gateway};
+use keel_gateway::GatewayServer;
+use keel_runtime::Shutdown;
+
+use crate::support::{
+    After, Upstream, exchange, route_to, scripted_upstream, start_gateway, test_config,
+};
 
 async fn gateway_to(url: String) -> keel_testkit::TestServer {
     let mut route = route_to("r", &[]);
@@ -374,4 +379,49 @@ async fn shutdown_finishes_requests_in_flight_and_closes_idle_connections() {
         .await
         .expect("the gateway stops once both are done")
         .unwrap();
+}
+
+/// With `[gateway.http] shutdown_delay`, a stopping gateway goes on accepting and proxying
+/// new connections until the delay is over, each answer with `connection: close` (the
+/// client reconnects, elsewhere once the instance has left the balancers); then it stops.
+#[tokio::test]
+async fn a_shutdown_delay_serves_new_connections_then_stops() {
+    let upstream = Upstream::start("u");
+    let mut config = test_config(vec![route_to("r", &[&upstream])]);
+    let delay = Duration::from_millis(800);
+    config.http.shutdown_delay = delay;
+    let gateway = keel_testkit::spawn(
+        GatewayServer::build(config, &Shutdown::new())
+            .await
+            .unwrap(),
+    );
+    let address = addr(&gateway);
+    let started = std::time::Instant::now();
+    let stopped = tokio::spawn(gateway.stop());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let mut fresh = TcpStream::connect(&address).await.unwrap();
+    fresh
+        .write_all(b"GET /late HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_response(&mut fresh, &mut Vec::new()).await.unwrap();
+    assert!(answer.ends_with("u GET /late body="), "{answer}");
+    assert!(
+        answer
+            .to_ascii_lowercase()
+            .contains("\r\nconnection: close\r\n"),
+        "{answer}"
+    );
+    assert!(started.elapsed() < delay);
+
+    tokio::time::timeout(Duration::from_secs(5), stopped)
+        .await
+        .expect("the gateway stops after the delay")
+        .unwrap();
+    assert!(
+        started.elapsed() >= delay,
+        "accepting until the delay was over"
+    );
+    assert!(TcpStream::connect(&address).await.is_err());
 }
