@@ -181,8 +181,12 @@ pub async fn run(config: KeelConfig, file: Option<&Path>, args: &UpArgs) -> anyh
     check_ports(&config)?;
     let profile = profile(&config);
     let guard = telemetry::init(&config.telemetry, "keel", &instance_id())?;
+    // A stop goes in tiers: the gateway first, draining what it accepted while the
+    // services behind it still answer; then the services and the authorization server
+    // (deregistering); the registry last. A failure stops everything at once.
     let shutdown = Shutdown::new();
-    shutdown.trigger_on_signals();
+    let edge = shutdown.child();
+    edge.trigger_on_signals();
 
     // Bind everything before serving anything, so a taken port stops the start cleanly.
     // The registry stops last, after the services have deregistered from it.
@@ -196,7 +200,7 @@ pub async fn run(config: KeelConfig, file: Option<&Path>, args: &UpArgs) -> anyh
     gateway_config.discovery_routes.get_or_insert(true);
     gateway_config.registry = format!("http://{}", registry.local_addr());
     let source = KeelConfig::gateway_source(file);
-    let gateway = GatewayServer::build_with_source(gateway_config, source, &shutdown).await?;
+    let gateway = GatewayServer::build_with_source(gateway_config, source, &edge).await?;
     // The shop's services accept the tokens this authorization server issues by default.
     let audience = config.auth.default_audience.clone();
     let auth = AuthServer::build(config.auth, &shutdown).await?;
@@ -300,7 +304,14 @@ pub async fn run(config: KeelConfig, file: Option<&Path>, args: &UpArgs) -> anyh
         }
     });
     let mut servers = JoinSet::new();
-    servers.spawn(run_server(gateway, shutdown.clone()));
+    servers.spawn({
+        let everything = shutdown.clone();
+        async move {
+            let result = run_server(gateway, edge).await;
+            everything.trigger();
+            result
+        }
+    });
     servers.spawn(run_server(auth, shutdown.clone()));
     for service in [catalog, inventory, payments, orders].into_iter().flatten() {
         servers.spawn(run_server(service, shutdown.clone()));

@@ -160,6 +160,9 @@ fn http_get(addr: &str, path: &str) -> String {
     answer
 }
 
+/// The shop's services, in the order `Up` keeps their databases.
+const SHOP_SERVICES: [&str; 4] = ["catalog", "inventory", "payments", "orders"];
+
 /// A running `keel up` and the lines it printed up to its first blank line after the
 /// table (and, on a first start, after the demo credentials).
 struct Up {
@@ -171,7 +174,7 @@ struct Up {
 
 impl Up {
     fn start(registry: std::net::SocketAddr, database: &TestSqlite) -> Self {
-        let shop: Vec<TestSqlite> = ["catalog", "inventory", "payments", "orders"]
+        let shop: Vec<TestSqlite> = SHOP_SERVICES
             .iter()
             .map(|service| TestSqlite::new(&format!("keel-cli-{service}")))
             .collect();
@@ -398,40 +401,90 @@ fn signal(child: &std::process::Child, name: &str) {
     assert!(sent.success());
 }
 
-/// The first SIGTERM waits for the drain (here a request an upstream never answers,
-/// within the 10 s drain timeout); a second one ends the process at once.
-#[test]
-fn a_second_signal_stops_without_waiting_for_the_drain() {
-    let upstream = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let upstream_addr = upstream.local_addr().unwrap();
-    let (accepted, upstream_saw) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut held = Vec::new();
-        for stream in upstream.incoming() {
-            held.push(stream);
-            let _ = accepted.send(());
+/// An upstream that accepts connections and never answers until told to let them go: a
+/// request through it holds a gateway's drain.
+struct HeldUpstream {
+    addr: std::net::SocketAddr,
+    accepted: std::sync::mpsc::Receiver<()>,
+    release: std::sync::mpsc::Sender<()>,
+}
+
+impl HeldUpstream {
+    fn start() -> Self {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, seen) = std::sync::mpsc::channel();
+        let (release, released) = std::sync::mpsc::channel::<()>();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            // Until let go, or until the test drops its end.
+            while matches!(
+                released.try_recv(),
+                Err(std::sync::mpsc::TryRecvError::Empty)
+            ) {
+                if let Ok((stream, _)) = listener.accept() {
+                    held.push(stream);
+                    let _ = accepted.send(());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        Self {
+            addr,
+            accepted: seen,
+            release,
         }
-    });
-    let dir = std::env::temp_dir().join(keel_testkit::unique_name("keel-cli-signals"));
+    }
+
+    /// Sends `GET /held` to the gateway at `gateway` (on a thread of its own) and waits
+    /// until it reaches this upstream.
+    fn hold_a_request(&self, gateway: &str) {
+        let gateway = gateway.to_owned();
+        std::thread::spawn(move || http_get(&gateway, "/held"));
+        self.accepted
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the request reached the upstream");
+    }
+
+    /// Closes the held connections (the gateway answers its client 502).
+    fn let_go(&self) {
+        let _ = self.release.send(());
+    }
+}
+
+/// A directory with a `keel.toml` routing `/held` to `upstream`.
+fn held_route_config(
+    prefix: &str,
+    upstream: &HeldUpstream,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = std::env::temp_dir().join(keel_testkit::unique_name(prefix));
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("keel.toml");
     std::fs::write(
         &config,
         format!(
-            "[[gateway.routes]]\nname = \"held\"\nmatch = {{ path_prefix = \"/\" }}\nupstreams = [\"http://{upstream_addr}\"]\n"
+            "[[gateway.routes]]\nname = \"held\"\nmatch = {{ path_prefix = \"/held\" }}\nupstreams = [\"http://{}\"]\n",
+            upstream.addr
         ),
     )
     .unwrap();
+    (dir, config)
+}
+
+/// The first SIGTERM waits for the drain (here a request an upstream never answers,
+/// within the 10 s drain timeout); a second one ends the process at once.
+#[test]
+fn a_second_signal_stops_without_waiting_for_the_drain() {
+    let upstream = HeldUpstream::start();
+    let (dir, config) = held_route_config("keel-cli-signals", &upstream);
     let GatewayChild {
         child: mut gateway,
         mut log,
         lines,
         addr: listening,
     } = start_gateway(keel(), &config);
-    std::thread::spawn(move || http_get(&listening, "/held"));
-    upstream_saw
-        .recv_timeout(Duration::from_secs(10))
-        .expect("the request reached the upstream");
+    upstream.hold_a_request(&listening);
 
     signal(&gateway, "-TERM");
     std::thread::sleep(Duration::from_secs(1));
@@ -489,6 +542,59 @@ fn a_ca_file_without_a_certificate_stops_the_start() {
         stderr.contains("runtime.ca_file") && stderr.contains("/nonexistent/ca.pem"),
         "{stderr}"
     );
+}
+
+/// `keel up` stops in tiers: while the gateway drains a request it holds, the services
+/// behind it still answer; once it has drained, the rest stop and the process exits.
+#[test]
+fn up_stops_the_gateway_before_the_services_behind_it() {
+    let upstream = HeldUpstream::start();
+    let (dir, config) = held_route_config("keel-cli-tiers", &upstream);
+    let database = TestSqlite::new("keel-cli-tiers");
+    let shop: Vec<TestSqlite> = SHOP_SERVICES
+        .iter()
+        .map(|service| TestSqlite::new(&format!("keel-cli-tiers-{service}")))
+        .collect();
+    let mut command = keel();
+    command
+        .arg("--config")
+        .arg(&config)
+        .arg("up")
+        .env("KEEL_REGISTRY__LISTEN", "127.0.0.1:0")
+        .env("KEEL_AUTH__DATABASE", database.url());
+    for (service, database) in SHOP_SERVICES.iter().zip(&shop) {
+        command.env(
+            format!("KEEL_{}__DATABASE", service.to_uppercase()),
+            database.url(),
+        );
+    }
+    let mut up = Up::spawn(command, shop);
+    let address = |name: &str| {
+        up.value(&format!("{name} "), name)
+            .trim_start_matches("http://")
+            .to_owned()
+    };
+    let (gateway, catalog) = (address("gateway"), address("catalog"));
+    upstream.hold_a_request(&gateway);
+
+    signal(&up.child, "-TERM");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(up.child.try_wait().unwrap().is_none(), "the gateway drains");
+    let answer = http_get(&catalog, "/health/ready");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+
+    upstream.let_go();
+    let mut status = None;
+    for _ in 0..100 {
+        if let Some(exit) = up.child.try_wait().unwrap() {
+            status = Some(exit);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let status = status.expect("keel up stops once the gateway has drained");
+    assert!(status.success(), "clean exit: {status:?}");
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
