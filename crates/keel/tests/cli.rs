@@ -231,22 +231,28 @@ impl Up {
 
     /// SIGTERM, then a clean exit within 10 s.
     fn stop(mut self) {
-        let killed = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(killed.success());
-        let mut status = None;
-        for _ in 0..100 {
-            if let Some(exit) = self.child.try_wait().unwrap() {
-                status = Some(exit);
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let status = status.expect("keel up stops within 10s of SIGTERM");
+        signal(&self.child, "-TERM");
+        let status = exit_within(&mut self.child, Duration::from_secs(10))
+            .expect("keel up stops within 10s of SIGTERM");
         assert!(status.success(), "clean exit: {status:?}");
     }
+}
+
+/// How `child` exited, if it does within `limit` (it is killed otherwise).
+fn exit_within(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if let Some(exit) = child.try_wait().unwrap() {
+            return Some(exit);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    None
 }
 
 #[test]
@@ -492,20 +498,9 @@ fn a_second_signal_stops_without_waiting_for_the_drain() {
         gateway.try_wait().unwrap().is_none(),
         "draining the held request"
     );
-    let second = std::time::Instant::now();
     signal(&gateway, "-TERM");
-    let mut status = None;
-    while second.elapsed() < Duration::from_secs(5) {
-        if let Some(exit) = gateway.try_wait().unwrap() {
-            status = Some(exit);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let Some(status) = status else {
-        let _ = gateway.kill();
-        panic!("still running 5 s after the second signal");
-    };
+    let status = exit_within(&mut gateway, Duration::from_secs(5))
+        .expect("the second signal stops it at once, not after the 10 s drain");
     assert_eq!(status.code(), Some(130));
     log.extend(lines.iter());
     assert!(
@@ -584,15 +579,8 @@ fn up_stops_the_gateway_before_the_services_behind_it() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
 
     upstream.let_go();
-    let mut status = None;
-    for _ in 0..100 {
-        if let Some(exit) = up.child.try_wait().unwrap() {
-            status = Some(exit);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let status = status.expect("keel up stops once the gateway has drained");
+    let status = exit_within(&mut up.child, Duration::from_secs(10))
+        .expect("keel up stops once the gateway has drained");
     assert!(status.success(), "clean exit: {status:?}");
     std::fs::remove_dir_all(dir).unwrap();
 }
