@@ -85,6 +85,67 @@ impl TelemetryGuard {
     }
 }
 
+/// How often a failing trace export is reported at most.
+const EXPORT_FAILURE_REPORTS: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// The exporter's HTTP client, reporting failed exports: the OTLP exporter says nothing
+/// itself (opentelemetry's internal logs are off), so a collector that is down, refuses
+/// the path or wants credentials would go unnoticed while every span is dropped. One
+/// warning per [`EXPORT_FAILURE_REPORTS`] at most, counting those not reported.
+#[derive(Debug)]
+struct ReportingClient {
+    inner: reqwest::blocking::Client,
+    url: String,
+    /// When the last warning went out, and the failures since.
+    failures: std::sync::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl ReportingClient {
+    fn new(inner: reqwest::blocking::Client, url: String) -> Self {
+        Self {
+            inner,
+            url,
+            failures: std::sync::Mutex::default(),
+        }
+    }
+
+    fn report(&self, failure: &str) {
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (last, unreported) = &mut *failures;
+        *unreported += 1;
+        if last.is_some_and(|at| at.elapsed() < EXPORT_FAILURE_REPORTS) {
+            return;
+        }
+        tracing::warn!(
+            url = %self.url,
+            error = failure,
+            failed_exports = *unreported,
+            "trace export failed: spans are being dropped"
+        );
+        *last = Some(std::time::Instant::now());
+        *unreported = 0;
+    }
+}
+
+#[async_trait::async_trait]
+impl opentelemetry_http::HttpClient for ReportingClient {
+    async fn send_bytes(
+        &self,
+        request: http::Request<bytes::Bytes>,
+    ) -> Result<http::Response<bytes::Bytes>, opentelemetry_http::HttpError> {
+        let result = self.inner.send_bytes(request).await;
+        match &result {
+            Ok(response) if response.status().is_success() => {}
+            Ok(response) => self.report(&format!("HTTP {}", response.status())),
+            Err(error) => self.report(&crate::http_client::error_chain(&**error)),
+        }
+        result
+    }
+}
+
 /// How long one export may take (the OTLP exporter's default, `OTEL_EXPORTER_OTLP_TIMEOUT`).
 const OTLP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -133,6 +194,7 @@ pub fn init(
         .join()
         .map_err(|_| TelemetryError::Exporter(url.clone(), "its HTTP client panicked".into()))?
         .map_err(|error| TelemetryError::Exporter(url.clone(), error.to_string()))?;
+        let client = ReportingClient::new(client, url.clone());
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .with_http_client(client)
@@ -391,8 +453,20 @@ mod tests {
         }
     }
 
-    #[test]
-    fn json_lines_carry_identity_fields_and_trace_ids() {
+    impl Buffer {
+        /// What was written, and its lines parsed as JSON.
+        fn lines(&self) -> (String, Vec<Value>) {
+            let output = String::from_utf8(self.0.lock().expect("lock").clone()).expect("utf8");
+            let lines = output
+                .lines()
+                .map(|line| serde_json::from_str(line).expect("each line is JSON"))
+                .collect();
+            (output, lines)
+        }
+    }
+
+    /// The process's subscriber at `info`, its JSON lines written to the buffer.
+    fn json_to_buffer() -> (Buffer, impl Subscriber + Send + Sync) {
         let buffer = Buffer::default();
         let writer = buffer.clone();
         let provider = SdkTracerProvider::builder().build();
@@ -404,17 +478,19 @@ mod tests {
             "i-1",
             move || writer.clone(),
         );
+        (buffer, subscriber)
+    }
+
+    #[test]
+    fn json_lines_carry_identity_fields_and_trace_ids() {
+        let (buffer, subscriber) = json_to_buffer();
         tracing::subscriber::with_default(subscriber, || {
             tracing::info!(answer = 42, "outside");
             let span = tracing::info_span!("request", route = "/v1/services");
             let _entered = span.enter();
             tracing::info!("inside");
         });
-        let output = String::from_utf8(buffer.0.lock().expect("lock").clone()).expect("utf8");
-        let lines: Vec<Value> = output
-            .lines()
-            .map(|line| serde_json::from_str(line).expect("each line is JSON"))
-            .collect();
+        let (_, lines) = buffer.lines();
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[0]["message"], "outside");
         assert_eq!(lines[0]["answer"], 42);
@@ -427,6 +503,51 @@ mod tests {
             .expect("trace id inside a span");
         assert_eq!(trace_id.len(), 32);
         assert_eq!(lines[1]["span_id"].as_str().map(str::len), Some(16));
+    }
+
+    /// A failed export is logged (the collector's address and why), once a minute at most.
+    #[test]
+    fn failed_exports_are_reported_once_a_minute_with_their_count() {
+        use opentelemetry_http::HttpClient as _;
+        let (buffer, subscriber) = json_to_buffer();
+        // A port nobody listens on.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let url = format!("http://{}/v1/traces", closed.local_addr().expect("addr"));
+        drop(closed);
+        let client = ReportingClient::new(
+            crate::http_client::blocking_builder()
+                .build()
+                .expect("client"),
+            url.clone(),
+        );
+        let export = || {
+            let request = http::Request::post(&url)
+                .body(bytes::Bytes::from_static(b"spans"))
+                .expect("request");
+            // The blocking client answers within the first poll.
+            let mut sending = std::pin::pin!(client.send_bytes(request));
+            let polled = sending
+                .as_mut()
+                .poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+            assert!(matches!(polled, std::task::Poll::Ready(Err(_))));
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            export();
+            export();
+            export();
+        });
+        let (output, lines) = buffer.lines();
+        assert_eq!(lines.len(), 1, "{output}");
+        assert_eq!(lines[0]["level"], "WARN");
+        assert_eq!(lines[0]["url"], url.as_str());
+        assert_eq!(lines[0]["failed_exports"], 1);
+        let error = lines[0]["error"].as_str().expect("error");
+        assert!(error.to_lowercase().contains("connect"), "{error}");
+        let pending = client.failures.lock().expect("lock").1;
+        assert_eq!(
+            pending, 2,
+            "the two failures since are counted for the next report"
+        );
     }
 
     /// The process's subscriber with log lines from `level`, written nowhere.
