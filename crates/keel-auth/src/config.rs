@@ -13,7 +13,8 @@ use crate::keys::SigningAlg;
 pub struct AuthConfig {
     pub listen: SocketAddr,
     /// The issuer identifier, as tokens' `iss` and the metadata say it (no trailing
-    /// slash). Unset: `http://` and the bound address, fit for development only.
+    /// slash). Unset: `http://` (`https://` with `[auth.http.tls]`) and the bound address,
+    /// fit for development only.
     pub issuer: Option<String>,
     /// `postgres://…` (production) or `sqlite://path` (embedded; created when missing).
     /// A PostgreSQL URL's password is redacted wherever the configuration is printed.
@@ -124,6 +125,15 @@ impl LockoutConfig {
 }
 
 impl AuthConfig {
+    /// The scheme of the default issuer: `https` when the server has TLS.
+    pub(crate) fn scheme(&self) -> &'static str {
+        if self.http.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// Refuses lifetimes that make no sense (a token dead at birth, a code alive for
     /// hours); the message names the key.
     pub(crate) fn validate(&self) -> Result<(), String> {

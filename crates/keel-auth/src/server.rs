@@ -331,7 +331,7 @@ impl AuthServer {
         let issuer = match &config.issuer {
             Some(issuer) => valid_issuer(issuer)?,
             None if addr.ip().is_unspecified() => return Err(StartError::IssuerRequired(addr)),
-            None => format!("http://{addr}"),
+            None => format!("{}://{addr}", config.scheme()),
         };
         let state = Arc::new(AppState::open(config, issuer, clock, true).await?);
         let router = router(Arc::clone(&state));
@@ -339,7 +339,7 @@ impl AuthServer {
         let health = Health::new();
         state.db.add_ready_check(&health);
         let http =
-            HttpServer::from_listener("auth", listener, router, health, state.config.http.clone());
+            HttpServer::from_listener("auth", listener, router, health, state.config.http.clone())?;
         Ok(Self { http, state })
     }
 
@@ -377,7 +377,7 @@ impl AuthAdmin {
     pub async fn open(config: AuthConfig) -> Result<Self, StartError> {
         let issuer = match &config.issuer {
             Some(issuer) => valid_issuer(issuer)?,
-            None => format!("http://{}", config.listen),
+            None => format!("{}://{}", config.scheme(), config.listen),
         };
         Ok(Self(Arc::new(
             AppState::open(config, issuer, Clock::system(), false).await?,
@@ -868,6 +868,10 @@ impl Server for AuthServer {
 
     fn local_addr(&self) -> SocketAddr {
         self.http.local_addr()
+    }
+
+    fn url(&self) -> String {
+        self.http.url()
     }
 
     async fn run(self, shutdown: Shutdown) -> io::Result<()> {

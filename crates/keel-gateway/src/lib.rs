@@ -25,7 +25,6 @@ mod stall;
 mod timer;
 pub mod tls;
 mod upstream;
-mod watch;
 
 // Balancing, circuit breaking, retries and endpoint statistics are shared with the SDK's
 // clients; they live in keel-runtime and keep their paths here.

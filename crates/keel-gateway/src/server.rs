@@ -17,6 +17,7 @@ use axum::body::Body;
 use axum::response::Response;
 use http::HeaderValue;
 use keel_runtime::http::{BindError, bind_listener};
+use keel_runtime::watch::FileWatch;
 use keel_runtime::{Health, HttpServer, Server, Shutdown, TrustedProxies};
 use opentelemetry::trace::TraceContextExt;
 use serde::Serialize;
@@ -33,7 +34,6 @@ use crate::listener::{self, Mode};
 use crate::proxy::{Arrival, Handled, Proxy, Shared, Stamp};
 use crate::route::RouteError;
 use crate::tls::Tls;
-use crate::watch::FileWatch;
 
 /// The W3C trace context header, whose trace id the access log records.
 const TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
@@ -379,7 +379,7 @@ impl GatewayServer {
         let tls = config
             .tls
             .as_ref()
-            .map(Tls::new)
+            .map(|tls| Tls::new(&tls.certificates, "gateway.tls"))
             .transpose()
             .map_err(StartError::Settings)?;
         let access_log = AccessLog::start(&config.access_log).map_err(StartError::Settings)?;
@@ -421,6 +421,11 @@ impl GatewayServer {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin.local_addr()
+    }
+
+    /// The admin API's base URL (`https://` with `[gateway.http.tls]`).
+    pub fn admin_url(&self) -> String {
+        self.admin.url()
     }
 
     /// The HTTPS listener's address, when TLS is configured.

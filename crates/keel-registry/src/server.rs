@@ -170,6 +170,10 @@ impl Server for RegistryServer {
         self.http.local_addr()
     }
 
+    fn url(&self) -> String {
+        self.http.url()
+    }
+
     /// Serves and sweeps until `shutdown` fires.
     async fn run(self, shutdown: Shutdown) -> io::Result<()> {
         let registry = self.registry.clone();

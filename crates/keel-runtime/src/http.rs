@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,6 +31,7 @@ use crate::health::{self, Health};
 use crate::metrics::{self, UNMATCHED_ROUTE};
 use crate::problem::Problem;
 use crate::shutdown::Shutdown;
+use crate::tls::{CertificateConfig, Tls};
 
 /// The request id header, generated when absent or unusable and echoed on the response.
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -63,7 +65,24 @@ pub struct HttpServerConfig {
     /// Open connections; beyond it new ones are closed at once, so that clients cannot
     /// take every file descriptor of the process (`keel up` runs every component in one).
     pub max_connections: usize,
+    /// `[<component>.http.tls]`: HTTPS instead of plain HTTP on the listen address
+    /// (HTTP/2 or HTTP/1.1 by ALPN), the files reloaded when they change. The gateway's
+    /// `[gateway.http]` is its admin port's; what it proxies is served by `[gateway.tls]`.
+    pub tls: Option<ServerTlsConfig>,
 }
+
+/// A server's certificate and key (`[<component>.http.tls]`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTlsConfig {
+    /// PEM chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// How often a server's certificate files are looked at for a change.
+const TLS_FILES_CHECKED: Duration = Duration::from_secs(2);
 
 impl Default for HttpServerConfig {
     fn default() -> Self {
@@ -73,6 +92,7 @@ impl Default for HttpServerConfig {
             // NGINX's keepalive_timeout.
             header_read_timeout: Duration::from_secs(75),
             max_connections: 1024,
+            tls: None,
         }
     }
 }
@@ -168,6 +188,7 @@ pub struct HttpServer {
     listener: TcpListener,
     router: Router,
     health: Health,
+    tls: Option<Arc<Tls>>,
     config: HttpServerConfig,
 }
 
@@ -182,27 +203,55 @@ impl HttpServer {
         config: HttpServerConfig,
     ) -> Result<Self, BindError> {
         let listener = bind_listener(component, addr).await?;
-        Ok(Self::from_listener(
-            component, listener, router, health, config,
-        ))
+        Self::from_listener(component, listener, router, health, config)
     }
 
     /// As [`HttpServer::bind`], on a listener bound already (for servers whose routes
-    /// need their own address, such as an issuer URL).
+    /// need their own address, such as an issuer URL). Unusable certificate files are an
+    /// error here, before anything is served.
     pub fn from_listener(
         component: &str,
         listener: TcpListener,
         router: Router,
         health: Health,
         config: HttpServerConfig,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, BindError> {
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|tls| {
+                let certificate = CertificateConfig {
+                    cert: tls.cert.clone(),
+                    key: tls.key.clone(),
+                    hosts: Vec::new(),
+                };
+                Tls::new(&[certificate], &format!("{component}: http.tls")).map(Arc::new)
+            })
+            .transpose()
+            .map_err(|error| {
+                let addr = listener
+                    .local_addr()
+                    .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+                BindError::new(
+                    component,
+                    addr,
+                    io::Error::new(io::ErrorKind::InvalidInput, error),
+                )
+            })?;
+        Ok(Self {
             component: component.to_owned(),
             listener,
             router: stack(router, health.clone()),
             health,
+            tls,
             config,
-        }
+        })
+    }
+
+    /// `http://<address>`, or `https://` with TLS.
+    pub fn url(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.local_addr())
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -216,8 +265,12 @@ impl HttpServer {
     /// for up to the drain timeout.
     pub async fn run(self, shutdown: Shutdown) -> io::Result<()> {
         let addr = self.local_addr();
-        tracing::info!(component = %self.component, %addr, "listening");
+        tracing::info!(component = %self.component, %addr, tls = self.tls.is_some(), "listening");
         self.health.follow(&shutdown);
+        if let Some(tls) = &self.tls {
+            tokio::spawn(Arc::clone(tls).watch(TLS_FILES_CHECKED, shutdown.clone()));
+        }
+        let tls = self.tls;
         let shutdown = accepting_until(&self.component, &shutdown, self.config.shutdown_delay);
         // hyper directly rather than `axum::serve`, which sets no timer: without one a
         // connection that never finishes its headers, or sits idle, is held for ever.
@@ -242,17 +295,35 @@ impl HttpServer {
                 });
                 let builders = Arc::clone(&builders);
                 let stop = shutdown.signalled();
+                let tls = tls.clone();
                 async move {
-                    let http2 = tokio::select! {
-                        http2 = speaks_http2(&stream, within) => http2,
-                        () = stop => None,
+                    let result = if let Some(tls) = tls {
+                        // The handshake under the header clock: a client that opens a
+                        // connection and never finishes it is cut off as a slow one is.
+                        let accepted = tokio::select! {
+                            accepted = tokio::time::timeout(within, tls.acceptor.accept(stream)) => accepted,
+                            () = stop => return,
+                        };
+                        let Ok(Ok(stream)) = accepted else {
+                            return;
+                        };
+                        let http2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                        let connection = builders[usize::from(http2)]
+                            .serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        watcher.watch(connection.into_owned()).await
+                    } else {
+                        let http2 = tokio::select! {
+                            http2 = speaks_http2(&stream, within) => http2,
+                            () = stop => None,
+                        };
+                        let Some(http2) = http2 else {
+                            return;
+                        };
+                        let connection = builders[usize::from(http2)]
+                            .serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        watcher.watch(connection.into_owned()).await
                     };
-                    let Some(http2) = http2 else {
-                        return;
-                    };
-                    let connection = builders[usize::from(http2)]
-                        .serve_connection_with_upgrades(TokioIo::new(stream), service);
-                    if let Err(error) = watcher.watch(connection.into_owned()).await {
+                    if let Err(error) = result {
                         tracing::debug!(%peer, %error, "connection ended with an error");
                     }
                 }

@@ -19,7 +19,9 @@ pub mod resilience;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 pub mod trace_context;
+pub mod watch;
 
 pub use config::{ConfigError, Secret};
 pub use forwarded::TrustedProxies;

@@ -15,6 +15,12 @@ pub trait Server: Send + 'static {
     /// The address actually bound (port 0 resolved).
     fn local_addr(&self) -> SocketAddr;
 
+    /// Where clients reach it: `http://` and the bound address, or `https://` for a
+    /// server with TLS.
+    fn url(&self) -> String {
+        format!("http://{}", self.local_addr())
+    }
+
     /// Serves until `shutdown` fires, then drains.
     fn run(self, shutdown: Shutdown) -> impl Future<Output = io::Result<()>> + Send;
 }

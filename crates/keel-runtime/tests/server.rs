@@ -10,6 +10,7 @@ use axum::Router;
 use axum::routing::get;
 use keel_runtime::{Health, HttpServer, HttpServerConfig, Shutdown};
 use opentelemetry::trace::TracerProvider as _;
+use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing_subscriber::layer::SubscriberExt;
@@ -371,4 +372,97 @@ fn incoming_traceparent_becomes_the_request_span_parent() {
         shutdown.trigger();
         handle.await.unwrap().unwrap();
     });
+}
+
+/// `[<component>.http.tls]`: HTTPS on the listen address, HTTP/2 or HTTP/1.1 as the client
+/// asks by ALPN, for a client that trusts the certificate's CA; plain HTTP gets nothing;
+/// unusable certificate files stop the start, naming the file.
+#[tokio::test]
+async fn a_server_with_tls_serves_https_choosing_the_protocol_by_alpn() {
+    let ca = keel_testkit::tls::TestCa::new();
+    let dir = std::env::temp_dir().join(keel_testkit::unique_name("keel-server-tls"));
+    let (cert, key) = ca.server_files(&dir);
+    let tls = keel_runtime::http::ServerTlsConfig {
+        cert: cert.clone(),
+        key,
+    };
+    let server = HttpServer::bind(
+        "test",
+        "127.0.0.1:0".parse().unwrap(),
+        Router::new().route("/work", get(|| async { "done" })),
+        Health::new(),
+        HttpServerConfig {
+            tls: Some(tls.clone()),
+            ..HttpServerConfig::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (addr, url) = (server.local_addr(), server.url());
+    assert_eq!(url, format!("https://{addr}"));
+    let shutdown = Shutdown::new();
+    let handle = tokio::spawn(server.run(shutdown.clone()));
+
+    keel_runtime::http_client::trust_pem(ca.pem().as_bytes()).unwrap();
+    let response = keel_testkit::http()
+        .get(format!("{url}/work"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.version(), http::Version::HTTP_11);
+    assert_eq!(response.text().await.unwrap(), "done");
+    assert!(
+        keel_testkit::http()
+            .get(format!("http://{addr}/work"))
+            .timeout(Duration::from_secs(2))
+            .send()
+            .await
+            .is_err(),
+        "plain HTTP is not answered"
+    );
+
+    // HTTP/2 when the client offers it first.
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in rustls::pki_types::CertificateDer::pem_slice_iter(ca.pem().as_bytes()) {
+        roots.add(certificate.unwrap()).unwrap();
+    }
+    let mut client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    client.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client))
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            TcpStream::connect(addr).await.unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    drop(stream);
+
+    shutdown.trigger();
+    handle.await.unwrap().unwrap();
+
+    // A key file that is not one.
+    std::fs::write(&tls.key, "not a key").unwrap();
+    let error = HttpServer::bind(
+        "test",
+        "127.0.0.1:0".parse().unwrap(),
+        Router::new(),
+        Health::new(),
+        HttpServerConfig {
+            tls: Some(tls.clone()),
+            ..HttpServerConfig::default()
+        },
+    )
+    .await
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(error.contains("server.key"), "{error}");
+    std::fs::remove_dir_all(dir).unwrap();
 }

@@ -368,6 +368,14 @@ impl Service {
                     crate::auth::authenticate,
                 ));
         }
+        if self.config.http.tls.is_some() && self.config.registry.is_some() {
+            // Instances are registered as an address and port, which callers (the gateway,
+            // other services) reach over plain HTTP.
+            return Err(ServiceError::Config {
+                service: self.name,
+                what: "http.tls with a registry: registered instances are called over plain HTTP; terminate TLS at the gateway ([gateway.tls]), or run the service without a registry".into(),
+            });
+        }
         let listen = self
             .config
             .listen
@@ -460,6 +468,10 @@ impl keel_runtime::Server for RunningService {
 
     fn local_addr(&self) -> SocketAddr {
         self.server.local_addr()
+    }
+
+    fn url(&self) -> String {
+        self.server.url()
     }
 
     fn run(self, shutdown: Shutdown) -> impl Future<Output = io::Result<()>> + Send {

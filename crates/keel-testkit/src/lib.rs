@@ -42,11 +42,12 @@ pub struct TestServer {
 /// Runs `server` until the returned handle is stopped or dropped.
 pub fn spawn<S: Server>(server: S) -> TestServer {
     let addr = server.local_addr();
+    let url = server.url();
     let shutdown = Shutdown::new();
     let handle = tokio::spawn(server.run(shutdown.clone()));
     TestServer {
         addr,
-        url: format!("http://{addr}"),
+        url,
         shutdown,
         handle: Some(handle),
     }

@@ -4,6 +4,7 @@
 //! `[runtime] ca_file`), as with an internal CA in production.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use rcgen::{
@@ -38,9 +39,8 @@ impl TestCa {
         self.issuer.pem()
     }
 
-    /// A TLS acceptor presenting a certificate for `localhost` and `127.0.0.1`, signed by
-    /// this CA.
-    pub fn acceptor(&self) -> TlsAcceptor {
+    /// A certificate for `localhost` and `127.0.0.1` signed by this CA, and its key.
+    fn leaf(&self) -> (rcgen::Certificate, KeyPair) {
         let mut params = CertificateParams::new(["localhost".to_owned(), "127.0.0.1".to_owned()])
             .expect("valid names");
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
@@ -48,6 +48,13 @@ impl TestCa {
         let cert = params
             .signed_by(&key, &self.issuer)
             .expect("a certificate signed by the CA");
+        (cert, key)
+    }
+
+    /// A TLS acceptor presenting a certificate for `localhost` and `127.0.0.1`, signed by
+    /// this CA.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        let (cert, key) = self.leaf();
         let chain = vec![cert.der().clone(), CertificateDer::clone(self.issuer.der())];
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
         let config = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -59,6 +66,17 @@ impl TestCa {
         .with_single_cert(chain, key)
         .expect("the certificate matches its key");
         TlsAcceptor::from(Arc::new(config))
+    }
+
+    /// The same certificate as PEM files in `dir` (`server.crt`, the chain; `server.key`),
+    /// for a server configured with files.
+    pub fn server_files(&self, dir: &Path) -> (PathBuf, PathBuf) {
+        let (cert, key) = self.leaf();
+        std::fs::create_dir_all(dir).expect("the directory");
+        let (cert_file, key_file) = (dir.join("server.crt"), dir.join("server.key"));
+        std::fs::write(&cert_file, cert.pem() + &self.pem()).expect("the certificate file");
+        std::fs::write(&key_file, key.serialize_pem()).expect("the key file");
+        (cert_file, key_file)
     }
 }
 

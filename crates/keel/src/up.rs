@@ -198,7 +198,7 @@ pub async fn run(config: KeelConfig, file: Option<&Path>, args: &UpArgs) -> anyh
     // The registry is in this process: the gateway follows it wherever it listens.
     let mut gateway_config = config.gateway;
     gateway_config.discovery_routes.get_or_insert(true);
-    gateway_config.registry = format!("http://{}", registry.local_addr());
+    gateway_config.registry = registry.url();
     let source = KeelConfig::gateway_source(file);
     let gateway = GatewayServer::build_with_source(gateway_config, source, &edge).await?;
     // The shop's services accept the tokens this authorization server issues by default.
@@ -210,7 +210,7 @@ pub async fn run(config: KeelConfig, file: Option<&Path>, args: &UpArgs) -> anyh
     let bus = keel_sdk::Bus::in_process("keel");
     let shop = |mut service: keel_sdk::ServiceConfig| {
         if service.registry.is_none() {
-            service.registry = Some(format!("http://{}", registry.local_addr()));
+            service.registry = Some(registry.url());
             service.registry_token.clone_from(&registry_token);
         }
         service
@@ -257,16 +257,16 @@ pub async fn run(config: KeelConfig, file: Option<&Path>, args: &UpArgs) -> anyh
     let mut rows = vec![
         (
             registry.name(),
-            registry.local_addr(),
+            registry.url(),
             "service registry: /v1/services, Consul /v1/health, Eureka /eureka/apps",
         ),
-        (gateway.name(), gateway.local_addr(), gateway_what.as_str()),
+        (gateway.name(), gateway.url(), gateway_what.as_str()),
         (
             "gateway admin",
-            gateway.admin_addr(),
+            gateway.admin_url(),
             "gateway admin API: /v1/routes, /v1/upstreams, /v1/reload (token)",
         ),
-        (auth.name(), auth.local_addr(), auth_what.as_str()),
+        (auth.name(), auth.url(), auth_what.as_str()),
     ];
     for (services, what) in [
         (
@@ -287,7 +287,7 @@ pub async fn run(config: KeelConfig, file: Option<&Path>, args: &UpArgs) -> anyh
         ),
     ] {
         for service in services {
-            rows.push((service.name(), service.local_addr(), what));
+            rows.push((service.name(), service.url(), what));
         }
     }
     print_table(profile, &rows);
@@ -381,11 +381,11 @@ pub async fn supervise(
     first_error.map_or(Ok(()), Err)
 }
 
-fn print_table(profile: &str, rows: &[(&str, SocketAddr, &str)]) {
+fn print_table(profile: &str, rows: &[(&str, String, &str)]) {
     println!("Keel is up ({profile} profile). Ctrl-C stops it.\n");
     println!("  {:<14} {:<24} WHAT", "COMPONENT", "URL");
-    for (name, addr, what) in rows {
-        println!("  {name:<14} {:<24} {what}", format!("http://{addr}"));
+    for (name, url, what) in rows {
+        println!("  {name:<14} {url:<24} {what}");
     }
     println!();
 }

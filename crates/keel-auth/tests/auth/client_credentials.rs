@@ -52,6 +52,47 @@ async fn a_client_credentials_token_passes_the_shared_verifier() {
     }
 }
 
+/// `[auth.http.tls]`: the server answers over HTTPS and its default issuer says so; the
+/// shared verifier, trusting the server's CA, checks its tokens through the metadata and
+/// key set fetched over HTTPS.
+#[tokio::test]
+async fn with_tls_the_issuer_is_https_and_its_tokens_verify() {
+    let store = sqlite();
+    let ca = keel_testkit::tls::TestCa::new();
+    let dir = std::env::temp_dir().join(keel_testkit::unique_name("keel-auth-tls"));
+    let (cert, key) = ca.server_files(&dir);
+    keel_runtime::http_client::trust_pem(ca.pem().as_bytes()).unwrap();
+    let app = spawn_with(&store, |config| {
+        config.http.tls = Some(keel_runtime::http::ServerTlsConfig { cert, key });
+    })
+    .await;
+    assert!(
+        app.issuer().starts_with("https://127.0.0.1:"),
+        "{}",
+        app.issuer()
+    );
+    assert_eq!(app.server.url, app.issuer());
+    let metadata = app.get_json("/.well-known/openid-configuration").await;
+    assert_eq!(metadata["jwks_uri"], format!("{}/jwks.json", app.issuer()));
+
+    let (id, secret) = app
+        .service_client(AuthMethod::ClientSecretBasic, "orders:read", None)
+        .await;
+    let token = app
+        .token(
+            Some((&id, &secret)),
+            &[("grant_type", "client_credentials")],
+        )
+        .await;
+    assert_eq!(token.status, 200, "{}", token.body);
+    let principal = verifier(&app)
+        .verify(token.body["access_token"].as_str().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(principal.subject, id);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[tokio::test]
 async fn client_secret_post_works_and_no_scope_asked_grants_all_allowed() {
     for store in stores().await {

@@ -147,6 +147,35 @@ async fn a_worker_that_dies_stops_the_service() {
     assert!(shutdown.is_triggered());
 }
 
+/// TLS on a service that registers itself is refused at the start: the gateway and other
+/// services would call its registered address over plain HTTP.
+#[tokio::test]
+async fn a_registered_service_refuses_tls() {
+    let file = TestSqlite::new("keel-sdk-service-tls");
+    let config = ServiceConfig {
+        database: Some(Secret::new(file.url())),
+        registry: Some("http://127.0.0.1:1".into()),
+        http: keel_runtime::HttpServerConfig {
+            tls: Some(keel_runtime::http::ServerTlsConfig {
+                cert: "/nonexistent/service.crt".into(),
+                key: "/nonexistent/service.key".into(),
+            }),
+            ..keel_runtime::HttpServerConfig::default()
+        },
+        ..ServiceConfig::default()
+    };
+    let shutdown = Shutdown::new();
+    let error = Service::connect("tls-registered", &config, &MIGRATIONS, None, &shutdown)
+        .await
+        .unwrap()
+        .bind()
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(error.contains("http.tls with a registry"), "{error}");
+}
+
 /// Refuses every deposit: straight to the dead letters.
 struct Refuse;
 

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use keel_runtime::Shutdown;
+use crate::shutdown::Shutdown;
 
 pub struct FileWatch {
     files: Vec<PathBuf>,
