@@ -241,7 +241,7 @@ impl HttpServer {
         Ok(Self {
             component: component.to_owned(),
             listener,
-            router: stack(router, health.clone()),
+            router: stack(component, router, health.clone()),
             health,
             tls,
             config,
@@ -415,7 +415,7 @@ pub async fn accept_connections<Serve, Served>(
 /// request id → trace span → metrics → handler. The request id is outermost so every
 /// response, whatever inner layer produced it, echoes it and the span can record it; the
 /// span wraps metrics so anything logged while recording carries the trace ids.
-fn stack(router: Router, health: Health) -> Router {
+fn stack(component: &str, router: Router, health: Health) -> Router {
     metrics::install();
     let standard = Router::new()
         .route("/health/live", get(health::live))
@@ -426,7 +426,10 @@ fn stack(router: Router, health: Health) -> Router {
         // After the merge: it reaches only the routes there are by then.
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
-        .layer(middleware::from_fn(metrics::http_metrics))
+        .layer(middleware::from_fn_with_state(
+            Arc::<str>::from(component),
+            metrics::http_metrics,
+        ))
         .layer(middleware::from_fn(trace_span))
         .layer(middleware::from_fn(request_id))
 }
@@ -600,7 +603,12 @@ mod tests {
     use super::*;
 
     fn app() -> Router {
+        app_of("test")
+    }
+
+    fn app_of(component: &str) -> Router {
         stack(
+            component,
             Router::new().route("/items/{id}", get(|| async { "item" })),
             Health::new(),
         )
@@ -730,6 +738,32 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains("/items/77"));
+    }
+
+    /// `keel up` runs several servers on one recorder: each one's series carry its name.
+    #[tokio::test]
+    async fn servers_in_one_process_keep_their_metrics_apart() {
+        for (component, requests) in [("alpha", 2), ("beta", 1)] {
+            for _ in 0..requests {
+                let request = Request::get("/items/5")
+                    .body(Body::empty())
+                    .expect("request");
+                let _ = app_of(component).oneshot(request).await.expect("response");
+            }
+        }
+        let text = metrics::render();
+        let count = |component: &str| {
+            text.lines()
+                .find(|line| {
+                    line.starts_with("http_server_request_duration_seconds_count")
+                        && line.contains(&format!("component=\"{component}\""))
+                        && line.contains("http_route=\"/items/{id}\"")
+                })
+                .and_then(|line| line.rsplit(' ').next())
+                .map(str::to_owned)
+        };
+        assert_eq!(count("alpha").as_deref(), Some("2"), "{text}");
+        assert_eq!(count("beta").as_deref(), Some("1"), "{text}");
     }
 
     #[tokio::test]

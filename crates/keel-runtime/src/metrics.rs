@@ -9,10 +9,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::Instant;
 
-use axum::extract::{MatchedPath, Request};
+use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
 use http::Method;
+use metrics::SharedString;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 /// The histogram buckets (seconds) of every `*_seconds` metric: OpenTelemetry's default
@@ -205,8 +206,13 @@ fn method_label(method: &Method) -> &'static str {
     }
 }
 
-/// Records request duration and in-flight requests by method, route template and status.
-pub async fn http_metrics(request: Request, next: Next) -> Response {
+/// Records request duration and in-flight requests by component (which server: `keel up`
+/// runs several in one process, one recorder), method, route template and status.
+pub async fn http_metrics(
+    State(component): State<Arc<str>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let method = method_label(request.method());
     let route = request.extensions().get::<MatchedPath>().map_or_else(
         || UNMATCHED_ROUTE.to_owned(),
@@ -214,6 +220,7 @@ pub async fn http_metrics(request: Request, next: Next) -> Response {
     );
     let in_flight = InFlight::start(metrics::gauge!(
         "http_server_active_requests",
+        "component" => SharedString::from(Arc::clone(&component)),
         "http_request_method" => method
     ));
     let started = Instant::now();
@@ -221,6 +228,7 @@ pub async fn http_metrics(request: Request, next: Next) -> Response {
     drop(in_flight);
     metrics::histogram!(
         "http_server_request_duration_seconds",
+        "component" => SharedString::from(component),
         "http_request_method" => method,
         "http_route" => route,
         "http_response_status_code" => response.status().as_str().to_owned(),
