@@ -20,7 +20,9 @@ use crate::model::{
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The registry could not be reached or did not answer in time.
-    #[error("registry unreachable: {0}")]
+    /// Its text names the cause (refused, timed out, an untrusted certificate), which
+    /// reqwest's own leaves to its sources.
+    #[error("registry unreachable: {}", keel_runtime::http_client::error_chain(.0))]
     Unreachable(#[source] reqwest::Error),
     /// The instance or service is unknown (after a registry restart: re-register).
     #[error("not found: {0}")]

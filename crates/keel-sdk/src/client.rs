@@ -473,11 +473,11 @@ impl ServiceClient {
                 // Never sent: safe to send elsewhere whatever the method.
                 Err(SendError::Http(error)) if error.is_connect() => Tried::Failed {
                     retriable: true,
-                    error: self.unavailable(&error.to_string()),
+                    error: self.unavailable(&keel_runtime::http_client::error_chain(&error)),
                 },
                 Err(SendError::Http(error)) => Tried::Failed {
                     retriable: idempotent,
-                    error: self.unavailable(&error.to_string()),
+                    error: self.unavailable(&keel_runtime::http_client::error_chain(&error)),
                 },
             }
         })

@@ -91,3 +91,23 @@ async fn registrar_and_view_survive_a_registry_restart() {
     restarted.stop().await;
     shutdown.trigger();
 }
+
+/// A registry that cannot be reached is reported with the cause, not only reqwest's
+/// "error sending request".
+#[tokio::test]
+async fn an_unreachable_registry_is_reported_with_the_cause() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let error = RegistryClient::new(&url, None)
+        .unwrap()
+        .services()
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.starts_with("registry unreachable"), "{error}");
+    assert!(
+        error.to_lowercase().contains("connection refused"),
+        "{error}"
+    );
+}
