@@ -1,6 +1,9 @@
 //! The catalog's HTTP API (JSON; errors as problem+json).
 //!
-//! - `GET /products`: the products for sale;
+//! - `GET /products`: the products for sale, by SKU, a page at a time (`limit`, 100 by
+//!   default, at most 1,000; `after`, the last SKU of the page before), with a
+//!   `Link: <?after=…&limit=…>; rel="next"` header while there are more (RFC 8288, as
+//!   GitHub pages; relative, so that it holds behind the gateway's prefix);
 //! - `GET /products/{sku}`: one product (for sale or not);
 //! - `PUT /products/{sku}`: create or replace a product (the `admin` role); 201 when new.
 
@@ -10,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use keel_runtime::Problem;
-use keel_runtime::extract::Path;
+use keel_runtime::extract::{Path, Query};
 use keel_sdk::auth::Caller;
 use keel_sdk::events::asyncapi::AsyncApi;
 use serde_json::{Value, json};
@@ -26,8 +29,52 @@ pub fn router(catalog: Catalog) -> Router {
         .with_state(catalog)
 }
 
-async fn for_sale(State(catalog): State<Catalog>) -> Result<Json<Vec<Product>>, Problem> {
-    Ok(Json(catalog.for_sale().await.map_err(problem)?))
+/// Products per page unless asked otherwise, and the most a page may hold.
+const PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Page {
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+async fn for_sale(
+    State(catalog): State<Catalog>,
+    Query(page): Query<Page>,
+) -> Result<Response, Problem> {
+    let limit = page.limit.unwrap_or(PAGE);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(
+            Problem::bad_request(format!("limit is 1 to {MAX_PAGE}")).with_source("catalog")
+        );
+    }
+    let after: Option<Sku> = page
+        .after
+        .map(|sku| sku.parse())
+        .transpose()
+        .map_err(|error| invalid(ProductError::from(error)))?;
+    // One more than asked: whether there is a next page, without a second query.
+    let mut products = catalog
+        .for_sale(after.as_ref(), limit + 1)
+        .await
+        .map_err(problem)?;
+    let more = products.len() > limit as usize;
+    products.truncate(limit as usize);
+    let next = match products.last() {
+        Some(last) if more => Some(format!("<?after={}&limit={limit}>; rel=\"next\"", last.sku)),
+        _ => None,
+    };
+    let mut response = Json(products).into_response();
+    if let Some(next) = next
+        && let Ok(value) = axum::http::HeaderValue::from_str(&next)
+    {
+        response
+            .headers_mut()
+            .insert(axum::http::header::LINK, value);
+    }
+    Ok(response)
 }
 
 async fn product(
@@ -99,8 +146,19 @@ pub fn openapi() -> Value {
         "info": { "title": "catalog", "version": "1.0.0" },
         "paths": {
             "/products": { "get": {
-                "summary": "The products for sale",
-                "responses": { "200": { "description": "Products, by SKU", "content": { "application/json": { "schema": { "type": "array", "items": { "$ref": "#/components/schemas/Product" } } } } } },
+                "summary": "The products for sale, a page at a time",
+                "parameters": [
+                    { "name": "limit", "in": "query", "schema": { "type": "integer", "minimum": 1, "maximum": MAX_PAGE, "default": PAGE } },
+                    { "name": "after", "in": "query", "description": "The last SKU of the page before", "schema": { "type": "string" } },
+                ],
+                "responses": {
+                    "200": {
+                        "description": "Products, by SKU; while there are more, a Link header with rel=\"next\"",
+                        "headers": { "Link": { "schema": { "type": "string" } } },
+                        "content": { "application/json": { "schema": { "type": "array", "items": { "$ref": "#/components/schemas/Product" } } } },
+                    },
+                    "400": problem.clone(),
+                },
             } },
             "/products/{sku}": {
                 "get": {

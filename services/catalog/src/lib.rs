@@ -82,10 +82,15 @@ impl Catalog {
         Ok(found.map(|product| (*product).clone()))
     }
 
-    /// Every product for sale.
-    pub async fn for_sale(&self) -> Result<Vec<Product>, CatalogError> {
+    /// Up to `limit` products for sale after SKU `after`, by SKU.
+    pub async fn for_sale(
+        &self,
+        after: Option<&Sku>,
+        limit: u32,
+    ) -> Result<Vec<Product>, CatalogError> {
         let mut connection = self.db.pool().acquire().await?;
-        Ok(store::list_for_sale(&mut connection).await?)
+        let after = after.map(Sku::as_str);
+        Ok(store::list_for_sale(&mut connection, self.db.backend(), after, limit).await?)
     }
 
     /// Creates or replaces product `sku`; returns it and whether it is new. The change

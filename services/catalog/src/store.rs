@@ -1,5 +1,6 @@
 //! Products in the catalog's database (PostgreSQL or SQLite, one code path).
 
+use keel_sdk::data::Backend;
 use keel_sdk::sqlx::{self, AnyConnection, Row, any::AnyRow};
 
 use crate::domain::{Money, Product};
@@ -23,19 +24,33 @@ pub async fn get(db: &mut AnyConnection, sku: &str) -> Result<Option<Product>, S
     row.as_ref().map(product).transpose()
 }
 
-/// Products for sale, by SKU (sorted here: the database's collation may order SKUs with
-/// dashes otherwise, and both backends must answer alike).
-pub async fn list_for_sale(db: &mut AnyConnection) -> Result<Vec<Product>, StoreError> {
-    let rows = sqlx::query(
-        "SELECT sku, name, description, price_minor, currency, active FROM products \
-         WHERE active = $1",
-    )
-    .bind(1_i64)
-    .fetch_all(db)
-    .await?;
-    let mut products = rows.iter().map(product).collect::<Result<Vec<_>, _>>()?;
-    products.sort_by(|a, b| a.sku.cmp(&b.sku));
-    Ok(products)
+/// Up to `limit` products for sale with a SKU after `after` (none: from the first), by
+/// SKU in byte order on both backends: PostgreSQL compares in the "C" collation, as its
+/// default one may order SKUs with dashes otherwise, and a page must end where the next
+/// one starts.
+pub async fn list_for_sale(
+    db: &mut AnyConnection,
+    backend: Backend,
+    after: Option<&str>,
+    limit: u32,
+) -> Result<Vec<Product>, StoreError> {
+    let query = match backend {
+        Backend::Postgres => {
+            "SELECT sku, name, description, price_minor, currency, active FROM products \
+             WHERE active = $1 AND sku COLLATE \"C\" > $2 ORDER BY sku COLLATE \"C\" LIMIT $3"
+        }
+        Backend::Sqlite => {
+            "SELECT sku, name, description, price_minor, currency, active FROM products \
+             WHERE active = $1 AND sku > $2 ORDER BY sku LIMIT $3"
+        }
+    };
+    let rows = sqlx::query(query)
+        .bind(1_i64)
+        .bind(after.unwrap_or(""))
+        .bind(i64::from(limit))
+        .fetch_all(db)
+        .await?;
+    rows.iter().map(product).collect()
 }
 
 /// Writes `product` (the caller holds the product write lock); returns its new version

@@ -41,15 +41,6 @@ async fn admins_write_products_everyone_reads_what_is_for_sale_and_changes_are_p
     let customer = issuer.mint(json!({"sub": "ada", "roles": ["customer"]}));
     for database in keel_testkit::each_database("keel-catalog").await {
         let url = database.url.clone();
-        let config = ServiceConfig {
-            listen: Some("127.0.0.1:0".parse().unwrap()),
-            database: Some(Secret::new(url.clone())),
-            auth: Some(ServiceAuthConfig {
-                issuer: issuer.issuer().to_owned(),
-                audiences: vec![AUDIENCE.to_owned()],
-            }),
-            ..ServiceConfig::default()
-        };
         let shutdown = Shutdown::new();
         let bus = Bus::in_process("test");
         let heard = Heard::default();
@@ -66,11 +57,7 @@ async fn admins_write_products_everyone_reads_what_is_for_sale_and_changes_are_p
             .await
             .unwrap();
         tokio::spawn(consumer.run(shutdown.clone()));
-        let service = keel_catalog::build(&config, Some(&bus), &shutdown)
-            .await
-            .unwrap();
-        let base = format!("http://{}", service.local_addr());
-        tokio::spawn(service.run(shutdown.clone()));
+        let base = crate::start(&url, &issuer, Some(&bus), &shutdown).await;
         let http = keel_testkit::http();
         let put = |sku: &str, body: Value| http.put(format!("{base}/products/{sku}")).json(&body);
         let mug = json!({"name": "Blue mug", "price": {"minor": 1250, "currency": "EUR"}});
@@ -240,4 +227,73 @@ async fn instances_sharing_redis_see_each_others_changes_at_once() {
         "the first instance's copy went with the second's write"
     );
     shutdown.trigger();
+}
+
+/// The list comes a page at a time, by SKU, with a `Link` to the next page while there is
+/// one; following the links gives every product for sale once, in order, on both backends.
+#[tokio::test]
+async fn the_list_is_paged_by_sku_with_links_to_the_next_page() {
+    let issuer = TestIssuer::start().await;
+    let admin = issuer.mint(json!({"sub": "root", "roles": ["admin"]}));
+    for database in keel_testkit::each_database("keel-catalog-pages").await {
+        let shutdown = Shutdown::new();
+        let base = crate::start(&database.url, &issuer, None, &shutdown).await;
+        let http = keel_testkit::http();
+        // Dashes where a locale's collation would sort them apart from byte order.
+        let skus = ["A-1", "A1", "AB", "A-B", "B", "Z-9", "OLD"];
+        for sku in skus {
+            let product = json!({
+                "name": format!("Product {sku}"),
+                "price": {"minor": 100, "currency": "EUR"},
+                "active": sku != "OLD",
+            });
+            let put = http.put(format!("{base}/products/{sku}")).json(&product);
+            assert_eq!(send(put, Some(&admin)).await.0, 201);
+        }
+        let mut expected: Vec<&str> = skus.into_iter().filter(|sku| *sku != "OLD").collect();
+        expected.sort_unstable();
+
+        let mut listed = Vec::new();
+        let mut next = Some(format!("{base}/products?limit=2"));
+        let mut pages = 0;
+        while let Some(url) = next.take() {
+            let response = http.get(&url).send().await.unwrap();
+            assert_eq!(response.status(), 200, "{url}");
+            next = response
+                .headers()
+                .get("link")
+                .map(|link| link.to_str().unwrap().to_owned())
+                .map(|link| {
+                    let query = link
+                        .strip_prefix("<?")
+                        .and_then(|rest| rest.strip_suffix(">; rel=\"next\""))
+                        .unwrap_or_else(|| panic!("{link}"));
+                    format!("{base}/products?{query}")
+                });
+            let page: Vec<Value> = response.json().await.unwrap();
+            assert!(page.len() <= 2);
+            listed.extend(page.iter().map(|p| p["sku"].as_str().unwrap().to_owned()));
+            pages += 1;
+        }
+        assert_eq!(listed, expected, "{}", database.url);
+        assert_eq!(pages, 3);
+        // The default page holds them all, and says there is no more.
+        let response = http.get(format!("{base}/products")).send().await.unwrap();
+        assert!(response.headers().get("link").is_none());
+        assert_eq!(response.json::<Vec<Value>>().await.unwrap().len(), 6);
+
+        for query in [
+            "limit=0",
+            "limit=1001",
+            "limit=two",
+            "after=bad%20sku",
+            "page=2",
+        ] {
+            let (status, content_type, _) =
+                send(http.get(format!("{base}/products?{query}")), None).await;
+            assert_eq!(status, 400, "{query}");
+            assert_eq!(content_type, "application/problem+json");
+        }
+        shutdown.trigger();
+    }
 }

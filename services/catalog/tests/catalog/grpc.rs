@@ -3,10 +3,9 @@
 
 use keel_catalog::grpc::proto::PricesRequest;
 use keel_catalog::grpc::proto::catalog_client::CatalogClient;
-use keel_jwt::testing::{AUDIENCE, TestIssuer};
-use keel_runtime::{Secret, Shutdown};
+use keel_jwt::testing::TestIssuer;
+use keel_runtime::Shutdown;
 use keel_sdk::client::{ClientOptions, Instances, ServiceClient};
-use keel_sdk::service::{ServiceAuthConfig, ServiceConfig};
 use keel_testkit::TestSqlite;
 use serde_json::json;
 
@@ -14,19 +13,8 @@ use serde_json::json;
 async fn prices_come_over_grpc_for_known_skus_and_bad_asks_are_refused() {
     let issuer = TestIssuer::start().await;
     let file = TestSqlite::new("keel-catalog-grpc");
-    let config = ServiceConfig {
-        listen: Some("127.0.0.1:0".parse().unwrap()),
-        database: Some(Secret::new(file.url())),
-        auth: Some(ServiceAuthConfig {
-            issuer: issuer.issuer().to_owned(),
-            audiences: vec![AUDIENCE.to_owned()],
-        }),
-        ..ServiceConfig::default()
-    };
     let shutdown = Shutdown::new();
-    let service = keel_catalog::build(&config, None, &shutdown).await.unwrap();
-    let base = format!("http://{}", service.local_addr());
-    tokio::spawn(service.run(shutdown.clone()));
+    let base = crate::start(&file.url(), &issuer, None, &shutdown).await;
     let admin = issuer.mint(json!({"roles": ["admin"]}));
     for (sku, minor, active) in [("MUG-01", 1250, true), ("MUG-00", 100, false)] {
         let status = keel_testkit::http()
