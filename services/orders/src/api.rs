@@ -51,6 +51,13 @@ fn failed(error: OrdersError) -> Response {
             "Idempotency key reused",
         )
         .with_detail(detail),
+        OrdersError::TooManyPending(_) => Problem::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too-many-pending-orders",
+            "Too many orders being placed",
+        )
+        .with_detail(detail)
+        .with_retry_after(std::time::Duration::from_secs(1)),
         OrdersError::Cancel(_) => Problem::conflict(detail),
         OrdersError::Catalog(_) => {
             tracing::warn!(%detail, "prices unavailable");

@@ -62,6 +62,10 @@ pub struct OrdersOptions {
     /// rejected and what was done is undone.
     #[serde(with = "humantime_serde")]
     pub step_timeout: Duration,
+    /// Orders one customer may have being placed at once; beyond, 429. Each holds its
+    /// stock until its saga ends (up to a step timeout per step, with a card that keeps
+    /// failing), so without a bound one customer could keep every unit reserved.
+    pub max_pending_per_customer: u32,
 }
 
 impl Default for OrdersOptions {
@@ -69,6 +73,7 @@ impl Default for OrdersOptions {
         Self {
             catalog: None,
             step_timeout: Duration::from_secs(10),
+            max_pending_per_customer: 20,
         }
     }
 }
@@ -88,6 +93,8 @@ pub enum OrdersError {
     Pricing(#[from] PricingError),
     #[error("this Idempotency-Key was used for another order")]
     KeyReused,
+    #[error("{0} orders of yours are being placed already; try again once one has ended")]
+    TooManyPending(u32),
     #[error(transparent)]
     Cancel(#[from] domain::CancelError),
     #[error(transparent)]
@@ -126,6 +133,8 @@ pub struct Orders {
     changes: Changes,
     /// Ends waits (`GET ?wait=`) early when the service stops, so that it drains quickly.
     shutdown: Shutdown,
+    /// `OrdersOptions::max_pending_per_customer`.
+    max_pending: u32,
 }
 
 impl Orders {
@@ -179,13 +188,14 @@ impl Orders {
             cancel_saga_id: None,
             request_digest: Some(digest.clone()),
         };
-        if !store::insert(&mut tx, &order, key).await? {
-            // The same key, placed concurrently: that order stands.
+        if !store::insert(&mut tx, &order, key, self.max_pending).await? {
+            // The same key, placed concurrently: that order stands. Otherwise the
+            // customer has as many orders being placed as allowed.
             drop(tx);
             return self
                 .repeat(customer, key, &digest)
                 .await?
-                .ok_or_else(|| StoreError::Corrupt("order vanished".into()).into());
+                .ok_or(OrdersError::TooManyPending(self.max_pending));
         }
         self.bus
             .stage(
@@ -454,6 +464,7 @@ pub async fn build(
         catalog: prices::Catalog::new(&client),
         changes,
         shutdown: shutdown.clone(),
+        max_pending: options.max_pending_per_customer,
     };
     let router = api::router(orders);
     service

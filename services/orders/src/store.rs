@@ -41,19 +41,23 @@ pub struct Order {
     pub request_digest: Option<String>,
 }
 
-/// Inserts `order` unless its customer already used its idempotency key; true when
+/// Inserts `order` unless its customer already used its idempotency key or has
+/// `max_pending` orders pending already (counted in the same statement: no round trip of
+/// its own; concurrent requests of one customer may pass it by as many); true when
 /// inserted. The insert locks the key, so a concurrent request with the same key waits
 /// for this transaction and then finds its order.
 pub async fn insert(
     db: &mut AnyConnection,
     order: &Order,
     idempotency_key: Option<&str>,
+    max_pending: u32,
 ) -> Result<bool, StoreError> {
     let lines = serde_json::to_string(&order.lines).map_err(corrupt)?;
     let inserted = sqlx::query(
         "INSERT INTO orders (id, customer, status, reason, lines, total_minor, currency, payment_method, \
          saga_id, idempotency_key, request_digest, created_at, updated_at) \
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12) \
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12 \
+         WHERE (SELECT count(*) FROM orders WHERE customer = $2 AND status = 'pending') < $13 \
          ON CONFLICT (customer, idempotency_key) DO NOTHING",
     )
     .bind(order.id.as_str())
@@ -68,6 +72,7 @@ pub async fn insert(
     .bind(idempotency_key)
     .bind(order.request_digest.as_deref())
     .bind(order.created_at)
+    .bind(i64::from(max_pending))
     .execute(db)
     .await?;
     Ok(inserted.rows_affected() == 1)

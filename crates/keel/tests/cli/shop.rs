@@ -205,6 +205,7 @@ async fn stack(profile: Profile) -> Stack {
     let options = keel_orders::OrdersOptions {
         catalog: None,
         step_timeout: Duration::from_secs(2),
+        ..keel_orders::OrdersOptions::default()
     };
     spawn(
         keel_catalog::build(&config(1), Some(&bus), &shutdown)

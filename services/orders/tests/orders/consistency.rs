@@ -122,6 +122,7 @@ async fn child(role: &str) {
             let options = OrdersOptions {
                 catalog: Some(vec![env("TEST_CATALOG")]),
                 step_timeout: broker.step_timeout,
+                ..OrdersOptions::default()
             };
             keel_orders::build(&config, &options, None, &shutdown).await
         }
@@ -238,6 +239,7 @@ async fn every_order_ends(test: &'static str, broker: &Broker, proxy: &FaultProx
     let options = OrdersOptions {
         catalog: Some(vec![catalog_url.clone()]),
         step_timeout: broker.step_timeout,
+        ..OrdersOptions::default()
     };
     let front = keel_orders::build(&with_auth(&databases[3]), &options, None, &shutdown)
         .await

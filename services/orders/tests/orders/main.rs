@@ -43,6 +43,15 @@ impl Drop for Shop {
 /// orders, with MUG (12.50 EUR, 5 in stock), TEA (4.00 EUR, 1 in stock) and OLD (not for
 /// sale, 9 in stock).
 pub async fn shops(without_payments: bool, step_timeout: Duration) -> Vec<Shop> {
+    let options = OrdersOptions {
+        step_timeout,
+        ..OrdersOptions::default()
+    };
+    shops_with(without_payments, options).await
+}
+
+/// [`shops`] with orders' `options` (its catalog is the shop's).
+pub async fn shops_with(without_payments: bool, options: OrdersOptions) -> Vec<Shop> {
     let mut per_backend: Vec<Vec<EachDatabase>> = Vec::new();
     for service in ["catalog", "inventory", "payments", "orders"] {
         let databases = keel_testkit::each_database(&format!("keel-shop-{service}")).await;
@@ -55,7 +64,7 @@ pub async fn shops(without_payments: bool, step_timeout: Duration) -> Vec<Shop> 
     }
     let mut shops = Vec::new();
     for databases in per_backend {
-        shops.push(shop(databases, without_payments, step_timeout).await);
+        shops.push(shop(databases, without_payments, options.clone()).await);
     }
     shops
 }
@@ -63,7 +72,7 @@ pub async fn shops(without_payments: bool, step_timeout: Duration) -> Vec<Shop> 
 async fn shop(
     databases: Vec<EachDatabase>,
     without_payments: bool,
-    step_timeout: Duration,
+    options: OrdersOptions,
 ) -> Shop {
     let issuer = TestIssuer::start().await;
     let shutdown = Shutdown::new();
@@ -106,7 +115,7 @@ async fn shop(
     };
     let options = OrdersOptions {
         catalog: Some(vec![catalog_url.clone()]),
-        step_timeout,
+        ..options
     };
     let orders = keel_orders::build(&config(&databases[3]), &options, Some(&bus), &shutdown)
         .await

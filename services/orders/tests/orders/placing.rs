@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
-use crate::{Shop, shops};
+use crate::{Shop, shops, shops_with};
 
 fn order(lines: Value, method: &str) -> Value {
     json!({"lines": lines, "payment_method": method})
@@ -362,5 +362,63 @@ async fn a_customer_waits_for_the_outcome_with_one_request() {
         let (status, pending, took) = answer;
         assert_eq!((status, pending["status"].as_str()), (200, Some("pending")));
         assert!(took < Duration::from_secs(2), "{took:?}");
+    }
+}
+
+/// A customer may have only so many orders being placed at once (each holds its stock
+/// until its saga ends): beyond, 429 with `Retry-After`, while a repeat under a key already
+/// used still gets its order, other customers still order, and an ended order frees a place.
+#[tokio::test]
+async fn a_customer_has_only_so_many_orders_being_placed() {
+    let options = keel_orders::OrdersOptions {
+        step_timeout: Duration::from_secs(2),
+        max_pending_per_customer: 2,
+        ..keel_orders::OrdersOptions::default()
+    };
+    // Payments away: placed orders stay pending until the step times out.
+    for shop in shops_with(true, options.clone()).await {
+        let mug = || {
+            order(
+                json!([{"sku": "MUG", "quantity": 1}]),
+                "tok_processingError",
+            )
+        };
+        let (first, placed) = shop.place(&shop.ada, Some("one"), mug()).await;
+        assert_eq!(first, 202, "{placed}");
+        assert_eq!(shop.place(&shop.ada, Some("two"), mug()).await.0, 202);
+        let request = shop
+            .http
+            .post(format!("{}/orders", shop.orders))
+            .header("idempotency-key", "three")
+            .json(&mug());
+        let response = request.bearer_auth(&shop.ada).send().await.unwrap();
+        assert_eq!(response.status(), 429, "{}", shop.backend);
+        assert!(response.headers().contains_key("retry-after"));
+        let problem: Value = response.json().await.unwrap();
+        assert!(
+            problem["type"]
+                .as_str()
+                .unwrap()
+                .ends_with("too-many-pending-orders"),
+            "{problem}"
+        );
+        // The first request again: its order, not a refusal.
+        let (again, repeated) = shop.place(&shop.ada, Some("one"), mug()).await;
+        assert_eq!(again, 200, "{repeated}");
+        assert_eq!(repeated["id"], placed["id"]);
+        // Someone else is not held back.
+        assert_eq!(shop.place(&shop.bob, Some("one"), mug()).await.0, 202);
+        // Once the first ends (rejected, payments away), there is a place again.
+        let id = placed["id"].as_str().unwrap();
+        assert_eq!(shop.settled(id).await["status"], "rejected");
+        let mut placed_again = 0;
+        for _ in 0..50 {
+            placed_again = shop.place(&shop.ada, Some("four"), mug()).await.0;
+            if placed_again == 202 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(placed_again, 202);
     }
 }
