@@ -177,10 +177,14 @@ async fn measure(
         "[telemetry]\nlog_level = \"warn\"\n[registry]\nlisten = \"127.0.0.1:0\"\n\
          [gateway]\nlisten = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\n\
          [auth]\nlisten = \"127.0.0.1:0\"\ndatabase = \"{}\"\nkey_encryption_key = \"{}\"\n\
-         [payment_provider]\nlatency = \"{}ms\"\n",
+         [payment_provider]\nlatency = \"{}ms\"\n\
+         [orders_settings]\nmax_pending_per_customer = {}\n",
         postgres(&databases[0]),
         key.trim(),
         args.provider_latency.as_millis(),
+        // Every customer orders under the one client's token, so as one customer for the
+        // orders service's cap on orders being placed: as many as there are customers.
+        args.customers,
     );
     for (service, database) in COMPONENTS[1..].iter().zip(&databases[1..]) {
         config.push_str(&format!(
