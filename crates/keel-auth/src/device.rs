@@ -158,10 +158,22 @@ pub(crate) async fn exchange(
             "the device code expired",
         ));
     }
-    let interval: i64 = row.try_get("poll_interval").map_err(server_error)?;
-    let last: Option<i64> = row.try_get("last_polled_at").map_err(server_error)?;
     let status = get_text("status")?;
-    if status == "pending" && last.is_some_and(|last| now - last < interval) {
+    // The poll claims its slot in one statement: of polls sent together within the
+    // interval, one is answered and the others slowed down (a read then a write let them
+    // all through).
+    let on_time = sqlx::query(
+        "UPDATE device_codes SET last_polled_at = $1 WHERE device_code_hash = $2 \
+         AND (status <> 'pending' OR last_polled_at IS NULL OR $1 - last_polled_at >= poll_interval)",
+    )
+    .bind(now)
+    .bind(&hash)
+    .execute(state.db.pool())
+    .await
+    .map_err(server_error)?
+    .rows_affected()
+        == 1;
+    if !on_time {
         // §3.5: slow down, and from now on by five seconds more.
         sqlx::query(
             "UPDATE device_codes SET poll_interval = poll_interval + 5, last_polled_at = $1 \
@@ -174,12 +186,6 @@ pub(crate) async fn exchange(
         .map_err(server_error)?;
         return Err(OAuthError::new(ErrorCode::SlowDown, "polling too often"));
     }
-    sqlx::query("UPDATE device_codes SET last_polled_at = $1 WHERE device_code_hash = $2")
-        .bind(now)
-        .bind(&hash)
-        .execute(state.db.pool())
-        .await
-        .map_err(server_error)?;
     match status.as_str() {
         "pending" => Err(OAuthError::new(
             ErrorCode::AuthorizationPending,

@@ -124,6 +124,34 @@ async fn a_device_polls_while_the_user_approves_then_gets_tokens_once() {
     }
 }
 
+/// Polls sent together within the interval: one is answered, the others are told to slow
+/// down (each read the last poll's time before any wrote it, and all were let through).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn polls_sent_together_are_answered_once_and_the_rest_slowed_down() {
+    for store in stores().await {
+        let app = spawn(&store).await;
+        tv(&app).await;
+        let started = start(&app, "tv").await;
+        let device_code = field(&started, "device_code");
+        poll(&app, "tv", &device_code)
+            .await
+            .assert_error(400, "authorization_pending");
+        app.admin.clock().advance(6);
+        let polls =
+            futures_util::future::join_all((0..16).map(|_| poll(&app, "tv", &device_code))).await;
+        let errors: Vec<&str> = polls
+            .iter()
+            .map(|token| token.body["error"].as_str().unwrap_or_default())
+            .collect();
+        let pending = errors
+            .iter()
+            .filter(|e| **e == "authorization_pending")
+            .count();
+        let slowed = errors.iter().filter(|e| **e == "slow_down").count();
+        assert_eq!((pending, slowed), (1, 15), "{errors:?}");
+    }
+}
+
 #[tokio::test]
 async fn denied_expired_foreign_and_unknown_device_codes() {
     let store = sqlite();
