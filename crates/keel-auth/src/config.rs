@@ -40,8 +40,9 @@ pub struct AuthConfig {
     #[serde(with = "humantime_serde")]
     pub refresh_token_ttl: Duration,
     /// How long after a refresh token was exchanged it may be exchanged again, for a
-    /// client whose concurrent requests refreshed at once. Later, a used refresh token
-    /// is taken as stolen and revokes its whole grant.
+    /// client whose concurrent requests refreshed at once: the repeat gets the same new
+    /// refresh token, while that one is unused. Later (or once the new one is used), a
+    /// used refresh token is taken as stolen and revokes its whole grant.
     #[serde(with = "humantime_serde")]
     pub refresh_reuse_grace: Duration,
     /// How long before a rotated-in signing key signs it is published; longer than

@@ -625,8 +625,9 @@ async fn new_refresh_token(state: &AppState, family: &str, now: i64) -> Result<S
 
 /// RFC 6749 §6 with rotation (RFC 9700 §4.14.2): each refresh token is exchanged once for
 /// a new access token and a new refresh token. A used one presented again within the
-/// grace window (a client's concurrent refreshes) gets a new pair too; later it revokes
-/// the whole grant, since one of the two presenters has stolen it.
+/// grace window (a client's concurrent refreshes) gets a new access token and the same
+/// new refresh token; later, or once that one is used, it revokes the whole grant, since
+/// one of the two presenters has stolen it.
 async fn refresh_token(
     state: &AppState,
     client: &Client,
@@ -694,28 +695,31 @@ async fn refresh_token(
         },
         None => None,
     };
-    // Claimed here unless used already. A used one may be exchanged once more within the
-    // grace window (a client's concurrent refreshes); any other reuse is theft.
+    // Claimed here unless used already. A used one presented again within the grace
+    // window (a client's concurrent refreshes) gets the refresh token its first exchange
+    // made, while that one is unused: the grant never forks into two live chains. Any
+    // other reuse is theft.
     let used_at: Option<i64> = family.try_get("used_at").map_err(server_error)?;
     let grace = state.config.refresh_reuse_grace_seconds();
-    let accepted = match used_at {
-        None => {
-            let claimed = sqlx::query(
-                "UPDATE refresh_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL",
-            )
-            .bind(now)
-            .bind(&token_hash)
-            .execute(state.db.pool())
-            .await
-            .map_err(server_error)?;
-            claimed.rows_affected() == 1
-                || (grace > 0 && reuse_once(state, &token_hash, now).await?)
-        }
-        Some(used_at) => {
-            grace > 0 && now - used_at <= grace && reuse_once(state, &token_hash, now).await?
-        }
+    let claimed = used_at.is_none()
+        && sqlx::query(
+            "UPDATE refresh_tokens SET used_at = $1 WHERE token_hash = $2 AND used_at IS NULL",
+        )
+        .bind(now)
+        .bind(&token_hash)
+        .execute(state.db.pool())
+        .await
+        .map_err(server_error)?
+        .rows_affected()
+            == 1;
+    // Claimed by a concurrent exchange just now when it was unused a moment ago.
+    let in_grace = grace > 0 && now - used_at.unwrap_or(now) <= grace;
+    let successor = if claimed || in_grace {
+        successor(state, &family_id, &token_hash, now).await?
+    } else {
+        None
     };
-    if !accepted {
+    let Some(successor) = successor else {
         end_grant(
             state,
             &family_id,
@@ -726,7 +730,7 @@ async fn refresh_token(
         )
         .await?;
         return Err(invalid_grant());
-    }
+    };
     let subject = user
         .as_ref()
         .map_or(client.client_id.as_str(), |u| u.user_id.as_str());
@@ -750,7 +754,7 @@ async fn refresh_token(
         "token_type": "Bearer",
         "expires_in": issued.expires_in,
         "scope": scopes.to_string(),
-        "refresh_token": new_refresh_token(state, &family_id, now).await?,
+        "refresh_token": successor,
     });
     if let (Some(user), true) = (&user, scopes.contains("openid")) {
         let claims = IdTokenClaims {
@@ -776,18 +780,60 @@ async fn refresh_token(
     Ok(body)
 }
 
-/// Marks the one exchange a used refresh token may have within the grace window; false
-/// when it had it already.
-async fn reuse_once(state: &AppState, token_hash: &[u8], now: i64) -> Result<bool, OAuthError> {
-    let marked = sqlx::query(
-        "UPDATE refresh_tokens SET reused_at = $1 WHERE token_hash = $2 AND reused_at IS NULL",
+/// The refresh token `used` (by hash) is exchanged for: made and recorded by the first
+/// exchange that gets here, the same one for every repeat after it while it is unused
+/// (sealed with the key encryption key, bound to `used`); `None` once it has been used
+/// itself, when a repeat of `used` can only be a stolen copy.
+async fn successor(
+    state: &AppState,
+    family: &str,
+    used: &[u8],
+    now: i64,
+) -> Result<Option<String>, OAuthError> {
+    let context = [b"keel refresh successor|".as_slice(), used].concat();
+    let fresh = new_refresh_token(state, family, now).await?;
+    let fresh_hash = sha256(fresh.as_bytes());
+    let recorded = sqlx::query(
+        "UPDATE refresh_tokens SET successor_hash = $1, successor_sealed = $2 \
+         WHERE token_hash = $3 AND successor_hash IS NULL",
     )
-    .bind(now)
-    .bind(token_hash)
+    .bind(&fresh_hash)
+    .bind(state.secrets.seal(&context, fresh.as_bytes()))
+    .bind(used)
     .execute(state.db.pool())
     .await
     .map_err(server_error)?;
-    Ok(marked.rows_affected() == 1)
+    if recorded.rows_affected() == 1 {
+        return Ok(Some(fresh));
+    }
+    // Another exchange of `used` got there first: its token, not a second live one.
+    sqlx::query("DELETE FROM refresh_tokens WHERE token_hash = $1")
+        .bind(&fresh_hash)
+        .execute(state.db.pool())
+        .await
+        .map_err(server_error)?;
+    let row = sqlx::query(
+        "SELECT r.successor_sealed, s.used_at, s.token_hash AS present \
+         FROM refresh_tokens r LEFT JOIN refresh_tokens s ON s.token_hash = r.successor_hash \
+         WHERE r.token_hash = $1",
+    )
+    .bind(used)
+    .fetch_one(state.db.pool())
+    .await
+    .map_err(server_error)?;
+    let present: Option<Vec<u8>> = row.try_get("present").map_err(server_error)?;
+    let successor_used: Option<i64> = row.try_get("used_at").map_err(server_error)?;
+    if present.is_none() || successor_used.is_some() {
+        return Ok(None);
+    }
+    let sealed: Vec<u8> = row.try_get("successor_sealed").map_err(server_error)?;
+    let token = state
+        .secrets
+        .open(&context, &sealed)
+        .map_err(|_| OAuthError::server_error())?;
+    String::from_utf8(token)
+        .map(Some)
+        .map_err(|_| OAuthError::server_error())
 }
 
 /// Ends a grant for a security reason, and says so in the audit trail: a replay, a reuse,

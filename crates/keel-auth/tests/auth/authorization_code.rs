@@ -375,6 +375,29 @@ async fn sign_in_failures_csrf_and_denial() {
     assert_eq!(denied.redirect_params()["error"], "access_denied");
 }
 
+/// A client refreshing from several requests at once (tabs, retries): every one is
+/// answered, all with one new refresh token, which then goes on working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_refreshes_share_one_new_refresh_token() {
+    for store in stores().await {
+        let mut flow = flow(&store).await;
+        let code = flow.code().await;
+        let first = flow.exchange(&code, Some(VERIFIER), REDIRECT).await;
+        let r1 = first.body["refresh_token"].as_str().unwrap().to_owned();
+        let answers = futures_util::future::join_all((0..6).map(|_| flow.refresh(&r1))).await;
+        let issued: std::collections::BTreeSet<String> = answers
+            .iter()
+            .map(|answer| {
+                assert_eq!(answer.status, 200, "{}", answer.body);
+                answer.body["refresh_token"].as_str().unwrap().to_owned()
+            })
+            .collect();
+        assert_eq!(issued.len(), 1, "{issued:?}");
+        let r2 = issued.into_iter().next().unwrap();
+        assert_eq!(flow.refresh(&r2).await.status, 200);
+    }
+}
+
 #[tokio::test]
 async fn refresh_tokens_rotate_and_a_late_reuse_revokes_the_grant() {
     for store in stores().await {
@@ -389,9 +412,14 @@ async fn refresh_tokens_rotate_and_a_late_reuse_revokes_the_grant() {
         assert_ne!(r1, r2, "rotated");
         assert!(second.body["id_token"].as_str().is_some());
 
-        // A concurrent refresh with r1 inside the grace window still works, once.
-        let concurrent = flow.refresh(&r1).await;
-        assert_eq!(concurrent.status, 200, "{}", concurrent.body);
+        // A concurrent refresh with r1 inside the grace window still works, and gets the
+        // same r2: the grant does not fork into two live chains.
+        for _ in 0..2 {
+            let concurrent = flow.refresh(&r1).await;
+            assert_eq!(concurrent.status, 200, "{}", concurrent.body);
+            assert_eq!(concurrent.body["refresh_token"], r2.as_str());
+            assert_ne!(concurrent.body["access_token"], second.body["access_token"]);
+        }
 
         // Narrowing is allowed, widening is not.
         let narrowed = flow
@@ -422,10 +450,20 @@ async fn refresh_tokens_rotate_and_a_late_reuse_revokes_the_grant() {
             .await
             .assert_error(400, "invalid_scope");
 
-        // Long after, r1 comes back: stolen. The whole grant ends, the live r3 with it.
-        flow.app.admin.clock().advance(11);
+        // r1 comes back after r2 was used, even within the grace window: stolen. The whole
+        // grant ends, the live r3 with it.
         flow.refresh(&r1).await.assert_error(400, "invalid_grant");
         flow.refresh(&r3).await.assert_error(400, "invalid_grant");
+
+        // Another grant: long after, its first token comes back: stolen too.
+        let code = flow.code().await;
+        let first = flow.exchange(&code, Some(VERIFIER), REDIRECT).await;
+        let r1 = first.body["refresh_token"].as_str().unwrap().to_owned();
+        let second = flow.refresh(&r1).await;
+        let r2 = second.body["refresh_token"].as_str().unwrap().to_owned();
+        flow.app.admin.clock().advance(11);
+        flow.refresh(&r1).await.assert_error(400, "invalid_grant");
+        flow.refresh(&r2).await.assert_error(400, "invalid_grant");
 
         flow.refresh("not-a-token")
             .await
