@@ -45,7 +45,7 @@ pub fn blocking_builder() -> reqwest::blocking::ClientBuilder {
 
 /// Makes ring the process's rustls provider, once; a provider the program installed
 /// before is kept (rustls refuses a second).
-pub fn install_crypto_provider() {
+fn install_crypto_provider() {
     static INSTALL: Once = Once::new();
     INSTALL.call_once(|| {
         let _ = rustls::crypto::ring::default_provider().install_default();
