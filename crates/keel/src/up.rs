@@ -198,6 +198,13 @@ pub async fn run(config: KeelConfig, file: Option<&Path>, args: &UpArgs) -> anyh
     // The registry is in this process: the gateway follows it wherever it listens.
     let mut gateway_config = config.gateway;
     gateway_config.discovery_routes.get_or_insert(true);
+    if gateway_config.registry != keel_gateway::GatewayConfig::default().registry {
+        tracing::warn!(
+            configured = %gateway_config.registry,
+            used = %registry.url(),
+            "gateway.registry is not used by keel up: its gateway follows the registry it runs beside"
+        );
+    }
     gateway_config.registry = registry.url();
     let source = KeelConfig::gateway_source(file);
     let gateway = GatewayServer::build_with_source(gateway_config, source, &edge).await?;

@@ -168,12 +168,23 @@ const SHOP_SERVICES: [&str; 4] = ["catalog", "inventory", "payments", "orders"];
 struct Up {
     child: std::process::Child,
     printed: Vec<String>,
+    /// Its log lines (standard error), as they come.
+    log: std::sync::mpsc::Receiver<String>,
     /// The shop's databases: catalog, inventory, payments, orders.
     _shop: Vec<TestSqlite>,
 }
 
 impl Up {
     fn start(registry: std::net::SocketAddr, database: &TestSqlite) -> Self {
+        Self::start_with(registry, database, &[])
+    }
+
+    /// [`Up::start`] with more environment variables.
+    fn start_with(
+        registry: std::net::SocketAddr,
+        database: &TestSqlite,
+        env: &[(&str, &str)],
+    ) -> Self {
         let shop: Vec<TestSqlite> = SHOP_SERVICES
             .iter()
             .map(|service| TestSqlite::new(&format!("keel-cli-{service}")))
@@ -186,7 +197,8 @@ impl Up {
             .env("KEEL_CATALOG__DATABASE", shop[0].url())
             .env("KEEL_INVENTORY__DATABASE", shop[1].url())
             .env("KEEL_PAYMENTS__DATABASE", shop[2].url())
-            .env("KEEL_ORDERS__DATABASE", shop[3].url());
+            .env("KEEL_ORDERS__DATABASE", shop[3].url())
+            .envs(env.iter().copied());
         Self::spawn(command, shop)
     }
 
@@ -194,9 +206,10 @@ impl Up {
     fn spawn(mut command: Command, shop: Vec<TestSqlite>) -> Self {
         let mut child = command
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let log = log_lines(child.stderr.take().unwrap());
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut printed = Vec::new();
         let mut blanks = 0;
@@ -213,6 +226,7 @@ impl Up {
         Self {
             child,
             printed,
+            log,
             _shop: shop,
         }
     }
@@ -583,6 +597,32 @@ fn up_stops_the_gateway_before_the_services_behind_it() {
         .expect("keel up stops once the gateway has drained");
     assert!(status.success(), "clean exit: {status:?}");
     std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// `keel up`'s gateway follows the registry beside it: a `gateway.registry` given anyway
+/// is not used, and the log says so.
+#[test]
+fn up_says_it_does_not_use_a_configured_gateway_registry() {
+    let database = TestSqlite::new("keel-cli-up-registry");
+    let up = Up::start_with(
+        "127.0.0.1:0".parse().unwrap(),
+        &database,
+        &[("KEEL_GATEWAY__REGISTRY", "http://10.9.8.7:8500")],
+    );
+    let mut seen = Vec::new();
+    while let Ok(line) = up.log.recv_timeout(Duration::from_secs(10)) {
+        let said = line.contains("gateway.registry is not used") && line.contains("10.9.8.7");
+        seen.push(line);
+        if said {
+            break;
+        }
+    }
+    assert!(
+        seen.iter()
+            .any(|line| line.contains("gateway.registry is not used")),
+        "{seen:?}"
+    );
+    up.stop();
 }
 
 #[test]
