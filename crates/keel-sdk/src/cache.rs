@@ -280,10 +280,25 @@ impl<T> Clone for Cache<T> {
     }
 }
 
+/// Invalidation counters per cache, a key's chosen by its hash ([`stripe`]).
+const GENERATION_STRIPES: usize = 64;
+
+/// A key's invalidation counter: FNV-1a, stable and cheap for short keys.
+fn stripe(key: &str) -> usize {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in key.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % GENERATION_STRIPES as u64) as usize
+}
+
 struct CacheInner<T> {
-    /// Bumped by every invalidation (here or received): a load that began before one may
-    /// hold what the invalidation meant to drop, and must not stay cached.
-    generation: AtomicU64,
+    /// Bumped by every invalidation (here or received) of a key of their stripe: a load
+    /// that began before one may hold what the invalidation meant to drop, and must not
+    /// stay cached. One counter for the whole cache made a write of any key throw away
+    /// every load under way, so a cache written to often was hardly ever filled.
+    generations: [AtomicU64; GENERATION_STRIPES],
     name: String,
     version: u32,
     local: moka::future::Cache<String, Local<T>>,
@@ -298,14 +313,22 @@ impl<T: Send + Sync + 'static> Invalidate for CacheInner<T> {
             self.stats
                 .invalidations_received
                 .fetch_add(1, Ordering::Relaxed);
-            self.generation.fetch_add(1, Ordering::SeqCst);
+            self.generation(key).fetch_add(1, Ordering::SeqCst);
             self.local.invalidate(key).await;
         })
     }
 
     fn drop_all(&self) {
-        self.generation.fetch_add(1, Ordering::SeqCst);
+        for generation in &self.generations {
+            generation.fetch_add(1, Ordering::SeqCst);
+        }
         self.local.invalidate_all();
+    }
+}
+
+impl<T> CacheInner<T> {
+    fn generation(&self, key: &str) -> &AtomicU64 {
+        &self.generations[stripe(key)]
     }
 }
 
@@ -369,7 +392,7 @@ where
             })
             .build();
         let inner = Arc::new(CacheInner {
-            generation: AtomicU64::new(0),
+            generations: std::array::from_fn(|_| AtomicU64::new(0)),
             name: name.to_owned(),
             version,
             local,
@@ -400,7 +423,8 @@ where
     {
         let inner = &self.inner;
         let mut fetched = false;
-        let generation = inner.generation.load(Ordering::SeqCst);
+        let counter = inner.generation(key);
+        let generation = counter.load(Ordering::SeqCst);
         let value = inner
             .local
             .try_get_with(key.to_owned(), async {
@@ -420,7 +444,7 @@ where
                 Ok(loaded)
             })
             .await?;
-        if fetched && inner.generation.load(Ordering::SeqCst) != generation {
+        if fetched && counter.load(Ordering::SeqCst) != generation {
             // An invalidation came while this load ran: what it read may predate the
             // write. This caller gets it (its read overlapped the write); nobody else does:
             // not from process memory, and not from Redis, where the invalidation's fence
@@ -443,7 +467,7 @@ where
     /// Redis cannot take it now, it is tried again in the background until it lands (Redis
     /// and the other instances keep the old copy until then), for about a minute.
     pub async fn invalidate(&self, key: &str) {
-        self.inner.generation.fetch_add(1, Ordering::SeqCst);
+        self.inner.generation(key).fetch_add(1, Ordering::SeqCst);
         self.inner.local.invalidate(key).await;
         let Err(error) = self.invalidate_in_redis(key).await else {
             return;
@@ -661,6 +685,39 @@ mod tests {
             .del(&[cache.redis_key("mug"), cache.fence_key("mug")])
             .await
             .unwrap();
+    }
+
+    /// A write of another key while a load runs leaves what the load read cached (unless
+    /// the two keys share a counter, one in 64).
+    #[tokio::test]
+    async fn an_invalidation_of_another_key_leaves_a_load_under_way_cached() {
+        let cache: Cache<String> = Cache::new("prices", 1, CacheOptions::default(), None);
+        let other = (0..)
+            .map(|n| format!("tea-{n}"))
+            .find(|key| stripe(key) != stripe("mug"))
+            .expect("a key of another stripe");
+        for (invalidated, stays) in [(other.as_str(), true), ("mug", false)] {
+            cache.inner.local.invalidate("mug").await;
+            let (go, wait) = tokio::sync::oneshot::channel::<()>();
+            let loading = {
+                let cache = cache.clone();
+                tokio::spawn(async move {
+                    let load = || async move {
+                        wait.await.unwrap();
+                        Ok::<_, std::convert::Infallible>(Some("price".to_owned()))
+                    };
+                    cache.get_or_load("mug", load).await
+                })
+            };
+            let loads = cache.inner.stats.loads.load(Ordering::SeqCst);
+            while cache.inner.stats.loads.load(Ordering::SeqCst) == loads {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            cache.invalidate(invalidated).await;
+            go.send(()).unwrap();
+            loading.await.unwrap().unwrap();
+            assert_eq!(cache.holds_locally("mug"), stays, "{invalidated}");
+        }
     }
 
     #[test]
