@@ -631,6 +631,34 @@ where
 mod tests {
     use super::*;
 
+    type Loading =
+        tokio::task::JoinHandle<Result<Option<Arc<String>>, Arc<std::convert::Infallible>>>;
+
+    /// Starts loading `key` (as `value`) and returns once the load runs, held until the
+    /// sender is used.
+    async fn held_load(
+        cache: &Cache<String>,
+        key: &'static str,
+        value: &'static str,
+    ) -> (tokio::sync::oneshot::Sender<()>, Loading) {
+        let (go, wait) = tokio::sync::oneshot::channel::<()>();
+        let loads = cache.inner.stats.loads.load(Ordering::SeqCst);
+        let loading = {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                let load = || async move {
+                    wait.await.unwrap();
+                    Ok::<_, std::convert::Infallible>(Some(value.to_owned()))
+                };
+                cache.get_or_load(key, load).await
+            })
+        };
+        while cache.inner.stats.loads.load(Ordering::SeqCst) == loads {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        (go, loading)
+    }
+
     #[tokio::test]
     async fn a_load_overtaken_by_an_invalidation_leaves_nothing_in_redis_though_its_message_is_late()
      {
@@ -642,20 +670,7 @@ mod tests {
         let prefix = format!("{}:", unique_name("keel-cache-fence"));
         let redis = CacheRedis::new(&url, &prefix, Duration::from_millis(500)).unwrap();
         let cache: Cache<String> = Cache::new("prices", 1, CacheOptions::default(), Some(&redis));
-        let (go, wait) = tokio::sync::oneshot::channel::<()>();
-        let loading = {
-            let cache = cache.clone();
-            tokio::spawn(async move {
-                let load = || async move {
-                    wait.await.unwrap();
-                    Ok::<_, std::convert::Infallible>(Some("old price".to_owned()))
-                };
-                cache.get_or_load("mug", load).await
-            })
-        };
-        while cache.inner.stats.loads.load(Ordering::SeqCst) == 0 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let (go, loading) = held_load(&cache, "mug", "old price").await;
         // A peer's invalidation lands in Redis while the load runs; its message has not
         // reached this instance when the load writes back.
         let client = redis::Client::open(url.as_str()).unwrap();
@@ -698,21 +713,7 @@ mod tests {
             .expect("a key of another stripe");
         for (invalidated, stays) in [(other.as_str(), true), ("mug", false)] {
             cache.inner.local.invalidate("mug").await;
-            let (go, wait) = tokio::sync::oneshot::channel::<()>();
-            let loading = {
-                let cache = cache.clone();
-                tokio::spawn(async move {
-                    let load = || async move {
-                        wait.await.unwrap();
-                        Ok::<_, std::convert::Infallible>(Some("price".to_owned()))
-                    };
-                    cache.get_or_load("mug", load).await
-                })
-            };
-            let loads = cache.inner.stats.loads.load(Ordering::SeqCst);
-            while cache.inner.stats.loads.load(Ordering::SeqCst) == loads {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            let (go, loading) = held_load(&cache, "mug", "price").await;
             cache.invalidate(invalidated).await;
             go.send(()).unwrap();
             loading.await.unwrap().unwrap();
