@@ -66,7 +66,13 @@ pub(crate) async fn probe(http: &reqwest::Client, kind: &CheckKind) -> (Status, 
                     Status::Critical,
                     format!("HTTP GET {url}: no answer within {timeout:?}"),
                 ),
-                Err(error) => (Status::Critical, format!("HTTP GET {url}: {error}")),
+                Err(error) => (
+                    Status::Critical,
+                    format!(
+                        "HTTP GET {url}: {}",
+                        keel_runtime::http_client::error_chain(&error)
+                    ),
+                ),
             }
         }
         CheckKind::Tcp {

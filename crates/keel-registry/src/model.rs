@@ -52,6 +52,8 @@ pub enum CheckKind {
         url: String,
         interval: Duration,
         timeout: Duration,
+        /// An `https` URL's certificate is not checked (Consul's `TLSSkipVerify`).
+        skip_verify: bool,
     },
     /// The registry opens a TCP connection to `address` (`host:port`).
     Tcp {
@@ -74,9 +76,14 @@ pub struct CheckSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub ttl: Option<Duration>,
-    /// URL probed with GET.
+    /// URL probed with GET (`http://` or `https://`; the certificate checked against the
+    /// system's roots and the configured CA).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<String>,
+    /// An `https` check's certificate is not verified (Consul's `TLSSkipVerify`): for
+    /// instances with self-signed certificates. Only for `http` checks.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls_skip_verify: bool,
     /// `host:port` probed with a TCP connect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp: Option<String>,
@@ -407,6 +414,9 @@ impl CheckSpec {
             let timeout = self.timeout.unwrap_or(DEFAULT_TIMEOUT.min(interval));
             validate_probe(interval, timeout).map(|()| (interval, timeout))
         };
+        if self.tls_skip_verify && self.http.is_none() {
+            return Err("tls_skip_verify is for http checks".into());
+        }
         match (self.ttl, &self.http, &self.tcp) {
             (Some(ttl), None, None) => {
                 if ttl < Duration::from_secs(1) || ttl > Duration::from_secs(24 * 3600) {
@@ -425,6 +435,7 @@ impl CheckSpec {
                     url: url.clone(),
                     interval,
                     timeout,
+                    skip_verify: self.tls_skip_verify,
                 })
             }
             (None, None, Some(address)) => {
@@ -568,10 +579,17 @@ mod tests {
                 url: "http://127.0.0.1:1/health".into(),
                 interval: Duration::from_secs(1),
                 timeout: Duration::from_secs(1),
+                skip_verify: false,
             })
         );
         let unknown = serde_json::from_str::<CheckSpec>(r#"{"ttl": "10s", "tll": "1s"}"#);
         assert!(unknown.is_err());
+        let skip: CheckSpec =
+            serde_json::from_str(r#"{"ttl": "10s", "tls_skip_verify": true}"#).expect("ttl");
+        assert_eq!(
+            skip.kind(),
+            Err("tls_skip_verify is for http checks".into())
+        );
     }
 
     #[test]

@@ -79,6 +79,8 @@ struct Inner {
     open_watches: AtomicUsize,
     limits: RegistryLimits,
     http: reqwest::Client,
+    /// The same, not checking certificates: for checks with `tls_skip_verify`.
+    http_unverified: reqwest::Client,
 }
 
 impl Drop for Inner {
@@ -145,7 +147,13 @@ impl Registry {
                 limits,
                 http: keel_runtime::http_client::builder()
                     .redirect(reqwest::redirect::Policy::none())
+                    .default_headers(probe_headers.clone())
+                    .build()
+                    .unwrap_or_default(),
+                http_unverified: keel_runtime::http_client::builder()
+                    .redirect(reqwest::redirect::Policy::none())
                     .default_headers(probe_headers)
+                    .danger_accept_invalid_certs(true)
                     .build()
                     .unwrap_or_default(),
             }),
@@ -420,14 +428,19 @@ impl Registry {
             .filter(|check| self.owns(&check.id))
             .filter_map(|check| {
                 let kind = check.spec.kind().ok()?;
-                matches!(kind, CheckKind::Http { .. } | CheckKind::Tcp { .. }).then(|| {
-                    checks::spawn_probe(
-                        self.downgrade(),
-                        self.inner.http.clone(),
-                        check.id.clone(),
-                        kind,
-                    )
-                })
+                let http = match kind {
+                    CheckKind::Http {
+                        skip_verify: true, ..
+                    } => &self.inner.http_unverified,
+                    CheckKind::Http { .. } | CheckKind::Tcp { .. } => &self.inner.http,
+                    CheckKind::Ttl { .. } => return None,
+                };
+                Some(checks::spawn_probe(
+                    self.downgrade(),
+                    http.clone(),
+                    check.id.clone(),
+                    kind,
+                ))
             })
             .collect();
         if !handles.is_empty() {

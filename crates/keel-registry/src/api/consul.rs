@@ -84,6 +84,8 @@ struct ConsulCheck {
     http: Option<String>,
     #[serde(rename = "TCP", alias = "tcp")]
     tcp: Option<String>,
+    #[serde(rename = "TLSSkipVerify", alias = "tls_skip_verify")]
+    tls_skip_verify: Option<bool>,
     #[serde(alias = "interval")]
     interval: Option<String>,
     #[serde(alias = "timeout")]
@@ -132,6 +134,7 @@ impl ConsulCheck {
             ttl,
             http: self.http.filter(|v| !v.is_empty()),
             tcp: self.tcp.filter(|v| !v.is_empty()),
+            tls_skip_verify: self.tls_skip_verify.unwrap_or(false),
             interval: duration("Interval", self.interval.as_deref())?,
             timeout: duration("Timeout", self.timeout.as_deref())?,
             deregister_after: reaped_after(duration(
@@ -618,5 +621,24 @@ mod tests {
         assert_eq!(check("0s"), None);
         assert_eq!(check("5s"), Some(Duration::from_secs(60)));
         assert_eq!(check("90m"), Some(Duration::from_secs(90 * 60)));
+    }
+
+    #[test]
+    fn tls_skip_verify_is_taken_from_consuls_field() {
+        let check: ConsulCheck = serde_json::from_value(serde_json::json!({
+            "HTTP": "https://10.0.0.1:8443/health",
+            "Interval": "10s",
+            "TLSSkipVerify": true,
+        }))
+        .unwrap();
+        let spec = check.into_spec().ok().unwrap();
+        assert!(spec.tls_skip_verify);
+        assert!(matches!(
+            spec.kind(),
+            Ok(crate::model::CheckKind::Http {
+                skip_verify: true,
+                ..
+            })
+        ));
     }
 }

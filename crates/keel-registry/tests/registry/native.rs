@@ -231,6 +231,75 @@ async fn an_http_check_turns_critical_and_back() {
     assert!(found.instances[0].checks[0].output.contains("200"));
 }
 
+/// HTTPS checks: passing when the instance's certificate is signed by a CA the registry
+/// trusts, critical (saying why) when not, passing again with `tls_skip_verify`.
+#[tokio::test]
+async fn https_checks_verify_the_certificate_unless_told_not_to() {
+    let app = Router::new().route("/health", get(|| async { "ok" }));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let backend = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let trusted_ca = keel_testkit::tls::TestCa::new();
+    let mut trusted = keel_testkit::tls::TlsFront::bind(&trusted_ca).await;
+    trusted.relay_to(backend);
+    let mut stranger = keel_testkit::tls::TlsFront::bind(&keel_testkit::tls::TestCa::new()).await;
+    stranger.relay_to(backend);
+    keel_runtime::http_client::trust_pem(trusted_ca.pem().as_bytes()).unwrap();
+
+    let registry = spawn_registry().await;
+    let client = RegistryClient::new(&registry.url, None).unwrap();
+    let check = |front: &keel_testkit::tls::TlsFront, skip: bool| CheckSpec {
+        http: Some(format!("{}/health", front.url())),
+        interval: Some(Duration::from_millis(200)),
+        timeout: Some(Duration::from_millis(200)),
+        tls_skip_verify: skip,
+        ..CheckSpec::default()
+    };
+    for (id, check) in [
+        ("trusted", check(&trusted, false)),
+        ("stranger", check(&stranger, false)),
+        ("skipped", check(&stranger, true)),
+    ] {
+        client
+            .register(&registration("secure", id, vec![check]))
+            .await
+            .unwrap();
+    }
+    let statuses = || {
+        let client = client.clone();
+        async move {
+            let found = client
+                .instances("secure", &InstancesQuery::default())
+                .await
+                .unwrap();
+            let mut statuses: Vec<(String, Status, String)> = found
+                .instances
+                .into_iter()
+                .map(|i| (i.id, i.status, i.checks[0].output.clone()))
+                .collect();
+            statuses.sort();
+            statuses
+        }
+    };
+    let settled = eventually(Duration::from_secs(3), || async {
+        let now = statuses().await;
+        now.iter()
+            .filter(|(_, status, _)| *status == Status::Passing)
+            .count()
+            == 2
+            && now.iter().any(|(_, status, _)| *status == Status::Critical)
+    })
+    .await;
+    let now = statuses().await;
+    assert!(settled, "{now:?}");
+    let status_of = |id: &str| now.iter().find(|(i, ..)| i == id).unwrap().clone();
+    assert_eq!(status_of("trusted").1, Status::Passing);
+    assert_eq!(status_of("skipped").1, Status::Passing);
+    let (_, status, output) = status_of("stranger");
+    assert_eq!(status, Status::Critical);
+    assert!(output.to_lowercase().contains("certificate"), "{output}");
+}
+
 #[tokio::test]
 async fn a_tcp_check_follows_the_listener() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
