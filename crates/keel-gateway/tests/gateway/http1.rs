@@ -388,7 +388,8 @@ async fn shutdown_finishes_requests_in_flight_and_closes_idle_connections() {
 async fn a_shutdown_delay_serves_new_connections_then_stops() {
     let upstream = Upstream::start("u");
     let mut config = test_config(vec![route_to("r", &[&upstream])]);
-    let delay = Duration::from_millis(800);
+    // Long enough that a loaded machine still answers within it.
+    let delay = Duration::from_millis(1500);
     config.http.shutdown_delay = delay;
     let gateway = keel_testkit::spawn(
         GatewayServer::build(config, &Shutdown::new())
