@@ -474,8 +474,9 @@ impl Forward {
         let start = clock.now;
         let endpoint = &set.endpoints[index];
         let via = match (self.protocol, endpoint.base.authority(), &outgoing.replay) {
+            // Keel's own pool speaks plain HTTP; https goes through hyper's client.
             (UpstreamProtocol::Http1, Some(authority), Some(body))
-                if outgoing.upgrade.is_none() =>
+                if outgoing.upgrade.is_none() && endpoint.base.scheme_str() == Some("http") =>
             {
                 Via::Pool(authority, body)
             }

@@ -104,13 +104,18 @@ pub struct Arrival<'a> {
 /// The component name on problem documents.
 pub(crate) const SOURCE: &str = "gateway";
 
+/// How hyper's clients connect: TCP, and TLS for `https` upstreams.
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+
 /// State that outlives configuration generations.
 pub struct Shared {
     /// Plain HTTP/1.1 upstreams (see [`crate::upstream`]).
     pub(crate) http1: Arc<Http1Pool>,
-    /// Upgrades to HTTP/1.1 upstreams.
-    pooled_http1: Client<HttpConnector, Body>,
-    h2c: Client<HttpConnector, Body>,
+    /// Upgrades to HTTP/1.1 upstreams, streamed bodies, and every `https` upstream
+    /// (HTTP/1.1 over TLS, the certificate checked against the system's roots and
+    /// `[runtime] ca_file`).
+    pooled_http1: Client<Connector, Body>,
+    h2c: Client<Connector, Body>,
     pub(crate) discovery: DiscoveryView,
     stats: StatsDirectory,
     breakers: Mutex<HashMap<String, Arc<CircuitBreaker>>>,
@@ -142,6 +147,15 @@ impl Shared {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(config.connect_timeout));
         connector.set_nodelay(true);
+        // https:// reaches the TLS layer around it.
+        connector.enforce_http(false);
+        let tls = keel_runtime::http_client::rustls_config()
+            .map_err(|error| format!("TLS to upstreams: {error}"))?;
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = |http2: bool| {
             Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(config.idle_timeout)
@@ -164,7 +178,7 @@ impl Shared {
         })
     }
 
-    pub(crate) fn client(&self, protocol: UpstreamProtocol) -> &Client<HttpConnector, Body> {
+    pub(crate) fn client(&self, protocol: UpstreamProtocol) -> &Client<Connector, Body> {
         match protocol {
             UpstreamProtocol::Http1 => &self.pooled_http1,
             UpstreamProtocol::H2c => &self.h2c,
@@ -741,8 +755,11 @@ impl Proxy {
                 let base: Uri = url
                     .parse()
                     .map_err(|_| format!("upstream {url:?} is not a URL"))?;
-                if base.scheme_str() != Some("http") || base.authority().is_none() {
-                    return Err(format!("upstream {url:?} must be http://host:port"));
+                if !matches!(base.scheme_str(), Some("http" | "https")) || base.authority().is_none() {
+                    return Err(format!("upstream {url:?} must be http://host:port or https://host:port"));
+                }
+                if base.scheme_str() == Some("https") && route.upstream_protocol == UpstreamProtocol::H2c {
+                    return Err(format!("upstream {url:?}: h2c is HTTP/2 without TLS; an https upstream is spoken to in HTTP/1.1"));
                 }
                 if !(1..=10_000).contains(&upstream.weight()) {
                     return Err(format!("upstream {url:?}: weight must be 1 to 10000"));

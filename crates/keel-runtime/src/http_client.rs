@@ -15,10 +15,13 @@
 //! `reqwest::get` out of the rest of the workspace, tests included.
 
 use std::path::Path;
-use std::sync::{Once, PoisonError, RwLock};
+use std::sync::{Arc, Once, PoisonError, RwLock};
+
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 
 /// Roots trusted beyond the system's, added by [`trust_pem`] and [`trust_ca_file`].
-static EXTRA_ROOTS: RwLock<Vec<reqwest::Certificate>> = RwLock::new(Vec::new());
+static EXTRA_ROOTS: RwLock<Vec<CertificateDer<'static>>> = RwLock::new(Vec::new());
 
 /// A client builder with the crypto provider installed and the extra roots trusted.
 #[allow(clippy::disallowed_methods)] // the one place reqwest clients are started
@@ -29,6 +32,24 @@ pub fn builder() -> reqwest::ClientBuilder {
         .fold(reqwest::Client::builder(), |builder, root| {
             builder.add_root_certificate(root)
         })
+}
+
+/// A rustls client configuration for connections made without reqwest (the gateway's
+/// HTTPS upstreams): ring, and the same roots as [`builder`]'s clients (the system's and
+/// the extra ones), checked by the platform verifier as reqwest's are.
+pub fn rustls_config() -> Result<rustls::ClientConfig, rustls::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let roots = EXTRA_ROOTS
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let verifier =
+        rustls_platform_verifier::Verifier::new_with_extra_roots(roots, Arc::clone(&provider))?;
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth())
 }
 
 /// The same for reqwest's blocking client (what the OTLP exporter sends with, from a
@@ -71,7 +92,9 @@ fn extra_roots() -> Vec<reqwest::Certificate> {
     EXTRA_ROOTS
         .read()
         .unwrap_or_else(PoisonError::into_inner)
-        .clone()
+        .iter()
+        .filter_map(|root| reqwest::Certificate::from_der(root).ok())
+        .collect()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -102,7 +125,9 @@ pub fn trust_ca_file(path: &Path) -> Result<usize, TrustError> {
 
 /// [`trust_ca_file`] for PEM text in memory; the error says what was wrong with it.
 pub fn trust_pem(pem: &[u8]) -> Result<usize, String> {
-    let roots = reqwest::Certificate::from_pem_bundle(pem).map_err(|error| format!(": {error}"))?;
+    let roots = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| format!(": {error}"))?;
     if roots.is_empty() {
         return Err(String::new());
     }

@@ -368,14 +368,6 @@ impl Service {
                     crate::auth::authenticate,
                 ));
         }
-        if self.config.http.tls.is_some() && self.config.registry.is_some() {
-            // Instances are registered as an address and port, which callers (the gateway,
-            // other services) reach over plain HTTP.
-            return Err(ServiceError::Config {
-                service: self.name,
-                what: "http.tls with a registry: registered instances are called over plain HTTP; terminate TLS at the gateway ([gateway.tls]), or run the service without a registry".into(),
-            });
-        }
         let listen = self
             .config
             .listen
@@ -511,13 +503,17 @@ impl RunningService {
                     addr.ip().to_string()
                 }
             });
-            let registration = ttl_registration(
+            let mut registration = ttl_registration(
                 &self.name,
                 &self.instance_id,
                 &host,
                 addr.port(),
                 self.config.heartbeat * 3,
             );
+            // Callers (the gateway, other services) then speak HTTPS to it.
+            if self.config.http.tls.is_some() {
+                registration.spec.scheme = keel_registry::model::Scheme::Https;
+            }
             Registrar::spawn(
                 client.clone(),
                 registration,

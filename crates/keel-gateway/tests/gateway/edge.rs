@@ -727,3 +727,59 @@ async fn the_default_header_count_limit_holds() {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer:.80}");
     assert_eq!(upstream.hits(), 1);
 }
+
+/// `https://` upstreams: spoken to over TLS, their certificate checked against the system's
+/// roots and the CAs the process trusts; one signed by another CA is refused (502, from the
+/// gateway), and an h2c route cannot name one.
+#[tokio::test]
+async fn https_upstreams_are_reached_when_their_ca_is_trusted_and_only_then() {
+    let upstream = Upstream::start("secure");
+    let backend: std::net::SocketAddr = upstream.url.trim_start_matches("http://").parse().unwrap();
+    let ca = keel_testkit::tls::TestCa::new();
+    let mut trusted = keel_testkit::tls::TlsFront::bind(&ca).await;
+    trusted.relay_to(backend);
+    let mut stranger = keel_testkit::tls::TlsFront::bind(&keel_testkit::tls::TestCa::new()).await;
+    stranger.relay_to(backend);
+    keel_runtime::http_client::trust_pem(ca.pem().as_bytes()).unwrap();
+
+    let route = |name: &str, prefix: &str, url: String| {
+        let mut route = route_to(name, &[]);
+        route.matches.path_prefix = Some(prefix.into());
+        route.upstreams = vec![UpstreamConfig::Url(url)];
+        route
+    };
+    let gateway = crate::support::start_gateway(vec![
+        route("trusted", "/trusted", trusted.url()),
+        route("stranger", "/stranger", stranger.url()),
+    ])
+    .await;
+    let http = keel_testkit::http();
+    for _ in 0..2 {
+        // Twice: the second over the pooled TLS connection.
+        let response = http
+            .get(format!("{}/trusted/a", gateway.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.text().await.unwrap(),
+            "secure GET /trusted/a body="
+        );
+    }
+    let (status, content_type, problem) =
+        keel_testkit::send(http.get(format!("{}/stranger/a", gateway.url)), None).await;
+    assert_eq!(status, 502, "{problem}");
+    assert_eq!(content_type, "application/problem+json");
+    assert_eq!(problem["source"], "gateway");
+    assert_eq!(upstream.hits(), 2, "nothing passed the failed handshake");
+
+    let mut h2c = route("h2c", "/", trusted.url());
+    h2c.upstream_protocol = keel_gateway::config::UpstreamProtocol::H2c;
+    let refused = GatewayServer::build(test_config(vec![h2c]), &Shutdown::new())
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(refused.contains("h2c"), "{refused}");
+}

@@ -147,33 +147,71 @@ async fn a_worker_that_dies_stops_the_service() {
     assert!(shutdown.is_triggered());
 }
 
-/// TLS on a service that registers itself is refused at the start: the gateway and other
-/// services would call its registered address over plain HTTP.
+/// A service with TLS registers as `https`, and callers that trust its CA reach it through
+/// the registry over HTTPS.
 #[tokio::test]
-async fn a_registered_service_refuses_tls() {
+async fn a_service_with_tls_registers_as_https_and_is_called_so() {
+    let registry_shutdown = Shutdown::new();
+    let (_registry, registry_client) = registry(&registry_shutdown, None).await;
+    let ca = keel_testkit::tls::TestCa::new();
+    let dir = std::env::temp_dir().join(keel_testkit::unique_name("keel-sdk-service-tls"));
+    let (cert, key) = ca.server_files(&dir);
+    keel_runtime::http_client::trust_pem(ca.pem().as_bytes()).unwrap();
     let file = TestSqlite::new("keel-sdk-service-tls");
     let config = ServiceConfig {
         database: Some(Secret::new(file.url())),
-        registry: Some("http://127.0.0.1:1".into()),
+        registry: Some(registry_client.base_url().to_owned()),
+        heartbeat: Duration::from_secs(1),
         http: keel_runtime::HttpServerConfig {
-            tls: Some(keel_runtime::http::ServerTlsConfig {
-                cert: "/nonexistent/service.crt".into(),
-                key: "/nonexistent/service.key".into(),
-            }),
+            tls: Some(keel_runtime::http::ServerTlsConfig { cert, key }),
             ..keel_runtime::HttpServerConfig::default()
         },
         ..ServiceConfig::default()
     };
     let shutdown = Shutdown::new();
-    let error = Service::connect("tls-registered", &config, &MIGRATIONS, None, &shutdown)
+    let service = catalog(&config, &shutdown).await;
+    assert!(keel_runtime::Server::url(&service).starts_with("https://"));
+    tokio::spawn(service.run(shutdown.clone()));
+    eventually(
+        "registered with scheme https",
+        Duration::from_secs(5),
+        || {
+            let registry_client = registry_client.clone();
+            async move {
+                registry_client
+                    .instances("catalog", &InstancesQuery::default())
+                    .await
+                    .is_ok_and(|found| {
+                        found
+                            .instances
+                            .iter()
+                            .any(|i| i.base_url().starts_with("https://"))
+                    })
+            }
+        },
+    )
+    .await;
+
+    let view = keel_registry::client::DiscoveryView::new(registry_client.clone(), &shutdown);
+    view.watch("catalog");
+    eventually("the view sees it", Duration::from_secs(5), || {
+        let view = view.clone();
+        async move { !view.instances("catalog").is_empty() }
+    })
+    .await;
+    let client = keel_sdk::client::ServiceClient::new(
+        "catalog",
+        keel_sdk::client::Instances::Registry(view),
+        keel_sdk::client::ClientOptions::default(),
+    )
+    .unwrap();
+    let answer = client
+        .call(keel_sdk::client::Call::new(http::Method::GET, "/products"))
         .await
-        .unwrap()
-        .bind()
-        .await
-        .err()
-        .expect("refused")
-        .to_string();
-    assert!(error.contains("http.tls with a registry"), "{error}");
+        .unwrap();
+    assert_eq!(answer.status, 200);
+    shutdown.trigger();
+    std::fs::remove_dir_all(dir).unwrap();
 }
 
 /// Refuses every deposit: straight to the dead letters.
