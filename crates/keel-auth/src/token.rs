@@ -715,7 +715,7 @@ async fn refresh_token(
     // Claimed by a concurrent exchange just now when it was unused a moment ago.
     let in_grace = grace > 0 && now - used_at.unwrap_or(now) <= grace;
     let successor = if claimed || in_grace {
-        successor(state, &family_id, &token_hash, now).await?
+        successor(state, &family_id, &token_hash, now, !claimed).await?
     } else {
         None
     };
@@ -783,14 +783,19 @@ async fn refresh_token(
 /// The refresh token `used` (by hash) is exchanged for: made and recorded by the first
 /// exchange that gets here, the same one for every repeat after it while it is unused
 /// (sealed with the key encryption key, bound to `used`); `None` once it has been used
-/// itself, when a repeat of `used` can only be a stolen copy.
+/// itself, when a repeat of `used` can only be a stolen copy. A `repeat` (not the exchange
+/// that claimed `used`) looks for the recorded one first, so that it makes none in vain.
 async fn successor(
     state: &AppState,
     family: &str,
     used: &[u8],
     now: i64,
+    repeat: bool,
 ) -> Result<Option<String>, OAuthError> {
     let context = [b"keel refresh successor|".as_slice(), used].concat();
+    if repeat && let Recorded::Yes(token) = recorded_successor(state, used, &context).await? {
+        return Ok(token);
+    }
     let fresh = new_refresh_token(state, family, now).await?;
     let fresh_hash = sha256(fresh.as_bytes());
     let recorded = sqlx::query(
@@ -812,6 +817,23 @@ async fn successor(
         .execute(state.db.pool())
         .await
         .map_err(server_error)?;
+    match recorded_successor(state, used, &context).await? {
+        Recorded::Yes(token) => Ok(token),
+        Recorded::No => Ok(None),
+    }
+}
+
+/// Whether `used` has its successor recorded: `Yes(None)` when that one is gone or used.
+enum Recorded {
+    No,
+    Yes(Option<String>),
+}
+
+async fn recorded_successor(
+    state: &AppState,
+    used: &[u8],
+    context: &[u8],
+) -> Result<Recorded, OAuthError> {
     let row = sqlx::query(
         "SELECT r.successor_sealed, s.used_at, s.token_hash AS present \
          FROM refresh_tokens r LEFT JOIN refresh_tokens s ON s.token_hash = r.successor_hash \
@@ -821,18 +843,21 @@ async fn successor(
     .fetch_one(state.db.pool())
     .await
     .map_err(server_error)?;
+    let sealed: Option<Vec<u8>> = row.try_get("successor_sealed").map_err(server_error)?;
+    let Some(sealed) = sealed else {
+        return Ok(Recorded::No);
+    };
     let present: Option<Vec<u8>> = row.try_get("present").map_err(server_error)?;
     let successor_used: Option<i64> = row.try_get("used_at").map_err(server_error)?;
     if present.is_none() || successor_used.is_some() {
-        return Ok(None);
+        return Ok(Recorded::Yes(None));
     }
-    let sealed: Vec<u8> = row.try_get("successor_sealed").map_err(server_error)?;
     let token = state
         .secrets
-        .open(&context, &sealed)
+        .open(context, &sealed)
         .map_err(|_| OAuthError::server_error())?;
     String::from_utf8(token)
-        .map(Some)
+        .map(|token| Recorded::Yes(Some(token)))
         .map_err(|_| OAuthError::server_error())
 }
 
