@@ -48,21 +48,7 @@ impl RuntimeConfig {
     pub fn build(&self) -> std::io::Result<tokio::runtime::Runtime> {
         let threads = match self.worker_threads {
             Some(threads) => Some(threads),
-            // tokio reads it again and panics on what it cannot use: refused here first.
-            None => match std::env::var("TOKIO_WORKER_THREADS") {
-                Ok(value) => match value.trim().parse::<usize>() {
-                    Ok(threads) if threads > 0 => Some(threads),
-                    _ => {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::InvalidInput,
-                            format!(
-                                "TOKIO_WORKER_THREADS={value:?} is not a number of threads above 0"
-                            ),
-                        ));
-                    }
-                },
-                Err(_) => None,
-            },
+            None => env_worker_threads()?,
         };
         match threads {
             Some(1) => tokio::runtime::Builder::new_current_thread()
@@ -76,6 +62,21 @@ impl RuntimeConfig {
                 .enable_all()
                 .build(),
         }
+    }
+}
+
+/// `TOKIO_WORKER_THREADS`, when set. tokio reads it again and panics on what it cannot
+/// use: refused here first.
+fn env_worker_threads() -> std::io::Result<Option<usize>> {
+    let Ok(value) = std::env::var("TOKIO_WORKER_THREADS") else {
+        return Ok(None);
+    };
+    match value.trim().parse::<usize>() {
+        Ok(threads) if threads > 0 => Ok(Some(threads)),
+        _ => Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("TOKIO_WORKER_THREADS={value:?} is not a number of threads above 0"),
+        )),
     }
 }
 
