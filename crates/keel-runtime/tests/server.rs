@@ -58,16 +58,8 @@ async fn shutdown_drains_in_flight_requests_and_stops_accepting() {
         }),
     );
     let (addr, shutdown, handle) = serve(router, Duration::from_secs(5)).await;
-    let in_flight = tokio::spawn(async move {
-        keel_testkit::http()
-            .get(format!("http://{addr}/slow"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-    });
+    let in_flight =
+        tokio::spawn(async move { keel_testkit::get_text(format!("http://{addr}/slow")).await });
     tokio::time::sleep(Duration::from_millis(100)).await;
     shutdown.trigger();
     assert_eq!(
@@ -245,14 +237,7 @@ async fn slow_and_idle_clients_are_cut_off_after_the_header_timeout() {
     assert!(cut < Duration::from_secs(3), "trickle cut after {cut:?}");
 
     // A client that sends its request in time is served.
-    let body = keel_testkit::http()
-        .get(format!("http://{addr}/hello"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = keel_testkit::get_text(format!("http://{addr}/hello")).await;
     assert_eq!(body, "hello");
     shutdown.trigger();
     handle.await.unwrap().unwrap();

@@ -7,8 +7,8 @@
 //! - [`unique_name`]: per-test Redis key prefixes, RabbitMQ names and etcd key prefixes;
 //! - [`FaultProxy`]: a TCP proxy to cut, between code under test and a shared service;
 //! - [`ChildTest`]: the test re-run as a child process, to crash it at a chosen moment;
-//! - [`http`]: an HTTP client made as Keel's are; [`send`]: a request's status, content
-//!   type and JSON body in one call;
+//! - [`http`]: an HTTP client made as Keel's are ([`get_text`], [`get_status`]: a GET's
+//!   body or status); [`send`]: a request's status, content type and JSON body in one call;
 //! - [`tls`]: a private CA and a TLS front, to reach any test server over HTTPS.
 
 #![allow(clippy::expect_used)] // test support: a broken fixture should stop the test loudly
@@ -297,6 +297,22 @@ pub fn http() -> reqwest::Client {
     keel_runtime::http_client::builder()
         .build()
         .expect("a client with default settings builds")
+}
+
+/// The body of a plain GET of `url`, as text.
+pub async fn get_text(url: impl reqwest::IntoUrl) -> String {
+    let response = http().get(url).send().await.expect("the request is sent");
+    response.text().await.expect("a text body")
+}
+
+/// The status of a plain GET of `url`.
+pub async fn get_status(url: impl reqwest::IntoUrl) -> reqwest::StatusCode {
+    http()
+        .get(url)
+        .send()
+        .await
+        .expect("the request is sent")
+        .status()
 }
 
 /// Sends `request` (with `token` as its bearer token, if any) and returns the response's

@@ -31,14 +31,7 @@ async fn paths_are_rewritten_from_template_parameters() {
     route.upstreams = route_to("x", &[&upstream]).upstreams;
     route.rewrite = Some("/v2/items/{id}/{rest}".into());
     let gateway = start_gateway(vec![route]).await;
-    let body = keel_testkit::http()
-        .get(format!("{}/shop/42/items/a/b?x=1", gateway.url))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let body = keel_testkit::get_text(format!("{}/shop/42/items/a/b?x=1", gateway.url)).await;
     assert!(body.starts_with("u GET /v2/items/42/a/b?x=1"), "{body}");
 }
 

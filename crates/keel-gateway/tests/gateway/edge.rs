@@ -22,7 +22,9 @@ use rustls::{DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{Upstream, exchange, get_status, h2_client, route_to, test_config};
+use keel_testkit::get_status;
+
+use crate::support::{Upstream, exchange, h2_client, route_to, test_config};
 
 /// A self-signed certificate for `hosts`, written to files.
 struct CertFiles {

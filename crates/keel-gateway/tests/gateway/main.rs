@@ -379,14 +379,7 @@ async fn metrics_count_per_route_and_upstream() {
         get(&format!("{}/x", gateway.url)).await;
     }
     get(&format!("{}/dead", gateway.url)).await;
-    let metrics = keel_testkit::http()
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = keel_testkit::get_text(format!("{admin}/metrics")).await;
     let value = |prefix: &str| {
         metrics
             .lines()

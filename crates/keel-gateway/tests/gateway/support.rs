@@ -190,11 +190,6 @@ pub async fn start_gateway(routes: Vec<GatewayRouteConfig>) -> TestServer {
     )
 }
 
-/// The status of a plain GET of `url`.
-pub async fn get_status(url: &str) -> reqwest::StatusCode {
-    keel_testkit::http().get(url).send().await.unwrap().status()
-}
-
 /// Which upstream served a response (its `x-upstream` header), or the status when the
 /// gateway answered itself.
 pub async fn served_by(response: reqwest::Response) -> String {
