@@ -76,8 +76,7 @@ async fn spans_are_exported_to_the_configured_collector() {
 async fn spans_reach_an_https_collector_whose_ca_is_trusted() {
     let (addr, received) = collector().await;
     let ca = TestCa::new();
-    let mut front = TlsFront::bind(&ca).await;
-    front.relay_to(addr);
+    let front = TlsFront::to(&ca, addr).await;
     keel_runtime::http_client::trust_pem(ca.pem().as_bytes()).unwrap();
     export_one_span(front.url()).await;
     let received = received.lock().unwrap().clone();

@@ -111,6 +111,13 @@ impl TlsFront {
         }
     }
 
+    /// A front relaying to `backend` at once (when nothing needs its URL before).
+    pub async fn to(ca: &TestCa, backend: SocketAddr) -> Self {
+        let mut front = Self::bind(ca).await;
+        front.relay_to(backend);
+        front
+    }
+
     /// `https://localhost:<port>`.
     pub fn url(&self) -> String {
         format!("https://localhost:{}", self.addr.port())

@@ -738,10 +738,9 @@ async fn https_upstreams_are_reached_when_their_ca_is_trusted_and_only_then() {
     let upstream = Upstream::start("secure");
     let backend: std::net::SocketAddr = upstream.url.trim_start_matches("http://").parse().unwrap();
     let ca = keel_testkit::tls::TestCa::new();
-    let mut trusted = keel_testkit::tls::TlsFront::bind(&ca).await;
-    trusted.relay_to(backend);
-    let mut stranger = keel_testkit::tls::TlsFront::bind(&keel_testkit::tls::TestCa::new()).await;
-    stranger.relay_to(backend);
+    let trusted = keel_testkit::tls::TlsFront::to(&ca, backend).await;
+    let stranger =
+        keel_testkit::tls::TlsFront::to(&keel_testkit::tls::TestCa::new(), backend).await;
     keel_runtime::http_client::trust_pem(ca.pem().as_bytes()).unwrap();
 
     let route = |name: &str, prefix: &str, url: String| {

@@ -240,10 +240,9 @@ async fn https_checks_verify_the_certificate_unless_told_not_to() {
     let backend = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await });
     let trusted_ca = keel_testkit::tls::TestCa::new();
-    let mut trusted = keel_testkit::tls::TlsFront::bind(&trusted_ca).await;
-    trusted.relay_to(backend);
-    let mut stranger = keel_testkit::tls::TlsFront::bind(&keel_testkit::tls::TestCa::new()).await;
-    stranger.relay_to(backend);
+    let trusted = keel_testkit::tls::TlsFront::to(&trusted_ca, backend).await;
+    let stranger =
+        keel_testkit::tls::TlsFront::to(&keel_testkit::tls::TestCa::new(), backend).await;
     keel_runtime::http_client::trust_pem(trusted_ca.pem().as_bytes()).unwrap();
 
     let registry = spawn_registry().await;
