@@ -131,7 +131,7 @@ pub struct GatewayRouteConfig {
     /// Or no upstream at all: answer with a redirect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redirect: Option<RedirectConfig>,
-    /// HTTP/1.1, or HTTP/2 without TLS (h2c; what gRPC services speak).
+    /// `"http1"`, or `"http2"` (gRPC services): see [`UpstreamProtocol`].
     #[serde(default)]
     pub upstream_protocol: UpstreamProtocol,
     /// Removed from the start of the path before forwarding (`/api`: `/api/x` → `/x`).
@@ -229,12 +229,18 @@ impl From<&str> for UpstreamConfig {
     }
 }
 
+/// What the gateway speaks to a route's upstreams.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum UpstreamProtocol {
+    /// HTTP/1.1, plain or over TLS.
     #[default]
     Http1,
-    H2c,
+    /// HTTP/2 (what gRPC services speak): with prior knowledge to `http://` upstreams
+    /// (h2c), agreed by ALPN over TLS to `https://` ones. `"h2c"`, its name before HTTP/2
+    /// over TLS was spoken, still reads as it.
+    #[serde(alias = "h2c")]
+    Http2,
 }
 
 /// `redirect = { location = "https://example.com/{rest}", status = 308 }`.
@@ -283,5 +289,30 @@ impl GatewayRouteConfig {
             priority: self.priority,
             matches: self.matches.clone(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http2_upstreams_are_named_http2_or_as_before_h2c() {
+        #[derive(Deserialize)]
+        struct Route {
+            upstream_protocol: UpstreamProtocol,
+        }
+        for name in ["http2", "h2c"] {
+            let route: Route =
+                keel_runtime::config::from_toml(&format!("upstream_protocol = {name:?}"))
+                    .expect("parses");
+            assert_eq!(route.upstream_protocol, UpstreamProtocol::Http2, "{name}");
+        }
+        let unknown = keel_runtime::config::from_toml::<Route>("upstream_protocol = \"h3\"").err();
+        assert!(unknown.is_some());
+        assert_eq!(
+            serde_json::to_value(UpstreamProtocol::Http2).expect("serializes"),
+            "http2"
+        );
     }
 }

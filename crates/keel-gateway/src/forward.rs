@@ -621,7 +621,7 @@ impl Forward {
         *request.uri_mut() = uri;
         *request.version_mut() = match self.protocol {
             UpstreamProtocol::Http1 => Version::HTTP_11,
-            UpstreamProtocol::H2c => Version::HTTP_2,
+            UpstreamProtocol::Http2 => Version::HTTP_2,
         };
         *request.headers_mut() = if final_attempt {
             std::mem::take(&mut outgoing.headers)

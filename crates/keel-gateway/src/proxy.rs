@@ -115,7 +115,8 @@ pub struct Shared {
     /// (HTTP/1.1 over TLS, the certificate checked against the system's roots and
     /// `[runtime] ca_file`).
     pooled_http1: Client<Connector, Body>,
-    h2c: Client<Connector, Body>,
+    /// HTTP/2 upstreams: h2c to `http`, h2 by ALPN over TLS to `https`.
+    http2: Client<Connector, Body>,
     pub(crate) discovery: DiscoveryView,
     stats: StatsDirectory,
     breakers: Mutex<HashMap<String, Arc<CircuitBreaker>>>,
@@ -144,29 +145,24 @@ impl Shared {
             discovery.watch_catalog();
         }
         let config = &config.upstream;
-        let mut connector = HttpConnector::new();
-        connector.set_connect_timeout(Some(config.connect_timeout));
-        connector.set_nodelay(true);
-        // https:// reaches the TLS layer around it.
-        connector.enforce_http(false);
-        let tls = keel_runtime::http_client::rustls_config()
-            .map_err(|error| format!("TLS to upstreams: {error}"))?;
-        let connector = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .wrap_connector(connector);
+        let mut tcp = HttpConnector::new();
+        tcp.set_connect_timeout(Some(config.connect_timeout));
+        tcp.set_nodelay(true);
         let client = |http2: bool| {
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(config.idle_timeout)
-                .pool_max_idle_per_host(config.max_idle_per_host)
-                .http2_only(http2)
-                .build(connector.clone())
+            let connector = keel_runtime::http_client::hyper_connector(tcp.clone(), http2)
+                .map_err(|error| format!("TLS to upstreams: {error}"))?;
+            Ok::<_, String>(
+                Client::builder(TokioExecutor::new())
+                    .pool_idle_timeout(config.idle_timeout)
+                    .pool_max_idle_per_host(config.max_idle_per_host)
+                    .http2_only(http2)
+                    .build(connector),
+            )
         };
         Ok(Self {
             http1: Arc::new(Http1Pool::new(config)),
-            pooled_http1: client(false),
-            h2c: client(true),
+            pooled_http1: client(false)?,
+            http2: client(true)?,
             discovery,
             stats: StatsDirectory::default(),
             breakers: Mutex::default(),
@@ -181,7 +177,7 @@ impl Shared {
     pub(crate) fn client(&self, protocol: UpstreamProtocol) -> &Client<Connector, Body> {
         match protocol {
             UpstreamProtocol::Http1 => &self.pooled_http1,
-            UpstreamProtocol::H2c => &self.h2c,
+            UpstreamProtocol::Http2 => &self.http2,
         }
     }
 
@@ -755,11 +751,12 @@ impl Proxy {
                 let base: Uri = url
                     .parse()
                     .map_err(|_| format!("upstream {url:?} is not a URL"))?;
-                if !matches!(base.scheme_str(), Some("http" | "https")) || base.authority().is_none() {
-                    return Err(format!("upstream {url:?} must be http://host:port or https://host:port"));
-                }
-                if base.scheme_str() == Some("https") && route.upstream_protocol == UpstreamProtocol::H2c {
-                    return Err(format!("upstream {url:?}: h2c is HTTP/2 without TLS; an https upstream is spoken to in HTTP/1.1"));
+                if !matches!(base.scheme_str(), Some("http" | "https"))
+                    || base.authority().is_none()
+                {
+                    return Err(format!(
+                        "upstream {url:?} must be http://host:port or https://host:port"
+                    ));
                 }
                 if !(1..=10_000).contains(&upstream.weight()) {
                     return Err(format!("upstream {url:?}: weight must be 1 to 10000"));

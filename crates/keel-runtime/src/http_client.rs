@@ -17,6 +17,8 @@
 use std::path::Path;
 use std::sync::{Arc, Once, PoisonError, RwLock};
 
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
 use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
 
@@ -34,10 +36,30 @@ pub fn builder() -> reqwest::ClientBuilder {
         })
 }
 
-/// A rustls client configuration for connections made without reqwest (the gateway's
-/// HTTPS upstreams): ring, and the same roots as [`builder`]'s clients (the system's and
-/// the extra ones), checked by the platform verifier as reqwest's are.
-pub fn rustls_config() -> Result<rustls::ClientConfig, rustls::Error> {
+/// A connector for hyper clients built without reqwest (the gateway's upstreams, the
+/// SDK's gRPC channels): plain TCP for `http` URIs, and for `https` ones TLS as
+/// [`builder`]'s clients speak it, asking the server by ALPN for HTTP/2 (`h2`: gRPC, and
+/// an HTTP/2 upstream, which may speak nothing else) or for nothing (HTTP/1.1). `tcp` keeps
+/// its settings (connect timeout, nodelay); only its refusal of `https` URIs is lifted,
+/// since TLS runs over it.
+pub fn hyper_connector(
+    mut tcp: HttpConnector,
+    http2: bool,
+) -> Result<HttpsConnector<HttpConnector>, rustls::Error> {
+    tcp.enforce_http(false);
+    let builder = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(rustls_config()?)
+        .https_or_http();
+    Ok(if http2 {
+        builder.enable_http2().wrap_connector(tcp)
+    } else {
+        builder.enable_http1().wrap_connector(tcp)
+    })
+}
+
+/// A rustls client configuration: ring, and the same roots as [`builder`]'s clients (the
+/// system's and the extra ones), checked by the platform verifier as reqwest's are.
+fn rustls_config() -> Result<rustls::ClientConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let roots = EXTRA_ROOTS
         .read()

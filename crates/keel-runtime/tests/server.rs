@@ -10,7 +10,6 @@ use axum::Router;
 use axum::routing::get;
 use keel_runtime::{Health, HttpServer, HttpServerConfig, Shutdown};
 use opentelemetry::trace::TracerProvider as _;
-use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tracing_subscriber::layer::SubscriberExt;
@@ -407,28 +406,24 @@ async fn a_server_with_tls_serves_https_choosing_the_protocol_by_alpn() {
         "plain HTTP is not answered"
     );
 
-    // HTTP/2 when the client offers it first.
-    let mut roots = rustls::RootCertStore::empty();
-    for certificate in rustls::pki_types::CertificateDer::pem_slice_iter(ca.pem().as_bytes()) {
-        roots.add(certificate.unwrap()).unwrap();
-    }
-    let mut client = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    client.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(client))
-        .connect(
-            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-            TcpStream::connect(addr).await.unwrap(),
+    // HTTP/2 when the client offers it: what the connector of hyper clients (the
+    // gateway's upstreams, gRPC channels) asks for when told to, and only then.
+    for http2 in [true, false] {
+        let connector = keel_runtime::http_client::hyper_connector(
+            hyper_util::client::legacy::connect::HttpConnector::new(),
+            http2,
         )
-        .await
         .unwrap();
-    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-    drop(stream);
+        let uri = format!("https://localhost:{}", addr.port())
+            .parse()
+            .unwrap();
+        let stream = tower::ServiceExt::oneshot(connector, uri).await.unwrap();
+        assert!(matches!(stream, hyper_rustls::MaybeHttpsStream::Https(_)));
+        assert_eq!(
+            hyper_util::client::legacy::connect::Connection::connected(&stream).is_negotiated_h2(),
+            http2
+        );
+    }
 
     shutdown.trigger();
     handle.await.unwrap().unwrap();

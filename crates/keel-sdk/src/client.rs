@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method, StatusCode};
+use hyper_rustls::HttpsConnector;
+use hyper_util::client::legacy::connect::HttpConnector;
 use keel_registry::client::DiscoveryView;
 use keel_registry::model::Instance;
 use keel_runtime::resilience::balance::{BalanceConfig, EndpointSet};
@@ -173,6 +175,8 @@ struct Inner {
     stats: StatsDirectory,
     /// gRPC channels by instance base URL.
     channels: Mutex<std::collections::HashMap<String, tonic::transport::Channel>>,
+    /// What they connect with: TCP, and TLS asking for h2 to `https` instances.
+    grpc_connector: HttpsConnector<HttpConnector>,
 }
 
 /// A [`ServiceClient`] as a tonic channel; see [`ServiceClient::grpc`].
@@ -366,6 +370,10 @@ impl ServiceClient {
             .pool_idle_timeout(POOL_IDLE)
             .build()
             .map_err(|error| CallError::Request(error.to_string()))?;
+        let mut tcp = HttpConnector::new();
+        tcp.set_nodelay(true);
+        let grpc_connector = keel_runtime::http_client::hyper_connector(tcp, true)
+            .map_err(|error| CallError::Request(format!("TLS for gRPC: {error}")))?;
         let stats = StatsDirectory::default();
         let source = match instances {
             Instances::Static(urls) => {
@@ -406,6 +414,7 @@ impl ServiceClient {
                 options,
                 stats,
                 channels: Mutex::default(),
+                grpc_connector,
             }),
         })
     }
@@ -731,9 +740,11 @@ impl ServiceClient {
         channels
             .entry(key)
             .or_insert_with(|| {
-                tonic::transport::Endpoint::from(endpoint.base.clone())
-                    .connect_timeout(Duration::from_secs(2))
-                    .connect_lazy()
+                let endpoint = tonic::transport::Endpoint::from(endpoint.base.clone())
+                    .connect_timeout(Duration::from_secs(2));
+                // tonic has no TLS of its own here: `https` instances (a service serving
+                // TLS) are spoken to by the connector every Keel client uses, h2 by ALPN.
+                endpoint.connect_with_connector_lazy(self.inner.grpc_connector.clone())
             })
             .clone()
     }

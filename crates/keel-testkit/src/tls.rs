@@ -54,10 +54,15 @@ impl TestCa {
     /// A TLS acceptor presenting a certificate for `localhost` and `127.0.0.1`, signed by
     /// this CA.
     pub fn acceptor(&self) -> TlsAcceptor {
+        self.acceptor_agreeing(Vec::new())
+    }
+
+    /// The same, agreeing by ALPN to `protocols` alone (none: no ALPN).
+    fn acceptor_agreeing(&self, protocols: Vec<Vec<u8>>) -> TlsAcceptor {
         let (cert, key) = self.leaf();
         let chain = vec![cert.der().clone(), CertificateDer::clone(self.issuer.der())];
         let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
         .with_safe_default_protocol_versions()
@@ -65,6 +70,7 @@ impl TestCa {
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .expect("the certificate matches its key");
+        config.alpn_protocols = protocols;
         TlsAcceptor::from(Arc::new(config))
     }
 
@@ -114,6 +120,16 @@ impl TlsFront {
     /// A front relaying to `backend` at once (when nothing needs its URL before).
     pub async fn to(ca: &TestCa, backend: SocketAddr) -> Self {
         let mut front = Self::bind(ca).await;
+        front.relay_to(backend);
+        front
+    }
+
+    /// A front relaying to an HTTP/2 backend (h2c), agreeing by ALPN to `h2` and nothing
+    /// else, as an HTTP/2-only server does: a client asking for another protocol fails
+    /// its handshake.
+    pub async fn h2_to(ca: &TestCa, backend: SocketAddr) -> Self {
+        let mut front = Self::bind(ca).await;
+        front.acceptor = ca.acceptor_agreeing(vec![b"h2".to_vec()]);
         front.relay_to(backend);
         front
     }

@@ -732,7 +732,7 @@ async fn the_default_header_count_limit_holds() {
 
 /// `https://` upstreams: spoken to over TLS, their certificate checked against the system's
 /// roots and the CAs the process trusts; one signed by another CA is refused (502, from the
-/// gateway), and an h2c route cannot name one.
+/// gateway).
 #[tokio::test]
 async fn https_upstreams_are_reached_when_their_ca_is_trusted_and_only_then() {
     let upstream = Upstream::start("secure");
@@ -774,13 +774,4 @@ async fn https_upstreams_are_reached_when_their_ca_is_trusted_and_only_then() {
     assert_eq!(content_type, "application/problem+json");
     assert_eq!(problem["source"], "gateway");
     assert_eq!(upstream.hits(), 2, "nothing passed the failed handshake");
-
-    let mut h2c = route("h2c", "/", trusted.url());
-    h2c.upstream_protocol = keel_gateway::config::UpstreamProtocol::H2c;
-    let refused = GatewayServer::build(test_config(vec![h2c]), &Shutdown::new())
-        .await
-        .err()
-        .expect("refused")
-        .to_string();
-    assert!(refused.contains("h2c"), "{refused}");
 }

@@ -120,13 +120,34 @@ async fn grpc_gateway() -> TestServer {
     let upstream = grpc_upstream().await;
     let mut route = route_to("grpc", &[]);
     route.upstreams = vec![UpstreamConfig::Url(upstream)];
-    route.upstream_protocol = UpstreamProtocol::H2c;
+    route.upstream_protocol = UpstreamProtocol::Http2;
     start_gateway(vec![route]).await
 }
 
 #[tokio::test]
 async fn grpc_unary_keeps_its_trailers() {
-    let gateway = grpc_gateway().await;
+    unary_keeps_its_trailers(&grpc_gateway().await).await;
+}
+
+/// An `https://` HTTP/2 upstream: h2 over TLS (the front agrees to h2 alone, as an
+/// HTTP/2-only server), gRPC's trailers intact through it.
+#[tokio::test]
+async fn grpc_reaches_an_https_upstream_over_h2() {
+    let backend = grpc_upstream().await;
+    let ca = keel_testkit::tls::TestCa::new();
+    let front = keel_testkit::tls::TlsFront::h2_to(
+        &ca,
+        backend.trim_start_matches("http://").parse().unwrap(),
+    )
+    .await;
+    keel_runtime::http_client::trust_pem(ca.pem().as_bytes()).unwrap();
+    let mut route = route_to("grpc", &[]);
+    route.upstreams = vec![UpstreamConfig::Url(front.url())];
+    route.upstream_protocol = UpstreamProtocol::Http2;
+    unary_keeps_its_trailers(&start_gateway(vec![route]).await).await;
+}
+
+async fn unary_keeps_its_trailers(gateway: &TestServer) {
     let mut client = h2_client::<Frames>(&gateway.url).await;
     let body = http_body_util::Full::new(grpc_message(b"ping"))
         .map_err(|never| match never {})
@@ -207,7 +228,7 @@ async fn gateway_errors_reach_grpc_clients_as_grpc_statuses() {
     let mut route = route_to("grpc", &[]);
     route.matches.path_prefix = Some("/echo.Echo".into());
     route.upstreams = vec![UpstreamConfig::Url(dead)];
-    route.upstream_protocol = UpstreamProtocol::H2c;
+    route.upstream_protocol = UpstreamProtocol::Http2;
     let gateway = start_gateway(vec![route]).await;
     let mut client = h2_client::<Frames>(&gateway.url).await;
     for (path, code) in [("/echo.Echo/Unary", "14"), ("/other.Svc/Call", "12")] {

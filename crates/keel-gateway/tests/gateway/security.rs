@@ -1298,7 +1298,7 @@ async fn added_headers_reach_every_kind_of_upstream_once() {
     let issuer = TestIssuer::start().await;
     let upstream = Upstream::start_echoing("u", ECHOED);
     let mut h2c = authenticated(on("h2c", "/h2c", &upstream), &[], &[]);
-    h2c.upstream_protocol = UpstreamProtocol::H2c;
+    h2c.upstream_protocol = UpstreamProtocol::Http2;
     let mut ruled = authenticated(on("ruled", "/ruled", &upstream), &[], &[]);
     ruled.request_headers = HeaderActionsConfig {
         remove: vec!["x-forwarded-host".into()],

@@ -228,26 +228,28 @@ async fn method_paths_are_checked() {
     }
 }
 
-#[tokio::test]
-async fn tonic_clients_stream_through_the_channel_and_its_breaker() {
+/// The prices `Ticks` streams, through the channel generated tonic clients use.
+async fn ticks(client: ServiceClient) -> Result<Vec<i64>, tonic::Status> {
     use futures_util::StreamExt;
 
+    let mut grpc = tonic::client::Grpc::new(client.grpc());
+    grpc.ready().await.unwrap();
+    let path = http::uri::PathAndQuery::from_static(TICKS);
+    let codec = tonic_prost::ProstCodec::<PriceRequest, PriceReply>::default();
+    let stream = grpc
+        .server_streaming(tonic::Request::new(request()), path, codec)
+        .await?;
+    let replies: Vec<_> = stream.into_inner().collect().await;
+    replies
+        .into_iter()
+        .map(|reply| reply.map(|reply| reply.cents))
+        .collect::<Result<Vec<_>, _>>()
+}
+
+#[tokio::test]
+async fn tonic_clients_stream_through_the_channel_and_its_breaker() {
     let (a, b) = (Prices::default(), Prices::default());
     let client = touchy(vec![a.start().await, b.start().await]);
-    let ticks = |client: ServiceClient| async move {
-        let mut grpc = tonic::client::Grpc::new(client.grpc());
-        grpc.ready().await.unwrap();
-        let path = http::uri::PathAndQuery::from_static(TICKS);
-        let codec = tonic_prost::ProstCodec::<PriceRequest, PriceReply>::default();
-        let stream = grpc
-            .server_streaming(tonic::Request::new(request()), path, codec)
-            .await?;
-        let replies: Vec<_> = stream.into_inner().collect().await;
-        replies
-            .into_iter()
-            .map(|reply| reply.map(|reply| reply.cents))
-            .collect::<Result<Vec<_>, _>>()
-    };
     for _ in 0..6 {
         assert_eq!(ticks(client.clone()).await.unwrap(), [1, 2, 3]);
     }
@@ -268,4 +270,44 @@ async fn tonic_clients_stream_through_the_channel_and_its_breaker() {
     let status = ticks(client.clone()).await.unwrap_err();
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
     assert_eq!(a.hits() + b.hits(), hits, "an open circuit sends nothing");
+}
+
+/// An instance serving TLS (an `https` URL, as a service with `[http.tls]` registers; h2
+/// agreed by ALPN, as an HTTP/2-only server asks) is called over TLS when its CA is
+/// trusted, unary and through the channel generated clients use; one whose certificate
+/// the process does not trust is not called at all.
+#[tokio::test]
+async fn https_instances_are_called_over_tls() {
+    let prices = Prices::default();
+    let backend = prices.start().await;
+    let backend = backend.trim_start_matches("http://").parse().unwrap();
+    let ca = keel_testkit::tls::TestCa::new();
+    let front = keel_testkit::tls::TlsFront::h2_to(&ca, backend).await;
+    let stranger =
+        keel_testkit::tls::TlsFront::h2_to(&keel_testkit::tls::TestCa::new(), backend).await;
+    keel_runtime::http_client::trust_pem(ca.pem().as_bytes()).unwrap();
+
+    let client = touchy(vec![front.url()]);
+    let reply: PriceReply = client.unary(PRICE, request()).await.unwrap();
+    assert_eq!(reply.cents, 1250);
+    assert_eq!(ticks(client).await.unwrap(), [1, 2, 3]);
+    assert_eq!(prices.hits(), 2);
+
+    let untrusted = touchy(vec![stranger.url()]);
+    let error = untrusted
+        .unary::<_, PriceReply>(PRICE, request())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            CallError::Unavailable { .. }
+                | CallError::Status {
+                    code: tonic::Code::Unavailable,
+                    ..
+                }
+        ),
+        "{error}"
+    );
+    assert_eq!(prices.hits(), 2, "nothing passed the failed handshake");
 }
