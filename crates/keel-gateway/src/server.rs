@@ -379,7 +379,7 @@ impl GatewayServer {
         let tls = config
             .tls
             .as_ref()
-            .map(|tls| Tls::new(&tls.certificates, "gateway.tls"))
+            .map(|tls| Tls::new(&tls.certificates, tls.client_ca.as_deref(), "gateway.tls"))
             .transpose()
             .map_err(StartError::Settings)?;
         let access_log = AccessLog::start(&config.access_log).map_err(StartError::Settings)?;

@@ -20,6 +20,10 @@ pub struct TlsConfig {
     /// The plain listener answers every request with a 308 to the same URL on HTTPS.
     #[serde(default)]
     pub redirect_http: bool,
+    /// Mutual TLS: a PEM file of certificate authorities; only clients presenting a
+    /// certificate one of them signed get through the handshake.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<std::path::PathBuf>,
 }
 
 fn default_tls_listen() -> SocketAddr {

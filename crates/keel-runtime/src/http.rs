@@ -79,6 +79,10 @@ pub struct ServerTlsConfig {
     pub cert: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
+    /// Mutual TLS: a PEM file of certificate authorities; only clients presenting a
+    /// certificate one of them signed are served (a handshake without one fails).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
 }
 
 /// How often a server's certificate files are looked at for a change.
@@ -225,7 +229,8 @@ impl HttpServer {
                     key: tls.key.clone(),
                     hosts: Vec::new(),
                 };
-                Tls::new(&[certificate], &format!("{component}: http.tls")).map(Arc::new)
+                let context = format!("{component}: http.tls");
+                Tls::new(&[certificate], tls.client_ca.as_deref(), &context).map(Arc::new)
             })
             .transpose()
             .map_err(|error| {

@@ -11,6 +11,9 @@
 //!   (`[runtime] ca_file` of `keel`): a private CA that signs internal services'
 //!   certificates, without replacing the public roots.
 //!
+//! - mutual TLS: the certificate set with [`present_certificate`] (`[runtime] client_cert`
+//!   and `client_key`), presented to every server that asks for one.
+//!
 //! clippy's `disallowed-methods` (clippy.toml) keeps `reqwest::Client::new`, `builder` and
 //! `reqwest::get` out of the rest of the workspace, tests included.
 
@@ -19,21 +22,36 @@ use std::sync::{Arc, Once, PoisonError, RwLock};
 
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
-use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Roots trusted beyond the system's, added by [`trust_pem`] and [`trust_ca_file`].
 static EXTRA_ROOTS: RwLock<Vec<CertificateDer<'static>>> = RwLock::new(Vec::new());
 
-/// A client builder with the crypto provider installed and the extra roots trusted.
+/// The certificate every client presents when a server asks for one.
+static IDENTITY: RwLock<Option<Identity>> = RwLock::new(None);
+
+/// A client certificate chain and its key, as rustls and reqwest each take them.
+struct Identity {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+    reqwest: reqwest::Identity,
+}
+
+/// A client builder with the crypto provider installed, the extra roots trusted and the
+/// client certificate, if any, presented.
 #[allow(clippy::disallowed_methods)] // the one place reqwest clients are started
 pub fn builder() -> reqwest::ClientBuilder {
     install_crypto_provider();
-    extra_roots()
+    let builder = extra_roots()
         .into_iter()
         .fold(reqwest::Client::builder(), |builder, root| {
             builder.add_root_certificate(root)
-        })
+        });
+    match reqwest_identity() {
+        Some(identity) => builder.identity(identity),
+        None => builder,
+    }
 }
 
 /// A connector for hyper clients built without reqwest (the gateway's upstreams, the
@@ -67,11 +85,17 @@ fn rustls_config() -> Result<rustls::ClientConfig, rustls::Error> {
         .clone();
     let verifier =
         rustls_platform_verifier::Verifier::new_with_extra_roots(roots, Arc::clone(&provider))?;
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier))
-        .with_no_client_auth())
+        .with_custom_certificate_verifier(Arc::new(verifier));
+    let identity = IDENTITY.read().unwrap_or_else(PoisonError::into_inner);
+    match identity.as_ref() {
+        Some(identity) => {
+            builder.with_client_auth_cert(identity.chain.clone(), identity.key.clone_key())
+        }
+        None => Ok(builder.with_no_client_auth()),
+    }
 }
 
 /// The same for reqwest's blocking client (what the OTLP exporter sends with, from a
@@ -79,11 +103,60 @@ fn rustls_config() -> Result<rustls::ClientConfig, rustls::Error> {
 #[allow(clippy::disallowed_methods)]
 pub fn blocking_builder() -> reqwest::blocking::ClientBuilder {
     install_crypto_provider();
-    extra_roots()
+    let builder = extra_roots()
         .into_iter()
         .fold(reqwest::blocking::Client::builder(), |builder, root| {
             builder.add_root_certificate(root)
-        })
+        });
+    match reqwest_identity() {
+        Some(identity) => builder.identity(identity),
+        None => builder,
+    }
+}
+
+/// Makes every client built from now on present the certificate chain of the PEM file
+/// `cert` (leaf first), with the private key of `key`, to servers that ask for one:
+/// mutual TLS. The pair is checked here, so that a key of another certificate stops the
+/// start instead of failing every handshake.
+pub fn present_certificate(cert: &Path, key: &Path) -> Result<(), String> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|error| format!("cannot read {}: {error}", path.display()))
+    };
+    let (cert_pem, key_pem) = (read(cert)?, read(key)?);
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| format!("{}: {error}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{} holds no PEM certificate", cert.display()));
+    }
+    let private = PrivateKeyDer::from_pem_slice(&key_pem)
+        .map_err(|error| format!("{} holds no usable private key: {error}", key.display()))?;
+    let provider = rustls::crypto::ring::default_provider();
+    rustls::sign::CertifiedKey::from_der(chain.clone(), private.clone_key(), &provider).map_err(
+        |error| {
+            format!(
+                "{} and {} are not a usable pair: {error}",
+                cert.display(),
+                key.display()
+            )
+        },
+    )?;
+    let reqwest = reqwest::Identity::from_pem(&[&cert_pem[..], b"\n", &key_pem[..]].concat())
+        .map_err(|error| format!("{}: {error}", cert.display()))?;
+    *IDENTITY.write().unwrap_or_else(PoisonError::into_inner) = Some(Identity {
+        chain,
+        key: private,
+        reqwest,
+    });
+    Ok(())
+}
+
+fn reqwest_identity() -> Option<reqwest::Identity> {
+    IDENTITY
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_ref()
+        .map(|identity| identity.reqwest.clone())
 }
 
 /// Makes ring the process's rustls provider, once; a provider the program installed

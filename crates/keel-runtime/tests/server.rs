@@ -359,6 +359,22 @@ fn incoming_traceparent_becomes_the_request_span_parent() {
     });
 }
 
+/// A server answering `/work` with "done", over TLS as `tls` says.
+async fn serve_work_over_tls(tls: keel_runtime::http::ServerTlsConfig) -> HttpServer {
+    HttpServer::bind(
+        "test",
+        "127.0.0.1:0".parse().unwrap(),
+        Router::new().route("/work", get(|| async { "done" })),
+        Health::new(),
+        HttpServerConfig {
+            tls: Some(tls),
+            ..HttpServerConfig::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
 /// `[<component>.http.tls]`: HTTPS on the listen address, HTTP/2 or HTTP/1.1 as the client
 /// asks by ALPN, for a client that trusts the certificate's CA; plain HTTP gets nothing;
 /// unusable certificate files stop the start, naming the file.
@@ -370,19 +386,9 @@ async fn a_server_with_tls_serves_https_choosing_the_protocol_by_alpn() {
     let tls = keel_runtime::http::ServerTlsConfig {
         cert: cert.clone(),
         key,
+        client_ca: None,
     };
-    let server = HttpServer::bind(
-        "test",
-        "127.0.0.1:0".parse().unwrap(),
-        Router::new().route("/work", get(|| async { "done" })),
-        Health::new(),
-        HttpServerConfig {
-            tls: Some(tls.clone()),
-            ..HttpServerConfig::default()
-        },
-    )
-    .await
-    .unwrap();
+    let server = serve_work_over_tls(tls.clone()).await;
     let (addr, url) = (server.local_addr(), server.url());
     assert_eq!(url, format!("https://{addr}"));
     let shutdown = Shutdown::new();
@@ -445,5 +451,58 @@ async fn a_server_with_tls_serves_https_choosing_the_protocol_by_alpn() {
     .expect("refused")
     .to_string();
     assert!(error.contains("server.key"), "{error}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+/// Mutual TLS: with `client_ca`, only clients presenting a certificate that CA signed are
+/// served, by reqwest's clients and the hyper connector's alike once the process presents
+/// one; a client CA file replaced is reloaded.
+#[tokio::test]
+async fn a_server_with_a_client_ca_serves_only_clients_presenting_its_certificates() {
+    let (server_ca, client_ca) = (
+        keel_testkit::tls::TestCa::new(),
+        keel_testkit::tls::TestCa::new(),
+    );
+    let dir = std::env::temp_dir().join(keel_testkit::unique_name("keel-server-mtls"));
+    let (cert, key) = server_ca.server_files(&dir);
+    let ca_file = client_ca.ca_file(&dir);
+    let server = serve_work_over_tls(keel_runtime::http::ServerTlsConfig {
+        cert,
+        key,
+        client_ca: Some(ca_file.clone()),
+    })
+    .await;
+    let url = format!("{}/work", server.url());
+    let shutdown = Shutdown::new();
+    let handle = tokio::spawn(server.run(shutdown.clone()));
+    keel_runtime::http_client::trust_pem(server_ca.pem().as_bytes()).unwrap();
+    let served = || async { keel_testkit::http().get(&url).send().await.is_ok() };
+    assert!(!served().await, "no client certificate, no answer");
+
+    let (client_cert, client_key) = client_ca.client_files(&dir);
+    keel_runtime::http_client::present_certificate(&client_cert, &client_key).unwrap();
+    assert_eq!(keel_testkit::get_text(&url).await, "done");
+    let connector = keel_runtime::http_client::hyper_connector(
+        hyper_util::client::legacy::connect::HttpConnector::new(),
+        false,
+    )
+    .unwrap();
+    let hyper = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build::<_, axum::body::Body>(connector);
+    let response = hyper.get(url.parse().unwrap()).await.unwrap();
+    assert_eq!(response.status(), 200);
+
+    // Another CA in the file: the same certificate is refused once the file is reloaded.
+    std::fs::write(&ca_file, keel_testkit::tls::TestCa::new().pem()).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while served().await {
+        assert!(
+            Instant::now() < deadline,
+            "the client CA file was not reloaded"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    shutdown.trigger();
+    handle.await.unwrap().unwrap();
     std::fs::remove_dir_all(dir).unwrap();
 }

@@ -78,8 +78,44 @@ impl TestCa {
     /// for a server configured with files.
     pub fn server_files(&self, dir: &Path) -> (PathBuf, PathBuf) {
         let (cert, key) = self.leaf();
+        self.write(dir, "server", &cert, &key)
+    }
+
+    /// A client certificate (mutual TLS) signed by this CA, as PEM files in `dir`
+    /// (`client.crt`, the chain; `client.key`).
+    pub fn client_files(&self, dir: &Path) -> (PathBuf, PathBuf) {
+        let mut params = CertificateParams::default();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "keel-test-client");
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let key = KeyPair::generate().expect("an ECDSA key");
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .expect("a certificate signed by the CA");
+        self.write(dir, "client", &cert, &key)
+    }
+
+    /// The CA's certificate as a PEM file in `dir` (`ca.crt`): a server's client CA.
+    pub fn ca_file(&self, dir: &Path) -> PathBuf {
         std::fs::create_dir_all(dir).expect("the directory");
-        let (cert_file, key_file) = (dir.join("server.crt"), dir.join("server.key"));
+        let file = dir.join("ca.crt");
+        std::fs::write(&file, self.pem()).expect("the CA file");
+        file
+    }
+
+    fn write(
+        &self,
+        dir: &Path,
+        name: &str,
+        cert: &rcgen::Certificate,
+        key: &KeyPair,
+    ) -> (PathBuf, PathBuf) {
+        std::fs::create_dir_all(dir).expect("the directory");
+        let (cert_file, key_file) = (
+            dir.join(format!("{name}.crt")),
+            dir.join(format!("{name}.key")),
+        );
         std::fs::write(&cert_file, cert.pem() + &self.pem()).expect("the certificate file");
         std::fs::write(&key_file, key.serialize_pem()).expect("the key file");
         (cert_file, key_file)

@@ -42,6 +42,11 @@ pub struct RuntimeConfig {
     /// services, the trace collector): a private CA's certificate. `SSL_CERT_FILE` instead
     /// replaces the system's roots.
     pub ca_file: Option<PathBuf>,
+    /// Mutual TLS: a PEM certificate chain (leaf first) that every HTTPS client the
+    /// process makes presents to servers asking for one (`client_ca` of a server's
+    /// `[….http.tls]` or of `[gateway.tls]`), with its private key in `client_key`.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
 }
 
 impl RuntimeConfig {

@@ -70,6 +70,15 @@ fn main() -> ExitCode {
         eprintln!("error: runtime.ca_file: {error}");
         return ExitCode::from(2);
     }
+    let identity = match (&config.runtime.client_cert, &config.runtime.client_key) {
+        (Some(cert), Some(key)) => keel_runtime::http_client::present_certificate(cert, key),
+        (None, None) => Ok(()),
+        _ => Err("client_cert and client_key go together".to_owned()),
+    };
+    if let Err(error) = identity {
+        eprintln!("error: runtime.client_cert: {error}");
+        return ExitCode::from(2);
+    }
     let runtime = match config.runtime.build() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -553,6 +553,46 @@ fn a_ca_file_without_a_certificate_stops_the_start() {
     );
 }
 
+/// `[runtime] client_cert` and `client_key`: both or neither, and a pair that matches;
+/// anything else stops the start, saying why.
+#[test]
+fn a_client_certificate_without_its_key_stops_the_start() {
+    let dir = std::env::temp_dir().join(keel_testkit::unique_name("keel-cli-client-cert"));
+    let ca = keel_testkit::tls::TestCa::new();
+    let (cert, key) = ca.client_files(&dir);
+    let (_, other_key) = ca.client_files(&dir.join("other"));
+    let start = |pair: &[(&str, &std::path::Path)]| {
+        let mut command = keel();
+        command.arg("config");
+        for (name, path) in pair {
+            command.env(name, path);
+        }
+        let output = command.output().unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (code, stderr) = start(&[("KEEL_RUNTIME__CLIENT_CERT", &cert)]);
+    assert_eq!(code, Some(2));
+    assert!(
+        stderr.contains("client_cert and client_key go together"),
+        "{stderr}"
+    );
+    let (code, stderr) = start(&[
+        ("KEEL_RUNTIME__CLIENT_CERT", &cert),
+        ("KEEL_RUNTIME__CLIENT_KEY", &other_key),
+    ]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("not a usable pair"), "{stderr}");
+    let (code, stderr) = start(&[
+        ("KEEL_RUNTIME__CLIENT_CERT", &cert),
+        ("KEEL_RUNTIME__CLIENT_KEY", &key),
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 /// `keel up` stops in tiers: while the gateway drains a request it holds, the services
 /// behind it still answer; once it has drained, the rest stop and the process exits.
 #[test]

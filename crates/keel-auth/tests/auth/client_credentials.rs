@@ -63,7 +63,11 @@ async fn with_tls_the_issuer_is_https_and_its_tokens_verify() {
     let (cert, key) = ca.server_files(&dir);
     keel_runtime::http_client::trust_pem(ca.pem().as_bytes()).unwrap();
     let app = spawn_with(&store, |config| {
-        config.http.tls = Some(keel_runtime::http::ServerTlsConfig { cert, key });
+        config.http.tls = Some(keel_runtime::http::ServerTlsConfig {
+            cert,
+            key,
+            client_ca: None,
+        });
     })
     .await;
     assert!(

@@ -149,6 +149,41 @@ async fn start(config: keel_gateway::GatewayConfig) -> (TestServer, Option<std::
     (keel_testkit::spawn(server), tls)
 }
 
+/// `[gateway.tls] client_ca`: mutual TLS at the edge; a client without a certificate
+/// that CA signed gets no answer, one with it is proxied.
+#[tokio::test]
+async fn with_a_client_ca_only_clients_presenting_its_certificates_are_served() {
+    let upstream = Upstream::start("u");
+    let (server_ca, client_ca) = (
+        keel_testkit::tls::TestCa::new(),
+        keel_testkit::tls::TestCa::new(),
+    );
+    let dir = std::env::temp_dir().join(keel_testkit::unique_name("keel-gateway-mtls"));
+    let (cert, key) = server_ca.server_files(&dir);
+    let mut config = test_config(vec![route_to("r", &[&upstream])]);
+    config.tls = Some(TlsConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        certificates: vec![keel_runtime::tls::CertificateConfig {
+            cert,
+            key,
+            hosts: Vec::new(),
+        }],
+        redirect_http: false,
+        client_ca: Some(client_ca.ca_file(&dir)),
+    });
+    let (_gateway, tls) = start(config).await;
+    let url = format!("https://localhost:{}/x", tls.unwrap().port());
+    keel_runtime::http_client::trust_pem(server_ca.pem().as_bytes()).unwrap();
+    assert!(keel_testkit::http().get(&url).send().await.is_err());
+    assert_eq!(upstream.hits(), 0);
+
+    let (client_cert, client_key) = client_ca.client_files(&dir);
+    keel_runtime::http_client::present_certificate(&client_cert, &client_key).unwrap();
+    assert_eq!(keel_testkit::get_status(&url).await, 200);
+    assert_eq!(upstream.hits(), 1);
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
 #[tokio::test]
 async fn tls_picks_certificates_by_sni_and_reloads_them() {
     let upstream = Upstream::start("u");
@@ -160,6 +195,7 @@ async fn tls_picks_certificates_by_sni_and_reloads_them() {
         listen: "127.0.0.1:0".parse().unwrap(),
         certificates: vec![a.config(&["a.test"]), b.config(&["b.test", "*.b.test"])],
         redirect_http: false,
+        client_ca: None,
     });
     let (_gateway, tls) = start(config).await;
     let tls = tls.unwrap();
@@ -222,6 +258,7 @@ async fn http2_is_negotiated_by_alpn_and_spoken_with_prior_knowledge() {
         listen: "127.0.0.1:0".parse().unwrap(),
         certificates: vec![a.config(&["a.test"])],
         redirect_http: false,
+        client_ca: None,
     });
     let (gateway, tls) = start(config).await;
 
@@ -268,6 +305,7 @@ async fn plain_http_can_redirect_to_https() {
         listen: "127.0.0.1:0".parse().unwrap(),
         certificates: vec![a.config(&["a.test"])],
         redirect_http: true,
+        client_ca: None,
     });
     let (gateway, tls) = start(config).await;
     let response = keel_runtime::http_client::builder()
@@ -299,6 +337,7 @@ async fn broken_certificates_stop_the_start_with_the_file_named() {
         listen: "127.0.0.1:0".parse().unwrap(),
         certificates: vec![missing],
         redirect_http: false,
+        client_ca: None,
     });
     let error = match GatewayServer::build(config, &Shutdown::new()).await {
         Ok(_) => panic!("started without a certificate"),

@@ -163,7 +163,11 @@ async fn a_service_with_tls_registers_as_https_and_is_called_so() {
         registry: Some(registry_client.base_url().to_owned()),
         heartbeat: Duration::from_secs(1),
         http: keel_runtime::HttpServerConfig {
-            tls: Some(keel_runtime::http::ServerTlsConfig { cert, key }),
+            tls: Some(keel_runtime::http::ServerTlsConfig {
+                cert,
+                key,
+                client_ca: None,
+            }),
             ..keel_runtime::HttpServerConfig::default()
         },
         ..ServiceConfig::default()
