@@ -111,9 +111,9 @@ type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
 pub struct Shared {
     /// Plain HTTP/1.1 upstreams (see [`crate::upstream`]).
     pub(crate) http1: Arc<Http1Pool>,
-    /// Upgrades to HTTP/1.1 upstreams, streamed bodies, and every `https` upstream
-    /// (HTTP/1.1 over TLS, the certificate checked against the system's roots and
-    /// `[runtime] ca_file`).
+    /// Upgrades to HTTP/1.1 upstreams, streamed bodies, and `https` upstreams of
+    /// HTTP/1.1 routes (the certificate checked against the system's roots and
+    /// `[runtime] ca_file`; `[runtime] client_cert` presented when asked for).
     pooled_http1: Client<Connector, Body>,
     /// HTTP/2 upstreams: h2c to `http`, h2 by ALPN over TLS to `https`.
     http2: Client<Connector, Body>,

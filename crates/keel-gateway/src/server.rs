@@ -379,7 +379,16 @@ impl GatewayServer {
         let tls = config
             .tls
             .as_ref()
-            .map(|tls| Tls::new(&tls.certificates, tls.client_ca.as_deref(), "gateway.tls"))
+            .map(|tls| {
+                if tls.client_ca.is_some() && !tls.redirect_http {
+                    return Err(
+                        "gateway.tls.client_ca needs redirect_http = true: the plain \
+                         listener would otherwise serve the routes without a client certificate"
+                            .to_owned(),
+                    );
+                }
+                Tls::new(&tls.certificates, tls.client_ca.as_deref(), "gateway.tls")
+            })
             .transpose()
             .map_err(StartError::Settings)?;
         let access_log = AccessLog::start(&config.access_log).map_err(StartError::Settings)?;

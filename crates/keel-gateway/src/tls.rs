@@ -21,7 +21,8 @@ pub struct TlsConfig {
     #[serde(default)]
     pub redirect_http: bool,
     /// Mutual TLS: a PEM file of certificate authorities; only clients presenting a
-    /// certificate one of them signed get through the handshake.
+    /// certificate one of them signed get through the handshake. Needs `redirect_http`,
+    /// or the plain listener would serve the routes to anyone.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_ca: Option<std::path::PathBuf>,
 }

@@ -141,14 +141,40 @@ pub fn present_certificate(cert: &Path, key: &Path) -> Result<(), String> {
             )
         },
     )?;
-    let reqwest = reqwest::Identity::from_pem(&[&cert_pem[..], b"\n", &key_pem[..]].concat())
-        .map_err(|error| format!("{}: {error}", cert.display()))?;
+    // reqwest reads its own PEM, taking the last key of a file (rustls the first) and
+    // refusing other sections (`EC PARAMETERS`): it gets what was checked, written anew.
+    let pem: String = chain
+        .iter()
+        .map(|certificate| pem_block("CERTIFICATE", certificate))
+        .chain(std::iter::once(pem_block(
+            match &private {
+                PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+                PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+                _ => "PRIVATE KEY",
+            },
+            private.secret_der(),
+        )))
+        .collect();
+    let reqwest = reqwest::Identity::from_pem(pem.as_bytes())
+        .map_err(|error| format!("{} and {}: {error}", cert.display(), key.display()))?;
     *IDENTITY.write().unwrap_or_else(PoisonError::into_inner) = Some(Identity {
         chain,
         key: private,
         reqwest,
     });
     Ok(())
+}
+
+/// `der` as a PEM section.
+fn pem_block(label: &str, der: &[u8]) -> String {
+    use base64::Engine as _;
+    let base64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut pem = format!("-----BEGIN {label}-----\n");
+    for line in base64.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem + &format!("-----END {label}-----\n")
 }
 
 fn reqwest_identity() -> Option<reqwest::Identity> {

@@ -163,6 +163,16 @@ impl ClientAuth {
 }
 
 impl ClientCertVerifier for ClientAuth {
+    /// Said outright rather than left to the trait's defaults: a certificate is asked of
+    /// every client, and a handshake without one fails.
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        true
+    }
+
     /// None: hints would borrow from a verifier that a reload may drop, and a client
     /// presents its one certificate whatever the hints.
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -246,6 +256,14 @@ impl Tls {
         };
         let mut server = builder.with_cert_resolver(Arc::new(Resolver(Arc::clone(&store))));
         server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        if client_auth.is_some() {
+            // A resumed session skips the certificate check and carries the one made when
+            // it began: a client whose CA has left the file could go on resuming. Every
+            // connection checks its certificate instead (clients pool their connections,
+            // so full handshakes stay few).
+            server.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+            server.send_tls13_tickets = 0;
+        }
         Ok(Self {
             store,
             config: certificates.to_vec(),

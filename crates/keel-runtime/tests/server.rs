@@ -492,7 +492,15 @@ async fn a_server_with_a_client_ca_serves_only_clients_presenting_its_certificat
     let response = hyper.get(url.parse().unwrap()).await.unwrap();
     assert_eq!(response.status(), 200);
 
-    // Another CA in the file: the same certificate is refused once the file is reloaded.
+    // Another CA in the file: the same certificate is refused once the file is reloaded,
+    // by a client that connects afresh for every request and so would resume the TLS
+    // session it had, were sessions resumed.
+    let fresh = keel_runtime::http_client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let served = || async { fresh.get(&url).send().await.is_ok() };
+    assert!(served().await && served().await);
     std::fs::write(&ca_file, keel_testkit::tls::TestCa::new().pem()).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while served().await {

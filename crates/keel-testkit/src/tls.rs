@@ -136,6 +136,9 @@ pub struct TlsFront {
     listener: Option<TcpListener>,
     addr: SocketAddr,
     acceptor: TlsAcceptor,
+    /// Whether a client must agree a protocol by ALPN (rustls itself refuses only a
+    /// client that offers others, not one that offers none).
+    alpn_required: bool,
     task: Option<JoinHandle<()>>,
 }
 
@@ -149,6 +152,7 @@ impl TlsFront {
             listener: Some(listener),
             addr,
             acceptor: ca.acceptor(),
+            alpn_required: false,
             task: None,
         }
     }
@@ -161,11 +165,12 @@ impl TlsFront {
     }
 
     /// A front relaying to an HTTP/2 backend (h2c), agreeing by ALPN to `h2` and nothing
-    /// else, as an HTTP/2-only server does: a client asking for another protocol fails
-    /// its handshake.
+    /// else, as an HTTP/2-only server does: a client asking for another protocol, or for
+    /// none, is dropped.
     pub async fn h2_to(ca: &TestCa, backend: SocketAddr) -> Self {
         let mut front = Self::bind(ca).await;
         front.acceptor = ca.acceptor_agreeing(vec![b"h2".to_vec()]);
+        front.alpn_required = true;
         front.relay_to(backend);
         front
     }
@@ -183,7 +188,7 @@ impl TlsFront {
     /// does not trust the CA) are dropped.
     pub fn relay_to(&mut self, backend: SocketAddr) {
         let listener = self.listener.take().expect("relay_to is called once");
-        let acceptor = self.acceptor.clone();
+        let (acceptor, alpn_required) = (self.acceptor.clone(), self.alpn_required);
         self.task = Some(tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
@@ -191,6 +196,9 @@ impl TlsFront {
                     let Ok(mut client) = acceptor.accept(client).await else {
                         return;
                     };
+                    if alpn_required && client.get_ref().1.alpn_protocol().is_none() {
+                        return;
+                    }
                     let Ok(mut server) = TcpStream::connect(backend).await else {
                         return;
                     };

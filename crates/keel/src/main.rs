@@ -76,7 +76,7 @@ fn main() -> ExitCode {
         _ => Err("client_cert and client_key go together".to_owned()),
     };
     if let Err(error) = identity {
-        eprintln!("error: runtime.client_cert: {error}");
+        eprintln!("error: runtime.client_cert, client_key: {error}");
         return ExitCode::from(2);
     }
     let runtime = match config.runtime.build() {

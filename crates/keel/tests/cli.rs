@@ -568,6 +568,11 @@ fn a_client_certificate_without_its_key_stops_the_start() {
             command.env(name, path);
         }
         let output = command.output().unwrap();
+        let printed = [&output.stdout[..], &output.stderr[..]].concat();
+        assert!(
+            !String::from_utf8_lossy(&printed).contains("PRIVATE KEY"),
+            "key material printed"
+        );
         (
             output.status.code(),
             String::from_utf8_lossy(&output.stderr).into_owned(),

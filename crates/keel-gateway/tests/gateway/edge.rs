@@ -150,7 +150,8 @@ async fn start(config: keel_gateway::GatewayConfig) -> (TestServer, Option<std::
 }
 
 /// `[gateway.tls] client_ca`: mutual TLS at the edge; a client without a certificate
-/// that CA signed gets no answer, one with it is proxied.
+/// that CA signed gets no answer, one with it is proxied; the plain listener may only
+/// redirect, or it would serve the routes to anyone.
 #[tokio::test]
 async fn with_a_client_ca_only_clients_presenting_its_certificates_are_served() {
     let upstream = Upstream::start("u");
@@ -171,9 +172,28 @@ async fn with_a_client_ca_only_clients_presenting_its_certificates_are_served() 
         redirect_http: false,
         client_ca: Some(client_ca.ca_file(&dir)),
     });
-    let (_gateway, tls) = start(config).await;
+    let refused = GatewayServer::build(config.clone(), &Shutdown::new())
+        .await
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(refused.contains("redirect_http"), "{refused}");
+    config.tls.as_mut().unwrap().redirect_http = true;
+    let (gateway, tls) = start(config).await;
+    let plain = keel_runtime::http_client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(format!("{}/x", gateway.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), StatusCode::PERMANENT_REDIRECT);
     let url = format!("https://localhost:{}/x", tls.unwrap().port());
     keel_runtime::http_client::trust_pem(server_ca.pem().as_bytes()).unwrap();
+    assert!(keel_testkit::http().get(&url).send().await.is_err());
+    let stranger = keel_testkit::tls::TestCa::new().client_files(&dir.join("stranger"));
+    keel_runtime::http_client::present_certificate(&stranger.0, &stranger.1).unwrap();
     assert!(keel_testkit::http().get(&url).send().await.is_err());
     assert_eq!(upstream.hits(), 0);
 
