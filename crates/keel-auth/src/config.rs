@@ -49,6 +49,11 @@ pub struct AuthConfig {
     /// verifiers cache the key set (keel-jwt: 10 minutes).
     #[serde(with = "humantime_serde")]
     pub key_publish_lead: Duration,
+    /// How long a signing key signs before the next one is rotated in (published first,
+    /// signing `key_publish_lead` later), by whichever server looks first, each minute;
+    /// `0s` leaves rotation to the operator (`keel auth keys rotate`).
+    #[serde(with = "humantime_serde")]
+    pub key_rotation_interval: Duration,
     /// Brute-force protection of the sign-in page.
     pub lockout: LockoutConfig,
     /// Reverse proxies in front of the server (`["10.0.0.0/8"]`, `["127.0.0.1"]`): from
@@ -78,6 +83,7 @@ impl Default for AuthConfig {
             refresh_token_ttl: Duration::from_secs(30 * 24 * 3600),
             refresh_reuse_grace: Duration::from_secs(10),
             key_publish_lead: Duration::from_secs(15 * 60),
+            key_rotation_interval: Duration::from_secs(90 * 86_400),
             lockout: LockoutConfig::default(),
             trusted_proxies: TrustedProxies::default(),
             default_audience: "keel-api".to_owned(),
@@ -163,6 +169,14 @@ impl AuthConfig {
             if secs < min || secs > max {
                 return Err(format!("{key} must be between {min} s and {max} s"));
             }
+        }
+        // A day at least: a rotation's lead and the retired key's last tokens fit in it.
+        let rotation = self.key_rotation_interval.as_secs();
+        if rotation != 0 && !(86_400..=10 * 365 * 86_400).contains(&rotation) {
+            return Err(
+                "auth.key_rotation_interval must be 0 (off) or between 1 day and 10 years"
+                    .to_owned(),
+            );
         }
         Ok(())
     }
@@ -298,5 +312,13 @@ mod tests {
             ..AuthConfig::default()
         };
         assert!(long_code.validate().unwrap_err().contains("auth.code_ttl"));
+        let rotation = |secs| AuthConfig {
+            key_rotation_interval: Duration::from_secs(secs),
+            ..AuthConfig::default()
+        };
+        assert!(rotation(0).validate().is_ok(), "off");
+        assert!(rotation(86_400).validate().is_ok());
+        let hourly = rotation(3600).validate().unwrap_err();
+        assert!(hourly.contains("auth.key_rotation_interval"), "{hourly}");
     }
 }

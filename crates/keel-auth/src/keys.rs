@@ -428,25 +428,82 @@ impl KeyRing {
         now: i64,
         lead: i64,
     ) -> Result<String, KeyError> {
-        let activates_at = now.saturating_add(lead);
         let mut tx = db.pool().begin().await?;
         db.lock(&mut tx, SIGNING_KEYS_LOCK).await?;
-        let kid = generate_and_store(&mut tx, secrets, alg, now, activates_at).await?;
-        sqlx::query(
-            "UPDATE signing_keys SET retires_at = $1, expires_at = $2 \
-             WHERE alg = $3 AND kid <> $4 AND (retires_at IS NULL OR retires_at > $5)",
-        )
-        .bind(activates_at)
-        .bind(activates_at.saturating_add(LONGEST_TOKEN))
-        .bind(alg.name())
-        .bind(&kid)
-        .bind(activates_at)
-        .execute(&mut *tx)
-        .await?;
+        let kid = rotate_in(&mut tx, secrets, alg, now, lead).await?;
         tx.commit().await?;
         self.reload(db, secrets).await?;
         Ok(kid)
     }
+
+    /// Rotates, as [`Self::rotate`], every algorithm whose newest key has signed for
+    /// `interval` seconds (automatic rotation by age). Servers sharing the database take
+    /// turns and look again under the lock, so a key is rotated out once, by whichever
+    /// server comes first. Returns the algorithms rotated and their new kids.
+    pub async fn rotate_due(
+        &self,
+        db: &Db,
+        secrets: &Secrets,
+        now: i64,
+        interval: i64,
+        lead: i64,
+    ) -> Result<Vec<(SigningAlg, String)>, KeyError> {
+        // A key that signs later (a rotation under way) counts as the newest: its
+        // interval starts when it signs.
+        let due = |newest: Option<i64>| newest.is_some_and(|at| at.saturating_add(interval) <= now);
+        let keys = self.snapshot();
+        let newest = |alg: SigningAlg| {
+            keys.iter()
+                .filter(|key| key.alg == alg)
+                .map(|key| key.activates_at)
+                .max()
+        };
+        // Most minutes nothing is due: known without a query.
+        if !SigningAlg::ALL.iter().any(|alg| due(newest(*alg))) {
+            return Ok(Vec::new());
+        }
+        let mut tx = db.pool().begin().await?;
+        db.lock(&mut tx, SIGNING_KEYS_LOCK).await?;
+        let mut rotated = Vec::new();
+        for alg in SigningAlg::ALL {
+            let newest: Option<i64> =
+                sqlx::query_scalar("SELECT MAX(activates_at) FROM signing_keys WHERE alg = $1")
+                    .bind(alg.name())
+                    .fetch_one(&mut *tx)
+                    .await?;
+            if due(newest) {
+                rotated.push((alg, rotate_in(&mut tx, secrets, alg, now, lead).await?));
+            }
+        }
+        tx.commit().await?;
+        self.reload(db, secrets).await?;
+        Ok(rotated)
+    }
+}
+
+/// A new key of `alg`, published now and signing from `now + lead`, and the keys it
+/// replaces retired then; in `tx`, under the signing keys' lock.
+async fn rotate_in(
+    tx: &mut AnyConnection,
+    secrets: &Secrets,
+    alg: SigningAlg,
+    now: i64,
+    lead: i64,
+) -> Result<String, KeyError> {
+    let activates_at = now.saturating_add(lead);
+    let kid = generate_and_store(tx, secrets, alg, now, activates_at).await?;
+    sqlx::query(
+        "UPDATE signing_keys SET retires_at = $1, expires_at = $2 \
+         WHERE alg = $3 AND kid <> $4 AND (retires_at IS NULL OR retires_at > $5)",
+    )
+    .bind(activates_at)
+    .bind(activates_at.saturating_add(LONGEST_TOKEN))
+    .bind(alg.name())
+    .bind(&kid)
+    .bind(activates_at)
+    .execute(&mut *tx)
+    .await?;
+    Ok(kid)
 }
 
 /// What a sealed private key is bound to, so that it cannot be moved to another row.

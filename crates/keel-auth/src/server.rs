@@ -503,6 +503,38 @@ impl AuthAdmin {
         Ok(kids)
     }
 
+    /// Rotates the keys that have signed for `auth.key_rotation_interval` (servers also
+    /// look every minute), as [`Self::rotate_keys`] does; none when the interval is 0.
+    /// Returns the new kids.
+    pub async fn rotate_due_keys(&self) -> Result<Vec<String>, KeyError> {
+        let state = &self.0;
+        let interval = state.config.key_rotation_interval.as_secs();
+        if interval == 0 {
+            return Ok(Vec::new());
+        }
+        let now = state.clock.now();
+        let lead = i64::try_from(state.config.key_publish_lead.as_secs()).unwrap_or(i64::MAX);
+        let interval = i64::try_from(interval).unwrap_or(i64::MAX);
+        let rotated = state
+            .keys
+            .rotate_due(&state.db, &state.secrets, now, interval, lead)
+            .await?;
+        let mut kids = Vec::with_capacity(rotated.len());
+        for (alg, kid) in rotated {
+            self.admin_event(
+                now,
+                format!(
+                    "{} key {kid} rotated in by age, signing from {}",
+                    alg.name(),
+                    now + lead
+                ),
+            )
+            .await;
+            kids.push(kid);
+        }
+        Ok(kids)
+    }
+
     /// Deletes expired codes, sessions and token records now (servers also do it every
     /// five minutes); returns how many rows went.
     pub async fn sweep(&self) -> Result<u64, sqlx::Error> {
@@ -884,6 +916,9 @@ impl Server for AuthServer {
                 tokio::time::sleep(KEY_RELOAD_INTERVAL).await;
                 if let Err(error) = state.keys.reload(&state.db, &state.secrets).await {
                     tracing::warn!(%error, "signing keys not reloaded; keeping the ones loaded");
+                }
+                if let Err(error) = AuthAdmin(Arc::clone(&state)).rotate_due_keys().await {
+                    tracing::warn!(%error, "signing keys due for rotation not rotated");
                 }
                 if round % SWEEP_EVERY == 0 {
                     let ttl = state.config.refresh_token_ttl_seconds();

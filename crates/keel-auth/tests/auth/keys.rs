@@ -183,3 +183,51 @@ async fn rotation_publishes_first_signs_later_and_retires_after_the_last_token()
         );
     }
 }
+
+/// `auth.key_rotation_interval` (90 days): a key that has signed that long is rotated out
+/// as by hand (the next one published at once, signing a lead later), once, whichever of
+/// the servers sharing the database looks first; younger keys are left alone; `0s` turns
+/// it off.
+#[tokio::test]
+async fn keys_that_signed_for_the_rotation_interval_are_rotated_once() {
+    for store in stores().await {
+        let (app, other) = (spawn(&store).await, spawn(&store).await);
+        assert!(app.admin.rotate_due_keys().await.unwrap().is_empty());
+        let first = kids(&app.get_json("/jwks.json").await);
+        assert_eq!(first.len(), 3, "{first:?}");
+
+        let interval = 90 * 86_400;
+        // (A minute's margin: the clock runs on from when the keys were made.)
+        app.admin.clock().advance(interval - 60);
+        assert!(app.admin.rotate_due_keys().await.unwrap().is_empty());
+        app.admin.clock().advance(60);
+        let rotated = app.admin.rotate_due_keys().await.unwrap();
+        assert_eq!(rotated.len(), 3, "every algorithm: {rotated:?}");
+        let published = kids(&app.get_json("/jwks.json").await);
+        assert_eq!(published.len(), 6, "old and new: {published:?}");
+        assert!(rotated.iter().all(|kid| published.contains(kid)));
+        // The other server, behind on its key set, finds the rotation done under the lock.
+        other.admin.clock().advance(interval);
+        assert!(other.admin.rotate_due_keys().await.unwrap().is_empty());
+        assert!(app.admin.rotate_due_keys().await.unwrap().is_empty());
+
+        // The new keys' interval runs from when they sign.
+        app.admin.clock().advance(15 * 60 + interval - 60);
+        assert!(app.admin.rotate_due_keys().await.unwrap().is_empty());
+        app.admin.clock().advance(60);
+        assert_eq!(app.admin.rotate_due_keys().await.unwrap().len(), 3);
+        let published = kids(&app.get_json("/jwks.json").await);
+        assert!(
+            first.iter().all(|kid| !published.contains(kid)),
+            "the first keys are long gone: {published:?}"
+        );
+    }
+
+    let store = sqlite();
+    let off = spawn_with(&store, |config| {
+        config.key_rotation_interval = std::time::Duration::ZERO;
+    })
+    .await;
+    off.admin.clock().advance(10 * 365 * 86_400);
+    assert!(off.admin.rotate_due_keys().await.unwrap().is_empty());
+}
