@@ -92,7 +92,16 @@ impl FromRequestParts<Arc<AppState>> for Admin {
                 Some("insufficient_scope"),
             ));
         }
-        Ok(Self(AuthAdmin::from_state(Arc::clone(state))))
+        let client_id = live
+            .claims
+            .get("client_id")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        let actor = match &live.user {
+            Some(user) => format!("user {} via client {client_id}", user.user_id),
+            None => format!("client {client_id}"),
+        };
+        Ok(Self(AuthAdmin::acting(Arc::clone(state), actor)))
     }
 }
 

@@ -67,6 +67,9 @@ pub struct Event<'a> {
     pub client_id: Option<&'a str>,
     pub ip: Option<String>,
     pub detail: Option<String>,
+    /// Who made an administrative change through the admin API (`user <id> via client
+    /// <id>`); none for local changes and for what is not administration.
+    pub actor: Option<&'a str>,
 }
 
 /// Longest subject or client id stored.
@@ -91,6 +94,7 @@ pub struct AuditRecord {
     pub client_id: Option<String>,
     pub ip: Option<String>,
     pub detail: Option<String>,
+    pub actor: Option<String>,
 }
 
 #[derive(Clone)]
@@ -119,11 +123,12 @@ impl Audit {
             client_id,
             ip = event.ip.as_deref(),
             detail = event.detail.as_deref(),
+            actor = event.actor,
             "audit event"
         );
         let stored = sqlx::query(
-            "INSERT INTO audit_events (at, kind, outcome, subject, client_id, ip, detail) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            "INSERT INTO audit_events (at, kind, outcome, subject, client_id, ip, detail, actor) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(at)
         .bind(kind.as_str())
@@ -132,6 +137,7 @@ impl Audit {
         .bind(client_id)
         .bind(event.ip)
         .bind(event.detail)
+        .bind(event.actor)
         .execute(self.db.pool())
         .await;
         if let Err(error) = stored {
@@ -142,7 +148,7 @@ impl Audit {
     /// The newest `limit` events, newest first.
     pub async fn recent(&self, limit: i64) -> Result<Vec<AuditRecord>, sqlx::Error> {
         let rows = sqlx::query(
-            "SELECT id, at, kind, outcome, subject, client_id, ip, detail FROM audit_events \
+            "SELECT id, at, kind, outcome, subject, client_id, ip, detail, actor FROM audit_events \
              ORDER BY id DESC LIMIT $1",
         )
         .bind(limit)
@@ -159,6 +165,7 @@ impl Audit {
                     client_id: row.try_get("client_id")?,
                     ip: row.try_get("ip")?,
                     detail: row.try_get("detail")?,
+                    actor: row.try_get("actor")?,
                 })
             })
             .collect()

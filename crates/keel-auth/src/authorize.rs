@@ -837,6 +837,7 @@ pub(crate) async fn sign_in(
         subject: Some(username),
         client_id,
         ip: Some(ip.to_string()),
+        actor: None,
         detail: Some(detail.to_owned()),
     };
     if state.address_failures.blocked(ip, now) {
@@ -951,6 +952,7 @@ pub(crate) async fn sign_in(
         subject: Some(&user.user_id),
         client_id,
         ip: Some(ip.to_string()),
+        actor: None,
         detail: None,
     };
     state

@@ -372,6 +372,7 @@ pub(crate) async fn post(
         subject: Some(&user.user_id),
         client_id: Some(&client.client_id),
         ip: Some(peer.to_string()),
+        actor: None,
         detail: Some(format!(
             "device {}",
             if approve { "approved" } else { "denied" }

@@ -350,13 +350,14 @@ impl AuthServer {
 
     /// A handle for administering this server while it runs.
     pub fn admin(&self) -> AuthAdmin {
-        AuthAdmin(Arc::clone(&self.state))
+        AuthAdmin(Arc::clone(&self.state), None)
     }
 }
 
-/// Administration of a running server (the CLI and the admin API use it).
+/// Administration of a running server (the CLI and the admin API use it), and who is
+/// administering: the admin API's caller, named in the audit trail (none when local).
 #[derive(Clone)]
-pub struct AuthAdmin(Arc<AppState>);
+pub struct AuthAdmin(Arc<AppState>, Option<Arc<str>>);
 
 /// Credentials the embedded profile made on its first start, shown once.
 #[derive(Debug, Clone)]
@@ -368,8 +369,19 @@ pub struct Seeded {
 }
 
 impl AuthAdmin {
-    pub(crate) fn from_state(state: Arc<AppState>) -> Self {
-        Self(state)
+    /// Administration by `actor` (`user <id> via client <id>`), as the admin API's
+    /// caller.
+    pub(crate) fn acting(state: Arc<AppState>, actor: String) -> Self {
+        Self(state, Some(Arc::from(actor)))
+    }
+
+    /// Records an administrative event in the audit trail, naming the actor.
+    async fn record(&self, now: i64, kind: EventKind, event: Event<'_>) {
+        let event = Event {
+            actor: self.1.as_deref(),
+            ..event
+        };
+        self.0.audit.record(now, kind, true, event).await;
     }
 
     /// Administration of the database `config` names, without serving: for the CLI
@@ -379,9 +391,10 @@ impl AuthAdmin {
             Some(issuer) => valid_issuer(issuer)?,
             None => format!("{}://{}", config.scheme(), config.listen),
         };
-        Ok(Self(Arc::new(
-            AppState::open(config, issuer, Clock::system(), false).await?,
-        )))
+        Ok(Self(
+            Arc::new(AppState::open(config, issuer, Clock::system(), false).await?),
+            None,
+        ))
     }
 
     /// The embedded profile's starting point, made once, when there are no users yet:
@@ -598,10 +611,7 @@ impl AuthAdmin {
             detail: Some("second factor (TOTP) enabled".to_owned()),
             ..Event::default()
         };
-        state
-            .audit
-            .record(now, EventKind::AdminChange, true, event)
-            .await;
+        self.record(now, EventKind::AdminChange, event).await;
         let label: String =
             url::form_urlencoded::byte_serialize(format!("Keel:{}", user.username).as_bytes())
                 .collect();
@@ -652,19 +662,16 @@ impl AuthAdmin {
         let state = &self.0;
         let now = state.clock.now();
         let created = state.clients.create(&state.secrets, new, now).await?;
-        state
-            .audit
-            .record(
-                now,
-                EventKind::ClientCreated,
-                true,
-                Event {
-                    client_id: Some(&created.0.client_id),
-                    detail: Some(format!("auth method {}", created.0.auth_method.name())),
-                    ..Event::default()
-                },
-            )
-            .await;
+        self.record(
+            now,
+            EventKind::ClientCreated,
+            Event {
+                client_id: Some(&created.0.client_id),
+                detail: Some(format!("auth method {}", created.0.auth_method.name())),
+                ..Event::default()
+            },
+        )
+        .await;
         Ok(created)
     }
 
@@ -681,10 +688,7 @@ impl AuthAdmin {
             detail: Some(format!("username {}", user.username)),
             ..Event::default()
         };
-        state
-            .audit
-            .record(now, EventKind::UserCreated, true, event)
-            .await;
+        self.record(now, EventKind::UserCreated, event).await;
         Ok(user)
     }
 
@@ -743,10 +747,7 @@ impl AuthAdmin {
             detail: Some(detail),
             ..Event::default()
         };
-        self.0
-            .audit
-            .record(now, EventKind::AdminChange, true, event)
-            .await;
+        self.record(now, EventKind::AdminChange, event).await;
     }
 
     /// The newest `limit` audit events, newest first.
@@ -917,7 +918,7 @@ impl Server for AuthServer {
                 if let Err(error) = state.keys.reload(&state.db, &state.secrets).await {
                     tracing::warn!(%error, "signing keys not reloaded; keeping the ones loaded");
                 }
-                if let Err(error) = AuthAdmin(Arc::clone(&state)).rotate_due_keys().await {
+                if let Err(error) = AuthAdmin(Arc::clone(&state), None).rotate_due_keys().await {
                     tracing::warn!(%error, "signing keys due for rotation not rotated");
                 }
                 if round % SWEEP_EVERY == 0 {

@@ -253,6 +253,7 @@ async fn authenticate(
                     Event {
                         client_id: Some(presented.id()),
                         ip: Some(ip.to_owned()),
+                        actor: None,
                         detail: Some(format!("{}: {reason}", presented.method().name())),
                         ..Event::default()
                     },
@@ -392,6 +393,7 @@ async fn client_credentials(
                 subject: Some(&client.client_id),
                 client_id: Some(&client.client_id),
                 ip: Some(ip.to_owned()),
+                actor: None,
                 detail: Some(format!("client_credentials, scope {scopes}")),
             },
         )
@@ -565,6 +567,7 @@ async fn issue_user_tokens(
         subject: Some(&user.user_id),
         client_id: Some(&client.client_id),
         ip: Some(ip.to_owned()),
+        actor: None,
         detail: Some(format!("{}, scope {scopes}", grant.grant)),
     };
     state
@@ -771,6 +774,7 @@ async fn refresh_token(
         subject: Some(subject),
         client_id: Some(&client.client_id),
         ip: Some(ip.to_owned()),
+        actor: None,
         detail: Some(format!("refresh_token, scope {scopes}")),
     };
     state
@@ -875,6 +879,7 @@ pub(crate) async fn end_grant(
     let event = Event {
         client_id: Some(client_id),
         ip: Some(ip.to_owned()),
+        actor: None,
         detail: Some(detail.to_owned()),
         ..Event::default()
     };

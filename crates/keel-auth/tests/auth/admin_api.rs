@@ -341,6 +341,29 @@ async fn only_keel_admins_administer_and_errors_are_problems() {
             kinds.contains(&"admin_change") && kinds.contains(&"user_created"),
             "{kinds:?}"
         );
+        // Changes through the API name their caller; the test's own, made locally, none.
+        let created_by = |client: &str| {
+            audit["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["kind"] == "client_created" && e["client_id"] == client)
+                .cloned()
+                .unwrap_or_else(|| panic!("{client} created: {audit}"))
+        };
+        assert_eq!(created_by("reporting")["actor"], "client root");
+        assert!(created_by("root")["actor"].is_null());
+        let rotation = audit["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| {
+                e["detail"]
+                    .as_str()
+                    .is_some_and(|d| d.contains("rotated in"))
+            })
+            .unwrap();
+        assert_eq!(rotation["actor"], "client root");
         assert!(
             !audit
                 .to_string()
