@@ -210,6 +210,7 @@ async fn create_client(Admin(admin): Admin, Json(new): Json<NewClient>) -> Respo
                 "auth_method": client.auth_method,
                 "grant_types": client.grant_types,
                 "redirect_uris": client.redirect_uris,
+                "post_logout_redirect_uris": client.post_logout_redirect_uris,
                 "scopes": client.scopes.to_string(),
             });
             if let Some(secret) = secret {
@@ -458,6 +459,7 @@ fn document(issuer: &str) -> Value {
                     "auth_method": {"enum": ["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]},
                     "grant_types": {"type": "array", "items": {"enum": ["authorization_code", "client_credentials", "refresh_token", "urn:ietf:params:oauth:grant-type:device_code"]}},
                     "redirect_uris": {"type": "array", "items": {"type": "string"}},
+                    "post_logout_redirect_uris": {"type": "array", "items": {"type": "string"}},
                     "scopes": {"type": "string"}, "audiences": {"type": "array", "items": {"type": "string"}},
                     "signing_alg": {"enum": ["RS256", "ES256", "EdDSA"]}, "access_token_ttl": {"type": "integer"},
                     "jwks": {"type": "object"}}},

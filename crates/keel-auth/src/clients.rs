@@ -97,6 +97,9 @@ pub struct Client {
     pub auth_method: AuthMethod,
     secret_hash: Option<Vec<u8>>,
     pub redirect_uris: Vec<String>,
+    /// Where RP-initiated logout may return the browser; none registered, the redirect
+    /// URIs serve.
+    pub post_logout_redirect_uris: Vec<String>,
     pub grant_types: Vec<GrantType>,
     /// The scopes it may be granted.
     pub scopes: Scopes,
@@ -138,6 +141,13 @@ impl Client {
             secret_hash: row.try_get("secret_hash")?,
             redirect_uris: serde_json::from_str(&row.try_get::<String, _>("redirect_uris")?)
                 .map_err(|_| bad("redirect_uris"))?,
+            post_logout_redirect_uris: row
+                .try_get::<Option<String>, _>("post_logout_redirect_uris")?
+                .map(|uris| {
+                    serde_json::from_str(&uris).map_err(|_| bad("post_logout_redirect_uris"))
+                })
+                .transpose()?
+                .unwrap_or_default(),
             grant_types: grant_types
                 .iter()
                 .map(|g| GrantType::from_name(g).ok_or_else(|| bad("grant_types")))
@@ -170,6 +180,9 @@ pub struct NewClient {
     pub auth_method: AuthMethod,
     #[serde(default)]
     pub redirect_uris: Vec<String>,
+    /// Where RP-initiated logout may return the browser (none: the redirect URIs).
+    #[serde(default)]
+    pub post_logout_redirect_uris: Vec<String>,
     pub grant_types: Vec<GrantType>,
     /// Space-separated.
     #[serde(default)]
@@ -242,8 +255,9 @@ impl Clients {
         let grant_types: Vec<&str> = new.grant_types.iter().map(|g| g.name()).collect();
         let inserted = sqlx::query(
             "INSERT INTO clients (client_id, name, auth_method, secret_hash, redirect_uris, \
-             grant_types, scopes, audiences, signing_alg, access_token_ttl, created_at, jwks) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) \
+             grant_types, scopes, audiences, signing_alg, access_token_ttl, created_at, jwks, \
+             post_logout_redirect_uris) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
              ON CONFLICT (client_id) DO NOTHING",
         )
         .bind(&client_id)
@@ -258,6 +272,7 @@ impl Clients {
         .bind(new.access_token_ttl)
         .bind(now)
         .bind(new.jwks.as_ref().map(serde_json::Value::to_string))
+        .bind(json_list(&new.post_logout_redirect_uris))
         .execute(self.db.pool())
         .await?;
         if inserted.rows_affected() == 0 {
@@ -334,7 +349,11 @@ fn validate(new: &NewClient) -> Result<(), ClientError> {
     if new.grant_types.contains(&GrantType::AuthorizationCode) && new.redirect_uris.is_empty() {
         return invalid("authorization_code needs at least one redirect URI".to_owned());
     }
-    for uri in &new.redirect_uris {
+    for uri in new
+        .redirect_uris
+        .iter()
+        .chain(&new.post_logout_redirect_uris)
+    {
         validate_redirect_uri(uri).map_err(ClientError::Invalid)?;
     }
     for audience in &new.audiences {
@@ -387,6 +406,7 @@ mod tests {
             name: "a service".into(),
             auth_method,
             redirect_uris: vec![],
+            post_logout_redirect_uris: Vec::new(),
             grant_types: grants.to_vec(),
             scopes: "a b".into(),
             audiences: vec!["keel-api".into()],

@@ -4,8 +4,9 @@
 //! With an `id_token_hint` this server issued (expired ones too, as the spec allows) for
 //! the signed-in user, the session ends at once; without one, the user confirms on a
 //! page first, so that a link alone cannot sign anyone out. `post_logout_redirect_uri`
-//! must be one of the client's registered redirect URIs, and is honoured only when the
-//! client is known from the hint or `client_id`.
+//! must be one of the client's registered `post_logout_redirect_uris` (or, for a client
+//! that registered none, of its redirect URIs), and is honoured only when the client is
+//! known from the hint or `client_id`.
 
 use std::sync::Arc;
 
@@ -33,11 +34,12 @@ async fn return_to(state: &AppState, params: &Params, hint: Option<&Value>) -> O
         .and_then(Value::as_str)
         .or(params.get("client_id"))?;
     let client = state.clients.find(client_id).await.ok()??;
-    if !client
-        .redirect_uris
-        .iter()
-        .any(|registered| registered == uri)
-    {
+    let registered = if client.post_logout_redirect_uris.is_empty() {
+        &client.redirect_uris
+    } else {
+        &client.post_logout_redirect_uris
+    };
+    if !registered.iter().any(|registered| registered == uri) {
         return None;
     }
     let mut target = uri.to_owned();

@@ -462,6 +462,7 @@ impl AuthAdmin {
                 name: "Keel demo".into(),
                 auth_method: AuthMethod::ClientSecretBasic,
                 redirect_uris: vec!["http://127.0.0.1:8080/callback".into()],
+                post_logout_redirect_uris: Vec::new(),
                 grant_types: vec![
                     GrantType::AuthorizationCode,
                     GrantType::RefreshToken,

@@ -120,6 +120,10 @@ enum ClientCommand {
         scopes: String,
         #[arg(long = "redirect-uri")]
         redirect_uris: Vec<String>,
+        /// Where RP-initiated logout may return the browser (none: the redirect URIs);
+        /// repeatable.
+        #[arg(long = "post-logout-redirect-uri")]
+        post_logout_redirect_uris: Vec<String>,
         #[arg(long = "audience")]
         audiences: Vec<String>,
     },
@@ -250,6 +254,7 @@ pub async fn run(args: AuthArgs, config: KeelConfig) -> anyhow::Result<()> {
             grants,
             scopes,
             redirect_uris,
+            post_logout_redirect_uris,
             audiences,
         }) => {
             let grant_types = grants
@@ -269,6 +274,7 @@ pub async fn run(args: AuthArgs, config: KeelConfig) -> anyhow::Result<()> {
                     client_id: Some(client_id),
                     auth_method,
                     redirect_uris,
+                    post_logout_redirect_uris,
                     grant_types,
                     scopes,
                     audiences,

@@ -42,6 +42,7 @@ pub async fn flow(store: &Store) -> Flow {
             name: "The <Shop>".into(),
             auth_method: AuthMethod::None,
             redirect_uris: vec![REDIRECT.into()],
+            post_logout_redirect_uris: Vec::new(),
             grant_types: vec![GrantType::AuthorizationCode, GrantType::RefreshToken],
             scopes: "openid profile email orders:read orders:write payments:read".into(),
             audiences: vec![],

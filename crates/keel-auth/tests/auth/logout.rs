@@ -108,3 +108,45 @@ async fn a_client_id_other_than_the_hints_is_refused() {
     let again = flow.browser.get(&authorize_query(&[])).await;
     assert_eq!(again.status, 303);
 }
+
+/// A client that registered `post_logout_redirect_uris` is returned only to one of them
+/// (OpenID Connect RP-Initiated Logout 1.0 §3.1), not to its redirect URIs; invalid ones
+/// are refused at registration.
+#[tokio::test]
+async fn registered_post_logout_redirect_uris_are_the_only_places_returned_to() {
+    let mut app = new_client(
+        "shop-app",
+        keel_auth::AuthMethod::None,
+        &["https://shop.example/callback"],
+        &[keel_auth::GrantType::AuthorizationCode],
+        "openid",
+    );
+    app.post_logout_redirect_uris = vec!["https://shop.example/bye".into()];
+    for (uri, returned) in [
+        ("https://shop.example/callback", false),
+        ("https://shop.example/bye", true),
+    ] {
+        let store = sqlite();
+        let mut flow = flow(&store).await;
+        flow.app.admin.create_client(app.clone()).await.unwrap();
+        flow.code().await;
+        let mut form = vec![("client_id", "shop-app"), ("post_logout_redirect_uri", uri)];
+        let ask = flow.browser.get(&logout_query(&form)).await;
+        assert!(ask.body.contains("Sign out?"), "{}", ask.body);
+        let confirm = ask.field("confirm");
+        form.push(("confirm", &confirm));
+        let done = flow.browser.post("/logout", &form).await;
+        if returned {
+            assert_eq!(done.status, 303, "{}", done.body);
+            assert_eq!(done.location.as_deref(), Some(uri));
+        } else {
+            assert_eq!(done.status, 200, "not returned to a redirect URI");
+            assert!(done.body.contains("You are signed out"));
+        }
+    }
+
+    let store = sqlite();
+    let admin = spawn(&store).await.admin;
+    app.post_logout_redirect_uris = vec!["https://shop.example/bye#frag".into()];
+    assert!(admin.create_client(app).await.is_err());
+}

@@ -128,6 +128,7 @@ async fn a_service_calls_another_with_its_own_client_credentials_token() {
             name: "orders".into(),
             auth_method: keel_auth::AuthMethod::ClientSecretBasic,
             redirect_uris: vec![],
+            post_logout_redirect_uris: Vec::new(),
             grant_types: vec![keel_auth::GrantType::ClientCredentials],
             scopes: "orders:read".into(),
             audiences: vec!["keel-api".into()],

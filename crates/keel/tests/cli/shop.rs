@@ -161,6 +161,7 @@ async fn stack(profile: Profile) -> Stack {
                 name: name.to_owned(),
                 auth_method: keel_auth::AuthMethod::ClientSecretBasic,
                 redirect_uris: vec![],
+                post_logout_redirect_uris: Vec::new(),
                 grant_types: vec![GrantType::ClientCredentials],
                 scopes: String::new(),
                 audiences: vec![],
