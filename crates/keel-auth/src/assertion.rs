@@ -150,16 +150,76 @@ pub(crate) async fn verify(
     Ok(())
 }
 
-/// Whether `jwks` is a JWK Set of public keys this module can verify with.
+/// Whether `jwks` is a JWK Set of 1 to 10 public keys this module can verify with (RSA of
+/// 2048 to 8192 bits, EC P-256, OKP Ed25519, their members of the right sizes; no private
+/// members), at most 16 KiB in all. Checked at registration, so that a key that could never
+/// verify is refused then, not found out at every assertion.
 pub(crate) fn valid_jwks(jwks: &Value) -> bool {
     let Some(keys) = jwks.get("keys").and_then(Value::as_array) else {
         return false;
     };
-    !keys.is_empty()
-        && keys.len() <= 10
-        && keys.iter().all(|key| {
-            let kty = key.get("kty").and_then(Value::as_str);
-            let private = ["d", "p", "q"].iter().any(|m| key.get(*m).is_some());
-            matches!(kty, Some("RSA" | "EC" | "OKP")) && !private
-        })
+    (1..=10).contains(&keys.len())
+        && jwks.to_string().len() <= 16 * 1024
+        && keys.iter().all(valid_public_jwk)
+}
+
+fn valid_public_jwk(key: &Value) -> bool {
+    let size = |name: &str| {
+        key.get(name)
+            .and_then(Value::as_str)
+            .and_then(|v| URL_SAFE_NO_PAD.decode(v).ok())
+            .map(|bytes| bytes.len())
+    };
+    let crv = key.get("crv").and_then(Value::as_str);
+    let private = ["d", "p", "q", "dp", "dq", "qi"]
+        .iter()
+        .any(|member| key.get(*member).is_some());
+    !private
+        && match key.get("kty").and_then(Value::as_str) {
+            // A modulus may carry one leading zero byte.
+            Some("RSA") => {
+                size("n").is_some_and(|n| (256..=1025).contains(&n))
+                    && size("e").is_some_and(|e| (1..=8).contains(&e))
+            }
+            Some("EC") => crv == Some("P-256") && size("x") == Some(32) && size("y") == Some(32),
+            Some("OKP") => crv == Some("Ed25519") && size("x") == Some(32),
+            _ => false,
+        }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn b64(len: usize) -> String {
+        URL_SAFE_NO_PAD.encode(vec![7u8; len])
+    }
+
+    #[test]
+    fn registered_keys_must_be_usable_public_keys() {
+        let rsa = json!({"kty": "RSA", "n": b64(256), "e": "AQAB"});
+        let ec = json!({"kty": "EC", "crv": "P-256", "x": b64(32), "y": b64(32)});
+        let ed = json!({"kty": "OKP", "crv": "Ed25519", "x": b64(32)});
+        assert!(valid_jwks(&json!({"keys": [rsa, ec, ed]})));
+        let refused = [
+            json!({"kty": "RSA", "n": b64(128), "e": "AQAB"}),
+            json!({"kty": "RSA", "n": "not base64!", "e": "AQAB"}),
+            json!({"kty": "RSA", "n": b64(256)}),
+            json!({"kty": "EC", "crv": "P-384", "x": b64(48), "y": b64(48)}),
+            json!({"kty": "EC", "crv": "P-256", "x": b64(31), "y": b64(32)}),
+            json!({"kty": "OKP", "crv": "X25519", "x": b64(32)}),
+            json!({"kty": "OKP", "crv": "Ed25519", "x": b64(32), "d": b64(32)}),
+            json!({"kty": "oct", "k": b64(32)}),
+        ];
+        for key in refused {
+            assert!(!valid_jwks(&json!({"keys": [key]})), "{key}");
+        }
+        assert!(!valid_jwks(&json!({"keys": []})));
+        assert!(!valid_jwks(&json!({"keys": vec![ed.clone(); 11]})));
+        let padded =
+            json!({"kty": "OKP", "crv": "Ed25519", "x": b64(32), "note": "x".repeat(17_000)});
+        assert!(!valid_jwks(&json!({"keys": [padded]})));
+        assert!(!valid_jwks(&json!([ed])));
+    }
 }

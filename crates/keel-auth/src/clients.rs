@@ -339,7 +339,8 @@ fn validate(new: &NewClient) -> Result<(), ClientError> {
         (AuthMethod::PrivateKeyJwt, Some(jwks)) if crate::assertion::valid_jwks(jwks) => {}
         (AuthMethod::PrivateKeyJwt, _) => {
             return invalid(
-                "private_key_jwt needs jwks: a JWK Set of 1 to 10 public RSA, EC or OKP keys"
+                "private_key_jwt needs jwks: a JWK Set (16 KiB at most) of 1 to 10 public keys, \
+                 RSA of 2048 to 8192 bits, EC P-256 or OKP Ed25519"
                     .to_owned(),
             );
         }
