@@ -38,6 +38,8 @@ pub enum EventKind {
     DeviceAnswered,
     /// A client revoked a token (and, for a refresh token, its grant).
     TokenRevoked,
+    /// A user turned on their second factor themselves (`/account/totp`).
+    SecondFactorEnrolled,
 }
 
 impl EventKind {
@@ -56,6 +58,7 @@ impl EventKind {
             Self::AdminChange => "admin_change",
             Self::TokenRevoked => "token_revoked",
             Self::DeviceAnswered => "device_answered",
+            Self::SecondFactorEnrolled => "second_factor_enrolled",
         }
     }
 }

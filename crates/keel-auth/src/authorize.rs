@@ -412,6 +412,7 @@ pub(crate) fn csrf_binding(purpose: Purpose, secret: &str, query: &str) -> Strin
         Purpose::DeviceLogin => "device-login",
         Purpose::DeviceApproval => "device-approval",
         Purpose::Logout => "logout",
+        Purpose::TotpEnrolment => "totp-enrolment",
     };
     format!("{purpose}|{secret}|{query}")
 }
@@ -426,6 +427,8 @@ pub(crate) enum Purpose {
     DeviceApproval,
     /// The sign-out confirmation.
     Logout,
+    /// The second factor's enrolment (`/account/totp`).
+    TotpEnrolment,
 }
 
 /// The user signed in on this browser, and when they signed in.
@@ -691,7 +694,7 @@ async fn posted_request(
     let query = form.get("request").unwrap_or_default().to_owned();
     let secret = match purpose {
         Purpose::Login | Purpose::DeviceLogin => our_cookie(state, headers, CSRF_COOKIE),
-        Purpose::Consent | Purpose::DeviceApproval | Purpose::Logout => {
+        Purpose::Consent | Purpose::DeviceApproval | Purpose::Logout | Purpose::TotpEnrolment => {
             our_cookie(state, headers, SESSION_COOKIE)
         }
     };

@@ -11,6 +11,7 @@
 //! scopes (RBAC); an admin REST API and the audit trail. [`AuthServer`] serves it;
 //! [`AuthAdmin`] administers it (the CLI uses it). ARCHITECTURE.md describes each part.
 
+mod account;
 pub mod admin_api;
 mod assertion;
 pub mod audit;

@@ -26,7 +26,7 @@ use crate::rbac::{Holdings, Rbac, RbacError, Role, Subject};
 use crate::scope::Scopes;
 use crate::throttle::AddressFailures;
 use crate::users::{NewUser, PasswordHashing, User, UserError, Users};
-use crate::{admin_api, authorize, device, introspect, logout, metadata, token};
+use crate::{account, admin_api, authorize, device, introspect, logout, metadata, token};
 use base64::Engine;
 
 /// How often the signing keys are read again from the database: well within the key
@@ -613,13 +613,7 @@ impl AuthAdmin {
             ..Event::default()
         };
         self.record(now, EventKind::AdminChange, event).await;
-        let label: String =
-            url::form_urlencoded::byte_serialize(format!("Keel:{}", user.username).as_bytes())
-                .collect();
-        Ok(format!(
-            "otpauth://totp/{label}?secret={}&issuer=Keel&algorithm=SHA1&digits=6&period=30",
-            crate::totp::base32(&secret)
-        ))
+        Ok(crate::totp::otpauth_uri(&user.username, &secret))
     }
 
     /// The demo user `username` with `password`: made, or (left by a seeding that
@@ -782,6 +776,7 @@ fn router(state: Arc<AppState>) -> Router {
         .route("/logout", get(logout::logout).post(logout::logout))
         .route("/device_authorization", post(device::device_authorization))
         .route("/device", get(device::page).post(device::post))
+        .route("/account/totp", get(account::page).post(account::enrol))
         .route("/revoke", post(introspect::revoke))
         .route(
             "/userinfo",

@@ -43,6 +43,17 @@ pub fn matching_step(secret: &[u8], code: &str, now: i64) -> Option<i64> {
     })
 }
 
+/// The `otpauth://` URI an authenticator app takes `secret` from, labelled with the
+/// user's name.
+pub fn otpauth_uri(username: &str, secret: &[u8]) -> String {
+    let label: String =
+        url::form_urlencoded::byte_serialize(format!("Keel:{username}").as_bytes()).collect();
+    format!(
+        "otpauth://totp/{label}?secret={}&issuer=Keel&algorithm=SHA1&digits=6&period=30",
+        base32(secret)
+    )
+}
+
 /// RFC 4648 base32 without padding, as otpauth URIs carry secrets.
 pub fn base32(bytes: &[u8]) -> String {
     const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";

@@ -103,3 +103,67 @@ async fn a_user_with_totp_signs_in_with_password_and_a_fresh_code() {
         assert_eq!(replay.status, 401);
     }
 }
+
+/// Self-service (`/account/totp`): a signed-in user adds the shown key to an app and turns
+/// the factor on with a code it made; from then on signing in asks for a code, the
+/// enrolment's own code spent. A wrong code, the form taken to another session, or a
+/// user whose factor is on already changes nothing.
+#[tokio::test]
+async fn a_signed_in_user_turns_the_second_factor_on_themselves() {
+    for store in stores().await {
+        let mut flow = flow(&store).await;
+        let url = flow.app.server.url.clone();
+        let anonymous = Browser::new(&url).get("/account/totp").await;
+        assert_eq!(anonymous.status, 401);
+
+        flow.code().await;
+        let page = flow.browser.get("/account/totp").await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        let key = page.body.split("Key: <code>").nth(1).unwrap();
+        let secret = unbase32(key.split("</code>").next().unwrap());
+        let (csrf, pending) = (page.field("csrf"), page.field("pending"));
+        let now = flow.app.admin.clock().now();
+        let submit = |otp: String| {
+            [
+                ("csrf", csrf.clone()),
+                ("pending", pending.clone()),
+                ("otp", otp),
+            ]
+        };
+
+        let stale = keel_auth::totp::code_at(&secret, now - 3600);
+        let form = submit(stale);
+        let form = form.each_ref().map(|(k, v)| (*k, v.as_str()));
+        let wrong = flow.browser.post("/account/totp", &form).await;
+        assert_eq!(wrong.status, 400);
+        assert!(wrong.body.contains("does not match"), "{}", wrong.body);
+
+        let current = keel_auth::totp::code_at(&secret, now);
+        let form = submit(current.clone());
+        let form = form.each_ref().map(|(k, v)| (*k, v.as_str()));
+        // Another session (the same user, elsewhere) cannot use this session's form.
+        let mut elsewhere = Browser::new(&url);
+        assert_eq!(sign_in_with(&mut elsewhere, None).await.status, 303);
+        assert_eq!(elsewhere.post("/account/totp", &form).await.status, 400);
+
+        let done = flow.browser.post("/account/totp", &form).await;
+        assert_eq!(done.status, 200, "{}", done.body);
+        assert!(done.body.contains("Second factor on"));
+        let events = flow.app.admin.audit_events(20).await.unwrap();
+        assert!(events.iter().any(|e| e.kind == "second_factor_enrolled"));
+
+        // Signed out everywhere; signing in asks for a code; the enrolment's is spent.
+        assert_eq!(elsewhere.get("/account/totp").await.status, 401);
+        let mut browser = Browser::new(&url);
+        let asked = sign_in_with(&mut browser, None).await;
+        assert_eq!(asked.status, 401);
+        assert!(asked.body.contains("name=\"otp\""), "{}", asked.body);
+        assert_eq!(sign_in_with(&mut browser, Some(&current)).await.status, 401);
+        flow.app.admin.clock().advance(30);
+        let next = keel_auth::totp::code_at(&secret, now + 30);
+        let signed_in = sign_in_with(&mut browser, Some(&next)).await;
+        assert_eq!(signed_in.status, 303, "{}", signed_in.body);
+        let again = browser.get("/account/totp").await;
+        assert_eq!(again.status, 409, "on already: {}", again.body);
+    }
+}
