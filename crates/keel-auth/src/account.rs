@@ -3,9 +3,11 @@
 //! authenticator app), and the factor is on once the user types a code the app made from
 //! it, which proves the app holds it.
 //!
-//! The secret waits in the form, sealed with the key encryption key and bound to the
-//! session and the user, with an expiry: nothing is stored until the code is right, and a
-//! sealed secret from another session or user does not open. A user whose factor is on
+//! The page needs a sign-in of the last five minutes. The secret waits in the form, sealed
+//! with the key encryption key and bound to the user and the session: nothing is stored
+//! until the code is right, a sealed secret from another session or user does not open,
+//! and it serves only while the sign-in that showed it is recent (a fresh sign-in is a
+//! new session). A user whose factor is on
 //! already is told to ask an administrator, who can reset it: replacing it here would let
 //! a stolen session swap the user's factor for the thief's.
 
@@ -17,19 +19,22 @@ use axum::extract::rejection::BytesRejection;
 use axum::response::Response;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use http::{HeaderMap, StatusCode};
+use http::{HeaderMap, StatusCode, header};
 
 use crate::audit::{Event, EventKind};
 use crate::authorize::{
-    Purpose, SESSION_COOKIE, csrf_binding, is_cross_site, our_cookie, session_user, totp_context,
+    Purpose, SESSION_COOKIE, clear_cookie, csrf_binding, is_cross_site, our_cookie, session_user,
+    totp_context,
 };
 use crate::html::{self, escape};
 use crate::server::AppState;
 use crate::token::Params;
 use crate::users::User;
 
-/// How long a shown secret may wait for its code.
-const ENROLMENT_TTL: i64 = 10 * 60;
+/// How recent the sign-in must be (Keycloak's `max_auth_age` of its "Configure OTP"): a
+/// session left open on a shared machine must not let someone else bind their app, which
+/// would lock the user out until an administrator resets it.
+const MAX_AUTH_AGE: i64 = 5 * 60;
 
 /// `GET /account/totp`: a new secret to enrol.
 pub(crate) async fn page(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
@@ -48,27 +53,33 @@ pub(crate) async fn enrol(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let forbidden = || {
+        html::error_page(
+            StatusCode::FORBIDDEN,
+            "The form did not come from this site's page. Open the page again.",
+        )
+    };
+    if is_cross_site(&state, &headers) {
+        return forbidden();
+    }
     let (user, session) = match signed_in(&state, &headers).await {
         Ok(found) => found,
         Err(response) => return response,
-    };
-    let refused = || {
-        html::error_page(
-            StatusCode::BAD_REQUEST,
-            "The form is stale or did not come from this site. Open the page again.",
-        )
     };
     let Some(params) = body
         .ok()
         .and_then(|body| Params::from_form(&headers, &body).ok())
     else {
-        return refused();
+        return html::error_page(StatusCode::BAD_REQUEST, "The form is malformed.");
     };
     let csrf_ok = params.get("csrf").is_some_and(|token| {
         state
             .secrets
             .csrf_matches(&csrf_binding(Purpose::TotpEnrolment, &session, ""), token)
     });
+    if !csrf_ok {
+        return forbidden();
+    }
     let now = state.clock.now();
     let secret = params
         .get("pending")
@@ -78,14 +89,12 @@ pub(crate) async fn enrol(
                 .secrets
                 .open(pending_context(&user, &session).as_bytes(), &sealed)
                 .ok()
-        })
-        .and_then(|opened| {
-            let (secret, expires) = opened.split_at_checked(20)?;
-            let expires = i64::from_be_bytes(expires.try_into().ok()?);
-            (now < expires).then(|| secret.to_vec())
         });
-    let (true, false, Some(secret)) = (csrf_ok, is_cross_site(&state, &headers), secret) else {
-        return refused();
+    let Some(secret) = secret else {
+        return html::error_page(
+            StatusCode::BAD_REQUEST,
+            "The key was shown to another session. Open the page again.",
+        );
     };
     let code = params.get("otp").unwrap_or_default().trim();
     let Some(step) = crate::totp::matching_step(&secret, code, now) else {
@@ -100,19 +109,23 @@ pub(crate) async fn enrol(
     let sealed = state
         .secrets
         .seal(totp_context(&user.user_id).as_bytes(), &secret);
-    // The factor on (every session and grant of the user ends: from now on each passed
-    // it), and the step of the code just typed spent, so it cannot sign in too.
-    let stored = async {
-        state.users.set_totp(&user.user_id, &sealed, now).await?;
-        state.users.use_totp_step(&user.user_id, step).await
-    }
-    .await;
-    if let Err(error) = stored {
-        tracing::error!(%error, "second factor not stored");
-        return html::error_page(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "The server could not turn the second factor on. Try again.",
-        );
+    // In one transaction: the factor on unless another enrolment came first, the step
+    // of the code just typed spent (it cannot sign in too), and every session and grant
+    // of the user ended (from now on each passed the factor).
+    match state
+        .users
+        .enrol_totp(&user.user_id, &sealed, step, now)
+        .await
+    {
+        Ok(true) => {}
+        Ok(false) => return already_on(),
+        Err(error) => {
+            tracing::error!(%error, "second factor not stored");
+            return html::error_page(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "The server could not turn the second factor on. Try again.",
+            );
+        }
     }
     let event = Event {
         subject: Some(&user.user_id),
@@ -123,32 +136,48 @@ pub(crate) async fn enrol(
         .audit
         .record(now, EventKind::SecondFactorEnrolled, true, event)
         .await;
-    html::page(
+    let mut response = html::page(
         StatusCode::OK,
         "Second factor on",
         "<h1>Second factor on</h1><p role=\"status\">From now on, signing in asks for a \
          code from your authenticator app. You were signed out everywhere; sign in again \
          through your application.</p>",
-    )
+    );
+    response
+        .headers_mut()
+        .append(header::SET_COOKIE, clear_cookie(&state, SESSION_COOKIE));
+    response
 }
 
-/// The signed-in user without a second factor, and their session's id; otherwise the page
-/// that says why not.
+/// The user signed in within [`MAX_AUTH_AGE`] without a second factor, and their
+/// session's id; otherwise the page that says why not.
 async fn signed_in(state: &AppState, headers: &HeaderMap) -> Result<(User, String), Response> {
     let session = our_cookie(state, headers, SESSION_COOKIE).map(str::to_owned);
-    let (Some((user, _)), Some(session)) = (session_user(state, headers).await, session) else {
+    let (Some((user, auth_time)), Some(session)) = (session_user(state, headers).await, session)
+    else {
         return Err(html::error_page(
             StatusCode::UNAUTHORIZED,
             "You are not signed in. Sign in through an application, then open this page again.",
         ));
     };
-    if user.totp {
+    if state.clock.now().saturating_sub(auth_time) > MAX_AUTH_AGE {
         return Err(html::error_page(
-            StatusCode::CONFLICT,
-            "Your second factor is on already. To replace it, ask an administrator to reset it.",
+            StatusCode::UNAUTHORIZED,
+            "You signed in too long ago for this. Sign in again through your application \
+             (a fresh sign-in), then open this page within five minutes.",
         ));
     }
+    if user.totp {
+        return Err(already_on());
+    }
     Ok((user, session))
+}
+
+fn already_on() -> Response {
+    html::error_page(
+        StatusCode::CONFLICT,
+        "Your second factor is on already. To replace it, ask an administrator to reset it.",
+    )
 }
 
 /// What a waiting secret is sealed to: this user in this session.
@@ -163,12 +192,10 @@ fn enrolment_page(
     secret: &[u8],
     error: Option<&str>,
 ) -> Response {
-    let expires = state.clock.now().saturating_add(ENROLMENT_TTL);
-    let pending = [secret, &expires.to_be_bytes()[..]].concat();
     let pending = URL_SAFE_NO_PAD.encode(
         state
             .secrets
-            .seal(pending_context(user, session).as_bytes(), &pending),
+            .seal(pending_context(user, session).as_bytes(), secret),
     );
     let csrf = state
         .secrets

@@ -164,22 +164,32 @@ pub(crate) fn valid_jwks(jwks: &Value) -> bool {
 }
 
 fn valid_public_jwk(key: &Value) -> bool {
-    let size = |name: &str| {
+    let member = |name: &str| {
         key.get(name)
             .and_then(Value::as_str)
             .and_then(|v| URL_SAFE_NO_PAD.decode(v).ok())
-            .map(|bytes| bytes.len())
     };
+    let size = |name: &str| member(name).map(|bytes| bytes.len());
     let crv = key.get("crv").and_then(Value::as_str);
     let private = ["d", "p", "q", "dp", "dq", "qi"]
         .iter()
         .any(|member| key.get(*member).is_some());
     !private
         && match key.get("kty").and_then(Value::as_str) {
-            // A modulus may carry one leading zero byte.
+            // What ring verifies with (RFC 7518 §6.3.1: the shortest encodings): an odd
+            // modulus of 2048 to 8192 bits, an odd exponent from 3 to 2^33 - 1.
             Some("RSA") => {
-                size("n").is_some_and(|n| (256..=1025).contains(&n))
-                    && size("e").is_some_and(|e| (1..=8).contains(&e))
+                let minimal_odd = |bytes: &[u8]| {
+                    bytes.first().is_some_and(|first| *first != 0)
+                        && bytes.last().is_some_and(|last| last % 2 == 1)
+                };
+                let exponent = |e: &[u8]| {
+                    e.len() <= 5
+                        && (3..1 << 33)
+                            .contains(&e.iter().fold(0u64, |n, b| (n << 8) | u64::from(*b)))
+                };
+                member("n").is_some_and(|n| (256..=1024).contains(&n.len()) && minimal_odd(&n))
+                    && member("e").is_some_and(|e| minimal_odd(&e) && exponent(&e))
             }
             Some("EC") => crv == Some("P-256") && size("x") == Some(32) && size("y") == Some(32),
             Some("OKP") => crv == Some("Ed25519") && size("x") == Some(32),
@@ -199,6 +209,12 @@ mod tests {
     #[test]
     fn registered_keys_must_be_usable_public_keys() {
         let rsa = json!({"kty": "RSA", "n": b64(256), "e": "AQAB"});
+        let modulus = |first: u8, len: usize, last: u8| {
+            let mut n = vec![7u8; len];
+            n[0] = first;
+            n[len - 1] = last;
+            URL_SAFE_NO_PAD.encode(n)
+        };
         let ec = json!({"kty": "EC", "crv": "P-256", "x": b64(32), "y": b64(32)});
         let ed = json!({"kty": "OKP", "crv": "Ed25519", "x": b64(32)});
         assert!(valid_jwks(&json!({"keys": [rsa, ec, ed]})));
@@ -206,6 +222,12 @@ mod tests {
             json!({"kty": "RSA", "n": b64(128), "e": "AQAB"}),
             json!({"kty": "RSA", "n": "not base64!", "e": "AQAB"}),
             json!({"kty": "RSA", "n": b64(256)}),
+            json!({"kty": "RSA", "n": modulus(0, 257, 7), "e": "AQAB"}),
+            json!({"kty": "RSA", "n": modulus(7, 256, 8), "e": "AQAB"}),
+            json!({"kty": "RSA", "n": b64(256), "e": "AAEAAQ"}),
+            json!({"kty": "RSA", "n": b64(256), "e": "AQ"}),
+            json!({"kty": "RSA", "n": b64(256), "e": "AQAA"}),
+            json!({"kty": "RSA", "n": b64(256), "e": "AgAAAAE"}),
             json!({"kty": "EC", "crv": "P-384", "x": b64(48), "y": b64(48)}),
             json!({"kty": "EC", "crv": "P-256", "x": b64(31), "y": b64(32)}),
             json!({"kty": "OKP", "crv": "X25519", "x": b64(32)}),

@@ -452,9 +452,13 @@ impl KeyRing {
         // interval starts when it signs.
         let due = |newest: Option<i64>| newest.is_some_and(|at| at.saturating_add(interval) <= now);
         let keys = self.snapshot();
+        // A key retired before it ever signed (a later rotation with a shorter lead)
+        // does not count.
         let newest = |alg: SigningAlg| {
             keys.iter()
-                .filter(|key| key.alg == alg)
+                .filter(|key| {
+                    key.alg == alg && key.retires_at.is_none_or(|at| at > key.activates_at)
+                })
                 .map(|key| key.activates_at)
                 .max()
         };
@@ -466,11 +470,13 @@ impl KeyRing {
         db.lock(&mut tx, SIGNING_KEYS_LOCK).await?;
         let mut rotated = Vec::new();
         for alg in SigningAlg::ALL {
-            let newest: Option<i64> =
-                sqlx::query_scalar("SELECT MAX(activates_at) FROM signing_keys WHERE alg = $1")
-                    .bind(alg.name())
-                    .fetch_one(&mut *tx)
-                    .await?;
+            let newest: Option<i64> = sqlx::query_scalar(
+                "SELECT MAX(activates_at) FROM signing_keys WHERE alg = $1 \
+                     AND (retires_at IS NULL OR retires_at > activates_at)",
+            )
+            .bind(alg.name())
+            .fetch_one(&mut *tx)
+            .await?;
             if due(newest) {
                 rotated.push((alg, rotate_in(&mut tx, secrets, alg, now, lead).await?));
             }

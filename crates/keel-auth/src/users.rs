@@ -307,20 +307,37 @@ impl Users {
             .bind(user_id)
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM login_sessions WHERE user_id = $1")
-            .bind(user_id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "UPDATE token_families SET revoked_at = $1, revoked_reason = 'second factor enabled' \
-             WHERE user_id = $2 AND revoked_at IS NULL",
+        end_sessions_and_grants(&mut tx, user_id, now).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The user's own enrolment: as [`Self::set_totp`], with the step of the code that
+    /// proved the secret spent, and only while the user has no second factor and is not
+    /// disabled (two enrolments at once: the first wins). False when it was not done.
+    pub async fn enrol_totp(
+        &self,
+        user_id: &str,
+        sealed: &[u8],
+        step: i64,
+        now: i64,
+    ) -> Result<bool, UserError> {
+        let mut tx = self.db.pool().begin().await?;
+        let enrolled = sqlx::query(
+            "UPDATE users SET totp_secret = $1, totp_last_step = $2 \
+             WHERE user_id = $3 AND totp_secret IS NULL AND disabled_at IS NULL",
         )
-        .bind(now)
+        .bind(sealed)
+        .bind(step)
         .bind(user_id)
         .execute(&mut *tx)
         .await?;
+        if enrolled.rows_affected() != 1 {
+            return Ok(false);
+        }
+        end_sessions_and_grants(&mut tx, user_id, now).await?;
         tx.commit().await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Marks TOTP step `step` used; false when it (or a later one) was used already, so
@@ -373,6 +390,28 @@ fn validate(new: &NewUser) -> Result<(), UserError> {
     if new.password.len() > MAX_PASSWORD_BYTES {
         return invalid("password must be at most 1024 bytes");
     }
+    Ok(())
+}
+
+/// Ends `user_id`'s sessions and grants in `tx`, as turning on a second factor does: every
+/// session and token after it passed the factor.
+async fn end_sessions_and_grants(
+    tx: &mut sqlx::AnyConnection,
+    user_id: &str,
+    now: i64,
+) -> Result<(), UserError> {
+    sqlx::query("DELETE FROM login_sessions WHERE user_id = $1")
+        .bind(user_id)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query(
+        "UPDATE token_families SET revoked_at = $1, revoked_reason = 'second factor enabled' \
+         WHERE user_id = $2 AND revoked_at IS NULL",
+    )
+    .bind(now)
+    .bind(user_id)
+    .execute(&mut *tx)
+    .await?;
     Ok(())
 }
 

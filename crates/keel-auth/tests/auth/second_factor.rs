@@ -104,10 +104,17 @@ async fn a_user_with_totp_signs_in_with_password_and_a_fresh_code() {
     }
 }
 
-/// Self-service (`/account/totp`): a signed-in user adds the shown key to an app and turns
-/// the factor on with a code it made; from then on signing in asks for a code, the
-/// enrolment's own code spent. A wrong code, the form taken to another session, or a
-/// user whose factor is on already changes nothing.
+/// Posts the enrolment form.
+async fn enrol(browser: &mut Browser, form: [(&str, String); 3]) -> crate::browser::Page {
+    let fields = form.each_ref().map(|(k, v)| (*k, v.as_str()));
+    browser.post("/account/totp", &fields).await
+}
+
+/// Self-service (`/account/totp`): a user signed in within five minutes adds the shown key
+/// to an app and turns the factor on with a code it made; from then on signing in asks for
+/// a code, the enrolment's own code spent. An older sign-in, a wrong code, a form posted
+/// from another site, the key taken to another session, an expired key, or a user whose
+/// factor is on already changes nothing.
 #[tokio::test]
 async fn a_signed_in_user_turns_the_second_factor_on_themselves() {
     for store in stores().await {
@@ -117,36 +124,54 @@ async fn a_signed_in_user_turns_the_second_factor_on_themselves() {
         assert_eq!(anonymous.status, 401);
 
         flow.code().await;
+        flow.app.admin.clock().advance(301);
+        let stale = flow.browser.get("/account/totp").await;
+        assert_eq!(stale.status, 401);
+        assert!(stale.body.contains("too long ago"), "{}", stale.body);
+        flow.browser.cookies.remove("keel_session");
+        assert_eq!(sign_in_with(&mut flow.browser, None).await.status, 303);
+
         let page = flow.browser.get("/account/totp").await;
         assert_eq!(page.status, 200, "{}", page.body);
         let key = page.body.split("Key: <code>").nth(1).unwrap();
         let secret = unbase32(key.split("</code>").next().unwrap());
         let (csrf, pending) = (page.field("csrf"), page.field("pending"));
         let now = flow.app.admin.clock().now();
-        let submit = |otp: String| {
+        let form = |csrf: &str, otp: &str| {
             [
-                ("csrf", csrf.clone()),
+                ("csrf", csrf.to_owned()),
                 ("pending", pending.clone()),
-                ("otp", otp),
+                ("otp", otp.to_owned()),
             ]
         };
-
-        let stale = keel_auth::totp::code_at(&secret, now - 3600);
-        let form = submit(stale);
-        let form = form.each_ref().map(|(k, v)| (*k, v.as_str()));
-        let wrong = flow.browser.post("/account/totp", &form).await;
+        let stale_code = keel_auth::totp::code_at(&secret, now - 3600);
+        let wrong = enrol(&mut flow.browser, form(&csrf, &stale_code)).await;
         assert_eq!(wrong.status, 400);
         assert!(wrong.body.contains("does not match"), "{}", wrong.body);
 
         let current = keel_auth::totp::code_at(&secret, now);
-        let form = submit(current.clone());
-        let form = form.each_ref().map(|(k, v)| (*k, v.as_str()));
-        // Another session (the same user, elsewhere) cannot use this session's form.
+        // From another site: refused before anything is read.
+        let cross = keel_testkit::http()
+            .post(format!("{url}/account/totp"))
+            .header(
+                "cookie",
+                format!("keel_session={}", flow.browser.cookies["keel_session"]),
+            )
+            .header("origin", "https://elsewhere.example")
+            .form(&form(&csrf, &current))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(cross.status(), 403);
+        // Another session of the same user, with its own form's CSRF token, cannot open
+        // this session's key.
         let mut elsewhere = Browser::new(&url);
         assert_eq!(sign_in_with(&mut elsewhere, None).await.status, 303);
-        assert_eq!(elsewhere.post("/account/totp", &form).await.status, 400);
+        let own = elsewhere.get("/account/totp").await.field("csrf");
+        let taken = enrol(&mut elsewhere, form(&own, &current)).await;
+        assert_eq!(taken.status, 400, "{}", taken.body);
 
-        let done = flow.browser.post("/account/totp", &form).await;
+        let done = enrol(&mut flow.browser, form(&csrf, &current)).await;
         assert_eq!(done.status, 200, "{}", done.body);
         assert!(done.body.contains("Second factor on"));
         let events = flow.app.admin.audit_events(20).await.unwrap();
@@ -166,4 +191,32 @@ async fn a_signed_in_user_turns_the_second_factor_on_themselves() {
         let again = browser.get("/account/totp").await;
         assert_eq!(again.status, 409, "on already: {}", again.body);
     }
+}
+
+/// A key serves only while the sign-in that showed it is recent: five minutes on, the
+/// right code turns nothing on.
+#[tokio::test]
+async fn an_enrolment_needs_a_recent_sign_in_to_the_end() {
+    let store = sqlite();
+    let mut flow = flow(&store).await;
+    flow.code().await;
+    let page = flow.browser.get("/account/totp").await;
+    let key = page.body.split("Key: <code>").nth(1).unwrap();
+    let secret = unbase32(key.split("</code>").next().unwrap());
+    let clock = flow.app.admin.clock().clone();
+    clock.advance(301);
+    let late = flow
+        .browser
+        .post(
+            "/account/totp",
+            &[
+                ("csrf", &page.field("csrf")),
+                ("pending", &page.field("pending")),
+                ("otp", &keel_auth::totp::code_at(&secret, clock.now())),
+            ],
+        )
+        .await;
+    assert_eq!(late.status, 401, "{}", late.body);
+    let user = flow.app.admin.find_user("alice").await.unwrap().unwrap();
+    assert!(!user.totp, "nothing turned on");
 }
