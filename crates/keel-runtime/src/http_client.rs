@@ -18,7 +18,7 @@
 //! `reqwest::get` out of the rest of the workspace, tests included.
 
 use std::path::Path;
-use std::sync::{Arc, Once, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, Once, PoisonError, RwLock};
 
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -27,6 +27,11 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 
 /// Roots trusted beyond the system's, added by [`trust_pem`] and [`trust_ca_file`].
 static EXTRA_ROOTS: RwLock<Vec<CertificateDer<'static>>> = RwLock::new(Vec::new());
+
+/// The verifier of [`hyper_connector`]'s connections, made for the roots trusted when it
+/// was made and dropped when more are trusted: loading the system's roots is the dear
+/// part, and every service client makes a connector.
+static VERIFIER: Mutex<Option<Arc<rustls_platform_verifier::Verifier>>> = Mutex::new(None);
 
 /// The certificate every client presents when a server asks for one.
 static IDENTITY: RwLock<Option<Identity>> = RwLock::new(None);
@@ -79,16 +84,28 @@ pub fn hyper_connector(
 /// system's and the extra ones), checked by the platform verifier as reqwest's are.
 fn rustls_config() -> Result<rustls::ClientConfig, rustls::Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let roots = EXTRA_ROOTS
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone();
-    let verifier =
-        rustls_platform_verifier::Verifier::new_with_extra_roots(roots, Arc::clone(&provider))?;
+    let verifier = {
+        let mut cached = VERIFIER.lock().unwrap_or_else(PoisonError::into_inner);
+        match cached.as_ref() {
+            Some(verifier) => Arc::clone(verifier),
+            None => {
+                let roots = EXTRA_ROOTS
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .clone();
+                let verifier = Arc::new(rustls_platform_verifier::Verifier::new_with_extra_roots(
+                    roots,
+                    Arc::clone(&provider),
+                )?);
+                *cached = Some(Arc::clone(&verifier));
+                verifier
+            }
+        }
+    };
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(verifier));
+        .with_custom_certificate_verifier(verifier);
     let identity = IDENTITY.read().unwrap_or_else(PoisonError::into_inner);
     match identity.as_ref() {
         Some(identity) => {
@@ -257,6 +274,9 @@ pub fn trust_pem(pem: &[u8]) -> Result<usize, String> {
         .write()
         .unwrap_or_else(PoisonError::into_inner)
         .extend(roots);
+    // After the roots changed: a verifier made of the old ones holds the cache's lock
+    // from reading them to caching it, so it is cached before this drops it.
+    *VERIFIER.lock().unwrap_or_else(PoisonError::into_inner) = None;
     Ok(added)
 }
 

@@ -393,6 +393,20 @@ async fn a_server_with_tls_serves_https_choosing_the_protocol_by_alpn() {
     assert_eq!(url, format!("https://{addr}"));
     let shutdown = Shutdown::new();
     let handle = tokio::spawn(server.run(shutdown.clone()));
+    let connect = |http2: bool| async move {
+        let connector = keel_runtime::http_client::hyper_connector(
+            hyper_util::client::legacy::connect::HttpConnector::new(),
+            http2,
+        )
+        .unwrap();
+        let uri = format!("https://localhost:{}", addr.port())
+            .parse()
+            .unwrap();
+        tower::ServiceExt::oneshot(connector, uri).await
+    };
+    // Before the CA is trusted the handshake fails; trusting it reaches connectors made
+    // from then on (the verifier they share is made again).
+    assert!(connect(true).await.is_err(), "not trusted yet");
 
     keel_runtime::http_client::trust_pem(ca.pem().as_bytes()).unwrap();
     let response = keel_testkit::http()
@@ -415,15 +429,7 @@ async fn a_server_with_tls_serves_https_choosing_the_protocol_by_alpn() {
     // HTTP/2 when the client offers it: what the connector of hyper clients (the
     // gateway's upstreams, gRPC channels) asks for when told to, and only then.
     for http2 in [true, false] {
-        let connector = keel_runtime::http_client::hyper_connector(
-            hyper_util::client::legacy::connect::HttpConnector::new(),
-            http2,
-        )
-        .unwrap();
-        let uri = format!("https://localhost:{}", addr.port())
-            .parse()
-            .unwrap();
-        let stream = tower::ServiceExt::oneshot(connector, uri).await.unwrap();
+        let stream = connect(http2).await.unwrap();
         assert!(matches!(stream, hyper_rustls::MaybeHttpsStream::Https(_)));
         assert_eq!(
             hyper_util::client::legacy::connect::Connection::connected(&stream).is_negotiated_h2(),
