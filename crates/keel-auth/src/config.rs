@@ -200,6 +200,14 @@ impl AuthConfig {
     pub(crate) fn refresh_reuse_grace_seconds(&self) -> i64 {
         seconds(self.refresh_reuse_grace)
     }
+
+    pub(crate) fn key_publish_lead_seconds(&self) -> i64 {
+        seconds(self.key_publish_lead)
+    }
+
+    pub(crate) fn key_rotation_interval_seconds(&self) -> i64 {
+        seconds(self.key_rotation_interval)
+    }
 }
 
 fn seconds(duration: Duration) -> i64 {

@@ -496,22 +496,14 @@ impl AuthAdmin {
     pub async fn rotate_keys(&self, alg: Option<SigningAlg>) -> Result<Vec<String>, KeyError> {
         let state = &self.0;
         let now = state.clock.now();
-        let lead = i64::try_from(state.config.key_publish_lead.as_secs()).unwrap_or(i64::MAX);
+        let lead = state.config.key_publish_lead_seconds();
         let mut kids = Vec::new();
         for alg in alg.map_or_else(|| SigningAlg::ALL.to_vec(), |alg| vec![alg]) {
             let kid = state
                 .keys
                 .rotate(&state.db, &state.secrets, alg, now, lead)
                 .await?;
-            self.admin_event(
-                now,
-                format!(
-                    "{} key {kid} rotated in, signing from {}",
-                    alg.name(),
-                    now + lead
-                ),
-            )
-            .await;
+            self.key_rotated(now, lead, alg, &kid, "rotated in").await;
             kids.push(kid);
         }
         Ok(kids)
@@ -522,31 +514,33 @@ impl AuthAdmin {
     /// Returns the new kids.
     pub async fn rotate_due_keys(&self) -> Result<Vec<String>, KeyError> {
         let state = &self.0;
-        let interval = state.config.key_rotation_interval.as_secs();
+        let interval = state.config.key_rotation_interval_seconds();
         if interval == 0 {
             return Ok(Vec::new());
         }
         let now = state.clock.now();
-        let lead = i64::try_from(state.config.key_publish_lead.as_secs()).unwrap_or(i64::MAX);
-        let interval = i64::try_from(interval).unwrap_or(i64::MAX);
+        let lead = state.config.key_publish_lead_seconds();
         let rotated = state
             .keys
             .rotate_due(&state.db, &state.secrets, now, interval, lead)
             .await?;
         let mut kids = Vec::with_capacity(rotated.len());
         for (alg, kid) in rotated {
-            self.admin_event(
-                now,
-                format!(
-                    "{} key {kid} rotated in by age, signing from {}",
-                    alg.name(),
-                    now + lead
-                ),
-            )
-            .await;
+            self.key_rotated(now, lead, alg, &kid, "rotated in by age")
+                .await;
             kids.push(kid);
         }
         Ok(kids)
+    }
+
+    /// Records in the audit trail that `kid` was rotated in at `now`, `how`.
+    async fn key_rotated(&self, now: i64, lead: i64, alg: SigningAlg, kid: &str, how: &str) {
+        let detail = format!(
+            "{} key {kid} {how}, signing from {}",
+            alg.name(),
+            now + lead
+        );
+        self.admin_event(now, detail).await;
     }
 
     /// Deletes expired codes, sessions and token records now (servers also do it every
