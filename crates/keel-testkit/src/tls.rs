@@ -136,14 +136,15 @@ pub struct TlsFront {
     listener: Option<TcpListener>,
     addr: SocketAddr,
     acceptor: TlsAcceptor,
-    /// Whether a client must agree a protocol by ALPN (rustls itself refuses only a
-    /// client that offers others, not one that offers none).
-    alpn_required: bool,
     task: Option<JoinHandle<()>>,
 }
 
 impl TlsFront {
     pub async fn bind(ca: &TestCa) -> Self {
+        Self::bind_with(ca.acceptor()).await
+    }
+
+    async fn bind_with(acceptor: TlsAcceptor) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
@@ -151,8 +152,7 @@ impl TlsFront {
         Self {
             listener: Some(listener),
             addr,
-            acceptor: ca.acceptor(),
-            alpn_required: false,
+            acceptor,
             task: None,
         }
     }
@@ -168,9 +168,7 @@ impl TlsFront {
     /// else, as an HTTP/2-only server does: a client asking for another protocol, or for
     /// none, is dropped.
     pub async fn h2_to(ca: &TestCa, backend: SocketAddr) -> Self {
-        let mut front = Self::bind(ca).await;
-        front.acceptor = ca.acceptor_agreeing(vec![b"h2".to_vec()]);
-        front.alpn_required = true;
+        let mut front = Self::bind_with(ca.acceptor_agreeing(vec![b"h2".to_vec()])).await;
         front.relay_to(backend);
         front
     }
@@ -188,7 +186,10 @@ impl TlsFront {
     /// does not trust the CA) are dropped.
     pub fn relay_to(&mut self, backend: SocketAddr) {
         let listener = self.listener.take().expect("relay_to is called once");
-        let (acceptor, alpn_required) = (self.acceptor.clone(), self.alpn_required);
+        let acceptor = self.acceptor.clone();
+        // A front that agrees protocols by ALPN drops a client that agreed none (rustls
+        // itself refuses only a client that offers others, not one that offers none).
+        let alpn_required = !acceptor.config().alpn_protocols.is_empty();
         self.task = Some(tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let acceptor = acceptor.clone();
