@@ -7,9 +7,9 @@
 //! with the key encryption key and bound to the user and the session: nothing is stored
 //! until the code is right, a sealed secret from another session or user does not open,
 //! and it serves only while the sign-in that showed it is recent (a fresh sign-in is a
-//! new session). A user whose factor is on
-//! already is told to ask an administrator, who can reset it: replacing it here would let
-//! a stolen session swap the user's factor for the thief's.
+//! new session). A user whose factor is on already is told to ask an administrator, who
+//! can reset it: replacing it here would let a stolen session swap the user's factor for
+//! the thief's.
 
 use std::sync::Arc;
 
@@ -202,14 +202,14 @@ fn enrolment_page(
         .csrf_token(&csrf_binding(Purpose::TotpEnrolment, session, ""));
     let base32 = crate::totp::base32(secret);
     let uri = crate::totp::otpauth_uri(&user.username, secret);
+    let status = if error.is_some() {
+        StatusCode::BAD_REQUEST
+    } else {
+        StatusCode::OK
+    };
     let error = error.map_or_else(String::new, |e| {
         format!("<p class=\"error\" role=\"alert\">{}</p>", escape(e))
     });
-    let status = if error.is_empty() {
-        StatusCode::OK
-    } else {
-        StatusCode::BAD_REQUEST
-    };
     html::page(
         status,
         "Second factor",
